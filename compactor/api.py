@@ -1,0 +1,148 @@
+"""``compact(model, example_inputs)``: the pipeline from a masked model to a verified, smaller one.
+
+masks -> graph -> plan -> rebuild -> verify (bisecting out any group that breaks equality) -> report.
+Loading and saving files live in :mod:`compactor.load` and :mod:`compactor.save`; the CLI adds them.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ExampleInputError, VerificationError
+from .graph import build_groups
+from .inputs import ExampleInputs, infer_example_inputs, run
+from .masks import bake_masks, clone_module
+from .plan import GroupPlan, consumer_layers, observe_inputs, plan_groups
+from .rebuild import apply_plans
+from .report import CompactionReport, count_params, layer_changes, serialized_bytes, zeroed_channels
+from .verify import DEFAULT_TOLERANCE, Verdict, compare, depends_on_input, reference_outputs
+
+Log = Callable[[str], None]
+FRESH_RUNS = 2  # random inputs checked besides the example inputs
+
+
+def compact(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    log: Log | None = None,
+) -> tuple[nn.Module, CompactionReport]:
+    """Return a physically smaller copy of ``model`` that computes the same function, and a report.
+
+    ``model`` may carry ``torch.nn.utils.prune`` masks or plain zeros; it is left untouched.
+    ``example_inputs``: a tensor, a tuple/list of tensors, or a dict of keyword tensors. Raises
+    :class:`~compactor.errors.CompactorError` subclasses for bad input.
+    """
+    say = log or (lambda _msg: None)
+    seconds: dict[str, float] = {}
+    inputs = _example_inputs(model, example_inputs)
+
+    with _timed(seconds, "masks"):
+        masked = clone_module(model).eval()
+        run(masked, inputs)  # fails with one clear line if the inputs do not fit
+        baked = clone_module(model).eval()
+        bake_masks(baked)
+        generator = torch.Generator().manual_seed(0)
+        runs = [inputs] + [inputs.fresh(generator) for _ in range(FRESH_RUNS)]
+        references = reference_outputs(masked, runs)
+    say("tracing channel dependencies (torch-pruning)")
+    with _timed(seconds, "graph"):
+        groups = build_groups(baked, inputs)
+    say(f"planning {len(groups)} channel groups")
+    with _timed(seconds, "plan"):
+        stats = observe_inputs(baked, runs[:2], consumer_layers(groups, baked))
+        plans = plan_groups(baked, groups, stats)
+    say("rebuilding and verifying")
+    with _timed(seconds, "rebuild_verify"):
+        plans, small, verdict = _search(baked, plans, runs, references, tolerance, say)
+    small.train(model.training)
+
+    report = CompactionReport(
+        params={"before": count_params(baked), "after": count_params(small)},
+        file_bytes={"before": serialized_bytes(baked), "after": serialized_bytes(small)},
+        max_abs_error=verdict.max_abs_error,
+        tolerance=tolerance,
+        verified_runs=len(runs),
+        inputs=inputs.describe(),
+        layers=layer_changes(baked, small),
+        zeroed=zeroed_channels(plans),
+        warnings=tuple(_warnings(masked, plans, runs)),
+        seconds=seconds,
+        extra={"graph_issues": sorted({i for g in groups for i in g.issues})},
+    )
+    return small, report
+
+
+def _example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs:
+    if example_inputs is None:
+        inferred = infer_example_inputs(model)
+        if inferred is None:
+            raise ExampleInputError(
+                "cannot infer an input shape for this model; pass example inputs "
+                "(CLI: --input-shape 1,3,224,224 or --example-inputs inputs.pt)"
+            )
+        example_inputs = inferred
+    inputs = ExampleInputs.of(example_inputs)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return inputs.to(device)
+
+
+def _search(
+    baked: nn.Module,
+    plans: list[GroupPlan],
+    runs: list[ExampleInputs],
+    references: list[Any],
+    tolerance: float,
+    say: Log,
+) -> tuple[list[GroupPlan], nn.Module, Verdict]:
+    """Apply every plan that verifies; bisect to find and restore the groups that break equality."""
+    active = [p for p in plans if p.removed]
+    accepted: list[GroupPlan] = []
+    rejected: dict[int, Verdict] = {}
+
+    def visit(candidates: list[GroupPlan]) -> None:
+        if not candidates:
+            return
+        verdict = compare(apply_plans(baked, accepted + candidates), runs, references, tolerance)
+        if verdict.ok:
+            accepted.extend(candidates)
+        elif len(candidates) == 1:
+            rejected[id(candidates[0])] = verdict
+            say(f"restored group of {candidates[0].group.root}: {verdict.summary()}")
+        else:
+            mid = len(candidates) // 2
+            visit(candidates[:mid])
+            visit(candidates[mid:])
+
+    visit(active)
+    final = [p.restored(rejected[id(p)].summary()) if id(p) in rejected else p for p in plans]
+    small = apply_plans(baked, [p for p in final if p.removed])
+    verdict = compare(small, runs, references, tolerance)
+    if not verdict.ok:  # only possible if the unmodified model is itself not reproducible
+        raise VerificationError(f"the rebuilt model does not reproduce the masked model: {verdict.summary()}")
+    return final, small, verdict
+
+
+def _warnings(masked: nn.Module, plans: list[GroupPlan], runs: list[ExampleInputs]) -> Iterator[str]:
+    if depends_on_input(masked, runs):
+        return
+    dead = [p.group.root for p in plans if p.fates and len(p.fates) == p.group.size]
+    where = f" (every channel of {', '.join(dead[:3])} is pruned)" if dead else ""
+    yield f"the model's output does not depend on its input{where}; compaction kept it exact, but check the pruning"
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = round(time.perf_counter() - start, 4)

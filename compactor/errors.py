@@ -1,0 +1,44 @@
+"""Every error compactor raises on purpose.
+
+Each message says what is wrong, where, and how to fix it, in one line: the CLI prints it as
+``error: <message>`` and exits 2. Bad input subclasses ``ValueError`` so that callers of the Python
+API can catch it the conventional way.
+"""
+
+from __future__ import annotations
+
+
+class CompactorError(Exception):
+    """Base class of every error compactor raises on purpose."""
+
+
+class InputFileError(CompactorError, ValueError):
+    """The model file is missing, unreadable, or not what was expected."""
+
+
+class UnsafePickleError(InputFileError):
+    """The pickle needs a global that the safe loader does not allow."""
+
+
+class ExampleInputError(CompactorError, ValueError):
+    """Example inputs are missing, malformed, or do not fit the model."""
+
+
+class ModelForwardError(CompactorError, RuntimeError):
+    """The model fails its own forward pass on the example inputs."""
+
+
+class OutputPathError(CompactorError, ValueError):
+    """The output path cannot be written, or would overwrite the input."""
+
+
+class GraphError(CompactorError, RuntimeError):
+    """Torch-Pruning could not build a dependency graph for the model."""
+
+
+class VerificationError(CompactorError, RuntimeError):
+    """The compacted model does not compute the same function (never shipped)."""
+
+
+class ExportError(CompactorError, RuntimeError):
+    """Writing or checking an export format (ONNX, torch.export, safetensors) failed."""

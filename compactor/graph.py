@@ -1,0 +1,206 @@
+"""Stage 3, graph: channel coupling from Torch-Pruning's ``DependencyGraph``, behind one adapter.
+
+This is the only module that imports ``torch_pruning``. It checks the library's preconditions (grad mode
+on, every parameter requiring grad while tracing, train/eval mode restored), turns its groups into our
+own frozen :class:`ChannelGroup`, and sanity-checks every index mapping: Torch-Pruning treats unknown
+ops as channel-preserving and mis-maps some layouts (a tensor feeding both a ``cat`` and a conv maps
+the wrong channels onto the conv, for one). A member whose indices fall outside its layer is dropped
+and the group is flagged; the verification stage remains the judge of what ships.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import GraphError
+from .inputs import ExampleInputs, flatten_outputs
+from .layers import Role, shrinker_for
+
+OUT, IN = "out", "in"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One place a group's channels meet: a layer (or bare parameter, or functional op) and a side."""
+
+    name: str  # module name, parameter name, or Torch-Pruning's name for a functional op
+    op: str  # class name: Conv2d, BatchNorm2d, Parameter, _ConcatOp, _OutputOp...
+    side: str  # OUT: the layer writes these channels; IN: the layer reads them
+    is_layer: bool  # True for modules and bare parameters we can rebuild
+    pruning_dim: int  # for bare parameters: the dimension that holds the channels
+    idxs: tuple[tuple[int, ...], ...]  # per root channel: the layer-local indices it maps to
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together: removing root channel r removes ``idxs[r]`` everywhere."""
+
+    root: str
+    size: int
+    members: tuple[Member, ...]
+    reaches_output: bool
+    issues: tuple[str, ...]
+
+    def layers(self, side: str | None = None) -> list[Member]:
+        return [m for m in self.members if m.is_layer and (side is None or m.side == side)]
+
+
+def build_groups(model: nn.Module, inputs: ExampleInputs) -> list[ChannelGroup]:
+    """Trace ``model`` on ``inputs`` and return one group per set of coupled channels."""
+    names = {p: n for n, p in model.named_parameters()}
+    with _tracing_state(model):
+        try:
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=inputs,
+                forward_fn=lambda m, x: m(*x.args, **x.kwargs),
+                output_transform=lambda out: [t for _, t in flatten_outputs(out)],
+                verbose=False,
+            )
+        except Exception as e:  # the library raises anything from AssertionError to KeyError
+            raise GraphError(
+                f"torch-pruning could not trace the model ({type(e).__name__}: {e}); "
+                f"run with --debug and report the model's architecture"
+            ) from e
+        groups = _collect_groups(graph, model, names)
+    return groups
+
+
+class _tracing_state:
+    """Grad mode on and ``requires_grad`` on every parameter while tracing; restore both and the mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.training = {m: m.training for m in model.modules()}
+        self.requires = {p: p.requires_grad for p in model.parameters()}
+        self.grad = torch.enable_grad()
+
+    def __enter__(self) -> None:
+        self.grad.__enter__()
+        for p in self.requires:
+            p.requires_grad_(True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.grad.__exit__(*exc)
+        for p, flag in self.requires.items():
+            p.requires_grad_(flag)
+        for m, flag in self.training.items():
+            m.training = flag
+
+
+def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -> list[ChannelGroup]:
+    module_names = {m: n for n, m in model.named_modules()}
+    covered: set[tuple[str, str, int]] = set()  # (layer, side, index) already in a group
+    groups: list[ChannelGroup] = []
+    for module in list(graph.module2node.keys()):
+        if not isinstance(module, nn.Module) or not _is_mixing_producer(module):
+            continue
+        name = module_names[module]
+        pruner = graph.get_pruner_of_module(module)
+        n = pruner.get_out_channels(module)
+        if n is None or all((name, OUT, i) in covered for i in range(n)):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(n)))
+        group = _convert(tp_group, graph, name, n, module_names, param_names, covered)
+        for member in group.layers():
+            covered.update((member.name, member.side, i) for idx in member.idxs for i in idx)
+        groups.append(group)
+    return groups
+
+
+def _is_mixing_producer(module: nn.Module) -> bool:
+    shrinker = shrinker_for(module)
+    return shrinker is not None and shrinker.role_of(module) is Role.MIXING and shrinker.out_channels(module)
+
+
+def _convert(
+    tp_group: Any,
+    graph: Any,
+    root: str,
+    size: int,
+    module_names: dict[nn.Module, str],
+    param_names: dict[Any, str],
+    covered: set[tuple[str, str, int]],
+) -> ChannelGroup:
+    merged: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    meta: dict[tuple[str, str], tuple[str, bool, int]] = {}
+    issues: list[str] = []
+    reaches_output = False
+    for item in tp_group.items:
+        dep, target = item.dep, item.dep.target.module
+        side = OUT if graph.is_out_channel_pruning_fn(dep.handler) else IN
+        if isinstance(target, nn.Parameter):
+            name, op, is_layer = param_names.get(target, dep.target.name), "Parameter", True
+        elif target in module_names:
+            name, op, is_layer = module_names[target], type(target).__name__, True
+        else:
+            name, op, is_layer = dep.target.name, type(target).__name__, False
+        if op == "_OutputOp":
+            reaches_output = True
+        if is_layer and shrinker_for(target) is not None and shrinker_for(target).role_of(target) is Role.CHANNELWISE:
+            side = OUT  # a channelwise layer's input and output are the same channels
+        key = (name, side)
+        meta[key] = (op, is_layer, int(getattr(dep.target, "pruning_dim", 1) or 0))
+        for local, r in zip(item.idxs, item.root_idxs):
+            if local not in merged[key][r]:
+                merged[key][r].append(local)
+    members = []
+    for (name, side), by_root in merged.items():
+        op, is_layer, dim = meta[(name, side)]
+        idxs = tuple(tuple(sorted(by_root.get(r, []))) for r in range(size))
+        problem = _mapping_problem(graph, name, side, op, is_layer, idxs, module_names, param_names, covered)
+        if problem:
+            issues.append(problem)
+            continue
+        members.append(Member(name, op, side, is_layer, dim, idxs))
+    return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues))
+
+
+def _mapping_problem(
+    graph: Any,
+    name: str,
+    side: str,
+    op: str,
+    is_layer: bool,
+    idxs: tuple[tuple[int, ...], ...],
+    module_names: dict[nn.Module, str],
+    param_names: dict[Any, str],
+    covered: set[tuple[str, str, int]],
+) -> str | None:
+    """Why this member's index mapping cannot be right, or None."""
+    if not is_layer:
+        return None
+    target = _find(name, module_names, param_names)
+    shrinker = shrinker_for(target)
+    if shrinker is None:
+        return None
+    width = shrinker.out_channels(target) if side == OUT else shrinker.in_channels(target)
+    if op == "Parameter":
+        width = target.shape[0]
+    flat = [i for idx in idxs for i in idx]
+    if width is not None and any(i >= width for i in flat):
+        return f"torch-pruning mapped {max(flat) + 1} channels onto {name} ({side}), which has {width}"
+    if len(set(flat)) != len(flat):
+        return f"torch-pruning mapped two channels onto one index of {name} ({side})"
+    if any((name, side, i) in covered for i in flat):
+        return f"{name} ({side}) is already coupled to another group"
+    return None
+
+
+def _find(name: str, module_names: dict[nn.Module, str], param_names: dict[Any, str]) -> Any:
+    for obj, n in module_names.items():
+        if n == name:
+            return obj
+    for obj, n in param_names.items():
+        if n == name:
+            return obj
+    return None

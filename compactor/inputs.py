@@ -1,0 +1,143 @@
+"""Example inputs: normalise what users pass, call the model with it, draw fresh inputs like it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ExampleInputError, ModelForwardError
+
+
+@dataclass(frozen=True)
+class ExampleInputs:
+    """Positional and keyword tensors for one forward call."""
+
+    args: tuple[torch.Tensor, ...] = ()
+    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: Any) -> ExampleInputs:
+        """Accept a tensor, a tuple/list of tensors (positional) or a dict of tensors (keywords)."""
+        if isinstance(value, ExampleInputs):
+            return value
+        if isinstance(value, torch.Tensor):
+            return cls(args=(value,))
+        if isinstance(value, Mapping):
+            _check_tensors(value.values(), "dict")
+            return cls(kwargs={str(k): v for k, v in value.items()})
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            _check_tensors(value, type(value).__name__)
+            return cls(args=tuple(value))
+        raise ExampleInputError(
+            f"example inputs must be a tensor, a tuple/list of tensors or a dict of tensors, "
+            f"found {type(value).__name__}; save one with torch.save(torch.randn(1, 3, 224, 224), 'x.pt')"
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.args, *self.kwargs.values()]
+
+    def to(self, device: torch.device) -> ExampleInputs:
+        return ExampleInputs(
+            args=tuple(t.to(device) for t in self.args),
+            kwargs={k: v.to(device) for k, v in self.kwargs.items()},
+        )
+
+    def fresh(self, generator: torch.Generator) -> ExampleInputs:
+        """Random inputs of the same shapes and dtypes (integers stay in the example's range)."""
+        return ExampleInputs(
+            args=tuple(_like(t, generator) for t in self.args),
+            kwargs={k: _like(v, generator) for k, v in self.kwargs.items()},
+        )
+
+    def describe(self) -> str:
+        parts = [_describe(t) for t in self.args] + [f"{k}={_describe(v)}" for k, v in self.kwargs.items()]
+        return ", ".join(parts)
+
+
+def _check_tensors(values: Any, container: str) -> None:
+    for v in values:
+        if not isinstance(v, torch.Tensor):
+            raise ExampleInputError(
+                f"example inputs: every item of the {container} must be a tensor, found {type(v).__name__}"
+            )
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}"
+
+
+def _like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if t.dtype == torch.bool:
+        return t.clone()
+    if t.is_floating_point() or t.is_complex():
+        scale = t.float().std().item() if t.numel() > 1 else 1.0
+        scale = scale if scale > 0 else 1.0
+        noise = torch.randn(t.shape, generator=generator, dtype=torch.float32) * scale
+        return (noise + t.float().mean()).to(device=t.device, dtype=t.dtype)
+    low, high = int(t.min().item()), int(t.max().item())
+    return torch.randint(low, high + 1, t.shape, generator=generator, dtype=t.dtype).to(t.device)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``."""
+    try:
+        dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise ExampleInputError(
+            f"--input-shape {text!r} is not a shape; write positive integers separated by commas, e.g. 1,3,224,224"
+        )
+    return dims
+
+
+def from_shapes(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype = torch.float32) -> ExampleInputs:
+    generator = torch.Generator().manual_seed(0)
+    return ExampleInputs(args=tuple(torch.randn(s, generator=generator, dtype=dtype) for s in shapes))
+
+
+def infer_example_inputs(model: nn.Module) -> ExampleInputs | None:
+    """A float input for models whose first layer fixes the shape (Conv: 1xCx32x32, Linear: 1xF)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return from_shapes([(1, module.in_channels, 32, 32)])
+        if isinstance(module, nn.Conv1d):
+            return from_shapes([(1, module.in_channels, 64)])
+        if isinstance(module, nn.Linear):
+            return from_shapes([(1, module.in_features)])
+        if isinstance(module, (nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+            return None
+    return None
+
+
+def run(model: nn.Module, inputs: ExampleInputs) -> Any:
+    """Call ``model`` with the example inputs; wrap its failure in one clear line."""
+    try:
+        return model(*inputs.args, **inputs.kwargs)
+    except Exception as e:  # the model's own code: any failure is the user's to see
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelForwardError(
+            f"the model fails its own forward pass on inputs [{inputs.describe()}]: "
+            f"{type(e).__name__}: {first}; check --input-shape/--example-inputs against what the model expects"
+        ) from e
+
+
+def flatten_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in nested tuples, lists, dicts and Hugging Face ``ModelOutput``s, with a path name."""
+    if isinstance(output, torch.Tensor):
+        return [(prefix, output)]
+    if isinstance(output, Mapping):  # ModelOutput is an OrderedDict
+        items: list[tuple[str, torch.Tensor]] = []
+        for k, v in output.items():
+            items += flatten_outputs(v, f"{prefix}.{k}")
+        return items
+    if isinstance(output, (tuple, list)):
+        items = []
+        for i, v in enumerate(output):
+            items += flatten_outputs(v, f"{prefix}[{i}]")
+        return items
+    return []

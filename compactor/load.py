@@ -1,0 +1,144 @@
+"""Stage 1, load: read a pickled ``nn.Module`` without running arbitrary code from the file.
+
+``torch.load(weights_only=True)`` refuses every global it was not told about. We tell it about the globals
+the file names that are safe to construct: ``nn.Module`` subclasses, ``torch.nn.utils.prune`` methods,
+Hugging Face configs and plain containers. Anything else (``os.system``, a user function...) is refused
+with its name, unless the caller opts in with ``trust_pickle``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import zipfile
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from .errors import InputFileError, UnsafePickleError
+
+_PLAIN_CONTAINERS: tuple[type, ...] = (OrderedDict, defaultdict, dict, list, tuple, set, frozenset)
+
+
+def load_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> nn.Module:
+    """Load a module saved with ``torch.save(model)`` onto the CPU."""
+    file = Path(path)
+    _check_readable(file)
+    _make_cwd_importable()
+    if trust_pickle:
+        obj = _torch_load(file, weights_only=False)
+    else:
+        allowed = [_resolve_safe_global(name, file) for name in _globals_in(file)]
+        with torch.serialization.safe_globals(allowed):
+            obj = _torch_load(file, weights_only=True)
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputFileError(
+            f"{file} holds a state_dict ({len(obj)} tensors), not a model; save the module itself with "
+            f"torch.save(model, '{file.name}'), or pass --arch module:callable to build the architecture"
+        )
+    raise InputFileError(
+        f"{file} holds a {type(obj).__name__}, not an nn.Module; save the model with torch.save(model, path)"
+    )
+
+
+def _check_readable(file: Path) -> None:
+    if not file.exists():
+        raise InputFileError(f"model file {file} does not exist; check the path")
+    if file.is_dir():
+        raise InputFileError(f"{file} is a directory; give the file written by torch.save(model, path)")
+    if not os.access(file, os.R_OK):
+        raise InputFileError(f"model file {file} is not readable; check its permissions")
+    if not zipfile.is_zipfile(file) and not _is_legacy_pickle(file):
+        raise InputFileError(
+            f"{file} is not a PyTorch file (expected the zip archive written by torch.save); "
+            f"re-save the model with torch.save(model, path)"
+        )
+
+
+def _is_legacy_pickle(file: Path) -> bool:
+    with file.open("rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)  # pickle protocol marker
+
+
+def _make_cwd_importable() -> None:
+    """As with ``python -m``: the user's model class resolves from the directory the command runs in."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _globals_in(file: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except Exception as e:  # torch raises several types for corrupt archives
+        raise InputFileError(f"{file} could not be read as a PyTorch file ({type(e).__name__}: {e})") from e
+
+
+def _resolve_safe_global(name: str, file: Path) -> Any:
+    module_name, _, qualname = name.rpartition(".")
+    if module_name == "__main__":
+        raise InputFileError(
+            f"{file} refers to {name}, a class defined in the script that saved it; move the class into a "
+            f"module importable from this directory, import it there, and save the model again"
+        )
+    obj = _import_global(module_name, qualname, name)
+    if _is_safe(obj):
+        return obj
+    raise UnsafePickleError(
+        f"{file} needs the global {name}, which is not a module, pruning method or container and could run "
+        f"code when loaded; pass --trust-pickle (Python: trust_pickle=True) only if you trust the file"
+    )
+
+
+def _import_global(module_name: str, qualname: str, name: str) -> Any:
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputFileError(
+            f"the model needs {name} but module {module_name!r} cannot be imported ({e}); run from the "
+            f"directory that holds it or add it to PYTHONPATH"
+        ) from e
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            raise InputFileError(
+                f"the model needs {name} but {module_name!r} has no {qualname!r}; is it the same code that saved it?"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_safe(obj: Any) -> bool:
+    if not isinstance(obj, type):
+        return False
+    if issubclass(obj, (nn.Module, prune.BasePruningMethod, torch.Size)) or obj in _PLAIN_CONTAINERS:
+        return True
+    return _is_hf_config(obj)
+
+
+def _is_hf_config(cls: type) -> bool:
+    """Hugging Face configs are plain attribute bags that modules keep; allowed without importing HF here."""
+    return any(
+        base.__name__ == "PretrainedConfig" and base.__module__.startswith("transformers.")
+        for base in cls.__mro__
+    )
+
+
+def _torch_load(file: Path, *, weights_only: bool) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UnsafePickleError(
+            f"{file} could not be loaded safely ({first}); pass --trust-pickle only if you trust the file"
+        ) from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise InputFileError(f"{file} could not be read as a PyTorch file ({type(e).__name__}: {e})") from e

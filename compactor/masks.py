@@ -1,0 +1,74 @@
+"""Stage 2, masks: bake ``torch.nn.utils.prune`` masks (and ``parametrize`` parametrizations) into plain weights.
+
+After baking, a layer holds ``weight = weight_orig * weight_mask`` as an ordinary parameter, with no
+``*_orig``, ``*_mask`` or pruning hook left. The function computed is unchanged: the hook computed the same
+product on every forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+
+@dataclass(frozen=True)
+class BakedMask:
+    """One mask that was baked: which layer and tensor, and how many entries it zeroed."""
+
+    layer: str
+    tensor: str
+    zeros: int
+    total: int
+
+
+def bake_masks(model: nn.Module) -> list[BakedMask]:
+    """Bake every prune hook and parametrization of ``model`` in place; return what was baked."""
+    baked: list[BakedMask] = []
+    for name, module in model.named_modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                tensor_name = hook._tensor_name
+                mask = getattr(module, tensor_name + "_mask")
+                baked.append(BakedMask(name, tensor_name, int((mask == 0).sum()), mask.numel()))
+                prune.remove(module, tensor_name)
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations.keys()):  # type: ignore[union-attr]
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+                value = getattr(module, tensor_name)
+                baked.append(BakedMask(name, tensor_name, int((value == 0).sum()), value.numel()))
+    return baked
+
+
+def has_pruning_state(model: nn.Module) -> bool:
+    """True while any prune hook, ``*_orig`` parameter or parametrization is attached."""
+    for module in model.modules():
+        if any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
+            return True
+        if parametrize.is_parametrized(module):
+            return True
+        if any(n.endswith("_orig") for n, _ in module.named_parameters(recurse=False)):
+            return True
+    return False
+
+
+def zero_fraction(tensor: torch.Tensor) -> float:
+    return float((tensor == 0).sum()) / max(1, tensor.numel())
+
+
+def clone_module(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on masked modules.
+
+    ``torch.nn.utils.prune`` keeps ``weight`` as a plain attribute computed from ``weight_orig * weight_mask``;
+    it is not a graph leaf, which ``deepcopy`` refuses. The forward pre-hook recomputes it on every call, so a
+    detached copy of it is exact.
+    """
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in module.__dict__.values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)

@@ -1,0 +1,347 @@
+"""Stage 4, plan: decide the fate of every zeroed channel, and the exact compensation its removal needs.
+
+A root channel of a group is *zeroed* when either
+
+* every mixing layer that writes it has an all-zero weight row (``input-independent``): downstream it
+  carries a value that no input can change. We observe that value at each consuming layer's input. Zero
+  everywhere: remove it. A constant: fold ``k * W[:, c]`` into the consumer's bias where the consumer
+  sees a constant at every position, or merge it into a *carrier* channel where zero padding makes the
+  borders differ (``W[:, carrier] += k_c / k_carrier * W[:, c]``). Varying with position (a zero-padded
+  depthwise conv on a constant): keep it.
+* every mixing layer that reads it has an all-zero weight column (``ignored``): remove it, whatever it
+  carries, unless something else reads it (a model output, a blocking layer).
+
+See ``../shared/FIELD.md`` for the math. The plan is data: the rebuild stage applies it to a copy, and
+the verify stage decides whether it ships.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from .graph import IN, OUT, ChannelGroup, Member
+from .inputs import ExampleInputs
+from .layers import Role, shrinker_for
+
+
+class Fate(str, Enum):
+    REMOVED = "removed"  # emits exactly zero, or no layer reads it: nothing to compensate
+    FOLDED = "folded"  # a constant, folded into the consumers' biases
+    MERGED = "merged"  # a constant, merged into a carrier channel (zero-padded consumers)
+    CARRIER = "carrier"  # a constant, kept to carry the merged ones
+    KEPT_READ_ELSEWHERE = "kept: read elsewhere"  # a model output or a blocking layer reads it
+    KEPT_VARYING = "kept: varies with position"  # input-independent, but not a constant
+    KEPT_MIN_ONE = "kept: layer needs a channel"  # a layer cannot have zero channels
+    KEPT_UNVERIFIED = "kept: verification failed"  # its removal did not reproduce the outputs
+    KEPT_ROUNDING = "kept: --round-to"  # kept to round a channel count up to a multiple
+
+    @property
+    def removed(self) -> bool:
+        return self in (Fate.REMOVED, Fate.FOLDED, Fate.MERGED)
+
+
+@dataclass(frozen=True)
+class ChannelFate:
+    channel: int  # root channel index
+    fate: Fate
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Add the effect of constants ``k`` on input indices ``idx`` of ``layer`` to its bias."""
+
+    layer: str
+    idx: tuple[int, ...]
+    k: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Merge:
+    """``W[:, carrier] += sum_i ratio_i * W[:, idx_i]`` on ``layer`` (inputs)."""
+
+    layer: str
+    carrier: int
+    idx: tuple[int, ...]
+    ratio: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    group: ChannelGroup
+    fates: tuple[ChannelFate, ...]
+    folds: tuple[Fold, ...] = ()
+    merges: tuple[Merge, ...] = ()
+
+    @property
+    def removed(self) -> list[int]:
+        return [f.channel for f in self.fates if f.fate.removed]
+
+    def restored(self, reason: str) -> GroupPlan:
+        """The same group with every removal undone (after verification failed)."""
+        fates = tuple(
+            ChannelFate(f.channel, Fate.KEPT_UNVERIFIED, reason) if f.fate.removed or f.fate is Fate.CARRIER else f
+            for f in self.fates
+        )
+        return GroupPlan(self.group, fates)
+
+
+@dataclass
+class InputStats:
+    """Per consumer layer, per input index: the smallest and largest value seen over all inputs."""
+
+    lo: dict[str, torch.Tensor] = field(default_factory=dict)
+    hi: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def constant(self, layer: str, idx: Iterable[int]) -> torch.Tensor | None:
+        """The constants at ``idx`` (float64), or None if any of them varied."""
+        i = torch.tensor(list(idx), dtype=torch.long)
+        lo, hi = self.lo[layer][i], self.hi[layer][i]
+        if not torch.equal(lo, hi):
+            return None
+        return lo
+
+
+def observe_inputs(model: nn.Module, runs: list[ExampleInputs], layers: set[str]) -> InputStats:
+    """Run ``model`` on each input and record min/max per input channel of each layer in ``layers``."""
+    stats = InputStats()
+    hooks = []
+    for name, module in model.named_modules():
+        shrinker = shrinker_for(module)
+        if name not in layers or shrinker is None:
+            continue
+        hooks.append(module.register_forward_pre_hook(_recorder(stats, name, shrinker.input_channel_dim)))
+    try:
+        with torch.no_grad():
+            for run in runs:
+                model(*run.args, **run.kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _recorder(stats: InputStats, name: str, dim: int) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().double().movedim(dim, 0).flatten(1)
+        lo, hi = x.amin(1), x.amax(1)
+        if name in stats.lo:
+            lo, hi = torch.minimum(lo, stats.lo[name]), torch.maximum(hi, stats.hi[name])
+        stats.lo[name], stats.hi[name] = lo, hi
+
+    return hook
+
+
+def consumer_layers(groups: list[ChannelGroup], model: nn.Module) -> set[str]:
+    modules = dict(model.named_modules())
+    return {m.name for g in groups for m in _mixing(g.layers(IN), modules)}
+
+
+def plan_groups(model: nn.Module, groups: list[ChannelGroup], stats: InputStats) -> list[GroupPlan]:
+    modules: dict[str, Any] = dict(model.named_modules())
+    modules.update(dict(model.named_parameters()))
+    return [_plan_group(g, modules, stats) for g in groups]
+
+
+def _mixing(members: list[Member], modules: dict[str, Any]) -> list[Member]:
+    return [m for m in members if _role(modules.get(m.name)) is Role.MIXING]
+
+
+def _role(obj: Any) -> Role | None:
+    shrinker = shrinker_for(obj) if obj is not None else None
+    return shrinker.role_of(obj) if shrinker is not None else None
+
+
+def _plan_group(group: ChannelGroup, modules: dict[str, Any], stats: InputStats) -> GroupPlan:
+    producers = _mixing(group.layers(OUT), modules)
+    consumers = _mixing(group.layers(IN), modules)
+    if not producers:
+        return GroupPlan(group, ())
+    indep = _all_zero(producers, modules, group.size, lambda s, m, i: s.out_rows_zero(m, i))
+    ignored = (
+        _all_zero(consumers, modules, group.size, lambda s, m, i: s.in_cols_zero(m, i))
+        if consumers
+        else [False] * group.size
+    )
+    zeroed = [r for r in range(group.size) if indep[r] or ignored[r]]
+    if not zeroed:
+        return GroupPlan(group, ())
+    blocker = _blocker(group, modules)
+    if blocker:
+        return GroupPlan(group, tuple(ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, blocker) for r in zeroed))
+
+    fates: dict[int, ChannelFate] = {}
+    constants: dict[int, dict[str, torch.Tensor]] = {}  # root channel -> consumer -> constants at its idx
+    for r in zeroed:
+        if ignored[r]:
+            fates[r] = ChannelFate(r, Fate.REMOVED, "no layer reads it")
+            continue
+        seen = {c.name: stats.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r] and c.name in stats.lo}
+        if any(k is None for k in seen.values()):
+            where = next(n for n, k in seen.items() if k is None)
+            fates[r] = ChannelFate(r, Fate.KEPT_VARYING, f"input-independent but not constant at {where}")
+        elif all(bool((k == 0).all()) for k in seen.values()):
+            fates[r] = ChannelFate(r, Fate.REMOVED, "emits exactly zero")
+        else:
+            constants[r] = {n: k for n, k in seen.items() if k is not None}
+
+    _restrict_to_removable(group, modules, fates, constants)
+    folds, merges = _compensate(group, consumers, modules, constants, fates)
+    _keep_one(group, fates, folds)
+    return GroupPlan(
+        group,
+        tuple(fates[r] for r in sorted(fates)),
+        tuple(f for r in sorted(folds) for f in folds[r]),
+        tuple(merges),
+    )
+
+
+def _all_zero(members: list[Member], modules: dict[str, Any], size: int, test: Any) -> list[bool]:
+    """Per root channel: every member that maps it passes ``test`` (and at least one maps it)."""
+    result = [True] * size
+    mapped = [False] * size
+    for member in members:
+        module = modules[member.name]
+        shrinker = shrinker_for(module)
+        flat = [i for idx in member.idxs for i in idx]
+        if not flat:
+            continue
+        zero = test(shrinker, module, torch.tensor(flat, dtype=torch.long)).tolist()
+        pos = 0
+        for r, idx in enumerate(member.idxs):
+            if idx:
+                mapped[r] = True
+                result[r] = result[r] and all(zero[pos : pos + len(idx)])
+            pos += len(idx)
+    return [a and b for a, b in zip(result, mapped)]
+
+
+def _blocker(group: ChannelGroup, modules: dict[str, Any]) -> str | None:
+    if group.reaches_output:
+        return "the channel is part of a model output"
+    for member in group.layers():
+        obj = modules.get(member.name)
+        role = _role(obj)
+        if role is None:
+            return f"{member.name} ({member.op}) is a layer type compactor does not know"
+        if role is Role.BLOCKING:
+            return f"{member.name}: {shrinker_for(obj).why_blocking(obj)}"  # type: ignore[union-attr]
+    return None
+
+
+def _restrict_to_removable(
+    group: ChannelGroup,
+    modules: dict[str, Any],
+    fates: dict[int, ChannelFate],
+    constants: dict[int, dict[str, torch.Tensor]],
+) -> None:
+    """Keep channels that a channelwise layer cannot lose on its own (GroupNorm: partial groups)."""
+    for member in group.layers(OUT):
+        obj = modules[member.name]
+        shrinker = shrinker_for(obj)
+        if shrinker is None or _role(obj) is not Role.CHANNELWISE:
+            continue
+        wanted = [r for r in (*fates, *constants) if r in constants or fates[r].fate.removed]
+        local = [i for r in wanted for i in member.idxs[r]]
+        if not local:
+            continue
+        ok = set(shrinker.removable(obj, OUT, torch.tensor(local, dtype=torch.long)).tolist())
+        for r in wanted:
+            if not all(i in ok for i in member.idxs[r]):
+                constants.pop(r, None)
+                fates[r] = ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, f"{member.name} can only lose whole groups")
+
+
+def _compensate(
+    group: ChannelGroup,
+    consumers: list[Member],
+    modules: dict[str, Any],
+    constants: dict[int, dict[str, torch.Tensor]],
+    fates: dict[int, ChannelFate],
+) -> tuple[dict[int, list[Fold]], list[Merge]]:
+    """Folds per root channel, and merges into one carrier per group where zero padding needs it."""
+    folds: dict[int, list[Fold]] = defaultdict(list)
+    padded = [c for c in consumers if not shrinker_for(modules[c.name]).can_fold(modules[c.name])]  # type: ignore[union-attr]
+    needs_carrier = [r for r in constants if any(_nonzero(constants[r].get(c.name)) for c in padded)]
+    carrier = _choose_carrier(needs_carrier, constants, padded)
+    merge_parts: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in sorted(constants):
+        if r == carrier:
+            fates[r] = ChannelFate(r, Fate.CARRIER, "kept to carry the merged constant channels")
+            continue
+        merged = False
+        plan_ok = True
+        parts: list[tuple[str, int, float]] = []
+        for c in padded:
+            k = constants[r].get(c.name)
+            if not _nonzero(k):
+                continue
+            kc = constants[carrier].get(c.name) if carrier is not None else None
+            if kc is None or len(c.idxs[r]) != 1 or float(kc[0]) == 0.0:
+                plan_ok = False
+                break
+            parts.append((c.name, c.idxs[r][0], float(k[0]) / float(kc[0])))  # type: ignore[index]
+            merged = True
+        if not plan_ok:
+            fates[r] = ChannelFate(r, Fate.KEPT_VARYING, "constant into a zero-padded layer with no carrier")
+            continue
+        for name, idx, ratio in parts:
+            merge_parts[name].append((idx, ratio))
+        for c in consumers:
+            if c in padded or c.name not in constants[r]:
+                continue
+            k = constants[r][c.name]
+            if _nonzero(k):
+                folds[r].append(Fold(c.name, tuple(c.idxs[r]), tuple(float(v) for v in k)))
+        if merged:
+            fates[r] = ChannelFate(r, Fate.MERGED, f"constant merged into channel {carrier}")
+        else:
+            fates[r] = ChannelFate(r, Fate.FOLDED, "constant folded into the next layer's bias")
+    merges = []
+    if carrier is not None:
+        for c in padded:
+            if merge_parts.get(c.name):
+                idx, ratio = zip(*merge_parts[c.name])
+                merges.append(Merge(c.name, c.idxs[carrier][0], tuple(idx), tuple(ratio)))
+    return folds, merges
+
+
+def _nonzero(k: torch.Tensor | None) -> bool:
+    return k is not None and bool((k != 0).any())
+
+
+def _choose_carrier(candidates: list[int], constants: dict[int, dict[str, torch.Tensor]], padded: list[Member]) -> int | None:
+    """The candidate whose smallest constant at the padded layers is largest (best conditioned)."""
+    best, best_score = None, 0.0
+    for r in candidates:
+        ks = [constants[r].get(c.name) for c in padded]
+        if any(k is None or len(k) != 1 for k in ks):
+            continue
+        score = min(abs(float(k[0])) for k in ks)  # type: ignore[index]
+        if score > best_score:
+            best, best_score = r, score
+    return best
+
+
+def _keep_one(group: ChannelGroup, fates: dict[int, ChannelFate], folds: dict[int, list[Fold]]) -> None:
+    """Never remove every channel of a group: keep one, preferring one that needs no compensation."""
+    removed = [r for r, f in fates.items() if f.fate.removed]
+    if len(removed) < group.size:
+        return
+    plain = [r for r in removed if fates[r].fate is Fate.REMOVED]
+    folded = [r for r in removed if fates[r].fate is Fate.FOLDED]
+    if plain:
+        keep = plain[0]
+    elif folded:
+        keep = folded[0]
+        folds.pop(keep, None)
+    else:
+        return  # every channel merged into a carrier: the carrier is kept
+    fates[keep] = ChannelFate(keep, Fate.KEPT_MIN_ONE, "a layer needs at least one channel")

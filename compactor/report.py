@@ -1,0 +1,186 @@
+"""Stage 8, report: what changed, what was kept and why, and what it bought. The table and the JSON
+come from the same frozen object."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from .layers import Role, shrinker_for
+from .plan import Fate, GroupPlan
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    name: str
+    type: str
+    out_before: int | None
+    out_after: int | None
+    in_before: int | None
+    in_after: int | None
+
+
+@dataclass(frozen=True)
+class ZeroedChannel:
+    """One zeroed channel of a group, named by the layer that writes it (the group's root)."""
+
+    layer: str
+    channel: int
+    fate: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    params: dict[str, int]
+    file_bytes: dict[str, int]
+    max_abs_error: float
+    tolerance: float
+    verified_runs: int
+    inputs: str
+    layers: tuple[LayerChange, ...]
+    zeroed: tuple[ZeroedChannel, ...]
+    warnings: tuple[str, ...] = ()
+    seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # later stages add measurements (latency, macs)
+
+    @property
+    def fates(self) -> dict[str, int]:
+        counts = Counter(z.fate for z in self.zeroed)
+        return {f.value: counts.get(f.value, 0) for f in Fate}
+
+    @property
+    def removed_fraction(self) -> float:
+        """Of the zeroed channels, the fraction that no longer exists (removed, folded or merged)."""
+        if not self.zeroed:
+            return 1.0
+        return sum(Fate(z.fate).removed for z in self.zeroed) / len(self.zeroed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        d["channels"] = {
+            "zeroed": len(self.zeroed),
+            "removed_fraction": self.removed_fraction,
+            "fates": self.fates,
+        }
+        d.update(self.extra)
+        return d
+
+    def with_extra(self, **extra: Any) -> CompactionReport:
+        return CompactionReport(**{**self.__dict__, "extra": {**self.extra, **extra}})
+
+    def table(self) -> str:
+        """The human-readable report (plain text, no colour codes)."""
+        buffer = io.StringIO()
+        console = Console(file=buffer, width=110, color_system=None, force_terminal=False)
+        render(self, console)
+        return buffer.getvalue()
+
+
+def render(report: CompactionReport, console: Console) -> None:
+    summary = Table(title="compactor: dense vs compacted", title_justify="left")
+    summary.add_column("metric")
+    summary.add_column("before", justify="right")
+    summary.add_column("after", justify="right")
+    summary.add_column("ratio", justify="right")
+    for label, key, fmt in (("parameters", "params", _count), ("file size", "file_bytes", _bytes)):
+        before, after = getattr(report, key)["before"], getattr(report, key)["after"]
+        summary.add_row(label, fmt(before), fmt(after), f"{after / max(1, before):.3f}")
+    macs = report.extra.get("macs")
+    if macs:
+        summary.add_row("MACs", _count(macs["before"]), _count(macs["after"]), f"{macs['after'] / max(1, macs['before']):.3f}")
+    for backend, ms in report.extra.get("latency_ms", {}).items():
+        summary.add_row(
+            f"latency {backend} (ms)", f"{ms['before']:.3f}", f"{ms['after']:.3f}", f"{ms['after'] / ms['before']:.3f}"
+        )
+    console.print(summary)
+
+    changed = [c for c in report.layers if (c.out_before, c.in_before) != (c.out_after, c.in_after)]
+    if changed:
+        layers = Table(title=f"layers rebuilt ({len(changed)})", title_justify="left")
+        for col in ("layer", "type", "out channels", "in channels"):
+            layers.add_column(col)
+        for c in changed:
+            layers.add_row(c.name, c.type, _arrow(c.out_before, c.out_after), _arrow(c.in_before, c.in_after))
+        console.print(layers)
+
+    fates = {k: v for k, v in report.fates.items() if v}
+    console.print(
+        f"zeroed channels: {len(report.zeroed)}, of which "
+        + (", ".join(f"{v} {k}" for k, v in fates.items()) or "none")
+        + f"; removed {report.removed_fraction:.0%}"
+    )
+    kept = Counter((z.layer, z.fate, z.reason) for z in report.zeroed if not Fate(z.fate).removed)
+    for (layer, fate, reason), n in sorted(kept.items()):
+        console.print(f"  {layer}: {n} {fate} ({reason})")
+    console.print(
+        f"verified on {report.verified_runs} runs [{report.inputs}]: max abs error {report.max_abs_error:.3g} "
+        f"(tolerance {report.tolerance:g} x max(1, |output|))"
+    )
+    for w in report.warnings:
+        console.print(f"warning: {w}")
+
+
+def layer_changes(before: nn.Module, after: nn.Module) -> tuple[LayerChange, ...]:
+    changes = []
+    after_modules = dict(after.named_modules())
+    for name, module in before.named_modules():
+        shrinker = shrinker_for(module)
+        new = after_modules.get(name)
+        if shrinker is None or new is None or name == "":
+            continue
+        new_shrinker = shrinker_for(new)
+        reads_own_outputs = shrinker.role_of(module) is Role.CHANNELWISE  # inputs are its outputs
+        changes.append(
+            LayerChange(
+                name,
+                type(module).__name__,
+                shrinker.out_channels(module),
+                new_shrinker.out_channels(new) if new_shrinker else None,
+                None if reads_own_outputs else shrinker.in_channels(module),
+                None if reads_own_outputs or not new_shrinker else new_shrinker.in_channels(new),
+            )
+        )
+    return tuple(changes)
+
+
+def zeroed_channels(plans: list[GroupPlan]) -> tuple[ZeroedChannel, ...]:
+    return tuple(
+        ZeroedChannel(p.group.root, f.channel, f.fate.value, f.reason) for p in plans for f in p.fates
+    )
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.tell()
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _arrow(before: int | None, after: int | None) -> str:
+    if before is None:
+        return "-"
+    return f"{before}" if before == after else f"{before} → {after}"

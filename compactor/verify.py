@@ -1,0 +1,94 @@
+"""Stage 6, verify: the compacted model must reproduce every output of the masked model.
+
+Every output tensor is compared, through nested tuples, lists, dicts and ``ModelOutput``s, on the
+example inputs and on fresh random inputs of the same shapes and dtypes. A run passes when, for every
+output, ``max|compact - masked| <= tolerance * max(1, max|masked|)``. All failures are collected, then
+reported together, naming each output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .inputs import ExampleInputs, flatten_outputs
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    max_abs_error: float  # over every output and run (inf where shapes differ or the forward fails)
+    problems: tuple[str, ...]
+
+    def summary(self) -> str:
+        return "; ".join(self.problems[:3]) + (f" (+{len(self.problems) - 3} more)" if len(self.problems) > 3 else "")
+
+
+def reference_outputs(model: nn.Module, runs: list[ExampleInputs]) -> list[list[tuple[str, torch.Tensor]]]:
+    with torch.no_grad():
+        return [flatten_outputs(model(*r.args, **r.kwargs)) for r in runs]
+
+
+def compare(
+    candidate: nn.Module,
+    runs: list[ExampleInputs],
+    references: list[list[tuple[str, torch.Tensor]]],
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> Verdict:
+    """Run ``candidate`` (in eval mode) on ``runs`` and compare with the reference outputs."""
+    training = candidate.training
+    candidate.eval()
+    problems: list[str] = []
+    worst = 0.0
+    try:
+        for i, (run, expected) in enumerate(zip(runs, references)):
+            try:
+                with torch.no_grad():
+                    got = flatten_outputs(candidate(*run.args, **run.kwargs))
+            except Exception as e:  # a rebuilt layer that no longer fits: a failed verification, not a crash
+                return Verdict(False, float("inf"), (f"run {i}: forward failed: {type(e).__name__}: {e}",))
+            error, found = _compare_run(expected, got, tolerance, i)
+            worst = max(worst, error)
+            problems += found
+    finally:
+        candidate.train(training)
+    return Verdict(not problems, worst, tuple(problems))
+
+
+def _compare_run(
+    expected: list[tuple[str, torch.Tensor]], got: list[tuple[str, torch.Tensor]], tolerance: float, run: int
+) -> tuple[float, list[str]]:
+    if [n for n, _ in expected] != [n for n, _ in got]:
+        return float("inf"), [f"run {run}: outputs {[n for n, _ in got]} instead of {[n for n, _ in expected]}"]
+    worst, problems = 0.0, []
+    for (name, a), (_, b) in zip(expected, got):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            problems.append(f"run {run}: {name} is {tuple(b.shape)}:{b.dtype}, expected {tuple(a.shape)}:{a.dtype}")
+            worst = float("inf")
+            continue
+        if a.numel() == 0:
+            continue
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                problems.append(f"run {run}: {name} differs (integer output)")
+                worst = float("inf")
+            continue
+        error = (a.double() - b.double()).abs().max().item()
+        scale = max(1.0, a.double().abs().max().item())
+        if not error <= tolerance * scale:  # also catches NaN
+            problems.append(f"run {run}: {name} max abs error {error:.3g} > {tolerance * scale:.3g}")
+        worst = max(worst, error)
+    return worst, problems
+
+
+def depends_on_input(model: nn.Module, runs: list[ExampleInputs]) -> bool:
+    """False when every run gives the same outputs: the model ignores its input."""
+    outs = reference_outputs(model, runs)
+    first = outs[0]
+    return any(
+        any(not torch.equal(a, b) for (_, a), (_, b) in zip(first, other)) for other in outs[1:]
+    )
