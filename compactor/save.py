@@ -1,0 +1,65 @@
+"""Stage 7, save: write outputs atomically, refuse to overwrite the input, leave nothing half-written.
+
+Every writer goes through :func:`atomic_write`: the bytes go to a temporary file in the destination's
+directory, then ``os.replace`` renames it over the destination. On any failure the temporary file is
+removed and the destination is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import OutputPathError
+
+
+def check_output_path(out: str | os.PathLike[str], model_path: str | os.PathLike[str] | None, *, force: bool) -> Path:
+    """Fail early, before any work, if ``out`` cannot be written or would overwrite the input."""
+    path = Path(out)
+    if model_path is not None and path.exists() and path.resolve() == Path(model_path).resolve() and not force:
+        raise OutputPathError(f"-o {path} is the input model; choose another output path, or pass --force to replace it")
+    if path.is_dir():
+        raise OutputPathError(f"-o {path} is a directory; give a file name such as {path / 'small.pt'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot write -o {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputPathError(f"cannot write -o {path}: permission denied; choose a writable location")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent if str(target.parent) else ".")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomically(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> int:
+    """Run ``writer(tmp_path)`` and move the result into place; return the bytes written."""
+    try:
+        with atomic_write(path) as tmp:
+            writer(tmp)
+            size = tmp.stat().st_size
+    except OSError as e:
+        raise OutputPathError(f"cannot write {path}: {e.strerror or e}; check the path and free space") from e
+    return size
+
+
+def save_module(model: nn.Module, path: str | os.PathLike[str]) -> int:
+    """Pickle ``model`` (``torch.load(path, weights_only=False)`` returns it where its class imports)."""
+    return write_atomically(path, lambda tmp: torch.save(model, tmp))
