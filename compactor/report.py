@@ -123,7 +123,7 @@ def render(report: CompactionReport, console: Console) -> None:
         console.print(f"  {layer}: {n} {fate} ({reason})")
     console.print(
         f"verified on {report.verified_runs} runs [{report.inputs}]: max abs error {report.max_abs_error:.3g} "
-        f"(tolerance {report.tolerance:g} x max(1, |output|))"
+        f"(tolerance {report.tolerance:g} × max(1, |output|))"
     )
     for w in report.warnings:
         console.print(f"warning: {w}")
