@@ -6,7 +6,6 @@ Loading and saving files live in :mod:`compactor.load` and :mod:`compactor.save`
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,13 +33,18 @@ def compact(
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     log: Log | None = None,
+    round_to: int = 1,
 ) -> tuple[nn.Module, CompactionReport]:
     """Return a physically smaller copy of ``model`` that computes the same function, and a report.
 
     ``model`` may carry ``torch.nn.utils.prune`` masks or plain zeros; it is left untouched.
     ``example_inputs``: a tensor, a tuple/list of tensors, or a dict of keyword tensors. Raises
     :class:`~compactor.errors.CompactorError` subclasses for bad input.
+    ``round_to``: keep every rebuilt channel count a multiple of it (hardware-friendly widths) by keeping
+    some removable channels; exactness is unaffected.
     """
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, found {round_to!r}")
     say = log or (lambda _msg: None)
     seconds: dict[str, float] = {}
     inputs = _example_inputs(model, example_inputs)
@@ -59,7 +63,7 @@ def compact(
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):
         stats = observe_inputs(baked, runs[:2], consumer_layers(groups, baked))
-        plans = plan_groups(baked, groups, stats)
+        plans = plan_groups(baked, groups, stats, round_to=round_to)
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
         plans, small, verdict = _search(baked, plans, runs, references, tolerance, say)

@@ -144,10 +144,15 @@ def consumer_layers(groups: list[ChannelGroup], model: nn.Module) -> set[str]:
     return {m.name for g in groups for m in _mixing(g.layers(IN), modules)}
 
 
-def plan_groups(model: nn.Module, groups: list[ChannelGroup], stats: InputStats) -> list[GroupPlan]:
+def plan_groups(
+    model: nn.Module, groups: list[ChannelGroup], stats: InputStats, *, round_to: int = 1
+) -> list[GroupPlan]:
+    """One plan per group. ``round_to``: keep each group's surviving channel count a multiple of it."""
+    if round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, found {round_to}")
     modules: dict[str, Any] = dict(model.named_modules())
     modules.update(dict(model.named_parameters()))
-    return [_plan_group(g, modules, stats) for g in groups]
+    return [_plan_group(g, modules, stats, round_to) for g in groups]
 
 
 def _mixing(members: list[Member], modules: dict[str, Any]) -> list[Member]:
@@ -159,12 +164,14 @@ def _role(obj: Any) -> Role | None:
     return shrinker.role_of(obj) if shrinker is not None else None
 
 
-def _plan_group(group: ChannelGroup, modules: dict[str, Any], stats: InputStats) -> GroupPlan:
+def _plan_group(group: ChannelGroup, modules: dict[str, Any], stats: InputStats, round_to: int = 1) -> GroupPlan:
     producers = _mixing(group.layers(OUT), modules)
     consumers = _mixing(group.layers(IN), modules)
     if not producers:
         return GroupPlan(group, ())
     indep = _all_zero(producers, modules, group.size, lambda s, m, i: s.out_rows_zero(m, i))
+    if len(producers) == 1:  # one writer: a BatchNorm with weight 0 after it forgets its input too
+        indep = [a or b for a, b in zip(indep, _norm_forgets(group, modules))]
     ignored = (
         _all_zero(consumers, modules, group.size, lambda s, m, i: s.in_cols_zero(m, i))
         if consumers
@@ -177,30 +184,53 @@ def _plan_group(group: ChannelGroup, modules: dict[str, Any], stats: InputStats)
     if blocker:
         return GroupPlan(group, tuple(ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, blocker) for r in zeroed))
 
-    fates: dict[int, ChannelFate] = {}
-    constants: dict[int, dict[str, torch.Tensor]] = {}  # root channel -> consumer -> constants at its idx
+    base: dict[int, ChannelFate] = {}
+    all_constants: dict[int, dict[str, torch.Tensor]] = {}  # root channel -> consumer -> constants at its idx
     for r in zeroed:
         if ignored[r]:
-            fates[r] = ChannelFate(r, Fate.REMOVED, "no layer reads it")
+            base[r] = ChannelFate(r, Fate.REMOVED, "no layer reads it")
             continue
         seen = {c.name: stats.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r] and c.name in stats.lo}
         if any(k is None for k in seen.values()):
             where = next(n for n, k in seen.items() if k is None)
-            fates[r] = ChannelFate(r, Fate.KEPT_VARYING, f"input-independent but not constant at {where}")
+            base[r] = ChannelFate(r, Fate.KEPT_VARYING, f"input-independent but not constant at {where}")
         elif all(bool((k == 0).all()) for k in seen.values()):
-            fates[r] = ChannelFate(r, Fate.REMOVED, "emits exactly zero")
+            base[r] = ChannelFate(r, Fate.REMOVED, "emits exactly zero")
         else:
-            constants[r] = {n: k for n, k in seen.items() if k is not None}
+            all_constants[r] = {n: k for n, k in seen.items() if k is not None}
 
-    _restrict_to_removable(group, modules, fates, constants)
-    folds, merges = _compensate(group, consumers, modules, constants, fates)
-    _keep_one(group, fates, folds)
+    # Decide, check what the layers can lose, pin what they cannot, decide again. Pins only grow, so
+    # this ends; a GroupNorm that would lose part of a group or a count off the rounding adds pins.
+    pinned: dict[int, ChannelFate] = {}
+    while True:
+        fates = {**base, **pinned}
+        constants = {r: k for r, k in all_constants.items() if r not in pinned}
+        folds, merges = _compensate(group, consumers, modules, constants, fates)
+        _keep_one(group, fates, folds)
+        more = _unremovable(group, modules, fates) or _rounding(group, fates, round_to)
+        if not more:
+            break
+        pinned.update(more)
     return GroupPlan(
         group,
         tuple(fates[r] for r in sorted(fates)),
         tuple(f for r in sorted(folds) for f in folds[r]),
         tuple(merges),
     )
+
+
+def _norm_forgets(group: ChannelGroup, modules: dict[str, Any]) -> list[bool]:
+    """Per root channel: a BatchNorm in the group has weight 0 there, so it emits its bias whatever comes in."""
+    result = [False] * group.size
+    for member in group.layers(OUT):
+        obj = modules.get(member.name)
+        if not isinstance(obj, nn.modules.batchnorm._BatchNorm) or obj.weight is None:
+            continue
+        weight = obj.weight.detach()
+        for r, idx in enumerate(member.idxs):
+            if idx and all(float(weight[i]) == 0.0 for i in idx):
+                result[r] = True
+    return result
 
 
 def _all_zero(members: list[Member], modules: dict[str, Any], size: int, test: Any) -> list[bool]:
@@ -223,9 +253,15 @@ def _all_zero(members: list[Member], modules: dict[str, Any], size: int, test: A
     return [a and b for a, b in zip(result, mapped)]
 
 
+_FIXED_SLICES = {"_SplitOp": "split/chunk", "_UnbindOp": "unbind", "_SliceOp": "slice"}
+
+
 def _blocker(group: ChannelGroup, modules: dict[str, Any]) -> str | None:
     if group.reaches_output:
         return "the channel is part of a model output"
+    for member in group.members:
+        if member.op in _FIXED_SLICES:
+            return f"the channels pass through a {_FIXED_SLICES[member.op]} whose sizes are fixed in the forward code"
     for member in group.layers():
         obj = modules.get(member.name)
         role = _role(obj)
@@ -236,27 +272,39 @@ def _blocker(group: ChannelGroup, modules: dict[str, Any]) -> str | None:
     return None
 
 
-def _restrict_to_removable(
-    group: ChannelGroup,
-    modules: dict[str, Any],
-    fates: dict[int, ChannelFate],
-    constants: dict[int, dict[str, torch.Tensor]],
-) -> None:
-    """Keep channels that a channelwise layer cannot lose on its own (GroupNorm: partial groups)."""
+def _unremovable(group: ChannelGroup, modules: dict[str, Any], fates: dict[int, ChannelFate]) -> dict[int, ChannelFate]:
+    """Channels planned away that a channelwise layer cannot lose (GroupNorm: part of a group)."""
+    removed = [r for r, f in fates.items() if f.fate.removed]
+    pins: dict[int, ChannelFate] = {}
     for member in group.layers(OUT):
         obj = modules[member.name]
         shrinker = shrinker_for(obj)
         if shrinker is None or _role(obj) is not Role.CHANNELWISE:
             continue
-        wanted = [r for r in (*fates, *constants) if r in constants or fates[r].fate.removed]
-        local = [i for r in wanted for i in member.idxs[r]]
+        local = [i for r in removed for i in member.idxs[r]]
         if not local:
             continue
         ok = set(shrinker.removable(obj, OUT, torch.tensor(local, dtype=torch.long)).tolist())
-        for r in wanted:
+        for r in removed:
             if not all(i in ok for i in member.idxs[r]):
-                constants.pop(r, None)
-                fates[r] = ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, f"{member.name} can only lose whole groups")
+                pins[r] = ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, f"{member.name} can only lose whole groups")
+    return pins
+
+
+def _rounding(group: ChannelGroup, fates: dict[int, ChannelFate], round_to: int) -> dict[int, ChannelFate]:
+    """Removable channels to keep so that the surviving count is a multiple of ``round_to``.
+
+    Prefers channels that need no compensation, then folded ones, then merged ones (the next pass
+    plans the merges again without them)."""
+    removed = [r for r, f in fates.items() if f.fate.removed]
+    if round_to <= 1 or not removed:
+        return {}
+    left = group.size - len(removed)
+    target = min(group.size, -(-left // round_to) * round_to)
+    order = {Fate.REMOVED: 0, Fate.FOLDED: 1, Fate.MERGED: 2}
+    chosen = sorted(removed, key=lambda r: (order[fates[r].fate], r))[: target - left]
+    reason = f"kept so that {group.root} keeps a multiple of {round_to} channels"
+    return {r: ChannelFate(r, Fate.KEPT_ROUNDING, reason) for r in chosen}
 
 
 def _compensate(

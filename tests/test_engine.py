@@ -1,0 +1,164 @@
+"""The engine over the zoo: exact outputs, exact channel counts (from the oracle), an honest report."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+from zoo import CASES, KEPT, Case, actual_widths, expected_fates, expected_widths
+
+import compactor
+from compactor.layers import shrinker_for
+from compactor.plan import Fate
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _snapshot(model: nn.Module) -> dict[str, object]:
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "hooks": {n: list(m._forward_pre_hooks.values()) for n, m in model.named_modules()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def _assert_same(before: dict[str, object], after: dict[str, object]) -> None:
+    assert before["state"].keys() == after["state"].keys()  # type: ignore[attr-defined]
+    for k, v in before["state"].items():  # type: ignore[attr-defined]
+        assert torch.equal(v, after["state"][k]), f"compact() changed the caller's {k}"  # type: ignore[index]
+    assert before["hooks"] == after["hooks"], "compact() changed the caller's hooks"
+    assert before["training"] == after["training"]
+    assert before["requires_grad"] == after["requires_grad"]
+
+
+def _assert_no_pruning_state(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        assert not any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()), name
+    for key in model.state_dict():
+        assert not key.endswith(("_orig", "_mask")), key
+
+
+def _assert_no_empty_layer(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        shrinker = shrinker_for(module)
+        if shrinker is None:
+            continue
+        for width in (shrinker.out_channels(module), shrinker.in_channels(module)):
+            assert width is None or width > 0, f"{name} has 0 channels"
+
+
+def _compact(case: Case, **kwargs: object) -> tuple[nn.Module, nn.Module, compactor.CompactionReport]:
+    model = case.model()
+    before = _snapshot(model)
+    small, report = compactor.compact(model, case.inputs(1), **kwargs)  # type: ignore[arg-type]
+    _assert_same(before, _snapshot(model))
+    return model, small, report
+
+
+def _check_outputs(model: nn.Module, small: nn.Module, case: Case) -> None:
+    small.eval()
+    with torch.no_grad():
+        for seed in (11, 12):
+            x = case.inputs(seed)
+            expected, got = model(x), small(x)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_zoo(case: Case) -> None:
+    model, small, report = _compact(case)
+
+    _check_outputs(model, small, case)
+    _assert_no_pruning_state(small)
+    _assert_no_empty_layer(small)
+
+    # every rebuilt layer has exactly the channel count the oracle computes from masks and norms
+    expected = expected_widths(model, case.links)
+    assert actual_widths(small, list(expected)) == expected
+    by_name = {c.name: c for c in report.layers}
+    for name, (out, inn) in expected.items():
+        assert by_name[name].out_after == out, name
+        if inn is not None:
+            assert by_name[name].in_after == inn, name
+
+    # the fate of every zeroed channel, per group, as the oracle has it
+    for link in case.links:
+        roots = {p[0] for p in link.paths}
+        oracle = Counter(f for f in expected_fates(model, link).fates if f != "live")
+        engine = Counter(
+            KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer in roots
+        )
+        assert engine == oracle, f"group of {link.root}"
+        if link.blocked:
+            kept = [z for z in report.zeroed if z.layer in roots]
+            assert kept and all(link.blocked in f"{z.fate} {z.reason}" for z in kept if z.fate != "kept: varies with position")
+
+    if case.restored:
+        assert any(z.fate == Fate.KEPT_UNVERIFIED.value for z in report.zeroed)
+    if case.dead:
+        assert any(case.dead in w for w in report.warnings), report.warnings
+    else:
+        assert not report.warnings
+
+    _check_report(report)
+
+
+def _check_report(report: compactor.CompactionReport) -> None:
+    d = report.to_dict()
+    assert d["params"]["after"] <= d["params"]["before"]
+    assert d["file_bytes"]["after"] > 0 and d["file_bytes"]["before"] > 0
+    assert 0.0 <= d["max_abs_error"] <= d["tolerance"] * 100
+    assert all({"name", "out_before", "out_after", "in_before", "in_after"} <= set(c) for c in d["layers"])
+    for z in d["zeroed"]:
+        assert z["reason"], z
+    kept = [z for z in d["zeroed"] if not Fate(z["fate"]).removed]
+    assert all(z["fate"].startswith("kept") or z["fate"] == "carrier" for z in kept)
+    assert d["channels"]["zeroed"] == len(d["zeroed"])
+    assert "compactor: dense vs compacted" in report.table()
+
+
+def test_caller_hooks_kept_and_training_flag_dtype_requires_grad_preserved() -> None:
+    case = next(c for c in CASES if c.name == "conv_chain")
+    model = case.model().double().train()
+    model.b3[0].weight_orig.requires_grad_(False)
+    before = _snapshot(model)
+    small, _ = compactor.compact(model, case.inputs(1).double())
+    _assert_same(before, _snapshot(model))
+    assert any(isinstance(h, prune.BasePruningMethod) for h in model.b1[0]._forward_pre_hooks.values())
+    assert small.training and all(m.training for m in small.modules())
+    assert all(p.dtype == torch.float64 for p in small.parameters())
+    assert {p.device for p in small.parameters()} == {torch.device("cpu")}
+    assert not small.b3[0].weight.requires_grad and small.b1[0].weight.requires_grad
+    model.eval(), small.eval()
+    x = case.inputs(3).double()
+    torch.testing.assert_close(small(x), model(x), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_round_to_keeps_multiples(n: int) -> None:
+    case = next(c for c in CASES if c.name == "conv_chain")
+    model, small, report = _compact(case, round_to=n)
+    _check_outputs(model, small, case)
+    changed = [c for c in report.layers if (c.out_before, c.in_before) != (c.out_after, c.in_after)]
+    assert changed
+    for c in changed:
+        for before, after in ((c.out_before, c.out_after), (c.in_before, c.in_after)):
+            if before is not None and before != after:
+                assert after % n == 0, c
+    # as few channels kept as rounding needs: per group, less than n more than the exact plan
+    plain = expected_widths(model, case.links)
+    for name, (out, _) in plain.items():
+        got = actual_widths(small, [name])[name][0]
+        assert out is not None and got is not None and out <= got < out + n
+    assert report.fates[Fate.KEPT_ROUNDING.value] > 0
+
+
+def test_round_to_rejects_nonsense() -> None:
+    case = next(c for c in CASES if c.name == "mlp")
+    with pytest.raises(ValueError, match="round_to"):
+        compactor.compact(case.model(), case.inputs(1), round_to=0)

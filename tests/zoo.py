@@ -1,0 +1,929 @@
+"""The engine's test zoo: one tiny model per topology, masked the ways users mask, and an oracle.
+
+Each :class:`Case` builds a masked model (``torch.nn.utils.prune`` hooks still attached unless the case
+bakes them) and lists its channel groups as :class:`Link`s. :func:`expected_fates` computes, from the
+weights, masks and BatchNorm parameters alone (never from running the compacted model), what exact
+compaction must do with every zeroed channel; :func:`expected_widths` turns that into the channel count
+of every rebuilt layer. ``FIELD.md`` has the math.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+# --- masking helpers: the ways users mask ------------------------------------------------------------
+
+
+def mask_ln(module: nn.Module, amount: float, dim: int = 0, n: int = 2) -> nn.Module:
+    """``prune.ln_structured``: zero the ``amount`` of slices along ``dim`` with the smallest Ln norm."""
+    return prune.ln_structured(module, "weight", amount=amount, n=n, dim=dim)
+
+
+def mask_random(module: nn.Module, amount: float, dim: int = 0) -> nn.Module:
+    return prune.random_structured(module, "weight", amount=amount, dim=dim)
+
+
+def mask_channels(module: nn.Module, channels: Sequence[int], dim: int = 0, name: str = "weight") -> nn.Module:
+    """``prune.custom_from_mask``: zero exactly ``channels`` along ``dim`` of ``module.<name>``."""
+    tensor = getattr(module, name)
+    mask = torch.ones_like(tensor)
+    mask.index_fill_(dim, torch.tensor(list(channels), dtype=torch.long), 0.0)
+    return prune.custom_from_mask(module, name, mask)
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """``prune.remove`` everywhere: zeros stay in plain weights, hooks and ``*_orig`` go."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return model
+
+
+def zero_bn(bn: nn.modules.batchnorm._BatchNorm, channels: Sequence[int]) -> None:
+    """Hand-zeroed BatchNorm (network slimming): weight and bias zero, so the channel emits exactly 0."""
+    with torch.no_grad():
+        idx = torch.tensor(list(channels), dtype=torch.long)
+        bn.weight[idx] = 0.0
+        bn.bias[idx] = 0.0
+
+
+def perturb_norms(model: nn.Module, shape: Sequence[int], seed: int = 0) -> nn.Module:
+    """Leave BatchNorm/GroupNorm as fine-tuning with masks would: random gamma, beta (non-zero) and running
+    statistics, except that a channel whose input is constant keeps that constant as ``running_mean``
+    (exactly 0 for a dead filter with no bias), as the running average of a constant converges to it.
+    Hand-zeroed BatchNorm channels (weight and bias zero) stay zero."""
+    g = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))]
+    seen: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen[m].append(a[0].detach())) for m in norms]
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(*shape, generator=g))
+    for h in hooks:
+        h.remove()
+    model.train(training)
+    with torch.no_grad():
+        for m in norms:
+            n = m.num_features if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.num_channels
+            slim = (m.weight == 0) & (m.bias == 0)
+            m.weight.copy_(torch.where(slim, 0.0, torch.rand(n, generator=g) + 0.5))
+            sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+            m.bias.copy_(torch.where(slim, 0.0, sign * (torch.rand(n, generator=g) * 0.9 + 0.1)))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                x = torch.cat([t.movedim(1, 0).flatten(1) for t in seen[m]], 1)
+                constant = (x == x[:, :1]).all(1)
+                mean = torch.randn(n, generator=g) * 0.3
+                m.running_mean.copy_(torch.where(constant, x[:, 0], mean))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model
+
+
+# --- the oracle ---------------------------------------------------------------------------------------
+
+RELU, RELU6 = "relu", "relu6"
+
+
+@dataclass(frozen=True)
+class Read:
+    """A mixing layer reading a group: root channel c arrives at inputs ``offset + c*expand ... + expand``."""
+
+    layer: str
+    offset: int = 0
+    expand: int = 1  # flatten: one channel becomes ``expand`` features
+    first: int = 0  # only root channels first ... first + count reach this layer (a chunk)
+    count: int | None = None
+
+    def sees(self, c: int) -> bool:
+        return c >= self.first and (self.count is None or c < self.first + self.count)
+
+    def inputs(self, c: int) -> list[int]:
+        start = self.offset + (c - self.first) * self.expand
+        return list(range(start, start + self.expand)) if self.sees(c) else []
+
+
+@dataclass(frozen=True)
+class Link:
+    """One channel group as the test sees it.
+
+    ``paths``: each starts with a mixing layer writing the channels, then the channelwise layers and
+    activations (``"relu"``, ``"relu6"``) on the way to the point where the paths are summed (a residual
+    add); ``after``: channelwise layers and activations after the sum; ``reads``: the mixing layers
+    that read the result. ``blocked``: the group must be kept whole (the reason's text, matched loosely).
+    """
+
+    paths: tuple[tuple[str, ...], ...]
+    reads: tuple[Read, ...]
+    after: tuple[str, ...] = ()
+    blocked: str = ""
+
+    @property
+    def root(self) -> str:
+        return self.paths[0][0]
+
+
+REMOVED, FOLDED, MERGED, CARRIER, KEPT = "removed", "folded", "merged", "carrier", "kept"
+
+
+@dataclass(frozen=True)
+class Fates:
+    """The oracle's verdict for one link: a fate per root channel."""
+
+    link: Link
+    fates: tuple[str, ...]
+    values: tuple[float | None, ...] = field(default=())
+
+    @property
+    def removed(self) -> list[int]:
+        return [c for c, f in enumerate(self.fates) if f in (REMOVED, FOLDED, MERGED)]
+
+    @property
+    def zeroed(self) -> list[int]:
+        return [c for c, f in enumerate(self.fates) if f != "live"]
+
+
+def _modules(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.named_modules())
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    return m.weight.detach()  # after a forward, masked modules hold weight_orig * weight_mask
+
+
+def _out_dim(m: nn.Module) -> int:
+    return 1 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def _row_zero(m: nn.Module, c: int) -> bool:
+    return bool((_weight(m).select(_out_dim(m), c) == 0).all())
+
+
+def _col_zero(m: nn.Module, idx: Sequence[int]) -> bool:
+    w = _weight(m)
+    if getattr(m, "groups", 1) > 1:
+        return False  # a grouped conv's group is kept whole: whether it reads a channel does not matter
+    in_dim = 0 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 1
+    return all(bool((w.select(in_dim, i) == 0).all()) for i in idx)
+
+
+def _padded(m: nn.Module) -> bool:
+    """A constant input varies at the borders: zero-padded conv, or any transposed conv."""
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return True
+    if isinstance(m, nn.modules.conv._ConvNd):
+        pads = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+        return m.padding != "valid" and any(p != 0 for p in pads) and m.padding_mode == "zeros"
+    return False
+
+
+def _through(
+    modules: dict[str, nn.Module], steps: Sequence[str], c: int, v: float | None, dead: set[int]
+) -> float | None:
+    """The constant ``v`` of channel ``c`` after ``steps`` (None: it varies with the input).
+
+    A zero-padded depthwise conv turns a constant into a different value at each kind of border
+    position; the oracle follows the set of those values and calls the result constant if they meet
+    again (a ReLU clipping them all to 0)."""
+    if v is None:
+        return None
+    values = {v}
+    for step in steps:
+        if step == RELU:
+            values = {max(x, 0.0) for x in values}
+            continue
+        if step == RELU6:
+            values = {min(max(x, 0.0), 6.0) for x in values}
+            continue
+        m = modules[step]
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            mean, var = float(m.running_mean[c]), float(m.running_var[c])
+            gamma, beta = float(m.weight.detach()[c]), float(m.bias.detach()[c])
+            values = {(x - mean) / (var + m.eps) ** 0.5 * gamma + beta for x in values}
+        elif isinstance(m, nn.GroupNorm):
+            size = m.num_channels // m.num_groups
+            group = range(c // size * size, (c // size + 1) * size)
+            if not all(g in dead for g in group):
+                return None
+            values = {float(m.bias.detach()[c])}
+        elif isinstance(m, nn.modules.conv._ConvNd):  # depthwise: each channel has its own filter
+            bias = float(m.bias.detach()[c]) if m.bias is not None else 0.0
+            sums = _window_sums(m, _weight(m)[c, 0]) if _padded(m) else {float(_weight(m)[c].sum())}
+            values = {x * w + bias for x in values for w in sums}
+        else:
+            raise TypeError(f"the oracle does not know {type(m).__name__} ({step})")
+    return values.pop() if len(values) == 1 else None
+
+
+def _window_sums(m: nn.Module, w: torch.Tensor) -> set[float]:
+    """The sums of the parts of kernel ``w`` that fall inside a constant image, over every position of a
+    zero-padded stride-1 conv on an image larger than the kernel."""
+    pads = m.padding if isinstance(m.padding, tuple) else (m.padding,) * (w.dim())
+    cuts = [[(a, k - b) for a in range(p + 1) for b in range(p + 1)] for k, p in zip(w.shape, pads)]
+    if w.dim() == 1:
+        return {float(w[a:b].sum()) for a, b in cuts[0]}
+    return {float(w[a:b, c:d].sum()) for a, b in cuts[0] for c, d in cuts[1]}
+
+
+def expected_fates(model: nn.Module, link: Link) -> Fates:
+    """What exact compaction does with each root channel of ``link``, from weights and norms alone."""
+    modules = _modules(model)
+    first = modules[link.root]
+    n = _weight(first).shape[_out_dim(first)]
+    dead = {c for c in range(n) if all(_row_zero(modules[p[0]], c) for p in link.paths)}
+    dead |= {c for c in range(n) if len(link.paths) == 1 and _slimmed(modules, link.paths[0], c)}
+    fates: list[str] = []
+    values: list[float | None] = []
+    for c in range(n):
+        reads = [r for r in link.reads if r.sees(c)]
+        ignored = bool(reads) and all(_col_zero(modules[r.layer], r.inputs(c)) for r in reads)
+        value: float | None = None
+        if c not in dead and not ignored:
+            fates.append("live")
+        elif link.blocked:
+            fates.append(KEPT)
+        elif ignored:
+            fates.append(REMOVED)
+        else:
+            value = _value(modules, link, c, dead)
+            if value is None:
+                fates.append(KEPT)
+            elif value == 0.0:
+                fates.append(REMOVED)
+            elif any(_padded(modules[r.layer]) for r in reads):
+                fates.append(MERGED)
+            else:
+                fates.append(FOLDED)
+        values.append(value)
+    return _settle(modules, link, fates, values)
+
+
+def _settle(modules: dict[str, nn.Module], link: Link, first: list[str], values: list[float | None]) -> Fates:
+    """One carrier per group, one channel per layer at least, and whole groups only for a GroupNorm on
+    the way (a channel it cannot lose is kept; the carrier is chosen again without it)."""
+    norms = [modules[s] for p in link.paths for s in p[1:] if isinstance(modules.get(s), nn.GroupNorm)]
+    pinned: set[int] = set()
+    while True:
+        fates = [KEPT if c in pinned else f for c, f in enumerate(first)]
+        needs = [c for c, f in enumerate(fates) if f == MERGED]
+        if needs:  # the engine's choice: the largest constant is the best-conditioned carrier
+            carrier = max(needs, key=lambda c: abs(values[c]))  # type: ignore[arg-type]
+            fates[carrier] = CARRIER
+        removed = [c for c, f in enumerate(fates) if f in (REMOVED, FOLDED, MERGED)]
+        if removed and len(removed) == len(fates):  # a layer needs at least one channel
+            fates[removed[0]] = KEPT
+            removed = removed[1:]
+        more = set()
+        for gn in norms:
+            size = gn.num_channels // gn.num_groups
+            for g in range(gn.num_groups):
+                group = set(range(g * size, (g + 1) * size))
+                if group & set(removed) and not group <= set(removed):
+                    more |= group & set(removed)
+        if not more:
+            return Fates(link, tuple(fates), tuple(values))
+        pinned |= more
+
+
+def _slimmed(modules: dict[str, nn.Module], path: Sequence[str], c: int) -> bool:
+    """A BatchNorm on the (only) path with weight 0 emits its bias whatever comes in."""
+    return any(
+        isinstance(modules.get(s), nn.modules.batchnorm._BatchNorm) and float(modules[s].weight.detach()[c]) == 0.0
+        for s in path[1:]
+    )
+
+
+def _value(modules: dict[str, nn.Module], link: Link, c: int, dead: set[int]) -> float | None:
+    total: float | None = 0.0
+    for path in link.paths:
+        steps = list(path[1:])
+        if _row_zero(modules[path[0]], c):
+            bias = getattr(modules[path[0]], "bias", None)
+            v: float | None = float(bias.detach()[c]) if bias is not None else 0.0
+        else:  # slimmed: start after the BatchNorm that forgets the input
+            cut = max(i for i, s in enumerate(steps) if _slimmed(modules, [path[0], s], c))
+            v, steps = float(modules[steps[cut]].bias.detach()[c]), steps[cut + 1 :]
+        v = _through(modules, steps, c, v, dead)
+        total = None if v is None or total is None else total + v
+    return _through(modules, link.after, c, total, dead)
+
+
+def expected_widths(model: nn.Module, links: Sequence[Link]) -> dict[str, tuple[int | None, int | None]]:
+    """Per layer touched by a link: (out channels, in channels) after exact compaction (None: not mixing)."""
+    modules = _modules(model)
+    removed_out: dict[str, set[int]] = defaultdict(set)
+    removed_in: dict[str, set[int]] = defaultdict(set)
+    layers: list[str] = []
+    for link in links:
+        verdict = expected_fates(model, link)
+        gone = verdict.removed
+        for path in link.paths:
+            for step in path:
+                if step not in (RELU, RELU6):
+                    removed_out[step].update(gone)
+                    layers.append(step)
+        for step in link.after:
+            if step not in (RELU, RELU6):
+                removed_out[step].update(gone)
+                layers.append(step)
+        for r in link.reads:
+            for c in gone:
+                removed_in[r.layer].update(r.inputs(c))
+            layers.append(r.layer)
+    widths = {}
+    for name in dict.fromkeys(layers):
+        m = modules[name]
+        out, inn = _widths(m)
+        widths[name] = (
+            None if out is None else out - len(removed_out[name]),
+            None if inn is None else inn - len(removed_in[name]),
+        )
+    return widths
+
+
+def _widths(m: nn.Module) -> tuple[int | None, int | None]:
+    if isinstance(m, nn.Linear):
+        return m.out_features, m.in_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+            return m.out_channels, None
+        return m.out_channels, m.in_channels
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return m.num_features, None
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels, None
+    raise TypeError(type(m).__name__)
+
+
+def actual_widths(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int | None, int | None]]:
+    modules = _modules(model)
+    return {n: _widths(modules[n]) for n in names}
+
+
+# --- the models: one per topology ---------------------------------------------------------------------
+
+
+def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, padding: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class ConvChain(nn.Module):
+    """conv-BN-ReLU x3 -> global pool -> Linear. Padded, padded, unpadded 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2, self.b3 = _cbr(3, 16), _cbr(16, 24), _cbr(24, 12, k=1, padding=0)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.b3(self.b2(self.b1(x))), 1).flatten(1))
+
+
+class ResidualBlock(nn.Module):
+    """Stem, then a ResNet basic block with a strided downsample, then pool -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 16)
+        self.conv1, self.bn1 = nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32)
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        y = F.relu(y + self.down(x))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+class DenseConcat(nn.Module):
+    """A two-layer DenseNet block: each tensor feeds both the next conv and a ``torch.cat`` of everything
+    so far, and the second cat holds the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b0, self.b1, self.b2 = _cbr(3, 8), _cbr(8, 4), _cbr(12, 4)
+        self.b3 = _cbr(16, 8, k=1, padding=0)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = self.b0(x)
+        x1 = torch.cat([x0, self.b1(x0)], 1)
+        x2 = torch.cat([x1, self.b2(x1)], 1)
+        return self.fc(self.b3(x2).mean((2, 3)))
+
+
+class InceptionBranches(nn.Module):
+    """Three branches of different kernels concatenated, then a padded conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = _cbr(3, 4, k=1, padding=0), _cbr(3, 6), _cbr(3, 6, k=5, padding=2)
+        self.mix = _cbr(16, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.a(x), self.b(x), self.c(x)], 1)
+        return self.fc(self.mix(y).mean((2, 3)))
+
+
+class ChunkBranches(nn.Module):
+    """One conv, ``chunk`` into two halves, each half into its own conv: the halves are fixed in code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b0 = _cbr(3, 16)
+        self.left, self.right = _cbr(8, 6), _cbr(8, 6)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.b0(x).chunk(2, dim=1)
+        return self.fc(torch.cat([self.left(a), self.right(b)], 1).mean((2, 3)))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: expand 1x1 -> depthwise 3x3 -> project 1x1, with the residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.expand, self.bn1 = nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64)
+        self.dw, self.bn2 = nn.Conv2d(64, 64, 3, 1, 1, groups=64, bias=False), nn.BatchNorm2d(64)
+        self.project, self.bn3 = nn.Conv2d(64, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.expand(x))))))
+        y = x + self.bn3(self.project(y))
+        return self.fc(y.mean((2, 3)))
+
+
+class GroupedConv(nn.Module):
+    """A conv whose output feeds a groups=2 conv: its channels must stay (every group the same width)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b0 = _cbr(3, 16)
+        self.gconv, self.bn = nn.Conv2d(16, 16, 3, 1, 1, groups=2, bias=False), nn.BatchNorm2d(16)
+        self.b2 = _cbr(16, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b2(F.relu(self.bn(self.gconv(self.b0(x)))))
+        return self.fc(y.mean((2, 3)))
+
+
+class TransposedDecoder(nn.Module):
+    """Encoder conv (stride 2) -> ConvTranspose2d (x2) -> conv back to 3 channels: an image-to-image model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = _cbr(3, 16, stride=2)
+        self.up, self.bn = nn.ConvTranspose2d(16, 12, 4, 2, 1, bias=False), nn.BatchNorm2d(12)
+        self.head = nn.Conv2d(12, 3, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.bn(self.up(self.enc(x)))))
+
+
+class Conv1dNet(nn.Module):
+    """1-D signal: padded conv, padded conv, 1x1 conv, mean over time, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv1d(4, 16, 5, padding=2), nn.BatchNorm1d(16)
+        self.c2, self.bn2 = nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16)
+        self.c3 = nn.Conv1d(16, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.c1(x)))
+        x = F.relu(self.bn2(self.c2(x)))
+        return self.fc(F.relu(self.c3(x)).mean(-1))
+
+
+class NormUsers(nn.Module):
+    """GroupNorm after a conv (whole groups may go, partial ones not) and LayerNorm in an MLP head (blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gn = nn.Conv2d(3, 16, 3, 1, 1), nn.GroupNorm(4, 16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.fc1, self.ln = nn.Linear(8, 16), nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.gn(self.conv(x)))
+        x = F.relu(self.bn2(self.conv2(x))).mean((2, 3))
+        return self.fc2(F.relu(self.ln(self.fc1(x))))
+
+
+class FlattenLinear(nn.Module):
+    """conv (with bias) -> BN -> ReLU -> maxpool -> flatten -> Linear -> ReLU -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(20, 64), nn.Linear(64, 48), nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class SqueezeExcite(nn.Module):
+    """conv -> BN -> ReLU, gated by squeeze (pool -> 1x1 reduce -> ReLU -> 1x1 expand -> sigmoid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b0 = _cbr(3, 16)
+        self.reduce, self.expand = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.b1 = _cbr(16, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b0(x)
+        s = torch.sigmoid(self.expand(F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+        return self.fc(self.b1(x * s).mean((2, 3)))
+
+
+class RollChannels(nn.Module):
+    """``torch.roll`` along channels: torch-pruning takes it for channel-preserving, so its plan is wrong
+    and verification must restore the group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b0, self.b1 = _cbr(3, 8), _cbr(8, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b1(torch.roll(self.b0(x), 1, dims=1)).mean((2, 3)))
+
+
+class ChannelsLastFlatten(nn.Module):
+    """``permute`` to channels-last, then flatten into a Linear: torch-pruning maps the features as if
+    channels came first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        return self.fc(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))
+
+
+class DeadLayer(nn.Module):
+    """Every filter of ``conv2`` pruned: the output no longer depends on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+# --- the cases ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]  # the masked model, in eval mode
+    shape: tuple[int, ...]
+    links: tuple[Link, ...]
+    restored: bool = False  # verification must restore at least one group
+    dead: str = ""  # the layer that makes the output input-independent
+    notes: str = ""
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return self.build().eval()
+
+    def inputs(self, seed: int = 1) -> torch.Tensor:
+        return torch.randn(*self.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _finish(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
+    return perturb_norms(model, shape, seed).eval()
+
+
+def _conv_chain() -> nn.Module:
+    m = ConvChain()
+    mask_ln(m.b1[0], 0.5)  # 8 of 16, into a padded conv: merge
+    mask_random(m.b2[0], 0.5)  # 12 of 24, into an unpadded 1x1: fold
+    mask_channels(m.b3[0], [0, 3, 4, 9])  # into pool -> Linear: fold
+    return _finish(m, (2, 3, 12, 12))
+
+
+def _residual() -> nn.Module:
+    m = ResidualBlock()
+    mask_ln(m.stem[0], 0.25)  # into conv1 (padded: merge) and the downsample (1x1: fold)
+    mask_ln(m.conv1, 0.5)
+    mask_channels(m.conv2, [1, 2, 5, 8, 13, 21])  # the residual stream: dead only where both writers are
+    mask_channels(m.down[0], [2, 5, 8, 13, 30])
+    return _finish(m, (2, 3, 16, 16))
+
+
+def _dense() -> nn.Module:
+    m = DenseConcat()
+    mask_ln(m.b0[0], 0.5)
+    mask_ln(m.b1[0], 0.5)
+    mask_random(m.b2[0], 0.5)
+    return _finish(m, (2, 3, 12, 12))
+
+
+def _inception() -> nn.Module:
+    m = InceptionBranches()
+    mask_channels(m.a[0], [1, 3])
+    mask_ln(m.b[0], 0.5)
+    mask_random(m.c[0], 0.5)
+    return _finish(m, (2, 3, 12, 12))
+
+
+def _chunk() -> nn.Module:
+    m = ChunkBranches()
+    mask_channels(m.b0[0], [0, 1, 2, 9])  # 3 in the left half, 1 in the right
+    mask_ln(m.left[0], 0.5)
+    return _finish(m, (2, 3, 12, 12))
+
+
+def _inverted() -> nn.Module:
+    m = InvertedResidual()
+    mask_ln(m.expand, 0.5)
+    with torch.no_grad():
+        m.expand.weight_orig[:4] = 0.0  # nothing to do with masks: a filter trained to zero
+    mask_channels(m.project, [2, 7, 11], dim=1)  # ignored inputs of the projection
+    return _finish(m, (2, 3, 10, 10))
+
+
+def _grouped() -> nn.Module:
+    m = GroupedConv()
+    mask_ln(m.b0[0], 0.5)
+    mask_ln(m.b2[0], 0.5)
+    return _finish(m, (2, 3, 10, 10))
+
+
+def _decoder() -> nn.Module:
+    m = TransposedDecoder()
+    mask_ln(m.enc[0], 0.5)  # into the transposed conv: merge
+    mask_ln(m.up, 0.5, dim=1)  # ConvTranspose2d keeps its outputs on dim 1
+    return _finish(m, (2, 3, 8, 8))
+
+
+def _conv1d() -> nn.Module:
+    m = Conv1dNet()
+    mask_ln(m.c1, 0.5)
+    prune.l1_unstructured(m.c1, "bias", amount=1.0)  # bias masked too: dead filters emit exactly 0
+    mask_ln(m.c2, 0.5)  # bias kept: dead filters emit their bias, folded into the 1x1 conv
+    mask_channels(m.fc, [1, 6], dim=1)
+    return _finish(m, (2, 4, 24))
+
+
+def _norms() -> nn.Module:
+    m = NormUsers()
+    mask_channels(m.conv, [0, 1, 2, 3, 8, 9, 10, 11, 5])  # two whole GroupNorm groups and one stray
+    mask_channels(m.conv, [0, 1, 2, 3, 8, 9, 10, 11, 5], name="bias")
+    mask_ln(m.fc1, 0.5)  # into LayerNorm: kept
+    m = _finish(m, (2, 3, 8, 8))
+    return m
+
+
+def _flatten() -> nn.Module:
+    m = FlattenLinear()
+    mask_ln(m.conv, 0.5)  # bias kept: a constant folded blockwise into fc1
+    mask_random(m.fc1, 0.25)
+    return _finish(m, (2, 3, 8, 8))
+
+
+def _mlp() -> nn.Module:
+    m = MLP()
+    mask_ln(m.fc1, 0.5)  # biases stay: relu(b) folded into fc2
+    mask_ln(m.fc2, 0.25, dim=1)  # inputs fc2 ignores: removed from fc1 too
+    mask_ln(m.fc2, 0.25)
+    return bake(m).eval()
+
+
+def _se() -> nn.Module:
+    m = SqueezeExcite()
+    mask_channels(m.reduce, [0, 3, 5])  # bias kept: relu(b) folded into expand
+    mask_ln(m.b1[0], 0.5)
+    return _finish(m, (2, 3, 10, 10))
+
+
+def _roll() -> nn.Module:
+    m = RollChannels()
+    # Neighbours: after the roll, torch-pruning reads channel c where c - 1 arrives, and sees a constant.
+    mask_channels(m.b0[0], [1, 2, 3, 4, 5])
+    return _finish(m, (2, 3, 10, 10))
+
+
+def _channels_last() -> nn.Module:
+    m = ChannelsLastFlatten()
+    # torch-pruning reads channel 0 at features 0..3: in channels-last order, channels 0..3 at one pixel.
+    mask_channels(m.conv, [0, 1, 2, 3])
+    return _finish(m, (2, 3, 2, 2))
+
+
+def _dead() -> nn.Module:
+    m = DeadLayer()
+    mask_random(m.conv2, 1.0)
+    m = _finish(m, (2, 3, 8, 8))
+    return m
+
+
+def _slimmed_bn() -> nn.Module:
+    m = ConvChain()
+    bake(mask_ln(m.b1[0], 0.25))  # baked zeros, no hooks
+    zero_bn(m.b2[1], [0, 5, 6, 7, 20])  # network slimming: BN weight and bias zero
+    return _finish(m, (2, 3, 12, 12))
+
+
+def _l(*paths: tuple[str, ...], reads: tuple[Read, ...], after: tuple[str, ...] = (), blocked: str = "") -> Link:
+    return Link(tuple(paths), reads, after, blocked)
+
+
+R = Read
+
+CASES: tuple[Case, ...] = (
+    Case(
+        "conv_chain",
+        _conv_chain,
+        (2, 3, 12, 12),
+        (
+            _l(("b1.0", "b1.1", RELU), reads=(R("b2.0"),)),
+            _l(("b2.0", "b2.1", RELU), reads=(R("b3.0"),)),
+            _l(("b3.0", "b3.1", RELU), reads=(R("fc"),)),
+        ),
+    ),
+    Case(
+        "residual_block",
+        _residual,
+        (2, 3, 16, 16),
+        (
+            _l(("stem.0", "stem.1", RELU), reads=(R("conv1"), R("down.0"))),
+            _l(("conv1", "bn1", RELU), reads=(R("conv2"),)),
+            _l(("conv2", "bn2"), ("down.0", "down.1"), after=(RELU,), reads=(R("fc"),)),
+        ),
+    ),
+    Case(
+        "dense_concat",
+        _dense,
+        (2, 3, 12, 12),
+        (
+            _l(("b0.0", "b0.1", RELU), reads=(R("b1.0"), R("b2.0"), R("b3.0"))),
+            _l(("b1.0", "b1.1", RELU), reads=(R("b2.0", offset=8), R("b3.0", offset=8))),
+            _l(("b2.0", "b2.1", RELU), reads=(R("b3.0", offset=12),)),
+        ),
+    ),
+    Case(
+        "inception_branches",
+        _inception,
+        (2, 3, 12, 12),
+        (
+            _l(("a.0", "a.1", RELU), reads=(R("mix.0"),)),
+            _l(("b.0", "b.1", RELU), reads=(R("mix.0", offset=4),)),
+            _l(("c.0", "c.1", RELU), reads=(R("mix.0", offset=10),)),
+        ),
+    ),
+    Case(
+        "chunk_branches",
+        _chunk,
+        (2, 3, 12, 12),
+        (
+            _l(("b0.0", "b0.1", RELU), reads=(R("left.0", count=8), R("right.0", first=8)), blocked="split"),
+            _l(("left.0", "left.1", RELU), reads=(R("fc"),)),
+        ),
+    ),
+    Case(
+        "inverted_residual",
+        _inverted,
+        (2, 3, 10, 10),
+        (_l(("expand", "bn1", RELU6, "dw", "bn2", RELU6), reads=(R("project"),)),),
+    ),
+    Case(
+        "grouped_conv",
+        _grouped,
+        (2, 3, 10, 10),
+        (
+            _l(("b0.0", "b0.1", RELU), reads=(R("gconv"),), blocked="grouped conv"),
+            _l(("b2.0", "b2.1", RELU), reads=(R("fc"),)),
+        ),
+    ),
+    Case(
+        "transposed_decoder",
+        _decoder,
+        (2, 3, 8, 8),
+        (
+            _l(("enc.0", "enc.1", RELU), reads=(R("up"),)),
+            _l(("up", "bn", RELU), reads=(R("head"),)),
+        ),
+    ),
+    Case(
+        "conv1d",
+        _conv1d,
+        (2, 4, 24),
+        (
+            _l(("c1", "bn1", RELU), reads=(R("c2"),)),
+            _l(("c2", "bn2", RELU), reads=(R("c3"),)),
+            _l(("c3", RELU), reads=(R("fc"),)),
+        ),
+    ),
+    Case(
+        "norm_users",
+        _norms,
+        (2, 3, 8, 8),
+        (
+            _l(("conv", "gn", RELU), reads=(R("conv2"),)),
+            _l(("fc1",), reads=(R("fc2"),), blocked="LayerNorm"),
+        ),
+    ),
+    Case(
+        "flatten_linear",
+        _flatten,
+        (2, 3, 8, 8),
+        (
+            _l(("conv", "bn", RELU), reads=(R("fc1", expand=16),)),
+            _l(("fc1", RELU), reads=(R("fc2"),)),
+        ),
+    ),
+    Case(
+        "mlp",
+        _mlp,
+        (3, 20),
+        (
+            _l(("fc1", RELU), reads=(R("fc2"),)),
+            _l(("fc2", RELU), reads=(R("fc3"),)),
+        ),
+    ),
+    Case(
+        "squeeze_excite",
+        _se,
+        (2, 3, 10, 10),
+        (
+            _l(("reduce", RELU), reads=(R("expand"),)),
+            _l(("b1.0", "b1.1", RELU), reads=(R("fc"),)),
+        ),
+    ),
+    Case(
+        "roll_channels",
+        _roll,
+        (2, 3, 10, 10),
+        (_l(("b0.0", "b0.1", RELU), reads=(R("b1.0"),), blocked="verification"),),
+        restored=True,
+    ),
+    Case(
+        "channels_last_flatten",
+        _channels_last,
+        (2, 3, 2, 2),
+        (_l(("conv", "bn", RELU), reads=(R("fc", expand=4),), blocked="verification"),),
+        restored=True,
+    ),
+    Case(
+        "dead_layer",
+        _dead,
+        (2, 3, 8, 8),
+        (
+            _l(("conv1", "bn1", RELU), reads=(R("conv2"),)),
+            _l(("conv2", "bn2", RELU), reads=(R("fc", expand=64),)),
+        ),
+        dead="conv2",
+    ),
+    Case(
+        "slimmed_bn_baked",
+        _slimmed_bn,
+        (2, 3, 12, 12),
+        (
+            _l(("b1.0", "b1.1", RELU), reads=(R("b2.0"),)),
+            _l(("b2.0", "b2.1", RELU), reads=(R("b3.0"),)),
+        ),
+        notes="hand-zeroed BN channels are not input-independent at the conv: out of reach (see test)",
+    ),
+)
+
+BY_NAME = {c.name: c for c in CASES}
