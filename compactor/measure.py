@@ -1,0 +1,197 @@
+"""Measure what compaction bought: multiply-accumulates and latency, dense and compacted side by side.
+
+``count_macs`` counts the multiply-accumulates of one forward pass at the ATen level with
+``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2): convolutions with their groups, transposed
+convolutions, every matmul (``Linear`` on N-d inputs, ``bmm``, ``einsum``) and scaled-dot-product attention.
+Elementwise ops, normalisation and pooling are not counted, by the usual convention.
+
+``latency`` times several models on the same inputs *interleaved* in one loop (A, B, A, B, ...), so that
+machine noise (frequency scaling, another process) hits every model alike and the ratio stays honest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .errors import CompactorError
+from .inputs import ExampleInputs
+
+Backend = Literal["torch-cpu", "onnxruntime-cpu", "cuda"]
+BACKENDS: tuple[Backend, ...] = ("torch-cpu", "onnxruntime-cpu", "cuda")
+
+
+def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *_: Any, **__: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# The public ``F.scaled_dot_product_attention`` reaches a dispatch mode undecomposed on CPU, where
+# FlopCounterMode only knows the fused CUDA kernels (flash, efficient, cudnn) and would count zero.
+_EXTRA_FORMULAS = {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_flops}
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` on ``example_inputs`` (batch included)."""
+    inputs = ExampleInputs.of(example_inputs)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    with counter, torch.inference_mode():
+        model(*inputs.args, **inputs.kwargs)
+    return counter.get_total_flops() // 2
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency of one model over ``n`` timed calls, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def latency(
+    models: dict[str, nn.Module | str | Path],
+    inputs: Any,
+    *,
+    backend: Backend = "torch-cpu",
+    threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 30,
+) -> dict[str, Timing]:
+    """Time every model in ``models`` on ``inputs``, interleaved, and return one :class:`Timing` per name.
+
+    ``threads``: intra-op threads (``torch.set_num_threads`` / ONNX Runtime ``intra_op_num_threads``);
+    ``None`` keeps torch's current setting. Each round calls every model once, in an order that rotates
+    each round so no model always runs first. ``backend="cuda"`` synchronises around every call and is
+    refused without a GPU; ``"onnxruntime-cpu"`` exports each model to ONNX first, unless its value in
+    ``models`` is already the path of an exported ``.onnx`` file.
+    """
+    if not models:
+        raise ValueError("latency: pass at least one model")
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"latency: need warmup >= 0 and repeats >= 1, found warmup={warmup}, repeats={repeats}")
+    example = ExampleInputs.of(inputs)
+    threads = threads or torch.get_num_threads()
+    with _runners(models, example, backend, threads) as runners:
+        names = list(runners)
+        for _ in range(warmup):
+            for name in names:
+                runners[name]()
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                samples[name].append(runners[name]())
+    return {name: _summarise(s) for name, s in samples.items()}
+
+
+def _summarise(seconds: list[float]) -> Timing:
+    ms = sorted(s * 1000 for s in seconds)
+    return Timing(statistics.median(ms), _quantile(ms, 0.1), _quantile(ms, 0.9), len(ms))
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of an already sorted list."""
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+Runner = Callable[[], float]  # one forward pass; returns its duration in seconds
+
+
+@contextlib.contextmanager
+def _runners(
+    models: dict[str, nn.Module | str | Path], inputs: ExampleInputs, backend: str, threads: int
+) -> Iterator[dict[str, Runner]]:
+    if backend == "torch-cpu":
+        with _torch_threads(threads), torch.inference_mode():
+            yield {name: _torch_runner(_module(model).eval(), inputs, cuda=False) for name, model in models.items()}
+    elif backend == "cuda":
+        if not torch.cuda.is_available():
+            raise CompactorError("latency: backend 'cuda' needs a GPU and torch.cuda.is_available() is False")
+        device = torch.device("cuda")
+        on_gpu = inputs.to(device)
+        with torch.inference_mode():
+            yield {name: _torch_runner(_on(_module(model), device), on_gpu, cuda=True) for name, model in models.items()}
+    elif backend == "onnxruntime-cpu":
+        from .onnx import export_onnx, ort_session  # onnx and onnxruntime are imported only when asked for
+
+        with tempfile.TemporaryDirectory(prefix="compactor-latency-") as tmp:
+            runners = {}
+            for i, (name, model) in enumerate(models.items()):
+                if isinstance(model, nn.Module):
+                    path = Path(tmp) / f"model{i}.onnx"
+                    export_onnx(model, inputs, path)
+                else:
+                    path = Path(model)
+                runners[name] = _ort_runner(ort_session(path, threads=threads), inputs)
+            yield runners
+    else:
+        raise ValueError(f"latency: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _torch_runner(model: nn.Module, inputs: ExampleInputs, *, cuda: bool) -> Runner:
+    args, kwargs = inputs.args, inputs.kwargs
+
+    def call() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()  # kernels are asynchronous: time until they finish
+        return time.perf_counter() - start
+
+    return call
+
+
+def _ort_runner(session: Any, inputs: ExampleInputs) -> Runner:
+    from .onnx import ort_feed
+
+    feed = ort_feed(session, inputs)
+
+    def call() -> float:
+        start = time.perf_counter()
+        session.run(None, feed)
+        return time.perf_counter() - start
+
+    return call
+
+
+def _module(model: nn.Module | str | Path) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"latency: {model!s} is a file; only backend 'onnxruntime-cpu' times exported files")
+    return model
+
+
+def _on(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``: the model itself if it is already there, a moved copy otherwise."""
+    if all(p.device == device for p in model.parameters()):
+        return model.eval()
+    return copy.deepcopy(model).to(device).eval()
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
