@@ -42,3 +42,15 @@ class VerificationError(CompactorError, RuntimeError):
 
 class ExportError(CompactorError, RuntimeError):
     """Writing or checking an export format (ONNX, torch.export, safetensors) failed."""
+
+
+class ArchitectureError(InputFileError):
+    """``--arch module:callable`` cannot be imported or called, or does not build an ``nn.Module``."""
+
+
+class StateDictError(InputFileError):
+    """A weights file does not fit the architecture: missing or unexpected keys, or shapes that differ."""
+
+
+class UnsupportedFormatError(OutputPathError):
+    """The output path's suffix (or ``--format``) names no format compactor writes."""
