@@ -85,7 +85,7 @@ def _like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``."""
     try:
-        dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+        dims = tuple(int(p) for p in text.split(","))
     except ValueError:
         dims = ()
     if not dims or any(d <= 0 for d in dims):

@@ -27,6 +27,8 @@ def check_output_path(out: str | os.PathLike[str], model_path: str | os.PathLike
     if path.is_dir():
         raise OutputPathError(f"-o {path} is a directory; give a file name such as {path / 'small.pt'}")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputPathError(f"cannot write -o {path}: {parent} is not a directory; choose another path")
     if not parent.is_dir():
         raise OutputPathError(f"cannot write -o {path}: directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
