@@ -1,0 +1,290 @@
+"""Load a model from a weights file plus its architecture: ``--arch module:callable``.
+
+Most pruned models live as a ``state_dict`` (``torch.save(model.state_dict(), path)``) or a PyTorch
+Lightning ``.ckpt``, not as a pickled module. Here the architecture is built by calling
+``module:callable`` with no arguments (the DENSE model, as before pruning), then the weights are loaded
+into it. The file is read with ``torch.load(weights_only=True)``: nothing in it runs code.
+
+Accepted layouts:
+
+* a plain ``state_dict``;
+* a ``state_dict`` with ``torch.nn.utils.prune`` keys ``<name>_orig`` + ``<name>_mask``: they become
+  ``<name> = orig * mask`` (what the pruning hook computes on every forward), so the masks turn into zeros;
+* a checkpoint dict with a ``"state_dict"`` entry (PyTorch Lightning): the LightningModule attribute
+  that holds the model (``model.``, ``net.``...) is stripped. The prefix is detected as the one that makes
+  the most keys match the architecture, or chosen with ``prefix``. Other entries of the checkpoint
+  (hyper-parameters, loop and callback state) may name classes the safe loader does not know; they are
+  read into inert stand-ins that hold data and run nothing, and then dropped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError, InputFileError, StateDictError
+
+MASK_SUFFIX = "_mask"
+ORIG_SUFFIX = "_orig"
+_SHOWN = 3  # keys named in a message
+
+
+# --- the architecture ------------------------------------------------------------------------------
+def resolve_arch(spec: str) -> Callable[[], nn.Module]:
+    """``"pkg.module:build"`` -> a callable that builds the dense architecture (imported from the cwd)."""
+    module_name, sep, qualname = spec.partition(":")
+    if not sep or not module_name or not qualname:
+        raise ArchitectureError(
+            f"--arch {spec!r} is not module:callable; write e.g. --arch mymodels:resnet18 or mypkg.nets:Net"
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # as with ``python -m``: the user's code resolves from where the command runs
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # the user's module: any failure while importing it is theirs to see
+        raise ArchitectureError(
+            f"--arch {spec}: module {module_name!r} cannot be imported ({type(e).__name__}: {e}); run from the "
+            f"directory that holds it or add it to PYTHONPATH"
+        ) from e
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            raise ArchitectureError(
+                f"--arch {spec}: module {module_name!r} has no {qualname!r}; name a class or function defined there"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ArchitectureError(
+            f"--arch {spec}: {qualname} is a {type(obj).__name__}, not callable; name a class or a function "
+            f"that builds the model with no arguments"
+        )
+
+    def build() -> nn.Module:
+        try:
+            model = obj()
+        except Exception as e:  # the user's constructor
+            raise ArchitectureError(
+                f"--arch {spec}: calling {qualname}() failed ({type(e).__name__}: {e}); it must build the "
+                f"dense model with no arguments (wrap it in a function that passes them)"
+            ) from e
+        if not isinstance(model, nn.Module):
+            raise ArchitectureError(
+                f"--arch {spec}: {qualname}() returned a {type(model).__name__}, not an nn.Module; it must "
+                f"return the dense model"
+            )
+        return model
+
+    return build
+
+
+def build_arch(spec: str) -> nn.Module:
+    """Build the dense architecture named by ``--arch module:callable``."""
+    return resolve_arch(spec)()
+
+
+# --- the file --------------------------------------------------------------------------------------
+def load_state_dict_model(path: str | os.PathLike[str], arch: str, *, prefix: str | None = None) -> nn.Module:
+    """Build ``arch`` (``"module:callable"``) and load the weights of ``path`` into it, safely.
+
+    ``prefix``: the key prefix to strip (e.g. ``"model."`` for a LightningModule whose model is
+    ``self.model``); ``None`` detects it. Keys outside the prefix are ignored. Raises
+    :class:`~compactor.errors.InputFileError` subclasses with one line each.
+    """
+    file = Path(path)
+    model = build_arch(arch)
+    state = read_state_dict(file)
+    expected = model.state_dict()
+    state = strip_prefix(state, set(expected), prefix, file)
+    state = apply_masks(state)
+    check_fits(state, expected, file, arch)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state_dict file or of the ``"state_dict"`` entry of a checkpoint."""
+    _check_readable(file)
+    obj = _safe_load(file)
+    if isinstance(obj, _StandIn):
+        raise InputFileError(
+            f"{file} holds a pickled {obj.global_name} object, not a state_dict; it is probably the model "
+            f"itself: pass it directly, without --arch"
+        )
+    if isinstance(obj, nn.Module):
+        raise InputFileError(f"{file} holds a pickled module, not a state_dict; pass it directly, without --arch")
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        kind = "an empty dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise InputFileError(
+            f"{file} holds {kind}, not a state_dict; save one with torch.save(model.state_dict(), path)"
+        )
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            kind = f"pickled {value.global_name} object" if isinstance(value, _StandIn) else type(value).__name__
+            raise InputFileError(
+                f"{file}: entry {key!r} is a {kind}, not a tensor, so this is not a state_dict; "
+                f"save one with torch.save(model.state_dict(), path), or a Lightning checkpoint with a 'state_dict'"
+            )
+    return {str(k): v for k, v in obj.items()}
+
+
+def strip_prefix(
+    state: dict[str, torch.Tensor], expected: set[str], prefix: str | None, file: Path
+) -> dict[str, torch.Tensor]:
+    """Keep the keys under ``prefix`` (detected when None), without it."""
+    if prefix is None:
+        prefix = detect_prefix(state, expected)
+    elif prefix and not prefix.endswith("."):
+        prefix += "."
+    if not prefix:
+        return state
+    kept = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not kept:
+        tops = sorted({k.split(".")[0] + "." for k in state if "." in k})
+        raise StateDictError(
+            f"--prefix {prefix!r}: no key of {file} starts with it; its keys start with "
+            f"{', '.join(tops[:5]) or '(no dotted prefix)'}"
+        )
+    return kept
+
+
+def detect_prefix(state: Mapping[str, Any], expected: set[str]) -> str:
+    """The leading ``a.b.`` of the file's keys that makes the most of them match ``expected`` ('' if none)."""
+    names = {_unmasked(k) for k in state}
+    candidates = {""}
+    for key in names:
+        parts = key.split(".")
+        candidates.update(".".join(parts[:i]) + "." for i in range(1, len(parts)))
+
+    def score(p: str) -> tuple[int, int]:
+        return (sum(1 for k in names if k.startswith(p) and k[len(p) :] in expected), -len(p))
+
+    return max(sorted(candidates), key=score)
+
+
+def apply_masks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``<name>_orig`` and ``<name>_mask`` -> ``<name> = orig * mask`` (what the pruning hook computes)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(ORIG_SUFFIX) and key[: -len(ORIG_SUFFIX)] + MASK_SUFFIX in state:
+            name = key[: -len(ORIG_SUFFIX)]
+            mask = state[name + MASK_SUFFIX]
+            if mask.shape != value.shape:
+                raise StateDictError(
+                    f"mask {name}{MASK_SUFFIX} has shape {tuple(mask.shape)} but {key} has {tuple(value.shape)}; "
+                    f"the file is inconsistent, save the pruned model's state_dict again"
+                )
+            out[name] = value * mask.to(value.dtype)
+        elif key.endswith(MASK_SUFFIX) and key[: -len(MASK_SUFFIX)] + ORIG_SUFFIX in state:
+            continue
+        else:
+            out[key] = value
+    return out
+
+
+def check_fits(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], file: Path, arch: str
+) -> None:
+    """Raise one line naming missing keys, unexpected keys or the first shape that differs."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        raise StateDictError(
+            f"{file} does not fit --arch {arch}: {'; '.join(parts)} keys; check that --arch builds the model "
+            f"that was saved, or pass --prefix to choose the part of the checkpoint that holds it"
+        )
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise StateDictError(
+                f"{file} does not fit --arch {arch}: {key} is {tuple(state[key].shape)} in the file but "
+                f"{tuple(tensor.shape)} in the architecture; --arch must build the dense model the weights "
+                f"come from (a compacted model is saved with -o small.safetensors and loads with compactor.formats.load)"
+            )
+
+
+def _unmasked(key: str) -> str:
+    for suffix in (ORIG_SUFFIX, MASK_SUFFIX):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:_SHOWN]) + (", ..." if len(keys) > _SHOWN else "")
+
+
+# --- safe loading ----------------------------------------------------------------------------------
+class _StandIn(dict):  # type: ignore[type-arg]
+    """Inert placeholder for a class the file names: keeps whatever data it is given, runs nothing.
+
+    A dict so that pickled dict subclasses (Lightning's ``AttributeDict``) fill it; one subclass per
+    global name, so that the placeholder of a top-level object still says what the object was.
+    """
+
+    global_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _stand_in(name: str) -> type[_StandIn]:
+    return type(name.rpartition(".")[2], (_StandIn,), {"global_name": name})
+
+
+def _safe_load(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # names a class the safe loader does not know: read it again with stand-ins below
+    except Exception as e:  # torch raises several types (RuntimeError, struct.error...) for corrupt files
+        raise InputFileError(f"{file} could not be read as a PyTorch file ({type(e).__name__}: {e})") from e
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+        stand_ins = [(_stand_in(n), n) for n in names]
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or hostile archives
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputFileError(
+            f"{file} cannot be read safely as a state_dict ({first}); save the weights with "
+            f"torch.save(model.state_dict(), path)"
+        ) from e
+
+
+def _check_readable(file: Path) -> None:
+    if not file.exists():
+        raise InputFileError(f"weights file {file} does not exist; check the path")
+    if file.is_dir():
+        raise InputFileError(f"{file} is a directory; give the file written by torch.save(model.state_dict(), path)")
+    if not os.access(file, os.R_OK):
+        raise InputFileError(f"weights file {file} is not readable; check its permissions")
+    if not zipfile.is_zipfile(file):
+        with file.open("rb") as f:
+            head = f.read(2)
+        if len(head) < 2 or head[0] != 0x80:  # neither torch.save's zip archive nor a legacy pickle
+            raise InputFileError(
+                f"{file} is not a PyTorch file (expected the zip archive written by torch.save); save the "
+                f"weights with torch.save(model.state_dict(), path)"
+            )
