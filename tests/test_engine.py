@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
-from zoo import CASES, KEPT, Case, actual_widths, expected_fates, expected_widths
+from zoo import CASES, KEPT, Case, ZooResults, actual_widths, expected_fates, expected_widths
 
 import compactor
 from compactor.layers import shrinker_for
 from compactor.plan import Fate
 
 RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread. With several test processes on two cores, OpenMP threads
+    spinning against each other make a 2 ms training step take seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _snapshot(model: nn.Module) -> dict[str, object]:
@@ -70,8 +81,9 @@ def _check_outputs(model: nn.Module, small: nn.Module, case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_zoo(case: Case) -> None:
+def test_zoo(case: Case, zoo_results: ZooResults) -> None:
     model, small, report = _compact(case)
+    zoo_results.put(case, (model, small, report))
 
     _check_outputs(model, small, case)
     _assert_no_pruning_state(small)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+import compactor
+
 # --- masking helpers: the ways users mask ------------------------------------------------------------
 
 
@@ -927,3 +929,20 @@ CASES: tuple[Case, ...] = (
 )
 
 BY_NAME = {c.name: c for c in CASES}
+
+
+class ZooResults:
+    """(masked model, compacted model, report) per case, computed at most once per test session."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[nn.Module, nn.Module, compactor.CompactionReport]] = {}
+
+    def put(self, case: Case, result: tuple[nn.Module, nn.Module, compactor.CompactionReport]) -> None:
+        self._cache[case.name] = result
+
+    def get(self, case: Case) -> tuple[nn.Module, nn.Module, compactor.CompactionReport]:
+        if case.name not in self._cache:
+            model = case.model()
+            small, report = compactor.compact(model, case.inputs(1))
+            self._cache[case.name] = (model, small, report)
+        return self._cache[case.name]
