@@ -75,6 +75,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         """
         import os, torch, models
         torch.save(models.masked_net(), "masked.pt")
+        import torch.serialization as ser
+        tag, ser.location_tag = ser.location_tag, lambda storage: "cuda:0"  # as if saved on a GPU
+        torch.save(models.masked_net(), "gpu_saved.pt")
+        ser.location_tag = tag
         torch.save(models.masked_net().state_dict(), "state_dict.pt")
         torch.save(models.Tokens(), "tokens.pt")
         torch.save(models.Broken(), "broken.pt")
@@ -119,6 +123,15 @@ def test_compacts_and_writes_model_and_report(workdir: Path) -> None:
     assert not any(n.endswith(("_orig", "_mask")) for n, _ in small.named_parameters())
     x = torch.randn(3, 3, 8, 8)
     torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-5)
+
+
+def test_file_saved_on_gpu_loads_on_cpu(workdir: Path) -> None:
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does on this machine
+        torch.load(workdir / "gpu_saved.pt", weights_only=False)
+    r = run_cli("gpu_saved.pt", "-o", "from_gpu.pt", "--input-shape", "1,3,8,8", "-q", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    small = torch.load(workdir / "from_gpu.pt", weights_only=False)
+    assert small.conv1.weight.device.type == "cpu" and small.conv1.out_channels == 4
 
 
 def test_example_inputs_file_as_dict(workdir: Path) -> None:
