@@ -13,6 +13,7 @@ from torch.nn.utils import prune
 
 L = pytest.importorskip("lightning.pytorch")
 
+from compactor.errors import OutputPathError  # noqa: E402
 from compactor.lightning import CompactOnFitEnd, KeepPrunedCallback  # noqa: E402
 from compactor.plan import Fate  # noqa: E402
 from compactor.report import CompactionReport  # noqa: E402
@@ -141,6 +142,14 @@ def test_compact_on_fit_end_names_a_missing_attribute_before_training() -> None:
         AttributeError, match=r"has no submodule 'network' \(its children: model\); pass attr="
     ):
         _fit(module, [CompactOnFitEnd(torch.randn(1, 3, 12, 12), attr="network")])
+
+
+def test_compact_on_fit_end_refuses_an_unwritable_output_before_training(tmp_path: Path) -> None:
+    with pytest.raises(OutputPathError, match="does not exist; create it first"):
+        _fit(
+            Classifier(_net()),
+            [CompactOnFitEnd(torch.randn(1, 3, 12, 12), output=tmp_path / "no" / "small.pt")],
+        )
 
 
 def test_importing_compactor_does_not_import_lightning() -> None:
