@@ -98,6 +98,7 @@ class KeepPruned:
         self.tensors = tensors
         self.optimizers = optimizers
         self._handles: list[RemovableHandle] = []
+        self._active = True
         for t in tensors:
             self._handles.append(t.param.register_hook(_gradient_mask(t.keep)))
         for opt in optimizers:
@@ -106,7 +107,8 @@ class KeepPruned:
 
     @property
     def active(self) -> bool:
-        return bool(self._handles)
+        """True until :meth:`remove`."""
+        return self._active
 
     @property
     def zeros(self) -> int:
@@ -116,6 +118,10 @@ class KeepPruned:
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Also hold the masks after each step of ``optimizer`` (one created after :func:`keep_pruned`)."""
         _check_optimizer(optimizer)
+        if not self._active:
+            raise RuntimeError(
+                "keep_pruned: this handle was removed; call keep_pruned(model, optimizer) again"
+            )
         self.optimizers.append(optimizer)
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
         self._zero_state(optimizer)
@@ -139,6 +145,7 @@ class KeepPruned:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._active = False
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         with torch.no_grad():

@@ -209,7 +209,10 @@ def test_find_pruned_leaves_zero_initialised_biases_free() -> None:
 def test_keep_pruned_on_a_dense_model_warns() -> None:
     with pytest.warns(UserWarning, match="no pruned entries"):
         handle = keep_pruned(_mlp())
-    assert isinstance(handle, KeepPruned) and handle.zeros == 0
+    assert isinstance(handle, KeepPruned) and handle.zeros == 0 and handle.active
+    handle.remove()
+    with pytest.raises(RuntimeError, match="handle was removed; call keep_pruned"):
+        handle.add_optimizer(torch.optim.SGD(_mlp().parameters(), lr=0.1))
 
 
 def test_keep_pruned_rejects_a_non_optimizer_with_a_hint() -> None:
