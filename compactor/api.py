@@ -18,7 +18,7 @@ from .errors import ExampleInputError, VerificationError
 from .graph import build_groups
 from .inputs import ExampleInputs, infer_example_inputs, run
 from .masks import bake_masks, clone_module
-from .plan import GroupPlan, consumer_layers, observe_inputs, plan_groups
+from .plan import IGNORED, GroupPlan, consumer_layers, observe_inputs, plan_groups
 from .rebuild import apply_plans
 from .report import CompactionReport, count_params, layer_changes, serialized_bytes, zeroed_channels
 from .verify import DEFAULT_TOLERANCE, Verdict, compare, depends_on_input, reference_outputs
@@ -138,7 +138,13 @@ def _search(
 def _warnings(masked: nn.Module, plans: list[GroupPlan], runs: list[ExampleInputs]) -> Iterator[str]:
     if depends_on_input(masked, runs):
         return
-    dead = [p.group.root for p in plans if p.fates and len(p.fates) == p.group.size]
+    # A layer is dead when every channel it writes is input-independent; one whose channels are only
+    # ignored by a dead layer downstream is a victim, not a cause, and is not named.
+    dead = [
+        p.group.root
+        for p in plans
+        if p.fates and len(p.fates) == p.group.size and not any(f.reason == IGNORED for f in p.fates)
+    ]
     where = f" (every channel of {', '.join(dead[:3])} is pruned)" if dead else ""
     yield f"the model's output does not depend on its input{where}; compaction kept it exact, but check the pruning"
 

@@ -144,6 +144,8 @@ def _convert(
             name, op, is_layer = module_names[target], type(target).__name__, True
         else:
             name, op, is_layer = dep.target.name, type(target).__name__, False
+            if op == "_SliceOp" and not _slices_channels(target):
+                op = "_SpatialSliceOp"  # e.g. circular padding: channels pass through whole
         if op == "_OutputOp":
             reaches_output = True
         if is_layer and shrinker_for(target) is not None and shrinker_for(target).role_of(target) is Role.CHANNELWISE:
@@ -163,6 +165,16 @@ def _convert(
             continue
         members.append(Member(name, op, side, is_layer, dim, idxs))
     return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues))
+
+
+def _slices_channels(op: Any) -> bool:
+    """Whether a traced slice may cut the channel dimension (dim 1 of a 4-D/5-D tensor; dim 1 or 2 of a
+    3-D one). Mirrors Torch-Pruning, which ignores the other slices."""
+    sizes = getattr(op.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None:
+        return True
+    rank, dim = len(sizes), int(op.dim) % max(1, len(sizes))
+    return dim in ((1, 2) if rank == 3 else (1,))
 
 
 def _mapping_problem(

@@ -176,8 +176,7 @@ class ConvShrinker(Shrinker):
 
     def can_fold(self, m: nn.Conv2d) -> bool:
         # Every output position sees the whole kernel over constant values: no zero padding reaches it.
-        no_padding = m.padding == "valid" or all(p == 0 for p in _as_tuple(m.padding))
-        return m.groups == 1 and (no_padding or m.padding_mode != "zeros")
+        return m.groups == 1 and (not _zero_padded(m) or m.padding_mode != "zeros")
 
     def fold_constant(self, m: nn.Conv2d, idx: Index, k: torch.Tensor) -> None:
         w = m.weight.detach()
@@ -249,8 +248,13 @@ class ConvTransposeShrinker(Shrinker):
         return new
 
 
-def _as_tuple(v: Any) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),)
+def _zero_padded(m: nn.modules.conv._ConvNd) -> bool:
+    """Any padding at all (``padding="same"`` pads unless every kernel extent is 1)."""
+    if m.padding == "valid":
+        return False
+    if m.padding == "same":
+        return any(p != 0 for p in m._reversed_padding_repeated_twice)
+    return any(int(p) != 0 for p in (m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,)))
 
 
 def _add_to_bias(m: nn.Module, delta: torch.Tensor) -> None:

@@ -47,6 +47,9 @@ class Fate(str, Enum):
         return self in (Fate.REMOVED, Fate.FOLDED, Fate.MERGED)
 
 
+IGNORED = "no layer reads it"  # the reason of a channel removed because every reader ignores it
+
+
 @dataclass(frozen=True)
 class ChannelFate:
     channel: int  # root channel index
@@ -188,7 +191,7 @@ def _plan_group(group: ChannelGroup, modules: dict[str, Any], stats: InputStats,
     all_constants: dict[int, dict[str, torch.Tensor]] = {}  # root channel -> consumer -> constants at its idx
     for r in zeroed:
         if ignored[r]:
-            base[r] = ChannelFate(r, Fate.REMOVED, "no layer reads it")
+            base[r] = ChannelFate(r, Fate.REMOVED, IGNORED)
             continue
         seen = {c.name: stats.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r] and c.name in stats.lo}
         if any(k is None for k in seen.values()):
@@ -259,6 +262,8 @@ _FIXED_SLICES = {"_SplitOp": "split/chunk", "_UnbindOp": "unbind", "_SliceOp": "
 def _blocker(group: ChannelGroup, modules: dict[str, Any]) -> str | None:
     if group.reaches_output:
         return "the channel is part of a model output"
+    if group.issues:  # a member was dropped: a plan without it would leave that layer's channels behind
+        return group.issues[0]
     for member in group.members:
         if member.op in _FIXED_SLICES:
             return f"the channels pass through a {_FIXED_SLICES[member.op]} whose sizes are fixed in the forward code"

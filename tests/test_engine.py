@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 from zoo import CASES, KEPT, Case, ZooResults, actual_widths, expected_fates, expected_widths
@@ -174,3 +177,34 @@ def test_round_to_rejects_nonsense() -> None:
     case = next(c for c in CASES if c.name == "mlp")
     with pytest.raises(ValueError, match="round_to"):
         compactor.compact(case.model(), case.inputs(1), round_to=0)
+
+
+def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch-Pruning can map a group's channels outside a layer (a tensor feeding both a ``cat`` and a
+    conv, in some versions). Simulate it on the group of ``b0`` of the dense block: that group is kept
+    whole with the mapping problem as its reason, the other groups are still compacted, outputs exact."""
+    case = next(c for c in CASES if c.name == "dense_concat")
+    original = tp.DependencyGraph.get_pruning_group
+
+    def corrupt(self: Any, module: nn.Module, fn: Any, idxs: Any) -> Any:
+        group = original(self, module, fn, idxs)
+        if not (isinstance(module, nn.Conv2d) and module.in_channels == 3):  # not b0.0
+            return group
+        items = []
+        for item in group.items:
+            target = item.dep.target.module
+            wrong = isinstance(target, nn.Conv2d) and target.in_channels == 16 and not self.is_out_channel_pruning_fn(item.dep.handler)
+            shifted = [i + 100 for i in item.idxs] if wrong else list(item.idxs)
+            items.append(SimpleNamespace(dep=item.dep, idxs=shifted, root_idxs=list(item.root_idxs)))
+        return SimpleNamespace(items=items)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", corrupt)
+    model, small, report = _compact(case)
+    _check_outputs(model, small, case)
+    assert any("b3.0" in issue for issue in report.extra["graph_issues"]), report.extra
+    b0 = [z for z in report.zeroed if z.layer == "b0.0"]
+    assert b0 and all(z.fate == Fate.KEPT_READ_ELSEWHERE.value and "b3.0" in z.reason for z in b0)
+    others = [link for link in case.links if link.root != "b0.0"]
+    expected = expected_widths(model, others)
+    assert actual_widths(small, list(expected)) == expected
+    assert small.b0[0].out_channels == 8

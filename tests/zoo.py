@@ -595,6 +595,24 @@ class ChannelsLastFlatten(nn.Module):
         return self.fc(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))
 
 
+class PaddingModes(nn.Module):
+    """One stream read by a ``padding="same"`` conv (zero padded: merge) and a reflect-padded conv (a
+    constant stays constant: fold); a circular-padded conv after (traced as channel-preserving slices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.same = nn.Conv2d(8, 6, 3, padding="same", dilation=2)
+        self.reflect = nn.Conv2d(8, 6, 3, padding=1, padding_mode="reflect")
+        self.circular = nn.Conv2d(6, 4, 3, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.c0(x)))
+        y = F.relu(self.same(x) + self.reflect(x))
+        return self.fc(self.circular(y).mean((2, 3)))
+
+
 class DeadLayer(nn.Module):
     """Every filter of ``conv2`` pruned: the output no longer depends on the input."""
 
@@ -752,6 +770,16 @@ def _channels_last() -> nn.Module:
     return _finish(m, (2, 3, 2, 2))
 
 
+def _padding_modes() -> nn.Module:
+    m = PaddingModes()
+    mask_ln(m.c0, 0.5)
+    mask_channels(m.same, [0, 2, 3])
+    mask_channels(m.same, [0, 2, 3], name="bias")
+    mask_channels(m.reflect, [0, 2, 3, 5])
+    mask_channels(m.reflect, [0, 2, 3, 5], name="bias")
+    return _finish(m, (2, 3, 9, 9))
+
+
 def _dead() -> nn.Module:
     m = DeadLayer()
     mask_random(m.conv2, 1.0)
@@ -905,6 +933,15 @@ CASES: tuple[Case, ...] = (
         (2, 3, 2, 2),
         (_l(("conv", "bn", RELU), reads=(R("fc", expand=4),), blocked="verification"),),
         restored=True,
+    ),
+    Case(
+        "padding_modes",
+        _padding_modes,
+        (2, 3, 9, 9),
+        (
+            _l(("c0", "bn0", RELU), reads=(R("same"), R("reflect"))),
+            _l(("same",), ("reflect",), after=(RELU,), reads=(R("circular"),)),
+        ),
     ),
     Case(
         "dead_layer",
