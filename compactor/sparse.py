@@ -172,7 +172,22 @@ def load_sparse(path: str | os.PathLike[str], arch: Callable[[], nn.Module] | st
     except RuntimeError as e:
         first = (str(e).strip().splitlines() or ["mismatch"])[0]
         raise StateDictError(f"{file} does not fit the model ({first}); build the model the file was written from") from e
+    _check_untied(model, state, file)
     return model
+
+
+def _check_untied(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Two entries of the file loaded into one tied tensor: the later one overwrote the earlier."""
+    loaded = model.state_dict()
+    for name, tensor in state.items():
+        if _bit_equal(loaded[name], tensor):
+            continue
+        ptr = loaded[name].untyped_storage().data_ptr()
+        partner = next((k for k, v in loaded.items() if k != name and v.untyped_storage().data_ptr() == ptr), "?")
+        raise StateDictError(
+            f"{file}: {name} and {partner} are one tied tensor in the architecture but differ in the file; "
+            f"build the model without the tie, or tie them before saving"
+        )
 
 
 # --- encoding --------------------------------------------------------------------------------------

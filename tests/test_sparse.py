@@ -13,7 +13,7 @@ from torch.nn.utils import prune
 
 import compactor
 from compactor import formats, sparse
-from compactor.errors import ExportError, InputFileError
+from compactor.errors import ExportError, InputFileError, StateDictError
 from compactor.masks import bake_masks, clone_module
 
 X = example_input()
@@ -112,6 +112,13 @@ def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
     assert sorted(tensors) == ["encoder.weight::mask", "encoder.weight::values", "encoder.weight::zero_signs"]
     loaded = sparse.load_sparse(tmp_path / "t.safetensors", Tied)
     assert torch.equal(loaded.decoder.weight, model.encoder.weight)
+
+    untied = Tied()
+    untied.decoder.weight = nn.Parameter(untied.encoder.weight.detach() * 2)
+    sparse.save_sparse(untied, tmp_path / "untied.safetensors")
+    with pytest.raises(StateDictError, match=r"untied.safetensors: encoder.weight and decoder.weight are one tied "
+                       r"tensor in the architecture but differ in the file; build the model without the tie"):
+        sparse.load_sparse(tmp_path / "untied.safetensors", Tied)
 
 
 def test_compacted_and_sparse_model_loads_into_the_dense_architecture(tmp_path: Path) -> None:
