@@ -1,0 +1,386 @@
+"""Attention heads: remove the heads of multi-head attention that provably contribute nothing, or a constant.
+
+Channel groups (``graph``/``plan``) cannot shrink attention: Torch-Pruning sees ``query``/``key``/``value`` as
+independent Linear layers and the ``view(..., -1, head_size)`` as channel-preserving, and removing single
+channels would change the head split. A whole head can go, exactly, when
+
+* its value rows (``W_v[head]``) and value bias are zero: the head outputs 0 for every token;
+* its value rows are zero but its value bias ``b_v`` is not: every token receives ``softmax_row @ b_v = b_v``
+  because a softmax row sums to 1. Its contribution to the output projection is the constant
+  ``W_o[:, head] @ b_v``, folded into the output projection's bias. This holds as long as every query sees at
+  least one key: Hugging Face masks padding additively (eager: ``finfo.min``) or with a boolean mask (SDPA),
+  and SDPA returns 0, not ``b_v``, for a row whose keys are *all* masked (a sequence made only of padding).
+  ``fold_constant_heads=False`` keeps such heads for inputs like that;
+* the output projection ignores it (``W_o[:, head]`` all zero), whatever it computes.
+
+A head whose query and key rows are zero but whose values are not is *not* removable: it attends uniformly,
+and a uniform average of the values still depends on the input. It is kept, and reported with that reason.
+Every layer keeps at least one head (``view(..., -1, head_size)`` cannot split an empty tensor).
+
+Two layouts are recognised (:data:`LAYOUTS`), both read through attributes that their ``forward`` uses:
+
+* BERT family (``BertSelfAttention``, RoBERTa, ELECTRA, ...): ``query``/``key``/``value`` Linear and
+  ``num_attention_heads``/``attention_head_size``/``all_head_size`` on the attention module, and the output
+  projection ``output.dense`` on its parent (``BertAttention``: ``self.output(self.self(...)[0], ...)``).
+* ViT/CLIP family: ``q_proj``/``k_proj``/``v_proj`` and ``o_proj`` or ``out_proj`` on one module, with
+  ``head_dim`` and ``num_attention_heads`` or ``num_heads``. Grouped-query attention (fewer key/value heads)
+  is left alone.
+
+Transformers 5 reshapes with ``-1`` heads and never reads ``config.num_attention_heads`` in these forwards, so
+the shared config is left unchanged (it describes the dense model; transformers 5 has no ``pruned_heads``).
+Two consequences for callers: ``output_attentions=True`` returns maps for the remaining heads only, and the
+result reloads with ``torch.load`` of the whole module, not ``from_pretrained``. Verification stays the judge:
+run the model's outputs against the masked model after :func:`compact_heads`, as ``compact`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from .inputs import ExampleInputs, run
+from .layers import shrinker_for
+from .masks import bake_masks, clone_module
+
+
+class HeadFate(str, Enum):
+    REMOVED = "removed"  # outputs exactly zero, or the output projection ignores it
+    FOLDED = "folded"  # outputs a constant, folded into the output projection's bias
+    KEPT_UNIFORM = "kept: attends uniformly"  # query/key zero, values not: still averages the input
+    KEPT_MIN_ONE = "kept: layer needs a head"
+    KEPT_NO_PAIRING = "kept: no output projection found"
+    KEPT_FOLDING_OFF = "kept: fold_constant_heads=False"
+
+    @property
+    def removed(self) -> bool:
+        return self in (HeadFate.REMOVED, HeadFate.FOLDED)
+
+
+@dataclass(frozen=True)
+class HeadDecision:
+    head: int
+    fate: HeadFate
+    reason: str
+
+
+@dataclass(frozen=True)
+class HeadChange:
+    """What happened to the zeroed heads of one attention module."""
+
+    layer: str  # the attention module (the one holding query/key/value)
+    heads_before: int
+    heads_after: int
+    removed: tuple[int, ...]  # head indices of the dense model, removed or folded
+    reason: str  # one line: what was removed and kept, and why
+    decisions: tuple[HeadDecision, ...] = ()  # every head that had a zero pattern
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["decisions"] = [{"head": x.head, "fate": x.fate.value, "reason": x.reason} for x in self.decisions]
+        return d
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Attribute names of one family of attention modules."""
+
+    name: str
+    q: str
+    k: str
+    v: str
+    heads_attrs: tuple[str, ...]  # the first present is the head count
+    dim_attr: str  # the per-head size
+    o_attrs: tuple[str, ...]  # output projection on the module itself; empty: ``output.dense`` on the parent
+    size_attrs: tuple[str, ...] = ()  # other attributes equal to heads * head_dim, kept in step
+
+
+LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        name="bert",
+        q="query",
+        k="key",
+        v="value",
+        heads_attrs=("num_attention_heads",),
+        dim_attr="attention_head_size",
+        o_attrs=(),
+        size_attrs=("all_head_size",),
+    ),
+    Layout(
+        name="proj",
+        q="q_proj",
+        k="k_proj",
+        v="v_proj",
+        heads_attrs=("num_attention_heads", "num_heads"),
+        dim_attr="head_dim",
+        o_attrs=("o_proj", "out_proj"),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module and the Linear layers that hold its heads."""
+
+    name: str
+    module: nn.Module
+    layout: Layout
+    o_owner: nn.Module  # the module holding the output projection as attribute ``o``
+    o: str
+    o_name: str  # the output projection's full name, for reports
+    heads_attr: str
+    head_dim: int
+    num_heads: int
+
+    def attr(self, which: str) -> str:
+        """The attribute name of projection ``which`` ('q', 'k', 'v' on the module, 'o' on ``o_owner``)."""
+        return self.o if which == "o" else getattr(self.layout, which)  # type: ignore[no-any-return]
+
+    def linear(self, which: str) -> nn.Linear:
+        owner = self.o_owner if which == "o" else self.module
+        return getattr(owner, self.attr(which))  # type: ignore[no-any-return]
+
+
+def compact_heads(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    fold_constant_heads: bool = True,
+) -> tuple[nn.Module, list[HeadChange]]:
+    """A copy of ``model`` without the attention heads that provably contribute nothing or a constant.
+
+    ``model`` is not modified: it is cloned and its ``torch.nn.utils.prune`` masks are baked into the copy.
+    With ``example_inputs`` (anything :func:`compactor.compact` accepts), each BERT-style pairing of an
+    attention module with its parent's ``output.dense`` is confirmed by tracing one forward pass; without
+    them the pairing rests on module structure and shapes. Returns the copy and one :class:`HeadChange` per
+    attention module that had a zeroed head (removed or kept).
+    """
+    new = clone_module(model)
+    bake_masks(new)
+    sites, unpaired = _find_sites(new)
+    if example_inputs is not None:
+        sites, mismatched = _confirm_pairing(new, sites, ExampleInputs.of(example_inputs))
+        unpaired += mismatched
+    changes = [change for site in sites if (change := _compact_site(site, fold_constant_heads)) is not None]
+    changes += [change for name, module, why in unpaired if (change := _unpaired(name, module, why)) is not None]
+    return new, sorted(changes, key=lambda c: c.layer)
+
+
+# --- finding attention modules ---------------------------------------------------------------------
+def _find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[str, nn.Module, str]]]:
+    """Every recognised attention module, paired with its output projection; and those left unpaired."""
+    sites: list[AttentionSite] = []
+    unpaired: list[tuple[str, nn.Module, str]] = []
+    parents = {id(child): (name, parent) for name, parent in model.named_modules() for child in parent.children()}
+    for name, module in model.named_modules():
+        layout = _layout_of(module)
+        if layout is None:
+            continue
+        shape = _head_shape(module, layout)
+        if isinstance(shape, str):
+            unpaired.append((name, module, shape))
+            continue
+        heads_attr, num_heads, head_dim = shape
+        owner, o_attr, o_name = _output_projection(name, module, layout, parents)
+        if owner is None:
+            unpaired.append((name, module, o_name))
+            continue
+        o = getattr(owner, o_attr)
+        if o.in_features != num_heads * head_dim:
+            unpaired.append((name, module, f"{o_name} reads {o.in_features} features, not {num_heads * head_dim}"))
+            continue
+        sites.append(AttentionSite(name, module, layout, owner, o_attr, o_name, heads_attr, head_dim, num_heads))
+    return sites, unpaired
+
+
+def _layout_of(module: nn.Module) -> Layout | None:
+    for layout in LAYOUTS:
+        if not all(isinstance(getattr(module, a, None), nn.Linear) for a in (layout.q, layout.k, layout.v)):
+            continue
+        if not isinstance(getattr(module, layout.dim_attr, None), int):
+            continue
+        if not any(isinstance(getattr(module, a, None), int) for a in layout.heads_attrs):
+            continue
+        if layout.o_attrs and not any(isinstance(getattr(module, a, None), nn.Linear) for a in layout.o_attrs):
+            continue
+        return layout
+    return None
+
+
+def _head_shape(module: nn.Module, layout: Layout) -> tuple[str, int, int] | str:
+    """(head-count attribute, heads, head size), or why the module's shapes do not split into heads."""
+    heads_attr = next(a for a in layout.heads_attrs if isinstance(getattr(module, a, None), int))
+    num_heads, head_dim = getattr(module, heads_attr), getattr(module, layout.dim_attr)
+    widths = {a: getattr(module, a).out_features for a in (layout.q, layout.k, layout.v)}
+    if len(set(widths.values())) != 1:
+        return f"query/key/value widths differ ({widths}): grouped-query attention is not compacted"
+    if num_heads * head_dim != widths[layout.q]:
+        return f"{heads_attr}={num_heads} x {layout.dim_attr}={head_dim} != {widths[layout.q]} query features"
+    if getattr(module, "num_key_value_groups", 1) != 1:
+        return "grouped-query attention (num_key_value_groups > 1) is not compacted"
+    return heads_attr, num_heads, head_dim
+
+
+def _output_projection(
+    name: str, module: nn.Module, layout: Layout, parents: dict[int, tuple[str, nn.Module]]
+) -> tuple[nn.Module | None, str, str]:
+    """(owner, attribute, full name) of the output projection, or (None, "", why not found)."""
+    for attr in layout.o_attrs:
+        if isinstance(getattr(module, attr, None), nn.Linear):
+            return module, attr, f"{name}.{attr}"
+    if layout.o_attrs:
+        return None, "", f"{name} has none of {layout.o_attrs}"
+    if id(module) not in parents:
+        return None, "", f"{name} has no parent module holding output.dense"
+    parent_name, parent = parents[id(module)]
+    output = getattr(parent, "output", None)
+    if output is None or output is module or not isinstance(getattr(output, "dense", None), nn.Linear):
+        return None, "", f"its parent {parent_name or 'model'} has no output.dense Linear"
+    prefix = f"{parent_name}.output" if parent_name else "output"
+    return output, "dense", f"{prefix}.dense"
+
+
+def _confirm_pairing(
+    model: nn.Module, sites: list[AttentionSite], inputs: ExampleInputs
+) -> tuple[list[AttentionSite], list[tuple[str, nn.Module, str]]]:
+    """Keep the sites whose output projection reads, as its input, the very tensor the attention returns."""
+    produced: dict[str, int] = {}
+    consumed: dict[str, int] = {}
+    hooks = []
+    for site in sites:
+        if site.o_owner is site.module:
+            continue  # the projection is called inside the module's own forward
+
+        def after(_m: nn.Module, _args: Any, out: Any, key: str = site.name) -> None:
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            produced[key] = id(first)
+
+        def before(_m: nn.Module, args: tuple[Any, ...], key: str = site.name) -> None:
+            consumed.setdefault(key, id(args[0]) if args else -1)
+
+        hooks.append(site.module.register_forward_hook(after))
+        hooks.append(site.linear("o").register_forward_pre_hook(before))
+    training = {m: m.training for m in model.modules()}
+    model.eval()  # no dropout, no BatchNorm statistics updated by this extra forward
+    try:
+        with torch.no_grad():
+            run(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in training.items():
+            m.training = flag
+    kept, dropped = [], []
+    for site in sites:
+        if site.o_owner is site.module or (site.name in produced and produced[site.name] == consumed.get(site.name)):
+            kept.append(site)
+        else:
+            dropped.append((site.name, site.module, f"{site.o_name} does not read {site.name}'s output directly"))
+    return kept, dropped
+
+
+# --- deciding and applying -------------------------------------------------------------------------
+def _decide(site: AttentionSite, fold: bool) -> list[HeadDecision]:
+    q, k, v, o = (site.linear(w) for w in ("q", "k", "v", "o"))
+    decisions = []
+    for h in range(site.num_heads):
+        rows = slice(h * site.head_dim, (h + 1) * site.head_dim)
+        v_zero = bool((v.weight[rows] == 0).all())
+        v_bias = v.bias[rows] if v.bias is not None else None
+        v_bias_zero = v_bias is None or bool((v_bias == 0).all())
+        qk_zero = bool((q.weight[rows] == 0).all()) and bool((k.weight[rows] == 0).all())
+        if bool((o.weight[:, rows] == 0).all()):
+            decisions.append(HeadDecision(h, HeadFate.REMOVED, f"{site.o_name} ignores it (zero columns)"))
+        elif v_zero and v_bias_zero:
+            decisions.append(HeadDecision(h, HeadFate.REMOVED, "outputs exactly zero (value rows and bias zero)"))
+        elif v_zero and fold:
+            decisions.append(
+                HeadDecision(h, HeadFate.FOLDED, f"outputs the constant value bias, folded into {site.o_name}.bias")
+            )
+        elif v_zero:
+            decisions.append(HeadDecision(h, HeadFate.KEPT_FOLDING_OFF, "outputs the constant value bias"))
+        elif qk_zero:
+            decisions.append(
+                HeadDecision(h, HeadFate.KEPT_UNIFORM, "query/key rows zero: uniform attention still averages the values")
+            )
+    return _keep_one(site, decisions)
+
+
+def _keep_one(site: AttentionSite, decisions: list[HeadDecision]) -> list[HeadDecision]:
+    """Never remove every head: keep one, preferring one that needs no folding."""
+    removed = [d for d in decisions if d.fate.removed]
+    if len(removed) < site.num_heads:
+        return decisions
+    keep = next((d for d in removed if d.fate is HeadFate.REMOVED), removed[0])
+    kept = HeadDecision(keep.head, HeadFate.KEPT_MIN_ONE, f"the layer needs at least one head ({keep.reason})")
+    return [kept if d is keep else d for d in decisions]
+
+
+def _compact_site(site: AttentionSite, fold: bool) -> HeadChange | None:
+    decisions = _decide(site, fold)
+    if not decisions:
+        return None
+    gone = [d.head for d in decisions if d.fate.removed]
+    if gone:
+        _apply(site, gone, [d.head for d in decisions if d.fate is HeadFate.FOLDED])
+    return HeadChange(
+        layer=site.name,
+        heads_before=site.num_heads,
+        heads_after=site.num_heads - len(gone),
+        removed=tuple(gone),
+        reason=_summary(decisions),
+        decisions=tuple(decisions),
+    )
+
+
+def _apply(site: AttentionSite, gone: list[int], folded: list[int]) -> None:
+    """Fold the constant heads into the output bias, then rebuild q/k/v (rows) and o (columns)."""
+    d = site.head_dim
+    o = site.linear("o")
+    o_shrinker = shrinker_for(o)
+    assert o_shrinker is not None
+    if folded:
+        v_bias = site.linear("v").bias
+        assert v_bias is not None  # a folded head has a non-zero value bias
+        idx = torch.tensor([h * d + i for h in folded for i in range(d)], dtype=torch.long)
+        o_shrinker.fold_constant(o, idx, v_bias.detach()[idx].double())
+    keep = torch.tensor([h * d + i for h in range(site.num_heads) if h not in gone for i in range(d)], dtype=torch.long)
+    for which in ("q", "k", "v"):
+        layer = site.linear(which)
+        setattr(site.module, site.attr(which), shrinker_for(layer).shrink(layer, keep, None))  # type: ignore[union-attr]
+    setattr(site.o_owner, site.o, o_shrinker.shrink(o, None, keep))
+    heads = site.num_heads - len(gone)
+    setattr(site.module, site.heads_attr, heads)
+    for attr in site.layout.size_attrs:
+        if isinstance(getattr(site.module, attr, None), int):
+            setattr(site.module, attr, heads * d)
+
+
+def _unpaired(name: str, module: nn.Module, why: str) -> HeadChange | None:
+    """Report an attention module we could not pair, if it had heads that looked removable."""
+    layout = _layout_of(module)
+    shape = _head_shape(module, layout) if layout else why
+    if isinstance(shape, str):
+        return None  # shapes we do not understand: nothing to claim about heads
+    _, num_heads, head_dim = shape
+    v = getattr(module, layout.v)  # type: ignore[union-attr]
+    zero = [h for h in range(num_heads) if bool((v.weight[h * head_dim : (h + 1) * head_dim] == 0).all())]
+    if not zero:
+        return None
+    decisions = tuple(HeadDecision(h, HeadFate.KEPT_NO_PAIRING, why) for h in zero)
+    return HeadChange(name, num_heads, num_heads, (), _summary(list(decisions)), decisions)
+
+
+def _summary(decisions: list[HeadDecision]) -> str:
+    def parts() -> Iterator[str]:
+        for fate in HeadFate:
+            heads = [d.head for d in decisions if d.fate is fate]
+            if heads:
+                why = next(d.reason for d in decisions if d.fate is fate)
+                yield f"{fate.value} {heads} ({why})"
+
+    return "; ".join(parts())
