@@ -36,9 +36,10 @@ def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *_: Any, **_
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# The public ``F.scaled_dot_product_attention`` reaches a dispatch mode undecomposed on CPU, where
-# FlopCounterMode only knows the fused CUDA kernels (flash, efficient, cudnn) and would count zero.
-_EXTRA_FORMULAS = {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_flops}
+# On CPU, ``F.scaled_dot_product_attention`` decomposes (inside the counter) to the fused
+# ``_scaled_dot_product_flash_attention_for_cpu``, which FlopCounterMode does not know (it knows the CUDA
+# kernels) and would count as zero. The math fallback decomposes to bmm, which it counts already.
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:

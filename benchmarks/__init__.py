@@ -1,0 +1,1 @@
+"""The benchmark zoo and runner: ``python -m benchmarks --help``."""

@@ -1,0 +1,180 @@
+"""One benchmark case (model x sparsity x round_to), run in its own process so its peak memory is its own.
+
+``python -m benchmarks.case SPEC_JSON OUT_JSON``: builds and prunes the model, compacts it (timed, peak RSS
+of the compaction alone), then measures params, MACs, file bytes, max abs error and latency per backend
+with dense and compacted timed interleaved. Writes one JSON object; a failure is recorded, not raised.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import io
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import compactor
+from compactor.masks import bake_masks
+from compactor.measure import count_macs, latency
+from compactor.onnx import check_onnx, export_onnx
+
+from .models import ZOO
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    model: str
+    sparsity: float
+    round_to: int | None = None
+    quick: bool = False
+    backends: tuple[str, ...] = ("torch-cpu", "onnxruntime-cpu", "cuda")
+    threads: int = 1
+    warmup: int = 3
+    repeats: int = 15
+
+    @property
+    def label(self) -> str:
+        suffix = f" round_to={self.round_to}" if self.round_to else ""
+        return f"{self.model} @{self.sparsity:.0%}{suffix}"
+
+
+def supports_round_to() -> bool:
+    return "round_to" in inspect.signature(compactor.compact).parameters
+
+
+def run_case(spec: CaseSpec) -> dict[str, Any]:
+    result: dict[str, Any] = {"spec": asdict(spec), "label": spec.label}
+    if spec.round_to and not supports_round_to():
+        result["skipped"] = "compactor.compact() has no round_to parameter yet"
+        return result
+    try:
+        _measure(spec, result)
+    except Exception as e:  # a benchmark records a failing model and goes on to the next one
+        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        result["traceback"] = traceback.format_exc(limit=8)
+    return result
+
+
+def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
+    torch.set_num_threads(spec.threads)
+    start = time.perf_counter()
+    model, inputs = ZOO[spec.model].make(spec.sparsity, quick=spec.quick)
+    result["build_seconds"] = time.perf_counter() - start
+    result["inputs"] = inputs.describe()
+
+    gc.collect()
+    rss_before = _rss_bytes()
+    reset = _reset_peak_rss()
+    kwargs = {"round_to": spec.round_to} if spec.round_to else {}
+    start = time.perf_counter()
+    small, report = compactor.compact(model, inputs, **kwargs)
+    result["compact_seconds"] = time.perf_counter() - start
+    peak = _peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["memory"] = {
+        "rss_before_compact": rss_before,
+        "peak_rss_during_compact": peak,
+        "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss (includes building the model)",
+    }
+    result["stage_seconds"] = report.seconds
+    result["max_abs_error"] = report.max_abs_error
+    result["channels"] = report.to_dict()["channels"]
+    result["warnings"] = list(report.warnings)
+
+    dense = model
+    bake_masks(dense)  # the dense baseline: same zeros, plain weights, no pruning hooks
+    dense.eval()
+    small.eval()
+    result["params"] = report.params
+    result["param_bytes_dense"] = sum(p.numel() * p.element_size() for p in dense.parameters())
+    result["file_bytes"] = {"before": _state_dict_bytes(dense), "after": _state_dict_bytes(small)}
+    result["module_file_bytes"] = report.file_bytes
+    result["macs"] = {"before": count_macs(dense, inputs), "after": count_macs(small, inputs)}
+
+    timings: dict[str, Any] = {}
+    for backend in spec.backends:
+        timings[backend] = _time_backend(backend, dense, small, inputs, spec)
+    result["latency"] = timings
+
+
+def _time_backend(backend: str, dense: nn.Module, small: nn.Module, inputs: Any, spec: CaseSpec) -> dict[str, Any]:
+    if backend == "cuda" and not torch.cuda.is_available():
+        return {"skipped": "not measured: no GPU in this run"}
+    models: dict[str, Any] = {"dense": dense, "compact": small}
+    extra: dict[str, Any] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="compactor-bench-") as tmp:
+            if backend == "onnxruntime-cpu":
+                exports = {name: export_onnx(m, inputs, Path(tmp) / f"{name}.onnx") for name, m in models.items()}
+                extra["exporter"] = {name: e.exporter for name, e in exports.items()}
+                extra["export_seconds"] = {name: round(e.seconds, 2) for name, e in exports.items()}
+                extra["onnx_max_abs_error"] = check_onnx(exports["compact"].path, small, inputs, threads=spec.threads)
+                extra["onnx_bytes"] = {name: _onnx_bytes(e.path) for name, e in exports.items()}
+                models = {name: e.path for name, e in exports.items()}
+            timing = latency(models, inputs, backend=backend, threads=spec.threads, warmup=spec.warmup, repeats=spec.repeats)  # type: ignore[arg-type]
+    except Exception as e:  # one backend failing (an exporter, say) must not lose the others
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", **extra}
+    return {name: t.to_dict() for name, t in timing.items()} | extra
+
+
+def _onnx_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))  # the graph and its external data
+
+
+def _state_dict_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _rss_bytes() -> int:
+    kib = _status_kib("VmRSS")
+    return kib * 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the next reading covers only what follows (Linux >= 4.0)."""
+    try:
+        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def _peak_rss_bytes() -> int:
+    kib = _status_kib("VmHWM")
+    return (kib or 0) * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_json, out_path = (argv if argv is not None else sys.argv[1:])[:2]
+    raw = json.loads(spec_json)
+    if "backends" in raw:
+        raw["backends"] = tuple(raw["backends"])
+    result = run_case(CaseSpec(**raw))
+    Path(out_path).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The benchmark zoo prunes what it says it prunes, and ``python -m benchmarks --quick`` writes its report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.__main__ import parse_args, plan_cases
+from benchmarks.models import ZOO, MobileNetV2, dead_channels
+from benchmarks.report import COLUMNS, Row
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_zoo_pruning_zeroes_the_expected_channels(sparsity: float) -> None:
+    """MobileNetV2 (the smallest model): each inverted residual loses round(s x hidden) hidden channels,
+    the same ones in its expand and depthwise convs; nothing else is pruned."""
+    entry = ZOO["mobilenet_v2"]
+    model, _ = entry.make(sparsity, quick=True)
+    assert isinstance(model, MobileNetV2)
+    groups = entry.targets(model)
+    assert len(groups) == 17  # one per inverted residual
+    pruned = {id(layer) for group in groups for layer in group}
+    for group in groups:
+        hidden = group[0].weight.shape[0]
+        dead = [set(torch.nonzero(layer.weight.flatten(1).abs().amax(1) == 0).flatten().tolist()) for layer in group]
+        assert all(len(d) == round(sparsity * hidden) for d in dead)
+        assert all(d == dead[0] for d in dead)  # expand and depthwise drop the same channels
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in pruned:
+            assert dead_channels(module) == 0
+    assert dead_channels(model.classifier[1]) == 0  # never the classifier output
+
+
+def test_zoo_batchnorm_as_finetuning_leaves_it() -> None:
+    """A dead channel's BatchNorm: running_mean exactly 0, beta non-zero (so the channel emits a constant)."""
+    model, _ = ZOO["mobilenet_v2"].make(0.5, quick=True)
+    checked = 0
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential) and len(seq) >= 2 and isinstance(seq[1], nn.BatchNorm2d):
+            dead = seq[0].weight.flatten(1).abs().amax(1) == 0
+            if dead.any():
+                assert torch.all(seq[1].running_mean[dead] == 0)
+                assert torch.all(seq[1].bias[dead] != 0)
+                assert torch.all(seq[1].running_mean[~dead] != 0)
+                checked += 1
+    assert checked == 2 * 16 + 1  # expand and depthwise of the 16 expanding blocks, depthwise of the first
+
+
+def test_resnet_prunes_only_block_internal_convs() -> None:
+    model, _ = ZOO["resnet18"].make(0.5, quick=True)
+    pruned = {name for name, m in model.named_modules() if hasattr(m, "weight_mask")}
+    assert pruned == {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)}
+    assert dead_channels(model.layer1[0].conv1) == 32
+
+
+def test_plan_cases_defaults() -> None:
+    quick = plan_cases(parse_args(["--quick"]))
+    assert [c.model for c in quick] == ["resnet18", "mobilenet_v2", "bert_mini"]
+    assert all(c.quick and c.sparsity == 0.5 and c.round_to is None for c in quick)
+    full = plan_cases(parse_args(["--models", "resnet50"]))
+    assert [(c.sparsity, c.round_to) for c in full] == [(0.3, None), (0.5, None), (0.7, None), (0.5, 8), (0.5, 16)]
+
+
+def test_row_efficiency() -> None:
+    row = Row.of(
+        {
+            "spec": {"model": "m", "sparsity": 0.5},
+            "label": "m @50%",
+            "macs": {"before": 100, "after": 50},
+            "latency": {"torch-cpu": {"dense": {"median_ms": 10.0}, "compact": {"median_ms": 8.0}}},
+        }
+    )
+    assert row.speedup("torch-cpu") == pytest.approx(1.25)
+    assert row.efficiency("torch-cpu") == pytest.approx(0.625)  # 1.25x measured of the 2x the MACs promise
+    assert row.latency["cuda"] == "not run"
+
+
+def test_quick_benchmark_writes_report(tmp_path: Path) -> None:
+    out = tmp_path / "REPORT.md"
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--models", "resnet18", "--backends", "torch-cpu", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = out.read_text()
+    assert "| " + " | ".join(COLUMNS) + " |" in text
+    assert "| resnet18 | 50% |" in text
+    assert "How to read this" in text
+    report = json.loads((tmp_path / "report.json").read_text())
+    (case,) = report["cases"]
+    assert "error" not in case
+    assert case["params"]["after"] < case["params"]["before"]
+    assert case["latency"]["torch-cpu"]["compact"]["median_ms"] > 0
+    assert "resnet18" in done.stdout  # the rich table
