@@ -35,7 +35,7 @@ run the model's outputs against the masked model after :func:`compact_heads`, as
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
@@ -55,6 +55,7 @@ class HeadFate(str, Enum):
     KEPT_MIN_ONE = "kept: layer needs a head"
     KEPT_NO_PAIRING = "kept: no output projection found"
     KEPT_FOLDING_OFF = "kept: fold_constant_heads=False"
+    KEPT_UNVERIFIED = "kept: verification failed"
 
     @property
     def removed(self) -> bool:
@@ -145,11 +146,15 @@ class AttentionSite:
         return getattr(owner, self.attr(which))  # type: ignore[no-any-return]
 
 
+Check = Callable[[nn.Module], str | None]  # None if the candidate reproduces the outputs, else why not
+
+
 def compact_heads(
     model: nn.Module,
     example_inputs: Any = None,
     *,
     fold_constant_heads: bool = True,
+    verify: Check | None = None,
 ) -> tuple[nn.Module, list[HeadChange]]:
     """A copy of ``model`` without the attention heads that provably contribute nothing or a constant.
 
@@ -158,16 +163,62 @@ def compact_heads(
     attention module with its parent's ``output.dense`` is confirmed by tracing one forward pass; without
     them the pairing rests on module structure and shapes. Returns the copy and one :class:`HeadChange` per
     attention module that had a zeroed head (removed or kept).
+
+    ``verify(candidate)``, if given, returns None when ``candidate`` reproduces the reference outputs and a
+    one-line problem otherwise. A candidate that fails is retried without folding constant heads (an
+    all-padding sequence under SDPA, see the module doc), then given up: the unmodified copy comes back and
+    every head that would have gone is reported as ``kept: verification failed``.
     """
+    folds = (fold_constant_heads, False) if fold_constant_heads and verify is not None else (fold_constant_heads,)
+    problems: list[str] = []
+    for fold in folds:
+        new, changes = _compact_heads_once(model, example_inputs, fold)
+        if verify is None or not any(c.removed for c in changes):
+            return new, changes
+        problem = verify(new)
+        if problem is None:
+            return new, changes
+        problems.append(f"{'with' if fold else 'without'} folding: {problem}")
+    unchanged = clone_module(model)
+    bake_masks(unchanged)
+    return unchanged, [_unverified(c, "; ".join(problems)) for c in changes]
+
+
+def _compact_heads_once(model: nn.Module, example_inputs: Any, fold: bool) -> tuple[nn.Module, list[HeadChange]]:
     new = clone_module(model)
     bake_masks(new)
     sites, unpaired = _find_sites(new)
     if example_inputs is not None:
         sites, mismatched = _confirm_pairing(new, sites, ExampleInputs.of(example_inputs))
         unpaired += mismatched
-    changes = [change for site in sites if (change := _compact_site(site, fold_constant_heads)) is not None]
+    changes = [change for site in sites if (change := _compact_site(site, fold)) is not None]
     changes += [change for name, module, why in unpaired if (change := _unpaired(name, module, why)) is not None]
     return new, sorted(changes, key=lambda c: c.layer)
+
+
+def _unverified(change: HeadChange, problem: str) -> HeadChange:
+    decisions = tuple(
+        HeadDecision(d.head, HeadFate.KEPT_UNVERIFIED, problem) if d.fate.removed else d for d in change.decisions
+    )
+    return HeadChange(change.layer, change.heads_before, change.heads_before, (), _summary(list(decisions)), decisions)
+
+
+def head_layers(model: nn.Module) -> dict[tuple[str, str], str]:
+    """``(layer name, side) -> attention module name`` for every projection that holds heads.
+
+    Sides as in :mod:`compactor.graph`: query/key/value write heads (``"out"``), the output projection
+    reads them (``"in"``). Torch-Pruning couples q/k/v/o channel by channel (it treats the attention op as
+    elementwise), but those channels can only go as whole heads, through :func:`compact_heads`: a channel
+    group holding one of these (layer, side) pairs should be kept, with that reason.
+    """
+    sites, _ = _find_sites(model)
+    found: dict[tuple[str, str], str] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for site in sites:
+        for which in ("q", "k", "v"):
+            found[(names[id(site.linear(which))], "out")] = site.name
+        found[(site.o_name, "in")] = site.name
+    return found
 
 
 # --- finding attention modules ---------------------------------------------------------------------
