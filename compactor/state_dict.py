@@ -7,7 +7,9 @@ into it. The file is read with ``torch.load(weights_only=True)``: nothing in it 
 
 Accepted layouts:
 
-* a plain ``state_dict``;
+* a plain ``state_dict`` (``torch.save`` or ``.safetensors``; a tied tensor stored once fills its aliases);
+* a ``.safetensors`` file written by compactor (compacted or sparse storage): handed to
+  :func:`compactor.formats.load`, which rebuilds the layers to the shapes in its manifest;
 * a ``state_dict`` with ``torch.nn.utils.prune`` keys ``<name>_orig`` + ``<name>_mask``: they become
   ``<name> = orig * mask`` (what the pruning hook computes on every forward), so the masks turn into zeros;
 * a checkpoint dict with a ``"state_dict"`` entry (PyTorch Lightning): the LightningModule attribute
@@ -100,18 +102,38 @@ def load_state_dict_model(path: str | os.PathLike[str], arch: str, *, prefix: st
     :class:`~compactor.errors.InputFileError` subclasses with one line each.
     """
     file = Path(path)
+    if file.suffix.lower() == ".safetensors" and _has_manifest(file):
+        from .formats import load  # written by compactor (maybe compacted or sparse): rebuild to its shapes
+
+        return load(arch, file)
     model = build_arch(arch)
     state = read_state_dict(file)
     expected = model.state_dict()
     state = strip_prefix(state, set(expected), prefix, file)
-    state = apply_masks(state)
+    state = _fill_tied(apply_masks(state), expected)
     check_fits(state, expected, file, arch)
     model.load_state_dict(state, strict=True)
     return model
 
 
+def _fill_tied(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tied tensor saved once (``safetensors.torch.save_model`` drops the duplicates) fills its aliases."""
+    by_storage: dict[int, str] = {}
+    for key, tensor in expected.items():
+        if key in state:
+            by_storage.setdefault(tensor.untyped_storage().data_ptr(), key)
+    filled = dict(state)
+    for key, tensor in expected.items():
+        source = by_storage.get(tensor.untyped_storage().data_ptr())
+        if key not in filled and source is not None and expected[source].shape == tensor.shape:
+            filled[key] = state[source]
+    return filled
+
+
 def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a state_dict file or of the ``"state_dict"`` entry of a checkpoint."""
+    """The tensors of a state_dict file (``torch.save`` or safetensors) or of a checkpoint's ``"state_dict"``."""
+    if file.suffix.lower() == ".safetensors":
+        return _read_safetensors(file)
     _check_readable(file)
     obj = _safe_load(file)
     if isinstance(obj, _StandIn):
@@ -226,6 +248,31 @@ def _unmasked(key: str) -> str:
 
 def _few(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + (", ..." if len(keys) > _SHOWN else "")
+
+
+def _has_manifest(file: Path) -> bool:
+    from .formats import MANIFEST_KEY
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            return MANIFEST_KEY in (f.metadata() or {})
+    except Exception:  # not readable as safetensors: _read_safetensors says why
+        return False
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise InputFileError(f"weights file {file} does not exist or is not a file; check the path")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputFileError(f"{file} is not a safetensors file ({first}); check the file") from e
 
 
 # --- safe loading ----------------------------------------------------------------------------------

@@ -42,6 +42,22 @@ class LayerScaleCNN(nn.Module):
         return self.conv2(torch.relu(self.conv1(x)) * self.gamma).mean((2, 3))
 
 
+class TiedCNN(SmallCNN):
+    """SmallCNN with a second head that shares the first head's weight (as language models tie embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__(classes=16)
+        self.head = nn.Linear(16, 16, bias=False)
+        self.head.weight = self.fc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(super().forward(x))
+
+
+def tied_cnn() -> TiedCNN:
+    return trained(TiedCNN())
+
+
 def small_cnn() -> SmallCNN:
     return SmallCNN()
 

@@ -31,6 +31,29 @@ def test_plain_state_dict(tmp_path: Path) -> None:
     assert_same_model(load_state_dict_model(tmp_path / "w.pt", "_formats_models:SmallCNN"), model)
 
 
+def test_safetensors_state_dict(tmp_path: Path) -> None:
+    from safetensors.torch import save_file, save_model
+
+    model = trained(SmallCNN())
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    assert_same_model(load_state_dict_model(tmp_path / "w.safetensors", ARCH), model)
+
+    tied = build_arch("_formats_models:tied_cnn")
+    save_model(tied, str(tmp_path / "tied.safetensors"))  # the tied head is stored once
+    loaded = load_state_dict_model(tmp_path / "tied.safetensors", "_formats_models:tied_cnn")
+    assert loaded.head.weight is loaded.fc.weight
+    assert_same_model(loaded, tied)
+
+
+def test_compactor_safetensors_rebuilds_the_compacted_shapes(tmp_path: Path) -> None:
+    import compactor
+    from compactor.formats import save_output
+
+    small, _ = compactor.compact(channel_pruned(), X)
+    save_output(small, tmp_path / "small.safetensors", X)
+    assert_same_model(load_state_dict_model(tmp_path / "small.safetensors", ARCH), small)
+
+
 def test_masked_state_dict_bakes_orig_times_mask(tmp_path: Path) -> None:
     masked = channel_pruned()
     state = masked.state_dict()
@@ -151,6 +174,9 @@ def test_refuses_bad_files(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(InputFileError, match=r"junk.pt is not a PyTorch file \(expected the zip archive written by"):
         load_state_dict_model(tmp_path / "junk.pt", ARCH)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(InputFileError, match=r"junk.safetensors is not a safetensors file \("):
+        load_state_dict_model(tmp_path / "junk.safetensors", ARCH)
     (tmp_path / "cut.pt").write_bytes(b"\x80\x02junk")
     with pytest.raises(InputFileError, match=r"cut.pt could not be read as a PyTorch file \("):
         load_state_dict_model(tmp_path / "cut.pt", ARCH)
