@@ -48,6 +48,7 @@ from torch import nn
 from .errors import ExportError, InputFileError, StateDictError, UnsupportedFormatError
 from .inputs import ExampleInputs
 from .layers import shrinker_for
+from .masks import bake_masks, clone_module, has_pruning_state
 from .save import save_module, write_atomically
 from .verify import DEFAULT_TOLERANCE, compare, reference_outputs
 
@@ -104,6 +105,9 @@ def save_output(
     :class:`~compactor.errors.ExportError` if the file cannot be written or does not reproduce the model.
     """
     kind = format_for(path, format)
+    if kind != "pt" and has_pruning_state(model):  # prune hooks or parametrizations: write plain weights
+        model = clone_module(model)
+        bake_masks(model)
     example = ExampleInputs.of(inputs)
     runs = [example, example.fresh(torch.Generator().manual_seed(0))]
     with _eval_mode(model):
@@ -274,7 +278,8 @@ def load(arch: Arch, path: str | os.PathLike[str]) -> nn.Module:
 
     ``arch``: a callable that builds the DENSE model (the class, or a function of no arguments), or the
     ``"module:callable"`` string of ``--arch``. The layers listed in the file's manifest are rebuilt to
-    its shapes, then the weights are loaded with ``strict=True``.
+    its shapes, then the weights are loaded with ``strict=True``. The model comes back in the mode the
+    builder leaves it (usually training): call ``.eval()`` for inference, as after ``load_state_dict``.
     """
     file = Path(path)
     metadata = _metadata(file)

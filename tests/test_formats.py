@@ -171,3 +171,10 @@ def test_export_keeps_the_training_flag(tmp_path: Path, small: nn.Module) -> Non
         assert small.training
     finally:
         small.eval()
+
+
+def test_masked_model_is_written_with_plain_weights(tmp_path: Path) -> None:
+    masked = channel_pruned()
+    formats.save_output(masked, tmp_path / "masked.safetensors", X, arch=SmallCNN)
+    loaded = formats.load(SmallCNN, tmp_path / "masked.safetensors").eval()
+    assert torch.equal(loaded(X), masked(X))
