@@ -1,8 +1,9 @@
 """Attention heads: remove the heads of multi-head attention that provably contribute nothing, or a constant.
 
-Channel groups (``graph``/``plan``) cannot shrink attention: Torch-Pruning sees ``query``/``key``/``value`` as
-independent Linear layers and the ``view(..., -1, head_size)`` as channel-preserving, and removing single
-channels would change the head split. A whole head can go, exactly, when
+Channel groups (``graph``/``plan``) cannot shrink attention: Torch-Pruning treats the attention op as
+elementwise and couples ``query``/``key``/``value``/output channels one by one, but a single channel cannot
+leave a head without changing the ``view(..., -1, head_size)`` split (:func:`head_layers` names those
+layers so that the plan can keep them). A whole head can go, exactly, when
 
 * its value rows (``W_v[head]``) and value bias are zero: the head outputs 0 for every token;
 * its value rows are zero but its value bias ``b_v`` is not: every token receives ``softmax_row @ b_v = b_v``
@@ -13,8 +14,9 @@ channels would change the head split. A whole head can go, exactly, when
   ``fold_constant_heads=False`` keeps such heads for inputs like that;
 * the output projection ignores it (``W_o[:, head]`` all zero), whatever it computes.
 
-A head whose query and key rows are zero but whose values are not is *not* removable: it attends uniformly,
-and a uniform average of the values still depends on the input. It is kept, and reported with that reason.
+A head whose key rows are zero (or query rows and query bias) but whose values are not is *not* removable:
+its scores are the same for every key, so it attends uniformly, and a uniform average of the values still
+depends on the input. It is kept, and reported with that reason.
 Every layer keeps at least one head (``view(..., -1, head_size)`` cannot split an empty tensor).
 
 Two layouts are recognised (:data:`LAYOUTS`), both read through attributes that their ``forward`` uses:
@@ -28,8 +30,9 @@ Two layouts are recognised (:data:`LAYOUTS`), both read through attributes that 
 
 Transformers 5 reshapes with ``-1`` heads and never reads ``config.num_attention_heads`` in these forwards, so
 the shared config is left unchanged (it describes the dense model; transformers 5 has no ``pruned_heads``).
-Two consequences for callers: ``output_attentions=True`` returns maps for the remaining heads only, and the
-result reloads with ``torch.load`` of the whole module, not ``from_pretrained``. Verification stays the judge:
+Consequences for callers: ``output_attentions=True`` returns maps for the remaining heads only; a
+``StaticCache`` (decoders), which preallocates from the config, does not fit; and the result reloads with
+``torch.load`` of the whole module, not ``from_pretrained``. Verification stays the judge:
 run the model's outputs against the masked model after :func:`compact_heads`, as ``compact`` does.
 """
 
@@ -343,7 +346,8 @@ def _decide(site: AttentionSite, fold: bool) -> list[HeadDecision]:
         v_zero = bool((v.weight[rows] == 0).all())
         v_bias = v.bias[rows] if v.bias is not None else None
         v_bias_zero = v_bias is None or bool((v_bias == 0).all())
-        qk_zero = bool((q.weight[rows] == 0).all()) and bool((k.weight[rows] == 0).all())
+        q_zero = bool((q.weight[rows] == 0).all()) and (q.bias is None or bool((q.bias[rows] == 0).all()))
+        uniform = bool((k.weight[rows] == 0).all()) or q_zero  # every key gets the same score
         if bool((o.weight[:, rows] == 0).all()):
             decisions.append(HeadDecision(h, HeadFate.REMOVED, f"{site.o_name} ignores it (zero columns)"))
         elif v_zero and v_bias_zero:
@@ -354,9 +358,9 @@ def _decide(site: AttentionSite, fold: bool) -> list[HeadDecision]:
             )
         elif v_zero:
             decisions.append(HeadDecision(h, HeadFate.KEPT_FOLDING_OFF, "outputs the constant value bias"))
-        elif qk_zero:
+        elif uniform:
             decisions.append(
-                HeadDecision(h, HeadFate.KEPT_UNIFORM, "query/key rows zero: uniform attention still averages the values")
+                HeadDecision(h, HeadFate.KEPT_UNIFORM, "query/key zero: uniform attention still averages the values")
             )
     return _keep_one(site, decisions)
 
