@@ -12,7 +12,17 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
-from zoo import CASES, KEPT, Case, ZooResults, actual_widths, expected_fates, expected_widths
+from zoo import (
+    CASES,
+    KEPT,
+    Case,
+    ZooResults,
+    actual_widths,
+    expected_fates,
+    expected_widths,
+    mobilenet_v2_masked,
+    resnet18_masked,
+)
 
 import compactor
 from compactor.layers import shrinker_for
@@ -93,7 +103,7 @@ def test_zoo(case: Case, zoo_results: ZooResults) -> None:
     _assert_no_empty_layer(small)
 
     # every rebuilt layer has exactly the channel count the oracle computes from masks and norms
-    expected = expected_widths(model, case.links)
+    expected = expected_widths(model, case.links, case.shape)
     assert actual_widths(small, list(expected)) == expected
     by_name = {c.name: c for c in report.layers}
     for name, (out, inn) in expected.items():
@@ -104,7 +114,7 @@ def test_zoo(case: Case, zoo_results: ZooResults) -> None:
     # the fate of every zeroed channel, per group, as the oracle has it
     for link in case.links:
         roots = {p[0] for p in link.paths}
-        oracle = Counter(f for f in expected_fates(model, link).fates if f != "live")
+        oracle = Counter(f for f in expected_fates(model, link, case.shape).fates if f != "live")
         engine = Counter(
             KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer in roots
         )
@@ -166,7 +176,7 @@ def test_round_to_keeps_multiples(n: int) -> None:
             if before is not None and before != after:
                 assert after % n == 0, c
     # as few channels kept as rounding needs: per group, less than n more than the exact plan
-    plain = expected_widths(model, case.links)
+    plain = expected_widths(model, case.links, case.shape)
     for name, (out, _) in plain.items():
         got = actual_widths(small, [name])[name][0]
         assert out is not None and got is not None and out <= got < out + n
@@ -205,6 +215,43 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
     b0 = [z for z in report.zeroed if z.layer == "b0.0"]
     assert b0 and all(z.fate == Fate.KEPT_READ_ELSEWHERE.value and "b3.0" in z.reason for z in b0)
     others = [link for link in case.links if link.root != "b0.0"]
-    expected = expected_widths(model, others)
+    expected = expected_widths(model, others, case.shape)
     assert actual_widths(small, list(expected)) == expected
     assert small.b0[0].out_channels == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [resnet18_masked, mobilenet_v2_masked], ids=["resnet18", "mobilenet_v2"])
+def test_realistic_sizes(build: Any) -> None:
+    model, links = build()
+    shape = (2, 3, 32, 32) if build is resnet18_masked else (2, 3, 64, 64)
+    gen = torch.Generator().manual_seed(1)
+    small, report = compactor.compact(model, torch.randn(*shape, generator=gen))
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(*shape, generator=gen)
+            torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)
+    expected = expected_widths(model, links, shape)
+    assert actual_widths(small, list(expected)) == expected
+    for link in links:
+        oracle = Counter(f for f in expected_fates(model, link, shape).fates if f != "live")
+        engine = Counter(KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer == link.root)
+        assert engine == oracle, link.root
+    assert report.params["after"] < report.params["before"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(1, 9))
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_zoo_other_weights(case: Case, seed: int) -> None:
+    """The zoo with other random weights and norms: same masks by method, different channels and constants."""
+    model = case.model(seed)
+    small, report = compactor.compact(model, case.inputs(1))
+    _check_outputs(model, small, case)
+    expected = expected_widths(model, case.links, case.shape)
+    assert actual_widths(small, list(expected)) == expected
+    for link in case.links:
+        roots = {p[0] for p in link.paths}
+        oracle = Counter(f for f in expected_fates(model, link, case.shape).fates if f != "live")
+        engine = Counter(KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer in roots)
+        assert engine == oracle, f"group of {link.root}"

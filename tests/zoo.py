@@ -188,7 +188,12 @@ def _padded(m: nn.Module) -> bool:
 
 
 def _through(
-    modules: dict[str, nn.Module], steps: Sequence[str], c: int, v: float | None, dead: set[int]
+    modules: dict[str, nn.Module],
+    steps: Sequence[str],
+    c: int,
+    v: float | None,
+    dead: set[int],
+    sizes: dict[str, tuple[int, ...]],
 ) -> float | None:
     """The constant ``v`` of channel ``c`` after ``steps`` (None: it varies with the input).
 
@@ -218,26 +223,57 @@ def _through(
             values = {float(m.bias.detach()[c])}
         elif isinstance(m, nn.modules.conv._ConvNd):  # depthwise: each channel has its own filter
             bias = float(m.bias.detach()[c]) if m.bias is not None else 0.0
-            sums = _window_sums(m, _weight(m)[c, 0]) if _padded(m) else {float(_weight(m)[c].sum())}
+            if not _padded(m):
+                sums = {float(_weight(m)[c].sum())}
+            elif step not in sizes:
+                raise ValueError(f"the oracle needs the input shape to follow a constant through {step}")
+            else:
+                sums = _window_sums(m, _weight(m)[c, 0], sizes[step])
             values = {x * w + bias for x in values for w in sums}
         else:
             raise TypeError(f"the oracle does not know {type(m).__name__} ({step})")
     return values.pop() if len(values) == 1 else None
 
 
-def _window_sums(m: nn.Module, w: torch.Tensor) -> set[float]:
-    """The sums of the parts of kernel ``w`` that fall inside a constant image, over every position of a
-    zero-padded stride-1 conv on an image larger than the kernel."""
-    pads = m.padding if isinstance(m.padding, tuple) else (m.padding,) * (w.dim())
-    cuts = [[(a, k - b) for a in range(p + 1) for b in range(p + 1)] for k, p in zip(w.shape, pads)]
+def _window_sums(m: nn.Module, w: torch.Tensor, size: tuple[int, ...]) -> set[float]:
+    """The sums of the parts of kernel ``w`` inside an image of ``size`` (spatial), over every output
+    position of the zero-padded conv ``m``: what it makes of a constant 1."""
+    per_dim = []
+    for d, (k, n) in enumerate(zip(w.shape, size)):
+        stride, pad, dil = (_at(getattr(m, a), d) for a in ("stride", "padding", "dilation"))
+        out = (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        per_dim.append({tuple(j for j in range(k) if 0 <= i * stride - pad + j * dil < n) for i in range(out)})
     if w.dim() == 1:
-        return {float(w[a:b].sum()) for a, b in cuts[0]}
-    return {float(w[a:b, c:d].sum()) for a, b in cuts[0] for c, d in cuts[1]}
+        return {float(w[list(a)].sum()) for a in per_dim[0]}
+    return {float(w[list(a)][:, list(b)].sum()) for a in per_dim[0] for b in per_dim[1]}
 
 
-def expected_fates(model: nn.Module, link: Link) -> Fates:
-    """What exact compaction does with each root channel of ``link``, from weights and norms alone."""
+def _at(v: int | tuple[int, ...], d: int) -> int:
+    return int(v[d]) if isinstance(v, tuple) else int(v)
+
+
+def spatial_sizes(model: nn.Module, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The spatial input size of every conv for inputs of ``shape`` (shapes only, no values used)."""
+    sizes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, n=n: sizes.__setitem__(n, tuple(a[0].shape[2:])))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.conv._ConvNd)
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(*shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def expected_fates(model: nn.Module, link: Link, shape: Sequence[int] | None = None) -> Fates:
+    """What exact compaction does with each root channel of ``link``, from weights and norms alone
+    (``shape``: the input shape, needed where a constant meets a zero-padded depthwise conv)."""
     modules = _modules(model)
+    sizes = spatial_sizes(model, shape) if shape is not None else {}
     first = modules[link.root]
     n = _weight(first).shape[_out_dim(first)]
     dead = {c for c in range(n) if all(_row_zero(modules[p[0]], c) for p in link.paths)}
@@ -255,7 +291,7 @@ def expected_fates(model: nn.Module, link: Link) -> Fates:
         elif ignored:
             fates.append(REMOVED)
         else:
-            value = _value(modules, link, c, dead)
+            value = _value(modules, link, c, dead, sizes)
             if value is None:
                 fates.append(KEPT)
             elif value == 0.0:
@@ -303,7 +339,9 @@ def _slimmed(modules: dict[str, nn.Module], path: Sequence[str], c: int) -> bool
     )
 
 
-def _value(modules: dict[str, nn.Module], link: Link, c: int, dead: set[int]) -> float | None:
+def _value(
+    modules: dict[str, nn.Module], link: Link, c: int, dead: set[int], sizes: dict[str, tuple[int, ...]]
+) -> float | None:
     total: float | None = 0.0
     for path in link.paths:
         steps = list(path[1:])
@@ -313,19 +351,21 @@ def _value(modules: dict[str, nn.Module], link: Link, c: int, dead: set[int]) ->
         else:  # slimmed: start after the BatchNorm that forgets the input
             cut = max(i for i, s in enumerate(steps) if _slimmed(modules, [path[0], s], c))
             v, steps = float(modules[steps[cut]].bias.detach()[c]), steps[cut + 1 :]
-        v = _through(modules, steps, c, v, dead)
+        v = _through(modules, steps, c, v, dead, sizes)
         total = None if v is None or total is None else total + v
-    return _through(modules, link.after, c, total, dead)
+    return _through(modules, link.after, c, total, dead, sizes)
 
 
-def expected_widths(model: nn.Module, links: Sequence[Link]) -> dict[str, tuple[int | None, int | None]]:
+def expected_widths(
+    model: nn.Module, links: Sequence[Link], shape: Sequence[int] | None = None
+) -> dict[str, tuple[int | None, int | None]]:
     """Per layer touched by a link: (out channels, in channels) after exact compaction (None: not mixing)."""
     modules = _modules(model)
     removed_out: dict[str, set[int]] = defaultdict(set)
     removed_in: dict[str, set[int]] = defaultdict(set)
     layers: list[str] = []
     for link in links:
-        verdict = expected_fates(model, link)
+        verdict = expected_fates(model, link, shape)
         gone = verdict.removed
         for path in link.paths:
             for step in path:
@@ -628,6 +668,112 @@ class DeadLayer(nn.Module):
         return self.fc(x.flatten(1))
 
 
+# --- realistic sizes (slow tests) -------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block; a downsample (1x1 conv, BN) where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (self.down(x) if self.down is not None else x))
+
+
+class ResNet(nn.Module):
+    """ResNet with basic blocks: ``widths=(64, 128, 256, 512), depths=(2, 2, 2, 2)`` is ResNet-18."""
+
+    def __init__(self, widths: Sequence[int], depths: Sequence[int], classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, cin = [], widths[0]
+        for i, (w, d) in enumerate(zip(widths, depths)):
+            blocks = [BasicBlock(cin if j == 0 else w, w, 2 if i > 0 and j == 0 else 1) for j in range(d)]
+            layers.append(nn.Sequential(*blocks))
+            cin = w
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def blocks(self) -> list[str]:
+        return [n for n, m in self.named_modules() if isinstance(m, BasicBlock)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
+
+
+class InvertedBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, t: int) -> None:
+        super().__init__()
+        hidden = cin * t
+        self.expand, self.bn1 = nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.project, self.bn3 = nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.expand(x))))))
+        y = self.bn3(self.project(y))
+        return x + y if self.residual else y
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0, the paper's block table) without the t=1 first block's special case."""
+
+    CONFIG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
+        blocks, cin = [], 32
+        for t, c, n, s in self.CONFIG:
+            for j in range(n):
+                blocks.append(InvertedBlock(cin, c, s if j == 0 else 1, t))
+                cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6())
+        self.fc = nn.Linear(1280, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+def resnet18_masked() -> tuple[nn.Module, tuple[Link, ...]]:
+    """ResNet-18, 30% of every block's first conv and of the stem pruned (ln_structured), BN perturbed."""
+    torch.manual_seed(0)
+    m = ResNet((64, 128, 256, 512), (2, 2, 2, 2))
+    links = []
+    for b in m.blocks():
+        mask_ln(m.get_submodule(f"{b}.conv1"), 0.3)
+        links.append(Link(((f"{b}.conv1", f"{b}.bn1", RELU),), (Read(f"{b}.conv2"),)))
+    return _finish(m, (2, 3, 32, 32)), tuple(links)
+
+
+def mobilenet_v2_masked() -> tuple[nn.Module, tuple[Link, ...]]:
+    """MobileNetV2, 30% of every expand conv pruned (ln_structured), BN perturbed."""
+    torch.manual_seed(0)
+    m = MobileNetV2()
+    links = []
+    for i, block in enumerate(m.blocks):
+        if block.expand.out_channels == block.expand.in_channels:  # t=1: no expansion worth pruning
+            continue
+        mask_ln(block.expand, 0.3)
+        b = f"blocks.{i}"
+        steps = (f"{b}.expand", f"{b}.bn1", RELU6, f"{b}.dw", f"{b}.bn2", RELU6)
+        links.append(Link((steps,), (Read(f"{b}.project"),)))
+    return _finish(m, (2, 3, 64, 64)), tuple(links)
+
+
+
 # --- the cases ------------------------------------------------------------------------------------------
 
 
@@ -641,8 +787,8 @@ class Case:
     dead: str = ""  # the layer that makes the output input-independent
     notes: str = ""
 
-    def model(self) -> nn.Module:
-        torch.manual_seed(0)
+    def model(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
         return self.build().eval()
 
     def inputs(self, seed: int = 1) -> torch.Tensor:
