@@ -18,7 +18,7 @@ from .errors import ExampleInputError, VerificationError
 from .graph import build_groups
 from .inputs import ExampleInputs, infer_example_inputs, run
 from .masks import bake_masks, clone_module
-from .plan import IGNORED, GroupPlan, consumer_layers, observe_inputs, plan_groups
+from .plan import IGNORED, GroupPlan, consumer_layers, observe_inputs, plan_groups, round_layers
 from .rebuild import apply_plans
 from .report import CompactionReport, count_params, layer_changes, serialized_bytes, zeroed_channels
 from .verify import DEFAULT_TOLERANCE, Verdict, compare, depends_on_input, reference_outputs
@@ -66,7 +66,7 @@ def compact(
         plans = plan_groups(baked, groups, stats, round_to=round_to)
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
-        plans, small, verdict = _search(baked, plans, runs, references, tolerance, say)
+        plans, small, verdict = _search(baked, plans, runs, references, tolerance, say, round_to)
     small.train(model.training)
 
     report = CompactionReport(
@@ -106,6 +106,7 @@ def _search(
     references: list[Any],
     tolerance: float,
     say: Log,
+    round_to: int = 1,
 ) -> tuple[list[GroupPlan], nn.Module, Verdict]:
     """Apply every plan that verifies; bisect to find and restore the groups that break equality."""
     active = [p for p in plans if p.removed]
@@ -128,6 +129,7 @@ def _search(
 
     visit(active)
     final = [p.restored(rejected[id(p)].summary()) if id(p) in rejected else p for p in plans]
+    final = round_layers(baked, final, round_to)  # a restored group can leave a shared layer off the multiple
     small = apply_plans(baked, [p for p in final if p.removed])
     verdict = compare(small, runs, references, tolerance)
     if not verdict.ok:  # only possible if the unmodified model is itself not reproducible

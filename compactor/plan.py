@@ -87,10 +87,10 @@ class GroupPlan:
     def removed(self) -> list[int]:
         return [f.channel for f in self.fates if f.fate.removed]
 
-    def restored(self, reason: str) -> GroupPlan:
-        """The same group with every removal undone (after verification failed)."""
+    def restored(self, reason: str, fate: Fate = Fate.KEPT_UNVERIFIED) -> GroupPlan:
+        """The same group with every removal undone (after verification failed, or for rounding)."""
         fates = tuple(
-            ChannelFate(f.channel, Fate.KEPT_UNVERIFIED, reason) if f.fate.removed or f.fate is Fate.CARRIER else f
+            ChannelFate(f.channel, fate, reason) if f.fate.removed or f.fate is Fate.CARRIER else f
             for f in self.fates
         )
         return GroupPlan(self.group, fates)
@@ -155,7 +155,45 @@ def plan_groups(
         raise ValueError(f"round_to must be a positive integer, found {round_to}")
     modules: dict[str, Any] = dict(model.named_modules())
     modules.update(dict(model.named_parameters()))
-    return [_plan_group(g, modules, stats, round_to) for g in groups]
+    plans = [_plan_group(g, modules, stats, round_to) for g in groups]
+    return round_layers(model, plans, round_to)
+
+
+def round_layers(model: nn.Module, plans: list[GroupPlan], round_to: int) -> list[GroupPlan]:
+    """Undo the groups that leave a layer with a count off the multiple, until none does.
+
+    Each group keeps a multiple of ``round_to`` on its own; a layer that reads several groups (a
+    ``cat``) can still miss it when one of them is untouched and is not a multiple itself. Each pass
+    restores at least one group, so this ends.
+    """
+    if round_to <= 1:
+        return plans
+    modules: dict[str, Any] = dict(model.named_modules())
+    plans = list(plans)
+    while True:
+        removed: dict[tuple[str, str], set[int]] = defaultdict(set)
+        touching: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for i, plan in enumerate(plans):
+            for member in plan.group.layers():
+                idx = {j for r in plan.removed for j in member.idxs[r]}
+                if idx:
+                    removed[(member.name, member.side)] |= idx
+                    touching[(member.name, member.side)].add(i)
+        off = [key for key, idx in removed.items() if (_width(modules, *key) or round_to) % round_to != len(idx) % round_to]
+        if not off:
+            return plans
+        for name, side in off:
+            reason = f"kept so that {name} keeps a multiple of {round_to} channels"
+            for i in touching[(name, side)]:
+                plans[i] = plans[i].restored(reason, Fate.KEPT_ROUNDING)
+
+
+def _width(modules: dict[str, Any], name: str, side: str) -> int | None:
+    obj = modules.get(name)
+    shrinker = shrinker_for(obj) if obj is not None else None
+    if shrinker is None:
+        return None
+    return shrinker.out_channels(obj) if side == OUT else shrinker.in_channels(obj)
 
 
 def _mixing(members: list[Member], modules: dict[str, Any]) -> list[Member]:

@@ -164,23 +164,36 @@ def test_caller_hooks_kept_and_training_flag_dtype_requires_grad_preserved() -> 
     torch.testing.assert_close(small(x), model(x), rtol=1e-9, atol=1e-10)
 
 
+def _assert_multiples(report: compactor.CompactionReport, n: int) -> None:
+    for c in report.layers:
+        for before, after in ((c.out_before, c.out_after), (c.in_before, c.in_after)):
+            if before is not None and before != after:
+                assert after is not None and after % n == 0, c
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_round_to_4_over_the_zoo(case: Case) -> None:
+    """Every rebuilt count a multiple of 4, outputs still exact (a ``cat`` of a rounded and an untouched
+    group, a GroupNorm, a restored group: the shared layer still lands on a multiple)."""
+    model, small, report = _compact(case, round_to=4)
+    _check_outputs(model, small, case)
+    _assert_multiples(report, 4)
+
+
 @pytest.mark.parametrize("n", [4, 8])
-def test_round_to_keeps_multiples(n: int) -> None:
+def test_round_to_keeps_as_few_as_needed(n: int) -> None:
     case = next(c for c in CASES if c.name == "conv_chain")
     model, small, report = _compact(case, round_to=n)
     _check_outputs(model, small, case)
-    changed = [c for c in report.layers if (c.out_before, c.in_before) != (c.out_after, c.in_after)]
-    assert changed
-    for c in changed:
-        for before, after in ((c.out_before, c.out_after), (c.in_before, c.in_after)):
-            if before is not None and before != after:
-                assert after % n == 0, c
-    # as few channels kept as rounding needs: per group, less than n more than the exact plan
+    _assert_multiples(report, n)
+    # each layer here reads one group: fewer than n channels more than the exact plan keeps
     plain = expected_widths(model, case.links, case.shape)
     for name, (out, _) in plain.items():
         got = actual_widths(small, [name])[name][0]
         assert out is not None and got is not None and out <= got < out + n
     assert report.fates[Fate.KEPT_ROUNDING.value] > 0
+    reasons = {z.reason for z in report.zeroed if z.fate == Fate.KEPT_ROUNDING.value}
+    assert all(f"multiple of {n}" in r for r in reasons)
 
 
 def test_round_to_rejects_nonsense() -> None:
