@@ -27,6 +27,7 @@ from .models import FULL_DEFAULT, QUICK_DEFAULT, ZOO
 from .report import LATENCY_BACKENDS, Row, machine_info, markdown, rich_table
 
 ROOT = Path(__file__).resolve().parent
+ROUND_TO_DEFAULT = ("resnet50", "mobilenet_v2", "bert_base")  # the full run's round_to cases (time on 2 cores)
 
 
 def _csv(text: str) -> list[str]:
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=_csv, help="fractions of internal channels pruned, e.g. 0.3,0.5,0.7")
     p.add_argument(
         "--round-to", type=_csv, default=None,
-        help="extra cases with compact(round_to=N) at 50%% sparsity, e.g. 8,16 (default: 8,16 unless --quick; '' for none)",
+        help="extra cases with compact(round_to=N) at 50%% sparsity, e.g. 8,16 (default: 8,16 for "
+        f"{', '.join(ROUND_TO_DEFAULT)} unless --quick; '' for none)",
     )  # fmt: skip
     p.add_argument("--backends", type=_csv, default=list(LATENCY_BACKENDS), help="torch-cpu,onnxruntime-cpu,cuda")
     p.add_argument(
@@ -67,6 +69,7 @@ def plan_cases(args: argparse.Namespace) -> list[CaseSpec]:
     models = args.models or list(QUICK_DEFAULT if quick else FULL_DEFAULT)
     sparsities = [float(s) for s in (args.sparsity or (["0.5"] if quick else ["0.3", "0.5", "0.7"]))]
     round_tos = [int(r) for r in (args.round_to if args.round_to is not None else ([] if quick else ["8", "16"]))]
+    round_to_models = set(models) if args.models or args.round_to is not None else set(ROUND_TO_DEFAULT)
     common = {
         "quick": quick,
         "backends": tuple(args.backends),
@@ -77,7 +80,8 @@ def plan_cases(args: argparse.Namespace) -> list[CaseSpec]:
     cases = []
     for model in models:
         cases += [CaseSpec(model, s, **common) for s in sparsities]
-        cases += [CaseSpec(model, 0.5, r, **common) for r in round_tos]
+        if model in round_to_models:
+            cases += [CaseSpec(model, 0.5, r, **common) for r in round_tos]
     return cases
 
 
@@ -96,6 +100,33 @@ def run_in_subprocess(spec: CaseSpec, timeout: float) -> dict:
         return {"spec": asdict(spec), "label": spec.label, "error": f"case process exited {done.returncode}: {tail[0]}"}
 
 
+def _write(
+    args: argparse.Namespace,
+    cases: list[CaseSpec],
+    results: list[dict],
+    started: datetime,
+    load_start: str,
+    argv: list[str] | None,
+) -> None:
+    rows = [Row.of(r) for r in results]
+    threads = cases[0].threads if cases else 1
+    meta = {
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_seconds": (datetime.now(timezone.utc) - started).total_seconds(),
+        "cases_done": f"{len(results)} of {len(cases)}",
+        "machine": machine_info(threads),
+        "warmup": cases[0].warmup if cases else 0,
+        "repeats": cases[0].repeats if cases else 0,
+        "load_start": load_start,
+        "load_end": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "inputs": "; ".join(sorted({f"{r['spec']['model']}: {r['inputs']}" for r in results if "inputs" in r})),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(rows, meta))
+    args.out.with_name("report.json").write_text(json.dumps({"meta": meta, "cases": results}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(width=max(Console().width, 200))  # the table is wide; a CI log does not wrap
@@ -112,24 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         status = result.get("error") or result.get("skipped") or "ok"
         console.print(f"      {status} ({time.perf_counter() - t:.0f} s)", highlight=False)
         results.append(result)
-    rows = [Row.of(r) for r in results]
-    threads = cases[0].threads if cases else 1
-    meta = {
-        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
-        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "wall_seconds": (datetime.now(timezone.utc) - started).total_seconds(),
-        "machine": machine_info(threads),
-        "warmup": cases[0].warmup if cases else 0,
-        "repeats": cases[0].repeats if cases else 0,
-        "load_start": load_start,
-        "load_end": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "inputs": "; ".join(sorted({f"{r['spec']['model']}: {r['inputs']}" for r in results if "inputs" in r})),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, meta))
+        _write(args, cases, results, started, load_start, argv)  # after every case: a long run leaves partial results
     json_path = args.out.with_name("report.json")
-    json_path.write_text(json.dumps({"meta": meta, "cases": results}, indent=1) + "\n")
-    console.print(rich_table(rows))
+    console.print(rich_table([Row.of(r) for r in results]))
     console.print(f"wrote {args.out} and {json_path}")
     return 1 if any("error" in r for r in results) else 0
 

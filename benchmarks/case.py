@@ -25,11 +25,16 @@ import torch
 from torch import nn
 
 import compactor
+from compactor.errors import ExportError
 from compactor.masks import bake_masks
 from compactor.measure import count_macs, latency
 from compactor.onnx import check_onnx, export_onnx
 
 from .models import ZOO
+
+# ONNX Runtime fuses conv+BN and reorders sums: on a 152-layer random-weight ResNet its outputs differ from
+# torch's by ~7e-4 relative, for the dense model as much as the compacted one. 1e-3 still catches a wrong graph.
+ORT_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,12 @@ def _time_backend(backend: str, dense: nn.Module, small: nn.Module, inputs: Any,
                 exports = {name: export_onnx(m, inputs, Path(tmp) / f"{name}.onnx") for name, m in models.items()}
                 extra["exporter"] = {name: e.exporter for name, e in exports.items()}
                 extra["export_seconds"] = {name: round(e.seconds, 2) for name, e in exports.items()}
-                extra["onnx_max_abs_error"] = check_onnx(exports["compact"].path, small, inputs, threads=spec.threads)
+                try:
+                    extra["onnx_max_abs_error"] = check_onnx(
+                        exports["compact"].path, small, inputs, ORT_TOLERANCE, threads=spec.threads
+                    )
+                except ExportError as e:  # recorded; the timing is still worth having
+                    extra["onnx_check_failed"] = str(e)
                 extra["onnx_bytes"] = {name: _onnx_bytes(e.path) for name, e in exports.items()}
                 models = {name: e.path for name, e in exports.items()}
             timing = latency(models, inputs, backend=backend, threads=spec.threads, warmup=spec.warmup, repeats=spec.repeats)  # type: ignore[arg-type]
