@@ -113,6 +113,47 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
+def bench(
+    model: nn.Module,
+    compacted: nn.Module,
+    inputs: Any,
+    *,
+    backends: tuple[Backend, ...] = ("torch-cpu",),
+    threads: int | None = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+) -> dict[str, Any]:
+    """MACs and latency of ``model`` (the dense baseline) against ``compacted``, shaped for
+    :meth:`CompactionReport.with_extra`: ``report.with_extra(**bench(model, small, inputs))``.
+
+    ``model`` may still carry pruning masks: a clone with the masks baked in is timed (the hooks would
+    add a multiply per layer that is no part of the dense model's cost). A backend that cannot run here
+    (``"cuda"`` without a GPU) is left out of ``latency_ms`` and named under ``not_measured``.
+    """
+    from .masks import bake_masks, clone_module, has_pruning_state
+
+    dense = model
+    if has_pruning_state(model):
+        dense = clone_module(model)
+        bake_masks(dense)
+    example = ExampleInputs.of(inputs)
+    extra: dict[str, Any] = {"macs": {"before": count_macs(dense, example), "after": count_macs(compacted, example)}}
+    timed: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+    for backend in backends:
+        if backend == "cuda" and not torch.cuda.is_available():
+            skipped[backend] = "no GPU (torch.cuda.is_available() is False)"
+            continue
+        t = latency(
+            {"before": dense, "after": compacted}, example, backend=backend, threads=threads, warmup=warmup, repeats=repeats
+        )
+        timed[backend] = {"before": t["before"].median_ms, "after": t["after"].median_ms}
+    extra["latency_ms"] = timed
+    if skipped:
+        extra["not_measured"] = skipped
+    return extra
+
+
 Runner = Callable[[], float]  # one forward pass; returns its duration in seconds
 
 

@@ -192,3 +192,17 @@ def _perturbed(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         other.fc.bias.add_(1.0)
     return other
+
+
+def test_bench_feeds_the_report(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor]) -> None:
+    from compactor.measure import bench
+
+    masked, small, x = compacted_cnn
+    _, report = compactor.compact(masked, x)
+    extra = bench(masked, small, x, backends=("torch-cpu", "cuda"), warmup=1, repeats=3)
+    assert extra["macs"]["after"] < extra["macs"]["before"] == count_macs(SmallCNN(), x)
+    assert extra["latency_ms"]["torch-cpu"]["after"] > 0
+    if not torch.cuda.is_available():
+        assert "cuda" in extra["not_measured"]
+    table = report.with_extra(**extra).table()
+    assert "MACs" in table and "latency torch-cpu (ms)" in table
