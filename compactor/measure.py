@@ -87,7 +87,8 @@ def latency(
         raise ValueError(f"latency: need warmup >= 0 and repeats >= 1, found warmup={warmup}, repeats={repeats}")
     example = ExampleInputs.of(inputs)
     threads = threads or torch.get_num_threads()
-    with _runners(models, example, backend, threads) as runners:
+    modes = {m: m.training for m in models.values() if isinstance(m, nn.Module)}
+    with _restore_modes(modes), _runners(models, example, backend, threads) as runners:
         names = list(runners)
         for _ in range(warmup):
             for name in names:
@@ -227,6 +228,16 @@ def _on(model: nn.Module, device: torch.device) -> nn.Module:
     if all(p.device == device for p in model.parameters()):
         return model.eval()
     return copy.deepcopy(model).to(device).eval()
+
+
+@contextlib.contextmanager
+def _restore_modes(modes: dict[nn.Module, bool]) -> Iterator[None]:
+    """Timing puts models in eval mode; give each back the train/eval mode it came with."""
+    try:
+        yield
+    finally:
+        for model, training in modes.items():
+            model.train(training)
 
 
 @contextlib.contextmanager

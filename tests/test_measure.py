@@ -89,10 +89,12 @@ def test_latency_two_models_interleaved() -> None:
         assert 0 < t.p10_ms <= t.median_ms <= t.p90_ms
 
 
-def test_latency_restores_thread_count() -> None:
+def test_latency_restores_thread_count_and_train_mode() -> None:
     before = torch.get_num_threads()
-    latency({"m": nn.Linear(4, 4)}, torch.randn(1, 4), threads=1, warmup=0, repeats=1)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout()).train()
+    latency({"m": model}, torch.randn(1, 4), threads=1, warmup=0, repeats=1)
     assert torch.get_num_threads() == before
+    assert model.training and model[1].training
 
 
 def test_latency_rejects_unknown_backend() -> None:
