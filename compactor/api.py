@@ -63,7 +63,7 @@ def compact(
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):
         stats = observe_inputs(baked, runs[:2], consumer_layers(groups, baked))
-        plans = plan_groups(baked, groups, stats, round_to=round_to)
+        plans = plan_groups(baked, groups, stats, round_to=round_to, runs=runs[:2])
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
         plans, small, verdict = _search(baked, plans, runs, references, tolerance, say, round_to)

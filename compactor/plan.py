@@ -112,15 +112,27 @@ class InputStats:
         return lo
 
 
-def observe_inputs(model: nn.Module, runs: list[ExampleInputs], layers: set[str]) -> InputStats:
-    """Run ``model`` on each input and record min/max per input channel of each layer in ``layers``."""
+def observe_inputs(
+    model: nn.Module,
+    runs: list[ExampleInputs],
+    layers: set[str],
+    noise: dict[str, list[int]] | None = None,
+) -> InputStats:
+    """Run ``model`` on each input and record min/max per input channel of each layer in ``layers``.
+
+    ``noise``: layer -> output channels to which large random noise is added on the way (to prove
+    that nothing those channels carry reaches a consumer)."""
     stats = InputStats()
     hooks = []
+    generator = torch.Generator().manual_seed(0)
     for name, module in model.named_modules():
         shrinker = shrinker_for(module)
-        if name not in layers or shrinker is None:
+        if shrinker is None:
             continue
-        hooks.append(module.register_forward_pre_hook(_recorder(stats, name, shrinker.input_channel_dim)))
+        if noise and noise.get(name):
+            hooks.append(module.register_forward_hook(_noise(noise[name], shrinker.input_channel_dim, generator)))
+        if name in layers:
+            hooks.append(module.register_forward_pre_hook(_recorder(stats, name, shrinker.input_channel_dim)))
     try:
         with torch.no_grad():
             for run in runs:
@@ -142,20 +154,42 @@ def _recorder(stats: InputStats, name: str, dim: int) -> Any:
     return hook
 
 
+def _noise(channels: list[int], dim: int, generator: torch.Generator) -> Any:
+    idx = torch.tensor(channels, dtype=torch.long)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        scale = 10.0 * (1.0 + float(out.detach().abs().max()))
+        shape = list(out.shape)
+        shape[dim] = len(channels)
+        noise = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(out)
+        return out.index_add(dim, idx.to(out.device), noise)
+
+    return hook
+
+
 def consumer_layers(groups: list[ChannelGroup], model: nn.Module) -> set[str]:
     modules = dict(model.named_modules())
     return {m.name for g in groups for m in _mixing(g.layers(IN), modules)}
 
 
 def plan_groups(
-    model: nn.Module, groups: list[ChannelGroup], stats: InputStats, *, round_to: int = 1
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    stats: InputStats,
+    *,
+    round_to: int = 1,
+    runs: list[ExampleInputs] | None = None,
 ) -> list[GroupPlan]:
-    """One plan per group. ``round_to``: keep each group's surviving channel count a multiple of it."""
+    """One plan per group. ``round_to``: keep each group's surviving channel count a multiple of it.
+    ``runs``: inputs to prove gated zeros with (see :func:`_gated_zeros`); without them none are."""
     if round_to < 1:
         raise ValueError(f"round_to must be a positive integer, found {round_to}")
     modules: dict[str, Any] = dict(model.named_modules())
     modules.update(dict(model.named_parameters()))
-    plans = [_plan_group(g, modules, stats, round_to) for g in groups]
+    plans = []
+    for g in groups:
+        gated = _gated_zeros(model, g, modules, stats, runs) if runs else set()
+        plans.append(_plan_group(g, modules, stats, round_to, gated))
     return round_layers(model, plans, round_to)
 
 
@@ -205,7 +239,44 @@ def _role(obj: Any) -> Role | None:
     return shrinker.role_of(obj) if shrinker is not None else None
 
 
-def _plan_group(group: ChannelGroup, modules: dict[str, Any], stats: InputStats, round_to: int = 1) -> GroupPlan:
+def _gated_zeros(
+    model: nn.Module, group: ChannelGroup, modules: dict[str, Any], stats: InputStats, runs: list[ExampleInputs]
+) -> set[int]:
+    """Root channels that are exactly zero downstream of a multiply although one of their writers lives.
+
+    Several mixing layers write a group through an add or a multiply; Torch-Pruning does not say which.
+    For an add, a channel is input-independent only when every writer is dead. For a multiply (a gate,
+    squeeze-excite) a dead writer emitting 0 is enough: ``0 * g = 0``. A candidate has a dead writer,
+    a live one, and reads exactly 0 at every consumer; it is proved when large random noise added to
+    the live writers' channels still leaves exactly 0 at every consumer.
+    """
+    if not any("MulBackward" in m.name for m in group.members):
+        return set()
+    producers = _mixing(group.layers(OUT), modules)
+    consumers = [c for c in _mixing(group.layers(IN), modules) if c.name in stats.lo]
+    if len(producers) < 2 or not consumers:
+        return set()
+    dead = {p.name: _all_zero([p], modules, group.size, lambda s, m, i: s.out_rows_zero(m, i)) for p in producers}
+
+    def reads_zero(st: InputStats, r: int) -> bool:
+        ks = [st.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r]]
+        return bool(ks) and all(k is not None and bool((k == 0).all()) for k in ks)
+
+    candidates = [
+        r
+        for r in range(group.size)
+        if any(dead[p.name][r] for p in producers) and not all(dead[p.name][r] for p in producers) and reads_zero(stats, r)
+    ]
+    if not candidates:
+        return set()
+    noise = {p.name: [i for r in candidates if not dead[p.name][r] for i in p.idxs[r]] for p in producers}
+    shaken = observe_inputs(model, runs, {c.name for c in consumers}, noise)
+    return {r for r in candidates if reads_zero(shaken, r)}
+
+
+def _plan_group(
+    group: ChannelGroup, modules: dict[str, Any], stats: InputStats, round_to: int = 1, gated: set[int] | None = None
+) -> GroupPlan:
     producers = _mixing(group.layers(OUT), modules)
     consumers = _mixing(group.layers(IN), modules)
     if not producers:
@@ -213,6 +284,7 @@ def _plan_group(group: ChannelGroup, modules: dict[str, Any], stats: InputStats,
     indep = _all_zero(producers, modules, group.size, lambda s, m, i: s.out_rows_zero(m, i))
     if len(producers) == 1:  # one writer: a BatchNorm with weight 0 after it forgets its input too
         indep = [a or b for a, b in zip(indep, _norm_forgets(group, modules))]
+    indep = [a or r in (gated or set()) for r, a in enumerate(indep)]
     ignored = (
         _all_zero(consumers, modules, group.size, lambda s, m, i: s.in_cols_zero(m, i))
         if consumers

@@ -269,27 +269,33 @@ def test_removed_fraction_over_the_zoo(zoo_results: ZooResults, capsys: pytest.C
 
 
 class GatedStream(nn.Module):
-    """``relu(conv(x)) * sigmoid(gate(x))``: a dead, zero channel of the stream is zero after the gate."""
+    """``relu(conv(x)) * sigmoid(gate(x))`` (or ``+``): a dead conv channel emitting 0 is zero after a
+    multiply, whatever the gate; after an add it is the gate's channel, alive."""
 
-    def __init__(self) -> None:
+    def __init__(self, op: str) -> None:
         super().__init__()
+        self.op = op
         self.conv, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
         self.out = nn.Conv2d(8, 4, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(F.relu(self.conv(x)) * torch.sigmoid(self.gate(x))).mean((2, 3))
+        a, g = F.relu(self.conv(x)), torch.sigmoid(self.gate(x))
+        return self.out(a * g if self.op == "mul" else a + g).mean((2, 3))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a group written by two mixing layers counts as input-independent only when both are dead: "
-    "right for an add, too strict for a multiply (0 * anything = 0); the gated zeros stay",
-)
-def test_zero_channel_times_gate_is_removed() -> None:
+@pytest.mark.parametrize("op", ["mul", "add"])
+def test_dead_channel_times_gate_is_removed_plus_gate_is_not(op: str) -> None:
     torch.manual_seed(0)
-    model = GatedStream().eval()
-    prune.custom_from_mask(model.conv, "weight", torch.ones(8, 3, 3, 3).index_fill_(0, torch.tensor([0, 1, 2]), 0))
-    prune.custom_from_mask(model.conv, "bias", torch.ones(8).index_fill_(0, torch.tensor([0, 1, 2]), 0))
-    small, _ = compactor.compact(model, torch.randn(2, 3, 6, 6))
+    model = GatedStream(op).eval()
+    dead = [0, 1, 2, 3, 4]
+    prune.custom_from_mask(model.conv, "weight", torch.ones(8, 3, 3, 3).index_fill_(0, torch.tensor(dead), 0))
+    with torch.no_grad():  # dead filters emit relu(bias): 0 for 0, 1, 2, 4; 0.5 for 3 (varies with the gate)
+        model.conv.bias[torch.tensor(dead)] = torch.tensor([0.0, 0.0, -0.3, 0.5, -1.0])
+    small, report = compactor.compact(model, torch.randn(2, 3, 6, 6))
     _assert_equal_outputs(model, small, (2, 3, 6, 6))
-    assert small.conv.out_channels == 5
+    if op == "mul":
+        assert (small.conv.out_channels, small.gate.out_channels, small.out.in_channels) == (4, 4, 4)
+        assert Counter(z.fate for z in report.zeroed) == {Fate.REMOVED.value: 4}
+    else:
+        assert (small.conv.out_channels, small.gate.out_channels, small.out.in_channels) == (8, 8, 8)
+        assert not report.zeroed

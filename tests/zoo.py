@@ -121,12 +121,15 @@ class Link:
     activations (``"relu"``, ``"relu6"``) on the way to the point where the paths are summed (a residual
     add); ``after``: channelwise layers and activations after the sum; ``reads``: the mixing layers
     that read the result. ``blocked``: the group must be kept whole (the reason's text, matched loosely).
+    ``gated``: the first path is multiplied by the others (a gate) instead of added to them: a channel
+    is zero downstream when the first path carries 0, and otherwise varies with the gate.
     """
 
     paths: tuple[tuple[str, ...], ...]
     reads: tuple[Read, ...]
     after: tuple[str, ...] = ()
     blocked: str = ""
+    gated: bool = False
 
     @property
     def root(self) -> str:
@@ -278,6 +281,9 @@ def expected_fates(model: nn.Module, link: Link, shape: Sequence[int] | None = N
     n = _weight(first).shape[_out_dim(first)]
     dead = {c for c in range(n) if all(_row_zero(modules[p[0]], c) for p in link.paths)}
     dead |= {c for c in range(n) if len(link.paths) == 1 and _slimmed(modules, link.paths[0], c)}
+    if link.gated:  # zero times the gate is zero; any other constant times the gate varies: not zeroed
+        main = link.paths[0]
+        dead = {c for c in range(n) if _row_zero(modules[main[0]], c) and _value(modules, Link((main,), ()), c, set(), {}) == 0.0}
     fates: list[str] = []
     values: list[float | None] = []
     for c in range(n):
@@ -291,7 +297,7 @@ def expected_fates(model: nn.Module, link: Link, shape: Sequence[int] | None = N
         elif ignored:
             fates.append(REMOVED)
         else:
-            value = _value(modules, link, c, dead, sizes)
+            value = 0.0 if link.gated else _value(modules, link, c, dead, sizes)
             if value is None:
                 fates.append(KEPT)
             elif value == 0.0:
@@ -899,6 +905,7 @@ def _se() -> nn.Module:
     m = SqueezeExcite()
     mask_channels(m.reduce, [0, 3, 5])  # bias kept: relu(b) folded into expand
     mask_ln(m.b1[0], 0.5)
+    mask_ln(m.b0[0], 0.5)  # gated by expand: 0 * gate goes, relu(beta) * gate stays
     return _finish(m, (2, 3, 10, 10))
 
 
@@ -1064,6 +1071,7 @@ CASES: tuple[Case, ...] = (
         (
             _l(("reduce", RELU), reads=(R("expand"),)),
             _l(("b1.0", "b1.1", RELU), reads=(R("fc"),)),
+            Link((("b0.0", "b0.1", RELU), ("expand",)), (R("reduce"), R("b1.0")), gated=True),
         ),
     ),
     Case(
