@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ class ChannelGroup:
     members: tuple[Member, ...]
     reaches_output: bool
     issues: tuple[str, ...]
+    norm_after: tuple[tuple[str, str], ...] = ()  # (member layer, the BatchNorm it alone feeds)
 
     def layers(self, side: str | None = None) -> list[Member]:
         return [m for m in self.members if m.is_layer and (side is None or m.side == side)]
@@ -98,6 +99,7 @@ class _tracing_state:
 def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -> list[ChannelGroup]:
     module_names = {m: n for n, m in model.named_modules()}
     covered: set[tuple[str, str, int]] = set()  # (layer, side, index) already in a group
+    norms = _norm_after(graph, module_names)
     groups: list[ChannelGroup] = []
     for module in list(graph.module2node.keys()):
         if not isinstance(module, nn.Module) or not _is_mixing_producer(module):
@@ -111,10 +113,30 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
             warnings.simplefilter("ignore")
             tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(n)))
         group = _convert(tp_group, graph, name, n, module_names, param_names, covered)
+        group = replace(group, norm_after=tuple((m.name, norms[m.name]) for m in group.layers() if m.name in norms))
         for member in group.layers():
             covered.update((member.name, member.side, i) for idx in member.idxs for i in idx)
         groups.append(group)
     return groups
+
+
+def _norm_after(graph: Any, module_names: dict[nn.Module, str]) -> dict[str, str]:
+    """Mixing layers whose output goes to exactly one place, a BatchNorm of the same width."""
+    found = {}
+    for module, node in graph.module2node.items():
+        if not isinstance(module, nn.Module) or module not in module_names or len(node.outputs) != 1:
+            continue
+        after = node.outputs[0].module
+        shrinker = shrinker_for(module)
+        if (
+            isinstance(after, nn.modules.batchnorm._BatchNorm)
+            and after in module_names
+            and shrinker is not None
+            and shrinker.role_of(module) is Role.MIXING
+            and shrinker.out_channels(module) == after.num_features
+        ):
+            found[module_names[module]] = module_names[after]
+    return found
 
 
 def _is_mixing_producer(module: nn.Module) -> bool:

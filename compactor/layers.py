@@ -66,6 +66,10 @@ class Shrinker:
         """Add the effect of input indices ``idx`` holding constants ``k`` to the bias (in place)."""
         raise NotImplementedError
 
+    def fold_delta(self, m: Any, idx: Index, k: torch.Tensor) -> torch.Tensor:
+        """The effect of input indices ``idx`` holding constants ``k``: one value per output channel."""
+        raise NotImplementedError
+
     def merge_into(self, m: Any, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
         """Linear in its inputs: ``W[:, carrier] += sum_i ratio_i * W[:, idx_i]`` (in place)."""
         raise NotImplementedError
@@ -179,9 +183,11 @@ class ConvShrinker(Shrinker):
         return m.groups == 1 and (not _zero_padded(m) or m.padding_mode != "zeros")
 
     def fold_constant(self, m: nn.Conv2d, idx: Index, k: torch.Tensor) -> None:
+        _add_to_bias(m, self.fold_delta(m, idx, k))
+
+    def fold_delta(self, m: nn.Conv2d, idx: Index, k: torch.Tensor) -> torch.Tensor:
         w = m.weight.detach()
-        delta = (w[:, idx].flatten(2).sum(-1) * k.to(w)).sum(1)
-        _add_to_bias(m, delta)
+        return (w[:, idx].flatten(2).sum(-1) * k.to(w)).sum(1)
 
     def merge_into(self, m: nn.Conv2d, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
         with torch.no_grad():
@@ -284,8 +290,11 @@ class LinearShrinker(Shrinker):
         return True
 
     def fold_constant(self, m: nn.Linear, idx: Index, k: torch.Tensor) -> None:
+        _add_to_bias(m, self.fold_delta(m, idx, k))
+
+    def fold_delta(self, m: nn.Linear, idx: Index, k: torch.Tensor) -> torch.Tensor:
         w = m.weight.detach()
-        _add_to_bias(m, (w[:, idx] * k.to(w)).sum(1))
+        return (w[:, idx] * k.to(w)).sum(1)
 
     def merge_into(self, m: nn.Linear, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
         with torch.no_grad():

@@ -59,11 +59,14 @@ class ChannelFate:
 
 @dataclass(frozen=True)
 class Fold:
-    """Add the effect of constants ``k`` on input indices ``idx`` of ``layer`` to its bias."""
+    """Add the effect of constants ``k`` on input indices ``idx`` of ``layer`` to its bias; or, where
+    ``layer`` has no bias and feeds only the BatchNorm ``norm``, subtract it from that norm's
+    ``running_mean`` (the same function, and the architecture keeps ``bias=False``)."""
 
     layer: str
     idx: tuple[int, ...]
     k: tuple[float, ...]
+    norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -462,7 +465,8 @@ def _compensate(
                 continue
             k = constants[r][c.name]
             if _nonzero(k):
-                folds[r].append(Fold(c.name, tuple(c.idxs[r]), tuple(float(v) for v in k)))
+                norm = dict(group.norm_after).get(c.name) if getattr(modules[c.name], "bias", None) is None else None
+                folds[r].append(Fold(c.name, tuple(c.idxs[r]), tuple(float(v) for v in k), norm))
         if merged:
             fates[r] = ChannelFate(r, Fate.MERGED, f"constant merged into channel {carrier}")
         else:

@@ -40,9 +40,16 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> nn.Module:
 def _compensate(plan: GroupPlan, modules: dict[str, nn.Module]) -> None:
     for fold in plan.folds:
         module = modules[fold.layer]
-        shrinker_for(module).fold_constant(  # type: ignore[union-attr]
-            module, torch.tensor(fold.idx, dtype=torch.long), torch.tensor(fold.k, dtype=torch.float64)
-        )
+        shrinker = shrinker_for(module)
+        assert shrinker is not None
+        idx, k = torch.tensor(fold.idx, dtype=torch.long), torch.tensor(fold.k, dtype=torch.float64)
+        norm = modules.get(fold.norm) if fold.norm else None
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            if norm.running_mean is not None:  # without running stats the batch mean absorbs any shift
+                with torch.no_grad():
+                    norm.running_mean -= shrinker.fold_delta(module, idx, k).to(norm.running_mean)
+        else:
+            shrinker.fold_constant(module, idx, k)
     for merge in plan.merges:
         module = modules[merge.layer]
         shrinker_for(module).merge_into(  # type: ignore[union-attr]

@@ -101,6 +101,11 @@ def test_zoo(case: Case, zoo_results: ZooResults) -> None:
     _check_outputs(model, small, case)
     _assert_no_pruning_state(small)
     _assert_no_empty_layer(small)
+    original = dict(model.named_parameters())
+    for name, p in small.named_parameters():
+        source = original.get(name, original.get(f"{name}_orig"))
+        assert source is not None, f"{name} appeared"
+        assert (p.dtype, p.device, p.requires_grad) == (source.dtype, source.device, source.requires_grad), name
 
     # every rebuilt layer has exactly the channel count the oracle computes from masks and norms
     expected = expected_widths(model, case.links, case.shape)
