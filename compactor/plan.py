@@ -216,7 +216,8 @@ def round_layers(model: nn.Module, plans: list[GroupPlan], round_to: int) -> lis
                 if idx:
                     removed[(member.name, member.side)] |= idx
                     touching[(member.name, member.side)].add(i)
-        off = [key for key, idx in removed.items() if (_width(modules, *key) or round_to) % round_to != len(idx) % round_to]
+        widths = {key: _width(modules, *key) for key in removed}
+        off = [key for key, idx in removed.items() if widths[key] is not None and (widths[key] - len(idx)) % round_to]
         if not off:
             return plans
         for name, side in off:

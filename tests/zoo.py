@@ -157,7 +157,8 @@ class Fates:
 
 
 def _modules(model: nn.Module) -> dict[str, nn.Module]:
-    return dict(model.named_modules())
+    """Modules and bare parameters (a LayerScale ``gamma``) by name."""
+    return {**dict(model.named_parameters()), **dict(model.named_modules())}  # type: ignore[dict-item]
 
 
 def _weight(m: nn.Module) -> torch.Tensor:
@@ -214,7 +215,9 @@ def _through(
             values = {min(max(x, 0.0), 6.0) for x in values}
             continue
         m = modules[step]
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.Parameter):  # a per-channel scale
+            values = {x * float(m.detach()[c]) for x in values}
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             mean, var = float(m.running_mean[c]), float(m.running_var[c])
             gamma, beta = float(m.weight.detach()[c]), float(m.bias.detach()[c])
             values = {(x - mean) / (var + m.eps) ** 0.5 * gamma + beta for x in values}
@@ -398,6 +401,8 @@ def expected_widths(
 
 
 def _widths(m: nn.Module) -> tuple[int | None, int | None]:
+    if isinstance(m, nn.Parameter):
+        return m.shape[0], None
     if isinstance(m, nn.Linear):
         return m.out_features, m.in_features
     if isinstance(m, nn.modules.conv._ConvNd):
@@ -657,6 +662,21 @@ class PaddingModes(nn.Module):
         x = F.relu(self.bn0(self.c0(x)))
         y = F.relu(self.same(x) + self.reflect(x))
         return self.fc(self.circular(y).mean((2, 3)))
+
+
+class LayerScale(nn.Module):
+    """A learnt per-channel scale (a bare ``nn.Parameter``, ConvNeXt-style) between two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.c2 = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.c1(x))) * self.gamma.view(1, -1, 1, 1)
+        return self.fc(self.c2(x).mean((2, 3)))
 
 
 class DeadLayer(nn.Module):
@@ -933,6 +953,12 @@ def _padding_modes() -> nn.Module:
     return _finish(m, (2, 3, 9, 9))
 
 
+def _layer_scale() -> nn.Module:
+    m = LayerScale()
+    mask_ln(m.c1, 0.5)
+    return _finish(m, (2, 3, 8, 8))
+
+
 def _dead() -> nn.Module:
     m = DeadLayer()
     mask_random(m.conv2, 1.0)
@@ -1096,6 +1122,12 @@ CASES: tuple[Case, ...] = (
             _l(("c0", "bn0", RELU), reads=(R("same"), R("reflect"))),
             _l(("same",), ("reflect",), after=(RELU,), reads=(R("circular"),)),
         ),
+    ),
+    Case(
+        "layer_scale",
+        _layer_scale,
+        (2, 3, 8, 8),
+        (_l(("c1", "bn", RELU, "gamma"), reads=(R("c2"),)),),
     ),
     Case(
         "dead_layer",
