@@ -57,16 +57,28 @@ def compact(
         generator = torch.Generator().manual_seed(0)
         runs = [inputs] + [inputs.fresh(generator) for _ in range(FRESH_RUNS)]
         references = reference_outputs(masked, runs)
+        # Decide in float64 where the model holds 16-bit floats: their rounding (8 bits of mantissa in
+        # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
+        wide = _widened(masked, baked, runs)
+        d_baked, d_runs, d_references = wide if wide is not None else (baked, runs, references)
     say("tracing channel dependencies (torch-pruning)")
     with _timed(seconds, "graph"):
-        groups = build_groups(baked, inputs)
+        groups = build_groups(d_baked, d_runs[0])
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):
-        stats = observe_inputs(baked, runs[:2], consumer_layers(groups, baked))
-        plans = plan_groups(baked, groups, stats, round_to=round_to, runs=runs[:2])
+        stats = observe_inputs(d_baked, d_runs[:2], consumer_layers(groups, d_baked))
+        plans = plan_groups(d_baked, groups, stats, round_to=round_to, runs=d_runs[:2])
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
-        plans, small, verdict = _search(baked, plans, runs, references, tolerance, say, round_to)
+        plans, small, verdict = _search(d_baked, plans, d_runs, d_references, tolerance, say, round_to)
+        if wide is not None:  # the same plans on the model as it is, checked in its own precision
+            small = apply_plans(baked, [p for p in plans if p.removed])
+            verdict = compare(small, runs, references, tolerance)
+            if not verdict.ok:
+                raise VerificationError(
+                    f"the plans verified in float64 do not reproduce the model in its own precision: "
+                    f"{verdict.summary()}; compact a float32 copy and convert the result"
+                )
     small.train(model.training)
 
     report = CompactionReport(
@@ -83,6 +95,31 @@ def compact(
         extra={"graph_issues": sorted({i for g in groups for i in g.issues})},
     )
     return small, report
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _widened(
+    masked: nn.Module, baked: nn.Module, runs: list[ExampleInputs]
+) -> tuple[nn.Module, list[ExampleInputs], list[Any]] | None:
+    """float64 copies of the baked model, the inputs and the reference outputs, if the model holds
+    16-bit floats; None otherwise."""
+    tensors = [*baked.parameters(), *baked.buffers()]
+    if not any(t.dtype in _LOW_PRECISION for t in tensors):
+        return None
+    wide_runs = [
+        ExampleInputs(
+            args=tuple(_wide(t) for t in r.args), kwargs={k: _wide(v) for k, v in r.kwargs.items()}
+        )
+        for r in runs
+    ]
+    wide_masked = clone_module(masked).to(torch.float64)
+    return clone_module(baked).to(torch.float64), wide_runs, reference_outputs(wide_masked, wide_runs)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64) if t.is_floating_point() else t
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs:

@@ -276,3 +276,26 @@ def test_zoo_other_weights(case: Case, seed: int) -> None:
         oracle = Counter(f for f in expected_fates(model, link, case.shape).fates if f != "live")
         engine = Counter(KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer in roots)
         assert engine == oracle, f"group of {link.root}"
+
+
+_HALF = [(c.name, torch.bfloat16) for c in CASES] + [(n, torch.float16) for n in ("conv_chain", "mlp", "roll_channels")]
+
+
+@pytest.mark.parametrize(("name", "dtype"), _HALF, ids=[f"{n}-{str(d)[6:]}" for n, d in _HALF])
+def test_half_precision_compacts_like_float32(name: str, dtype: torch.dtype, zoo_results: ZooResults) -> None:
+    """16-bit models: plans are decided in float64 (bfloat16 rounding, ~4e-3, would hide the wrong
+    ``torch.roll`` plan, whose error is ~3e-2), then checked in the model's own precision within a few
+    ulps. The same channels go as in float32, and the result keeps the model's dtype."""
+    case = next(c for c in CASES if c.name == name)
+    report32 = zoo_results.get(case)[2]
+    model = case.model().to(dtype)
+    small, report = compactor.compact(model, case.inputs(1).to(dtype))
+    assert [(c.name, c.out_after, c.in_after) for c in report.layers] == [
+        (c.name, c.out_after, c.in_after) for c in report32.layers
+    ]
+    assert Counter(z.fate for z in report.zeroed) == Counter(z.fate for z in report32.zeroed)
+    assert all(p.dtype == dtype for p in small.parameters())
+    x = case.inputs(11).to(dtype)
+    eps = torch.finfo(dtype).eps
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=4 * eps, atol=4 * eps)
