@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import ExampleInputError, VerificationError
 from .graph import build_groups
+from .heads import HeadChange, compact_heads, head_layers
 from .inputs import ExampleInputs, infer_example_inputs, run
 from .masks import bake_masks, clone_module
 from .plan import IGNORED, GroupPlan, consumer_layers, observe_inputs, plan_groups, round_layers
@@ -57,6 +58,19 @@ def compact(
         generator = torch.Generator().manual_seed(0)
         runs = [inputs] + [inputs.fresh(generator) for _ in range(FRESH_RUNS)]
         references = reference_outputs(masked, runs)
+    original = baked
+    heads: list[HeadChange] = []
+    if head_layers(baked):  # whole attention heads first: channel groups cannot take them apart
+        say("removing zeroed attention heads")
+        with _timed(seconds, "heads"):
+
+            def check(candidate: nn.Module) -> str | None:
+                verdict = compare(candidate, runs, references, tolerance)
+                return None if verdict.ok else verdict.summary()
+
+            baked, heads = compact_heads(baked, inputs, verify=check)
+            baked.eval()
+    with _timed(seconds, "float64"):
         # Decide in float64 where the model holds 16-bit floats: their rounding (8 bits of mantissa in
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
         wide = _widened(masked, baked, runs)
@@ -82,17 +96,20 @@ def compact(
     small.train(model.training)
 
     report = CompactionReport(
-        params={"before": count_params(baked), "after": count_params(small)},
-        file_bytes={"before": serialized_bytes(baked), "after": serialized_bytes(small)},
+        params={"before": count_params(original), "after": count_params(small)},
+        file_bytes={"before": serialized_bytes(original), "after": serialized_bytes(small)},
         max_abs_error=verdict.max_abs_error,
         tolerance=tolerance,
         verified_runs=len(runs),
         inputs=inputs.describe(),
-        layers=layer_changes(baked, small),
+        layers=layer_changes(original, small),
         zeroed=zeroed_channels(plans),
         warnings=tuple(_warnings(masked, plans, runs)),
         seconds=seconds,
-        extra={"graph_issues": sorted({i for g in groups for i in g.issues})},
+        extra={
+            "graph_issues": sorted({i for g in groups for i in g.issues}),
+            **({"heads": [h.to_dict() for h in heads]} if heads else {}),
+        },
     )
     return small, report
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .graph import IN, OUT, ChannelGroup, Member
+from .heads import head_layers
 from .inputs import ExampleInputs
 from .layers import Role, shrinker_for
 
@@ -189,10 +190,11 @@ def plan_groups(
         raise ValueError(f"round_to must be a positive integer, found {round_to}")
     modules: dict[str, Any] = dict(model.named_modules())
     modules.update(dict(model.named_parameters()))
+    heads = head_layers(model)
     plans = []
     for g in groups:
         gated = _gated_zeros(model, g, modules, stats, runs) if runs else set()
-        plans.append(_plan_group(g, modules, stats, round_to, gated))
+        plans.append(_plan_group(g, modules, stats, round_to, gated, heads))
     return round_layers(model, plans, round_to)
 
 
@@ -279,7 +281,12 @@ def _gated_zeros(
 
 
 def _plan_group(
-    group: ChannelGroup, modules: dict[str, Any], stats: InputStats, round_to: int = 1, gated: set[int] | None = None
+    group: ChannelGroup,
+    modules: dict[str, Any],
+    stats: InputStats,
+    round_to: int = 1,
+    gated: set[int] | None = None,
+    heads: dict[tuple[str, str], str] | None = None,
 ) -> GroupPlan:
     producers = _mixing(group.layers(OUT), modules)
     consumers = _mixing(group.layers(IN), modules)
@@ -297,7 +304,7 @@ def _plan_group(
     zeroed = [r for r in range(group.size) if indep[r] or ignored[r]]
     if not zeroed:
         return GroupPlan(group, ())
-    blocker = _blocker(group, modules)
+    blocker = _blocker(group, modules, heads or {})
     if blocker:
         return GroupPlan(group, tuple(ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, blocker) for r in zeroed))
 
@@ -373,9 +380,12 @@ def _all_zero(members: list[Member], modules: dict[str, Any], size: int, test: A
 _FIXED_SLICES = {"_SplitOp": "split/chunk", "_UnbindOp": "unbind", "_SliceOp": "slice"}
 
 
-def _blocker(group: ChannelGroup, modules: dict[str, Any]) -> str | None:
+def _blocker(group: ChannelGroup, modules: dict[str, Any], heads: dict[tuple[str, str], str]) -> str | None:
     if group.reaches_output:
         return "the channel is part of a model output"
+    for member in group.layers():
+        if (member.name, member.side) in heads:  # a single channel cannot leave a head
+            return f"{member.name} holds the attention heads of {heads[(member.name, member.side)]}: channels go only as whole heads"
     if group.issues:  # a member was dropped: a plan without it would leave that layer's channels behind
         return group.issues[0]
     for member in group.members:

@@ -116,17 +116,24 @@ def render(report: CompactionReport, console: Console) -> None:
     console.print(
         f"zeroed channels: {len(report.zeroed)}, of which "
         + (", ".join(f"{v} {k}" for k, v in fates.items()) or "none")
-        + f"; removed {report.removed_fraction:.0%}"
+        + f"; removed {report.removed_fraction:.0%}",
+        markup=False,
     )
     kept = Counter((z.layer, z.fate, z.reason) for z in report.zeroed if not Fate(z.fate).removed)
     for (layer, fate, reason), n in sorted(kept.items()):
-        console.print(f"  {layer}: {n} {fate} ({reason})")
+        console.print(f"  {layer}: {n} {fate} ({reason})", markup=False)
+    for h in report.extra.get("heads", []):
+        console.print(
+            f"attention heads of {h['layer']}: {_arrow(h['heads_before'], h['heads_after'])} ({h['reason']})",
+            markup=False,
+        )
     console.print(
         f"verified on {report.verified_runs} runs [{report.inputs}]: max abs error {report.max_abs_error:.3g} "
-        f"(tolerance {report.tolerance:g} × max(1, |output|))"
+        f"(tolerance {report.tolerance:g} × max(1, |output|))",
+        markup=False,
     )
     for w in report.warnings:
-        console.print(f"warning: {w}")
+        console.print(f"warning: {w}", markup=False)
 
 
 def layer_changes(before: nn.Module, after: nn.Module) -> tuple[LayerChange, ...]:

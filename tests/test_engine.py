@@ -152,7 +152,9 @@ def _check_report(report: compactor.CompactionReport) -> None:
     kept = [z for z in d["zeroed"] if not Fate(z["fate"]).removed]
     assert all(z["fate"].startswith("kept") or z["fate"] == "carrier" for z in kept)
     assert d["channels"]["zeroed"] == len(d["zeroed"])
-    assert "compactor: dense vs compacted" in report.table()
+    table = report.table()
+    assert "compactor: dense vs compacted" in table
+    assert f"[{report.inputs}]" in table  # square brackets printed, not eaten as rich markup
 
 
 def test_caller_hooks_kept_and_training_flag_dtype_requires_grad_preserved() -> None:
