@@ -385,12 +385,6 @@ def test_heads_then_compact_gives_a_smaller_exact_model() -> None:
     assert_same(model, reloaded(small), inputs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api.compact() does not call compactor.heads.compact_heads yet: torch-pruning couples query/key/value "
-    "rows with output.dense columns, so the engine drops the masked heads' channels but leaves "
-    "num_attention_heads/all_head_size stale (4/64 for 2 heads) and reports no heads",
-)
 def test_compact_updates_head_counts_of_masked_heads() -> None:
     model = bert()
     mask_whole_heads(model.encoder.layer[0].attention, [1, 3])
@@ -640,13 +634,6 @@ def test_head_layers_names_the_projections_that_hold_heads() -> None:
     assert len(layers) == 8  # two layers, four projections each
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan._blocker does not know attention heads: torch-pruning couples query/key/value/output.dense "
-    "channel by channel (it treats SDPA as elementwise), the plan removes single channels, the rebuilt "
-    "view(..., -1, head_size) fails and the group is restored as 'kept: verification failed' with a "
-    "RuntimeError as its reason. Fix: block groups holding a (layer, side) of compactor.heads.head_layers()",
-)
 def test_channels_of_a_head_are_kept_with_a_head_reason() -> None:
     """Zero output.dense columns that do not make up whole heads: exact compaction must keep them."""
     model = bert()
