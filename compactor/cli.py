@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from . import __version__
+from .api import _example_inputs as resolve_example_inputs
 from .api import compact
 from .errors import (
     CompactorError,
@@ -29,6 +30,7 @@ from .errors import (
 from .inputs import ExampleInputs, parse_shape
 from .load import load_module
 from .report import CompactionReport, render
+from .formats import format_for, save_output
 from .save import check_output_path, save_module, write_atomically
 from .verify import DEFAULT_TOLERANCE
 
@@ -39,6 +41,14 @@ examples:
   compact model.pt -o small.pt --example-inputs batch.pt --report report.json
   compact bert.pt -o small.pt --example-inputs tokens.pt     (a dict of input_ids, attention_mask)
   compact model.pt -o small.pt --input-shape 1,3,32,32 --input-shape 1,10   (two positional inputs)
+  compact model.pt -o small.pt2 --input-shape 1,3,224,224 --bench --onnx small.onnx
+  compact weights.pt --arch mypkg.models:resnet18 -o small.safetensors --input-shape 1,3,224,224
+  compact last.ckpt --arch mypkg.models:resnet18 --prefix model. -o small.pt --input-shape 1,3,224,224
+  compact sparse.pt -o sparse.safetensors --sparse-storage --input-shape 1,3,224,224
+
+output formats (by the suffix of -o, or --format): .pt pickled module; .pt2 torch.export program that runs
+without your class; .onnx checked with onnx.checker and ONNX Runtime; .safetensors weights + shape manifest,
+no pickle: reload with compactor.formats.load(arch, path). Every file is checked before it lands.
 
 MODEL is a file written by torch.save(model), masks attached (torch.nn.utils.prune) or baked in.
 It is loaded without running code from the file: only nn.Module classes, pruning methods and plain
@@ -85,7 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TOLERANCE,
         help=f"verification: max abs error <= TOL * max(1, max|output|) (default {DEFAULT_TOLERANCE:g})",
     )
+    p.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N (e.g. 8)")
     p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    sources = p.add_argument_group("state_dicts and checkpoints")
+    sources.add_argument("--arch", metavar="MODULE:CALLABLE", help="builds the dense model; MODEL is then a state_dict/.ckpt")
+    sources.add_argument("--prefix", metavar="P", help="key prefix to strip from a checkpoint (default: detected)")
+    outputs = p.add_argument_group("outputs and measurement")
+    outputs.add_argument("--format", choices=["pt", "pt2", "onnx", "safetensors"], help="output format (default: by suffix)")
+    outputs.add_argument("--onnx", metavar="FILE.onnx", help="also write the compacted model as ONNX (checked with ORT)")
+    outputs.add_argument(
+        "--sparse-storage", action="store_true", help="-o *.safetensors: store zero-heavy weights compressed (exact)"
+    )
+    outputs.add_argument("--bench", action="store_true", help="add MACs and latency (dense vs compacted) to the report")
+    outputs.add_argument(
+        "--backends", default="torch-cpu,onnxruntime-cpu,cuda", help="latency backends for --bench (default: %(default)s)"
+    )
+    outputs.add_argument("--threads", type=int, default=1, help="intra-op threads for --bench (default: %(default)s)")
+    outputs.add_argument("--repeats", type=int, default=30, help="timed calls per model for --bench (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="allow -o to replace the input file")
     p.add_argument("--trust-pickle", action="store_true", help="load MODEL with full pickle (runs code from it)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -117,45 +143,115 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console) -> int:
     if args.demo:
-        return _run_demo(args, err)
+        return _run_demo(args, parser, err)
     if not args.model:
         parser.error("MODEL is required (or use --demo)")
     if not args.output:
         parser.error("-o/--output is required: where to write the compacted model, e.g. -o small.pt")
-    out = check_output_path(args.output, args.model, force=args.force)
-    report_path = check_output_path(args.report, args.model, force=False) if args.report else None
-    model = load_module(args.model, trust_pickle=args.trust_pickle)
-    inputs = _example_inputs(args)
+    out, onnx_out, report_path = _check_outputs(args)
+    model = _load(args)
+    inputs = resolve_example_inputs(model, _example_inputs(args))
     small, report = _compact(model, inputs, args, err)
-    written = save_module(small, out)
-    report = report.with_extra(output={"path": str(out), "bytes": written}, input_file_bytes=Path(args.model).stat().st_size)
-    _finish(report, report_path, args)
+    report = _measure(model, small, inputs, report, args, err)
+    report = _write_outputs(small, inputs, out, onnx_out, report, args)
+    _finish(report.with_extra(input_file_bytes=Path(args.model).stat().st_size), report_path, args)
     return 0
 
 
-def _run_demo(args: argparse.Namespace, err: Console) -> int:
-    from .demo import demo_inputs, demo_model
+def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
+    """Every output path and option combination is checked before any work."""
+    out = check_output_path(args.output, args.model, force=args.force)
+    kind = format_for(out, args.format)
+    if args.sparse_storage and kind != "safetensors":
+        raise OutputPathError("--sparse-storage writes safetensors: give -o FILE.safetensors")
+    if args.prefix and not args.arch:
+        raise ExampleInputError("--prefix goes with --arch (it strips a checkpoint's key prefix)")
+    if args.round_to < 1:
+        raise ExampleInputError(f"--round-to {args.round_to}: give a positive channel multiple such as 8")
+    onnx_out = check_output_path(args.onnx, args.model, force=args.force) if args.onnx else None
+    report_path = check_output_path(args.report, args.model, force=False) if args.report else None
+    return out, onnx_out, report_path
 
-    workdir = Path(args.output).parent if args.output else Path(tempfile.mkdtemp(prefix="compactor-demo-"))
-    out = check_output_path(args.output or workdir / "small.pt", None, force=True)
+
+def _load(args: argparse.Namespace) -> torch.nn.Module:
+    if args.arch:
+        from .state_dict import load_state_dict_model
+
+        return load_state_dict_model(args.model, args.arch, prefix=args.prefix)
+    return load_module(args.model, trust_pickle=args.trust_pickle)
+
+
+def _measure(
+    model: torch.nn.Module, small: torch.nn.Module, inputs: ExampleInputs, report: CompactionReport, args: argparse.Namespace, err: Console
+) -> CompactionReport:
+    from .measure import BACKENDS, bench, count_macs
+
+    if not args.bench:
+        return report.with_extra(macs={"before": count_macs(model, inputs), "after": count_macs(small, inputs)})
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ExampleInputError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if not args.quiet and err.is_terminal:
+        err.print(f"timing dense and compacted, interleaved, on {', '.join(backends)}", markup=False)
+    return report.with_extra(
+        **bench(model, small, inputs, backends=backends, threads=args.threads, repeats=args.repeats)  # type: ignore[arg-type]
+    )
+
+
+def _write_outputs(
+    small: torch.nn.Module,
+    inputs: ExampleInputs,
+    out: Path,
+    onnx_out: Path | None,
+    report: CompactionReport,
+    args: argparse.Namespace,
+) -> CompactionReport:
+    """Write -o (and --onnx); if any write fails, remove the ones this run already wrote."""
+    written: list[Path] = []
+    try:
+        if onnx_out is not None:
+            existed = onnx_out.exists()
+            onnx_bytes = save_output(small, onnx_out, inputs, format="onnx", tolerance=args.tolerance)
+            if not existed:
+                written.append(onnx_out)
+            report = report.with_extra(onnx={"path": str(onnx_out), "bytes": onnx_bytes})
+        if args.sparse_storage:
+            from .sparse import save_sparse
+
+            sparse = save_sparse(small, out)
+            report = report.with_extra(output={"path": str(out), "bytes": sparse.sparse_bytes}, sparse_storage=sparse.to_dict())
+        else:
+            size = save_output(small, out, inputs, format=args.format, tolerance=args.tolerance, arch=args.arch)
+            report = report.with_extra(output={"path": str(out), "bytes": size, "format": format_for(out, args.format)})
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console) -> int:
+    """Write a masked example model, then compact it exactly as ``compact MODEL -o OUT`` would."""
+    from .demo import DEMO_INPUT_SHAPE, demo_model
+
+    out = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="compactor-demo-")) / "small.pt"
     masked_path = out.parent / "demo_masked.pt"
+    check_output_path(masked_path, None, force=True)
     save_module(demo_model(), masked_path)
     if not args.quiet:
         err.print(f"demo: wrote a masked model to {masked_path}; compacting it to {out}", markup=False)
-    model = load_module(masked_path)
-    small, report = _compact(model, ExampleInputs.of(demo_inputs()), args, err)
-    written = save_module(small, out)
-    report = report.with_extra(output={"path": str(out), "bytes": written}, input_file_bytes=masked_path.stat().st_size)
-    report_path = check_output_path(args.report, None, force=False) if args.report else None
-    _finish(report, report_path, args)
-    return 0
+    args.demo, args.model, args.output = False, str(masked_path), str(out)
+    if not args.example_inputs and not args.input_shape:
+        args.input_shape = [",".join(map(str, DEMO_INPUT_SHAPE))]
+    return _run(args, parser, err)
 
 
 def _compact(model: torch.nn.Module, inputs: ExampleInputs | None, args: argparse.Namespace, err: Console) -> Any:
     if args.quiet or not err.is_terminal:
-        return compact(model, inputs, tolerance=args.tolerance)
+        return compact(model, inputs, tolerance=args.tolerance, round_to=args.round_to)
     with err.status("compacting") as status:
-        return compact(model, inputs, tolerance=args.tolerance, log=lambda msg: status.update(msg))
+        return compact(model, inputs, tolerance=args.tolerance, round_to=args.round_to, log=lambda msg: status.update(msg))
 
 
 def _finish(report: CompactionReport, report_path: Path | None, args: argparse.Namespace) -> None:

@@ -70,5 +70,8 @@ def _dead_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         bn.running_mean[dead] = 0.0
 
 
+DEMO_INPUT_SHAPE = (1, 3, 32, 32)
+
+
 def demo_inputs() -> torch.Tensor:
-    return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return torch.randn(DEMO_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))

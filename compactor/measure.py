@@ -43,11 +43,20 @@ _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of one forward pass of ``model`` on ``example_inputs`` (batch included)."""
+    """Multiply-accumulates of one forward pass of ``model`` on ``example_inputs`` (batch included).
+
+    The pass runs in eval mode (then the mode is restored): in train mode BatchNorm would update its
+    running statistics, and counting must not change the model.
+    """
     inputs = ExampleInputs.of(example_inputs)
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-    with counter, torch.inference_mode():
-        model(*inputs.args, **inputs.kwargs)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with counter, torch.inference_mode():
+            model.eval()(*inputs.args, **inputs.kwargs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
     return counter.get_total_flops() // 2
 
 

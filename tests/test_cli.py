@@ -125,6 +125,55 @@ def test_compacts_and_writes_model_and_report(workdir: Path) -> None:
     torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-5)
 
 
+def test_formats_bench_onnx_round_to_in_one_run(workdir: Path) -> None:
+    r = run_cli(
+        "masked.pt", "-o", "small.pt2", "--input-shape", "2,3,8,8", "--bench", "--backends", "torch-cpu",
+        "--repeats", "3", "--onnx", "small.onnx", "--round-to", "2", "--report", "bench.json", "-q", cwd=workdir,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((workdir / "bench.json").read_text())
+    assert set(report["latency_ms"]["torch-cpu"]) == {"before", "after"}
+    assert report["macs"]["after"] < report["macs"]["before"]
+    assert report["output"]["format"] == "pt2" and (workdir / "small.pt2").is_file()
+    assert (workdir / "small.onnx").is_file() and report["onnx"]["bytes"] == (workdir / "small.onnx").stat().st_size
+    conv1 = next(layer for layer in report["layers"] if layer["name"] == "conv1")
+    assert conv1["out_after"] % 2 == 0
+    program = torch.export.load(str(workdir / "small.pt2")).module()
+    x = torch.randn(2, 3, 8, 8)
+    sys.path.insert(0, str(workdir))
+    try:
+        import models
+
+        torch.testing.assert_close(program(x), models.masked_net()(x), rtol=1e-4, atol=1e-5)
+    finally:
+        sys.path.remove(str(workdir))
+
+
+def test_state_dict_with_arch_to_safetensors_and_sparse(workdir: Path) -> None:
+    from compactor.formats import load
+
+    r = run_cli("state_dict.pt", "--arch", "models:Net", "-o", "small.safetensors", "--input-shape", "1,3,8,8", "-q", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    r2 = run_cli(
+        "masked.pt", "-o", "sparse.safetensors", "--sparse-storage", "--input-shape", "1,3,8,8", "--report", "sparse.json",
+        "-q", cwd=workdir,
+    )  # fmt: skip
+    assert r2.returncode == 0, r2.stderr
+    assert json.loads((workdir / "sparse.json").read_text())["sparse_storage"]["sparse_bytes"] > 0
+    sys.path.insert(0, str(workdir))
+    try:
+        import models
+
+        x = torch.randn(2, 3, 8, 8)
+        expected = models.masked_net()(x)
+        for name in ("small.safetensors", "sparse.safetensors"):
+            small = load(models.Net, workdir / name).eval()
+            assert small.conv1.out_channels == 4, name
+            torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-5)
+    finally:
+        sys.path.remove(str(workdir))
+
+
 def test_file_saved_on_gpu_loads_on_cpu(workdir: Path) -> None:
     with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does on this machine
         torch.load(workdir / "gpu_saved.pt", weights_only=False)
@@ -170,6 +219,14 @@ BAD_INPUTS = [
     pytest.param(["masked.pt", "-o", "no/such/dir/o.pt"], "does not exist; create it first", id="missing-out-dir"),
     pytest.param(["masked.pt", "-o", "."], "is a directory", id="out-is-dir"),
     pytest.param(["masked.pt", "-o", "notes.txt/o.pt"], "is not a directory", id="out-parent-is-file"),
+    pytest.param(["masked.pt", "-o", "o.bin"], "unknown suffix '.bin'", id="unknown-suffix"),
+    pytest.param(["masked.pt", "-o", "o.pt", "--sparse-storage"], "--sparse-storage writes safetensors", id="sparse-needs-safetensors"),
+    pytest.param(["masked.pt", "-o", "o.pt", "--prefix", "model."], "--prefix goes with --arch", id="prefix-without-arch"),
+    pytest.param(["masked.pt", "-o", "o.pt", "--round-to", "0"], "--round-to 0", id="bad-round-to"),
+    pytest.param(
+        ["masked.pt", "-o", "o.pt", "--input-shape", "1,3,8,8", "--bench", "--backends", "tpu"], "unknown tpu", id="bad-backend"
+    ),
+    pytest.param(["state_dict.pt", "--arch", "nosuchmodule:Net", "-o", "o.pt"], "nosuchmodule", id="arch-not-importable"),
 ]
 
 
@@ -218,3 +275,12 @@ def test_trust_pickle_is_explicit(workdir: Path) -> None:
     r = run_cli("--help", cwd=workdir)
     assert r.returncode == 0
     assert "--trust-pickle" in r.stdout and "examples:" in r.stdout and "compact --demo" in r.stdout
+
+
+def test_counting_macs_leaves_a_training_model_unchanged() -> None:
+    from compactor.measure import count_macs
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert count_macs(model, torch.randn(2, 3, 8, 8)) == 2 * 4 * 3 * 9 * 6 * 6
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
