@@ -27,10 +27,10 @@ from .errors import (
     OutputPathError,
     VerificationError,
 )
+from .formats import format_for, save_output
 from .inputs import ExampleInputs, parse_shape
 from .load import load_module
 from .report import CompactionReport, render
-from .formats import format_for, save_output
 from .save import check_output_path, save_module, write_atomically
 from .verify import DEFAULT_TOLERANCE
 
