@@ -71,4 +71,20 @@ def clone_module(model: nn.Module) -> nn.Module:
         for value in module.__dict__.values():
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
+    clone = copy.deepcopy(model, memo)
+    for module in clone.modules():
+        if parametrize.is_parametrized(module):
+            _own_class(module)
+    return clone
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own.
+
+    ``parametrize`` adds each parametrized tensor as a property of a generated class (``ParametrizedConv2d``),
+    which ``deepcopy`` shares between copies; removing the parametrization from one copy deletes the property
+    from the class, and so breaks every other copy, the caller's model included.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)

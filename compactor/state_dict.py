@@ -116,6 +116,48 @@ def load_state_dict_model(path: str | os.PathLike[str], arch: str, *, prefix: st
     return model
 
 
+PARAMETRIZATIONS = ".parametrizations."
+
+
+def _apply_parametrizations(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not any(PARAMETRIZATIONS in k for k in state):
+        return state
+    out = {k: v for k, v in state.items() if PARAMETRIZATIONS not in k}
+    for key, original in state.items():
+        if PARAMETRIZATIONS not in key or not key.endswith(".original"):
+            continue
+        module, _, rest = key.partition(PARAMETRIZATIONS)
+        name = rest[: -len(".original")]
+        masks = sorted(k for k in state if k.startswith(f"{module}{PARAMETRIZATIONS}{name}.") and k.endswith(".mask"))
+        if not masks:  # torch.ao.pruning keeps its masks in non-persistent buffers: they are not in the file
+            raise StateDictError(
+                f"{key} is a parametrized weight saved without its mask (torch.ao.pruning does not save masks); "
+                f"call sparsifier.squash_mask() before model.state_dict(), then save again"
+            )
+        value = original
+        for mask_key in masks:
+            value = value * _broadcast_mask(state[mask_key], value, mask_key)
+        out[f"{module}.{name}"] = value
+    unknown = [k for k in state if PARAMETRIZATIONS in k and not k.endswith((".original", ".mask"))]
+    if unknown:
+        raise StateDictError(
+            f"{unknown[0]} belongs to a parametrization compactor cannot apply without its code; "
+            f"bake it before saving (sparsifier.squash_mask() or parametrize.remove_parametrizations)"
+        )
+    return out
+
+
+def _broadcast_mask(mask: torch.Tensor, value: torch.Tensor, key: str) -> torch.Tensor:
+    if mask.shape == value.shape:
+        return mask.to(value.dtype)
+    if mask.dim() == 1 and value.dim() >= 1 and mask.shape[0] == value.shape[0]:  # one entry per row
+        return mask.to(value.dtype).view(-1, *([1] * (value.dim() - 1)))
+    raise StateDictError(
+        f"mask {key} has shape {tuple(mask.shape)}, which does not fit {tuple(value.shape)}; "
+        f"bake the parametrization before saving (sparsifier.squash_mask())"
+    )
+
+
 def _fill_tied(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A tied tensor saved once (``safetensors.torch.save_model`` drops the duplicates) fills its aliases."""
     by_storage: dict[int, str] = {}
@@ -195,8 +237,13 @@ def detect_prefix(state: Mapping[str, Any], expected: set[str]) -> str:
 
 
 def apply_masks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``<name>_orig`` and ``<name>_mask`` -> ``<name> = orig * mask`` (what the pruning hook computes)."""
+    """``<name>_orig`` and ``<name>_mask`` -> ``<name> = orig * mask`` (what the pruning hook computes).
+
+    ``torch.ao.pruning`` parametrizations too: ``<m>.parametrizations.<name>.original`` with its
+    ``.<i>.mask`` buffers (``FakeSparsity``: the weight's shape; ``FakeStructuredSparsity``: one per row).
+    """
     out: dict[str, torch.Tensor] = {}
+    state = _apply_parametrizations(state)
     for key, value in state.items():
         if key.endswith(ORIG_SUFFIX) and key[: -len(ORIG_SUFFIX)] + MASK_SUFFIX in state:
             name = key[: -len(ORIG_SUFFIX)]
