@@ -132,6 +132,12 @@ def render(report: CompactionReport, console: Console) -> None:
         f"(tolerance {report.tolerance:g} × max(1, |output|))",
         markup=False,
     )
+    if report.extra.get("rounding_floor"):
+        console.print(
+            f"the masked model's own rounding (against float64) allows up to {report.extra['rounding_floor']:.3g} "
+            f"of difference; every removal was decided in float64",
+            markup=False,
+        )
     for w in report.warnings:
         console.print(f"warning: {w}", markup=False)
 

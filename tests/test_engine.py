@@ -83,14 +83,23 @@ def _compact(case: Case, **kwargs: object) -> tuple[nn.Module, nn.Module, compac
     return model, small, report
 
 
-def _check_outputs(model: nn.Module, small: nn.Module, case: Case) -> None:
+def _check_outputs(
+    model: nn.Module, small: nn.Module, case: Case, report: compactor.CompactionReport | None = None
+) -> None:
     small.eval()
     with torch.no_grad():
         for seed in (11, 12):
             x = case.inputs(seed)
             expected, got = model(x), small(x)
-            assert got.shape == expected.shape
-            torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+            assert got.shape == expected.shape and got.dtype == expected.dtype
+            if not case.noisy:
+                torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+                continue
+            # The masked model is itself ~1e-3 from exact arithmetic, and a folded bias of 2e4 rounds in
+            # float32: the engine decided in float64 and reports the rounding it allowed. Fresh inputs,
+            # so a margin of 2 over the bound measured on the verification inputs.
+            assert report is not None and report.extra.get("rounding_floor")
+            assert (got.double() - expected.double()).abs().max() <= 2 * report.extra["rounding_floor"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -98,7 +107,7 @@ def test_zoo(case: Case, zoo_results: ZooResults) -> None:
     model, small, report = _compact(case)
     zoo_results.put(case, (model, small, report))
 
-    _check_outputs(model, small, case)
+    _check_outputs(model, small, case, report)
     _assert_no_pruning_state(small)
     _assert_no_empty_layer(small)
     original = dict(model.named_parameters())
@@ -186,7 +195,7 @@ def test_round_to_4_over_the_zoo(case: Case) -> None:
     """Every rebuilt count a multiple of 4, outputs still exact (a ``cat`` of a rounded and an untouched
     group, a GroupNorm, a restored group: the shared layer still lands on a multiple)."""
     model, small, report = _compact(case, round_to=4)
-    _check_outputs(model, small, case)
+    _check_outputs(model, small, case, report)
     _assert_multiples(report, 4)
 
 
@@ -194,7 +203,7 @@ def test_round_to_4_over_the_zoo(case: Case) -> None:
 def test_round_to_keeps_as_few_as_needed(n: int) -> None:
     case = next(c for c in CASES if c.name == "conv_chain")
     model, small, report = _compact(case, round_to=n)
-    _check_outputs(model, small, case)
+    _check_outputs(model, small, case, report)
     _assert_multiples(report, n)
     # each layer here reads one group: fewer than n channels more than the exact plan keeps
     plain = expected_widths(model, case.links, case.shape)
@@ -233,7 +242,7 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", corrupt)
     model, small, report = _compact(case)
-    _check_outputs(model, small, case)
+    _check_outputs(model, small, case, report)
     assert any("b3.0" in issue for issue in report.extra["graph_issues"]), report.extra
     b0 = [z for z in report.zeroed if z.layer == "b0.0"]
     assert b0 and all(z.fate == Fate.KEPT_READ_ELSEWHERE.value and "b3.0" in z.reason for z in b0)
@@ -270,7 +279,7 @@ def test_zoo_other_weights(case: Case, seed: int) -> None:
     """The zoo with other random weights and norms: same masks by method, different channels and constants."""
     model = case.model(seed)
     small, report = compactor.compact(model, case.inputs(1))
-    _check_outputs(model, small, case)
+    _check_outputs(model, small, case, report)
     expected = expected_widths(model, case.links, case.shape)
     assert actual_widths(small, list(expected)) == expected
     for link in case.links:
@@ -301,3 +310,17 @@ def test_half_precision_compacts_like_float32(name: str, dtype: torch.dtype, zoo
     eps = torch.finfo(dtype).eps
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=4 * eps, atol=4 * eps)
+
+
+def test_rounding_does_not_restore_exact_groups() -> None:
+    """float32 rounding of the masked model itself above the tolerance (a large bias cancelled by a
+    BatchNorm; deep networks get there too): the groups that fail by a hair are judged again in float64,
+    ship as the oracle says, and the result is as close to the masked model as its own rounding allows."""
+    case = next(c for c in CASES if c.name == "cancelling_norm")
+    model, small, report = _compact(case)
+    expected = expected_widths(model, case.links, case.shape)
+    assert actual_widths(small, list(expected)) == expected
+    assert report.max_abs_error > report.tolerance  # rounding, beyond the relative tolerance
+    assert report.max_abs_error <= report.extra["rounding_floor"]
+    assert "own rounding" in report.table()
+    _check_outputs(model, small, case, report)
