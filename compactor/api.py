@@ -83,7 +83,7 @@ def compact(
         # Decide in float64 where the model holds 16-bit floats: their rounding (8 bits of mantissa in
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
         wide = _widened(masked, baked, runs)
-        d_baked, d_runs, d_references = wide if wide is not None else (baked, runs, references)
+        d_baked, d_runs = (wide[0], wide[1]) if wide is not None else (baked, runs)
     say("tracing channel dependencies (torch-pruning)")
     with _timed(seconds, "graph"):
         groups = build_groups(d_baked, d_runs[0])
@@ -93,39 +93,7 @@ def compact(
         plans = plan_groups(d_baked, groups, stats, round_to=round_to, runs=d_runs[:2])
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
-        accepted, rejected = _search(d_baked, plans, d_runs, d_references, tolerance, say)
-        close = [p for p in plans if id(p) in rejected and math.isfinite(rejected[id(p)].max_abs_error)]
-        if wide is None and close:
-            # A deep float32 network rounds: a group can fail by a hair. Judge those again in float64,
-            # where an exact plan is exact to 1e-12 and a wrong one is still wrong.
-            say(f"judging {len(close)} restored groups again in float64")
-            wide = _widened(masked, baked, runs, always=True)
-            assert wide is not None
-            accepted, again = _search(wide[0], close, wide[1], wide[2], tolerance, say, accepted)
-            rejected = {k: v for k, v in rejected.items() if k in again or all(id(p) != k for p in close)}
-        # In the model's own precision: as far from the masked model as its own rounding explains.
-        floors = noise_floors(references, wide[2]) if wide is not None else None
-        final = [p.restored(rejected[id(p)].summary()) if id(p) in rejected else p for p in plans]
-        final = round_layers(baked, final, round_to)  # a restored group can leave a shared layer off the multiple
-        small = apply_plans(baked, [p for p in final if p.removed])
-        verdict = compare(small, runs, references, tolerance, floors)
-        if not verdict.ok and wide is not None:
-            # Folded constants are rounded into the model's own dtype too: allow the compacted model's own
-            # distance to its float64 twin (the twins themselves agreed within the tolerance).
-            twin = reference_outputs(apply_plans(wide[0], [p for p in final if p.removed]), wide[1])
-            own = noise_floors(reference_outputs(small, runs), twin)
-            floors = [[a + b for a, b in zip(fa, fb)] for fa, fb in zip(floors or [], own)]
-            verdict = compare(small, runs, references, tolerance, floors)
-        if not verdict.ok and floors is not None:  # rounding beyond the floor: keep what it holds for
-            say("some groups decided in float64 do not hold in the model's own precision: checking them there")
-            lost = _search(baked, [p for p in final if p.removed], runs, references, tolerance, say, [], floors)[1]
-            final = [p.restored(lost[id(p)].summary()) if id(p) in lost else p for p in final]
-            final = round_layers(baked, final, round_to)
-            small = apply_plans(baked, [p for p in final if p.removed])
-            verdict = compare(small, runs, references, tolerance, floors)
-        if not verdict.ok:  # only possible if the unmodified model is itself not reproducible
-            raise VerificationError(f"the rebuilt model does not reproduce the masked model: {verdict.summary()}")
-        plans = final
+        plans, small, verdict, floors = _decide(masked, baked, plans, runs, references, tolerance, say, round_to, wide)
     small.train(model.training)
 
     report = CompactionReport(
@@ -185,6 +153,75 @@ def _example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs:
     inputs = ExampleInputs.of(example_inputs)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return inputs.to(device)
+
+
+def _decide(
+    masked: nn.Module,
+    baked: nn.Module,
+    plans: list[GroupPlan],
+    runs: list[ExampleInputs],
+    references: list[Any],
+    tolerance: float,
+    say: Log,
+    round_to: int,
+    wide: tuple[nn.Module, list[ExampleInputs], list[Any]] | None,
+) -> tuple[list[GroupPlan], nn.Module, Verdict, Floors | None]:
+    """Which plans ship: the final plans, the compacted model, its verdict, and the rounding floors used.
+
+    Every plan at once first. If that fails by a finite margin, it may be rounding (a deep float32
+    network is ~1e-3 from exact arithmetic) or a wrong plan: the plans are judged in float64, where an
+    exact plan is exact to 1e-12. If it crashes or changes a shape, the culprits are bisected out in the
+    model's own precision first, and only the groups that then fail by a finite margin go to float64.
+    16-bit models are judged in float64 from the start (``wide``). The compacted model is finally checked
+    in its own precision: as far from the masked model as both models' own rounding explains.
+    """
+    active = [p for p in plans if p.removed]
+    accepted: list[GroupPlan] = []
+    rejected: dict[int, Verdict] = {}
+    if wide is not None:
+        pending = active
+    else:
+        first = compare(apply_plans(baked, active), runs, references, tolerance) if active else None
+        if first is None or first.ok:
+            accepted, pending = active, []
+        elif math.isfinite(first.max_abs_error):
+            pending = active
+        else:
+            accepted, rejected = _search(baked, active, runs, references, tolerance, say)
+            pending = [p for p in active if id(p) in rejected and math.isfinite(rejected[id(p)].max_abs_error)]
+        if pending:
+            say(f"judging {len(pending)} groups in float64 (float32 rounding or a wrong plan)")
+            wide = _widened(masked, baked, runs, always=True)
+    if pending:
+        assert wide is not None
+        pending_ids = {id(p) for p in pending}
+        accepted, again = _search(wide[0], pending, wide[1], wide[2], tolerance, say, accepted)
+        rejected = {k: v for k, v in rejected.items() if k not in pending_ids} | again
+
+    floors = noise_floors(references, wide[2]) if wide is not None else None
+    final = round_layers(baked, _restore(plans, rejected), round_to)  # a restored group can leave a shared layer off
+    small = apply_plans(baked, [p for p in final if p.removed])
+    verdict = compare(small, runs, references, tolerance, floors)
+    if not verdict.ok and wide is not None:
+        # Folded constants are rounded into the model's own dtype too: allow the compacted model's own
+        # distance to its float64 twin (the twins themselves agreed within the tolerance).
+        twin = reference_outputs(apply_plans(wide[0], [p for p in final if p.removed]), wide[1])
+        own = noise_floors(reference_outputs(small, runs), twin)
+        floors = [[a + b for a, b in zip(fa, fb)] for fa, fb in zip(floors or [], own)]
+        verdict = compare(small, runs, references, tolerance, floors)
+    if not verdict.ok and floors is not None:  # beyond both floors: keep the groups it holds for
+        say("some groups decided in float64 do not hold in the model's own precision: checking them there")
+        lost = _search(baked, [p for p in final if p.removed], runs, references, tolerance, say, [], floors)[1]
+        final = round_layers(baked, _restore(final, lost), round_to)
+        small = apply_plans(baked, [p for p in final if p.removed])
+        verdict = compare(small, runs, references, tolerance, floors)
+    if not verdict.ok:  # only possible if the unmodified model is itself not reproducible
+        raise VerificationError(f"the rebuilt model does not reproduce the masked model: {verdict.summary()}")
+    return final, small, verdict, floors
+
+
+def _restore(plans: list[GroupPlan], rejected: dict[int, Verdict]) -> list[GroupPlan]:
+    return [p.restored(rejected[id(p)].summary()) if id(p) in rejected else p for p in plans]
 
 
 def _search(
