@@ -72,13 +72,7 @@ def compact(
     if head_layers(baked):  # whole attention heads first: channel groups cannot take them apart
         say("removing zeroed attention heads")
         with _timed(seconds, "heads"):
-
-            def check(candidate: nn.Module) -> str | None:
-                verdict = compare(candidate, runs, references, tolerance)
-                return None if verdict.ok else verdict.summary()
-
-            baked, heads = compact_heads(baked, inputs, verify=check)
-            baked.eval()
+            baked, heads = _without_heads(baked, inputs, runs, references, tolerance)
     with _timed(seconds, "float64"):
         # Decide in float64 where the model holds 16-bit floats: their rounding (8 bits of mantissa in
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
@@ -114,6 +108,19 @@ def compact(
         },
     )
     return small, report
+
+
+def _without_heads(
+    baked: nn.Module, inputs: ExampleInputs, runs: list[ExampleInputs], references: list[Any], tolerance: float
+) -> tuple[nn.Module, list[HeadChange]]:
+    """:func:`compactor.heads.compact_heads`, verified against the masked model's outputs."""
+
+    def check(candidate: nn.Module) -> str | None:
+        verdict = compare(candidate, runs, references, tolerance)
+        return None if verdict.ok else verdict.summary()
+
+    new, heads = compact_heads(baked, inputs, verify=check)
+    return new.eval(), heads
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
