@@ -448,29 +448,21 @@ def _compensate(
     padded = [c for c in consumers if not shrinker_for(modules[c.name]).can_fold(modules[c.name])]  # type: ignore[union-attr]
     needs_carrier = [r for r in constants if any(_nonzero(constants[r].get(c.name)) for c in padded)]
     carrier = _choose_carrier(needs_carrier, constants, padded)
-    merge_parts: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    # (layer, carrier input index) -> [(merged input index, ratio)]. A channel read at several inputs of
+    # one layer (``cat([x, x])``) merges its j-th input into the carrier's j-th: any two constant inputs of
+    # the same conv see the same zero padding.
+    merge_parts: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
     for r in sorted(constants):
         if r == carrier:
             fates[r] = ChannelFate(r, Fate.CARRIER, "kept to carry the merged constant channels")
             continue
-        merged = False
-        plan_ok = True
-        parts: list[tuple[str, int, float]] = []
-        for c in padded:
-            k = constants[r].get(c.name)
-            if not _nonzero(k):
-                continue
-            kc = constants[carrier].get(c.name) if carrier is not None else None
-            if kc is None or len(c.idxs[r]) != 1 or float(kc[0]) == 0.0:
-                plan_ok = False
-                break
-            parts.append((c.name, c.idxs[r][0], float(k[0]) / float(kc[0])))  # type: ignore[index]
-            merged = True
-        if not plan_ok:
+        parts = _merge_parts(r, carrier, padded, constants)
+        if parts is None:
             fates[r] = ChannelFate(r, Fate.KEPT_VARYING, "constant into a zero-padded layer with no carrier")
             continue
-        for name, idx, ratio in parts:
-            merge_parts[name].append((idx, ratio))
+        merged = bool(parts)
+        for name, into, idx, ratio in parts:
+            merge_parts[(name, into)].append((idx, ratio))
         for c in consumers:
             if c in padded or c.name not in constants[r]:
                 continue
@@ -483,12 +475,28 @@ def _compensate(
         else:
             fates[r] = ChannelFate(r, Fate.FOLDED, "constant folded into the next layer's bias")
     merges = []
-    if carrier is not None:
-        for c in padded:
-            if merge_parts.get(c.name):
-                idx, ratio = zip(*merge_parts[c.name])
-                merges.append(Merge(c.name, c.idxs[carrier][0], tuple(idx), tuple(ratio)))
+    for (name, into), pairs in merge_parts.items():
+        idx, ratio = zip(*pairs)
+        merges.append(Merge(name, into, tuple(idx), tuple(ratio)))
     return folds, merges
+
+
+def _merge_parts(
+    r: int, carrier: int | None, padded: list[Member], constants: dict[int, dict[str, torch.Tensor]]
+) -> list[tuple[str, int, int, float]] | None:
+    """(layer, carrier input, input of ``r``, ratio) for every padded layer where ``r`` is not zero;
+    None if some cannot be merged (no carrier, or it is zero or read differently there)."""
+    parts = []
+    for c in padded:
+        k = constants[r].get(c.name)
+        if not _nonzero(k):
+            continue
+        kc = constants[carrier].get(c.name) if carrier is not None else None
+        if kc is None or len(c.idxs[r]) != len(c.idxs[carrier]) or bool((kc == 0).any()):  # type: ignore[index]
+            return None
+        for j, (idx, into) in enumerate(zip(c.idxs[r], c.idxs[carrier])):  # type: ignore[index]
+            parts.append((c.name, into, idx, float(k[j]) / float(kc[j])))  # type: ignore[index]
+    return parts
 
 
 def _nonzero(k: torch.Tensor | None) -> bool:
@@ -500,9 +508,9 @@ def _choose_carrier(candidates: list[int], constants: dict[int, dict[str, torch.
     best, best_score = None, 0.0
     for r in candidates:
         ks = [constants[r].get(c.name) for c in padded]
-        if any(k is None or len(k) != 1 for k in ks):
+        if any(k is None for k in ks):
             continue
-        score = min(abs(float(k[0])) for k in ks)  # type: ignore[index]
+        score = min(float(k.abs().min()) for k in ks)  # type: ignore[union-attr]
         if score > best_score:
             best, best_score = r, score
     return best

@@ -489,6 +489,20 @@ class InceptionBranches(nn.Module):
         return self.fc(self.mix(y).mean((2, 3)))
 
 
+class RepeatedConcat(nn.Module):
+    """``cat([x, x])`` into a padded conv: every channel of x is read twice by the same layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b0 = _cbr(3, 8)
+        self.mix = _cbr(16, 6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b0(x)
+        return self.fc(self.mix(torch.cat([x, x], 1)).mean((2, 3)))
+
+
 class ChunkBranches(nn.Module):
     """One conv, ``chunk`` into two halves, each half into its own conv: the halves are fixed in code."""
 
@@ -874,6 +888,12 @@ def _inception() -> nn.Module:
     return _finish(m, (2, 3, 12, 12))
 
 
+def _repeated() -> nn.Module:
+    m = RepeatedConcat()
+    mask_ln(m.b0[0], 0.5)
+    return _finish(m, (2, 3, 8, 8))
+
+
 def _chunk() -> nn.Module:
     m = ChunkBranches()
     mask_channels(m.b0[0], [0, 1, 2, 9])  # 3 in the left half, 1 in the right
@@ -1046,6 +1066,12 @@ CASES: tuple[Case, ...] = (
             _l(("b.0", "b.1", RELU), reads=(R("mix.0", offset=4),)),
             _l(("c.0", "c.1", RELU), reads=(R("mix.0", offset=10),)),
         ),
+    ),
+    Case(
+        "repeated_concat",
+        _repeated,
+        (2, 3, 8, 8),
+        (_l(("b0.0", "b0.1", RELU), reads=(R("mix.0"), R("mix.0", offset=8))),),
     ),
     Case(
         "chunk_branches",
