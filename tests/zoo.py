@@ -563,6 +563,25 @@ class TransposedDecoder(nn.Module):
         return self.head(F.relu(self.bn(self.up(self.enc(x)))))
 
 
+class UNet(nn.Module):
+    """A two-level U-Net: skip connections concatenated after transposed-conv upsampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1, self.e2 = nn.Sequential(_cbr(3, 8), _cbr(8, 8)), nn.Sequential(_cbr(8, 16), _cbr(16, 16))
+        self.mid = _cbr(16, 32)
+        self.up2, self.d2 = nn.ConvTranspose2d(32, 16, 2, 2), nn.Sequential(_cbr(32, 16), _cbr(16, 16))
+        self.up1, self.d1 = nn.ConvTranspose2d(16, 8, 2, 2), nn.Sequential(_cbr(16, 8), _cbr(8, 8))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.e1(x)
+        b = self.e2(F.max_pool2d(a, 2))
+        m = self.mid(F.max_pool2d(b, 2))
+        u = self.d2(torch.cat([self.up2(m), b], 1))
+        return self.head(self.d1(torch.cat([self.up1(u), a], 1)))
+
+
 class Conv1dNet(nn.Module):
     """1-D signal: padded conv, padded conv, 1x1 conv, mean over time, Linear."""
 
@@ -924,6 +943,16 @@ def _decoder() -> nn.Module:
     return _finish(m, (2, 3, 8, 8))
 
 
+def _unet() -> nn.Module:
+    m = UNet()
+    for layer in m.modules():
+        if isinstance(layer, nn.Conv2d) and layer is not m.head:
+            mask_ln(layer, 0.4)
+    mask_ln(m.up2, 0.4, dim=1)  # their biases stay: dead upsampling channels emit them
+    mask_ln(m.up1, 0.4, dim=1)
+    return _finish(m, (2, 3, 16, 16))
+
+
 def _conv1d() -> nn.Module:
     m = Conv1dNet()
     mask_ln(m.c1, 0.5)
@@ -1104,6 +1133,24 @@ CASES: tuple[Case, ...] = (
         (
             _l(("enc.0", "enc.1", RELU), reads=(R("up"),)),
             _l(("up", "bn", RELU), reads=(R("head"),)),
+        ),
+    ),
+    Case(
+        "unet",
+        _unet,
+        (2, 3, 16, 16),
+        (
+            _l(("e1.0.0", "e1.0.1", RELU), reads=(R("e1.1.0"),)),
+            _l(("e1.1.0", "e1.1.1", RELU), reads=(R("e2.0.0"), R("d1.0.0", offset=8))),
+            _l(("e2.0.0", "e2.0.1", RELU), reads=(R("e2.1.0"),)),
+            _l(("e2.1.0", "e2.1.1", RELU), reads=(R("mid.0"), R("d2.0.0", offset=16))),
+            _l(("mid.0", "mid.1", RELU), reads=(R("up2"),)),
+            _l(("up2",), reads=(R("d2.0.0"),)),
+            _l(("d2.0.0", "d2.0.1", RELU), reads=(R("d2.1.0"),)),
+            _l(("d2.1.0", "d2.1.1", RELU), reads=(R("up1"),)),
+            _l(("up1",), reads=(R("d1.0.0"),)),
+            _l(("d1.0.0", "d1.0.1", RELU), reads=(R("d1.1.0"),)),
+            _l(("d1.1.0", "d1.1.1", RELU), reads=(R("head"),)),
         ),
     ),
     Case(
