@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "REPORT.md", help="markdown report; report.json goes beside it")
+    p.add_argument(
+        "--render", type=Path, default=None, metavar="REPORT_JSON",
+        help="only re-render --out (and the table) from an existing report.json; runs nothing",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case before it is recorded as failed")
     args = p.parse_args(argv)
     unknown = [m for m in args.models or [] if m not in ZOO]
@@ -130,6 +134,14 @@ def _write(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(width=max(Console().width, 200))  # the table is wide; a CI log does not wrap
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        rows = [Row.of(r) for r in saved["cases"]]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(markdown(rows, saved["meta"]))
+        console.print(rich_table(rows))
+        console.print(f"wrote {args.out} from {args.render}")
+        return 0
     cases = plan_cases(args)
     if any(c.round_to for c in cases) and not supports_round_to():
         console.print("note: compactor.compact() has no round_to parameter; the round_to cases are skipped")

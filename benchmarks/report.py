@@ -31,6 +31,7 @@ class Row:
     latency: dict[str, tuple[float, float] | str]  # backend -> (dense ms, compact ms) or why not
     compact_seconds: float | None
     peak_rss: int | None
+    rss_before: int | None
     param_bytes: int | None
     max_abs_error: float | None
     removed_fraction: float | None
@@ -62,6 +63,7 @@ class Row:
             latency=lat,
             compact_seconds=r.get("compact_seconds"),
             peak_rss=r.get("memory", {}).get("peak_rss_during_compact"),
+            rss_before=r.get("memory", {}).get("rss_before_compact"),
             param_bytes=r.get("param_bytes_dense"),
             max_abs_error=r.get("max_abs_error"),
             removed_fraction=r.get("channels", {}).get("removed_fraction"),
@@ -236,15 +238,22 @@ def scaling(rows: list[Row]) -> list[str]:
     out = [
         "## How compaction time and memory grow (ResNet family, 50%)",
         "",
-        "| model | params (dense) | compact s | s per M params | peak RSS MiB | peak / model size |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | params (dense) | compact s | s per M params | peak RSS MiB | RSS before MiB | peak - before "
+        "| (peak - before) / model size |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in chain:
         params = (r.param_bytes or 0) / 4
+        peak, before, size = r.peak_rss or 0, r.rss_before or 0, max(r.param_bytes or 1, 1)
         out.append(
-            f"| {r.model} | {params / 1e6:.1f} M | {r.compact_seconds:.1f} | {r.compact_seconds / max(params / 1e6, 1e-9):.2f} | "
-            f"{(r.peak_rss or 0) / MIB:.0f} | {(r.peak_rss or 0) / max(r.param_bytes or 1, 1):.1f} |"
+            f"| {r.model} | {params / 1e6:.1f} M | {r.compact_seconds:.1f} | {r.compact_seconds / max(params / 1e6, 1e-9):.2f} "
+            f"| {peak / MIB:.0f} | {before / MIB:.0f} | {(peak - before) / MIB:.0f} | {(peak - before) / size:.1f} |"
         )
+    out += [
+        "",
+        "RSS before: the process with torch imported and the masked model built (its weights, masks and "
+        "`weight_orig` copies: about 3x the model size). peak - before: what compaction itself adds.",
+    ]
     return out
 
 
