@@ -200,10 +200,8 @@ def plan_groups(
     modules: dict[str, Any] = dict(model.named_modules())
     modules.update(dict(model.named_parameters()))
     heads = head_layers(model)
-    plans = []
-    for g in groups:
-        gated = _gated_zeros(model, g, modules, stats, runs) if runs else set()
-        plans.append(_plan_group(g, modules, stats, round_to, gated, heads))
+    gated = _gated_zeros(model, groups, modules, stats, runs) if runs else {}
+    plans = [_plan_group(g, modules, stats, round_to, gated.get(i), heads) for i, g in enumerate(groups)]
     return round_layers(model, plans, round_to)
 
 
@@ -255,38 +253,56 @@ def _role(obj: Any) -> Role | None:
 
 
 def _gated_zeros(
-    model: nn.Module, group: ChannelGroup, modules: dict[str, Any], stats: InputStats, runs: list[ExampleInputs]
-) -> set[int]:
-    """Root channels that are exactly zero downstream of a multiply although one of their writers lives.
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    modules: dict[str, Any],
+    stats: InputStats,
+    runs: list[ExampleInputs],
+) -> dict[int, set[int]]:
+    """Per group index: root channels that are exactly zero after a multiply although a writer lives.
 
     Several mixing layers write a group through an add or a multiply; Torch-Pruning does not say which.
     For an add, a channel is input-independent only when every writer is dead. For a multiply (a gate,
     squeeze-excite) a dead writer emitting 0 is enough: ``0 * g = 0``. A candidate has a dead writer,
     a live one, and reads exactly 0 at every consumer; it is proved when large random noise added to
-    the live writers' channels still leaves exactly 0 at every consumer.
+    the live writers' channels still leaves exactly 0 at every consumer. One noisy pass serves every
+    group: noise elsewhere cannot make a structural zero non-zero, only expose a false one.
     """
-    if not any("MulBackward" in m.name for m in group.members):
-        return set()
-    producers = _mixing(group.layers(OUT), modules)
-    consumers = [c for c in _mixing(group.layers(IN), modules) if c.name in stats.lo]
-    if len(producers) < 2 or not consumers:
-        return set()
-    dead = {p.name: _all_zero([p], modules, group.size, lambda s, m, i: s.out_rows_zero(m, i)) for p in producers}
+    found: dict[int, tuple[list[Member], list[int]]] = {}
+    noise: dict[str, list[int]] = defaultdict(list)
+    for i, group in enumerate(groups):
+        if not any("MulBackward" in m.name for m in group.members):
+            continue
+        producers = _mixing(group.layers(OUT), modules)
+        consumers = [c for c in _mixing(group.layers(IN), modules) if c.name in stats.lo]
+        if len(producers) < 2 or not consumers:
+            continue
+        dead = {p.name: _all_zero([p], modules, group.size, _rows_zero) for p in producers}
+        candidates = [
+            r
+            for r in range(group.size)
+            if any(dead[p.name][r] for p in producers)
+            and not all(dead[p.name][r] for p in producers)
+            and _reads_zero(stats, consumers, r)
+        ]
+        if candidates:
+            found[i] = (consumers, candidates)
+            for p in producers:
+                noise[p.name] += [j for r in candidates if not dead[p.name][r] for j in p.idxs[r]]
+    if not found:
+        return {}
+    layers = {c.name for consumers, _ in found.values() for c in consumers}
+    shaken = observe_inputs(model, runs, layers, dict(noise))
+    return {i: {r for r in candidates if _reads_zero(shaken, consumers, r)} for i, (consumers, candidates) in found.items()}
 
-    def reads_zero(st: InputStats, r: int) -> bool:
-        ks = [st.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r]]
-        return bool(ks) and all(k is not None and bool((k == 0).all()) for k in ks)
 
-    candidates = [
-        r
-        for r in range(group.size)
-        if any(dead[p.name][r] for p in producers) and not all(dead[p.name][r] for p in producers) and reads_zero(stats, r)
-    ]
-    if not candidates:
-        return set()
-    noise = {p.name: [i for r in candidates if not dead[p.name][r] for i in p.idxs[r]] for p in producers}
-    shaken = observe_inputs(model, runs, {c.name for c in consumers}, noise)
-    return {r for r in candidates if reads_zero(shaken, r)}
+def _rows_zero(shrinker: Any, module: Any, idx: torch.Tensor) -> torch.Tensor:
+    return shrinker.out_rows_zero(module, idx)
+
+
+def _reads_zero(stats: InputStats, consumers: list[Member], r: int) -> bool:
+    ks = [stats.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r]]
+    return bool(ks) and all(k is not None and bool((k == 0).all()) for k in ks)
 
 
 def _plan_group(
