@@ -202,7 +202,96 @@ def plan_groups(
     heads = head_layers(model)
     gated = _gated_zeros(model, groups, modules, stats, runs) if runs else {}
     plans = [_plan_group(g, modules, stats, round_to, gated.get(i), heads) for i, g in enumerate(groups)]
+    if round_to == 1:  # with rounding, a carrier that goes would only be pinned back
+        plans = _share_carriers(plans, modules, stats)
     return round_layers(model, plans, round_to)
+
+
+@dataclass(frozen=True)
+class _Carrier:
+    """A group's carrier channel as other groups see it: where it sits and what it carries."""
+
+    index: int  # the plan's position
+    channel: int  # root channel
+    at: dict[str, tuple[int, ...]]  # consumer layer -> its input indices
+    k: dict[str, torch.Tensor]  # consumer layer -> the constants there
+    padded: frozenset[str]  # the zero-padded consumers
+    needs: frozenset[str]  # padded layers where this group merges, or where its carrier is not zero
+
+    @property
+    def covers(self) -> frozenset[str]:
+        """Padded layers where it can carry others: a non-zero constant at every input."""
+        return frozenset(n for n in self.padded if n in self.k and bool((self.k[n] != 0).all()))
+
+    @property
+    def strength(self) -> float:
+        """Its smallest constant where it covers: the larger, the better conditioned the merge ratios."""
+        return min((float(self.k[n].abs().min()) for n in self.covers), default=0.0)
+
+    def hosts(self, guest: _Carrier) -> bool:
+        return all(n in self.covers and len(self.at[n]) == len(guest.at[n]) for n in guest.needs)
+
+
+def _share_carriers(plans: list[GroupPlan], modules: dict[str, Any], stats: InputStats) -> list[GroupPlan]:
+    """One carrier per group is one more than needed where several groups feed the same padded conv:
+    any two constant inputs of one conv see the same zero padding, so a group's carrier can itself be
+    merged into another group's carrier that every padded layer it needs also reads.
+
+    The hosts stay whatever happens to their groups (a carrier is never removed; verification restoring
+    its group keeps it too), so the guests' plans stay exact on their own. Carriers that cover most
+    padded layers are made hosts first, then the best conditioned (largest constant).
+    """
+    carriers = [c for i, p in enumerate(plans) if (c := _carrier_of(i, p, modules, stats)) is not None]
+    hosts: list[_Carrier] = []
+    out = list(plans)
+    for guest in sorted(carriers, key=lambda c: (-len(c.covers), -c.strength, c.index)):
+        host = next((h for h in hosts if h.hosts(guest)), None)
+        if host is None or len(out[guest.index].removed) + 1 >= out[guest.index].group.size:
+            hosts.append(guest)
+            continue
+        out[guest.index] = _merged_into(out[guest.index], guest, host, plans[host.index].group.root, modules)
+    return out
+
+
+def _carrier_of(index: int, plan: GroupPlan, modules: dict[str, Any], stats: InputStats) -> _Carrier | None:
+    r = next((f.channel for f in plan.fates if f.fate is Fate.CARRIER), None)
+    if r is None:
+        return None
+    consumers = [c for c in _mixing(plan.group.layers(IN), modules) if c.idxs[r] and c.name in stats.lo]
+    k = {c.name: stats.constant(c.name, c.idxs[r]) for c in consumers}
+    if any(v is None for v in k.values()):
+        return None
+    padded = frozenset(c.name for c in consumers if not shrinker_for(modules[c.name]).can_fold(modules[c.name]))  # type: ignore[union-attr]
+    needs = {m.layer for m in plan.merges} | {n for n in padded if _nonzero(k[n])}
+    return _Carrier(index, r, {c.name: tuple(c.idxs[r]) for c in consumers}, k, padded, frozenset(needs))  # type: ignore[arg-type]
+
+
+def _merged_into(plan: GroupPlan, guest: _Carrier, host: _Carrier, host_root: str, modules: dict[str, Any]) -> GroupPlan:
+    """``plan`` with its carrier merged into ``host``, and everything it carried re-aimed there."""
+    merges = []
+    for m in plan.merges:
+        j = guest.at[m.layer].index(m.carrier)
+        scale = float(guest.k[m.layer][j]) / float(host.k[m.layer][j])
+        merges.append(Merge(m.layer, host.at[m.layer][j], m.idx, tuple(x * scale for x in m.ratio)))
+    for name in guest.padded:
+        if not _nonzero(guest.k[name]):
+            continue
+        for j, (idx, into) in enumerate(zip(guest.at[name], host.at[name])):
+            merges.append(Merge(name, into, (idx,), (float(guest.k[name][j]) / float(host.k[name][j]),)))
+    folds = list(plan.folds)
+    for name, k in guest.k.items():
+        if name not in guest.padded and _nonzero(k):
+            folds.append(_fold(plan.group, modules, name, guest.at[name], k))
+    reason = f"constant merged into channel {host.channel} of the group of {host_root}"
+    fates = tuple(ChannelFate(f.channel, Fate.MERGED, reason) if f.channel == guest.channel else f for f in plan.fates)
+    return GroupPlan(plan.group, fates, tuple(folds), tuple(merges))
+
+
+def _fold(group: ChannelGroup, modules: dict[str, Any], layer: str, idx: tuple[int, ...], k: torch.Tensor) -> Fold:
+    """Fold constants ``k`` at inputs ``idx`` of ``layer``: into its bias, or into the running mean of the
+    BatchNorm it alone feeds when it has no bias."""
+    norm = dict(group.norm_after).get(layer) if getattr(modules[layer], "bias", None) is None else None
+    return Fold(layer, idx, tuple(float(v) for v in k), norm)
 
 
 def round_layers(model: nn.Module, plans: list[GroupPlan], round_to: int) -> list[GroupPlan]:
@@ -493,8 +582,7 @@ def _compensate(
                 continue
             k = constants[r][c.name]
             if _nonzero(k):
-                norm = dict(group.norm_after).get(c.name) if getattr(modules[c.name], "bias", None) is None else None
-                folds[r].append(Fold(c.name, tuple(c.idxs[r]), tuple(float(v) for v in k), norm))
+                folds[r].append(_fold(group, modules, c.name, tuple(c.idxs[r]), k))
         if merged:
             fates[r] = ChannelFate(r, Fate.MERGED, f"constant merged into channel {carrier}")
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,9 +16,10 @@ from zoo import (
     CASES,
     KEPT,
     Case,
+    Link,
     ZooResults,
     actual_widths,
-    expected_fates,
+    expected_all,
     expected_widths,
     mobilenet_v2_masked,
     resnet18_masked,
@@ -102,6 +103,17 @@ def _check_outputs(
             assert (got.double() - expected.double()).abs().max() <= 2 * report.extra["rounding_floor"]
 
 
+def _assert_fates(
+    model: nn.Module, links: Sequence[Link], shape: Sequence[int], report: compactor.CompactionReport
+) -> None:
+    """Per group, as many channels removed, folded, merged, carrying and kept as the oracle says."""
+    for link, verdict in zip(links, expected_all(model, links, shape)):
+        roots = {p[0] for p in link.paths}
+        oracle = Counter(f for f in verdict.fates if f != "live")
+        engine = Counter(KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer in roots)
+        assert engine == oracle, f"group of {link.root}"
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_zoo(case: Case, zoo_results: ZooResults) -> None:
     model, small, report = _compact(case)
@@ -129,13 +141,9 @@ def test_zoo(case: Case, zoo_results: ZooResults) -> None:
             assert by_name[name].in_after == inn, name
 
     # the fate of every zeroed channel, per group, as the oracle has it
+    _assert_fates(model, case.links, case.shape, report)
     for link in case.links:
         roots = {p[0] for p in link.paths}
-        oracle = Counter(f for f in expected_fates(model, link, case.shape).fates if f != "live")
-        engine = Counter(
-            KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer in roots
-        )
-        assert engine == oracle, f"group of {link.root}"
         if link.blocked:
             kept = [z for z in report.zeroed if z.layer in roots]
             assert kept and all(link.blocked in f"{z.fate} {z.reason}" for z in kept if z.fate != "kept: varies with position")
@@ -265,10 +273,7 @@ def test_realistic_sizes(build: Any) -> None:
             torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)
     expected = expected_widths(model, links, shape)
     assert actual_widths(small, list(expected)) == expected
-    for link in links:
-        oracle = Counter(f for f in expected_fates(model, link, shape).fates if f != "live")
-        engine = Counter(KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer == link.root)
-        assert engine == oracle, link.root
+    _assert_fates(model, links, shape, report)
     assert report.params["after"] < report.params["before"]
 
 
@@ -282,11 +287,7 @@ def test_zoo_other_weights(case: Case, seed: int) -> None:
     _check_outputs(model, small, case, report)
     expected = expected_widths(model, case.links, case.shape)
     assert actual_widths(small, list(expected)) == expected
-    for link in case.links:
-        roots = {p[0] for p in link.paths}
-        oracle = Counter(f for f in expected_fates(model, link, case.shape).fates if f != "live")
-        engine = Counter(KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer in roots)
-        assert engine == oracle, f"group of {link.root}"
+    _assert_fates(model, case.links, case.shape, report)
 
 
 _HALF = [(c.name, torch.bfloat16) for c in CASES] + [(n, torch.float16) for n in ("conv_chain", "mlp", "roll_channels")]

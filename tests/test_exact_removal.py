@@ -29,6 +29,7 @@ from zoo import (
     ResNet,
     ZooResults,
     actual_widths,
+    expected_all,
     expected_fates,
     expected_widths,
     mask_ln,
@@ -254,7 +255,7 @@ def test_removed_fraction_over_the_zoo(zoo_results: ZooResults, capsys: pytest.C
     lines = []
     for case in CASES:
         model, _, report = zoo_results.get(case)
-        case_possible = sum(len(expected_fates(model, link, case.shape).removed) for link in case.links)
+        case_possible = sum(len(v.removed) for v in expected_all(model, case.links, case.shape))
         case_removed = sum(1 for z in report.zeroed if Fate(z.fate).removed)
         zeroed += len(report.zeroed)
         removed += case_removed

@@ -365,6 +365,38 @@ def _value(
     return _through(modules, link.after, c, total, dead, sizes)
 
 
+def expected_all(model: nn.Module, links: Sequence[Link], shape: Sequence[int] | None = None) -> list[Fates]:
+    """:func:`expected_fates` of every link, then carriers shared between links: a link's carrier is
+    merged into another's when every zero-padded layer it is read by also reads that one (with as many
+    inputs). Carriers read by the most padded layers host first; a link keeps its carrier when merging it
+    would leave no channel (the engine's order: most padded readers, then largest constant)."""
+    modules = _modules(model)
+    verdicts = [expected_fates(model, link, shape) for link in links]
+
+    def padded(link: Link) -> dict[str, int]:  # padded layer -> how many of its inputs one channel takes
+        counts: dict[str, int] = defaultdict(int)
+        for r in link.reads:
+            if _padded(modules[r.layer]):
+                counts[r.layer] += r.expand
+        return counts
+
+    carriers = [i for i, v in enumerate(verdicts) if CARRIER in v.fates]
+    hosts: list[int] = []
+    def strength(i: int) -> float:  # the engine's tie-break: the best-conditioned carrier hosts first
+        return abs(verdicts[i].values[verdicts[i].fates.index(CARRIER)] or 0.0)
+
+    for i in sorted(carriers, key=lambda i: (-len(padded(links[i])), -strength(i), i)):
+        mine = padded(links[i])
+        host = next((h for h in hosts if all(padded(links[h]).get(n) == c for n, c in mine.items())), None)
+        fates = list(verdicts[i].fates)
+        if host is None or len(verdicts[i].removed) + 1 >= len(fates):
+            hosts.append(i)
+            continue
+        fates[fates.index(CARRIER)] = MERGED
+        verdicts[i] = Fates(links[i], tuple(fates), verdicts[i].values)
+    return verdicts
+
+
 def expected_widths(
     model: nn.Module, links: Sequence[Link], shape: Sequence[int] | None = None
 ) -> dict[str, tuple[int | None, int | None]]:
@@ -373,8 +405,7 @@ def expected_widths(
     removed_out: dict[str, set[int]] = defaultdict(set)
     removed_in: dict[str, set[int]] = defaultdict(set)
     layers: list[str] = []
-    for link in links:
-        verdict = expected_fates(model, link, shape)
+    for link, verdict in zip(links, expected_all(model, links, shape)):
         gone = verdict.removed
         for path in link.paths:
             for step in path:
