@@ -8,10 +8,8 @@ with its name, unless the caller opts in with ``trust_pickle``.
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
-import sys
 import zipfile
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .errors import InputFileError, UnsafePickleError
+from .importing import import_qualified, make_cwd_importable
 
 _PLAIN_CONTAINERS: tuple[type, ...] = (OrderedDict, defaultdict, dict, list, tuple, set, frozenset)
 
@@ -30,7 +29,7 @@ def load_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
     """Load a module saved with ``torch.save(model)`` onto the CPU."""
     file = Path(path)
     _check_readable(file)
-    _make_cwd_importable()
+    make_cwd_importable()  # as with ``python -m``: the user's model class resolves
     if trust_pickle:
         obj = _torch_load(file, weights_only=False)
     else:
@@ -69,13 +68,6 @@ def _is_legacy_pickle(file: Path) -> bool:
     return len(head) == 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)  # pickle protocol marker
 
 
-def _make_cwd_importable() -> None:
-    """As with ``python -m``: the user's model class resolves from the directory the command runs in."""
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-
-
 def _globals_in(file: Path) -> list[str]:
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
@@ -101,19 +93,13 @@ def _resolve_safe_global(name: str, file: Path) -> Any:
 
 def _import_global(module_name: str, qualname: str, name: str) -> Any:
     try:
-        obj: Any = importlib.import_module(module_name)
+        return import_qualified(module_name, qualname)
     except ImportError as e:
         raise InputFileError(
-            f"the model needs {name} but module {module_name!r} cannot be imported ({e}); run from the "
-            f"directory that holds it or add it to PYTHONPATH"
+            f"the model needs {name} but {e}; run from the directory that holds it or add it to PYTHONPATH"
         ) from e
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise InputFileError(
-                f"the model needs {name} but {module_name!r} has no {qualname!r}; is it the same code that saved it?"
-            )
-        obj = getattr(obj, part)
-    return obj
+    except AttributeError as e:
+        raise InputFileError(f"the model needs {name} but {e}; is it the same code that saved it?") from e
 
 
 def _is_safe(obj: Any) -> bool:

@@ -21,10 +21,8 @@ Accepted layouts:
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
-import sys
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import ArchitectureError, InputFileError, StateDictError
+from .importing import import_qualified
 
 MASK_SUFFIX = "_mask"
 ORIG_SUFFIX = "_orig"
@@ -48,22 +47,12 @@ def resolve_arch(spec: str) -> Callable[[], nn.Module]:
         raise ArchitectureError(
             f"--arch {spec!r} is not module:callable; write e.g. --arch mymodels:resnet18 or mypkg.nets:Net"
         )
-    cwd = os.getcwd()
-    if cwd not in sys.path:  # as with ``python -m``: the user's code resolves from where the command runs
-        sys.path.insert(0, cwd)
     try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as e:  # the user's module: any failure while importing it is theirs to see
-        raise ArchitectureError(
-            f"--arch {spec}: module {module_name!r} cannot be imported ({type(e).__name__}: {e}); run from the "
-            f"directory that holds it or add it to PYTHONPATH"
-        ) from e
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise ArchitectureError(
-                f"--arch {spec}: module {module_name!r} has no {qualname!r}; name a class or function defined there"
-            )
-        obj = getattr(obj, part)
+        obj = import_qualified(module_name, qualname)
+    except ImportError as e:
+        raise ArchitectureError(f"--arch {spec}: {e}; run from the directory that holds it or add it to PYTHONPATH") from e
+    except AttributeError as e:
+        raise ArchitectureError(f"--arch {spec}: {e}; name a class or function defined there") from e
     if not callable(obj):
         raise ArchitectureError(
             f"--arch {spec}: {qualname} is a {type(obj).__name__}, not callable; name a class or a function "
