@@ -102,7 +102,7 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
     norms = _norm_after(graph, module_names)
     groups: list[ChannelGroup] = []
     for module in list(graph.module2node.keys()):
-        if not isinstance(module, nn.Module) or not _is_mixing_producer(module):
+        if not isinstance(module, nn.Module) or not _is_producer(module):
             continue
         name = module_names[module]
         pruner = graph.get_pruner_of_module(module)
@@ -139,9 +139,16 @@ def _norm_after(graph: Any, module_names: dict[nn.Module, str]) -> dict[str, str
     return found
 
 
-def _is_mixing_producer(module: nn.Module) -> bool:
+def _is_producer(module: nn.Module) -> bool:
+    """A layer that writes channels from mixed inputs: Conv, Linear... and grouped convs, whose groups are
+    kept whole but whose zeroed filters the report should still account for."""
     shrinker = shrinker_for(module)
-    return shrinker is not None and shrinker.role_of(module) is Role.MIXING and shrinker.out_channels(module)
+    return (
+        shrinker is not None
+        and shrinker.role is Role.MIXING
+        and shrinker.role_of(module) is not Role.CHANNELWISE
+        and bool(shrinker.out_channels(module))
+    )
 
 
 def _convert(

@@ -405,7 +405,7 @@ def _plan_group(
     producers = _mixing(group.layers(OUT), modules)
     consumers = _mixing(group.layers(IN), modules)
     if not producers:
-        return GroupPlan(group, ())
+        return _blocked_writer(group, modules)
     indep = _all_zero(producers, modules, group.size, lambda s, m, i: s.out_rows_zero(m, i))
     if len(producers) == 1:  # one writer: a BatchNorm with weight 0 after it forgets its input too
         indep = [a or b for a, b in zip(indep, _norm_forgets(group, modules))]
@@ -455,6 +455,18 @@ def _plan_group(
         tuple(f for r in sorted(folds) for f in folds[r]),
         tuple(merges),
     )
+
+
+def _blocked_writer(group: ChannelGroup, modules: dict[str, Any]) -> GroupPlan:
+    """A group written by a grouped conv: its zeroed filters stay, with the reason."""
+    root = modules.get(group.root)
+    shrinker = shrinker_for(root) if root is not None else None
+    writer = next((m for m in group.layers(OUT) if m.name == group.root), None)
+    if shrinker is None or writer is None or shrinker.role_of(root) is not Role.BLOCKING:
+        return GroupPlan(group, ())
+    dead = _all_zero([writer], modules, group.size, _rows_zero)
+    reason = f"{group.root}: {shrinker.why_blocking(root)}"
+    return GroupPlan(group, tuple(ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, reason) for r in range(group.size) if dead[r]))
 
 
 def _norm_forgets(group: ChannelGroup, modules: dict[str, Any]) -> list[bool]:

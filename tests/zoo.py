@@ -961,6 +961,7 @@ def _grouped() -> nn.Module:
     m = GroupedConv()
     mask_ln(m.b0[0], 0.5)
     mask_ln(m.b2[0], 0.5)
+    mask_ln(m.gconv, 0.25)  # its own zeroed filters stay too, reported
     return _finish(m, (2, 3, 10, 10))
 
 
@@ -1151,6 +1152,7 @@ CASES: tuple[Case, ...] = (
         (2, 3, 10, 10),
         (
             _l(("b0.0", "b0.1", RELU), reads=(R("gconv"),), blocked="grouped conv"),
+            _l(("gconv", "bn", RELU), reads=(R("b2.0"),), blocked="grouped conv"),
             _l(("b2.0", "b2.1", RELU), reads=(R("fc"),)),
         ),
     ),
