@@ -52,6 +52,11 @@ def compact(
     :class:`~compactor.errors.CompactorError` subclasses for bad input.
     ``round_to``: keep every rebuilt channel count a multiple of it (hardware-friendly widths) by keeping
     some removable channels; exactness is unaffected.
+
+    Outputs are compared with the masked model on the example inputs and fresh ones; a group whose removal
+    breaks equality is restored. Where float rounding itself exceeds ``tolerance`` (a deep float32
+    network, any float16/bfloat16 model) the decisions are made on float64 copies and the result is held
+    to the masked model's own rounding (``report.extra["rounding_floor"]``).
     """
     if not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, found {round_to!r}")

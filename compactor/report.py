@@ -49,7 +49,9 @@ class CompactionReport:
     zeroed: tuple[ZeroedChannel, ...]
     warnings: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # later stages add measurements (latency, macs)
+    # graph_issues (Torch-Pruning mappings dropped), heads (attention heads removed or kept),
+    # rounding_floor (when float rounding exceeded the tolerance); later stages add latency, macs...
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fates(self) -> dict[str, int]:
