@@ -1075,7 +1075,10 @@ def _slimmed_bn() -> nn.Module:
     m = ConvChain()
     bake(mask_ln(m.b1[0], 0.25))  # baked zeros, no hooks
     zero_bn(m.b2[1], [0, 5, 6, 7, 20])  # network slimming: BN weight and bias zero
-    return _finish(m, (2, 3, 12, 12))
+    m = _finish(m, (2, 3, 12, 12))
+    with torch.no_grad():  # slimming that left the shift: weight 0, bias not, the channel emits relu(bias)
+        m.b2[1].weight[[2, 9, 14]] = 0.0
+    return m
 
 
 def _l(*paths: tuple[str, ...], reads: tuple[Read, ...], after: tuple[str, ...] = (), blocked: str = "") -> Link:
