@@ -532,7 +532,10 @@ class RepeatedConcat(nn.Module):
 
 
 class ChunkBranches(nn.Module):
-    """One conv, ``chunk`` into two halves, each half into its own conv: the halves are fixed in code."""
+    """One conv, ``chunk`` into two halves, each half into its own conv: the halves are fixed in code.
+
+    Torch-Pruning 1.6.1 also maps the halves the wrong way round (channel 0 onto ``right``): the engine
+    keeps groups through a split whole, so neither matters."""
 
     def __init__(self) -> None:
         super().__init__()
