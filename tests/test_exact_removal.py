@@ -2,8 +2,9 @@
 
 The expected numbers are computed here from the masks and BatchNorm parameters (``zoo.expected_fates``:
 a dead channel after conv -> BN -> ReLU carries ``relu(beta - gamma*mean/sqrt(var+eps))``; zero is
-removed, a constant into a zero-padded conv is merged into one carrier per group, into a Linear or an
-unpadded conv it is folded into the bias), never read back from the compacted model.
+removed, a constant into a zero-padded conv is merged into one carrier per group (groups feeding the
+same padded convs share one, ``zoo.expected_all``), into a Linear or an unpadded conv it is folded into
+the bias), never read back from the compacted model.
 """
 
 from __future__ import annotations
