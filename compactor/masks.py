@@ -8,6 +8,7 @@ product on every forward.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -28,19 +29,34 @@ class BakedMask:
 def bake_masks(model: nn.Module) -> list[BakedMask]:
     """Bake every prune hook and parametrization of ``model`` in place; return what was baked."""
     baked: list[BakedMask] = []
+    owners = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     for name, module in model.named_modules():
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):
                 tensor_name = hook._tensor_name
                 mask = getattr(module, tensor_name + "_mask")
                 baked.append(BakedMask(name, tensor_name, int((mask == 0).sum()), mask.numel()))
-                prune.remove(module, tensor_name)
+                _remove_untied(module, tensor_name, tied=owners[id(module._parameters[tensor_name + "_orig"])] > 1)
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations.keys()):  # type: ignore[union-attr]
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
                 value = getattr(module, tensor_name)
                 baked.append(BakedMask(name, tensor_name, int((value == 0).sum()), value.numel()))
     return baked
+
+
+def _remove_untied(module: nn.Module, tensor_name: str, *, tied: bool) -> None:
+    """``prune.remove``, except that a weight tied to another layer (BERT's decoder and word embeddings)
+    stays as it was for that layer: ``prune.remove`` writes ``orig * mask`` into the shared parameter,
+    which would mask the other layer too. The pruned layer gets its own, untied parameter."""
+    orig = module._parameters[tensor_name + "_orig"]
+    kept = orig.data.clone() if tied else None
+    prune.remove(module, tensor_name)
+    if kept is not None:
+        assert orig is not None
+        masked = orig.data.clone()
+        orig.data = kept
+        module._parameters[tensor_name] = nn.Parameter(masked, requires_grad=orig.requires_grad)
 
 
 def has_pruning_state(model: nn.Module) -> bool:
