@@ -23,6 +23,7 @@ from .masks import bake_masks, clone_module
 from .plan import IGNORED, GroupPlan, consumer_layers, observe_inputs, plan_groups, round_layers
 from .rebuild import apply_plans
 from .report import CompactionReport, count_params, layer_changes, serialized_bytes, zeroed_channels
+from .sparse import sparsity_report
 from .verify import (
     DEFAULT_TOLERANCE,
     Floors,
@@ -62,7 +63,7 @@ def compact(
         raise ValueError(f"round_to must be a positive integer, found {round_to!r}")
     say = log or (lambda _msg: None)
     seconds: dict[str, float] = {}
-    inputs = _example_inputs(model, example_inputs)
+    inputs = resolve_example_inputs(model, example_inputs)
 
     with _timed(seconds, "masks"):
         masked = clone_module(model).eval()
@@ -94,6 +95,7 @@ def compact(
     with _timed(seconds, "rebuild_verify"):
         plans, small, verdict, floors = _decide(masked, baked, plans, runs, references, tolerance, say, round_to, wide)
     small.train(model.training)
+    sparsity = [layer for layer in sparsity_report(small) if layer.zeros]
 
     report = CompactionReport(
         params={"before": count_params(original), "after": count_params(small)},
@@ -104,12 +106,13 @@ def compact(
         inputs=inputs.describe(),
         layers=layer_changes(original, small),
         zeroed=zeroed_channels(plans),
-        warnings=tuple(_warnings(masked, plans, runs)),
+        warnings=(*_warnings(masked, plans, runs), *_unstructured_warning(small)),
         seconds=seconds,
         extra={
             "graph_issues": sorted({i for g in groups for i in g.issues}),
             **({"heads": [h.to_dict() for h in heads]} if heads else {}),
             **({"rounding_floor": max(max(f, default=0.0) for f in floors)} if floors else {}),
+            "sparsity": [layer.to_dict() for layer in sparsity],
         },
     )
     return small, report
@@ -153,7 +156,9 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64) if t.is_floating_point() else t
 
 
-def _example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs:
+def resolve_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs:
+    """The example inputs as :class:`ExampleInputs` on the model's device; inferred where the first layer
+    fixes the shape, else an error that names the flag to add."""
     if example_inputs is None:
         inferred = infer_example_inputs(model)
         if inferred is None:
@@ -267,6 +272,33 @@ def _search(
 
     visit([p for p in plans if p.removed])
     return accepted, rejected
+
+
+UNSTRUCTURED_WARNING_AT = 0.05  # fraction of the compacted model's weights still zero
+
+
+def _unstructured_warning(model: nn.Module) -> Iterator[str]:
+    """Zeros outside whole zero slices (a kept carrier or channel is one) cannot shrink any layer."""
+    scattered = {name: _scattered_zeros(p.detach()) for name, p in model.named_parameters() if p.dim() >= 2}
+    sizes = {name: p.numel() for name, p in model.named_parameters() if p.dim() >= 2}
+    zeros, total = sum(scattered.values()), sum(sizes.values())
+    if not total or zeros / total < UNSTRUCTURED_WARNING_AT:
+        return
+    worst = sorted(scattered, key=lambda name: -scattered[name] / sizes[name])[:3]
+    yield (
+        f"{zeros:,} weights ({zeros / total:.0%} of all) are still zero but form no whole channel (unstructured "
+        f"masks), so no layer can shrink by them; most in "
+        + ", ".join(f"{name} {scattered[name] / sizes[name]:.0%}" for name in worst)
+        + ". --sparse-storage (compactor.sparse.save_sparse) stores them compressed"
+    )
+
+
+def _scattered_zeros(w: torch.Tensor) -> int:
+    """Zero entries of ``w`` that lie in no all-zero slice along dim 0 or dim 1."""
+    zero = w == 0
+    rows = zero.flatten(1).all(1).view(-1, *([1] * (w.dim() - 1)))
+    cols = zero.movedim(1, 0).flatten(1).all(1).view(1, -1, *([1] * (w.dim() - 2)))
+    return int((zero & ~rows & ~cols).sum())
 
 
 def _warnings(masked: nn.Module, plans: list[GroupPlan], runs: list[ExampleInputs]) -> Iterator[str]:

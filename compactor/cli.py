@@ -15,8 +15,7 @@ import torch
 from rich.console import Console
 
 from . import __version__
-from .api import _example_inputs as resolve_example_inputs
-from .api import compact
+from .api import compact, resolve_example_inputs
 from .errors import (
     CompactorError,
     ExampleInputError,

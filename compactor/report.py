@@ -104,6 +104,8 @@ def render(report: CompactionReport, console: Console) -> None:
             f"latency {backend} (ms)", f"{ms['before']:.3f}", f"{ms['after']:.3f}", f"{ms['after'] / ms['before']:.3f}"
         )
     console.print(summary)
+    for backend, why in report.extra.get("not_measured", {}).items():
+        console.print(f"latency {backend}: not measured ({why})", markup=False)
 
     changed = [c for c in report.layers if (c.out_before, c.in_before) != (c.out_after, c.in_after)]
     if changed:
@@ -115,12 +117,15 @@ def render(report: CompactionReport, console: Console) -> None:
         console.print(layers)
 
     fates = {k: v for k, v in report.fates.items() if v}
-    console.print(
-        f"zeroed channels: {len(report.zeroed)}, of which "
-        + (", ".join(f"{v} {k}" for k, v in fates.items()) or "none")
-        + f"; removed {report.removed_fraction:.0%}",
-        markup=False,
-    )
+    if report.zeroed:
+        console.print(
+            f"zeroed channels: {len(report.zeroed)}, of which "
+            + ", ".join(f"{v} {k}" for k, v in fates.items())
+            + f"; removed {report.removed_fraction:.0%}",
+            markup=False,
+        )
+    else:
+        console.print("zeroed channels: none (no channel is zero or unread in every layer it couples)", markup=False)
     kept = Counter((z.layer, z.fate, z.reason) for z in report.zeroed if not Fate(z.fate).removed)
     for (layer, fate, reason), n in sorted(kept.items()):
         console.print(f"  {layer}: {n} {fate} ({reason})", markup=False)
