@@ -278,6 +278,11 @@ HOW_TO_READ = """## How to read this
 - `max abs err`: the largest difference between masked and compacted outputs over the verification runs.
   `removed`: the fraction of zeroed channels that no longer exist (removed, folded into a bias or merged);
   the rest were kept for a reason the compactor's own report gives.
+- Threads: one by default (`--threads`). On a shared 2-core machine two OpenMP threads that wait on each other
+  turn any other process into 10x latency swings; one thread measures the work removed. Multi-thread
+  efficiency is usually lower (small layers parallelise worse), so treat these as an upper bound.
+- Odd widths cost speed: a 50% ResNet keeps one carrier channel per merged group (conv1: 64 -> 33, 128 -> 65; conv2 folds into conv3 and drops to exactly 32, 64),
+  which ONNX Runtime's blocked (NCHWc) convolutions handle slowly; `round_to=8/16` restores multiples.
 - Latency on a shared machine is noisy; dense and compacted are timed in the same loop, alternating, so the
   noise hits both and the ratios are more trustworthy than the absolute milliseconds.
 """
