@@ -73,6 +73,7 @@ def compact(
         generator = torch.Generator().manual_seed(0)
         runs = [inputs] + [inputs.fresh(generator) for _ in range(FRESH_RUNS)]
         references = reference_outputs(masked, runs)
+        del masked  # the references are all that is needed of it: free its weight_orig and mask copies
     original = baked
     heads: list[HeadChange] = []
     if head_layers(baked):  # whole attention heads first: channel groups cannot take them apart
@@ -82,7 +83,7 @@ def compact(
     with _timed(seconds, "float64"):
         # Decide in float64 where the model holds 16-bit floats: their rounding (8 bits of mantissa in
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
-        wide = _widened(masked, baked, runs)
+        wide = _widened(original, baked, runs)
         d_baked, d_runs = (wide[0], wide[1]) if wide is not None else (baked, runs)
     say("tracing channel dependencies (torch-pruning)")
     with _timed(seconds, "graph"):
@@ -93,7 +94,7 @@ def compact(
         plans = plan_groups(d_baked, groups, stats, round_to=round_to, runs=d_runs[:2])
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
-        plans, small, verdict, floors = _decide(masked, baked, plans, runs, references, tolerance, say, round_to, wide)
+        plans, small, verdict, floors = _decide(original, baked, plans, runs, references, tolerance, say, round_to, wide)
     small.train(model.training)
     sparsity = [layer for layer in sparsity_report(small) if layer.zeros]
 
@@ -106,7 +107,7 @@ def compact(
         inputs=inputs.describe(),
         layers=layer_changes(original, small),
         zeroed=zeroed_channels(plans),
-        warnings=(*_warnings(masked, plans, runs), *_unstructured_warning(small)),
+        warnings=(*_warnings(references, plans), *_unstructured_warning(small)),
         seconds=seconds,
         extra={
             "graph_issues": sorted({i for g in groups for i in g.issues}),
@@ -135,10 +136,15 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _widened(
-    masked: nn.Module, baked: nn.Module, runs: list[ExampleInputs], *, always: bool = False
+    original: nn.Module, baked: nn.Module, runs: list[ExampleInputs], *, always: bool = False
 ) -> tuple[nn.Module, list[ExampleInputs], list[Any]] | None:
     """float64 copies of the baked model, the inputs and the reference outputs, if the model holds
-    16-bit floats (or ``always``); None otherwise."""
+    16-bit floats (or ``always``); None otherwise.
+
+    The references come from ``original``, the masked model with its masks baked in (before any attention
+    head was removed): ``orig * mask`` is exact in float64, so it computes the masked function, without
+    the ``weight_orig`` and mask copies that a float64 clone of the masked model would hold.
+    """
     tensors = [*baked.parameters(), *baked.buffers()]
     if not always and not any(t.dtype in _LOW_PRECISION for t in tensors):
         return None
@@ -148,8 +154,9 @@ def _widened(
         )
         for r in runs
     ]
-    wide_masked = clone_module(masked).to(torch.float64)
-    return clone_module(baked).to(torch.float64), wide_runs, reference_outputs(wide_masked, wide_runs)
+    wide_baked = clone_module(baked).to(torch.float64)
+    wide_original = wide_baked if original is baked else clone_module(original).to(torch.float64)
+    return wide_baked, wide_runs, reference_outputs(wide_original, wide_runs)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -173,7 +180,7 @@ def resolve_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInpu
 
 
 def _decide(
-    masked: nn.Module,
+    original: nn.Module,
     baked: nn.Module,
     plans: list[GroupPlan],
     runs: list[ExampleInputs],
@@ -208,7 +215,7 @@ def _decide(
             pending = [p for p in active if id(p) in rejected and math.isfinite(rejected[id(p)].max_abs_error)]
         if pending:
             say(f"judging {len(pending)} groups in float64 (float32 rounding or a wrong plan)")
-            wide = _widened(masked, baked, runs, always=True)
+            wide = _widened(original, baked, runs, always=True)
     if pending:
         assert wide is not None
         pending_ids = {id(p) for p in pending}
@@ -301,8 +308,8 @@ def _scattered_zeros(w: torch.Tensor) -> int:
     return int((zero & ~rows & ~cols).sum())
 
 
-def _warnings(masked: nn.Module, plans: list[GroupPlan], runs: list[ExampleInputs]) -> Iterator[str]:
-    if depends_on_input(masked, runs):
+def _warnings(references: list[Any], plans: list[GroupPlan]) -> Iterator[str]:
+    if depends_on_input(references):
         return
     # A layer is dead when every channel it writes is input-independent; one whose channels are only
     # ignored by a dead layer downstream is a victim, not a cause, and is not named.

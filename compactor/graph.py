@@ -160,7 +160,7 @@ def _convert(
     param_names: dict[Any, str],
     covered: set[tuple[str, str, int]],
 ) -> ChannelGroup:
-    merged: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    merged: dict[tuple[str, str], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
     meta: dict[tuple[str, str], tuple[str, bool, int]] = {}
     issues: list[str] = []
     reaches_output = False
@@ -181,13 +181,13 @@ def _convert(
             side = OUT  # a channelwise layer's input and output are the same channels
         key = (name, side)
         meta[key] = (op, is_layer, int(getattr(dep.target, "pruning_dim", 1) or 0))
+        by_root = merged[key]
         for local, r in zip(item.idxs, item.root_idxs):
-            if local not in merged[key][r]:
-                merged[key][r].append(local)
+            by_root[r].add(local)
     members = []
     for (name, side), by_root in merged.items():
         op, is_layer, dim = meta[(name, side)]
-        idxs = tuple(tuple(sorted(by_root.get(r, []))) for r in range(size))
+        idxs = tuple(tuple(sorted(by_root[r])) if r in by_root else () for r in range(size))
         problem = _mapping_problem(graph, name, side, op, is_layer, idxs, module_names, param_names, covered)
         if problem:
             issues.append(problem)

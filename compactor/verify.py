@@ -116,9 +116,9 @@ def _compare_run(
     return worst, problems
 
 
-def depends_on_input(model: nn.Module, runs: list[ExampleInputs]) -> bool:
-    """False when every run gives the same outputs: the model ignores its input."""
-    outs = reference_outputs(model, runs)
+def depends_on_input(outs: list[list[tuple[str, torch.Tensor]]]) -> bool:
+    """False when every run (the outputs of :func:`reference_outputs`) gave the same outputs: the model
+    ignores its input."""
     first = outs[0]
     return any(
         any(not torch.equal(a, b) for (_, a), (_, b) in zip(first, other)) for other in outs[1:]
