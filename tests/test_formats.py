@@ -178,3 +178,28 @@ def test_masked_model_is_written_with_plain_weights(tmp_path: Path) -> None:
     formats.save_output(masked, tmp_path / "masked.safetensors", X, arch=SmallCNN)
     loaded = formats.load(SmallCNN, tmp_path / "masked.safetensors").eval()
     assert torch.equal(loaded(X), masked(X))
+
+
+class _Cancelling(torch.nn.Module):
+    """Adds and removes a large offset: float32 loses the low bits, float64 does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 3e3) - 3e3
+
+
+def test_onnx_check_allows_runtime_rounding_only_as_large_as_torchs_own() -> None:
+    from compactor.formats import _runtime_tolerance
+    from compactor.inputs import ExampleInputs
+    from compactor.verify import NOISE_FACTOR
+
+    x = ExampleInputs.of(torch.randn(4, 16, generator=torch.Generator().manual_seed(0)))
+    shallow = torch.nn.Sequential(torch.nn.Linear(16, 4)).eval()
+    assert _runtime_tolerance(shallow, x, 1e-4) == 1e-4  # float32 rounding far below the tolerance
+    noisy = torch.nn.Sequential(torch.nn.Linear(16, 4), _Cancelling()).eval()
+    with torch.no_grad():
+        out32 = noisy(x.args[0])
+        out64 = noisy.double()(x.args[0].double())
+    noisy.float()
+    relative = (out32.double() - out64).abs().max().item() / max(1.0, out64.abs().max().item())
+    assert relative > 1e-5
+    assert _runtime_tolerance(noisy, x, 1e-6) == pytest.approx(NOISE_FACTOR * relative)
