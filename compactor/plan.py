@@ -20,7 +20,7 @@ split/chunk/slice whose sizes the forward code fixes, or when Torch-Pruning mapp
 A GroupNorm loses whole groups only; ``round_to`` keeps counts at multiples. Both pin channels and plan
 again until nothing moves.
 
-See ``../shared/FIELD.md`` for the math. The plan is data: the rebuild stage applies it to a copy, and
+See ``docs/EXACTNESS.md`` for the math. The plan is data: the rebuild stage applies it to a copy, and
 the verify stage decides whether it ships.
 """
 
