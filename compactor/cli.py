@@ -167,6 +167,7 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | 
         raise ExampleInputError("--prefix goes with --arch (it strips a checkpoint's key prefix)")
     if args.round_to < 1:
         raise ExampleInputError(f"--round-to {args.round_to}: give a positive channel multiple such as 8")
+    _backends(args)
     onnx_out = check_output_path(args.onnx, args.model, force=args.force) if args.onnx else None
     report_path = check_output_path(args.report, args.model, force=False) if args.report else None
     return out, onnx_out, report_path
@@ -183,19 +184,26 @@ def _load(args: argparse.Namespace) -> torch.nn.Module:
 def _measure(
     model: torch.nn.Module, small: torch.nn.Module, inputs: ExampleInputs, report: CompactionReport, args: argparse.Namespace, err: Console
 ) -> CompactionReport:
-    from .measure import BACKENDS, bench, count_macs
+    from .measure import bench, count_macs
 
     if not args.bench:
         return report.with_extra(macs={"before": count_macs(model, inputs), "after": count_macs(small, inputs)})
-    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise ExampleInputError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    backends = _backends(args)
     if not args.quiet and err.is_terminal:
         err.print(f"timing dense and compacted, interleaved, on {', '.join(backends)}", markup=False)
     return report.with_extra(
         **bench(model, small, inputs, backends=backends, threads=args.threads, repeats=args.repeats)  # type: ignore[arg-type]
     )
+
+
+def _backends(args: argparse.Namespace) -> tuple[str, ...]:
+    from .measure import BACKENDS
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ExampleInputError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    return backends
 
 
 def _write_outputs(
@@ -219,7 +227,10 @@ def _write_outputs(
             from .sparse import save_sparse
 
             sparse = save_sparse(small, out)
-            report = report.with_extra(output={"path": str(out), "bytes": sparse.sparse_bytes}, sparse_storage=sparse.to_dict())
+            report = report.with_extra(
+                output={"path": str(out), "bytes": sparse.sparse_bytes, "format": "safetensors (sparse)"},
+                sparse_storage=sparse.to_dict(),
+            )
         else:
             size = save_output(small, out, inputs, format=args.format, tolerance=args.tolerance, arch=args.arch)
             report = report.with_extra(output={"path": str(out), "bytes": size, "format": format_for(out, args.format)})

@@ -10,7 +10,6 @@ the bias), never read back from the compacted model.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -40,16 +39,6 @@ import compactor
 from compactor.plan import Fate
 
 RTOL, ATOL = 1e-4, 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread. With several test processes on two cores, OpenMP threads
-    spinning against each other make a 2 ms training step take seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _assert_equal_outputs(model: nn.Module, small: nn.Module, shape: tuple[int, ...], seeds: tuple[int, ...] = (5, 6)) -> None:
