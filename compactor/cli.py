@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", nargs="?", metavar="MODEL", help="model file written by torch.save(model)")
-    p.add_argument("-o", "--output", metavar="OUT", help="where to write the compacted model (.pt)")
+    p.add_argument("-o", "--output", metavar="OUT", help="where to write the compacted model: .pt, .pt2, .onnx or .safetensors")
     p.add_argument("--demo", action="store_true", help="run on a built-in masked example model")
     inputs = p.add_argument_group("example inputs (one of)")
     inputs.add_argument(
