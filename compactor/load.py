@@ -28,7 +28,7 @@ _PLAIN_CONTAINERS: tuple[type, ...] = (OrderedDict, defaultdict, dict, list, tup
 def load_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> nn.Module:
     """Load a module saved with ``torch.save(model)`` onto the CPU."""
     file = Path(path)
-    _check_readable(file)
+    check_torch_file(file, kind="model", fix="re-save the model", save_call="torch.save(model, path)")
     make_cwd_importable()  # as with ``python -m``: the user's model class resolves
     if trust_pickle:
         obj = _torch_load(file, weights_only=False)
@@ -48,17 +48,21 @@ def load_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
     )
 
 
-def _check_readable(file: Path) -> None:
+def check_torch_file(file: Path, *, kind: str, fix: str, save_call: str) -> None:
+    """One line for each way ``file`` can fail to be a readable ``torch.save`` file.
+
+    ``kind`` names the file ("model", "weights"); ``fix`` and ``save_call`` say how to write a good one
+    ("re-save the model", "torch.save(model, path)").
+    """
     if not file.exists():
-        raise InputFileError(f"model file {file} does not exist; check the path")
+        raise InputFileError(f"{kind} file {file} does not exist; check the path")
     if file.is_dir():
-        raise InputFileError(f"{file} is a directory; give the file written by torch.save(model, path)")
+        raise InputFileError(f"{file} is a directory; give the file written by {save_call}")
     if not os.access(file, os.R_OK):
-        raise InputFileError(f"model file {file} is not readable; check its permissions")
+        raise InputFileError(f"{kind} file {file} is not readable; check its permissions")
     if not zipfile.is_zipfile(file) and not _is_legacy_pickle(file):
         raise InputFileError(
-            f"{file} is not a PyTorch file (expected the zip archive written by torch.save); "
-            f"re-save the model with torch.save(model, path)"
+            f"{file} is not a PyTorch file (expected the zip archive written by torch.save); {fix} with {save_call}"
         )
 
 

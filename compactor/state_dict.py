@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torch import nn
 
 from .errors import ArchitectureError, InputFileError, StateDictError
 from .importing import import_qualified
+from .load import check_torch_file
 
 MASK_SUFFIX = "_mask"
 ORIG_SUFFIX = "_orig"
@@ -165,7 +165,7 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a state_dict file (``torch.save`` or safetensors) or of a checkpoint's ``"state_dict"``."""
     if file.suffix.lower() == ".safetensors":
         return _read_safetensors(file)
-    _check_readable(file)
+    check_torch_file(file, kind="weights", fix="save the weights", save_call="torch.save(model.state_dict(), path)")
     obj = _safe_load(file)
     if isinstance(obj, _StandIn):
         raise InputFileError(
@@ -354,20 +354,3 @@ def _safe_load(file: Path) -> Any:
             f"{file} cannot be read safely as a state_dict ({first}); save the weights with "
             f"torch.save(model.state_dict(), path)"
         ) from e
-
-
-def _check_readable(file: Path) -> None:
-    if not file.exists():
-        raise InputFileError(f"weights file {file} does not exist; check the path")
-    if file.is_dir():
-        raise InputFileError(f"{file} is a directory; give the file written by torch.save(model.state_dict(), path)")
-    if not os.access(file, os.R_OK):
-        raise InputFileError(f"weights file {file} is not readable; check its permissions")
-    if not zipfile.is_zipfile(file):
-        with file.open("rb") as f:
-            head = f.read(2)
-        if len(head) < 2 or head[0] != 0x80:  # neither torch.save's zip archive nor a legacy pickle
-            raise InputFileError(
-                f"{file} is not a PyTorch file (expected the zip archive written by torch.save); save the "
-                f"weights with torch.save(model.state_dict(), path)"
-            )
