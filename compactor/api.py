@@ -148,19 +148,10 @@ def _widened(
     tensors = [*baked.parameters(), *baked.buffers()]
     if not always and not any(t.dtype in _LOW_PRECISION for t in tensors):
         return None
-    wide_runs = [
-        ExampleInputs(
-            args=tuple(_wide(t) for t in r.args), kwargs={k: _wide(v) for k, v in r.kwargs.items()}
-        )
-        for r in runs
-    ]
+    wide_runs = [r.widened() for r in runs]
     wide_baked = clone_module(baked).to(torch.float64)
     wide_original = wide_baked if original is baked else clone_module(original).to(torch.float64)
     return wide_baked, wide_runs, reference_outputs(wide_original, wide_runs)
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float64) if t.is_floating_point() else t
 
 
 def resolve_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs:

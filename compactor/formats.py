@@ -419,10 +419,7 @@ def _runtime_tolerance(model: nn.Module, example: ExampleInputs, tolerance: floa
     if not any(p.is_floating_point() for p in model.parameters()):
         return tolerance
     wide = copy.deepcopy(model).to(torch.float64)
-    wide_example = ExampleInputs(
-        args=tuple(t.double() if t.is_floating_point() else t for t in example.args),
-        kwargs={k: v.double() if v.is_floating_point() else v for k, v in example.kwargs.items()},
-    )
+    wide_example = example.widened()
     (narrow_out,), (wide_out,) = reference_outputs(model, [example]), reference_outputs(wide, [wide_example])
     relative = 0.0
     for (_, a), (_, b) in zip(narrow_out, wide_out):

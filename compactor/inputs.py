@@ -46,6 +46,13 @@ class ExampleInputs:
             kwargs={k: v.to(device) for k, v in self.kwargs.items()},
         )
 
+    def widened(self) -> ExampleInputs:
+        """The same inputs with every floating tensor in float64 (integers, token ids, stay as they are)."""
+        return ExampleInputs(
+            args=tuple(_double(t) for t in self.args),
+            kwargs={k: _double(v) for k, v in self.kwargs.items()},
+        )
+
     def fresh(self, generator: torch.Generator) -> ExampleInputs:
         """Random inputs of the same shapes and dtypes (integers stay in the example's range)."""
         return ExampleInputs(
@@ -64,6 +71,10 @@ def _check_tensors(values: Any, container: str) -> None:
             raise ExampleInputError(
                 f"example inputs: every item of the {container} must be a tensor, found {type(v).__name__}"
             )
+
+
+def _double(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64) if t.is_floating_point() else t
 
 
 def _describe(t: torch.Tensor) -> str:
