@@ -71,10 +71,6 @@ def has_pruning_state(model: nn.Module) -> bool:
     return False
 
 
-def zero_fraction(tensor: torch.Tensor) -> float:
-    return float((tensor == 0).sum()) / max(1, tensor.numel())
-
-
 def clone_module(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also works on masked modules.
 
