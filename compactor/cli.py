@@ -246,6 +246,7 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Co
     from .demo import DEMO_INPUT_SHAPE, demo_model
 
     out = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="compactor-demo-")) / "small.pt"
+    check_output_path(out, None, force=True)  # the user's -o first: its error names what they typed
     masked_path = out.parent / "demo_masked.pt"
     check_output_path(masked_path, None, force=True)
     save_module(demo_model(), masked_path)

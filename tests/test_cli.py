@@ -189,6 +189,15 @@ def test_example_inputs_file_as_dict(workdir: Path) -> None:
     assert r.stdout == "" and (workdir / "small_dict.pt").is_file()
 
 
+def test_demo_into_a_missing_directory_names_the_users_path(tmp_path: Path) -> None:
+    r = run_cli("--demo", "-o", "nowhere/small.pt", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "error: cannot write -o nowhere/small.pt: directory nowhere does not exist; create it first"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_demo_runs_on_a_fresh_directory(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     r = run_cli("--demo", "-o", "out/small.pt", "--report", "out/report.json", cwd=tmp_path)
