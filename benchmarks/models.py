@@ -1,12 +1,13 @@
 """The benchmark zoo: realistic-size models, pruned the way a user would prune them before compaction.
 
-CNNs are compact re-implementations of the torchvision architectures (same layers, same shapes, same
+CNNs (ResNet-18/50/152, ResNeXt-50 32x4d, VGG-16-BN, MobileNetV2) are compact re-implementations of the torchvision architectures (same layers, same shapes, same
 parameter counts: torchvision does not import here and nothing can be downloaded). BERT-base and ConvNeXt-T
 come from ``transformers`` configs with random weights.
 
 Pruning (:func:`prune_model`) applies ``torch.nn.utils.prune.ln_structured`` (L2, ``dim=0``) to the
 *internal* layers only: convs inside a residual block, the expand conv of an inverted residual, the FFN
-intermediate Linear of a transformer. Never the classifier output, never a layer that writes a residual
+intermediate Linear of a transformer. ResNeXt's are pruned group-aware, the same fraction in each group of
+the grouped conv (:class:`PerGroup`), as Torch-Pruning's group-aware pruners do. Never the classifier output, never a layer that writes a residual
 stream. Then it leaves the normalisation layers as fine-tuning with the masks on would: BatchNorm running
 statistics are re-estimated in train mode (a dead channel gets ``running_mean == 0`` exactly) while
 ``gamma``/``beta`` and biases are random and non-zero, so a dead channel emits a non-zero constant.
@@ -52,13 +53,16 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        width = planes * base_width // 64 * groups  # ResNeXt: groups x base_width per 64 planes
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -74,9 +78,17 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000) -> None:
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: list[int],
+        num_classes: int = 1000,
+        groups: int = 1,
+        base_width: int = 64,
+    ) -> None:
         super().__init__()
         self.inplanes = 64
+        self.block_args = {"groups": groups, "base_width": base_width} if groups > 1 else {}
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -96,9 +108,9 @@ class ResNet(nn.Module):
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layers = [block(self.inplanes, planes, stride, downsample, **self.block_args)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, **self.block_args) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +119,22 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _resnet_targets(model: nn.Module) -> list[tuple[nn.Module, ...]]:
+def _resnet_targets(model: nn.Module) -> list[tuple[nn.Module | PerGroup, ...]]:
     return [(conv,) for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck)) for conv in m.internal()]
+
+
+def _resnext_targets(model: nn.Module) -> list[tuple[nn.Module | PerGroup, ...]]:
+    """conv1 and the grouped conv2, pruned group-aware (the same count in each of conv2's groups)."""
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    return [(PerGroup(conv, b.conv2.groups),) for b in blocks for conv in b.internal()]
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """Prune ``layer``'s filters group by group: the same fraction, by L2 norm, in each of ``groups`` runs."""
+
+    layer: nn.Module
+    groups: int
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -278,7 +304,7 @@ class ZooModel:
     name: str
     build: Callable[[], nn.Module]
     inputs: Callable[[bool], ExampleInputs]  # quick -> inputs
-    targets: Callable[[nn.Module], list[tuple[nn.Module, ...]]]
+    targets: Callable[[nn.Module], list[tuple[nn.Module | PerGroup, ...]]]
     quick: bool = False  # part of the --quick default set
 
     def make(self, sparsity: float, *, quick: bool = False, seed: int = 0) -> tuple[nn.Module, ExampleInputs]:
@@ -307,6 +333,12 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("resnet18", lambda: ResNet(BasicBlock, [2, 2, 2, 2]), lambda q: _image(64 if q else 224), _resnet_targets, quick=True),
         ZooModel("resnet50", lambda: ResNet(Bottleneck, [3, 4, 6, 3]), lambda q: _image(64 if q else 224), _resnet_targets),
         ZooModel("resnet152", lambda: ResNet(Bottleneck, [3, 8, 36, 3]), lambda q: _image(64 if q else 224), _resnet_targets),
+        ZooModel(
+            "resnext50_32x4d",
+            lambda: ResNet(Bottleneck, [3, 4, 6, 3], groups=32, base_width=4),
+            lambda q: _image(64 if q else 224),
+            _resnext_targets,
+        ),
         ZooModel("vgg16_bn", lambda: VGG(VGG16), lambda q: _image(64 if q else 224), _vgg_targets),
         ZooModel("mobilenet_v2", MobileNetV2, lambda q: _image(64 if q else 224), _mobilenet_targets, quick=True),
         ZooModel("bert_base", BertClassifier, lambda q: _tokens(32 if q else 128), _bert_targets),
@@ -320,7 +352,9 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("convnext_tiny", ConvNextClassifier, lambda q: _image(64 if q else 224), _convnext_targets),
     )
 }
-FULL_DEFAULT = ("resnet18", "resnet50", "resnet152", "vgg16_bn", "mobilenet_v2", "bert_base", "convnext_tiny")
+FULL_DEFAULT = (
+    "resnet18", "resnet50", "resnet152", "resnext50_32x4d", "vgg16_bn", "mobilenet_v2", "bert_base", "convnext_tiny",
+)  # fmt: skip
 QUICK_DEFAULT = tuple(name for name, m in ZOO.items() if m.quick)
 
 
@@ -330,7 +364,7 @@ QUICK_DEFAULT = tuple(name for name, m in ZOO.items() if m.quick)
 
 def prune_model(
     model: nn.Module,
-    targets: list[tuple[nn.Module, ...]],
+    targets: list[tuple[nn.Module | PerGroup, ...]],
     sparsity: float,
     inputs: ExampleInputs,
     *,
@@ -341,12 +375,25 @@ def prune_model(
     _perturb_affine(model, generator)  # before pruning: a pruned layer's own bias stays non-zero, as it would
     for group in targets:
         lead, *followers = group
-        prune.ln_structured(lead, "weight", amount=sparsity, n=2, dim=0)
+        if isinstance(lead, PerGroup):
+            lead = _prune_per_group(lead.layer, sparsity, lead.groups)
+        else:
+            prune.ln_structured(lead, "weight", amount=sparsity, n=2, dim=0)
         channel_mask = lead.weight_mask.flatten(1).amax(1)
         for layer in followers:
             mask = channel_mask.view(-1, *([1] * (layer.weight.dim() - 1))).expand_as(layer.weight)
             prune.custom_from_mask(layer, "weight", mask.contiguous())
     _recalibrate_batchnorm(model, inputs, generator)
+
+
+def _prune_per_group(layer: nn.Module, sparsity: float, groups: int) -> nn.Module:
+    norms = layer.weight.detach().flatten(1).norm(dim=1).view(groups, -1)
+    per = norms.shape[1]
+    mask = torch.ones_like(layer.weight)
+    for g in range(groups):
+        mask[g * per + norms[g].argsort()[: round(sparsity * per)]] = 0
+    prune.custom_from_mask(layer, "weight", mask)
+    return layer
 
 
 def dead_channels(layer: nn.Module) -> int:

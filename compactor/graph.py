@@ -140,8 +140,8 @@ def _norm_after(graph: Any, module_names: dict[nn.Module, str]) -> dict[str, str
 
 
 def _is_producer(module: nn.Module) -> bool:
-    """A layer that writes channels from mixed inputs: Conv, Linear... and grouped convs, whose groups are
-    kept whole but whose zeroed filters the report should still account for."""
+    """A layer that writes channels from mixed inputs: Conv (grouped too), Linear... and grouped transposed
+    convs, whose groups are kept whole but whose zeroed filters the report should still account for."""
     shrinker = shrinker_for(module)
     return (
         shrinker is not None

@@ -9,7 +9,8 @@ A channel meets a layer in one of three ways, its :class:`Role`:
 * ``CHANNELWISE``: output channel c depends on input channel c alone (BatchNorm, depthwise conv, PReLU,
   InstanceNorm, a LayerScale parameter, GroupNorm for whole groups). Constants stay constants through it.
 * ``BLOCKING``: the layer mixes channels in a way that removing one changes the others (LayerNorm
-  statistics, grouped convs, attention, recurrent cells). A group that holds one keeps all its channels.
+  statistics, grouped transposed convs, attention, recurrent cells). A group that holds one keeps all
+  its channels.
 
 Each layer type has one :class:`Shrinker`, found through the class hierarchy by :func:`shrinker_for`.
 Shrinkers build *new* layers (the old one is left as it was), keeping dtype, device, training flag,
@@ -84,6 +85,14 @@ class Shrinker:
     def removable(self, m: Any, side: str, idx: Index) -> Index:
         """The subset of ``idx`` that can be removed from this layer on ``side`` ('out' or 'in')."""
         return idx
+
+    def why_unremovable(self, m: Any) -> str:
+        """Why :meth:`removable` left some channels out."""
+        return "can only lose whole groups"
+
+    def merge_unit(self, m: Any, i: int) -> int:
+        """Input ``i``'s part of the layer: constants merge only into a carrier in the same part."""
+        return 0
 
     def shrink(self, m: Any, keep_out: Index | None, keep_in: Index | None) -> Any:
         """A new layer holding only ``keep_out`` output and ``keep_in`` input channels."""
@@ -160,46 +169,74 @@ def _is_depthwise(m: nn.modules.conv._ConvNd) -> bool:
 
 @register(*_ConvNd)
 class ConvShrinker(Shrinker):
-    """Conv1d/2d/3d. weight: [out, in/groups, *kernel]. Depthwise (groups == in == out) is channelwise."""
+    """Conv1d/2d/3d. weight: [out, in/groups, *kernel]. Depthwise (groups == in == out) is channelwise.
+
+    A grouped conv is mixing within each group: output channel ``o`` of group ``j`` reads inputs
+    ``j * in/groups ...`` only, through weight columns ``0 ... in/groups``. Every group must keep the
+    same number of inputs and of outputs (:meth:`removable`), and a constant input folds or merges only
+    within its group (:meth:`merge_unit`)."""
 
     role = Role.MIXING
 
     def role_of(self, m: nn.Conv2d) -> Role:
-        if m.groups == 1:
-            return Role.MIXING
-        return Role.CHANNELWISE if _is_depthwise(m) else Role.BLOCKING
-
-    def why_blocking(self, m: nn.Conv2d) -> str:
-        return f"grouped conv (groups={m.groups}) needs the same number of channels in every group"
+        return Role.CHANNELWISE if _is_depthwise(m) else Role.MIXING
 
     def out_rows_zero(self, m: nn.Conv2d, idx: Index) -> torch.Tensor:
         return _zero_along(m.weight, 0, idx)
 
     def in_cols_zero(self, m: nn.Conv2d, idx: Index) -> torch.Tensor:
-        return _zero_along(m.weight, 1, idx)
+        if m.groups == 1:
+            return _zero_along(m.weight, 1, idx)
+        w = m.weight.detach()
+        return torch.tensor([bool((w[rows, col] == 0).all()) for rows, col in (_grouped_col(m, i) for i in idx.tolist())])
 
     def can_fold(self, m: nn.Conv2d) -> bool:
         # Every output position sees the whole kernel over constant values: no zero padding reaches it.
-        return m.groups == 1 and (not _zero_padded(m) or m.padding_mode != "zeros")
+        return not _zero_padded(m) or m.padding_mode != "zeros"
 
     def fold_constant(self, m: nn.Conv2d, idx: Index, k: torch.Tensor) -> None:
         _add_to_bias(m, self.fold_delta(m, idx, k))
 
     def fold_delta(self, m: nn.Conv2d, idx: Index, k: torch.Tensor) -> torch.Tensor:
         w = m.weight.detach()
-        return (w[:, idx].flatten(2).sum(-1) * k.to(w)).sum(1)
+        if m.groups == 1:
+            return (w[:, idx].flatten(2).sum(-1) * k.to(w)).sum(1)
+        delta = torch.zeros(m.out_channels, dtype=w.dtype, device=w.device)
+        for i, kk in zip(idx.tolist(), k.tolist()):
+            rows, col = _grouped_col(m, i)
+            delta[rows] += w[rows, col].flatten(1).sum(-1) * kk
+        return delta
+
+    def merge_unit(self, m: nn.Conv2d, i: int) -> int:
+        return i // (m.in_channels // m.groups)
 
     def merge_into(self, m: nn.Conv2d, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
         with torch.no_grad():
             w = m.weight
-            shape = (1, -1) + (1,) * (w.dim() - 2)
-            w[:, carrier] += (w[:, idx] * ratio.to(w).view(shape)).sum(1)
+            if m.groups == 1:
+                shape = (1, -1) + (1,) * (w.dim() - 2)
+                w[:, carrier] += (w[:, idx] * ratio.to(w).view(shape)).sum(1)
+                return
+            rows, into = _grouped_col(m, carrier)
+            for i, r in zip(idx.tolist(), ratio.tolist()):
+                their_rows, col = _grouped_col(m, i)
+                if their_rows != rows:
+                    raise ValueError(f"input {i} is in another group than carrier {carrier}")
+                w[rows, into] += w[rows, col] * r
 
     def out_channels(self, m: nn.Conv2d) -> int:
         return m.out_channels
 
     def in_channels(self, m: nn.Conv2d) -> int:
         return m.in_channels
+
+    def removable(self, m: nn.Conv2d, side: str, idx: Index) -> Index:
+        if m.groups == 1 or _is_depthwise(m):
+            return idx
+        return _balanced(idx, m.groups, (m.out_channels if side == "out" else m.in_channels) // m.groups)
+
+    def why_unremovable(self, m: nn.Conv2d) -> str:
+        return f"grouped conv (groups={m.groups}) loses the same number of channels in every group"
 
     def shrink(self, m: nn.Conv2d, keep_out: Index | None, keep_in: Index | None) -> nn.Conv2d:
         if _is_depthwise(m):
@@ -208,10 +245,47 @@ class ConvShrinker(Shrinker):
             new = _new_like(m, weight=_take(m.weight, 0, keep), bias=_take(m.bias, 0, keep))
             new.in_channels = new.out_channels = new.groups = len(keep)
             return new
-        new = _new_like(m, weight=_take(_take(m.weight, 0, keep_out), 1, keep_in), bias=_take(m.bias, 0, keep_out))
+        weight = _take(m.weight, 0, keep_out)
+        if keep_in is not None:
+            weight = weight.index_select(1, keep_in.to(weight.device)) if m.groups == 1 else _grouped_cols(m, weight, keep_in)
+        new = _new_like(m, weight=weight, bias=_take(m.bias, 0, keep_out))
         new.out_channels = len(keep_out) if keep_out is not None else m.out_channels
         new.in_channels = len(keep_in) if keep_in is not None else m.in_channels
+        _check_groups(new)
         return new
+
+
+def _grouped_col(m: nn.modules.conv._ConvNd, i: int) -> tuple[slice, int]:
+    """Input ``i`` of a grouped conv: the weight rows of its group, and its column there."""
+    group, col = divmod(i, m.in_channels // m.groups)
+    per = m.out_channels // m.groups
+    return slice(group * per, (group + 1) * per), col
+
+
+def _grouped_cols(m: nn.modules.conv._ConvNd, weight: torch.Tensor, keep_in: Index) -> torch.Tensor:
+    """``weight`` (rows already taken) keeping inputs ``keep_in`` of each group in that group's rows."""
+    per_in, rows = m.in_channels // m.groups, weight.shape[0] // m.groups
+    parts = []
+    for g in range(m.groups):
+        cols = [i - g * per_in for i in keep_in.tolist() if i // per_in == g]
+        parts.append(weight[g * rows : (g + 1) * rows].index_select(1, torch.tensor(cols, dtype=torch.long, device=weight.device)))
+    if len({p.shape[1] for p in parts}) != 1:
+        raise ValueError(f"unbalanced inputs for a conv with {m.groups} groups: {[p.shape[1] for p in parts]}")
+    return torch.cat(parts, 0)
+
+
+def _balanced(idx: Index, groups: int, per: int) -> Index:
+    """The largest subset of ``idx`` that takes the same number from each of ``groups`` runs of ``per``."""
+    by_group: list[list[int]] = [[] for _ in range(groups)]
+    for i in sorted(set(idx.tolist())):
+        by_group[i // per].append(i)
+    n = min(len(b) for b in by_group)
+    return torch.tensor(sorted(i for b in by_group for i in b[:n]), dtype=torch.long)
+
+
+def _check_groups(m: nn.modules.conv._ConvNd) -> None:
+    if m.in_channels % m.groups or m.out_channels % m.groups:
+        raise ValueError(f"{m.in_channels} in and {m.out_channels} out channels do not split into {m.groups} groups")
 
 
 @register(*_ConvTNd)

@@ -10,15 +10,16 @@ A root channel of a group is *zeroed* when either
   consumer's bias (or, for a consumer with no bias feeding a BatchNorm, into that norm's running mean)
   where the consumer sees a constant at every position, or merge it into a *carrier* channel where zero
   padding makes the borders differ (``W[:, carrier] += k_c / k_carrier * W[:, c]``; one carrier per
-  group). Varying with position (a zero-padded depthwise conv on a constant): keep it.
+  group, and per group of a grouped conv that reads it). Varying with position (a zero-padded
+  depthwise conv on a constant): keep it.
 * every mixing layer that reads it has an all-zero weight column (``ignored``): remove it, whatever it
   carries, unless something else reads it (a model output, a blocking layer).
 
-A group is kept whole when a blocking layer holds it (LayerNorm, grouped conv, attention heads, which go
+A group is kept whole when a blocking layer holds it (LayerNorm, attention heads, which go
 only whole through :mod:`compactor.heads`), when it reaches a model output, when its channels pass a
 split/chunk/slice whose sizes the forward code fixes, or when Torch-Pruning mapped it inconsistently.
-A GroupNorm loses whole groups only; ``round_to`` keeps counts at multiples. Both pin channels and plan
-again until nothing moves.
+A GroupNorm loses whole groups only, a grouped conv as many channels from each of its groups;
+``round_to`` keeps counts at multiples. These pin channels and plan again until nothing moves.
 
 See ``docs/EXACTNESS.md`` for the math. The plan is data: the rebuild stage applies it to a copy, and
 the verify stage decides whether it ships.
@@ -49,6 +50,7 @@ class Fate(str, Enum):
     KEPT_READ_ELSEWHERE = "kept: read elsewhere"  # a model output or a blocking layer reads it
     KEPT_VARYING = "kept: varies with position"  # input-independent, but not a constant
     KEPT_MIN_ONE = "kept: layer needs a channel"  # a layer cannot have zero channels
+    KEPT_LAYOUT = "kept: layer layout"  # a GroupNorm group or a grouped conv's groups would be left uneven
     KEPT_UNVERIFIED = "kept: verification failed"  # its removal did not reproduce the outputs
     KEPT_ROUNDING = "kept: --round-to"  # kept to round a channel count up to a multiple
 
@@ -217,6 +219,7 @@ class _Carrier:
     k: dict[str, torch.Tensor]  # consumer layer -> the constants there
     padded: frozenset[str]  # the zero-padded consumers
     needs: frozenset[str]  # padded layers where this group merges, or where its carrier is not zero
+    units: dict[str, tuple[int, ...]]  # consumer layer -> the group of a grouped conv at each input
 
     @property
     def covers(self) -> frozenset[str]:
@@ -229,7 +232,7 @@ class _Carrier:
         return min((float(self.k[n].abs().min()) for n in self.covers), default=0.0)
 
     def hosts(self, guest: _Carrier) -> bool:
-        return all(n in self.covers and len(self.at[n]) == len(guest.at[n]) for n in guest.needs)
+        return all(n in self.covers and self.units[n] == guest.units[n] for n in guest.needs)
 
 
 def _share_carriers(plans: list[GroupPlan], modules: dict[str, Any], stats: InputStats) -> list[GroupPlan]:
@@ -254,16 +257,18 @@ def _share_carriers(plans: list[GroupPlan], modules: dict[str, Any], stats: Inpu
 
 
 def _carrier_of(index: int, plan: GroupPlan, modules: dict[str, Any], stats: InputStats) -> _Carrier | None:
-    r = next((f.channel for f in plan.fates if f.fate is Fate.CARRIER), None)
-    if r is None:
+    carriers = [f.channel for f in plan.fates if f.fate is Fate.CARRIER]
+    if len(carriers) != 1:  # none, or one per group of a grouped conv: those stay where they are
         return None
+    r = carriers[0]
     consumers = [c for c in _mixing(plan.group.layers(IN), modules) if c.idxs[r] and c.name in stats.lo]
     k = {c.name: stats.constant(c.name, c.idxs[r]) for c in consumers}
     if any(v is None for v in k.values()):
         return None
     padded = frozenset(c.name for c in consumers if not shrinker_for(modules[c.name]).can_fold(modules[c.name]))  # type: ignore[union-attr]
     needs = {m.layer for m in plan.merges} | {n for n in padded if _nonzero(k[n])}
-    return _Carrier(index, r, {c.name: tuple(c.idxs[r]) for c in consumers}, k, padded, frozenset(needs))  # type: ignore[arg-type]
+    units = {c.name: _units(r, [c], modules) for c in consumers}
+    return _Carrier(index, r, {c.name: tuple(c.idxs[r]) for c in consumers}, k, padded, frozenset(needs), units)  # type: ignore[arg-type]
 
 
 def _merged_into(plan: GroupPlan, guest: _Carrier, host: _Carrier, host_root: str, modules: dict[str, Any]) -> GroupPlan:
@@ -458,7 +463,7 @@ def _plan_group(
 
 
 def _blocked_writer(group: ChannelGroup, modules: dict[str, Any]) -> GroupPlan:
-    """A group written by a grouped conv: its zeroed filters stay, with the reason."""
+    """A group written only by blocking layers (a grouped transposed conv): its zeroed filters stay, with the reason."""
     root = modules.get(group.root)
     shrinker = shrinker_for(root) if root is not None else None
     writer = next((m for m in group.layers(OUT) if m.name == group.root), None)
@@ -528,21 +533,21 @@ def _blocker(group: ChannelGroup, modules: dict[str, Any], heads: dict[tuple[str
 
 
 def _unremovable(group: ChannelGroup, modules: dict[str, Any], fates: dict[int, ChannelFate]) -> dict[int, ChannelFate]:
-    """Channels planned away that a channelwise layer cannot lose (GroupNorm: part of a group)."""
+    """Channels planned away that a layer cannot lose: part of a GroupNorm group, or more from one group
+    of a grouped conv than from another (checked on this group's channels alone, which is stricter than
+    needed where several groups feed one layer, and so safe)."""
     removed = [r for r, f in fates.items() if f.fate.removed]
     pins: dict[int, ChannelFate] = {}
-    for member in group.layers(OUT):
+    for member in group.layers():
         obj = modules[member.name]
         shrinker = shrinker_for(obj)
-        if shrinker is None or _role(obj) is not Role.CHANNELWISE:
-            continue
         local = [i for r in removed for i in member.idxs[r]]
-        if not local:
+        if shrinker is None or not local:
             continue
-        ok = set(shrinker.removable(obj, OUT, torch.tensor(local, dtype=torch.long)).tolist())
+        ok = set(shrinker.removable(obj, member.side, torch.tensor(local, dtype=torch.long)).tolist())
         for r in removed:
-            if not all(i in ok for i in member.idxs[r]):
-                pins[r] = ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, f"{member.name} can only lose whole groups")
+            if r not in pins and not all(i in ok for i in member.idxs[r]):
+                pins[r] = ChannelFate(r, Fate.KEPT_LAYOUT, f"{member.name}: {shrinker.why_unremovable(obj)}")
     return pins
 
 
@@ -573,12 +578,16 @@ def _compensate(
     folds: dict[int, list[Fold]] = defaultdict(list)
     padded = [c for c in consumers if not shrinker_for(modules[c.name]).can_fold(modules[c.name])]  # type: ignore[union-attr]
     needs_carrier = [r for r in constants if any(_nonzero(constants[r].get(c.name)) for c in padded)]
-    carrier = _choose_carrier(needs_carrier, constants, padded)
+    by_unit: dict[tuple[int, ...], list[int]] = defaultdict(list)  # one carrier per group of a grouped conv
+    for r in needs_carrier:
+        by_unit[_units(r, padded, modules)].append(r)
+    carriers = {unit: _choose_carrier(rs, constants, padded) for unit, rs in by_unit.items()}
     # (layer, carrier input index) -> [(merged input index, ratio)]. A channel read at several inputs of
     # one layer (``cat([x, x])``) merges its j-th input into the carrier's j-th: any two constant inputs of
     # the same conv see the same zero padding.
     merge_parts: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
     for r in sorted(constants):
+        carrier = carriers.get(_units(r, padded, modules))
         if r == carrier:
             fates[r] = ChannelFate(r, Fate.CARRIER, "kept to carry the merged constant channels")
             continue
@@ -604,6 +613,11 @@ def _compensate(
         idx, ratio = zip(*pairs)
         merges.append(Merge(name, into, tuple(idx), tuple(ratio)))
     return folds, merges
+
+
+def _units(r: int, padded: list[Member], modules: dict[str, Any]) -> tuple[int, ...]:
+    """Where root channel ``r`` enters each padded consumer (0 everywhere but in grouped convs)."""
+    return tuple(shrinker_for(modules[c.name]).merge_unit(modules[c.name], i) for c in padded for i in c.idxs[r])  # type: ignore[union-attr]
 
 
 def _merge_parts(

@@ -54,6 +54,19 @@ def test_zoo_batchnorm_as_finetuning_leaves_it() -> None:
     assert checked == 2 * 16 + 1  # expand and depthwise of the 16 expanding blocks, depthwise of the first
 
 
+def test_resnext_prunes_the_same_count_in_every_group() -> None:
+    """Group-aware pruning: conv1 and the grouped conv2 of each block lose round(s x per-group) filters
+    in each of conv2's 32 groups (layer1: 4 channels a group, 2 go at 50%)."""
+    model, _ = ZOO["resnext50_32x4d"].make(0.5, quick=True)
+    block = model.layer1[0]
+    assert (block.conv2.groups, block.conv2.in_channels, block.conv2.out_channels) == (32, 128, 128)
+    for bottleneck in (b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer):
+        for conv in (bottleneck.conv1, bottleneck.conv2):
+            dead = (conv.weight.detach().flatten(1).abs().amax(1) == 0).view(32, -1).sum(1)
+            assert dead.tolist() == [conv.out_channels // 32 // 2] * 32
+        assert dead_channels(bottleneck.conv3) == 0
+
+
 def test_resnet_prunes_only_block_internal_convs() -> None:
     model, _ = ZOO["resnet18"].make(0.5, quick=True)
     pruned = {name for name, m in model.named_modules() if hasattr(m, "weight_mask")}

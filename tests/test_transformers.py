@@ -612,6 +612,81 @@ def test_mobilenet_v2_expansion_channels_are_removed() -> None:
     assert_same_image(model, small, x)
 
 
+def regnet() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.RegNetConfig(
+        embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], groups_width=8, layer_type="y", num_channels=3
+    )
+    return randomise(transformers.RegNetModel(config)).eval()
+
+
+def mask_per_group(layer: nn.Module, groups: int, per_group: int, slim: bool) -> None:
+    """Mask the ``per_group`` smallest filters of each of ``groups`` equal runs (a group-aware pruner);
+    ``slim``: zero their BatchNorm scale and shift too, so that they emit exactly 0."""
+    conv, norm = layer.convolution, layer.normalization
+    norms = conv.weight.detach().flatten(1).norm(dim=1).view(groups, -1)
+    run = norms.shape[1]
+    dead = [g * run + int(i) for g in range(groups) for i in norms[g].argsort()[:per_group]]
+    mask = torch.ones_like(conv.weight)
+    mask[dead] = 0
+    prune.custom_from_mask(conv, "weight", mask)
+    if slim:
+        with torch.no_grad():
+            norm.weight[dead] = 0
+            norm.bias[dead] = 0
+
+
+def test_regnet_grouped_conv_channels_are_removed_group_by_group() -> None:
+    """RegNetY block: 1x1 -> 3x3 grouped (8 channels a group) -> squeeze-excite -> 1x1. Half of each group
+    masked on both sides of the grouped conv: every layer halves, the grouped conv keeps its groups."""
+    model = regnet()
+    for stage in model.encoder.stages:
+        for block in stage.layers:
+            groups = block.layer[1].convolution.groups
+            mask_per_group(block.layer[0], groups, 4, slim=True)
+            mask_per_group(block.layer[1], groups, 4, slim=True)
+    x = image()
+
+    small, report = compactor.compact(model, x)
+
+    for old, new in zip(model.encoder.stages, small.encoder.stages, strict=True):
+        for block, new_block in zip(old.layers, new.layers, strict=True):
+            width, groups = block.layer[1].convolution.out_channels, block.layer[1].convolution.groups
+            grouped = new_block.layer[1].convolution
+            assert (grouped.in_channels, grouped.out_channels, grouped.groups) == (width // 2, width // 2, groups)
+            assert new_block.layer[0].convolution.out_channels == width // 2
+            se = new_block.layer[2].attention
+            assert (se[0].in_channels, se[2].out_channels) == (width // 2, width // 2)
+            assert new_block.layer[3].convolution.in_channels == width // 2
+    assert set(fates(report)) == {"removed"}
+    assert_same_image(model, small, x)
+
+
+def test_regnet_uneven_masks_keep_every_group_the_same_width() -> None:
+    """Masks that ignore the groups (``ln_structured`` per layer) and BatchNorm shifts left as trained:
+    constants merge into a carrier per group, each group loses as many as the least pruned one."""
+    model = regnet()
+    mask_all_convs(model, 0.5)
+    for stage in model.encoder.stages:
+        for block in stage.layers:
+            prune.ln_structured(block.layer[1].convolution, "weight", 0.5, n=2, dim=0)
+    x = image()
+
+    small, report = compactor.compact(model, x)
+
+    shrunk = []
+    for old, new in zip(model.encoder.stages, small.encoder.stages, strict=True):
+        for block, new_block in zip(old.layers, new.layers, strict=True):
+            grouped, before = new_block.layer[1].convolution, block.layer[1].convolution
+            assert grouped.groups == before.groups
+            assert grouped.weight.shape == (grouped.out_channels, grouped.in_channels // grouped.groups, 3, 3)
+            shrunk.append(grouped.in_channels < before.in_channels or grouped.out_channels < before.out_channels)
+    assert any(shrunk)
+    assert "kept: layer layout" in fates(report)
+    assert all("loses the same number of channels in every group" in r for r in fates(report)["kept: layer layout"])
+    assert_same_image(model, small, x)
+
+
 def test_models_are_left_untouched() -> None:
     model = bert()
     prune.ln_structured(model.encoder.layer[0].intermediate.dense, "weight", 0.5, n=2, dim=0)

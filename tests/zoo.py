@@ -172,10 +172,36 @@ def _row_zero(m: nn.Module, c: int) -> bool:
 
 def _col_zero(m: nn.Module, idx: Sequence[int]) -> bool:
     w = _weight(m)
-    if getattr(m, "groups", 1) > 1:
-        return False  # a grouped conv's group is kept whole: whether it reads a channel does not matter
+    if getattr(m, "groups", 1) > 1:  # input i of a grouped conv: column i % per_in of its group's rows
+        per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
+        return all(bool((w[i // per_in * per_out : (i // per_in + 1) * per_out, i % per_in] == 0).all()) for i in idx)
     in_dim = 0 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 1
     return all(bool((w.select(in_dim, i) == 0).all()) for i in idx)
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels)
+
+
+def _unit(modules: dict[str, nn.Module], link: Link, c: int) -> tuple[int, ...]:
+    """Where channel ``c`` enters each zero-padded reader: its group in a grouped conv, else 0. The
+    engine keeps one carrier per such place."""
+    out = []
+    for r in link.reads:
+        m = modules[r.layer]
+        if _padded(m):
+            out += [i // (m.in_channels // m.groups) if _is_grouped(m) else 0 for i in r.inputs(c)]
+    return tuple(out)
+
+
+def _uneven(per: int, groups: int, channels: Sequence[int], removed: set[int]) -> set[int]:
+    """Of ``removed`` (indices into a layer side with ``groups`` runs of ``per``, channel ``c`` at index
+    ``channels[c]``), those over the smallest per-group count: the engine keeps the lowest indices."""
+    by_group: dict[int, list[int]] = defaultdict(list)
+    for c in sorted(removed, key=lambda c: channels[c]):
+        by_group[channels[c] // per].append(c)
+    n = min(len(by_group.get(g, [])) for g in range(groups))
+    return {c for cs in by_group.values() for c in cs[n:]}
 
 
 def _padded(m: nn.Module) -> bool:
@@ -311,14 +337,18 @@ def expected_fates(model: nn.Module, link: Link, shape: Sequence[int] | None = N
 
 
 def _settle(modules: dict[str, nn.Module], link: Link, first: list[str], values: list[float | None]) -> Fates:
-    """One carrier per group, one channel per layer at least, and whole groups only for a GroupNorm on
-    the way (a channel it cannot lose is kept; the carrier is chosen again without it)."""
+    """One carrier per group (per group of a grouped conv reading it), one channel per layer at least, whole
+    groups only for a GroupNorm on the way, and as many channels from each group of a grouped conv (a
+    channel a layer cannot lose is kept; the carriers are chosen again without it)."""
     norms = [modules[s] for p in link.paths for s in p[1:] if isinstance(modules.get(s), nn.GroupNorm)]
     pinned: set[int] = set()
     while True:
         fates = [KEPT if c in pinned else f for c, f in enumerate(first)]
-        needs = [c for c, f in enumerate(fates) if f == MERGED]
-        if needs:  # the engine's choice: the largest constant is the best-conditioned carrier
+        by_unit: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for c, f in enumerate(fates):
+            if f == MERGED:
+                by_unit[_unit(modules, link, c)].append(c)
+        for needs in by_unit.values():  # the engine's choice: the largest constant is the best-conditioned carrier
             carrier = max(needs, key=lambda c: abs(values[c]))  # type: ignore[arg-type]
             fates[carrier] = CARRIER
         removed = [c for c, f in enumerate(fates) if f in (REMOVED, FOLDED, MERGED)]
@@ -332,6 +362,15 @@ def _settle(modules: dict[str, nn.Module], link: Link, first: list[str], values:
                 group = set(range(g * size, (g + 1) * size))
                 if group & set(removed) and not group <= set(removed):
                     more |= group & set(removed)
+        n = len(fates)
+        for name in [p[0] for p in link.paths if _is_grouped(modules[p[0]])]:  # writers: as many from each group
+            m = modules[name]
+            more |= _uneven(m.out_channels // m.groups, m.groups, range(n), set(removed))
+        for r in link.reads:  # readers: as many inputs from each group
+            m = modules[r.layer]
+            if _is_grouped(m):
+                seen = [c for c in removed if r.sees(c)]
+                more |= _uneven(m.in_channels // m.groups, m.groups, {c: r.inputs(c)[0] for c in seen}, set(seen))
         if not more:
             return Fates(link, tuple(fates), tuple(values))
         pinned |= more
@@ -377,7 +416,7 @@ def expected_all(model: nn.Module, links: Sequence[Link], shape: Sequence[int] |
                 counts[r.layer] += r.expand
         return counts
 
-    carriers = [i for i, v in enumerate(verdicts) if CARRIER in v.fates]
+    carriers = [i for i, v in enumerate(verdicts) if v.fates.count(CARRIER) == 1]
     hosts: list[int] = []
     def strength(i: int) -> float:  # the engine's tie-break: the best-conditioned carrier hosts first
         return abs(verdicts[i].values[verdicts[i].fates.index(CARRIER)] or 0.0)
@@ -567,7 +606,8 @@ class InvertedResidual(nn.Module):
 
 
 class GroupedConv(nn.Module):
-    """A conv whose output feeds a groups=2 conv: its channels must stay (every group the same width)."""
+    """A conv whose output feeds a padded groups=2 conv: constants merge into one carrier per group, and
+    each group keeps as many channels as the others, on both sides of the grouped conv."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -579,6 +619,26 @@ class GroupedConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.b2(F.relu(self.bn(self.gconv(self.b0(x)))))
         return self.fc(y.mean((2, 3)))
+
+
+class ResNeXtBlock(nn.Module):
+    """A ResNeXt bottleneck: 1x1 -> 3x3 with groups=4 -> 1x1, residual add, a biased grouped 1x1 next to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 16)
+        self.conv1, self.bn1 = nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(32)
+        self.conv3, self.bn3 = nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.side = nn.Conv2d(16, 8, 1, groups=2)  # unpadded: constants fold into its bias, group by group
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        x = F.relu(x + self.bn3(self.conv3(y)))
+        return self.fc(torch.cat([x, self.side(x)], 1).mean((2, 3)))
 
 
 class TransposedDecoder(nn.Module):
@@ -962,9 +1022,19 @@ def _inverted() -> nn.Module:
 
 def _grouped() -> nn.Module:
     m = GroupedConv()
-    mask_ln(m.b0[0], 0.5)
+    mask_channels(m.b0[0], [0, 1, 2, 5, 9, 12])  # 4 in group 0 (a carrier among them), 2 in group 1: 2 + 2 go
     mask_ln(m.b2[0], 0.5)
-    mask_ln(m.gconv, 0.25)  # its own zeroed filters stay too, reported
+    mask_channels(m.gconv, [1, 3, 6, 10])  # 10, alone in group 1, carries for b2.0: group 0 keeps its 3 too
+    return _finish(m, (2, 3, 10, 10))
+
+
+def _resnext() -> nn.Module:
+    m = ResNeXtBlock()
+    mask_ln(m.conv1, 0.5)  # uneven over conv2's 4 groups, most of it merged into per-group carriers
+    mask_channels(m.conv2, [0, 1, 8, 9, 16, 17, 24, 25, 26])  # 2 per group, one more in group 3
+    mask_channels(m.conv2, [1, 3, 5], dim=1)  # columns: inputs 1, 3, 5 of every group are ignored
+    mask_channels(m.stem[0], [0, 9, 15])  # residual stream: conv3 and the stem both write it
+    mask_channels(m.conv3, [0, 9, 15, 4])
     return _finish(m, (2, 3, 10, 10))
 
 
@@ -1157,9 +1227,20 @@ CASES: tuple[Case, ...] = (
         _grouped,
         (2, 3, 10, 10),
         (
-            _l(("b0.0", "b0.1", RELU), reads=(R("gconv"),), blocked="grouped conv"),
-            _l(("gconv", "bn", RELU), reads=(R("b2.0"),), blocked="grouped conv"),
+            _l(("b0.0", "b0.1", RELU), reads=(R("gconv"),)),
+            _l(("gconv", "bn", RELU), reads=(R("b2.0"),)),
             _l(("b2.0", "b2.1", RELU), reads=(R("fc"),)),
+        ),
+    ),
+    Case(
+        "resnext_block",
+        _resnext,
+        (2, 3, 10, 10),
+        (
+            _l(("conv1", "bn1", RELU), reads=(R("conv2"),)),
+            _l(("conv2", "bn2", RELU), reads=(R("conv3"),)),
+            _l(("stem.0", "stem.1", RELU), ("conv3", "bn3"), after=(RELU,), reads=(R("conv1"), R("side"), R("fc"))),
+            _l(("side",), reads=(R("fc", offset=16),)),
         ),
     ),
     Case(
