@@ -180,7 +180,7 @@ def _col_zero(m: nn.Module, idx: Sequence[int]) -> bool:
 
 
 def _is_grouped(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels)
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
 
 
 def _unit(modules: dict[str, nn.Module], link: Link, c: int) -> tuple[int, ...]:
