@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError, InputFileError, StateDictError, UnsupportedFormatError
+from .graph import IN, OUT
 from .inputs import ExampleInputs
 from .layers import shrinker_for
 from .masks import bake_masks, clone_module, has_pruning_state
@@ -215,9 +216,14 @@ def _fit_layer(root: nn.Module, name: str, entry: dict[str, Any], where: str) ->
             f"{where}: layer {name!r} is {entry['type']} in the file but {type(module).__name__} in the "
             f"architecture; build the model the file was written from"
         )
-    keep_out = _keep(shrinker.out_channels(module), entry["out"], name, "output", where)
-    keep_in = _keep(shrinker.in_channels(module), entry["in"], name, "input", where)
-    new = module if keep_out is None and keep_in is None else shrinker.shrink(module, keep_out, keep_in)
+    try:
+        keep_out = _keep(module, shrinker.out_channels(module), entry["out"], name, OUT, where)
+        keep_in = _keep(module, shrinker.in_channels(module), entry["in"], name, IN, where)
+        new = module if keep_out is None and keep_in is None else shrinker.shrink(module, keep_out, keep_in)
+    except StateDictError:
+        raise
+    except ValueError as e:
+        raise StateDictError(f"{where}: layer {name!r} cannot be rebuilt to its saved shape ({e}); build the model the file was written from") from e
     _fit_bias(new, entry["bias"])
     for attr, value in entry["attrs"].items():
         if getattr(new, attr, None) != value:
@@ -234,15 +240,16 @@ def _fit_layer(root: nn.Module, name: str, entry: dict[str, Any], where: str) ->
     return root
 
 
-def _keep(dense: int | None, want: int | None, name: str, side: str, where: str) -> torch.Tensor | None:
+def _keep(module: nn.Module, dense: int | None, want: int | None, name: str, side: str, where: str) -> torch.Tensor | None:
+    """``want`` of the ``dense`` channels, laid out as the layer can hold them (the file's values come next)."""
     if dense == want or dense is None or want is None:
         return None
     if want > dense:
         raise StateDictError(
-            f"{where}: layer {name!r} has {want} {side} channels but the architecture only {dense}; --arch "
-            f"must build the dense model the compacted one came from"
+            f"{where}: layer {name!r} has {want} {'output' if side == OUT else 'input'} channels but the "
+            f"architecture only {dense}; --arch must build the dense model the compacted one came from"
         )
-    return torch.arange(want)
+    return shrinker_for(module).layout(module, side, want)  # type: ignore[union-attr]
 
 
 def _fit_bias(module: nn.Module, shape: list[int] | None) -> None:

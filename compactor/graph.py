@@ -177,6 +177,10 @@ def _convert(
                 op = "_SpatialSliceOp"  # e.g. circular padding: channels pass through whole
         if op == "_OutputOp":
             reaches_output = True
+        if _false_depthwise(target):
+            why = f"torch-pruning couples the inputs and outputs of {name} as if depthwise (groups == out_channels), which it is not"
+            if why not in issues:
+                issues.append(why)
         if is_layer and shrinker_for(target) is not None and shrinker_for(target).role_of(target) is Role.CHANNELWISE:
             side = OUT  # a channelwise layer's input and output are the same channels
         key = (name, side)
@@ -194,6 +198,16 @@ def _convert(
             continue
         members.append(Member(name, op, side, is_layer, dim, idxs))
     return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues))
+
+
+def _false_depthwise(module: Any) -> bool:
+    """A conv Torch-Pruning takes for depthwise (``groups == out_channels``) with another input width."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and module.out_channels > 1
+        and module.groups == module.out_channels != module.in_channels
+    )
 
 
 def _slices_channels(op: Any) -> bool:

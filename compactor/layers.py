@@ -2,8 +2,8 @@
 
 A channel meets a layer in one of three ways, its :class:`Role`:
 
-* ``MIXING``: every output channel is a weighted sum of every input channel (Conv, ConvTranspose,
-  Linear, Embedding). Such a layer *produces* channels (a zero weight row makes an output channel
+* ``MIXING``: every output channel is a weighted sum of the input channels (Conv, ConvTranspose,
+  Linear, Embedding; a grouped conv, of those of its group). Such a layer *produces* channels (a zero weight row makes an output channel
   input-independent) and *consumes* them (a zero weight column means the input channel is ignored; a
   constant input channel can be folded into its bias or merged into a carrier channel).
 * ``CHANNELWISE``: output channel c depends on input channel c alone (BatchNorm, depthwise conv, PReLU,
@@ -85,6 +85,10 @@ class Shrinker:
     def removable(self, m: Any, side: str, idx: Index) -> Index:
         """The subset of ``idx`` that can be removed from this layer on ``side`` ('out' or 'in')."""
         return idx
+
+    def layout(self, m: Any, side: str, n: int) -> Index:
+        """Some ``n`` channels of ``side`` that the layer can keep (to rebuild a saved shape, values loaded after)."""
+        return torch.arange(n)
 
     def why_unremovable(self, m: Any) -> str:
         """Why :meth:`removable` left some channels out."""
@@ -238,6 +242,14 @@ class ConvShrinker(Shrinker):
     def why_unremovable(self, m: nn.Conv2d) -> str:
         return f"grouped conv (groups={m.groups}) loses the same number of channels in every group"
 
+    def layout(self, m: nn.Conv2d, side: str, n: int) -> Index:
+        if m.groups == 1 or _is_depthwise(m):
+            return torch.arange(n)
+        if n % m.groups:
+            raise ValueError(f"{n} {side}put channels do not split into {m.groups} groups")
+        per = (m.out_channels if side == "out" else m.in_channels) // m.groups
+        return torch.tensor([g * per + i for g in range(m.groups) for i in range(n // m.groups)], dtype=torch.long)
+
     def shrink(self, m: nn.Conv2d, keep_out: Index | None, keep_in: Index | None) -> nn.Conv2d:
         if _is_depthwise(m):
             keep = keep_out if keep_out is not None else keep_in
@@ -245,6 +257,8 @@ class ConvShrinker(Shrinker):
             new = _new_like(m, weight=_take(m.weight, 0, keep), bias=_take(m.bias, 0, keep))
             new.in_channels = new.out_channels = new.groups = len(keep)
             return new
+        if keep_out is not None and m.groups > 1:
+            _check_balanced(keep_out, m.groups, m.out_channels // m.groups, "outputs")
         weight = _take(m.weight, 0, keep_out)
         if keep_in is not None:
             weight = weight.index_select(1, keep_in.to(weight.device)) if m.groups == 1 else _grouped_cols(m, weight, keep_in)
@@ -281,6 +295,12 @@ def _balanced(idx: Index, groups: int, per: int) -> Index:
         by_group[i // per].append(i)
     n = min(len(b) for b in by_group)
     return torch.tensor(sorted(i for b in by_group for i in b[:n]), dtype=torch.long)
+
+
+def _check_balanced(keep: Index, groups: int, per: int, what: str) -> None:
+    counts = torch.bincount(keep // per, minlength=groups).tolist()
+    if len(set(counts)) != 1:
+        raise ValueError(f"unbalanced {what} for a conv with {groups} groups: {counts}")
 
 
 def _check_groups(m: nn.modules.conv._ConvNd) -> None:

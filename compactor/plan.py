@@ -242,7 +242,8 @@ def _share_carriers(plans: list[GroupPlan], modules: dict[str, Any], stats: Inpu
 
     The hosts stay whatever happens to their groups (a carrier is never removed; verification restoring
     its group keeps it too), so the guests' plans stay exact on their own. Carriers that cover most
-    padded layers are made hosts first, then the best conditioned (largest constant).
+    padded layers are made hosts first, then the best conditioned (largest constant). A guest whose
+    layers cannot lose one more channel (a GroupNorm group, a grouped conv's balance) stays a host.
     """
     carriers = [c for i, p in enumerate(plans) if (c := _carrier_of(i, p, modules, stats)) is not None]
     hosts: list[_Carrier] = []
@@ -252,7 +253,11 @@ def _share_carriers(plans: list[GroupPlan], modules: dict[str, Any], stats: Inpu
         if host is None or len(out[guest.index].removed) + 1 >= out[guest.index].group.size:
             hosts.append(guest)
             continue
-        out[guest.index] = _merged_into(out[guest.index], guest, host, plans[host.index].group.root, modules)
+        merged = _merged_into(out[guest.index], guest, host, plans[host.index].group.root, modules)
+        if _unremovable(merged.group, modules, {f.channel: f for f in merged.fates}):  # one more would unbalance a layer
+            hosts.append(guest)
+            continue
+        out[guest.index] = merged
     return out
 
 

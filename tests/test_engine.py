@@ -315,3 +315,26 @@ def test_rounding_does_not_restore_exact_groups() -> None:
     assert report.max_abs_error <= report.extra["rounding_floor"]
     assert "own rounding" in report.table()
     _check_outputs(model, small, case, report)
+
+
+def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole() -> None:
+    """``Conv2d(32, 16, groups=16)``: Torch-Pruning couples its 16 outputs with the first 16 channels of its
+    32 inputs, as if depthwise. That coupling is wrong, so those groups keep every channel, with the reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 16, 3, 1, 1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, 1), nn.Flatten(2), nn.Linear(64, 4),
+    )  # fmt: skip
+    dead_in, dead_out = [1, 4, 20, 25], [1, 4, 9]
+    prune.custom_from_mask(model[0], "weight", torch.ones_like(model[0].weight).index_fill_(0, torch.tensor(dead_in), 0))
+    prune.custom_from_mask(model[2], "weight", torch.ones_like(model[2].weight).index_fill_(0, torch.tensor(dead_out), 0))
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+
+    small, report = compactor.compact(model, x)
+
+    assert [(m.in_channels, m.out_channels) for m in (small[0], small[2], small[5])] == [(3, 32), (32, 16), (16, 8)]
+    assert sorted(z.channel for z in report.zeroed) == [1, 4]  # dead in both "coupled" producers
+    assert all(z.fate == "kept: read elsewhere" and "as if depthwise" in z.reason for z in report.zeroed)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)

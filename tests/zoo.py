@@ -172,7 +172,7 @@ def _row_zero(m: nn.Module, c: int) -> bool:
 
 def _col_zero(m: nn.Module, idx: Sequence[int]) -> bool:
     w = _weight(m)
-    if getattr(m, "groups", 1) > 1:  # input i of a grouped conv: column i % per_in of its group's rows
+    if _is_grouped(m):  # input i of a grouped conv: column i % per_in of its group's rows
         per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
         return all(bool((w[i // per_in * per_out : (i // per_in + 1) * per_out, i % per_in] == 0).all()) for i in idx)
     in_dim = 0 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 1
@@ -180,7 +180,8 @@ def _col_zero(m: nn.Module, idx: Sequence[int]) -> bool:
 
 
 def _is_grouped(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
+    conv = isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+    return conv and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
 
 
 def _unit(modules: dict[str, nn.Module], link: Link, c: int) -> tuple[int, ...]:
@@ -192,6 +193,18 @@ def _unit(modules: dict[str, nn.Module], link: Link, c: int) -> tuple[int, ...]:
         if _padded(m):
             out += [i // (m.in_channels // m.groups) if _is_grouped(m) else 0 for i in r.inputs(c)]
     return tuple(out)
+
+
+def _units_at(modules: dict[str, nn.Module], link: Link, c: int) -> dict[str, tuple[int, ...]]:
+    """Per zero-padded reader: the group of each input where channel ``c`` enters (0: not grouped)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for r in link.reads:
+        m = modules[r.layer]
+        if _padded(m):
+            out[r.layer] = out.get(r.layer, ()) + tuple(
+                i // (m.in_channels // m.groups) if _is_grouped(m) else 0 for i in r.inputs(c)
+            )
+    return out
 
 
 def _uneven(per: int, groups: int, channels: Sequence[int], removed: set[int]) -> set[int]:
@@ -340,7 +353,6 @@ def _settle(modules: dict[str, nn.Module], link: Link, first: list[str], values:
     """One carrier per group (per group of a grouped conv reading it), one channel per layer at least, whole
     groups only for a GroupNorm on the way, and as many channels from each group of a grouped conv (a
     channel a layer cannot lose is kept; the carriers are chosen again without it)."""
-    norms = [modules[s] for p in link.paths for s in p[1:] if isinstance(modules.get(s), nn.GroupNorm)]
     pinned: set[int] = set()
     while True:
         fates = [KEPT if c in pinned else f for c, f in enumerate(first)]
@@ -355,25 +367,31 @@ def _settle(modules: dict[str, nn.Module], link: Link, first: list[str], values:
         if removed and len(removed) == len(fates):  # a layer needs at least one channel
             fates[removed[0]] = KEPT
             removed = removed[1:]
-        more = set()
-        for gn in norms:
-            size = gn.num_channels // gn.num_groups
-            for g in range(gn.num_groups):
-                group = set(range(g * size, (g + 1) * size))
-                if group & set(removed) and not group <= set(removed):
-                    more |= group & set(removed)
-        n = len(fates)
-        for name in [p[0] for p in link.paths if _is_grouped(modules[p[0]])]:  # writers: as many from each group
-            m = modules[name]
-            more |= _uneven(m.out_channels // m.groups, m.groups, range(n), set(removed))
-        for r in link.reads:  # readers: as many inputs from each group
-            m = modules[r.layer]
-            if _is_grouped(m):
-                seen = [c for c in removed if r.sees(c)]
-                more |= _uneven(m.in_channels // m.groups, m.groups, {c: r.inputs(c)[0] for c in seen}, set(seen))
+        more = _layout_pins(modules, link, len(fates), set(removed))
         if not more:
             return Fates(link, tuple(fates), tuple(values))
         pinned |= more
+
+
+def _layout_pins(modules: dict[str, nn.Module], link: Link, n: int, removed: set[int]) -> set[int]:
+    """Of ``removed``, what a layer cannot lose: part of a GroupNorm group, or more from one group of a
+    grouped conv (writer or reader) than from another."""
+    more: set[int] = set()
+    for gn in (modules[s] for p in link.paths for s in p[1:] if isinstance(modules.get(s), nn.GroupNorm)):
+        size = gn.num_channels // gn.num_groups
+        for g in range(gn.num_groups):
+            group = set(range(g * size, (g + 1) * size))
+            if group & removed and not group <= removed:
+                more |= group & removed
+    for name in [p[0] for p in link.paths if _is_grouped(modules[p[0]])]:  # writers
+        m = modules[name]
+        more |= _uneven(m.out_channels // m.groups, m.groups, range(n), removed)
+    for r in link.reads:  # readers
+        m = modules[r.layer]
+        if _is_grouped(m):
+            seen = {c for c in removed if r.sees(c)}
+            more |= _uneven(m.in_channels // m.groups, m.groups, {c: r.inputs(c)[0] for c in seen}, seen)
+    return more
 
 
 def _slimmed(modules: dict[str, nn.Module], path: Sequence[str], c: int) -> bool:
@@ -423,12 +441,25 @@ def expected_all(model: nn.Module, links: Sequence[Link], shape: Sequence[int] |
 
     for i in sorted(carriers, key=lambda i: (-len(padded(links[i])), -strength(i), i)):
         mine = padded(links[i])
-        host = next((h for h in hosts if all(padded(links[h]).get(n) == c for n, c in mine.items())), None)
+        at = _units_at(modules, links[i], verdicts[i].fates.index(CARRIER))
+        host = next(
+            (
+                h
+                for h in hosts
+                if all(padded(links[h]).get(n) == c for n, c in mine.items())
+                and all(_units_at(modules, links[h], verdicts[h].fates.index(CARRIER)).get(n) == u for n, u in at.items())
+            ),
+            None,
+        )
         fates = list(verdicts[i].fates)
         if host is None or len(verdicts[i].removed) + 1 >= len(fates):
             hosts.append(i)
             continue
         fates[fates.index(CARRIER)] = MERGED
+        removed = {c for c, f in enumerate(fates) if f in (REMOVED, FOLDED, MERGED)}
+        if _layout_pins(modules, links[i], len(fates), removed):  # one more would unbalance a layer: host
+            hosts.append(i)
+            continue
         verdicts[i] = Fates(links[i], tuple(fates), verdicts[i].values)
     return verdicts
 
@@ -639,6 +670,24 @@ class ResNeXtBlock(nn.Module):
         y = F.relu(self.bn2(self.conv2(y)))
         x = F.relu(x + self.bn3(self.conv3(y)))
         return self.fc(torch.cat([x, self.side(x)], 1).mean((2, 3)))
+
+
+class GroupedConcat(nn.Module):
+    """A grouped conv's output concatenated with a dense branch into one padded conv: the branches' carriers
+    could share one, but the grouped writer cannot lose a carrier from one of its groups alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 8)
+        self.p, self.pbn = nn.Conv2d(8, 8, 3, 1, 1, groups=2, bias=False), nn.BatchNorm2d(8)
+        self.q, self.qbn = nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(16, 8, 3, 1, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.cat([F.relu(self.pbn(self.p(x))), F.relu(self.qbn(self.q(x)))], 1)
+        return self.fc(self.c(y).mean((2, 3)))
 
 
 class TransposedDecoder(nn.Module):
@@ -1028,6 +1077,16 @@ def _grouped() -> nn.Module:
     return _finish(m, (2, 3, 10, 10))
 
 
+def _grouped_concat() -> nn.Module:
+    m = GroupedConcat()
+    mask_channels(m.p, [1])  # one dead filter in group 0: its own carrier, which must stay
+    mask_channels(m.q, [2, 5, 6])
+    m = _finish(m, (2, 3, 8, 8))
+    with torch.no_grad():  # constants after ReLU = beta: q's are the stronger, so q's carrier hosts
+        m.pbn.bias[1], m.qbn.bias[2], m.qbn.bias[5], m.qbn.bias[6] = 0.1, 2.0, 3.0, 1.5
+    return m
+
+
 def _resnext() -> nn.Module:
     m = ResNeXtBlock()
     mask_ln(m.conv1, 0.5)  # uneven over conv2's 4 groups, most of it merged into per-group carriers
@@ -1230,6 +1289,16 @@ CASES: tuple[Case, ...] = (
             _l(("b0.0", "b0.1", RELU), reads=(R("gconv"),)),
             _l(("gconv", "bn", RELU), reads=(R("b2.0"),)),
             _l(("b2.0", "b2.1", RELU), reads=(R("fc"),)),
+        ),
+    ),
+    Case(
+        "grouped_concat",
+        _grouped_concat,
+        (2, 3, 8, 8),
+        (
+            _l(("stem.0", "stem.1", RELU), reads=(R("p"), R("q"))),
+            _l(("p", "pbn", RELU), reads=(R("c"),)),
+            _l(("q", "qbn", RELU), reads=(R("c", offset=8),)),
         ),
     ),
     Case(
