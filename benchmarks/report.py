@@ -205,9 +205,9 @@ def targets(rows: list[Row]) -> list[str]:
     rounded = [r for r in rows if r.model == "resnet50" and abs(r.sparsity - 0.5) < 1e-9 and r.round_to]
     for backend in ("torch-cpu", "onnxruntime-cpu"):
         eff = row.efficiency(backend)
-        also = "".join(f"; round_to={r.round_to}: {_f(r.efficiency(backend), '.2f')}" for r in rounded)
+        also = "".join(f"; round_to={r.round_to}: {_f(r.efficiency(backend), '.3f')}" for r in rounded)
         out.append(
-            f"| speedup efficiency >= 0.8 on {backend} | {_f(eff, '.2f')}{also} | {_met(eff is not None and eff >= 0.8)} |"
+            f"| speedup efficiency >= 0.8 on {backend} | {_f(eff, '.3f')}{also} | {_met(eff is not None and eff >= 0.8)} |"
         )
     if row.file_ratio is not None:
         gap = abs(row.file_ratio / row.params_ratio - 1)
