@@ -280,7 +280,8 @@ HOW_TO_READ = """## How to read this
   the rest were kept for a reason the compactor's own report gives.
 - Threads: one by default (`--threads`). On a shared 2-core machine two OpenMP threads that wait on each other
   turn any other process into 10x latency swings; one thread measures the work removed. Multi-thread
-  efficiency is usually lower (small layers parallelise worse), so treat these as an upper bound.
+  efficiency is usually lower (small layers parallelise worse), so treat these as an upper bound:
+  `benchmarks/threads2/REPORT.md` (`--threads 2`) has ResNet-50 and ResNeXt-50 at 50% with both cores.
 - Odd widths cost speed: a 50% ResNet keeps one carrier channel per merged group (conv1: 64 -> 33, 128 -> 65; conv2 folds into conv3 and drops to exactly 32, 64),
   which ONNX Runtime's blocked (NCHWc) convolutions handle slowly; `round_to=8/16` restores multiples.
 - ResNeXt-50 32x4d is pruned group-aware (the same count in each of the 32 groups of every grouped conv).
