@@ -5,7 +5,8 @@ on, every parameter requiring grad while tracing, train/eval mode restored), tur
 own frozen :class:`ChannelGroup`, and sanity-checks every index mapping: Torch-Pruning treats unknown
 ops as channel-preserving and mis-maps some layouts (a tensor feeding both a ``cat`` and a conv maps
 the wrong channels onto the conv, for one). A member whose indices fall outside its layer is dropped
-and the group is flagged; the verification stage remains the judge of what ships.
+and the group is flagged; the verification stage remains the judge of what ships. The walk from a root
+to its coupled channels is Torch-Pruning's, with a bound: through a rotary embedding it never ends.
 """
 
 from __future__ import annotations
@@ -109,15 +110,80 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
         n = pruner.get_out_channels(module)
         if n is None or all((name, OUT, i) in covered for i in range(n)):
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(n)))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tp_group = _pruning_group(graph, module, pruner.prune_out_channels, n)
+        except _Unsettled as e:
+            covered.update((name, OUT, i) for i in range(n))
+            root = Member(name, type(module).__name__, OUT, True, 0, tuple((i,) for i in range(n)))
+            groups.append(ChannelGroup(name, n, (root,), False, (str(e),)))
+            continue
         group = _convert(tp_group, graph, name, n, module_names, param_names, covered)
         group = replace(group, norm_after=tuple((m.name, norms[m.name]) for m in group.layers() if m.name in norms))
         for member in group.layers():
             covered.update((member.name, member.side, i) for idx in member.idxs for i in idx)
         groups.append(group)
     return groups
+
+
+class _Unsettled(Exception):
+    """Torch-Pruning's channel coupling from one root never settles."""
+
+
+_MAX_VISITS = 64  # one node reached with this many index sets: the coupling cycles (rotary embeddings do)
+
+
+def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any:
+    """``graph.get_pruning_group(module, prune_out, range(n))``, the same walk with a bound.
+
+    Torch-Pruning walks the dependencies from the root until no (layer, indices) pair is new. Some index
+    mappings never repeat (a rotary embedding's half-split, negate and concatenate shifts the indices on
+    every lap), so the walk never ends (VainF/Torch-Pruning#527, #456, #337): here a node reached with
+    more than ``_MAX_VISITS`` index sets raises :class:`_Unsettled`, and that root's channels are kept."""
+    from torch_pruning import _helpers
+    from torch_pruning.dependency import index_mapping
+    from torch_pruning.dependency.dependency import Dependency
+    from torch_pruning.dependency.group import Group
+
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1:
+        prune_out = tp.pruner.function.prune_depthwise_conv_out_channels  # as Torch-Pruning does
+    index_mapping.update_index_mapping(graph)
+    root = graph.module2node[module]
+    walk = Group()
+    walk.add_dep(Dependency(prune_out, prune_out, source=root, target=root), [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n)])
+    visited: set[Any] = set()
+    visits: dict[Any, int] = defaultdict(int)
+    stack = [(walk[0].dep, walk[0].idxs)]
+    while stack:
+        dep, idxs = stack.pop()
+        visited.add(dep.target)
+        for nxt in dep.target.dependencies:
+            if not nxt.is_triggered_by(dep.handler):
+                continue
+            mapped = idxs
+            for mapping in nxt.index_mapping:
+                if mapping is not None:
+                    mapped = mapping(mapped)
+            if len(mapped) == 0 or (nxt.target in visited and walk.has_pruning_op(nxt, mapped)):
+                continue
+            visits[nxt.target] += 1
+            if visits[nxt.target] > _MAX_VISITS:
+                raise _Unsettled(
+                    f"torch-pruning's channel coupling from {graph._module2name.get(module, module)} does not settle (it "
+                    f"cycles through {nxt.target.name}, as through a rotary embedding): kept"
+                )
+            walk.add_dep(nxt, mapped)
+            stack.append((nxt, mapped))
+    merged = Group()
+    for dep, idxs in walk.items:
+        merged.add_and_merge(dep, idxs)
+    merged._DG = graph
+    for i in range(len(merged)):
+        item = _helpers.GroupItem(merged[i].dep, _helpers.to_plain_idxs(merged[i].idxs))
+        item.root_idxs = _helpers.to_root_idxs(merged[i].idxs)
+        merged[i] = item
+    return merged
 
 
 def _norm_after(graph: Any, module_names: dict[nn.Module, str]) -> dict[str, str]:

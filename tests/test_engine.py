@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 from zoo import (
@@ -224,10 +223,10 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
     conv, in some versions). Simulate it on the group of ``b0`` of the dense block: that group is kept
     whole with the mapping problem as its reason, the other groups are still compacted, outputs exact."""
     case = next(c for c in CASES if c.name == "dense_concat")
-    original = tp.DependencyGraph.get_pruning_group
+    original = compactor.graph._pruning_group
 
-    def corrupt(self: Any, module: nn.Module, fn: Any, idxs: Any) -> Any:
-        group = original(self, module, fn, idxs)
+    def corrupt(self: Any, module: nn.Module, fn: Any, n: int) -> Any:
+        group = original(self, module, fn, n)
         if not (isinstance(module, nn.Conv2d) and module.in_channels == 3):  # not b0.0
             return group
         items = []
@@ -238,7 +237,7 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
             items.append(SimpleNamespace(dep=item.dep, idxs=shifted, root_idxs=list(item.root_idxs)))
         return SimpleNamespace(items=items)
 
-    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", corrupt)
+    monkeypatch.setattr(compactor.graph, "_pruning_group", corrupt)
     model, small, report = _compact(case)
     _check_outputs(model, small, case, report)
     assert any("b3.0" in issue for issue in report.extra["graph_issues"]), report.extra
@@ -338,3 +337,27 @@ def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole() -> None:
     assert all(z.fate == "kept: read elsewhere" and "as if depthwise" in z.reason for z in report.zeroed)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bounded_walk_matches_torch_pruning(case: Case) -> None:
+    """compactor walks Torch-Pruning's dependencies itself (to bound walks that never end): on every zoo
+    model it finds exactly the groups ``DependencyGraph.get_pruning_group`` finds."""
+    import torch_pruning as tp
+
+    from compactor.graph import _is_producer, _pruning_group, _tracing_state
+
+    model = case.model()
+    compactor.masks.bake_masks(model)
+    x = case.inputs(1)
+    with _tracing_state(model):
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        for module in [m for m in graph.module2node if isinstance(m, nn.Module) and _is_producer(m)]:
+            pruner = graph.get_pruner_of_module(module)
+            n = pruner.get_out_channels(module)
+
+            def items(group: Any) -> list[tuple[object, object, list[int], list[int]]]:
+                return [(i.dep.target, i.dep.handler, list(i.idxs), list(i.root_idxs)) for i in group.items]
+
+            ours = items(_pruning_group(graph, module, pruner.prune_out_channels, n))
+            assert ours == items(graph.get_pruning_group(module, pruner.prune_out_channels, list(range(n))))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import pytest
@@ -685,6 +686,33 @@ def test_regnet_uneven_masks_keep_every_group_the_same_width() -> None:
     assert "kept: layer layout" in fates(report)
     assert all("loses the same number of channels in every group" in r for r in fates(report)["kept: layer layout"])
     assert_same_image(model, small, x)
+
+
+def test_llama_mlp_neurons_go_and_rotary_coupling_is_kept() -> None:
+    """LLaMA: gate_proj -> SiLU, times up_proj -> down_proj. A masked gate neuron emits SiLU(0) * up = 0, so
+    it goes from all three. Torch-Pruning's coupling walk from q_proj/k_proj never ends through the rotary
+    embedding (VainF/Torch-Pruning#527): compactor bounds it and keeps those channels, with the reason."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.LlamaModel(config).eval()
+    for layer in model.layers:
+        prune.ln_structured(layer.mlp.gate_proj, "weight", 0.5, n=2, dim=0)
+        prune.ln_structured(layer.self_attn.q_proj, "weight", 0.25, n=2, dim=0)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    small, report = compactor.compact(model, {"input_ids": ids})
+
+    for layer in small.layers:
+        mlp = layer.mlp
+        assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (64, 64, 64)
+        assert layer.self_attn.q_proj.out_features == 64
+    assert Counter(z.fate for z in report.zeroed) == {"removed": 128, "kept: read elsewhere": 32}
+    assert all("does not settle" in z.reason for z in report.zeroed if z.fate == "kept: read elsewhere")
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state, **CLOSE)
 
 
 def test_models_are_left_untouched() -> None:
