@@ -131,7 +131,8 @@ class _Unsettled(Exception):
     """Torch-Pruning's channel coupling from one root never settles."""
 
 
-_MAX_VISITS = 64  # one node reached with this many index sets: the coupling cycles (rotary embeddings do)
+_MAX_VISITS = 16  # one node reached with this many index sets: the coupling cycles (rotary embeddings do; the
+# zoo and the benchmark models reach a node at most 3 times)
 
 
 def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any:
@@ -152,6 +153,7 @@ def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any
     root = graph.module2node[module]
     walk = Group()
     walk.add_dep(Dependency(prune_out, prune_out, source=root, target=root), [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n)])
+    seen = {(root, prune_out, tuple(walk[0].idxs))}  # Group.has_pruning_op, as a set: the walk is linear
     visited: set[Any] = set()
     visits: dict[Any, int] = defaultdict(int)
     stack = [(walk[0].dep, walk[0].idxs)]
@@ -165,7 +167,8 @@ def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any
             for mapping in nxt.index_mapping:
                 if mapping is not None:
                     mapped = mapping(mapped)
-            if len(mapped) == 0 or (nxt.target in visited and walk.has_pruning_op(nxt, mapped)):
+            key = (nxt.target, nxt.handler, tuple(mapped))
+            if len(mapped) == 0 or (nxt.target in visited and key in seen):
                 continue
             visits[nxt.target] += 1
             if visits[nxt.target] > _MAX_VISITS:
@@ -174,6 +177,7 @@ def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any
                     f"cycles through {nxt.target.name}, as through a rotary embedding): kept"
                 )
             walk.add_dep(nxt, mapped)
+            seen.add(key)
             stack.append((nxt, mapped))
     merged = Group()
     for dep, idxs in walk.items:
