@@ -114,6 +114,7 @@ def compact(
             **({"heads": [h.to_dict() for h in heads]} if heads else {}),
             **({"rounding_floor": max(max(f, default=0.0) for f in floors)} if floors else {}),
             "sparsity": [layer.to_dict() for layer in sparsity],
+            "round_to": round_to,
         },
     )
     return small, report

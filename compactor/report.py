@@ -147,6 +147,29 @@ def render(report: CompactionReport, console: Console) -> None:
         )
     for w in report.warnings:
         console.print(f"warning: {w}", markup=False)
+    odd = odd_widths(report)
+    if odd and report.extra.get("round_to", 1) == 1:
+        console.print(
+            f"hint: {len(odd)} rebuilt layer(s) now have channel counts off a multiple of {ALIGN} ({', '.join(odd[:3])}"
+            f"{', ...' if len(odd) > 3 else ''}); --round-to {ALIGN} (round_to={ALIGN}) keeps a few zero channels to round "
+            f"them up, which CPU and GPU kernels often run faster (benchmarks/REPORT.md)",
+            markup=False,
+        )
+
+
+ALIGN = 8  # the channel multiple that vectorised conv/matmul kernels favour
+
+
+def odd_widths(report: CompactionReport) -> list[str]:
+    """Rebuilt mixing layers (conv, linear: they have input channels) whose channel count was a multiple of
+    ``ALIGN`` and no longer is: "name: count"."""
+    odd = []
+    for c in (c for c in report.layers if c.in_before is not None):
+        for before, after in ((c.out_before, c.out_after), (c.in_before, c.in_after)):
+            if before and after and before != after and before % ALIGN == 0 and after % ALIGN:
+                odd.append(f"{c.name}: {after}")
+                break
+    return odd
 
 
 def layer_changes(before: nn.Module, after: nn.Module) -> tuple[LayerChange, ...]:

@@ -49,3 +49,24 @@ def test_unmeasured_backend_is_named_in_the_table() -> None:
     assert "latency torch-cpu (ms)" in text and "0.500" in text
     assert "latency cuda: not measured (no GPU)" in text
     assert report.to_dict()["not_measured"] == {"cuda": "no GPU"}
+
+
+def test_odd_widths_get_a_round_to_hint_unless_rounded() -> None:
+    """64 -> 31 neurons is off a multiple of 8: the table suggests --round-to 8; with round_to=8 it is 32 and
+    nothing is said."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    mask = torch.ones(64, 16)
+    mask[:33] = 0
+    prune.custom_from_mask(model[0], "weight", mask)
+    with torch.no_grad():
+        model[0].bias[:33] = 0.0
+    x = torch.randn(2, 16)
+    small, report = compactor.compact(model, x)
+    assert small[0].out_features == 31
+    assert report.to_dict()["round_to"] == 1
+    assert "hint: 2 rebuilt layer(s) now have channel counts off a multiple of 8 (0: 31, 2: 31)" in report.table()
+    assert "--round-to 8 (round_to=8)" in report.table()
+    small, report = compactor.compact(model, x, round_to=8)
+    assert small[0].out_features == 32
+    assert "hint:" not in report.table()
