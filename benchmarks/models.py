@@ -376,7 +376,7 @@ def prune_model(
     for group in targets:
         lead, *followers = group
         if isinstance(lead, PerGroup):
-            lead = _prune_per_group(lead.layer, sparsity, lead.groups)
+            lead = prune_per_group(lead.layer, sparsity, lead.groups)
         else:
             prune.ln_structured(lead, "weight", amount=sparsity, n=2, dim=0)
         channel_mask = lead.weight_mask.flatten(1).amax(1)
@@ -386,7 +386,8 @@ def prune_model(
     _recalibrate_batchnorm(model, inputs, generator)
 
 
-def _prune_per_group(layer: nn.Module, sparsity: float, groups: int) -> nn.Module:
+def prune_per_group(layer: nn.Module, sparsity: float, groups: int) -> nn.Module:
+    """``custom_from_mask`` on the ``round(sparsity x per-group)`` smallest-L2 filters of each of ``groups`` runs."""
     norms = layer.weight.detach().flatten(1).norm(dim=1).view(groups, -1)
     per = norms.shape[1]
     mask = torch.ones_like(layer.weight)

@@ -147,7 +147,7 @@ def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any
     from torch_pruning.dependency.dependency import Dependency
     from torch_pruning.dependency.group import Group
 
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1:
+    if _tp_depthwise(module):
         prune_out = tp.pruner.function.prune_depthwise_conv_out_channels  # as Torch-Pruning does
     index_mapping.update_index_mapping(graph)
     root = graph.module2node[module]
@@ -270,14 +270,14 @@ def _convert(
     return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues))
 
 
+def _tp_depthwise(module: Any) -> bool:
+    """What Torch-Pruning treats as a depthwise conv (its input and output channels coupled)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
+
+
 def _false_depthwise(module: Any) -> bool:
     """A conv Torch-Pruning takes for depthwise (``groups == out_channels``) with another input width."""
-    return (
-        isinstance(module, nn.modules.conv._ConvNd)
-        and not module.transposed
-        and module.out_channels > 1
-        and module.groups == module.out_channels != module.in_channels
-    )
+    return _tp_depthwise(module) and not module.transposed and module.in_channels != module.out_channels
 
 
 def _slices_channels(op: Any) -> bool:

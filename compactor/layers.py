@@ -279,12 +279,11 @@ def _grouped_col(m: nn.modules.conv._ConvNd, i: int) -> tuple[slice, int]:
 def _grouped_cols(m: nn.modules.conv._ConvNd, weight: torch.Tensor, keep_in: Index) -> torch.Tensor:
     """``weight`` (rows already taken) keeping inputs ``keep_in`` of each group in that group's rows."""
     per_in, rows = m.in_channels // m.groups, weight.shape[0] // m.groups
+    _check_balanced(keep_in, m.groups, per_in, "inputs")
     parts = []
     for g in range(m.groups):
         cols = [i - g * per_in for i in keep_in.tolist() if i // per_in == g]
         parts.append(weight[g * rows : (g + 1) * rows].index_select(1, torch.tensor(cols, dtype=torch.long, device=weight.device)))
-    if len({p.shape[1] for p in parts}) != 1:
-        raise ValueError(f"unbalanced inputs for a conv with {m.groups} groups: {[p.shape[1] for p in parts]}")
     return torch.cat(parts, 0)
 
 

@@ -339,6 +339,10 @@ def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole() -> None:
         torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)
 
 
+def _items(group: Any) -> list[tuple[object, object, list[int], list[int]]]:
+    return [(i.dep.target, i.dep.handler, list(i.idxs), list(i.root_idxs)) for i in group.items]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bounded_walk_matches_torch_pruning(case: Case) -> None:
     """compactor walks Torch-Pruning's dependencies itself (to bound walks that never end): on every zoo
@@ -355,9 +359,5 @@ def test_bounded_walk_matches_torch_pruning(case: Case) -> None:
         for module in [m for m in graph.module2node if isinstance(m, nn.Module) and _is_producer(m)]:
             pruner = graph.get_pruner_of_module(module)
             n = pruner.get_out_channels(module)
-
-            def items(group: Any) -> list[tuple[object, object, list[int], list[int]]]:
-                return [(i.dep.target, i.dep.handler, list(i.idxs), list(i.root_idxs)) for i in group.items]
-
-            ours = items(_pruning_group(graph, module, pruner.prune_out_channels, n))
-            assert ours == items(graph.get_pruning_group(module, pruner.prune_out_channels, list(range(n))))
+            ours = _items(_pruning_group(graph, module, pruner.prune_out_channels, n))
+            assert ours == _items(graph.get_pruning_group(module, pruner.prune_out_channels, list(range(n))))

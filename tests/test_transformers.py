@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
+from benchmarks.models import prune_per_group
 from compactor.heads import HeadChange, HeadFate, compact_heads, head_layers
 
 transformers = pytest.importorskip("transformers")
@@ -621,20 +622,14 @@ def regnet() -> nn.Module:
     return randomise(transformers.RegNetModel(config)).eval()
 
 
-def mask_per_group(layer: nn.Module, groups: int, per_group: int, slim: bool) -> None:
-    """Mask the ``per_group`` smallest filters of each of ``groups`` equal runs (a group-aware pruner);
-    ``slim``: zero their BatchNorm scale and shift too, so that they emit exactly 0."""
-    conv, norm = layer.convolution, layer.normalization
-    norms = conv.weight.detach().flatten(1).norm(dim=1).view(groups, -1)
-    run = norms.shape[1]
-    dead = [g * run + int(i) for g in range(groups) for i in norms[g].argsort()[:per_group]]
-    mask = torch.ones_like(conv.weight)
-    mask[dead] = 0
-    prune.custom_from_mask(conv, "weight", mask)
-    if slim:
-        with torch.no_grad():
-            norm.weight[dead] = 0
-            norm.bias[dead] = 0
+def mask_half_of_each_group(layer: nn.Module, groups: int) -> None:
+    """Mask the smaller half of the filters of each of ``groups`` equal runs (a group-aware pruner), with
+    their BatchNorm scale and shift, so that they emit exactly 0."""
+    conv = prune_per_group(layer.convolution, 0.5, groups)
+    dead = conv.weight_mask.flatten(1).sum(1) == 0
+    with torch.no_grad():
+        layer.normalization.weight[dead] = 0
+        layer.normalization.bias[dead] = 0
 
 
 def test_regnet_grouped_conv_channels_are_removed_group_by_group() -> None:
@@ -644,8 +639,8 @@ def test_regnet_grouped_conv_channels_are_removed_group_by_group() -> None:
     for stage in model.encoder.stages:
         for block in stage.layers:
             groups = block.layer[1].convolution.groups
-            mask_per_group(block.layer[0], groups, 4, slim=True)
-            mask_per_group(block.layer[1], groups, 4, slim=True)
+            mask_half_of_each_group(block.layer[0], groups)
+            mask_half_of_each_group(block.layer[1], groups)
     x = image()
 
     small, report = compactor.compact(model, x)

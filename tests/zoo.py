@@ -184,19 +184,9 @@ def _is_grouped(m: nn.Module) -> bool:
     return conv and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
 
 
-def _unit(modules: dict[str, nn.Module], link: Link, c: int) -> tuple[int, ...]:
-    """Where channel ``c`` enters each zero-padded reader: its group in a grouped conv, else 0. The
-    engine keeps one carrier per such place."""
-    out = []
-    for r in link.reads:
-        m = modules[r.layer]
-        if _padded(m):
-            out += [i // (m.in_channels // m.groups) if _is_grouped(m) else 0 for i in r.inputs(c)]
-    return tuple(out)
-
-
 def _units_at(modules: dict[str, nn.Module], link: Link, c: int) -> dict[str, tuple[int, ...]]:
-    """Per zero-padded reader: the group of each input where channel ``c`` enters (0: not grouped)."""
+    """Per zero-padded reader: the group of each input where channel ``c`` enters (0: not grouped). The
+    engine keeps one carrier per such place, and shares carriers only between channels entering alike."""
     out: dict[str, tuple[int, ...]] = {}
     for r in link.reads:
         m = modules[r.layer]
@@ -356,10 +346,10 @@ def _settle(modules: dict[str, nn.Module], link: Link, first: list[str], values:
     pinned: set[int] = set()
     while True:
         fates = [KEPT if c in pinned else f for c, f in enumerate(first)]
-        by_unit: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        by_unit: dict[tuple[tuple[str, tuple[int, ...]], ...], list[int]] = defaultdict(list)
         for c, f in enumerate(fates):
             if f == MERGED:
-                by_unit[_unit(modules, link, c)].append(c)
+                by_unit[tuple(_units_at(modules, link, c).items())].append(c)  # one carrier per place
         for needs in by_unit.values():  # the engine's choice: the largest constant is the best-conditioned carrier
             carrier = max(needs, key=lambda c: abs(values[c]))  # type: ignore[arg-type]
             fates[carrier] = CARRIER
