@@ -26,9 +26,9 @@ from torch import nn
 
 import compactor
 from compactor.errors import ExportError
-from compactor.masks import bake_masks
-from compactor.measure import count_macs, latency
-from compactor.onnx import check_onnx, export_onnx
+from compactor.engine.masks import bake_masks
+from compactor.report.measure import count_macs, latency
+from compactor.io.onnx import check_onnx, export_onnx
 
 from .models import ZOO
 

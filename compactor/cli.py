@@ -26,12 +26,12 @@ from .errors import (
     OutputPathError,
     VerificationError,
 )
-from .formats import format_for, save_output
+from .engine.verify import DEFAULT_TOLERANCE
 from .inputs import ExampleInputs, parse_shape
-from .load import load_module
-from .report import CompactionReport, render
-from .save import check_output_path, save_module, write_atomically
-from .verify import DEFAULT_TOLERANCE
+from .io.atomic import check_output_path, write_atomically
+from .io.load import read_model
+from .io.save import format_for, save_output
+from .report.report import CompactionReport, render
 
 EXAMPLES = """\
 examples:
@@ -47,7 +47,8 @@ examples:
 
 output formats (by the suffix of -o, or --format): .pt pickled module; .pt2 torch.export program that runs
 without your class; .onnx checked with onnx.checker and ONNX Runtime; .safetensors weights + shape manifest,
-no pickle: reload with compactor.formats.load(arch, path). Every file is checked before it lands.
+no pickle. Every file is reloaded and checked before it lands; compactor.load(path, arch=None) reads any of
+them back in Python (.safetensors needs arch, the function that builds the dense model).
 
 MODEL is a file written by torch.save(model), masks attached (torch.nn.utils.prune) or baked in.
 It is loaded without running code from the file: only nn.Module classes, pruning methods and plain
@@ -174,17 +175,13 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | 
 
 
 def _load(args: argparse.Namespace) -> torch.nn.Module:
-    if args.arch:
-        from .state_dict import load_state_dict_model
-
-        return load_state_dict_model(args.model, args.arch, prefix=args.prefix)
-    return load_module(args.model, trust_pickle=args.trust_pickle)
+    return read_model(args.model, args.arch, trust_pickle=args.trust_pickle, prefix=args.prefix)
 
 
 def _measure(
     model: torch.nn.Module, small: torch.nn.Module, inputs: ExampleInputs, report: CompactionReport, args: argparse.Namespace, err: Console
 ) -> CompactionReport:
-    from .measure import bench, count_macs
+    from .report.measure import bench, count_macs
 
     if not args.bench:
         return report.with_extra(macs={"before": count_macs(model, inputs), "after": count_macs(small, inputs)})
@@ -197,7 +194,7 @@ def _measure(
 
 
 def _backends(args: argparse.Namespace) -> tuple[str, ...]:
-    from .measure import BACKENDS
+    from .report.measure import BACKENDS
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in BACKENDS]
@@ -224,7 +221,7 @@ def _write_outputs(
                 written.append(onnx_out)
             report = report.with_extra(onnx={"path": str(onnx_out), "bytes": onnx_bytes})
         if args.sparse_storage:
-            from .sparse import save_sparse
+            from .io.sparse import save_sparse
 
             sparse = save_sparse(small, out)
             report = report.with_extra(
@@ -249,7 +246,7 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Co
     check_output_path(out, None, force=True)  # the user's -o first: its error names what they typed
     masked_path = out.parent / "demo_masked.pt"
     check_output_path(masked_path, None, force=True)
-    save_module(demo_model(), masked_path)
+    write_atomically(masked_path, lambda tmp: torch.save(demo_model(), tmp))
     if not args.quiet:
         err.print(f"demo: wrote a masked model to {masked_path}; compacting it to {out}", markup=False)
     args.demo, args.model, args.output = False, str(masked_path), str(out)

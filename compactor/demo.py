@@ -71,7 +71,3 @@ def _dead_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 DEMO_INPUT_SHAPE = (1, 3, 32, 32)
-
-
-def demo_inputs() -> torch.Tensor:
-    return torch.randn(DEMO_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))

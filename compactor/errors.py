@@ -54,3 +54,18 @@ class StateDictError(InputFileError):
 
 class UnsupportedFormatError(OutputPathError):
     """The output path's suffix (or ``--format``) names no format compactor writes."""
+
+
+class CouplingUnsettled(GraphError):
+    """Torch-Pruning's channel coupling from one root never settles (it cycles, as through a rotary
+    embedding). Caught by the graph stage, which keeps that root's channels with the message as reason."""
+
+
+def first_line(e: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message, for one-line errors (its type name if it has none).
+
+    ``with_type``: prefix the type, ``"ValueError: ..."``.
+    """
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return f"{type(e).__name__}: {line}" if with_type and text else line

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExampleInputError, ModelForwardError
+from .errors import ExampleInputError, ModelForwardError, first_line
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,6 @@ class ExampleInputs:
             f"example inputs must be a tensor, a tuple/list of tensors or a dict of tensors, "
             f"found {type(value).__name__}; save one with torch.save(torch.randn(1, 3, 224, 224), 'x.pt')"
         )
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.args, *self.kwargs.values()]
 
     def to(self, device: torch.device) -> ExampleInputs:
         return ExampleInputs(
@@ -130,10 +127,9 @@ def run(model: nn.Module, inputs: ExampleInputs) -> Any:
     try:
         return model(*inputs.args, **inputs.kwargs)
     except Exception as e:  # the model's own code: any failure is the user's to see
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelForwardError(
             f"the model fails its own forward pass on inputs [{inputs.describe()}]: "
-            f"{type(e).__name__}: {first}; check --input-shape/--example-inputs against what the model expects"
+            f"{type(e).__name__}: {first_line(e)}; check --input-shape/--example-inputs against what the model expects"
         ) from e
 
 

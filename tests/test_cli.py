@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import compactor
+
 MODEL_SOURCE = textwrap.dedent(
     """
     import torch
@@ -150,8 +152,6 @@ def test_formats_bench_onnx_round_to_in_one_run(workdir: Path) -> None:
 
 
 def test_state_dict_with_arch_to_safetensors_and_sparse(workdir: Path) -> None:
-    from compactor.formats import load
-
     r = run_cli("state_dict.pt", "--arch", "models:Net", "-o", "small.safetensors", "--input-shape", "1,3,8,8", "-q", cwd=workdir)
     assert r.returncode == 0, r.stderr
     r2 = run_cli(
@@ -167,7 +167,7 @@ def test_state_dict_with_arch_to_safetensors_and_sparse(workdir: Path) -> None:
         x = torch.randn(2, 3, 8, 8)
         expected = models.masked_net()(x)
         for name in ("small.safetensors", "sparse.safetensors"):
-            small = load(models.Net, workdir / name).eval()
+            small = compactor.load(workdir / name, arch=models.Net)
             assert small.conv1.out_channels == 4, name
             torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-5)
     finally:
@@ -287,7 +287,7 @@ def test_trust_pickle_is_explicit(workdir: Path) -> None:
 
 
 def test_counting_macs_leaves_a_training_model_unchanged() -> None:
-    from compactor.measure import count_macs
+    from compactor.report.measure import count_macs
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

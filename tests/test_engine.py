@@ -26,7 +26,7 @@ from zoo import (
 
 import compactor
 from compactor.layers import shrinker_for
-from compactor.plan import Fate
+from compactor.engine.plan import Fate
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -223,7 +223,7 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
     conv, in some versions). Simulate it on the group of ``b0`` of the dense block: that group is kept
     whole with the mapping problem as its reason, the other groups are still compacted, outputs exact."""
     case = next(c for c in CASES if c.name == "dense_concat")
-    original = compactor.graph._pruning_group
+    original = compactor.engine.graph._pruning_group
 
     def corrupt(self: Any, module: nn.Module, fn: Any, n: int) -> Any:
         group = original(self, module, fn, n)
@@ -237,7 +237,7 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
             items.append(SimpleNamespace(dep=item.dep, idxs=shifted, root_idxs=list(item.root_idxs)))
         return SimpleNamespace(items=items)
 
-    monkeypatch.setattr(compactor.graph, "_pruning_group", corrupt)
+    monkeypatch.setattr(compactor.engine.graph, "_pruning_group", corrupt)
     model, small, report = _compact(case)
     _check_outputs(model, small, case, report)
     assert any("b3.0" in issue for issue in report.extra["graph_issues"]), report.extra
@@ -349,10 +349,10 @@ def test_bounded_walk_matches_torch_pruning(case: Case) -> None:
     model it finds exactly the groups ``DependencyGraph.get_pruning_group`` finds."""
     import torch_pruning as tp
 
-    from compactor.graph import _is_producer, _pruning_group, _tracing_state
+    from compactor.engine.graph import _is_producer, _pruning_group, _tracing_state
 
     model = case.model()
-    compactor.masks.bake_masks(model)
+    compactor.engine.masks.bake_masks(model)
     x = case.inputs(1)
     with _tracing_state(model):
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)

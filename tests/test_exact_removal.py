@@ -36,7 +36,7 @@ from zoo import (
 )
 
 import compactor
-from compactor.plan import Fate
+from compactor.engine.plan import Fate
 
 RTOL, ATOL = 1e-4, 1e-5
 

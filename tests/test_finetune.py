@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
-from compactor.finetune import KeepPruned, find_pruned, keep_pruned
+from compactor.training.finetune import KeepPruned, find_pruned, keep_pruned
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerFactory] = {

@@ -16,7 +16,8 @@ from _formats_models import DataDependent, LayerScaleCNN, SmallCNN, channel_prun
 from torch import nn
 
 import compactor
-from compactor import formats
+from compactor.io import save as formats
+from compactor.io.safetensors import MANIFEST_KEY
 from compactor.errors import ExportError, InputFileError, StateDictError, UnsupportedFormatError
 
 X = example_input()
@@ -100,12 +101,12 @@ def test_safetensors_loads_into_the_dense_architecture(tmp_path: Path, small: nn
     head = path.read_bytes()
     (length,) = struct.unpack("<Q", head[:8])
     header = json.loads(head[8 : 8 + length])  # safetensors: a JSON header and raw bytes, no pickle
-    spec = json.loads(header["__metadata__"][formats.MANIFEST_KEY])
+    spec = json.loads(header["__metadata__"][MANIFEST_KEY])
     assert spec["layers"]["conv1"] == {
         "type": "Conv2d", "out": 5, "in": 3, "bias": None, "attrs": {"in_channels": 3, "out_channels": 5, "groups": 1}
     }
     for arch in (SmallCNN, "_formats_models:small_cnn"):
-        loaded = formats.load(arch, path).eval()
+        loaded = compactor.load(path, arch=arch).eval()
         assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
         assert torch.equal(loaded(X), small(X))
 
@@ -121,7 +122,7 @@ def test_safetensors_rebuilds_grouped_convs_group_by_group(tmp_path: Path) -> No
     assert (small.conv2.in_channels, small.conv2.out_channels, small.conv2.groups) == (16, 24, 4)
     path = tmp_path / "resnext.safetensors"
     formats.save_output(small, path, x, arch=ResNeXtBlock)
-    loaded = formats.load(ResNeXtBlock, path).eval()
+    loaded = compactor.load(path, arch=ResNeXtBlock).eval()
     assert (loaded.conv2.in_channels, loaded.conv2.out_channels, loaded.conv2.groups) == (16, 24, 4)
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
     assert torch.equal(loaded(x), small(x))
@@ -135,13 +136,13 @@ def test_safetensors_rebuilds_bare_parameters_and_added_biases(tmp_path: Path) -
     small, _ = compactor.compact(model, X)
     assert small.gamma.shape == (5, 1, 1)
     formats.save_output(small, tmp_path / "ls.safetensors", X, arch=LayerScaleCNN)
-    assert torch.equal(formats.load(LayerScaleCNN, tmp_path / "ls.safetensors")(X), small(X))
+    assert torch.equal(compactor.load(tmp_path / "ls.safetensors", arch=LayerScaleCNN)(X), small(X))
 
     no_bias = trained(SmallCNN())  # conv1 is built without a bias; a folded constant may give it one
     with_bias = copy.deepcopy(no_bias)
     with_bias.conv1.bias = nn.Parameter(torch.full((8,), 0.25))
     formats.save_output(with_bias, tmp_path / "bias.safetensors", X, arch=SmallCNN)
-    loaded = formats.load(SmallCNN, tmp_path / "bias.safetensors").eval()
+    loaded = compactor.load(tmp_path / "bias.safetensors", arch=SmallCNN).eval()
     assert torch.equal(loaded.conv1.bias, with_bias.conv1.bias)
     assert torch.equal(loaded(X), with_bias(X))
 
@@ -150,26 +151,39 @@ def test_safetensors_refuses_another_architecture(tmp_path: Path, small: nn.Modu
     path = tmp_path / "small.safetensors"
     formats.save_output(small, path, X)
     with pytest.raises(StateDictError) as info:
-        formats.load(LayerScaleCNN, path)
+        compactor.load(path, arch=LayerScaleCNN)
     assert str(info.value) == (
         f"{path} has layer 'bn1' (BatchNorm2d) but the architecture has none; build the model the file was written from"
     )
     with pytest.raises(StateDictError) as info:
-        formats.load(lambda: SmallCNN(width=2), path)
+        compactor.load(path, arch=lambda: SmallCNN(width=2))
     assert str(info.value).startswith(f"{path}: layer 'conv1' has 5 output channels but the architecture only 2;")
 
 
 def test_safetensors_refuses_files_it_did_not_write(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
+    from compactor.io.safetensors import load_safetensors
+
     save_file(SmallCNN().state_dict(), str(tmp_path / "plain.safetensors"))
     with pytest.raises(InputFileError, match=r"has no compactor manifest \(metadata key 'compactor.manifest'\)"):
-        formats.load(SmallCNN, tmp_path / "plain.safetensors")
+        load_safetensors(tmp_path / "plain.safetensors", SmallCNN)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(InputFileError, match=r"junk.safetensors is not a safetensors file \("):
-        formats.load(SmallCNN, tmp_path / "junk.safetensors")
-    with pytest.raises(InputFileError, match=r"missing.safetensors does not exist or is not a file; check the path"):
-        formats.load(SmallCNN, tmp_path / "missing.safetensors")
+    for load in (load_safetensors, lambda path, arch: compactor.load(path, arch=arch)):
+        with pytest.raises(InputFileError, match=r"junk.safetensors is not a safetensors file \("):
+            load(tmp_path / "junk.safetensors", SmallCNN)
+        with pytest.raises(InputFileError, match=r"missing.safetensors does not exist or is not a file; check the path"):
+            load(tmp_path / "missing.safetensors", SmallCNN)
+
+
+def test_load_reads_a_plain_safetensors_state_dict_into_its_architecture(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    dense = trained(SmallCNN()).eval()
+    save_file(dense.state_dict(), str(tmp_path / "plain.safetensors"))
+    loaded = compactor.load(tmp_path / "plain.safetensors", arch=SmallCNN)
+    assert not loaded.training
+    assert torch.equal(loaded(X), dense(X))
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -193,7 +207,7 @@ def test_export_keeps_the_training_flag(tmp_path: Path, small: nn.Module) -> Non
 def test_masked_model_is_written_with_plain_weights(tmp_path: Path) -> None:
     masked = channel_pruned()
     formats.save_output(masked, tmp_path / "masked.safetensors", X, arch=SmallCNN)
-    loaded = formats.load(SmallCNN, tmp_path / "masked.safetensors").eval()
+    loaded = compactor.load(tmp_path / "masked.safetensors", arch=SmallCNN).eval()
     assert torch.equal(loaded(X), masked(X))
 
 
@@ -205,9 +219,9 @@ class _Cancelling(torch.nn.Module):
 
 
 def test_onnx_check_allows_runtime_rounding_only_as_large_as_torchs_own() -> None:
-    from compactor.formats import _runtime_tolerance
+    from compactor.engine.verify import runtime_tolerance as _runtime_tolerance
     from compactor.inputs import ExampleInputs
-    from compactor.verify import NOISE_FACTOR
+    from compactor.engine.verify import NOISE_FACTOR
 
     x = ExampleInputs.of(torch.randn(4, 16, generator=torch.Generator().manual_seed(0)))
     shallow = torch.nn.Sequential(torch.nn.Linear(16, 4)).eval()

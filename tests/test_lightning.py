@@ -14,9 +14,9 @@ from torch.nn.utils import prune
 L = pytest.importorskip("lightning.pytorch")
 
 from compactor.errors import OutputPathError  # noqa: E402
-from compactor.lightning import CompactOnFitEnd, KeepPrunedCallback  # noqa: E402
-from compactor.plan import Fate  # noqa: E402
-from compactor.report import CompactionReport  # noqa: E402
+from compactor.training.lightning import CompactOnFitEnd, KeepPrunedCallback  # noqa: E402
+from compactor.engine.plan import Fate  # noqa: E402
+from compactor.report.report import CompactionReport  # noqa: E402
 
 pytestmark = [  # Lightning's advice (num_workers, log_every_n_steps) and its own deprecated pytree calls
     pytest.mark.filterwarnings("ignore::UserWarning:lightning.*"),
@@ -153,5 +153,5 @@ def test_compact_on_fit_end_refuses_an_unwritable_output_before_training(tmp_pat
 
 
 def test_importing_compactor_does_not_import_lightning() -> None:
-    code = "import sys, compactor, compactor.finetune; assert 'lightning' not in sys.modules, 'lightning imported'"
+    code = "import sys, compactor, compactor.training.finetune; assert 'lightning' not in sys.modules, 'lightning imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,7 @@ from torch.nn.utils import prune
 
 import compactor
 from compactor.errors import CompactorError, ExportError
-from compactor.measure import Timing, count_macs, latency
+from compactor.report.measure import Timing, count_macs, latency
 
 # --- MACs: one tiny module per case, the expected count worked out by hand ----------------------------
 
@@ -145,7 +145,7 @@ def compacted_cnn() -> tuple[nn.Module, nn.Module, torch.Tensor]:
 @pytest.fixture(scope="module")
 def exported(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("onnxruntime")
-    from compactor.onnx import export_onnx
+    from compactor.io.onnx import export_onnx
 
     _, small, x = compacted_cnn
     result = export_onnx(small, x, tmp_path_factory.mktemp("onnx") / "small.onnx")
@@ -155,7 +155,7 @@ def exported(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], tmp_path_
 
 
 def test_onnx_export_matches_onnxruntime(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], exported: Path) -> None:
-    from compactor.onnx import check_onnx
+    from compactor.io.onnx import check_onnx
 
     _, small, x = compacted_cnn
     assert small.conv1.out_channels < 16  # it really is the compacted model that was exported
@@ -163,7 +163,7 @@ def test_onnx_export_matches_onnxruntime(compacted_cnn: tuple[nn.Module, nn.Modu
 
 
 def test_onnx_check_names_the_differing_output(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], exported: Path) -> None:
-    from compactor.onnx import check_onnx
+    from compactor.io.onnx import check_onnx
 
     _, small, x = compacted_cnn
     other = _perturbed(small)
@@ -179,7 +179,7 @@ def test_onnx_latency_from_exported_files(exported: Path, compacted_cnn: tuple[n
 
 def test_torchscript_exporter_forced(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from compactor.onnx import check_onnx, export_onnx
+    from compactor.io.onnx import check_onnx, export_onnx
 
     _, small, x = compacted_cnn
     result = export_onnx(small, x, tmp_path / "ts.onnx", dynamo=False)
@@ -197,7 +197,7 @@ def _perturbed(model: nn.Module) -> nn.Module:
 
 
 def test_bench_feeds_the_report(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor]) -> None:
-    from compactor.measure import bench
+    from compactor.report.measure import bench
 
     masked, small, x = compacted_cnn
     _, report = compactor.compact(masked, x)

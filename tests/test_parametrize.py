@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 import compactor
 from compactor.errors import StateDictError
-from compactor.state_dict import load_state_dict_model
+from compactor.io.state_dict import load_state_dict_model
 
 
 class RowMask(nn.Module):

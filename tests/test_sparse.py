@@ -12,9 +12,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
-from compactor import formats, sparse
+from compactor.io import save as formats, sparse
 from compactor.errors import ExportError, InputFileError, StateDictError
-from compactor.masks import bake_masks, clone_module
+from compactor.engine.masks import bake_masks, clone_module
+from compactor.report.sparsity import sparsity_report
 
 X = example_input()
 
@@ -33,7 +34,7 @@ def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 def test_sparsity_report_counts_zeros_per_layer() -> None:
-    rows = {r.name: r for r in sparse.sparsity_report(unstructured(0.9))}
+    rows = {r.name: r for r in sparsity_report(unstructured(0.9))}
     assert list(rows) == ["conv1.weight", "conv2.weight", "fc.weight"]
     for row in rows.values():
         assert row.zeros == round(0.9 * row.total)  # random_unstructured prunes round(amount * n) weights
@@ -128,7 +129,7 @@ def test_compacted_and_sparse_model_loads_into_the_dense_architecture(tmp_path: 
     assert small.conv2.out_channels < 16
     sparse.save_sparse(small, tmp_path / "both.safetensors")
     for arch in (SmallCNN, "_formats_models:small_cnn"):
-        loaded = formats.load(arch, tmp_path / "both.safetensors").eval()  # formats.load sees sparse storage
+        loaded = compactor.load(tmp_path / "both.safetensors", arch=arch).eval()  # compactor.load sees sparse storage
         assert_bit_equal(loaded.state_dict(), small.state_dict())
         assert torch.equal(loaded(X), small(X))
 
@@ -144,7 +145,7 @@ def test_loads_into_a_given_module(tmp_path: Path) -> None:
 def test_refuses_other_files(tmp_path: Path) -> None:
     formats.save_output(trained(SmallCNN()), tmp_path / "dense.safetensors", X)
     with pytest.raises(InputFileError, match=r"dense.safetensors is not a compactor sparse-storage file \(no "
-                       r"'compactor.storage' metadata\); load a dense .safetensors with compactor.formats.load"):
+                       r"'compactor.storage' metadata\); load a dense .safetensors with compactor.load"):
         sparse.load_sparse(tmp_path / "dense.safetensors", SmallCNN)
     with pytest.raises(InputFileError, match=r"nothing.safetensors does not exist or is not a file; check the path"):
         sparse.load_sparse(tmp_path / "nothing.safetensors", SmallCNN)

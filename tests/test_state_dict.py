@@ -9,7 +9,8 @@ import torch
 from _formats_models import Hyper, RunsCode, SmallCNN, channel_pruned, example_input, trained
 
 from compactor.errors import ArchitectureError, InputFileError, StateDictError
-from compactor.state_dict import build_arch, detect_prefix, load_state_dict_model
+from compactor.io.arch import build_arch
+from compactor.io.state_dict import detect_prefix, load_state_dict_model
 
 ARCH = "_formats_models:small_cnn"
 X = example_input()
@@ -47,7 +48,7 @@ def test_safetensors_state_dict(tmp_path: Path) -> None:
 
 def test_compactor_safetensors_rebuilds_the_compacted_shapes(tmp_path: Path) -> None:
     import compactor
-    from compactor.formats import save_output
+    from compactor.io.save import save_output
 
     small, _ = compactor.compact(channel_pruned(), X)
     save_output(small, tmp_path / "small.safetensors", X)

@@ -20,7 +20,7 @@ from torch.nn.utils import prune
 
 import compactor
 from benchmarks.models import prune_per_group
-from compactor.heads import HeadChange, HeadFate, compact_heads, head_layers
+from compactor.engine.heads import HeadChange, HeadFate, compact_heads, head_layers
 
 transformers = pytest.importorskip("transformers")
 

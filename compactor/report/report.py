@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from .layers import Role, shrinker_for
-from .plan import Fate, GroupPlan
+from ..engine.plan import IGNORED, Fate, GroupPlan
+from ..engine.verify import Outputs, depends_on_input
+from ..layers import Role, shrinker_for
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,21 @@ def zeroed_channels(plans: list[GroupPlan]) -> tuple[ZeroedChannel, ...]:
     return tuple(
         ZeroedChannel(p.group.root, f.channel, f.fate.value, f.reason) for p in plans for f in p.fates
     )
+
+
+def dead_model_warnings(references: list[Outputs], plans: list[GroupPlan]) -> Iterator[str]:
+    """A warning when the model's output does not depend on its input, naming the layers that cause it."""
+    if depends_on_input(references):
+        return
+    # A layer is dead when every channel it writes is input-independent; one whose channels are only
+    # ignored by a dead layer downstream is a victim, not a cause, and is not named.
+    dead = [
+        p.group.root
+        for p in plans
+        if p.fates and len(p.fates) == p.group.size and not any(f.reason == IGNORED for f in p.fates)
+    ]
+    where = f" (every channel of {', '.join(dead[:3])} is pruned)" if dead else ""
+    yield f"the model's output does not depend on its input{where}; compaction kept it exact, but check the pruning"
 
 
 def count_params(model: nn.Module) -> int:

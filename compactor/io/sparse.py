@@ -20,6 +20,8 @@ Layout (safetensors keys and metadata):
 * metadata ``compactor.storage = "sparse"``, ``compactor.sparse`` (JSON: shape of each sparse tensor,
   which have zero signs, and tied names), and ``compactor.manifest`` (the layer shapes of :mod:`compactor.formats`, so a
   compacted *and* sparse model also loads into its dense architecture).
+
+Load with ``compactor.load(path, arch=...)`` (or :func:`load_sparse`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ExportError, InputFileError, StateDictError
-from .formats import MANIFEST_KEY, build, fit_to_manifest, manifest, read_manifest
-from .masks import bake_masks, clone_module, has_pruning_state
-from .save import write_atomically
+from ..engine.masks import baked
+from ..errors import ExportError, InputFileError, StateDictError, first_line
+from ..report.sparsity import LayerSparsity, sparsity_report
+from .arch import Arch, build_arch
+from .atomic import write_atomically
+from .safetensors import MANIFEST_KEY, fit_to_manifest, load_safetensors, manifest, read_manifest, read_metadata
 
 STORAGE_KEY = "compactor.storage"
 SPARSE_KEY = "compactor.sparse"
@@ -48,24 +51,6 @@ MASK = "::mask"
 ZERO_SIGNS = "::zero_signs"
 _ENTRY_BYTES = 96  # the second header entry (name, dtype, shape, offsets) a sparse tensor costs
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-@dataclass(frozen=True)
-class LayerSparsity:
-    """Zeros of one weight tensor (two or more dimensions), and how many output rows are entirely zero."""
-
-    name: str
-    shape: tuple[int, ...]
-    zeros: int
-    total: int
-    zero_rows: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / max(1, self.total)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "shape": list(self.shape), "sparsity": round(self.sparsity, 6)}
 
 
 @dataclass(frozen=True)
@@ -101,25 +86,6 @@ class SparseStorageReport:
         )
 
 
-def sparsity_report(model: nn.Module) -> tuple[LayerSparsity, ...]:
-    """Per weight tensor (masks baked): zeros, total, and whole zero output rows (``compact`` removes those)."""
-    rows = []
-    for name, tensor in _baked(model).state_dict().items():
-        if tensor.dim() < 2 or not (tensor.is_floating_point() or tensor.is_complex()):
-            continue
-        flat = tensor.detach().reshape(tensor.shape[0], -1)
-        rows.append(
-            LayerSparsity(
-                name=name,
-                shape=tuple(tensor.shape),
-                zeros=int((tensor == 0).sum()),
-                total=tensor.numel(),
-                zero_rows=int((flat == 0).all(dim=1).sum()),
-            )
-        )
-    return tuple(rows)
-
-
 def save_sparse(
     model: nn.Module, path: str | os.PathLike[str], *, keep_zero_signs: bool = True
 ) -> SparseStorageReport:
@@ -130,14 +96,14 @@ def save_sparse(
     from safetensors.torch import save as to_bytes
     from safetensors.torch import save_file
 
-    baked = _baked(model)
-    state = baked.state_dict()
+    plain = baked(model, copy=False)
+    state = plain.state_dict()
     tensors, info = encode(state, keep_zero_signs=keep_zero_signs)
     metadata = {
         "format": "pt",
         STORAGE_KEY: "sparse",
         SPARSE_KEY: json.dumps(info, separators=(",", ":")),
-        MANIFEST_KEY: json.dumps(manifest(baked), separators=(",", ":")),
+        MANIFEST_KEY: json.dumps(manifest(plain), separators=(",", ":")),
     }
 
     def write(tmp: Path) -> None:
@@ -153,11 +119,11 @@ def save_sparse(
         sparse_tensors=len(info["sparse"]),
         dense_tensors=len(tensors) - 2 * len(info["sparse"]) - len(info["zero_signs"]),
         zero_signs=len(info["zero_signs"]),
-        layers=sparsity_report(baked),
+        layers=sparsity_report(plain),
     )
 
 
-def load_sparse(path: str | os.PathLike[str], arch: Callable[[], nn.Module] | str | nn.Module) -> nn.Module:
+def load_sparse(path: str | os.PathLike[str], arch: Arch) -> nn.Module:
     """Rebuild the model of a :func:`save_sparse` file, every tensor bit-exact; no pickle is read.
 
     ``arch``: a builder of the dense model (class or function of no arguments), a ``"module:callable"``
@@ -165,15 +131,22 @@ def load_sparse(path: str | os.PathLike[str], arch: Callable[[], nn.Module] | st
     """
     file = Path(path)
     spec = read_manifest(file)
-    model = fit_to_manifest(build(arch), spec, str(file))
+    model = fit_to_manifest(build_arch(arch), spec, str(file))
     state = decode_file(file)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = (str(e).strip().splitlines() or ["mismatch"])[0]
-        raise StateDictError(f"{file} does not fit the model ({first}); build the model the file was written from") from e
+        raise StateDictError(f"{file} does not fit the model ({first_line(e)}); build the model the file was written from") from e
     _check_untied(model, state, file)
     return model
+
+
+def load_written(path: str | os.PathLike[str], arch: Arch) -> nn.Module:
+    """A ``.safetensors`` file compactor wrote, dense or sparse storage, rebuilt into ``arch``."""
+    file = Path(path)
+    if is_sparse(read_metadata(file)):
+        return load_sparse(file, arch)
+    return load_safetensors(file, arch)
 
 
 def _check_untied(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
@@ -275,36 +248,30 @@ def _unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def decode_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = Path(path)
-    if not file.is_file():
-        raise InputFileError(f"{file} does not exist or is not a file; check the path")
+    metadata = read_metadata(file)
+    if not is_sparse(metadata):
+        raise InputFileError(
+            f"{file} is not a compactor sparse-storage file (no {STORAGE_KEY!r} metadata); load a dense "
+            f".safetensors with compactor.load"
+        )
     try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
         tensors = load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise InputFileError(f"{file} is not a safetensors file ({e}); give a file written by save_sparse") from e
-    if metadata.get(STORAGE_KEY) != "sparse" or SPARSE_KEY not in metadata:
-        raise InputFileError(
-            f"{file} is not a compactor sparse-storage file (no {STORAGE_KEY!r} metadata); load a dense "
-            f".safetensors with compactor.formats.load"
-        )
     return decode(tensors, json.loads(metadata[SPARSE_KEY]))
+
+
+def is_sparse(metadata: dict[str, str]) -> bool:
+    """Whether safetensors ``metadata`` is that of a sparse-storage file."""
+    return metadata.get(STORAGE_KEY) == "sparse" and SPARSE_KEY in metadata
 
 
 def _ptrs(tensors: dict[str, torch.Tensor]) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors.values()}
-
-
-def _baked(model: nn.Module) -> nn.Module:
-    if not has_pruning_state(model):
-        return model
-    copy = clone_module(model)
-    bake_masks(copy)
-    return copy
 
 
 def _check_exact(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], *, exact_zeros: bool) -> None:
@@ -339,11 +306,9 @@ def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 __all__ = [
-    "LayerSparsity",
     "SparseStorageReport",
     "decode",
     "encode",
     "load_sparse",
     "save_sparse",
-    "sparsity_report",
 ]

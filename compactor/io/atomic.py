@@ -1,4 +1,4 @@
-"""Stage 7, save: write outputs atomically, refuse to overwrite the input, leave nothing half-written.
+"""Write outputs atomically, refuse to overwrite the input, leave nothing half-written.
 
 Every writer goes through :func:`atomic_write`: the bytes go to a temporary file in the destination's
 directory, then ``os.replace`` renames it over the destination. On any failure the temporary file is
@@ -13,10 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from .errors import OutputPathError
+from ..errors import OutputPathError
 
 
 def check_output_path(out: str | os.PathLike[str], model_path: str | os.PathLike[str] | None, *, force: bool) -> Path:
@@ -67,8 +64,3 @@ def write_atomically(path: str | os.PathLike[str], writer: Callable[[Path], None
     except OSError as e:
         raise OutputPathError(f"cannot write {path}: {e.strerror or e}; check the path and free space") from e
     return size
-
-
-def save_module(model: nn.Module, path: str | os.PathLike[str]) -> int:
-    """Pickle ``model`` (``torch.load(path, weights_only=False)`` returns it where its class imports)."""
-    return write_atomically(path, lambda tmp: torch.save(model, tmp))

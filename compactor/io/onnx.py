@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExportError
-from .inputs import ExampleInputs, flatten_outputs
-
-DEFAULT_TOLERANCE = 1e-4  # max|ort - torch| <= tolerance * max(1, max|torch|), as in compactor.verify
+from ..engine.verify import DEFAULT_TOLERANCE, compare_outputs, runtime_tolerance
+from ..errors import ExportError, first_line
+from ..inputs import ExampleInputs, flatten_outputs
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,6 @@ class OnnxExport:
     exporter: str  # "dynamo" or "torchscript"
     seconds: float
     fallback_reason: str | None = None  # why the dynamo exporter was not used
-
-    def describe(self) -> str:
-        why = f" (dynamo exporter failed: {self.fallback_reason})" if self.fallback_reason else ""
-        return f"{self.path} written by the {self.exporter} exporter in {self.seconds:.1f} s{why}"
 
 
 def export_onnx(
@@ -58,7 +53,7 @@ def export_onnx(
             _export(model, example, path, opset, dynamo=True)
             return OnnxExport(path, "dynamo", time.perf_counter() - start)
         except Exception as e:  # the exporter's failures have no common type; keep the first line
-            reason = _first_line(e)
+            reason = first_line(e, with_type=True)
             if dynamo is True:
                 raise ExportError(f"ONNX export of {type(model).__name__} to {path} failed: {reason}") from e
     start = time.perf_counter()
@@ -67,7 +62,7 @@ def export_onnx(
     except Exception as e:
         raise ExportError(
             f"ONNX export of {type(model).__name__} to {path} failed with both exporters: "
-            f"dynamo: {reason}; torchscript: {_first_line(e)}"
+            f"dynamo: {reason}; torchscript: {first_line(e, with_type=True)}"
         ) from e
     return OnnxExport(path, "torchscript", time.perf_counter() - start, reason)
 
@@ -115,7 +110,7 @@ def ort_session(path: str | Path, *, threads: int = 1) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind exception types
-        raise ExportError(f"ONNX Runtime cannot load {path}: {_first_line(e)}") from e
+        raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(e, with_type=True)}") from e
 
 
 def ort_feed(session: Any, inputs: ExampleInputs) -> dict[str, Any]:
@@ -151,7 +146,7 @@ def check_onnx(
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # onnx.checker.ValidationError, or a shape-inference error
-        raise ExportError(f"{path} is not a valid ONNX model: {_first_line(e)}") from e
+        raise ExportError(f"{path} is not a valid ONNX model: {first_line(e, with_type=True)}") from e
     with torch.inference_mode():
         expected = flatten_outputs(model.eval()(*example.args, **example.kwargs))
     session = ort_session(path, threads=threads)
@@ -161,23 +156,35 @@ def check_onnx(
             f"{path}: ONNX Runtime returns {len(got)} outputs, torch returns {len(expected)} "
             f"({', '.join(n for n, _ in expected)})"
         )
-    problems, worst = [], 0.0
-    for (name, reference), value in zip(expected, got):
-        actual = torch.from_numpy(value)
-        if tuple(actual.shape) != tuple(reference.shape):
-            problems.append(f"{name}: shape {tuple(actual.shape)} != torch {tuple(reference.shape)}")
-            worst = float("inf")
-            continue
-        error = float((actual.double() - reference.double().cpu()).abs().max()) if reference.numel() else 0.0
-        worst = max(worst, error)
-        bound = tolerance * max(1.0, float(reference.double().abs().max()) if reference.numel() else 1.0)
-        if not error <= bound:
-            problems.append(f"{name}: max abs error {error:.3g} > {bound:.3g}")
+    actual = [(name, torch.from_numpy(value)) for (name, _), value in zip(expected, got)]
+    worst, problems = compare_outputs([(n, t.cpu()) for n, t in expected], actual, tolerance)
     if problems:
         raise ExportError(f"{path}: ONNX Runtime differs from torch (tolerance {tolerance:g}): " + "; ".join(problems))
     return worst
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+def write_onnx(model: nn.Module, tmp: Path, example: ExampleInputs, tolerance: float) -> None:
+    """Export and check, keeping the weights inside the one file; the check allows ONNX Runtime the float
+    rounding torch itself has on this model (:func:`compactor.engine.verify.runtime_tolerance`)."""
+    sidecar = tmp.with_name(tmp.name + ".data")  # the dynamo exporter's default external-data file
+    try:
+        export_onnx(model, example, tmp)
+        _inline_external_data(tmp, sidecar)
+        check_onnx(tmp, model, example, runtime_tolerance(model, example, tolerance))
+    finally:
+        sidecar.unlink(missing_ok=True)
+
+
+def _inline_external_data(file: Path, sidecar: Path) -> None:
+    """Move external weights into the model file: the sidecar is named after the temporary path."""
+    import onnx
+
+    if not sidecar.exists():
+        return
+    proto = onnx.load(str(file), load_external_data=True)
+    if proto.ByteSize() >= 2**31:
+        raise ExportError(
+            f"the ONNX model is {proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit; "
+            f"save as .pt2 or .safetensors instead"
+        )
+    onnx.save_model(proto, str(file), save_as_external_data=False)

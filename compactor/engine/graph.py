@@ -1,6 +1,8 @@
 """Stage 3, graph: channel coupling from Torch-Pruning's ``DependencyGraph``, behind one adapter.
 
-This is the only module that imports ``torch_pruning``. It checks the library's preconditions (grad mode
+This is the only module that imports ``torch_pruning`` or knows its op names: it tells the tracer about
+every registered layer type it does not know (a pruner made from the layer's shrinker), and describes what
+it found in compactor's own terms (:class:`Member` with a :class:`Kind` and a :class:`Side`). It checks the library's preconditions (grad mode
 on, every parameter requiring grad while tracing, train/eval mode restored), turns its groups into our
 own frozen :class:`ChannelGroup`, and sanity-checks every index mapping: Torch-Pruning treats unknown
 ops as channel-preserving and mis-maps some layouts (a tensor feeding both a ``cat`` and a conv maps
@@ -13,18 +15,39 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import GraphError
-from .inputs import ExampleInputs, flatten_outputs
-from .layers import Role, shrinker_for
+from ..errors import CouplingUnsettled, GraphError
+from ..inputs import ExampleInputs, flatten_outputs
+from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
+from ..util import eval_mode_restored
 
-OUT, IN = "out", "in"
+OUT, IN = Side.OUT, Side.IN
+
+
+class Kind(str, Enum):
+    """What a member of a group is, as far as channels are concerned."""
+
+    LAYER = "layer"  # a module or bare parameter compactor can rebuild
+    MULTIPLY = "multiply"  # an elementwise product (a gate: squeeze-excite)
+    SPLIT = "split/chunk"  # a split or chunk: sizes fixed in the forward code
+    UNBIND = "unbind"
+    SLICE = "slice"  # a slice that may cut the channel dimension
+    OUTPUT = "output"  # a model output
+    OTHER = "other"  # any other op (add, concat, reshape, a slice of another dimension...)
+
+    @property
+    def fixed_sizes(self) -> bool:
+        """The op cuts channels at sizes the forward code fixes: removing one shifts the others."""
+        return self in (Kind.SPLIT, Kind.UNBIND, Kind.SLICE)
 
 
 @dataclass(frozen=True)
@@ -32,9 +55,9 @@ class Member:
     """One place a group's channels meet: a layer (or bare parameter, or functional op) and a side."""
 
     name: str  # module name, parameter name, or Torch-Pruning's name for a functional op
-    op: str  # class name: Conv2d, BatchNorm2d, Parameter, _ConcatOp, _OutputOp...
-    side: str  # OUT: the layer writes these channels; IN: the layer reads them
-    is_layer: bool  # True for modules and bare parameters we can rebuild
+    op: str  # class name: Conv2d, BatchNorm2d, Parameter, or the traced op's (for messages)
+    side: Side  # OUT: the layer writes these channels; IN: the layer reads them
+    kind: Kind
     pruning_dim: int  # for bare parameters: the dimension that holds the channels
     idxs: tuple[tuple[int, ...], ...]  # per root channel: the layer-local indices it maps to
 
@@ -50,8 +73,8 @@ class ChannelGroup:
     issues: tuple[str, ...]
     norm_after: tuple[tuple[str, str], ...] = ()  # (member layer, the BatchNorm it alone feeds)
 
-    def layers(self, side: str | None = None) -> list[Member]:
-        return [m for m in self.members if m.is_layer and (side is None or m.side == side)]
+    def layers(self, side: Side | None = None) -> list[Member]:
+        return [m for m in self.members if m.kind is Kind.LAYER and (side is None or m.side is side)]
 
 
 def build_groups(model: nn.Module, inputs: ExampleInputs) -> list[ChannelGroup]:
@@ -65,6 +88,7 @@ def build_groups(model: nn.Module, inputs: ExampleInputs) -> list[ChannelGroup]:
                 forward_fn=lambda m, x: m(*x.args, **x.kwargs),
                 output_transform=lambda out: [t for _, t in flatten_outputs(out)],
                 verbose=False,
+                customized_pruners=_custom_pruners(),
             )
         except Exception as e:  # the library raises anything from AssertionError to KeyError
             raise GraphError(
@@ -75,31 +99,62 @@ def build_groups(model: nn.Module, inputs: ExampleInputs) -> list[ChannelGroup]:
     return groups
 
 
-class _tracing_state:
-    """Grad mode on and ``requires_grad`` on every parameter while tracing; restore both and the mode."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.training = {m: m.training for m in model.modules()}
-        self.requires = {p: p.requires_grad for p in model.parameters()}
-        self.grad = torch.enable_grad()
-
-    def __enter__(self) -> None:
-        self.grad.__enter__()
-        for p in self.requires:
+@contextmanager
+def _tracing_state(model: nn.Module) -> Iterator[None]:
+    """Grad mode on and ``requires_grad`` on every parameter while tracing; restore both and every
+    module's train/eval flag (Torch-Pruning leaves the model in eval mode)."""
+    requires = {p: p.requires_grad for p in model.parameters()}
+    with torch.enable_grad(), eval_mode_restored(model):
+        for p in requires:
             p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p, flag in requires.items():
+                p.requires_grad_(flag)
 
-    def __exit__(self, *exc: object) -> None:
-        self.grad.__exit__(*exc)
-        for p, flag in self.requires.items():
-            p.requires_grad_(flag)
-        for m, flag in self.training.items():
-            m.training = flag
+
+def _custom_pruners() -> dict[type, Any]:
+    """A Torch-Pruning pruner for every registered layer type the library does not know, made from the
+    shrinker: the tracer then treats the layer as a leaf with the shrinker's widths (a channelwise layer
+    couples its inputs to its outputs). Blocking types keep every group they touch whole, so the
+    library's default for them (an op it traces through) is left as it is."""
+    known = tuple(c for t in tp.DependencyGraph().REGISTERED_PRUNERS if (c := tp.ops.type2class(t)) is not None)
+    pruners: dict[type, Any] = {}
+    for cls in registered_types():
+        shrinker = shrinker_of_type(cls)
+        if not issubclass(cls, nn.Module) or issubclass(cls, known) or shrinker.role is Role.BLOCKING:
+            continue
+        pruners[cls] = _ShrinkerPruner(shrinker)
+    return pruners
+
+
+class _ShrinkerPruner(tp.pruner.function.BasePruningFunc):  # type: ignore[misc]  # untyped library base
+    """Torch-Pruning's view of a layer type it does not know: widths from the shrinker; compactor never
+    asks the library to prune, so the prune functions only need to be distinct (mixing) or one (channelwise)."""
+
+    def __init__(self, shrinker: Shrinker[Any]) -> None:
+        super().__init__()
+        self.shrinker = shrinker
+        if shrinker.role is Role.CHANNELWISE:
+            self.prune_in_channels = self.prune_out_channels  # Torch-Pruning's sign of a channelwise layer
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+        raise NotImplementedError("compactor rebuilds layers with their shrinkers")
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+        raise NotImplementedError("compactor rebuilds layers with their shrinkers")
+
+    def get_out_channels(self, layer: nn.Module) -> int | None:
+        return self.shrinker.out_channels(layer)
+
+    def get_in_channels(self, layer: nn.Module) -> int | None:
+        return self.shrinker.in_channels(layer)
 
 
 def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -> list[ChannelGroup]:
     module_names = {m: n for n, m in model.named_modules()}
-    covered: set[tuple[str, str, int]] = set()  # (layer, side, index) already in a group
+    covered: set[tuple[str, Side, int]] = set()  # (layer, side, index) already in a group
     norms = _norm_after(graph, module_names)
     groups: list[ChannelGroup] = []
     for module in list(graph.module2node.keys()):
@@ -114,9 +169,9 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 tp_group = _pruning_group(graph, module, pruner.prune_out_channels, n)
-        except _Unsettled as e:
+        except CouplingUnsettled as e:
             covered.update((name, OUT, i) for i in range(n))
-            root = Member(name, type(module).__name__, OUT, True, 0, tuple((i,) for i in range(n)))
+            root = Member(name, type(module).__name__, OUT, Kind.LAYER, 0, tuple((i,) for i in range(n)))
             groups.append(ChannelGroup(name, n, (root,), False, (str(e),)))
             continue
         group = _convert(tp_group, graph, name, n, module_names, param_names, covered)
@@ -125,10 +180,6 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
             covered.update((member.name, member.side, i) for idx in member.idxs for i in idx)
         groups.append(group)
     return groups
-
-
-class _Unsettled(Exception):
-    """Torch-Pruning's channel coupling from one root never settles."""
 
 
 _MAX_VISITS = 16  # one node reached with this many index sets: the coupling cycles (rotary embeddings do; the
@@ -141,7 +192,8 @@ def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any
     Torch-Pruning walks the dependencies from the root until no (layer, indices) pair is new. Some index
     mappings never repeat (a rotary embedding's half-split, negate and concatenate shifts the indices on
     every lap), so the walk never ends (VainF/Torch-Pruning#527, #456, #337): here a node reached with
-    more than ``_MAX_VISITS`` index sets raises :class:`_Unsettled`, and that root's channels are kept."""
+    more than ``_MAX_VISITS`` index sets raises :class:`~compactor.errors.CouplingUnsettled`, and that
+    root's channels are kept."""
     from torch_pruning import _helpers
     from torch_pruning.dependency import index_mapping
     from torch_pruning.dependency.dependency import Dependency
@@ -172,7 +224,7 @@ def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any
                 continue
             visits[nxt.target] += 1
             if visits[nxt.target] > _MAX_VISITS:
-                raise _Unsettled(
+                raise CouplingUnsettled(
                     f"torch-pruning's channel coupling from {graph._module2name.get(module, module)} does not settle (it "
                     f"cycles through {nxt.target.name}, as through a rotary embedding): kept"
                 )
@@ -191,19 +243,22 @@ def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any
 
 
 def _norm_after(graph: Any, module_names: dict[nn.Module, str]) -> dict[str, str]:
-    """Mixing layers whose output goes to exactly one place, a BatchNorm of the same width."""
+    """Mixing layers whose output goes to exactly one place, a layer of the same width that can absorb a
+    constant shift of its input (a BatchNorm: see ``Shrinker.absorb_shift``)."""
     found = {}
     for module, node in graph.module2node.items():
         if not isinstance(module, nn.Module) or module not in module_names or len(node.outputs) != 1:
             continue
         after = node.outputs[0].module
-        shrinker = shrinker_for(module)
+        shrinker, norm = shrinker_for(module), shrinker_for(after)
         if (
-            isinstance(after, nn.modules.batchnorm._BatchNorm)
+            norm is not None
             and after in module_names
+            and norm.role_of(after) is Role.CHANNELWISE
+            and norm.can_absorb_shift(after)
             and shrinker is not None
             and shrinker.role_of(module) is Role.MIXING
-            and shrinker.out_channels(module) == after.num_features
+            and shrinker.out_channels(module) == norm.in_channels(after)
         ):
             found[module_names[module]] = module_names[after]
     return found
@@ -228,45 +283,43 @@ def _convert(
     size: int,
     module_names: dict[nn.Module, str],
     param_names: dict[Any, str],
-    covered: set[tuple[str, str, int]],
+    covered: set[tuple[str, Side, int]],
 ) -> ChannelGroup:
-    merged: dict[tuple[str, str], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-    meta: dict[tuple[str, str], tuple[str, bool, int]] = {}
+    merged: dict[tuple[str, Side], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    meta: dict[tuple[str, Side], tuple[str, Kind, int]] = {}
     issues: list[str] = []
     reaches_output = False
     for item in tp_group.items:
         dep, target = item.dep, item.dep.target.module
         side = OUT if graph.is_out_channel_pruning_fn(dep.handler) else IN
         if isinstance(target, nn.Parameter):
-            name, op, is_layer = param_names.get(target, dep.target.name), "Parameter", True
+            name, op, kind = param_names.get(target, dep.target.name), "Parameter", Kind.LAYER
         elif target in module_names:
-            name, op, is_layer = module_names[target], type(target).__name__, True
+            name, op, kind = module_names[target], type(target).__name__, Kind.LAYER
         else:
-            name, op, is_layer = dep.target.name, type(target).__name__, False
-            if op == "_SliceOp" and not _slices_channels(target):
-                op = "_SpatialSliceOp"  # e.g. circular padding: channels pass through whole
-        if op == "_OutputOp":
+            name, op, kind = dep.target.name, type(target).__name__, _kind_of_op(target, dep.target.name)
+        if kind is Kind.OUTPUT:
             reaches_output = True
         if _false_depthwise(target):
             why = f"torch-pruning couples the inputs and outputs of {name} as if depthwise (groups == out_channels), which it is not"
             if why not in issues:
                 issues.append(why)
-        if is_layer and shrinker_for(target) is not None and shrinker_for(target).role_of(target) is Role.CHANNELWISE:
+        if kind is Kind.LAYER and _role(target) is Role.CHANNELWISE:
             side = OUT  # a channelwise layer's input and output are the same channels
         key = (name, side)
-        meta[key] = (op, is_layer, int(getattr(dep.target, "pruning_dim", 1) or 0))
+        meta[key] = (op, kind, int(getattr(dep.target, "pruning_dim", 1) or 0))
         by_root = merged[key]
         for local, r in zip(item.idxs, item.root_idxs):
             by_root[r].add(local)
     members = []
     for (name, side), by_root in merged.items():
-        op, is_layer, dim = meta[(name, side)]
+        op, kind, dim = meta[(name, side)]
         idxs = tuple(tuple(sorted(by_root[r])) if r in by_root else () for r in range(size))
-        problem = _mapping_problem(graph, name, side, op, is_layer, idxs, module_names, param_names, covered)
+        problem = _mapping_problem(name, side, op, kind, idxs, module_names, param_names, covered)
         if problem:
             issues.append(problem)
             continue
-        members.append(Member(name, op, side, is_layer, dim, idxs))
+        members.append(Member(name, op, side, kind, dim, idxs))
     return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues))
 
 
@@ -280,6 +333,24 @@ def _false_depthwise(module: Any) -> bool:
     return _tp_depthwise(module) and not module.transposed and module.in_channels != module.out_channels
 
 
+def _role(target: Any) -> Role | None:
+    shrinker = shrinker_for(target)
+    return shrinker.role_of(target) if shrinker is not None else None
+
+
+_OP_KINDS = {"_SplitOp": Kind.SPLIT, "_UnbindOp": Kind.UNBIND, "_SliceOp": Kind.SLICE, "_OutputOp": Kind.OUTPUT}
+
+
+def _kind_of_op(op: Any, traced_name: str | None) -> Kind:
+    """Torch-Pruning's op object in compactor's terms."""
+    kind = _OP_KINDS.get(type(op).__name__, Kind.OTHER)
+    if kind is Kind.SLICE and not _slices_channels(op):
+        return Kind.OTHER  # e.g. circular padding: channels pass through whole
+    if kind is Kind.OTHER and "MulBackward" in (traced_name or ""):
+        return Kind.MULTIPLY
+    return kind
+
+
 def _slices_channels(op: Any) -> bool:
     """Whether a traced slice may cut the channel dimension (dim 1 of a 4-D/5-D tensor; dim 1 or 2 of a
     3-D one). Mirrors Torch-Pruning, which ignores the other slices."""
@@ -291,18 +362,17 @@ def _slices_channels(op: Any) -> bool:
 
 
 def _mapping_problem(
-    graph: Any,
     name: str,
-    side: str,
+    side: Side,
     op: str,
-    is_layer: bool,
+    kind: Kind,
     idxs: tuple[tuple[int, ...], ...],
     module_names: dict[nn.Module, str],
     param_names: dict[Any, str],
-    covered: set[tuple[str, str, int]],
+    covered: set[tuple[str, Side, int]],
 ) -> str | None:
     """Why this member's index mapping cannot be right, or None."""
-    if not is_layer:
+    if kind is not Kind.LAYER:
         return None
     target = _find(name, module_names, param_names)
     shrinker = shrinker_for(target)
@@ -313,11 +383,11 @@ def _mapping_problem(
         width = target.shape[0]
     flat = [i for idx in idxs for i in idx]
     if width is not None and any(i >= width for i in flat):
-        return f"torch-pruning mapped {max(flat) + 1} channels onto {name} ({side}), which has {width}"
+        return f"torch-pruning mapped {max(flat) + 1} channels onto {name} ({side.value}), which has {width}"
     if len(set(flat)) != len(flat):
-        return f"torch-pruning mapped two channels onto one index of {name} ({side})"
+        return f"torch-pruning mapped two channels onto one index of {name} ({side.value})"
     if any((name, side, i) in covered for i in flat):
-        return f"{name} ({side}) is already coupled to another group"
+        return f"{name} ({side.value}) is already coupled to another group"
     return None
 
 

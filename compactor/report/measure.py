@@ -12,7 +12,6 @@ machine noise (frequency scaling, another process) hits every model alike and th
 from __future__ import annotations
 
 import contextlib
-import copy
 import statistics
 import tempfile
 import time
@@ -25,8 +24,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .errors import CompactorError
-from .inputs import ExampleInputs
+from ..engine.masks import baked, clone_module
+from ..errors import CompactorError
+from ..inputs import ExampleInputs
+from ..util import eval_mode_restored
 
 Backend = Literal["torch-cpu", "onnxruntime-cpu", "cuda"]
 BACKENDS: tuple[Backend, ...] = ("torch-cpu", "onnxruntime-cpu", "cuda")
@@ -50,14 +51,10 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """
     inputs = ExampleInputs.of(example_inputs)
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with counter, torch.inference_mode():
-            model.eval()(*inputs.args, **inputs.kwargs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    return counter.get_total_flops() // 2
+    with eval_mode_restored(model), counter, torch.inference_mode():
+        model(*inputs.args, **inputs.kwargs)
+    total: int = counter.get_total_flops()
+    return total // 2
 
 
 @dataclass(frozen=True)
@@ -96,8 +93,11 @@ def latency(
         raise ValueError(f"latency: need warmup >= 0 and repeats >= 1, found warmup={warmup}, repeats={repeats}")
     example = ExampleInputs.of(inputs)
     threads = threads or torch.get_num_threads()
-    modes = {m: m.training for m in models.values() if isinstance(m, nn.Module)}
-    with _restore_modes(modes), _runners(models, example, backend, threads) as runners:
+    with contextlib.ExitStack() as stack:
+        for model in models.values():  # timing puts models in eval mode: give each back its own flags
+            if isinstance(model, nn.Module):
+                stack.enter_context(eval_mode_restored(model, eval=False))
+        runners = stack.enter_context(_runners(models, example, backend, threads))
         names = list(runners)
         for _ in range(warmup):
             for name in names:
@@ -140,12 +140,7 @@ def bench(
     add a multiply per layer that is no part of the dense model's cost). A backend that cannot run here
     (``"cuda"`` without a GPU) is left out of ``latency_ms`` and named under ``not_measured``.
     """
-    from .masks import bake_masks, clone_module, has_pruning_state
-
-    dense = model
-    if has_pruning_state(model):
-        dense = clone_module(model)
-        bake_masks(dense)
+    dense = baked(model, copy=False)
     example = ExampleInputs.of(inputs)
     extra: dict[str, Any] = {"macs": {"before": count_macs(dense, example), "after": count_macs(compacted, example)}}
     timed: dict[str, dict[str, float]] = {}
@@ -182,7 +177,7 @@ def _runners(
         with torch.inference_mode():
             yield {name: _torch_runner(_on(_module(model), device), on_gpu, cuda=True) for name, model in models.items()}
     elif backend == "onnxruntime-cpu":
-        from .onnx import export_onnx, ort_session  # onnx and onnxruntime are imported only when asked for
+        from ..io.onnx import export_onnx, ort_session  # onnx and onnxruntime are imported only when asked for
 
         with tempfile.TemporaryDirectory(prefix="compactor-latency-") as tmp:
             runners = {}
@@ -214,7 +209,7 @@ def _torch_runner(model: nn.Module, inputs: ExampleInputs, *, cuda: bool) -> Run
 
 
 def _ort_runner(session: Any, inputs: ExampleInputs) -> Runner:
-    from .onnx import ort_feed
+    from ..io.onnx import ort_feed
 
     feed = ort_feed(session, inputs)
 
@@ -236,17 +231,7 @@ def _on(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` on ``device``: the model itself if it is already there, a moved copy otherwise."""
     if all(p.device == device for p in model.parameters()):
         return model.eval()
-    return copy.deepcopy(model).to(device).eval()
-
-
-@contextlib.contextmanager
-def _restore_modes(modes: dict[nn.Module, bool]) -> Iterator[None]:
-    """Timing puts models in eval mode; give each back the train/eval mode it came with."""
-    try:
-        yield
-    finally:
-        for model, training in modes.items():
-            model.train(training)
+    return clone_module(model).to(device).eval()
 
 
 @contextlib.contextmanager

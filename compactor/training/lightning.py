@@ -1,6 +1,6 @@
 """PyTorch Lightning callbacks: hold pruned weights at zero while fitting, compact when fitting ends.
 
-Optional: needs ``lightning`` (``pip install 'compactor[lightning]'``). ``import compactor`` never imports
+Optional: needs ``lightning`` (``pip install lightning``, or ``pip install -e ".[lightning]"`` in a checkout). ``import compactor`` never imports
 this module; import it explicitly:
 
 >>> from compactor.lightning import CompactOnFitEnd, KeepPrunedCallback
@@ -20,14 +20,16 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError(
         "compactor.lightning needs PyTorch Lightning (the `lightning` package); "
-        "install it with: pip install 'compactor[lightning]'"
+        "install it with: pip install lightning"
     ) from e
 
-from .api import compact
+from ..api import compact, resolve_example_inputs
+from ..engine.verify import DEFAULT_TOLERANCE
+from ..io.atomic import check_output_path
+from ..io.save import save_output
+from ..report.report import CompactionReport
+from ..util import set_submodule
 from .finetune import KeepPruned, keep_pruned
-from .report import CompactionReport
-from .save import check_output_path, save_module
-from .verify import DEFAULT_TOLERANCE
 
 __all__ = ["CompactOnFitEnd", "KeepPrunedCallback"]
 
@@ -48,8 +50,7 @@ def _target(pl_module: LightningModule, attr: str | None, callback: str) -> nn.M
 
 def _replace(pl_module: LightningModule, attr: str | None, small: nn.Module) -> None:
     if attr:
-        parent_name, _, child = attr.rpartition(".")
-        setattr(pl_module.get_submodule(parent_name) if parent_name else pl_module, child, small)
+        set_submodule(pl_module, attr, small)
         return
     # The Trainer holds pl_module itself, so move the compacted copy's contents into it.
     pl_module._modules.update(small._modules)
@@ -92,11 +93,12 @@ class CompactOnFitEnd(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         target = _target(pl_module, self.attr, type(self).__name__)
-        small, report = compact(target, self.example_inputs, tolerance=self.tolerance)
+        inputs = resolve_example_inputs(target, self.example_inputs)
+        small, report = compact(target, inputs, tolerance=self.tolerance)
         _replace(pl_module, self.attr, small)
         self.model, self.report = small, report
         if self.output is not None and trainer.is_global_zero:
-            written = save_module(small, self.output)
+            written = save_output(small, self.output, inputs, format="pt", tolerance=self.tolerance)
             rank_zero_info(f"compactor: saved the compacted model to {self.output} ({written:,} bytes)")
         rank_zero_info(report.table())
         metrics = {

@@ -1,4 +1,4 @@
-"""Stage 1, load: read a pickled ``nn.Module`` without running arbitrary code from the file.
+"""``.pt``: read a pickled ``nn.Module`` without running arbitrary code from the file, and write one.
 
 ``torch.load(weights_only=True)`` refuses every global it was not told about. We tell it about the globals
 the file names that are safe to construct: ``nn.Module`` subclasses, ``torch.nn.utils.prune`` methods,
@@ -19,14 +19,18 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .errors import InputFileError, UnsafePickleError
-from .importing import import_qualified, make_cwd_importable
+from ..engine.verify import Outputs
+from ..errors import InputFileError, UnsafePickleError, first_line
+from ..inputs import ExampleInputs
+from .arch import import_qualified, make_cwd_importable
+from .atomic import write_atomically
+from .check import expect_same
 
 _PLAIN_CONTAINERS: tuple[type, ...] = (OrderedDict, defaultdict, dict, list, tuple, set, frozenset)
 
 
-def load_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> nn.Module:
-    """Load a module saved with ``torch.save(model)`` onto the CPU."""
+def read_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> nn.Module:
+    """Load a module saved with ``torch.save(model)`` onto the CPU (in the mode it was saved in)."""
     file = Path(path)
     check_torch_file(file, kind="model", fix="re-save the model", save_call="torch.save(model, path)")
     make_cwd_importable()  # as with ``python -m``: the user's model class resolves
@@ -126,9 +130,21 @@ def _torch_load(file: Path, *, weights_only: bool) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
         raise UnsafePickleError(
-            f"{file} could not be loaded safely ({first}); pass --trust-pickle only if you trust the file"
+            f"{file} could not be loaded safely ({first_line(e)}); pass --trust-pickle only if you trust the file"
         ) from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
         raise InputFileError(f"{file} could not be read as a PyTorch file ({type(e).__name__}: {e})") from e
+
+
+def write_pt(model: nn.Module, path: str | os.PathLike[str], runs: list[ExampleInputs], references: list[Outputs]) -> int:
+    """Pickle ``model`` to ``path`` (``torch.save``), reloaded and run before it lands; return the bytes written.
+
+    The reload is of the file this process just wrote from ``model``, whose classes are already imported:
+    it unpickles with ``weights_only=False`` and must reproduce ``references`` within float rounding."""
+
+    def write(tmp: Path) -> None:
+        torch.save(model, tmp)
+        expect_same(torch.load(tmp, weights_only=False), runs, references, 0.0, tmp, "pt")
+
+    return write_atomically(path, write)

@@ -9,7 +9,7 @@ Accepted layouts:
 
 * a plain ``state_dict`` (``torch.save`` or ``.safetensors``; a tied tensor stored once fills its aliases);
 * a ``.safetensors`` file written by compactor (compacted or sparse storage): handed to
-  :func:`compactor.formats.load`, which rebuilds the layers to the shapes in its manifest;
+  :func:`compactor.io.load.load`, which rebuilds the layers to the shapes in its manifest;
 * a ``state_dict`` with ``torch.nn.utils.prune`` keys ``<name>_orig`` + ``<name>_mask``: they become
   ``<name> = orig * mask`` (what the pruning hook computes on every forward), so the masks turn into zeros;
 * a checkpoint dict with a ``"state_dict"`` entry (PyTorch Lightning): the LightningModule attribute
@@ -23,68 +23,27 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, InputFileError, StateDictError
-from .importing import import_qualified
-from .load import check_torch_file
+from ..errors import InputFileError, StateDictError, first_line
+from .arch import Arch, build_arch
+from .pt import check_torch_file
+from .safetensors import MANIFEST_KEY, read_metadata
+from .sparse import load_written
 
 MASK_SUFFIX = "_mask"
 ORIG_SUFFIX = "_orig"
 _SHOWN = 3  # keys named in a message
 
 
-# --- the architecture ------------------------------------------------------------------------------
-def resolve_arch(spec: str) -> Callable[[], nn.Module]:
-    """``"pkg.module:build"`` -> a callable that builds the dense architecture (imported from the cwd)."""
-    module_name, sep, qualname = spec.partition(":")
-    if not sep or not module_name or not qualname:
-        raise ArchitectureError(
-            f"--arch {spec!r} is not module:callable; write e.g. --arch mymodels:resnet18 or mypkg.nets:Net"
-        )
-    try:
-        obj = import_qualified(module_name, qualname)
-    except ImportError as e:
-        raise ArchitectureError(f"--arch {spec}: {e}; run from the directory that holds it or add it to PYTHONPATH") from e
-    except AttributeError as e:
-        raise ArchitectureError(f"--arch {spec}: {e}; name a class or function defined there") from e
-    if not callable(obj):
-        raise ArchitectureError(
-            f"--arch {spec}: {qualname} is a {type(obj).__name__}, not callable; name a class or a function "
-            f"that builds the model with no arguments"
-        )
-
-    def build() -> nn.Module:
-        try:
-            model = obj()
-        except Exception as e:  # the user's constructor
-            raise ArchitectureError(
-                f"--arch {spec}: calling {qualname}() failed ({type(e).__name__}: {e}); it must build the "
-                f"dense model with no arguments (wrap it in a function that passes them)"
-            ) from e
-        if not isinstance(model, nn.Module):
-            raise ArchitectureError(
-                f"--arch {spec}: {qualname}() returned a {type(model).__name__}, not an nn.Module; it must "
-                f"return the dense model"
-            )
-        return model
-
-    return build
-
-
-def build_arch(spec: str) -> nn.Module:
-    """Build the dense architecture named by ``--arch module:callable``."""
-    return resolve_arch(spec)()
-
-
 # --- the file --------------------------------------------------------------------------------------
-def load_state_dict_model(path: str | os.PathLike[str], arch: str, *, prefix: str | None = None) -> nn.Module:
-    """Build ``arch`` (``"module:callable"``) and load the weights of ``path`` into it, safely.
+def load_state_dict_model(path: str | os.PathLike[str], arch: Arch, *, prefix: str | None = None) -> nn.Module:
+    """Build ``arch`` (``"module:callable"``, or a builder) and load the weights of ``path`` into it, safely.
 
     ``prefix``: the key prefix to strip (e.g. ``"model."`` for a LightningModule whose model is
     ``self.model``); ``None`` detects it. Keys outside the prefix are ignored. Raises
@@ -92,15 +51,13 @@ def load_state_dict_model(path: str | os.PathLike[str], arch: str, *, prefix: st
     """
     file = Path(path)
     if file.suffix.lower() == ".safetensors" and _has_manifest(file):
-        from .formats import load  # written by compactor (maybe compacted or sparse): rebuild to its shapes
-
-        return load(arch, file)
+        return load_written(file, arch)  # written by compactor (maybe compacted or sparse): rebuild to its shapes
     model = build_arch(arch)
     state = read_state_dict(file)
     expected = model.state_dict()
     state = strip_prefix(state, set(expected), prefix, file)
     state = _fill_tied(apply_masks(state), expected)
-    check_fits(state, expected, file, arch)
+    check_fits(state, expected, file, arch if isinstance(arch, str) else getattr(arch, "__name__", type(arch).__name__))
     model.load_state_dict(state, strict=True)
     return model
 
@@ -271,7 +228,7 @@ def check_fits(
             raise StateDictError(
                 f"{file} does not fit --arch {arch}: {key} is {tuple(state[key].shape)} in the file but "
                 f"{tuple(tensor.shape)} in the architecture; --arch must build the dense model the weights "
-                f"come from (a compacted model is saved with -o small.safetensors and loads with compactor.formats.load)"
+                f"come from (a compacted model is saved with -o small.safetensors and loads with compactor.load)"
             )
 
 
@@ -287,14 +244,9 @@ def _few(keys: list[str]) -> str:
 
 
 def _has_manifest(file: Path) -> bool:
-    from .formats import MANIFEST_KEY
-
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
-            return MANIFEST_KEY in (f.metadata() or {})
-    except Exception:  # not readable as safetensors: _read_safetensors says why
+        return MANIFEST_KEY in read_metadata(file)
+    except InputFileError:  # not readable as safetensors: _read_safetensors says why
         return False
 
 
@@ -307,8 +259,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputFileError(f"{file} is not a safetensors file ({first}); check the file") from e
+        raise InputFileError(f"{file} is not a safetensors file ({first_line(e)}); check the file") from e
 
 
 # --- safe loading ----------------------------------------------------------------------------------
@@ -349,8 +300,7 @@ def _safe_load(file: Path) -> Any:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or hostile archives
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputFileError(
-            f"{file} cannot be read safely as a state_dict ({first}); save the weights with "
+            f"{file} cannot be read safely as a state_dict ({first_line(e)}); save the weights with "
             f"torch.save(model.state_dict(), path)"
         ) from e

@@ -90,6 +90,18 @@ def clone_module(model: nn.Module) -> nn.Module:
     return clone
 
 
+def baked(model: nn.Module, *, copy: bool = True) -> nn.Module:
+    """A clone of ``model`` with its masks and parametrizations baked in.
+
+    ``copy=False``: ``model`` itself when there is nothing to bake (no clone is made then).
+    """
+    if not copy and not has_pruning_state(model):
+        return model
+    clone = clone_module(model)
+    bake_masks(clone)
+    return clone
+
+
 def _own_class(module: nn.Module) -> None:
     """Give a parametrized module a class of its own.
 

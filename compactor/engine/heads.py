@@ -46,9 +46,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inputs import ExampleInputs, run
-from .layers import shrinker_for
-from .masks import bake_masks, clone_module
+from ..inputs import ExampleInputs, run
+from ..layers import Side, shrinker_for
+from ..util import eval_mode_restored
+from .masks import baked
 
 
 class HeadFate(str, Enum):
@@ -182,14 +183,11 @@ def compact_heads(
         if problem is None:
             return new, changes
         problems.append(f"{'with' if fold else 'without'} folding: {problem}")
-    unchanged = clone_module(model)
-    bake_masks(unchanged)
-    return unchanged, [_unverified(c, "; ".join(problems)) for c in changes]
+    return baked(model), [_unverified(c, "; ".join(problems)) for c in changes]
 
 
 def _compact_heads_once(model: nn.Module, example_inputs: Any, fold: bool) -> tuple[nn.Module, list[HeadChange]]:
-    new = clone_module(model)
-    bake_masks(new)
+    new = baked(model)
     sites, unpaired = _find_sites(new)
     if example_inputs is not None:
         sites, mismatched = _confirm_pairing(new, sites, ExampleInputs.of(example_inputs))
@@ -206,21 +204,20 @@ def _unverified(change: HeadChange, problem: str) -> HeadChange:
     return HeadChange(change.layer, change.heads_before, change.heads_before, (), _summary(list(decisions)), decisions)
 
 
-def head_layers(model: nn.Module) -> dict[tuple[str, str], str]:
+def head_layers(model: nn.Module) -> dict[tuple[str, Side], str]:
     """``(layer name, side) -> attention module name`` for every projection that holds heads.
 
-    Sides as in :mod:`compactor.graph`: query/key/value write heads (``"out"``), the output projection
-    reads them (``"in"``). Torch-Pruning couples q/k/v/o channel by channel (it treats the attention op as
+    Query/key/value write heads (``Side.OUT``), the output projection reads them (``Side.IN``). Torch-Pruning couples q/k/v/o channel by channel (it treats the attention op as
     elementwise), but those channels can only go as whole heads, through :func:`compact_heads`: a channel
     group holding one of these (layer, side) pairs should be kept, with that reason.
     """
     sites, _ = _find_sites(model)
-    found: dict[tuple[str, str], str] = {}
+    found: dict[tuple[str, Side], str] = {}
     names = {id(m): n for n, m in model.named_modules()}
     for site in sites:
         for which in ("q", "k", "v"):
-            found[(names[id(site.linear(which))], "out")] = site.name
-        found[(site.o_name, "in")] = site.name
+            found[(names[id(site.linear(which))], Side.OUT)] = site.name
+        found[(site.o_name, Side.IN)] = site.name
     return found
 
 
@@ -318,16 +315,12 @@ def _confirm_pairing(
 
         hooks.append(site.module.register_forward_hook(after))
         hooks.append(site.linear("o").register_forward_pre_hook(before))
-    training = {m: m.training for m in model.modules()}
-    model.eval()  # no dropout, no BatchNorm statistics updated by this extra forward
-    try:
-        with torch.no_grad():
+    try:  # in eval mode: no dropout, no BatchNorm statistics updated by this extra forward
+        with eval_mode_restored(model), torch.no_grad():
             run(model, inputs)
     finally:
         for h in hooks:
             h.remove()
-        for m, flag in training.items():
-            m.training = flag
     kept, dropped = [], []
     for site in sites:
         if site.o_owner is site.module or (site.name in produced and produced[site.name] == consumed.get(site.name)):

@@ -1,0 +1,164 @@
+"""Decide the fate of every zeroed channel of every group (see the package docstring)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...inputs import ExampleInputs
+from ...layers import Role, Side, role_of, shrinker_for
+from ..graph import ChannelGroup
+from ..heads import head_layers
+from .base import IGNORED, ChannelFate, Fate, Fold, GroupPlan, InputStats, Modules, all_zero, cols_zero, mixing, rows_zero
+from .compensate import compensate, share_carriers
+from .observe import gated_zeros
+from .widths import round_layers, rounding, unremovable
+
+
+def plan_groups(
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    stats: InputStats,
+    *,
+    round_to: int = 1,
+    runs: list[ExampleInputs] | None = None,
+) -> list[GroupPlan]:
+    """One plan per group. ``round_to``: keep each group's surviving channel count a multiple of it.
+    ``runs``: inputs to prove gated zeros with (see :func:`~.observe.gated_zeros`); without them none are."""
+    if round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, found {round_to}")
+    modules: Modules = dict(model.named_modules())
+    modules.update(dict(model.named_parameters()))
+    heads = head_layers(model)
+    gated = gated_zeros(model, groups, modules, stats, runs) if runs else {}
+    plans = [_plan_group(g, modules, stats, round_to, gated.get(i), heads) for i, g in enumerate(groups)]
+    if round_to == 1:  # with rounding, a carrier that goes would only be pinned back
+        plans = share_carriers(plans, modules, stats)
+    return round_layers(model, plans, round_to)
+
+
+def _plan_group(
+    group: ChannelGroup,
+    modules: Modules,
+    stats: InputStats,
+    round_to: int = 1,
+    gated: set[int] | None = None,
+    heads: dict[tuple[str, Side], str] | None = None,
+) -> GroupPlan:
+    producers = mixing(group.layers(Side.OUT), modules)
+    consumers = mixing(group.layers(Side.IN), modules)
+    if not producers:
+        return _blocked_writer(group, modules)
+    indep = all_zero(producers, modules, group.size, rows_zero)
+    if len(producers) == 1:  # one writer: a norm with weight 0 after it forgets its input too
+        indep = [a or b for a, b in zip(indep, _forgotten(group, modules))]
+    indep = [a or r in (gated or set()) for r, a in enumerate(indep)]
+    ignored = all_zero(consumers, modules, group.size, cols_zero) if consumers else [False] * group.size
+    zeroed = [r for r in range(group.size) if indep[r] or ignored[r]]
+    if not zeroed:
+        return GroupPlan(group, ())
+    blocker = _blocker(group, modules, heads or {})
+    if blocker:
+        return GroupPlan(group, tuple(ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, blocker) for r in zeroed))
+
+    base: dict[int, ChannelFate] = {}
+    all_constants: dict[int, dict[str, torch.Tensor]] = {}  # root channel -> consumer -> constants at its idx
+    for r in zeroed:
+        if ignored[r]:
+            base[r] = ChannelFate(r, Fate.REMOVED, IGNORED)
+            continue
+        seen = {c.name: stats.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r] and c.name in stats.lo}
+        constants = {n: k for n, k in seen.items() if k is not None}
+        if len(constants) != len(seen):
+            where = next(n for n in seen if n not in constants)
+            base[r] = ChannelFate(r, Fate.KEPT_VARYING, f"input-independent but not constant at {where}")
+        elif all(bool((k == 0).all()) for k in constants.values()):
+            base[r] = ChannelFate(r, Fate.REMOVED, "emits exactly zero")
+        else:
+            all_constants[r] = constants
+
+    # Decide, check what the layers can lose, pin what they cannot, decide again. Pins only grow, so
+    # this ends; a GroupNorm that would lose part of a group or a count off the rounding adds pins.
+    pinned: dict[int, ChannelFate] = {}
+    while True:
+        fates = {**base, **pinned}
+        kept_constants = {r: k for r, k in all_constants.items() if r not in pinned}
+        folds, merges = compensate(group, consumers, modules, kept_constants, fates)
+        _keep_one(group, fates, folds)
+        more = unremovable(group, modules, fates) or rounding(group, fates, round_to)
+        if not more:
+            break
+        pinned.update(more)
+    return GroupPlan(
+        group,
+        tuple(fates[r] for r in sorted(fates)),
+        tuple(f for r in sorted(folds) for f in folds[r]),
+        tuple(merges),
+    )
+
+
+def _blocked_writer(group: ChannelGroup, modules: Modules) -> GroupPlan:
+    """A group written only by blocking layers (a grouped transposed conv): its zeroed filters stay, with the reason."""
+    root = modules.get(group.root)
+    shrinker = shrinker_for(root) if root is not None else None
+    writer = next((m for m in group.layers(Side.OUT) if m.name == group.root), None)
+    if shrinker is None or writer is None or shrinker.role_of(root) is not Role.BLOCKING:
+        return GroupPlan(group, ())
+    dead = all_zero([writer], modules, group.size, rows_zero)
+    reason = f"{group.root}: {shrinker.why_blocking(root)}"
+    return GroupPlan(group, tuple(ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, reason) for r in range(group.size) if dead[r]))
+
+
+def _forgotten(group: ChannelGroup, modules: Modules) -> list[bool]:
+    """Per root channel: a channelwise layer of the group ignores its input there (``Shrinker.forgets_input``:
+    a BatchNorm with weight 0 emits its bias whatever comes in)."""
+    result = [False] * group.size
+    for member in group.layers(Side.OUT):
+        obj = modules.get(member.name)
+        shrinker = shrinker_for(obj) if obj is not None else None
+        if shrinker is None or shrinker.role_of(obj) is not Role.CHANNELWISE:
+            continue
+        for r, idx in enumerate(member.idxs):
+            if idx and bool(shrinker.forgets_input(obj, torch.tensor(idx, dtype=torch.long)).all()):
+                result[r] = True
+    return result
+
+
+def _blocker(group: ChannelGroup, modules: Modules, heads: dict[tuple[str, Side], str]) -> str | None:
+    if group.reaches_output:
+        return "the channel is part of a model output"
+    for member in group.layers():
+        if (member.name, member.side) in heads:  # a single channel cannot leave a head
+            return f"{member.name} holds the attention heads of {heads[(member.name, member.side)]}: channels go only as whole heads"
+    if group.issues:  # a member was dropped: a plan without it would leave that layer's channels behind
+        return group.issues[0]
+    for member in group.members:
+        if member.kind.fixed_sizes:
+            return f"the channels pass through a {member.kind.value} whose sizes are fixed in the forward code"
+    for member in group.layers():
+        obj = modules.get(member.name)
+        role = role_of(obj)
+        if role is None:
+            return f"{member.name} ({member.op}) is a layer type compactor does not know"
+        if role is Role.BLOCKING:
+            shrinker = shrinker_for(obj)
+            assert shrinker is not None
+            return f"{member.name}: {shrinker.why_blocking(obj)}"
+    return None
+
+
+def _keep_one(group: ChannelGroup, fates: dict[int, ChannelFate], folds: dict[int, list[Fold]]) -> None:
+    """Never remove every channel of a group: keep one, preferring one that needs no compensation."""
+    removed = [r for r, f in fates.items() if f.fate.removed]
+    if len(removed) < group.size:
+        return
+    plain = [r for r in removed if fates[r].fate is Fate.REMOVED]
+    folded = [r for r in removed if fates[r].fate is Fate.FOLDED]
+    if plain:
+        keep = plain[0]
+    elif folded:
+        keep = folded[0]
+        folds.pop(keep, None)
+    else:
+        return  # every channel merged into a carrier: the carrier is kept
+    fates[keep] = ChannelFate(keep, Fate.KEPT_MIN_ONE, "a layer needs at least one channel")

@@ -1,0 +1,78 @@
+"""What widths a layer can take: whole GroupNorm groups, grouped convs balanced across their groups, and
+channel counts at multiples of ``round_to``. Each returns the channels to pin (keep) and why."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ...layers import Side, width
+from ..graph import ChannelGroup
+from .base import ChannelFate, Fate, GroupPlan, Modules, shrinker_at
+
+
+def unremovable(group: ChannelGroup, modules: Modules, fates: dict[int, ChannelFate]) -> dict[int, ChannelFate]:
+    """Channels planned away that a layer cannot lose: part of a GroupNorm group, or more from one group
+    of a grouped conv than from another (checked on this group's channels alone, which is stricter than
+    needed where several groups feed one layer, and so safe)."""
+    removed = [r for r, f in fates.items() if f.fate.removed]
+    pins: dict[int, ChannelFate] = {}
+    for member in group.layers():
+        obj = modules[member.name]
+        local = [i for r in removed for i in member.idxs[r]]
+        if not local:
+            continue
+        shrinker = shrinker_at(modules, member.name)
+        ok = set(shrinker.removable(obj, member.side, torch.tensor(local, dtype=torch.long)).tolist())
+        for r in removed:
+            if r not in pins and not all(i in ok for i in member.idxs[r]):
+                pins[r] = ChannelFate(r, Fate.KEPT_LAYOUT, f"{member.name}: {shrinker.why_unremovable(obj)}")
+    return pins
+
+
+def rounding(group: ChannelGroup, fates: dict[int, ChannelFate], round_to: int) -> dict[int, ChannelFate]:
+    """Removable channels to keep so that the surviving count is a multiple of ``round_to``.
+
+    Prefers channels that need no compensation, then folded ones, then merged ones (the next pass
+    plans the merges again without them)."""
+    removed = [r for r, f in fates.items() if f.fate.removed]
+    if round_to <= 1 or not removed:
+        return {}
+    left = group.size - len(removed)
+    target = min(group.size, -(-left // round_to) * round_to)
+    order = {Fate.REMOVED: 0, Fate.FOLDED: 1, Fate.MERGED: 2}
+    chosen = sorted(removed, key=lambda r: (order[fates[r].fate], r))[: target - left]
+    reason = f"kept so that {group.root} keeps a multiple of {round_to} channels"
+    return {r: ChannelFate(r, Fate.KEPT_ROUNDING, reason) for r in chosen}
+
+
+def round_layers(model: nn.Module, plans: list[GroupPlan], round_to: int) -> list[GroupPlan]:
+    """Undo the groups that leave a layer with a count off the multiple, until none does.
+
+    Each group keeps a multiple of ``round_to`` on its own; a layer that reads several groups (a
+    ``cat``) can still miss it when one of them is untouched and is not a multiple itself. Each pass
+    restores at least one group, so this ends.
+    """
+    if round_to <= 1:
+        return plans
+    modules: Modules = dict(model.named_modules())
+    plans = list(plans)
+    while True:
+        removed: dict[tuple[str, Side], set[int]] = defaultdict(set)
+        touching: dict[tuple[str, Side], set[int]] = defaultdict(set)
+        for i, plan in enumerate(plans):
+            for member in plan.group.layers():
+                idx = {j for r in plan.removed for j in member.idxs[r]}
+                if idx:
+                    removed[(member.name, member.side)] |= idx
+                    touching[(member.name, member.side)].add(i)
+        widths = {key: width(modules.get(key[0]), key[1]) for key in removed}
+        off = [key for key, idx in removed.items() if (w := widths[key]) is not None and (w - len(idx)) % round_to]
+        if not off:
+            return plans
+        for name, side in off:
+            reason = f"kept so that {name} keeps a multiple of {round_to} channels"
+            for i in touching[(name, side)]:
+                plans[i] = plans[i].restored(reason, Fate.KEPT_ROUNDING)

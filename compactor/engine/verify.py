@@ -1,0 +1,272 @@
+"""Stage 6, verify: the compacted model must reproduce every output of the masked model, and the loop
+that decides which plans ship.
+
+Every output tensor is compared, through nested tuples, lists, dicts and ``ModelOutput``s, on the
+example inputs and on fresh random inputs of the same shapes and dtypes. A run passes when, for every
+output, ``max|compact - masked| <= tolerance * max(1, max|masked|)``. All failures are collected, then
+reported together, naming each output.
+
+Removing a channel changes the order of a sum, so float outputs move by a few units in the last place.
+For float32 that is far below the default tolerance; for float16/bfloat16 it is not (bfloat16 has 8
+bits of mantissa), so the tolerance is never below ``ULPS`` machine epsilons of the output's dtype.
+In a deep network the rounding accumulates: the masked model itself can be 1e-3 away from exact
+arithmetic. ``floors`` (from :func:`noise_floors`: how far the masked model is from its own float64
+copy) then let the compacted model be as far from the masked one as ``NOISE_FACTOR`` times that, and no
+more; the decisions themselves are re-made in float64 (:func:`decide`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import VerificationError
+from ..inputs import ExampleInputs, flatten_outputs
+from ..util import eval_mode_restored
+from .masks import clone_module
+from .plan import GroupPlan, round_layers
+from .rebuild import apply_plans
+
+DEFAULT_TOLERANCE = 1e-4
+ULPS = 4  # the least tolerance, in machine epsilons of each output's dtype
+NOISE_FACTOR = 4.0  # allowed error, in units of the masked model's own rounding error (see floors)
+
+Outputs = list[tuple[str, torch.Tensor]]  # one forward pass, flattened: (path name, tensor)
+Floors = list[list[float]]  # per run, per output: an absolute error the model's own rounding explains
+Log = Callable[[str], None]
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    max_abs_error: float  # over every output and run (inf where shapes differ or the forward fails)
+    problems: tuple[str, ...]
+
+    def summary(self) -> str:
+        return "; ".join(self.problems[:3]) + (f" (+{len(self.problems) - 3} more)" if len(self.problems) > 3 else "")
+
+
+def reference_outputs(model: nn.Module, runs: list[ExampleInputs]) -> list[Outputs]:
+    with torch.no_grad():
+        return [flatten_outputs(model(*r.args, **r.kwargs)) for r in runs]
+
+
+def noise_floors(references: list[Outputs], exact: list[Outputs]) -> Floors:
+    """``NOISE_FACTOR * max|reference - exact|`` per run and output (``exact``: the float64 model's)."""
+    return [
+        [
+            NOISE_FACTOR * (a.double() - b.double()).abs().max().item() if a.is_floating_point() and a.numel() else 0.0
+            for (_, a), (_, b) in zip(ref, ex)
+        ]
+        for ref, ex in zip(references, exact)
+    ]
+
+
+def compare(
+    candidate: nn.Module,
+    runs: list[ExampleInputs],
+    references: list[Outputs],
+    tolerance: float = DEFAULT_TOLERANCE,
+    floors: Floors | None = None,
+) -> Verdict:
+    """Run ``candidate`` (in eval mode) on ``runs`` and compare with the reference outputs."""
+    problems: list[str] = []
+    worst = 0.0
+    with eval_mode_restored(candidate):
+        for i, (run, expected) in enumerate(zip(runs, references)):
+            try:
+                with torch.no_grad():
+                    got = flatten_outputs(candidate(*run.args, **run.kwargs))
+            except Exception as e:  # a rebuilt layer that no longer fits: a failed verification, not a crash
+                return Verdict(False, float("inf"), (f"run {i}: forward failed: {type(e).__name__}: {e}",))
+            error, found = compare_outputs(expected, got, tolerance, floors[i] if floors else None)
+            worst = max(worst, error)
+            problems += [f"run {i}: {p}" for p in found]
+    return Verdict(not problems, worst, tuple(problems))
+
+
+def compare_outputs(
+    expected: Outputs, got: Outputs, tolerance: float, floors: list[float] | None = None
+) -> tuple[float, list[str]]:
+    """The largest absolute error and one problem per output that differs: another name, shape or
+    dtype, an integer that changed, or a float beyond ``max(tolerance, ULPS eps) * max(1, |expected|)``
+    (and beyond ``floors``, where given). Verification and the export checks (ONNX Runtime) share it."""
+    if [n for n, _ in expected] != [n for n, _ in got]:
+        return float("inf"), [f"outputs {[n for n, _ in got]} instead of {[n for n, _ in expected]}"]
+    worst, problems = 0.0, []
+    for j, ((name, a), (_, b)) in enumerate(zip(expected, got)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            problems.append(f"{name} is {tuple(b.shape)}:{b.dtype}, expected {tuple(a.shape)}:{a.dtype}")
+            worst = float("inf")
+            continue
+        if a.numel() == 0:
+            continue
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                problems.append(f"{name} differs (integer output)")
+                worst = float("inf")
+            continue
+        error = (a.double() - b.double().to(a.device)).abs().max().item()
+        scale = max(1.0, a.double().abs().max().item())
+        allowed = max(max(tolerance, ULPS * torch.finfo(a.dtype).eps) * scale, floors[j] if floors else 0.0)
+        if not error <= allowed:  # also catches NaN
+            problems.append(f"{name}: max abs error {error:.3g} > {allowed:.3g}")
+        worst = max(worst, error)
+    return worst, problems
+
+
+def depends_on_input(outs: list[Outputs]) -> bool:
+    """False when every run (the outputs of :func:`reference_outputs`) gave the same outputs: the model
+    ignores its input."""
+    first = outs[0]
+    return any(any(not torch.equal(a, b) for (_, a), (_, b) in zip(first, other)) for other in outs[1:])
+
+
+# --- float64 twins ------------------------------------------------------------------------------------
+Wide = tuple[nn.Module, list[ExampleInputs], list[Outputs]]  # float64 model, inputs, reference outputs
+
+
+def widened(original: nn.Module, baked: nn.Module, runs: list[ExampleInputs], *, always: bool = False) -> Wide | None:
+    """float64 copies of the baked model, the inputs and the reference outputs, if the model holds
+    16-bit floats (or ``always``); None otherwise.
+
+    The references come from ``original``, the masked model with its masks baked in (before any attention
+    head was removed): ``orig * mask`` is exact in float64, so it computes the masked function, without
+    the ``weight_orig`` and mask copies that a float64 clone of the masked model would hold.
+    """
+    tensors = [*baked.parameters(), *baked.buffers()]
+    if not always and not any(t.dtype in _LOW_PRECISION for t in tensors):
+        return None
+    wide_runs = [r.widened() for r in runs]
+    wide_baked = clone_module(baked).to(torch.float64)
+    wide_original = wide_baked if original is baked else clone_module(original).to(torch.float64)
+    return wide_baked, wide_runs, reference_outputs(wide_original, wide_runs)
+
+
+def runtime_tolerance(model: nn.Module, example: ExampleInputs, tolerance: float) -> float:
+    """The tolerance for another runtime's float kernels: at least ``NOISE_FACTOR`` times torch's own
+    rounding error (float32 against a float64 twin, relative to the output's scale), as verification allows.
+
+    ONNX Runtime sums in another order than torch: on a deep network (ResNet-152) the two differ by ~6e-4
+    on the dense model too, while an export that computes something else differs by orders of magnitude more.
+    """
+    if not any(p.is_floating_point() for p in model.parameters()):
+        return tolerance
+    wide = widened(model, model, [example], always=True)
+    assert wide is not None
+    (narrow_out,), (wide_out,) = reference_outputs(model, [example]), wide[2]
+    floors = noise_floors([narrow_out], [wide_out])[0]
+    relative = max(
+        (f / max(1.0, b.abs().max().item()) for f, (_, b) in zip(floors, wide_out) if b.is_floating_point() and b.numel()),
+        default=0.0,
+    )
+    return max(tolerance, relative)
+
+
+# --- which plans ship -------------------------------------------------------------------------------
+def decide(
+    original: nn.Module,
+    baked: nn.Module,
+    plans: list[GroupPlan],
+    runs: list[ExampleInputs],
+    references: list[Outputs],
+    tolerance: float,
+    say: Log,
+    round_to: int,
+    wide: Wide | None,
+) -> tuple[list[GroupPlan], nn.Module, Verdict, Floors | None]:
+    """Which plans ship: the final plans, the compacted model, its verdict, and the rounding floors used.
+
+    Every plan at once first. If that fails by a finite margin, it may be rounding (a deep float32
+    network is ~1e-3 from exact arithmetic) or a wrong plan: the plans are judged in float64, where an
+    exact plan is exact to 1e-12. If it crashes or changes a shape, the culprits are bisected out in the
+    model's own precision first, and only the groups that then fail by a finite margin go to float64.
+    16-bit models are judged in float64 from the start (``wide``). The compacted model is finally checked
+    in its own precision: as far from the masked model as both models' own rounding explains.
+    """
+    active = [p for p in plans if p.removed]
+    accepted: list[GroupPlan] = []
+    rejected: dict[int, Verdict] = {}
+    if wide is not None:
+        pending = active
+    else:
+        first = compare(apply_plans(baked, active), runs, references, tolerance) if active else None
+        if first is None or first.ok:
+            accepted, pending = active, []
+        elif math.isfinite(first.max_abs_error):
+            pending = active
+        else:
+            accepted, rejected = _search(baked, active, runs, references, tolerance, say)
+            pending = [p for p in active if id(p) in rejected and math.isfinite(rejected[id(p)].max_abs_error)]
+        if pending:
+            say(f"judging {len(pending)} groups in float64 (float32 rounding or a wrong plan)")
+            wide = widened(original, baked, runs, always=True)
+    if pending:
+        assert wide is not None
+        pending_ids = {id(p) for p in pending}
+        accepted, again = _search(wide[0], pending, wide[1], wide[2], tolerance, say, accepted)
+        rejected = {k: v for k, v in rejected.items() if k not in pending_ids} | again
+
+    floors = noise_floors(references, wide[2]) if wide is not None else None
+    final = round_layers(baked, _restore(plans, rejected), round_to)  # a restored group can leave a shared layer off
+    small = apply_plans(baked, [p for p in final if p.removed])
+    verdict = compare(small, runs, references, tolerance, floors)
+    if not verdict.ok and wide is not None:
+        # Folded constants are rounded into the model's own dtype too: allow the compacted model's own
+        # distance to its float64 twin (the twins themselves agreed within the tolerance).
+        twin = reference_outputs(apply_plans(wide[0], [p for p in final if p.removed]), wide[1])
+        own = noise_floors(reference_outputs(small, runs), twin)
+        floors = [[a + b for a, b in zip(fa, fb)] for fa, fb in zip(floors or [], own)]
+        verdict = compare(small, runs, references, tolerance, floors)
+    if not verdict.ok and floors is not None:  # beyond both floors: keep the groups it holds for
+        say("some groups decided in float64 do not hold in the model's own precision: checking them there")
+        lost = _search(baked, [p for p in final if p.removed], runs, references, tolerance, say, [], floors)[1]
+        final = round_layers(baked, _restore(final, lost), round_to)
+        small = apply_plans(baked, [p for p in final if p.removed])
+        verdict = compare(small, runs, references, tolerance, floors)
+    if not verdict.ok:  # only possible if the unmodified model is itself not reproducible
+        raise VerificationError(f"the rebuilt model does not reproduce the masked model: {verdict.summary()}")
+    return final, small, verdict, floors
+
+
+def _restore(plans: list[GroupPlan], rejected: dict[int, Verdict]) -> list[GroupPlan]:
+    return [p.restored(rejected[id(p)].summary()) if id(p) in rejected else p for p in plans]
+
+
+def _search(
+    baked: nn.Module,
+    plans: list[GroupPlan],
+    runs: list[ExampleInputs],
+    references: list[Outputs],
+    tolerance: float,
+    say: Log,
+    accepted: list[GroupPlan] | None = None,
+    floors: Floors | None = None,
+) -> tuple[list[GroupPlan], dict[int, Verdict]]:
+    """Bisect ``plans`` on top of the already ``accepted`` ones: return the plans that verify together
+    (accepted included) and, by ``id``, the verdict of each plan that breaks equality on its own."""
+    accepted = list(accepted or [])
+    rejected: dict[int, Verdict] = {}
+
+    def visit(candidates: list[GroupPlan]) -> None:
+        if not candidates:
+            return
+        verdict = compare(apply_plans(baked, accepted + candidates), runs, references, tolerance, floors)
+        if verdict.ok:
+            accepted.extend(candidates)
+        elif len(candidates) == 1:
+            rejected[id(candidates[0])] = verdict
+            say(f"restored group of {candidates[0].group.root}: {verdict.summary()}")
+        else:
+            mid = len(candidates) // 2
+            visit(candidates[:mid])
+            visit(candidates[mid:])
+
+    visit([p for p in plans if p.removed])
+    return accepted, rejected

@@ -1,0 +1,265 @@
+"""The shrinker protocol and its registry: the one extension point for per-layer-type behaviour.
+
+A channel meets a layer in one of three ways, its :class:`Role`:
+
+* ``MIXING``: every output channel is a weighted sum of the input channels (Conv, ConvTranspose,
+  Linear, Embedding; a grouped conv, of those of its group). Such a layer *produces* channels (a zero
+  weight row makes an output channel input-independent) and *consumes* them (a zero weight column means
+  the input channel is ignored; a constant input channel can be folded into its bias or merged into a
+  carrier channel).
+* ``CHANNELWISE``: output channel c depends on input channel c alone (BatchNorm, depthwise conv, PReLU,
+  InstanceNorm, a LayerScale parameter, GroupNorm for whole groups). Constants stay constants through it.
+* ``BLOCKING``: the layer mixes channels in a way that removing one changes the others (LayerNorm
+  statistics, grouped transposed convs, attention, recurrent cells). A group that holds one keeps all
+  its channels.
+
+Each layer type has one :class:`Shrinker`, found through the class hierarchy by :func:`shrinker_for`.
+Everything compactor does with a layer goes through it: zero tests, folding and merging constants, what
+the layer can lose, rebuilding it smaller, the attributes the safetensors manifest records, and (for a
+type Torch-Pruning does not know) how the tracer sees it. :func:`register` checks that a shrinker defines
+every method its role needs. Shrinkers build *new* layers (the old one is left as it was), keeping
+dtype, device, training flag, ``requires_grad`` and every hyperparameter.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from torch import nn
+
+Index = torch.Tensor  # 1-D int64 tensor of channel indices
+M = TypeVar("M")
+
+
+class Role(str, Enum):
+    MIXING = "mixing"
+    CHANNELWISE = "channelwise"
+    BLOCKING = "blocking"
+
+
+class Side(str, Enum):
+    """Which side of a layer a channel is on: ``OUT`` the layer writes it, ``IN`` the layer reads it."""
+
+    OUT = "out"
+    IN = "in"
+
+
+class Shrinker(Generic[M]):
+    """How one layer type holds channels. Subclasses override what their role needs (see :data:`PROTOCOL`)."""
+
+    role: ClassVar[Role] = Role.BLOCKING
+    blocking_reason: ClassVar[str] = "layer type mixes channels"
+    input_channel_dim: ClassVar[int] = 1  # where a consumer's input holds channels: [N, C, ...]
+    # Constructor attributes that fix the layer's shape, recorded in the safetensors manifest and checked
+    # when a saved layer is rebuilt (io/safetensors.py).
+    shape_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def role_of(self, m: M) -> Role:
+        return self.role
+
+    def why_blocking(self, m: M) -> str:
+        return self.blocking_reason
+
+    # --- the shape of the layer (every role) -----------------------------------------------------
+    def out_channels(self, m: M) -> int | None:
+        """How many channels the layer writes (None: it has no channel dimension of its own)."""
+        raise NotImplementedError
+
+    def in_channels(self, m: M) -> int | None:
+        """How many channels the layer reads (a channelwise layer: its outputs)."""
+        raise NotImplementedError
+
+    # --- what the layer computes (MIXING) ---------------------------------------------------------
+    def out_rows_zero(self, m: M, idx: Index) -> torch.Tensor:
+        """For each output channel in ``idx``: True if its value does not depend on the layer input."""
+        raise NotImplementedError
+
+    def in_cols_zero(self, m: M, idx: Index) -> torch.Tensor:
+        """For each input index in ``idx``: True if no output reads it (all its weights are zero)."""
+        raise NotImplementedError
+
+    def can_fold(self, m: M) -> bool:
+        """True if a constant input channel adds the same amount at every output position."""
+        return False
+
+    def fold_delta(self, m: M, idx: Index, k: torch.Tensor) -> torch.Tensor:
+        """The effect of input indices ``idx`` holding constants ``k``: one value per output channel."""
+        raise NotImplementedError
+
+    def fold_constant(self, m: M, idx: Index, k: torch.Tensor) -> None:
+        """Add the effect of input indices ``idx`` holding constants ``k`` to the bias (in place; a layer
+        built without a bias gets one)."""
+        add_to_bias(m, self.fold_delta(m, idx, k))
+
+    def merge_into(self, m: M, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
+        """Linear in its inputs: ``W[:, carrier] += sum_i ratio_i * W[:, idx_i]`` (in place)."""
+        raise NotImplementedError
+
+    def merge_unit(self, m: M, i: int) -> int:
+        """Input ``i``'s part of the layer: constants merge only into a carrier in the same part."""
+        return 0
+
+    # --- what the layer does to a channel's value (CHANNELWISE) -----------------------------------
+    def forgets_input(self, m: M, idx: Index) -> torch.Tensor:
+        """For each channel in ``idx``: True if the output ignores the input there (a norm with weight 0)."""
+        return torch.zeros(len(idx), dtype=torch.bool)
+
+    def can_absorb_shift(self, m: M) -> bool:
+        """True if a constant removed from the layer's input can be made up inside it (:meth:`absorb_shift`)."""
+        return False
+
+    def absorb_shift(self, m: M, delta: torch.Tensor) -> None:
+        """The layer's input will be ``delta`` lower per channel from now on: keep the output unchanged (in place)."""
+        raise NotImplementedError
+
+    # --- what the layer can lose, and its smaller copy ---------------------------------------------
+    def removable(self, m: M, side: Side, idx: Index) -> Index:
+        """The subset of ``idx`` that can be removed from this layer on ``side``."""
+        return idx
+
+    def why_unremovable(self, m: M) -> str:
+        """Why :meth:`removable` left some channels out."""
+        return "can only lose whole groups"
+
+    def layout(self, m: M, side: Side, n: int) -> Index:
+        """Some ``n`` channels of ``side`` that the layer can keep (to rebuild a saved shape, values loaded after)."""
+        return torch.arange(n)
+
+    def shrink(self, m: M, keep_out: Index | None, keep_in: Index | None) -> M:
+        """A new layer holding only ``keep_out`` output and ``keep_in`` input channels."""
+        raise NotImplementedError
+
+
+# What each role needs a shrinker to define (the rest has a safe default). ``register`` checks it.
+PROTOCOL: dict[Role, tuple[str, ...]] = {
+    Role.BLOCKING: ("out_channels", "in_channels"),
+    Role.CHANNELWISE: ("out_channels", "in_channels", "shrink"),
+    Role.MIXING: (
+        "out_channels",
+        "in_channels",
+        "shrink",
+        "out_rows_zero",
+        "in_cols_zero",
+        "fold_delta",
+        "merge_into",
+    ),
+}
+
+_REGISTRY: OrderedDict[type, Shrinker[Any]] = OrderedDict()
+
+
+def register(*types: type) -> Callable[[type[Shrinker[Any]]], type[Shrinker[Any]]]:
+    """Class decorator: one shrinker instance serves ``types`` and their subclasses.
+
+    Raises ``TypeError`` when the shrinker leaves out a method its role needs (:data:`PROTOCOL`), when
+    ``types`` is empty, or when a type is registered twice.
+    """
+    if not types:
+        raise TypeError("register() needs at least one layer type")
+
+    def wrap(cls: type[Shrinker[Any]]) -> type[Shrinker[Any]]:
+        if not isinstance(cls.role, Role):
+            raise TypeError(f"{cls.__name__}.role must be a Role, found {cls.role!r}")
+        missing = [m for m in PROTOCOL[cls.role] if getattr(cls, m) is getattr(Shrinker, m)]
+        if missing:
+            raise TypeError(f"{cls.__name__} is {cls.role.value} but does not define {', '.join(missing)}()")
+        if cls.role is Role.CHANNELWISE and (getattr(cls, "can_absorb_shift") is not Shrinker.can_absorb_shift) != (
+            getattr(cls, "absorb_shift") is not Shrinker.absorb_shift
+        ):
+            raise TypeError(f"{cls.__name__} must define can_absorb_shift() and absorb_shift() together")
+        instance = cls()
+        for t in types:
+            if t in _REGISTRY:
+                raise TypeError(f"{t.__name__} already has a shrinker ({type(_REGISTRY[t]).__name__})")
+            _REGISTRY[t] = instance
+        return cls
+
+    return wrap
+
+
+def shrinker_for(m: Any) -> Shrinker[Any] | None:
+    """The shrinker of ``m``'s class or its nearest registered base class; None if unknown."""
+    for cls in type(m).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def shrinker_of_type(t: type) -> Shrinker[Any]:
+    """The shrinker registered for ``t`` itself (``KeyError`` if none)."""
+    return _REGISTRY[t]
+
+
+def registered_types() -> tuple[type, ...]:
+    """Every layer type with a shrinker, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def role_of(m: Any) -> Role | None:
+    """``m``'s role, or None for a type compactor does not know."""
+    shrinker = shrinker_for(m) if m is not None else None
+    return shrinker.role_of(m) if shrinker is not None else None
+
+
+def width(m: Any, side: Side) -> int | None:
+    """How many channels ``m`` has on ``side`` (None for an unknown type or no channel dimension)."""
+    shrinker = shrinker_for(m) if m is not None else None
+    if shrinker is None:
+        return None
+    return shrinker.out_channels(m) if side is Side.OUT else shrinker.in_channels(m)
+
+
+# --- helpers for shrinkers -------------------------------------------------------------------------
+T = TypeVar("T", bound=nn.Module)
+
+
+def new_like(m: T, **tensors: torch.Tensor | None) -> T:
+    """A new module of ``m``'s class and attributes, with the named parameters/buffers replaced."""
+    new = copy.copy(m)
+    new._parameters = OrderedDict(m._parameters)
+    new._buffers = OrderedDict(m._buffers)
+    new._modules = OrderedDict(m._modules)
+    for name, value in tensors.items():
+        if name in m._parameters:
+            old = m._parameters[name]
+            if value is None or old is None:
+                new._parameters[name] = None
+            else:
+                new._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        elif name in m._buffers:
+            new._buffers[name] = None if value is None else value.detach().clone()
+        else:
+            raise KeyError(f"{type(m).__name__} has no parameter or buffer {name!r}")
+    return new
+
+
+def take(t: torch.Tensor | None, dim: int, idx: Index | None) -> torch.Tensor | None:
+    """``t`` with only ``idx`` along ``dim`` (``t`` itself when either is None)."""
+    if t is None or idx is None:
+        return t
+    return t.index_select(dim, idx.to(t.device))
+
+
+def must_take(t: torch.Tensor, dim: int, idx: Index | None) -> torch.Tensor:
+    """:func:`take` of a tensor that is there."""
+    return t if idx is None else t.index_select(dim, idx.to(t.device))
+
+
+def zero_along(weight: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
+    """For each index of ``idx`` along ``dim``: True if that slice of ``weight`` is all zero."""
+    w = weight.detach().index_select(dim, idx.to(weight.device)).movedim(dim, 0)
+    return (w.reshape(w.shape[0], -1) == 0).all(dim=1).cpu()
+
+
+def add_to_bias(m: Any, delta: torch.Tensor) -> None:
+    """``m.bias += delta``, creating a bias where the layer had none."""
+    with torch.no_grad():
+        if m.bias is None:
+            m.bias = nn.Parameter(delta.clone().to(m.weight), requires_grad=m.weight.requires_grad)
+        else:
+            m.bias += delta.to(m.bias)

@@ -1,0 +1,200 @@
+"""Convolutions: Conv1d/2d/3d (grouped and depthwise too) and ConvTranspose1d/2d/3d."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Index, Role, Shrinker, Side, must_take, new_like, register, take, zero_along
+
+_ConvNd = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ConvTNd = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+Conv = nn.modules.conv._ConvNd
+
+
+def is_depthwise(m: Conv) -> bool:
+    return m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+@register(*_ConvNd)
+class ConvShrinker(Shrinker[Conv]):
+    """Conv1d/2d/3d. weight: [out, in/groups, *kernel]. Depthwise (groups == in == out) is channelwise.
+
+    A grouped conv is mixing within each group: output channel ``o`` of group ``j`` reads inputs
+    ``j * in/groups ...`` only, through weight columns ``0 ... in/groups``. Every group must keep the
+    same number of inputs and of outputs (:meth:`removable`), and a constant input folds or merges only
+    within its group (:meth:`merge_unit`)."""
+
+    role = Role.MIXING
+    shape_attrs = ("in_channels", "out_channels", "groups")
+
+    def role_of(self, m: Conv) -> Role:
+        return Role.CHANNELWISE if is_depthwise(m) else Role.MIXING
+
+    def out_rows_zero(self, m: Conv, idx: Index) -> torch.Tensor:
+        return zero_along(m.weight, 0, idx)
+
+    def in_cols_zero(self, m: Conv, idx: Index) -> torch.Tensor:
+        if m.groups == 1:
+            return zero_along(m.weight, 1, idx)
+        w = m.weight.detach()
+        return torch.tensor([bool((w[rows, col] == 0).all()) for rows, col in (_grouped_col(m, i) for i in idx.tolist())])
+
+    def can_fold(self, m: Conv) -> bool:
+        # Every output position sees the whole kernel over constant values: no zero padding reaches it.
+        return not _zero_padded(m) or m.padding_mode != "zeros"
+
+    def fold_delta(self, m: Conv, idx: Index, k: torch.Tensor) -> torch.Tensor:
+        w = m.weight.detach()
+        if m.groups == 1:
+            return (w[:, idx].flatten(2).sum(-1) * k.to(w)).sum(1)
+        delta = torch.zeros(m.out_channels, dtype=w.dtype, device=w.device)
+        for i, kk in zip(idx.tolist(), k.tolist()):
+            rows, col = _grouped_col(m, i)
+            delta[rows] += w[rows, col].flatten(1).sum(-1) * kk
+        return delta
+
+    def merge_unit(self, m: Conv, i: int) -> int:
+        return i // (m.in_channels // m.groups)
+
+    def merge_into(self, m: Conv, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
+        with torch.no_grad():
+            w = m.weight
+            if m.groups == 1:
+                shape = (1, -1) + (1,) * (w.dim() - 2)
+                w[:, carrier] += (w[:, idx] * ratio.to(w).view(shape)).sum(1)
+                return
+            rows, into = _grouped_col(m, carrier)
+            for i, r in zip(idx.tolist(), ratio.tolist()):
+                their_rows, col = _grouped_col(m, i)
+                if their_rows != rows:
+                    raise ValueError(f"input {i} is in another group than carrier {carrier}")
+                w[rows, into] += w[rows, col] * r
+
+    def out_channels(self, m: Conv) -> int:
+        return m.out_channels
+
+    def in_channels(self, m: Conv) -> int:
+        return m.in_channels
+
+    def removable(self, m: Conv, side: Side, idx: Index) -> Index:
+        if m.groups == 1 or is_depthwise(m):
+            return idx
+        return _balanced(idx, m.groups, (m.out_channels if side is Side.OUT else m.in_channels) // m.groups)
+
+    def why_unremovable(self, m: Conv) -> str:
+        return f"grouped conv (groups={m.groups}) loses the same number of channels in every group"
+
+    def layout(self, m: Conv, side: Side, n: int) -> Index:
+        if m.groups == 1 or is_depthwise(m):
+            return torch.arange(n)
+        if n % m.groups:
+            raise ValueError(f"{n} {side.value}put channels do not split into {m.groups} groups")
+        per = (m.out_channels if side is Side.OUT else m.in_channels) // m.groups
+        return torch.tensor([g * per + i for g in range(m.groups) for i in range(n // m.groups)], dtype=torch.long)
+
+    def shrink(self, m: Conv, keep_out: Index | None, keep_in: Index | None) -> Conv:
+        if is_depthwise(m):
+            keep = keep_out if keep_out is not None else keep_in
+            assert keep is not None
+            new = new_like(m, weight=must_take(m.weight, 0, keep), bias=take(m.bias, 0, keep))
+            new.in_channels = new.out_channels = new.groups = len(keep)
+            return new
+        if keep_out is not None and m.groups > 1:
+            _check_balanced(keep_out, m.groups, m.out_channels // m.groups, "outputs")
+        weight = must_take(m.weight, 0, keep_out)
+        if keep_in is not None:
+            weight = weight.index_select(1, keep_in.to(weight.device)) if m.groups == 1 else _grouped_cols(m, weight, keep_in)
+        new = new_like(m, weight=weight, bias=take(m.bias, 0, keep_out))
+        new.out_channels = len(keep_out) if keep_out is not None else m.out_channels
+        new.in_channels = len(keep_in) if keep_in is not None else m.in_channels
+        _check_groups(new)
+        return new
+
+
+def _grouped_col(m: Conv, i: int) -> tuple[slice, int]:
+    """Input ``i`` of a grouped conv: the weight rows of its group, and its column there."""
+    group, col = divmod(i, m.in_channels // m.groups)
+    per = m.out_channels // m.groups
+    return slice(group * per, (group + 1) * per), col
+
+
+def _grouped_cols(m: Conv, weight: torch.Tensor, keep_in: Index) -> torch.Tensor:
+    """``weight`` (rows already taken) keeping inputs ``keep_in`` of each group in that group's rows."""
+    per_in, rows = m.in_channels // m.groups, weight.shape[0] // m.groups
+    _check_balanced(keep_in, m.groups, per_in, "inputs")
+    parts = []
+    for g in range(m.groups):
+        cols = [i - g * per_in for i in keep_in.tolist() if i // per_in == g]
+        parts.append(weight[g * rows : (g + 1) * rows].index_select(1, torch.tensor(cols, dtype=torch.long, device=weight.device)))
+    return torch.cat(parts, 0)
+
+
+def _balanced(idx: Index, groups: int, per: int) -> Index:
+    """The largest subset of ``idx`` that takes the same number from each of ``groups`` runs of ``per``."""
+    by_group: list[list[int]] = [[] for _ in range(groups)]
+    for i in sorted(set(idx.tolist())):
+        by_group[i // per].append(i)
+    n = min(len(b) for b in by_group)
+    return torch.tensor(sorted(i for b in by_group for i in b[:n]), dtype=torch.long)
+
+
+def _check_balanced(keep: Index, groups: int, per: int, what: str) -> None:
+    counts = torch.bincount(keep // per, minlength=groups).tolist()
+    if len(set(counts)) != 1:
+        raise ValueError(f"unbalanced {what} for a conv with {groups} groups: {counts}")
+
+
+def _check_groups(m: Conv) -> None:
+    if m.in_channels % m.groups or m.out_channels % m.groups:
+        raise ValueError(f"{m.in_channels} in and {m.out_channels} out channels do not split into {m.groups} groups")
+
+
+def _zero_padded(m: Conv) -> bool:
+    """Any padding at all (``padding="same"`` pads unless every kernel extent is 1)."""
+    if m.padding == "valid":
+        return False
+    if m.padding == "same":
+        return any(p != 0 for p in m._reversed_padding_repeated_twice)
+    return any(int(p) != 0 for p in (m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,)))
+
+
+@register(*_ConvTNd)
+class ConvTransposeShrinker(Shrinker[Conv]):
+    """ConvTranspose1d/2d/3d. weight: [in, out/groups, *kernel]. Constant inputs vary at the borders."""
+
+    role = Role.MIXING
+    shape_attrs = ("in_channels", "out_channels", "groups")
+
+    def role_of(self, m: Conv) -> Role:
+        return Role.MIXING if m.groups == 1 else Role.BLOCKING
+
+    def why_blocking(self, m: Conv) -> str:
+        return f"grouped transposed conv (groups={m.groups})"
+
+    def out_rows_zero(self, m: Conv, idx: Index) -> torch.Tensor:
+        return zero_along(m.weight, 1, idx)
+
+    def in_cols_zero(self, m: Conv, idx: Index) -> torch.Tensor:
+        return zero_along(m.weight, 0, idx)
+
+    def fold_delta(self, m: Conv, idx: Index, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a transposed conv spreads a constant unevenly; merge into a carrier")
+
+    def merge_into(self, m: Conv, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
+        with torch.no_grad():
+            w = m.weight
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            w[carrier] += (w[idx] * ratio.to(w).view(shape)).sum(0)
+
+    def out_channels(self, m: Conv) -> int:
+        return m.out_channels
+
+    def in_channels(self, m: Conv) -> int:
+        return m.in_channels
+
+    def shrink(self, m: Conv, keep_out: Index | None, keep_in: Index | None) -> Conv:
+        new = new_like(m, weight=must_take(must_take(m.weight, 1, keep_out), 0, keep_in), bias=take(m.bias, 0, keep_out))
+        new.out_channels = len(keep_out) if keep_out is not None else m.out_channels
+        new.in_channels = len(keep_in) if keep_in is not None else m.in_channels
+        return new

@@ -1,0 +1,77 @@
+"""Linear and Embedding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Index, Role, Shrinker, must_take, new_like, register, take, zero_along
+
+
+@register(nn.Linear)
+class LinearShrinker(Shrinker[nn.Linear]):
+    """Linear. weight: [out, in]. A constant input always folds into the bias."""
+
+    role = Role.MIXING
+    input_channel_dim = -1
+    shape_attrs = ("in_features", "out_features")
+
+    def out_rows_zero(self, m: nn.Linear, idx: Index) -> torch.Tensor:
+        return zero_along(m.weight, 0, idx)
+
+    def in_cols_zero(self, m: nn.Linear, idx: Index) -> torch.Tensor:
+        return zero_along(m.weight, 1, idx)
+
+    def can_fold(self, m: nn.Linear) -> bool:
+        return True
+
+    def fold_delta(self, m: nn.Linear, idx: Index, k: torch.Tensor) -> torch.Tensor:
+        w = m.weight.detach()
+        return (w[:, idx] * k.to(w)).sum(1)
+
+    def merge_into(self, m: nn.Linear, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
+        with torch.no_grad():
+            m.weight[:, carrier] += (m.weight[:, idx] * ratio.to(m.weight)).sum(1)
+
+    def out_channels(self, m: nn.Linear) -> int:
+        return m.out_features
+
+    def in_channels(self, m: nn.Linear) -> int:
+        return m.in_features
+
+    def shrink(self, m: nn.Linear, keep_out: Index | None, keep_in: Index | None) -> nn.Linear:
+        new = new_like(m, weight=must_take(must_take(m.weight, 0, keep_out), 1, keep_in), bias=take(m.bias, 0, keep_out))
+        new.out_features = len(keep_out) if keep_out is not None else m.out_features
+        new.in_features = len(keep_in) if keep_in is not None else m.in_features
+        return new
+
+
+@register(nn.Embedding)
+class EmbeddingShrinker(Shrinker[nn.Embedding]):
+    """Embedding produces channels only (weight: [num_embeddings, dim]); a zero column emits 0."""
+
+    role = Role.MIXING
+    shape_attrs = ("num_embeddings", "embedding_dim")
+
+    def out_rows_zero(self, m: nn.Embedding, idx: Index) -> torch.Tensor:
+        return zero_along(m.weight, 1, idx)
+
+    def in_cols_zero(self, m: nn.Embedding, idx: Index) -> torch.Tensor:
+        return torch.zeros(len(idx), dtype=torch.bool)
+
+    def fold_delta(self, m: nn.Embedding, idx: Index, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("an embedding has no input channels")
+
+    def merge_into(self, m: nn.Embedding, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
+        raise NotImplementedError("an embedding has no input channels")
+
+    def out_channels(self, m: nn.Embedding) -> int:
+        return m.embedding_dim
+
+    def in_channels(self, m: nn.Embedding) -> None:
+        return None  # token ids, not channels
+
+    def shrink(self, m: nn.Embedding, keep_out: Index | None, keep_in: Index | None) -> nn.Embedding:
+        new = new_like(m, weight=must_take(m.weight, 1, keep_out))
+        new.embedding_dim = len(keep_out) if keep_out is not None else m.embedding_dim
+        return new

@@ -1,0 +1,78 @@
+"""Sparsity that compaction cannot remove: per-layer zeros, and a warning when they form no whole channel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.masks import baked
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Zeros of one weight tensor (two or more dimensions), and how many output rows are entirely zero."""
+
+    name: str
+    shape: tuple[int, ...]
+    zeros: int
+    total: int
+    zero_rows: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / max(1, self.total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape), "sparsity": round(self.sparsity, 6)}
+
+
+def sparsity_report(model: nn.Module) -> tuple[LayerSparsity, ...]:
+    """Per weight tensor (masks baked): zeros, total, and whole zero output rows (``compact`` removes those)."""
+    rows = []
+    for name, tensor in baked(model, copy=False).state_dict().items():
+        if tensor.dim() < 2 or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        flat = tensor.detach().reshape(tensor.shape[0], -1)
+        rows.append(
+            LayerSparsity(
+                name=name,
+                shape=tuple(tensor.shape),
+                zeros=int((tensor == 0).sum()),
+                total=tensor.numel(),
+                zero_rows=int((flat == 0).all(dim=1).sum()),
+            )
+        )
+    return tuple(rows)
+
+
+UNSTRUCTURED_WARNING_AT = 0.05  # fraction of the compacted model's weights still zero
+
+
+def unstructured_warnings(model: nn.Module) -> Iterator[str]:
+    """Zeros outside whole zero slices (a kept carrier or channel is one) cannot shrink any layer."""
+    scattered = {name: _scattered_zeros(p.detach()) for name, p in model.named_parameters() if p.dim() >= 2}
+    sizes = {name: p.numel() for name, p in model.named_parameters() if p.dim() >= 2}
+    zeros, total = sum(scattered.values()), sum(sizes.values())
+    if not total or zeros / total < UNSTRUCTURED_WARNING_AT:
+        return
+    worst = sorted(scattered, key=lambda name: -scattered[name] / sizes[name])[:3]
+    yield (
+        f"{zeros:,} weights ({zeros / total:.0%} of all) are still zero but form no whole channel (unstructured "
+        f"masks), so no layer can shrink by them; most in "
+        + ", ".join(f"{name} {scattered[name] / sizes[name]:.0%}" for name in worst)
+        + ". --sparse-storage (compactor.io.sparse.save_sparse) stores them compressed"
+    )
+
+
+def _scattered_zeros(w: torch.Tensor) -> int:
+    """Zero entries of ``w`` that lie in no all-zero slice along dim 0 or dim 1."""
+    zero = w == 0
+    rows = zero.flatten(1).all(1).view(-1, *([1] * (w.dim() - 1)))
+    cols = zero.movedim(1, 0).flatten(1).all(1).view(1, -1, *([1] * (w.dim() - 2)))
+    return int((zero & ~rows & ~cols).sum())
+
+
