@@ -27,7 +27,11 @@ from .models import FULL_DEFAULT, QUICK_DEFAULT, ZOO
 from .report import LATENCY_BACKENDS, Row, machine_info, markdown, rich_table
 
 ROOT = Path(__file__).resolve().parent
-ROUND_TO_DEFAULT = ("resnet50", "mobilenet_v2", "bert_base")  # the full run's round_to cases (time on 2 cores)
+ROUND_TO_DEFAULT = (
+    "resnet50",
+    "mobilenet_v2",
+    "bert_base",
+)  # the full run's round_to cases (time on 2 cores)
 
 
 def _csv(text: str) -> list[str]:
@@ -44,7 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra cases with compact(round_to=N) at 50%% sparsity, e.g. 8,16 (default: 8,16 for "
         f"{', '.join(ROUND_TO_DEFAULT)} unless --quick; '' for none)",
     )  # fmt: skip
-    p.add_argument("--backends", type=_csv, default=list(LATENCY_BACKENDS), help="torch-cpu,onnxruntime-cpu,cuda")
+    p.add_argument(
+        "--backends", type=_csv, default=list(LATENCY_BACKENDS), help="torch-cpu,onnxruntime-cpu,cuda"
+    )
     p.add_argument(
         "--threads", type=int, default=1,
         help="intra-op threads for torch and ONNX Runtime (default 1: on a shared or busy machine, several threads "
@@ -52,12 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", type=Path, default=ROOT / "REPORT.md", help="markdown report; report.json goes beside it")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "REPORT.md", help="markdown report; report.json goes beside it"
+    )
     p.add_argument(
         "--render", type=Path, default=None, metavar="REPORT_JSON",
         help="only re-render --out (and the table) from an existing report.json; runs nothing",
     )  # fmt: skip
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per case before it is recorded as failed")
+    p.add_argument(
+        "--timeout", type=float, default=1800, help="seconds per case before it is recorded as failed"
+    )
     args = p.parse_args(argv)
     unknown = [m for m in args.models or [] if m not in ZOO]
     if unknown:
@@ -72,7 +82,9 @@ def plan_cases(args: argparse.Namespace) -> list[CaseSpec]:
     quick = args.quick
     models = args.models or list(QUICK_DEFAULT if quick else FULL_DEFAULT)
     sparsities = [float(s) for s in (args.sparsity or (["0.5"] if quick else ["0.3", "0.5", "0.7"]))]
-    round_tos = [int(r) for r in (args.round_to if args.round_to is not None else ([] if quick else ["8", "16"]))]
+    round_tos = [
+        int(r) for r in (args.round_to if args.round_to is not None else ([] if quick else ["8", "16"]))
+    ]
     round_to_models = set(models) if args.models or args.round_to is not None else set(ROUND_TO_DEFAULT)
     common = {
         "quick": quick,
@@ -93,15 +105,24 @@ def run_in_subprocess(spec: CaseSpec, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="compactor-bench-") as tmp:
         out = Path(tmp) / "case.json"
         command = [sys.executable, "-m", "benchmarks.case", json.dumps(asdict(spec)), str(out)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")]),
+        }
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout, env=env, check=False
+            )
         except subprocess.TimeoutExpired:
             return {"spec": asdict(spec), "label": spec.label, "error": f"timed out after {timeout:.0f} s"}
         if out.exists():
             return json.loads(out.read_text())
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"spec": asdict(spec), "label": spec.label, "error": f"case process exited {done.returncode}: {tail[0]}"}
+        return {
+            "spec": asdict(spec),
+            "label": spec.label,
+            "error": f"case process exited {done.returncode}: {tail[0]}",
+        }
 
 
 def _write(
@@ -124,11 +145,15 @@ def _write(
         "repeats": cases[0].repeats if cases else 0,
         "load_start": load_start,
         "load_end": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "inputs": "; ".join(sorted({f"{r['spec']['model']}: {r['inputs']}" for r in results if "inputs" in r})),
+        "inputs": "; ".join(
+            sorted({f"{r['spec']['model']}: {r['inputs']}" for r in results if "inputs" in r})
+        ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(rows, meta))
-    args.out.with_name("report.json").write_text(json.dumps({"meta": meta, "cases": results}, indent=1) + "\n")
+    args.out.with_name("report.json").write_text(
+        json.dumps({"meta": meta, "cases": results}, indent=1) + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         status = result.get("error") or result.get("skipped") or "ok"
         console.print(f"      {status} ({time.perf_counter() - t:.0f} s)", highlight=False)
         results.append(result)
-        _write(args, cases, results, started, load_start, argv)  # after every case: a long run leaves partial results
+        _write(
+            args, cases, results, started, load_start, argv
+        )  # after every case: a long run leaves partial results
     json_path = args.out.with_name("report.json")
     console.print(rich_table([Row.of(r) for r in results]))
     console.print(f"wrote {args.out} and {json_path}")

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 import compactor
-from compactor.errors import ExportError
 from compactor.engine.masks import bake_masks
-from compactor.report.measure import count_macs, latency
+from compactor.errors import ExportError
 from compactor.io.onnx import check_onnx, export_onnx
+from compactor.report.measure import count_macs, latency
 
 from .models import ZOO
 
@@ -112,7 +112,9 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     result["latency"] = timings
 
 
-def _time_backend(backend: str, dense: nn.Module, small: nn.Module, inputs: Any, spec: CaseSpec) -> dict[str, Any]:
+def _time_backend(
+    backend: str, dense: nn.Module, small: nn.Module, inputs: Any, spec: CaseSpec
+) -> dict[str, Any]:
     if backend == "cuda" and not torch.cuda.is_available():
         return {"skipped": "not measured: no GPU in this run"}
     models: dict[str, Any] = {"dense": dense, "compact": small}
@@ -120,7 +122,9 @@ def _time_backend(backend: str, dense: nn.Module, small: nn.Module, inputs: Any,
     try:
         with tempfile.TemporaryDirectory(prefix="compactor-bench-") as tmp:
             if backend == "onnxruntime-cpu":
-                exports = {name: export_onnx(m, inputs, Path(tmp) / f"{name}.onnx") for name, m in models.items()}
+                exports = {
+                    name: export_onnx(m, inputs, Path(tmp) / f"{name}.onnx") for name, m in models.items()
+                }
                 extra["exporter"] = {name: e.exporter for name, e in exports.items()}
                 extra["export_seconds"] = {name: round(e.seconds, 2) for name, e in exports.items()}
                 try:
@@ -131,9 +135,19 @@ def _time_backend(backend: str, dense: nn.Module, small: nn.Module, inputs: Any,
                     extra["onnx_check_failed"] = str(e)
                 extra["onnx_bytes"] = {name: _onnx_bytes(e.path) for name, e in exports.items()}
                 models = {name: e.path for name, e in exports.items()}
-            timing = latency(models, inputs, backend=backend, threads=spec.threads, warmup=spec.warmup, repeats=spec.repeats)  # type: ignore[arg-type]
+            timing = latency(
+                models,
+                inputs,
+                backend=backend,
+                threads=spec.threads,
+                warmup=spec.warmup,
+                repeats=spec.repeats,
+            )  # type: ignore[arg-type]
     except Exception as e:  # one backend failing (an exporter, say) must not lose the others
-        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", **extra}
+        return {
+            "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+            **extra,
+        }
     return {name: t.to_dict() for name, t in timing.items()} | extra
 
 

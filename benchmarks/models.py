@@ -54,7 +54,13 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64
+        self,
+        cin: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
     ) -> None:
         super().__init__()
         width = planes * base_width // 64 * groups  # ResNeXt: groups x base_width per 64 planes
@@ -101,7 +107,9 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         _init_cnn(self)
 
-    def _layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _layer(
+        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int
+    ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
@@ -120,7 +128,9 @@ class ResNet(nn.Module):
 
 
 def _resnet_targets(model: nn.Module) -> list[tuple[nn.Module | PerGroup, ...]]:
-    return [(conv,) for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck)) for conv in m.internal()]
+    return [
+        (conv,) for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck)) for conv in m.internal()
+    ]
 
 
 def _resnext_targets(model: nn.Module) -> list[tuple[nn.Module | PerGroup, ...]]:
@@ -183,7 +193,9 @@ def _vgg_targets(model: nn.Module) -> list[tuple[nn.Module, ...]]:
 # MobileNetV2 (torchvision.models.mobilenet_v2, width 1.0)
 
 
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+def _conv_bn(
+    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -213,7 +225,15 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -330,9 +350,25 @@ def _tokens(seq: int, vocab: int = 30522) -> ExampleInputs:
 ZOO: dict[str, ZooModel] = {
     m.name: m
     for m in (
-        ZooModel("resnet18", lambda: ResNet(BasicBlock, [2, 2, 2, 2]), lambda q: _image(64 if q else 224), _resnet_targets, quick=True),
-        ZooModel("resnet50", lambda: ResNet(Bottleneck, [3, 4, 6, 3]), lambda q: _image(64 if q else 224), _resnet_targets),
-        ZooModel("resnet152", lambda: ResNet(Bottleneck, [3, 8, 36, 3]), lambda q: _image(64 if q else 224), _resnet_targets),
+        ZooModel(
+            "resnet18",
+            lambda: ResNet(BasicBlock, [2, 2, 2, 2]),
+            lambda q: _image(64 if q else 224),
+            _resnet_targets,
+            quick=True,
+        ),
+        ZooModel(
+            "resnet50",
+            lambda: ResNet(Bottleneck, [3, 4, 6, 3]),
+            lambda q: _image(64 if q else 224),
+            _resnet_targets,
+        ),
+        ZooModel(
+            "resnet152",
+            lambda: ResNet(Bottleneck, [3, 8, 36, 3]),
+            lambda q: _image(64 if q else 224),
+            _resnet_targets,
+        ),
         ZooModel(
             "resnext50_32x4d",
             lambda: ResNet(Bottleneck, [3, 4, 6, 3], groups=32, base_width=4),
@@ -340,11 +376,15 @@ ZOO: dict[str, ZooModel] = {
             _resnext_targets,
         ),
         ZooModel("vgg16_bn", lambda: VGG(VGG16), lambda q: _image(64 if q else 224), _vgg_targets),
-        ZooModel("mobilenet_v2", MobileNetV2, lambda q: _image(64 if q else 224), _mobilenet_targets, quick=True),
+        ZooModel(
+            "mobilenet_v2", MobileNetV2, lambda q: _image(64 if q else 224), _mobilenet_targets, quick=True
+        ),
         ZooModel("bert_base", BertClassifier, lambda q: _tokens(32 if q else 128), _bert_targets),
         ZooModel(
             "bert_mini",  # a 4-layer, 256-wide BERT for --quick and the tests
-            lambda: BertClassifier(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+            lambda: BertClassifier(
+                hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024
+            ),
             lambda q: _tokens(32 if q else 128),
             _bert_targets,
             quick=True,
@@ -413,7 +453,10 @@ def _perturb_affine(model: nn.Module, g: torch.Generator) -> None:
     """Non-zero affine parameters, as a trained model has them: BN/LN gamma and beta, every bias."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)) or type(module).__name__ == "ConvNextLayerNorm":
+            if (
+                isinstance(module, (nn.BatchNorm2d, nn.LayerNorm))
+                or type(module).__name__ == "ConvNextLayerNorm"
+            ):
                 w, b = module.weight, module.bias
                 w.copy_(1 + 0.2 * torch.randn(w.shape, generator=g))
                 b.copy_(0.2 * torch.randn(b.shape, generator=g))
@@ -424,7 +467,9 @@ def _perturb_affine(model: nn.Module, g: torch.Generator) -> None:
                 layer_scale.copy_(0.05 + 0.25 * torch.rand(layer_scale.shape, generator=g))
 
 
-def _recalibrate_batchnorm(model: nn.Module, inputs: ExampleInputs, g: torch.Generator, batches: int = 2) -> None:
+def _recalibrate_batchnorm(
+    model: nn.Module, inputs: ExampleInputs, g: torch.Generator, batches: int = 2
+) -> None:
     """Re-estimate BatchNorm running statistics in train mode (cumulative average over a few random batches).
 
     A dead channel's conv output is exactly zero, so its ``running_mean`` ends exactly 0 (and its variance

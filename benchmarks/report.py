@@ -41,7 +41,11 @@ class Row:
     def of(cls, r: dict[str, Any]) -> Row:
         spec = r["spec"]
         notes = [r.get("skipped") or r.get("error") or "", *r.get("warnings", [])]
-        notes += [f"{b}: {t['onnx_check_failed']}" for b, t in r.get("latency", {}).items() if "onnx_check_failed" in t]
+        notes += [
+            f"{b}: {t['onnx_check_failed']}"
+            for b, t in r.get("latency", {}).items()
+            if "onnx_check_failed" in t
+        ]
         note = "; ".join(n for n in notes if n)
         lat: dict[str, tuple[float, float] | str] = {}
         for backend in LATENCY_BACKENDS:
@@ -123,7 +127,9 @@ def rich_table(rows: list[Row]) -> Table:
     """The markdown table's columns, less the backends measured for no row (a CPU run hides cuda)."""
     measured = {b for r in rows for b in LATENCY_BACKENDS if isinstance(r.latency[b], tuple)}
     hidden = {6 + 3 * i + j for i, b in enumerate(LATENCY_BACKENDS) if b not in measured for j in range(3)}
-    table = Table(title="compactor benchmark: compacted / dense (ratios < 1 are better)", title_justify="left")
+    table = Table(
+        title="compactor benchmark: compacted / dense (ratios < 1 are better)", title_justify="left"
+    )
     for i, c in enumerate(COLUMNS):
         if i not in hidden:
             table.add_column(c, justify="left" if c in ("model", "pruned") else "right", no_wrap=True)
@@ -136,7 +142,11 @@ def machine_info(threads: int) -> dict[str, Any]:
     import onnxruntime
 
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in _read("/proc/cpuinfo").splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor() or "unknown",
     )
     return {
@@ -161,7 +171,9 @@ def _read(path: str) -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        )
     except OSError:
         return None
     return out.stdout.strip() or None
@@ -197,7 +209,9 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 
 def targets(rows: list[Row]) -> list[str]:
     """The targets of issue 4 for ResNet-50 at 50%: reported, not asserted."""
-    row = next((r for r in rows if r.model == "resnet50" and abs(r.sparsity - 0.5) < 1e-9 and not r.round_to), None)
+    row = next(
+        (r for r in rows if r.model == "resnet50" and abs(r.sparsity - 0.5) < 1e-9 and not r.round_to), None
+    )
     out = ["## Targets (ResNet-50, 50% of internal channels; reported, not asserted)", ""]
     if row is None or row.params_ratio is None:
         return [*out, "ResNet-50 at 50% was not part of this run."]

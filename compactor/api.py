@@ -8,7 +8,7 @@ Reading and writing files live in :mod:`compactor.io`; the CLI adds them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -90,7 +90,9 @@ def compact(
         plans = plan_groups(d_baked, groups, stats, round_to=round_to, runs=d_runs[:2])
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
-        plans, small, verdict, floors = decide(original, baked_model, plans, runs, references, tolerance, say, round_to, wide)
+        plans, small, verdict, floors = decide(
+            original, baked_model, plans, runs, references, tolerance, say, round_to, wide
+        )
     small.train(model.training)
     sparsity = [layer for layer in sparsity_report(small) if layer.zeros]
 
@@ -117,7 +119,11 @@ def compact(
 
 
 def _without_heads(
-    model: nn.Module, inputs: ExampleInputs, runs: list[ExampleInputs], references: list[Any], tolerance: float
+    model: nn.Module,
+    inputs: ExampleInputs,
+    runs: list[ExampleInputs],
+    references: list[Any],
+    tolerance: float,
 ) -> tuple[nn.Module, list[HeadChange]]:
     """:func:`compactor.heads.compact_heads`, verified against the masked model's outputs."""
 

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from . import __version__
 from .api import compact, resolve_example_inputs
+from .engine.verify import DEFAULT_TOLERANCE
 from .errors import (
     CompactorError,
     ExampleInputError,
@@ -26,7 +27,6 @@ from .errors import (
     OutputPathError,
     VerificationError,
 )
-from .engine.verify import DEFAULT_TOLERANCE
 from .inputs import ExampleInputs, parse_shape
 from .io.atomic import check_output_path, write_atomically
 from .io.load import read_model
@@ -77,11 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", nargs="?", metavar="MODEL", help="model file written by torch.save(model)")
-    p.add_argument("-o", "--output", metavar="OUT", help="where to write the compacted model: .pt, .pt2, .onnx or .safetensors")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="where to write the compacted model: .pt, .pt2, .onnx or .safetensors",
+    )
     p.add_argument("--demo", action="store_true", help="run on a built-in masked example model")
     inputs = p.add_argument_group("example inputs (one of)")
     inputs.add_argument(
-        "--example-inputs", metavar="FILE", help="torch.save'd tensor, tuple/list of tensors, or dict of tensors"
+        "--example-inputs",
+        metavar="FILE",
+        help="torch.save'd tensor, tuple/list of tensors, or dict of tensors",
     )
     inputs.add_argument(
         "--input-shape",
@@ -95,25 +102,47 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TOLERANCE,
         help=f"verification: max abs error <= TOL * max(1, max|output|) (default {DEFAULT_TOLERANCE:g})",
     )
-    p.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N (e.g. 8)")
+    p.add_argument(
+        "--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N (e.g. 8)"
+    )
     p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
     sources = p.add_argument_group("state_dicts and checkpoints")
-    sources.add_argument("--arch", metavar="MODULE:CALLABLE", help="builds the dense model; MODEL is then a state_dict/.ckpt")
-    sources.add_argument("--prefix", metavar="P", help="key prefix to strip from a checkpoint (default: detected)")
+    sources.add_argument(
+        "--arch", metavar="MODULE:CALLABLE", help="builds the dense model; MODEL is then a state_dict/.ckpt"
+    )
+    sources.add_argument(
+        "--prefix", metavar="P", help="key prefix to strip from a checkpoint (default: detected)"
+    )
     outputs = p.add_argument_group("outputs and measurement")
-    outputs.add_argument("--format", choices=["pt", "pt2", "onnx", "safetensors"], help="output format (default: by suffix)")
-    outputs.add_argument("--onnx", metavar="FILE.onnx", help="also write the compacted model as ONNX (checked with ORT)")
     outputs.add_argument(
-        "--sparse-storage", action="store_true", help="-o *.safetensors: store zero-heavy weights compressed (exact)"
+        "--format", choices=["pt", "pt2", "onnx", "safetensors"], help="output format (default: by suffix)"
     )
-    outputs.add_argument("--bench", action="store_true", help="add MACs and latency (dense vs compacted) to the report")
     outputs.add_argument(
-        "--backends", default="torch-cpu,onnxruntime-cpu,cuda", help="latency backends for --bench (default: %(default)s)"
+        "--onnx", metavar="FILE.onnx", help="also write the compacted model as ONNX (checked with ORT)"
     )
-    outputs.add_argument("--threads", type=int, default=1, help="intra-op threads for --bench (default: %(default)s)")
-    outputs.add_argument("--repeats", type=int, default=30, help="timed calls per model for --bench (default: %(default)s)")
+    outputs.add_argument(
+        "--sparse-storage",
+        action="store_true",
+        help="-o *.safetensors: store zero-heavy weights compressed (exact)",
+    )
+    outputs.add_argument(
+        "--bench", action="store_true", help="add MACs and latency (dense vs compacted) to the report"
+    )
+    outputs.add_argument(
+        "--backends",
+        default="torch-cpu,onnxruntime-cpu,cuda",
+        help="latency backends for --bench (default: %(default)s)",
+    )
+    outputs.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads for --bench (default: %(default)s)"
+    )
+    outputs.add_argument(
+        "--repeats", type=int, default=30, help="timed calls per model for --bench (default: %(default)s)"
+    )
     p.add_argument("--force", action="store_true", help="allow -o to replace the input file")
-    p.add_argument("--trust-pickle", action="store_true", help="load MODEL with full pickle (runs code from it)")
+    p.add_argument(
+        "--trust-pickle", action="store_true", help="load MODEL with full pickle (runs code from it)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"compactor {__version__}")
@@ -137,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             traceback.print_exc()
-        err.print(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", markup=False)
+        err.print(
+            f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+            markup=False,
+        )
         return 1
 
 
@@ -179,17 +211,24 @@ def _load(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def _measure(
-    model: torch.nn.Module, small: torch.nn.Module, inputs: ExampleInputs, report: CompactionReport, args: argparse.Namespace, err: Console
+    model: torch.nn.Module,
+    small: torch.nn.Module,
+    inputs: ExampleInputs,
+    report: CompactionReport,
+    args: argparse.Namespace,
+    err: Console,
 ) -> CompactionReport:
     from .report.measure import bench, count_macs
 
     if not args.bench:
-        return report.with_extra(macs={"before": count_macs(model, inputs), "after": count_macs(small, inputs)})
-    backends = _backends(args)
+        return report.with_extra(
+            macs={"before": count_macs(model, inputs), "after": count_macs(small, inputs)}
+        )
+    backends: Any = _backends(args)  # names checked against BACKENDS
     if not args.quiet and err.is_terminal:
         err.print(f"timing dense and compacted, interleaved, on {', '.join(backends)}", markup=False)
     return report.with_extra(
-        **bench(model, small, inputs, backends=backends, threads=args.threads, repeats=args.repeats)  # type: ignore[arg-type]
+        **bench(model, small, inputs, backends=backends, threads=args.threads, repeats=args.repeats)
     )
 
 
@@ -199,7 +238,9 @@ def _backends(args: argparse.Namespace) -> tuple[str, ...]:
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
-        raise ExampleInputError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        raise ExampleInputError(
+            f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}"
+        )
     return backends
 
 
@@ -229,8 +270,12 @@ def _write_outputs(
                 sparse_storage=sparse.to_dict(),
             )
         else:
-            size = save_output(small, out, inputs, format=args.format, tolerance=args.tolerance, arch=args.arch)
-            report = report.with_extra(output={"path": str(out), "bytes": size, "format": format_for(out, args.format)})
+            size = save_output(
+                small, out, inputs, format=args.format, tolerance=args.tolerance, arch=args.arch
+            )
+            report = report.with_extra(
+                output={"path": str(out), "bytes": size, "format": format_for(out, args.format)}
+            )
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -255,19 +300,31 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Co
     return _run(args, parser, err)
 
 
-def _compact(model: torch.nn.Module, inputs: ExampleInputs | None, args: argparse.Namespace, err: Console) -> Any:
+def _compact(
+    model: torch.nn.Module, inputs: ExampleInputs | None, args: argparse.Namespace, err: Console
+) -> Any:
     if args.quiet or not err.is_terminal:
         return compact(model, inputs, tolerance=args.tolerance, round_to=args.round_to)
     with err.status("compacting") as status:
-        return compact(model, inputs, tolerance=args.tolerance, round_to=args.round_to, log=lambda msg: status.update(msg))
+        return compact(
+            model,
+            inputs,
+            tolerance=args.tolerance,
+            round_to=args.round_to,
+            log=lambda msg: status.update(msg),
+        )
 
 
 def _finish(report: CompactionReport, report_path: Path | None, args: argparse.Namespace) -> None:
     if report_path is not None:
         text = json.dumps(report.to_dict(), indent=2, default=str)
-        write_atomically(report_path, lambda tmp: tmp.write_text(text))
+        write_atomically(report_path, lambda tmp: _write_text(tmp, text))
     if not args.quiet:
         render(report, Console(highlight=False, soft_wrap=False, width=max(120, Console().width)))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)
 
 
 def _example_inputs(args: argparse.Namespace) -> ExampleInputs | None:
@@ -282,7 +339,9 @@ def _example_inputs(args: argparse.Namespace) -> ExampleInputs | None:
 
 def _load_example_inputs(path: Path) -> ExampleInputs:
     if not path.is_file():
-        raise ExampleInputError(f"--example-inputs {path} does not exist; save one with torch.save(x, '{path}')")
+        raise ExampleInputError(
+            f"--example-inputs {path} does not exist; save one with torch.save(x, '{path}')"
+        )
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for non-torch files

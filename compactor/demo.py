@@ -39,7 +39,8 @@ class DemoNet(nn.Module):
         x = torch.relu(self.bn(self.stem(x)))
         x = self.blocks(x)
         x = torch.relu(self.head(x))
-        return self.fc(self.pool(x).flatten(1))
+        out: torch.Tensor = self.fc(self.pool(x).flatten(1))
+        return out
 
 
 def demo_model(amount: float = 0.5, seed: int = 0) -> nn.Module:
@@ -49,25 +50,34 @@ def demo_model(amount: float = 0.5, seed: int = 0) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             with torch.no_grad():
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
+                for name, (low, high) in _BN_INIT.items():
+                    tensor: torch.Tensor = getattr(module, name)
+                    tensor.uniform_(low, high)
     for block in model.blocks:
-        prune.ln_structured(block.conv1, "weight", amount=amount, n=2, dim=0)
+        assert isinstance(block, DemoBlock)
+        prune.ln_structured(block.conv1, "weight", amount=amount, n=2, dim=0)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         _dead_stats(block.conv1, block.bn1)
-    prune.ln_structured(model.head, "weight", amount=amount, n=2, dim=0)
+    prune.ln_structured(model.head, "weight", amount=amount, n=2, dim=0)  # type: ignore[no-untyped-call]  # as above
     with torch.no_grad():
-        dead = model.head.weight_mask.flatten(1).sum(1) == 0
-        model.head.bias[dead] = -model.head.bias[dead].abs()  # dead filters emit ReLU(negative) = 0
+        dead = _dead_filters(model.head)
+        bias = model.head.bias
+        assert bias is not None
+        bias[dead] = -bias[dead].abs()  # dead filters emit ReLU(negative) = 0
     return model.eval()
+
+
+_BN_INIT = {"weight": (0.5, 1.5), "bias": (-0.5, 0.5), "running_mean": (-0.2, 0.2), "running_var": (0.5, 1.5)}
+
+
+def _dead_filters(conv: nn.Conv2d) -> torch.Tensor:
+    mask = conv.get_buffer("weight_mask")
+    return mask.flatten(1).sum(1) == 0
 
 
 def _dead_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """After fine-tuning with masks, a dead channel's running mean decays to exactly 0."""
     with torch.no_grad():
-        dead = conv.weight_mask.flatten(1).sum(1) == 0
-        bn.running_mean[dead] = 0.0
+        bn.get_buffer("running_mean")[_dead_filters(conv)] = 0.0
 
 
 DEMO_INPUT_SHAPE = (1, 3, 32, 32)

@@ -117,7 +117,9 @@ def infer_example_inputs(model: nn.Module) -> ExampleInputs | None:
             return from_shapes([(1, module.in_channels, 64)])
         if isinstance(module, nn.Linear):
             return from_shapes([(1, module.in_features)])
-        if isinstance(module, (nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+        if isinstance(
+            module, (nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention, nn.TransformerEncoderLayer)
+        ):
             return None
     return None
 

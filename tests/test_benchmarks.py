@@ -30,7 +30,10 @@ def test_zoo_pruning_zeroes_the_expected_channels(sparsity: float) -> None:
     pruned = {id(layer) for group in groups for layer in group}
     for group in groups:
         hidden = group[0].weight.shape[0]
-        dead = [set(torch.nonzero(layer.weight.flatten(1).abs().amax(1) == 0).flatten().tolist()) for layer in group]
+        dead = [
+            set(torch.nonzero(layer.weight.flatten(1).abs().amax(1) == 0).flatten().tolist())
+            for layer in group
+        ]
         assert all(len(d) == round(sparsity * hidden) for d in dead)
         assert all(d == dead[0] for d in dead)  # expand and depthwise drop the same channels
     for module in model.modules():
@@ -60,7 +63,9 @@ def test_resnext_prunes_the_same_count_in_every_group() -> None:
     model, _ = ZOO["resnext50_32x4d"].make(0.5, quick=True)
     block = model.layer1[0]
     assert (block.conv2.groups, block.conv2.in_channels, block.conv2.out_channels) == (32, 128, 128)
-    for bottleneck in (b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer):
+    for bottleneck in (
+        b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer
+    ):
         for conv in (bottleneck.conv1, bottleneck.conv2):
             dead = (conv.weight.detach().flatten(1).abs().amax(1) == 0).view(32, -1).sum(1)
             assert dead.tolist() == [conv.out_channels // 32 // 2] * 32
@@ -79,7 +84,13 @@ def test_plan_cases_defaults() -> None:
     assert [c.model for c in quick] == ["resnet18", "mobilenet_v2", "bert_mini"]
     assert all(c.quick and c.sparsity == 0.5 and c.round_to is None for c in quick)
     full = plan_cases(parse_args(["--models", "resnet50"]))
-    assert [(c.sparsity, c.round_to) for c in full] == [(0.3, None), (0.5, None), (0.7, None), (0.5, 8), (0.5, 16)]
+    assert [(c.sparsity, c.round_to) for c in full] == [
+        (0.3, None),
+        (0.5, None),
+        (0.7, None),
+        (0.5, 8),
+        (0.5, 16),
+    ]
 
 
 def test_row_efficiency() -> None:
@@ -98,7 +109,18 @@ def test_row_efficiency() -> None:
 
 def test_quick_benchmark_writes_report(tmp_path: Path) -> None:
     out = tmp_path / "REPORT.md"
-    command = [sys.executable, "-m", "benchmarks", "--quick", "--models", "resnet18", "--backends", "torch-cpu", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--quick",
+        "--models",
+        "resnet18",
+        "--backends",
+        "torch-cpu",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     text = out.read_text()

@@ -64,7 +64,12 @@ MODEL_SOURCE = textwrap.dedent(
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), *sys.path])}
     return subprocess.run(
-        [sys.executable, "-m", "compactor.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "compactor.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -93,7 +98,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         open("notes.txt", "w").write("not a model")
         """
     )
-    subprocess.run([sys.executable, "-c", script], cwd=d, check=True, env={**os.environ, "PYTHONPATH": str(d)})
+    subprocess.run(
+        [sys.executable, "-c", script], cwd=d, check=True, env={**os.environ, "PYTHONPATH": str(d)}
+    )
     return d
 
 
@@ -103,7 +110,9 @@ def digest(path: Path) -> str:
 
 def test_compacts_and_writes_model_and_report(workdir: Path) -> None:
     before = digest(workdir / "masked.pt")
-    r = run_cli("masked.pt", "-o", "small.pt", "--input-shape", "2,3,8,8", "--report", "report.json", cwd=workdir)
+    r = run_cli(
+        "masked.pt", "-o", "small.pt", "--input-shape", "2,3,8,8", "--report", "report.json", cwd=workdir
+    )
     assert r.returncode == 0, r.stderr
     assert digest(workdir / "masked.pt") == before  # the input file is never touched
     report = json.loads((workdir / "report.json").read_text())
@@ -137,7 +146,9 @@ def test_formats_bench_onnx_round_to_in_one_run(workdir: Path) -> None:
     assert set(report["latency_ms"]["torch-cpu"]) == {"before", "after"}
     assert report["macs"]["after"] < report["macs"]["before"]
     assert report["output"]["format"] == "pt2" and (workdir / "small.pt2").is_file()
-    assert (workdir / "small.onnx").is_file() and report["onnx"]["bytes"] == (workdir / "small.onnx").stat().st_size
+    assert (workdir / "small.onnx").is_file() and report["onnx"]["bytes"] == (
+        workdir / "small.onnx"
+    ).stat().st_size
     conv1 = next(layer for layer in report["layers"] if layer["name"] == "conv1")
     assert conv1["out_after"] % 2 == 0
     program = torch.export.load(str(workdir / "small.pt2")).module()
@@ -152,7 +163,17 @@ def test_formats_bench_onnx_round_to_in_one_run(workdir: Path) -> None:
 
 
 def test_state_dict_with_arch_to_safetensors_and_sparse(workdir: Path) -> None:
-    r = run_cli("state_dict.pt", "--arch", "models:Net", "-o", "small.safetensors", "--input-shape", "1,3,8,8", "-q", cwd=workdir)
+    r = run_cli(
+        "state_dict.pt",
+        "--arch",
+        "models:Net",
+        "-o",
+        "small.safetensors",
+        "--input-shape",
+        "1,3,8,8",
+        "-q",
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
     r2 = run_cli(
         "masked.pt", "-o", "sparse.safetensors", "--sparse-storage", "--input-shape", "1,3,8,8", "--report", "sparse.json",
@@ -213,29 +234,73 @@ BAD_INPUTS = [
     pytest.param(["notes.txt", "-o", "o.pt"], "is not a PyTorch file", id="not-a-torch-file"),
     pytest.param(["state_dict.pt", "-o", "o.pt"], "holds a state_dict", id="state-dict"),
     pytest.param(["evil.pt", "-o", "o.pt"], "needs the global posix.system", id="unsafe-global"),
-    pytest.param(["masked.pt", "-o", "o.pt", "--input-shape", "2,4,8,8"], "fails its own forward pass", id="wrong-shape"),
-    pytest.param(["masked.pt", "-o", "o.pt", "--input-shape", "2,3,8,8:int64"], "fails its own forward pass", id="wrong-dtype"),
-    pytest.param(["masked.pt", "-o", "o.pt", "--input-shape", "2,x,8"], "is not a shape", id="bad-shape-text"),
-    pytest.param(["masked.pt", "-o", "o.pt", "--input-shape", "2,3,8,8:float99"], "unknown dtype", id="bad-dtype"),
-    pytest.param(["masked.pt", "-o", "o.pt", "--example-inputs", "nope.pt"], "does not exist", id="missing-inputs"),
-    pytest.param(["masked.pt", "-o", "o.pt", "--example-inputs", "notes.txt"], "is not a torch.save'd tensor", id="bad-inputs"),
     pytest.param(
-        ["masked.pt", "-o", "o.pt", "--example-inputs", "x.pt", "--input-shape", "1,3,8,8"], "not both", id="both-inputs"
+        ["masked.pt", "-o", "o.pt", "--input-shape", "2,4,8,8"],
+        "fails its own forward pass",
+        id="wrong-shape",
+    ),
+    pytest.param(
+        ["masked.pt", "-o", "o.pt", "--input-shape", "2,3,8,8:int64"],
+        "fails its own forward pass",
+        id="wrong-dtype",
+    ),
+    pytest.param(
+        ["masked.pt", "-o", "o.pt", "--input-shape", "2,x,8"], "is not a shape", id="bad-shape-text"
+    ),
+    pytest.param(
+        ["masked.pt", "-o", "o.pt", "--input-shape", "2,3,8,8:float99"], "unknown dtype", id="bad-dtype"
+    ),
+    pytest.param(
+        ["masked.pt", "-o", "o.pt", "--example-inputs", "nope.pt"], "does not exist", id="missing-inputs"
+    ),
+    pytest.param(
+        ["masked.pt", "-o", "o.pt", "--example-inputs", "notes.txt"],
+        "is not a torch.save'd tensor",
+        id="bad-inputs",
+    ),
+    pytest.param(
+        ["masked.pt", "-o", "o.pt", "--example-inputs", "x.pt", "--input-shape", "1,3,8,8"],
+        "not both",
+        id="both-inputs",
     ),
     pytest.param(["tokens.pt", "-o", "o.pt"], "cannot infer an input shape", id="no-inputs"),
-    pytest.param(["broken.pt", "-o", "o.pt", "--input-shape", "1,3,8,8"], "this model is broken on purpose", id="broken-forward"),
-    pytest.param(["masked.pt", "-o", "masked.pt", "--input-shape", "1,3,8,8"], "is the input model", id="overwrite-input"),
-    pytest.param(["masked.pt", "-o", "no/such/dir/o.pt"], "does not exist; create it first", id="missing-out-dir"),
+    pytest.param(
+        ["broken.pt", "-o", "o.pt", "--input-shape", "1,3,8,8"],
+        "this model is broken on purpose",
+        id="broken-forward",
+    ),
+    pytest.param(
+        ["masked.pt", "-o", "masked.pt", "--input-shape", "1,3,8,8"],
+        "is the input model",
+        id="overwrite-input",
+    ),
+    pytest.param(
+        ["masked.pt", "-o", "no/such/dir/o.pt"], "does not exist; create it first", id="missing-out-dir"
+    ),
     pytest.param(["masked.pt", "-o", "."], "is a directory", id="out-is-dir"),
     pytest.param(["masked.pt", "-o", "notes.txt/o.pt"], "is not a directory", id="out-parent-is-file"),
     pytest.param(["masked.pt", "-o", "o.bin"], "unknown suffix '.bin'", id="unknown-suffix"),
-    pytest.param(["masked.pt", "-o", "o.pt", "--sparse-storage"], "--sparse-storage writes safetensors", id="sparse-needs-safetensors"),
-    pytest.param(["masked.pt", "-o", "o.pt", "--prefix", "model."], "--prefix goes with --arch", id="prefix-without-arch"),
+    pytest.param(
+        ["masked.pt", "-o", "o.pt", "--sparse-storage"],
+        "--sparse-storage writes safetensors",
+        id="sparse-needs-safetensors",
+    ),
+    pytest.param(
+        ["masked.pt", "-o", "o.pt", "--prefix", "model."],
+        "--prefix goes with --arch",
+        id="prefix-without-arch",
+    ),
     pytest.param(["masked.pt", "-o", "o.pt", "--round-to", "0"], "--round-to 0", id="bad-round-to"),
     pytest.param(
-        ["masked.pt", "-o", "o.pt", "--input-shape", "1,3,8,8", "--bench", "--backends", "tpu"], "unknown tpu", id="bad-backend"
+        ["masked.pt", "-o", "o.pt", "--input-shape", "1,3,8,8", "--bench", "--backends", "tpu"],
+        "unknown tpu",
+        id="bad-backend",
     ),
-    pytest.param(["state_dict.pt", "--arch", "nosuchmodule:Net", "-o", "o.pt"], "nosuchmodule", id="arch-not-importable"),
+    pytest.param(
+        ["state_dict.pt", "--arch", "nosuchmodule:Net", "-o", "o.pt"],
+        "nosuchmodule",
+        id="arch-not-importable",
+    ),
 ]
 
 
@@ -254,7 +319,10 @@ def bad_runs(workdir: Path) -> dict[str, subprocess.CompletedProcess[str]]:
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
 def test_bad_input_is_one_line_exit_2_nothing_written(
-    bad_runs: dict[str, subprocess.CompletedProcess[str]], request: pytest.FixtureRequest, args: list[str], message: str
+    bad_runs: dict[str, subprocess.CompletedProcess[str]],
+    request: pytest.FixtureRequest,
+    args: list[str],
+    message: str,
 ) -> None:
     r = bad_runs[request.node.callspec.id]
     assert r.returncode == 2, (r.stdout, r.stderr)

@@ -25,8 +25,8 @@ from zoo import (
 )
 
 import compactor
-from compactor.layers import shrinker_for
 from compactor.engine.plan import Fate
+from compactor.layers import shrinker_for
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -51,7 +51,9 @@ def _assert_same(before: dict[str, object], after: dict[str, object]) -> None:
 
 def _assert_no_pruning_state(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        assert not any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()), name
+        assert not any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()), (
+            name
+        )
     for key in model.state_dict():
         assert not key.endswith(("_orig", "_mask")), key
 
@@ -99,7 +101,9 @@ def _assert_fates(
     for link, verdict in zip(links, expected_all(model, links, shape)):
         roots = {p[0] for p in link.paths}
         oracle = Counter(f for f in verdict.fates if f != "live")
-        engine = Counter(KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer in roots)
+        engine = Counter(
+            KEPT if z.fate.startswith("kept") else z.fate for z in report.zeroed if z.layer in roots
+        )
         assert engine == oracle, f"group of {link.root}"
 
 
@@ -115,7 +119,9 @@ def test_zoo(case: Case, zoo_results: ZooResults) -> None:
     for name, p in small.named_parameters():
         source = original.get(name, original.get(f"{name}_orig"))
         assert source is not None, f"{name} appeared"
-        assert (p.dtype, p.device, p.requires_grad) == (source.dtype, source.device, source.requires_grad), name
+        assert (p.dtype, p.device, p.requires_grad) == (source.dtype, source.device, source.requires_grad), (
+            name
+        )
 
     # every rebuilt layer has exactly the channel count the oracle computes from masks and norms
     expected = expected_widths(model, case.links, case.shape)
@@ -135,7 +141,9 @@ def test_zoo(case: Case, zoo_results: ZooResults) -> None:
         roots = {p[0] for p in link.paths}
         if link.blocked:
             kept = [z for z in report.zeroed if z.layer in roots]
-            assert kept and all(link.blocked in f"{z.fate} {z.reason}" for z in kept if z.fate != "kept: varies with position")
+            assert kept and all(
+                link.blocked in f"{z.fate} {z.reason}" for z in kept if z.fate != "kept: varies with position"
+            )
 
     if case.restored:
         assert any(z.fate == Fate.KEPT_UNVERIFIED.value for z in report.zeroed)
@@ -232,7 +240,11 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
         items = []
         for item in group.items:
             target = item.dep.target.module
-            wrong = isinstance(target, nn.Conv2d) and target.in_channels == 16 and not self.is_out_channel_pruning_fn(item.dep.handler)
+            wrong = (
+                isinstance(target, nn.Conv2d)
+                and target.in_channels == 16
+                and not self.is_out_channel_pruning_fn(item.dep.handler)
+            )
             shifted = [i + 100 for i in item.idxs] if wrong else list(item.idxs)
             items.append(SimpleNamespace(dep=item.dep, idxs=shifted, root_idxs=list(item.root_idxs)))
         return SimpleNamespace(items=items)
@@ -279,7 +291,9 @@ def test_zoo_other_weights(case: Case, seed: int) -> None:
     _assert_fates(model, case.links, case.shape, report)
 
 
-_HALF = [(c.name, torch.bfloat16) for c in CASES] + [(n, torch.float16) for n in ("conv_chain", "mlp", "roll_channels")]
+_HALF = [(c.name, torch.bfloat16) for c in CASES] + [
+    (n, torch.float16) for n in ("conv_chain", "mlp", "roll_channels")
+]
 
 
 @pytest.mark.parametrize(("name", "dtype"), _HALF, ids=[f"{n}-{str(d)[6:]}" for n, d in _HALF])
@@ -325,14 +339,22 @@ def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole() -> None:
         nn.Conv2d(16, 8, 1), nn.Flatten(2), nn.Linear(64, 4),
     )  # fmt: skip
     dead_in, dead_out = [1, 4, 20, 25], [1, 4, 9]
-    prune.custom_from_mask(model[0], "weight", torch.ones_like(model[0].weight).index_fill_(0, torch.tensor(dead_in), 0))
-    prune.custom_from_mask(model[2], "weight", torch.ones_like(model[2].weight).index_fill_(0, torch.tensor(dead_out), 0))
+    prune.custom_from_mask(
+        model[0], "weight", torch.ones_like(model[0].weight).index_fill_(0, torch.tensor(dead_in), 0)
+    )
+    prune.custom_from_mask(
+        model[2], "weight", torch.ones_like(model[2].weight).index_fill_(0, torch.tensor(dead_out), 0)
+    )
     model.eval()
     x = torch.randn(2, 3, 8, 8)
 
     small, report = compactor.compact(model, x)
 
-    assert [(m.in_channels, m.out_channels) for m in (small[0], small[2], small[5])] == [(3, 32), (32, 16), (16, 8)]
+    assert [(m.in_channels, m.out_channels) for m in (small[0], small[2], small[5])] == [
+        (3, 32),
+        (32, 16),
+        (16, 8),
+    ]
     assert sorted(z.channel for z in report.zeroed) == [1, 4]  # dead in both "coupled" producers
     assert all(z.fate == "kept: read elsewhere" and "as if depthwise" in z.reason for z in report.zeroed)
     with torch.no_grad():

@@ -41,7 +41,9 @@ from compactor.engine.plan import Fate
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def _assert_equal_outputs(model: nn.Module, small: nn.Module, shape: tuple[int, ...], seeds: tuple[int, ...] = (5, 6)) -> None:
+def _assert_equal_outputs(
+    model: nn.Module, small: nn.Module, shape: tuple[int, ...], seeds: tuple[int, ...] = (5, 6)
+) -> None:
     model.eval(), small.eval()
     with torch.no_grad():
         for seed in seeds:
@@ -250,11 +252,15 @@ def test_removed_fraction_over_the_zoo(zoo_results: ZooResults, capsys: pytest.C
         zeroed += len(report.zeroed)
         removed += case_removed
         possible += case_possible
-        lines.append(f"  {case.name:24} zeroed {len(report.zeroed):3}  removed {case_removed:3} / {case_possible:3} possible")
+        lines.append(
+            f"  {case.name:24} zeroed {len(report.zeroed):3}  removed {case_removed:3} / {case_possible:3} possible"
+        )
         assert case_removed == case_possible, case.name
     with capsys.disabled():
-        print(f"\nzoo: {zeroed} zeroed channels, {removed} removed of {possible} the math allows "
-              f"({removed / possible:.0%} of the maximum, {removed / zeroed:.0%} of all zeroed)")
+        print(
+            f"\nzoo: {zeroed} zeroed channels, {removed} removed of {possible} the math allows "
+            f"({removed / possible:.0%} of the maximum, {removed / zeroed:.0%} of all zeroed)"
+        )
         print("\n".join(lines))
     assert removed == possible
 

@@ -16,9 +16,9 @@ from _formats_models import DataDependent, LayerScaleCNN, SmallCNN, channel_prun
 from torch import nn
 
 import compactor
+from compactor.errors import ExportError, InputFileError, StateDictError, UnsupportedFormatError
 from compactor.io import save as formats
 from compactor.io.safetensors import MANIFEST_KEY
-from compactor.errors import ExportError, InputFileError, StateDictError, UnsupportedFormatError
 
 X = example_input()
 
@@ -56,7 +56,9 @@ def test_unknown_suffix_lists_the_supported_ones(tmp_path: Path, small: nn.Modul
         f"-o {tmp_path / 'small.bin'}: unknown suffix '.bin'; use one of .pt, .pt2, .onnx, .safetensors "
         f"or pass --format pt|pt2|onnx|safetensors"
     )
-    with pytest.raises(UnsupportedFormatError, match=r"--format 'tflite' is not supported; choose one of pt\|pt2"):
+    with pytest.raises(
+        UnsupportedFormatError, match=r"--format 'tflite' is not supported; choose one of pt\|pt2"
+    ):
         formats.format_for("x.pt", "tflite")
     assert files_in(tmp_path) == []
 
@@ -81,7 +83,9 @@ def test_pt2_runs_without_the_class_or_compactor(tmp_path: Path, small: nn.Modul
         "assert not any(n.startswith(('compactor', '_formats_models')) and m for n, m in sys.modules.items())\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), small(X), rtol=1e-5, atol=1e-5)
 
@@ -103,11 +107,17 @@ def test_safetensors_loads_into_the_dense_architecture(tmp_path: Path, small: nn
     header = json.loads(head[8 : 8 + length])  # safetensors: a JSON header and raw bytes, no pickle
     spec = json.loads(header["__metadata__"][MANIFEST_KEY])
     assert spec["layers"]["conv1"] == {
-        "type": "Conv2d", "out": 5, "in": 3, "bias": None, "attrs": {"in_channels": 3, "out_channels": 5, "groups": 1}
+        "type": "Conv2d",
+        "out": 5,
+        "in": 3,
+        "bias": None,
+        "attrs": {"in_channels": 3, "out_channels": 5, "groups": 1},
     }
     for arch in (SmallCNN, "_formats_models:small_cnn"):
         loaded = compactor.load(path, arch=arch).eval()
-        assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+        assert {k: v.shape for k, v in loaded.state_dict().items()} == {
+            k: v.shape for k, v in small.state_dict().items()
+        }
         assert torch.equal(loaded(X), small(X))
 
 
@@ -124,7 +134,9 @@ def test_safetensors_rebuilds_grouped_convs_group_by_group(tmp_path: Path) -> No
     formats.save_output(small, path, x, arch=ResNeXtBlock)
     loaded = compactor.load(path, arch=ResNeXtBlock).eval()
     assert (loaded.conv2.in_channels, loaded.conv2.out_channels, loaded.conv2.groups) == (16, 24, 4)
-    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {
+        k: v.shape for k, v in small.state_dict().items()
+    }
     assert torch.equal(loaded(x), small(x))
 
 
@@ -157,7 +169,9 @@ def test_safetensors_refuses_another_architecture(tmp_path: Path, small: nn.Modu
     )
     with pytest.raises(StateDictError) as info:
         compactor.load(path, arch=lambda: SmallCNN(width=2))
-    assert str(info.value).startswith(f"{path}: layer 'conv1' has 5 output channels but the architecture only 2;")
+    assert str(info.value).startswith(
+        f"{path}: layer 'conv1' has 5 output channels but the architecture only 2;"
+    )
 
 
 def test_safetensors_refuses_files_it_did_not_write(tmp_path: Path) -> None:
@@ -166,13 +180,17 @@ def test_safetensors_refuses_files_it_did_not_write(tmp_path: Path) -> None:
     from compactor.io.safetensors import load_safetensors
 
     save_file(SmallCNN().state_dict(), str(tmp_path / "plain.safetensors"))
-    with pytest.raises(InputFileError, match=r"has no compactor manifest \(metadata key 'compactor.manifest'\)"):
+    with pytest.raises(
+        InputFileError, match=r"has no compactor manifest \(metadata key 'compactor.manifest'\)"
+    ):
         load_safetensors(tmp_path / "plain.safetensors", SmallCNN)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     for load in (load_safetensors, lambda path, arch: compactor.load(path, arch=arch)):
         with pytest.raises(InputFileError, match=r"junk.safetensors is not a safetensors file \("):
             load(tmp_path / "junk.safetensors", SmallCNN)
-        with pytest.raises(InputFileError, match=r"missing.safetensors does not exist or is not a file; check the path"):
+        with pytest.raises(
+            InputFileError, match=r"missing.safetensors does not exist or is not a file; check the path"
+        ):
             load(tmp_path / "missing.safetensors", SmallCNN)
 
 
@@ -189,7 +207,9 @@ def test_load_reads_a_plain_safetensors_state_dict_into_its_architecture(tmp_pat
 def test_failed_export_leaves_nothing_behind(tmp_path: Path) -> None:
     model = DataDependent().eval()
     (tmp_path / "keep.pt2").write_bytes(b"previous")
-    with pytest.raises(ExportError, match=r"^torch.export failed for DataDependent \(.*\); save as .pt or .safetensors"):
+    with pytest.raises(
+        ExportError, match=r"^torch.export failed for DataDependent \(.*\); save as .pt or .safetensors"
+    ):
         formats.save_output(model, tmp_path / "keep.pt2", torch.ones(1, 4))
     assert files_in(tmp_path) == ["keep.pt2"]
     assert (tmp_path / "keep.pt2").read_bytes() == b"previous"  # the old file is untouched
@@ -219,9 +239,9 @@ class _Cancelling(torch.nn.Module):
 
 
 def test_onnx_check_allows_runtime_rounding_only_as_large_as_torchs_own() -> None:
+    from compactor.engine.verify import NOISE_FACTOR
     from compactor.engine.verify import runtime_tolerance as _runtime_tolerance
     from compactor.inputs import ExampleInputs
-    from compactor.engine.verify import NOISE_FACTOR
 
     x = ExampleInputs.of(torch.randn(4, 16, generator=torch.Generator().manual_seed(0)))
     shallow = torch.nn.Sequential(torch.nn.Linear(16, 4)).eval()

@@ -13,10 +13,10 @@ from torch.nn.utils import prune
 
 L = pytest.importorskip("lightning.pytorch")
 
-from compactor.errors import OutputPathError  # noqa: E402
-from compactor.training.lightning import CompactOnFitEnd, KeepPrunedCallback  # noqa: E402
 from compactor.engine.plan import Fate  # noqa: E402
+from compactor.errors import OutputPathError  # noqa: E402
 from compactor.report.report import CompactionReport  # noqa: E402
+from compactor.training.lightning import CompactOnFitEnd, KeepPrunedCallback  # noqa: E402
 
 pytestmark = [  # Lightning's advice (num_workers, log_every_n_steps) and its own deprecated pytree calls
     pytest.mark.filterwarnings("ignore::UserWarning:lightning.*"),

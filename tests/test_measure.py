@@ -143,7 +143,9 @@ def compacted_cnn() -> tuple[nn.Module, nn.Module, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def exported(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(
+    compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     pytest.importorskip("onnxruntime")
     from compactor.io.onnx import export_onnx
 
@@ -154,7 +156,9 @@ def exported(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], tmp_path_
     return result.path
 
 
-def test_onnx_export_matches_onnxruntime(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], exported: Path) -> None:
+def test_onnx_export_matches_onnxruntime(
+    compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], exported: Path
+) -> None:
     from compactor.io.onnx import check_onnx
 
     _, small, x = compacted_cnn
@@ -162,7 +166,9 @@ def test_onnx_export_matches_onnxruntime(compacted_cnn: tuple[nn.Module, nn.Modu
     assert check_onnx(exported, small, x) < 1e-4
 
 
-def test_onnx_check_names_the_differing_output(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], exported: Path) -> None:
+def test_onnx_check_names_the_differing_output(
+    compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], exported: Path
+) -> None:
     from compactor.io.onnx import check_onnx
 
     _, small, x = compacted_cnn
@@ -171,13 +177,19 @@ def test_onnx_check_names_the_differing_output(compacted_cnn: tuple[nn.Module, n
         check_onnx(exported, other, x)
 
 
-def test_onnx_latency_from_exported_files(exported: Path, compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor]) -> None:
+def test_onnx_latency_from_exported_files(
+    exported: Path, compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor]
+) -> None:
     _, _, x = compacted_cnn
-    timings = latency({"a": exported, "b": exported}, x, backend="onnxruntime-cpu", threads=1, warmup=1, repeats=3)
+    timings = latency(
+        {"a": exported, "b": exported}, x, backend="onnxruntime-cpu", threads=1, warmup=1, repeats=3
+    )
     assert all(t.median_ms > 0 and t.n == 3 for t in timings.values())
 
 
-def test_torchscript_exporter_forced(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], tmp_path: Path) -> None:
+def test_torchscript_exporter_forced(
+    compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor], tmp_path: Path
+) -> None:
     pytest.importorskip("onnxruntime")
     from compactor.io.onnx import check_onnx, export_onnx
 

@@ -30,7 +30,9 @@ def test_parametrized_conv_compacts_and_the_callers_model_keeps_working() -> Non
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     with torch.no_grad():
         model[0].bias[:3] = 0.0
-    parametrize.register_parametrization(model[0], "weight", RowMask(torch.tensor([0, 0, 0, 1, 1, 1, 1, 1.0])))
+    parametrize.register_parametrization(
+        model[0], "weight", RowMask(torch.tensor([0, 0, 0, 1, 1, 1, 1, 1.0]))
+    )
     x = torch.randn(2, 3, 10, 10)
     expected = model(x)
     small, report = compactor.compact(model, x)
@@ -64,7 +66,9 @@ def test_torch_ao_sparsifier_model_compacts() -> None:
     small, report = compactor.compact(model, x)
     # A dead row emits its bias b; ReLU(b) is 0 (removed) or a constant folded into the next bias.
     bias = model[0].bias.detach()[model[0].weight.abs().sum(1) == 0]
-    assert report.fates["removed"] == int((bias <= 0).sum()) and report.fates["folded"] == int((bias > 0).sum())
+    assert report.fates["removed"] == int((bias <= 0).sum()) and report.fates["folded"] == int(
+        (bias > 0).sum()
+    )
     assert small[0].out_features == 32 - rows_zero
     torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
 

@@ -65,7 +65,10 @@ def test_odd_widths_get_a_round_to_hint_unless_rounded() -> None:
     small, report = compactor.compact(model, x)
     assert small[0].out_features == 31
     assert report.to_dict()["round_to"] == 1
-    assert "hint: 2 rebuilt layer(s) now have channel counts off a multiple of 8 (0: 31, 2: 31)" in report.table()
+    assert (
+        "hint: 2 rebuilt layer(s) now have channel counts off a multiple of 8 (0: 31, 2: 31)"
+        in report.table()
+    )
     assert "--round-to 8 (round_to=8)" in report.table()
     small, report = compactor.compact(model, x, round_to=8)
     assert small[0].out_features == 32

@@ -12,9 +12,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
-from compactor.io import save as formats, sparse
-from compactor.errors import ExportError, InputFileError, StateDictError
 from compactor.engine.masks import bake_masks, clone_module
+from compactor.errors import ExportError, InputFileError, StateDictError
+from compactor.io import save as formats
+from compactor.io import sparse
 from compactor.report.sparsity import sparsity_report
 
 X = example_input()
@@ -79,7 +80,9 @@ def test_dense_tensors_stay_dense(tmp_path: Path) -> None:
     report = sparse.save_sparse(model, tmp_path / "dense.safetensors")
     assert report.sparse_tensors == 0
     assert report.sparse_bytes <= report.dense_bytes + 200  # only the longer metadata
-    assert_bit_equal(sparse.load_sparse(tmp_path / "dense.safetensors", SmallCNN).state_dict(), model.state_dict())
+    assert_bit_equal(
+        sparse.load_sparse(tmp_path / "dense.safetensors", SmallCNN).state_dict(), model.state_dict()
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -117,8 +120,11 @@ def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
     untied = Tied()
     untied.decoder.weight = nn.Parameter(untied.encoder.weight.detach() * 2)
     sparse.save_sparse(untied, tmp_path / "untied.safetensors")
-    with pytest.raises(StateDictError, match=r"untied.safetensors: encoder.weight and decoder.weight are one tied "
-                       r"tensor in the architecture but differ in the file; build the model without the tie"):
+    with pytest.raises(
+        StateDictError,
+        match=r"untied.safetensors: encoder.weight and decoder.weight are one tied "
+        r"tensor in the architecture but differ in the file; build the model without the tie",
+    ):
         sparse.load_sparse(tmp_path / "untied.safetensors", Tied)
 
 
@@ -129,7 +135,9 @@ def test_compacted_and_sparse_model_loads_into_the_dense_architecture(tmp_path: 
     assert small.conv2.out_channels < 16
     sparse.save_sparse(small, tmp_path / "both.safetensors")
     for arch in (SmallCNN, "_formats_models:small_cnn"):
-        loaded = compactor.load(tmp_path / "both.safetensors", arch=arch).eval()  # compactor.load sees sparse storage
+        loaded = compactor.load(
+            tmp_path / "both.safetensors", arch=arch
+        ).eval()  # compactor.load sees sparse storage
         assert_bit_equal(loaded.state_dict(), small.state_dict())
         assert torch.equal(loaded(X), small(X))
 
@@ -144,10 +152,15 @@ def test_loads_into_a_given_module(tmp_path: Path) -> None:
 
 def test_refuses_other_files(tmp_path: Path) -> None:
     formats.save_output(trained(SmallCNN()), tmp_path / "dense.safetensors", X)
-    with pytest.raises(InputFileError, match=r"dense.safetensors is not a compactor sparse-storage file \(no "
-                       r"'compactor.storage' metadata\); load a dense .safetensors with compactor.load"):
+    with pytest.raises(
+        InputFileError,
+        match=r"dense.safetensors is not a compactor sparse-storage file \(no "
+        r"'compactor.storage' metadata\); load a dense .safetensors with compactor.load",
+    ):
         sparse.load_sparse(tmp_path / "dense.safetensors", SmallCNN)
-    with pytest.raises(InputFileError, match=r"nothing.safetensors does not exist or is not a file; check the path"):
+    with pytest.raises(
+        InputFileError, match=r"nothing.safetensors does not exist or is not a file; check the path"
+    ):
         sparse.load_sparse(tmp_path / "nothing.safetensors", SmallCNN)
 
 
@@ -156,6 +169,8 @@ def test_a_failed_check_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monke
         return {k: torch.zeros_like(v) for k, v in baked(unstructured()).state_dict().items()}
 
     monkeypatch.setattr(sparse, "decode_file", corrupt)
-    with pytest.raises(ExportError, match=r"sparse storage does not reproduce conv1.weight exactly; nothing was"):
+    with pytest.raises(
+        ExportError, match=r"sparse storage does not reproduce conv1.weight exactly; nothing was"
+    ):
         sparse.save_sparse(unstructured(), tmp_path / "u.safetensors")
     assert os.listdir(tmp_path) == []

@@ -66,7 +66,9 @@ def test_masked_state_dict_bakes_orig_times_mask(tmp_path: Path) -> None:
     assert torch.equal(loaded.eval()(X), masked(X))
 
 
-def lightning_checkpoint(state: dict[str, torch.Tensor], attribute: str, **extra: object) -> dict[str, object]:
+def lightning_checkpoint(
+    state: dict[str, torch.Tensor], attribute: str, **extra: object
+) -> dict[str, object]:
     """The layout of ``Trainer.save_checkpoint``: the LightningModule's state_dict plus training state."""
     return {
         "epoch": 3,
@@ -108,10 +110,16 @@ def test_prefix_detection() -> None:
 def test_code_in_the_file_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     model = trained(SmallCNN())
-    torch.save(lightning_checkpoint(model.state_dict(), "model", hyper_parameters=RunsCode(str(marker))), tmp_path / "a.ckpt")
+    torch.save(
+        lightning_checkpoint(model.state_dict(), "model", hyper_parameters=RunsCode(str(marker))),
+        tmp_path / "a.ckpt",
+    )
     assert_same_model(load_state_dict_model(tmp_path / "a.ckpt", ARCH), model)
     torch.save({"conv1.weight": RunsCode(str(marker))}, tmp_path / "b.pt")
-    with pytest.raises(InputFileError, match=r"entry 'conv1.weight' is a pickled builtins.exec object, not a tensor, so this is not a state_dict"):
+    with pytest.raises(
+        InputFileError,
+        match=r"entry 'conv1.weight' is a pickled builtins.exec object, not a tensor, so this is not a state_dict",
+    ):
         load_state_dict_model(tmp_path / "b.pt", ARCH)
     assert not marker.exists()
 
@@ -142,26 +150,41 @@ def test_refuses_missing_and_unexpected_keys(tmp_path: Path) -> None:
 
 def test_refuses_a_shape_mismatch(tmp_path: Path) -> None:
     torch.save(SmallCNN(width=4).state_dict(), tmp_path / "w.pt")
-    with pytest.raises(StateDictError, match=r"w.pt does not fit --arch _formats_models:small_cnn: conv1.weight is "
-                       r"\(4, 3, 3, 3\) in the file but \(8, 3, 3, 3\) in the architecture; --arch must build the dense"):
+    with pytest.raises(
+        StateDictError,
+        match=r"w.pt does not fit --arch _formats_models:small_cnn: conv1.weight is "
+        r"\(4, 3, 3, 3\) in the file but \(8, 3, 3, 3\) in the architecture; --arch must build the dense",
+    ):
         load_state_dict_model(tmp_path / "w.pt", ARCH)
 
 
 def test_refuses_a_wrong_prefix(tmp_path: Path) -> None:
     torch.save(lightning_checkpoint(SmallCNN().state_dict(), "model"), tmp_path / "a.ckpt")
-    with pytest.raises(StateDictError, match=r"--prefix 'net.': no key of .*a.ckpt starts with it; its keys start with model."):
+    with pytest.raises(
+        StateDictError,
+        match=r"--prefix 'net.': no key of .*a.ckpt starts with it; its keys start with model.",
+    ):
         load_state_dict_model(tmp_path / "a.ckpt", ARCH, prefix="net")
 
 
 @pytest.mark.parametrize(
     ("arch", "message"),
     [
-        ("_formats_models", r"--arch '_formats_models' is not module:callable; write e.g. --arch mymodels:resnet18"),
+        (
+            "_formats_models",
+            r"--arch '_formats_models' is not module:callable; write e.g. --arch mymodels:resnet18",
+        ),
         ("no_such_module_xyz:Net", r"module 'no_such_module_xyz' cannot be imported \(ModuleNotFoundError: "),
         ("_formats_models:Missing", r"module '_formats_models' has no 'Missing'; name a class or function"),
         ("_formats_models:NOT_CALLABLE", r"NOT_CALLABLE is a int, not callable; name a class or a function"),
-        ("_formats_models:not_a_module", r"not_a_module\(\) returned a str, not an nn.Module; it must return the dense"),
-        ("_formats_models:RunsCode", r"calling RunsCode\(\) failed \(TypeError: .*\); it must build the dense model"),
+        (
+            "_formats_models:not_a_module",
+            r"not_a_module\(\) returned a str, not an nn.Module; it must return the dense",
+        ),
+        (
+            "_formats_models:RunsCode",
+            r"calling RunsCode\(\) failed \(TypeError: .*\); it must build the dense model",
+        ),
     ],
 )
 def test_refuses_a_bad_arch(arch: str, message: str) -> None:
@@ -173,7 +196,9 @@ def test_refuses_bad_files(tmp_path: Path) -> None:
     with pytest.raises(InputFileError, match=r"weights file .*nope.pt does not exist; check the path"):
         load_state_dict_model(tmp_path / "nope.pt", ARCH)
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(InputFileError, match=r"junk.pt is not a PyTorch file \(expected the zip archive written by"):
+    with pytest.raises(
+        InputFileError, match=r"junk.pt is not a PyTorch file \(expected the zip archive written by"
+    ):
         load_state_dict_model(tmp_path / "junk.pt", ARCH)
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(InputFileError, match=r"junk.safetensors is not a safetensors file \("):

@@ -296,7 +296,10 @@ def test_verify_callback_retries_without_folding() -> None:
 
     small, changes = compact_heads(model, inputs, verify=checker(model, inputs))
 
-    assert [(d.head, d.fate) for d in changes[0].decisions] == [(0, HeadFate.REMOVED), (2, HeadFate.KEPT_FOLDING_OFF)]
+    assert [(d.head, d.fate) for d in changes[0].decisions] == [
+        (0, HeadFate.REMOVED),
+        (2, HeadFate.KEPT_FOLDING_OFF),
+    ]
     assert small.encoder.layer[0].attention.self.num_attention_heads == 3
     assert_same(model, small, inputs)
 
@@ -404,7 +407,9 @@ def test_proj_layout_heads(family: str) -> None:
     if family == "vit":
         model = transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=4, **common))
     else:
-        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(image_size=16, patch_size=4, **common))
+        model = transformers.CLIPVisionModel(
+            transformers.CLIPVisionConfig(image_size=16, patch_size=4, **common)
+        )
     model = randomise(model).eval()
     attentions = [m for m in model.modules() if hasattr(m, "v_proj")]
     for attention in attentions:
@@ -542,7 +547,9 @@ def test_resnet_inner_channels_are_removed(layer_type: str) -> None:
 
 def convnext() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, patch_size=4, num_channels=3)
+    config = transformers.ConvNextConfig(
+        hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, patch_size=4, num_channels=3
+    )
     model = transformers.ConvNextModel(config)
     with torch.no_grad():  # layer scale starts at 1e-6: make the block's branch matter
         for layer in model.modules():
@@ -562,7 +569,11 @@ def test_convnext_pwconv1_expansion_neurons_are_removed() -> None:
 
     small, report = compactor.compact(model, x)
 
-    widths = [(layer.pwconv1.out_features, layer.pwconv2.in_features) for s in small.encoder.stages for layer in s.layers]
+    widths = [
+        (layer.pwconv1.out_features, layer.pwconv2.in_features)
+        for s in small.encoder.stages
+        for layer in s.layers
+    ]
     assert widths == [(32, 32), (64, 64)]
     assert set(fates(report)) == {"removed"}
     assert_same_image(model, small, x)
@@ -617,7 +628,12 @@ def test_mobilenet_v2_expansion_channels_are_removed() -> None:
 def regnet() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.RegNetConfig(
-        embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], groups_width=8, layer_type="y", num_channels=3
+        embedding_size=16,
+        hidden_sizes=[32, 64],
+        depths=[1, 1],
+        groups_width=8,
+        layer_type="y",
+        num_channels=3,
     )
     return randomise(transformers.RegNetModel(config)).eval()
 
@@ -649,7 +665,11 @@ def test_regnet_grouped_conv_channels_are_removed_group_by_group() -> None:
         for block, new_block in zip(old.layers, new.layers, strict=True):
             width, groups = block.layer[1].convolution.out_channels, block.layer[1].convolution.groups
             grouped = new_block.layer[1].convolution
-            assert (grouped.in_channels, grouped.out_channels, grouped.groups) == (width // 2, width // 2, groups)
+            assert (grouped.in_channels, grouped.out_channels, grouped.groups) == (
+                width // 2,
+                width // 2,
+                groups,
+            )
             assert new_block.layer[0].convolution.out_channels == width // 2
             se = new_block.layer[2].attention
             assert (se[0].in_channels, se[2].out_channels) == (width // 2, width // 2)
@@ -676,10 +696,14 @@ def test_regnet_uneven_masks_keep_every_group_the_same_width() -> None:
             grouped, before = new_block.layer[1].convolution, block.layer[1].convolution
             assert grouped.groups == before.groups
             assert grouped.weight.shape == (grouped.out_channels, grouped.in_channels // grouped.groups, 3, 3)
-            shrunk.append(grouped.in_channels < before.in_channels or grouped.out_channels < before.out_channels)
+            shrunk.append(
+                grouped.in_channels < before.in_channels or grouped.out_channels < before.out_channels
+            )
     assert any(shrunk)
     assert "kept: layer layout" in fates(report)
-    assert all("loses the same number of channels in every group" in r for r in fates(report)["kept: layer layout"])
+    assert all(
+        "loses the same number of channels in every group" in r for r in fates(report)["kept: layer layout"]
+    )
     assert_same_image(model, small, x)
 
 
@@ -702,12 +726,18 @@ def test_llama_mlp_neurons_go_and_rotary_coupling_is_kept() -> None:
 
     for layer in small.layers:
         mlp = layer.mlp
-        assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (64, 64, 64)
+        assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (
+            64,
+            64,
+            64,
+        )
         assert layer.self_attn.q_proj.out_features == 64
     assert Counter(z.fate for z in report.zeroed) == {"removed": 128, "kept: read elsewhere": 32}
     assert all("does not settle" in z.reason for z in report.zeroed if z.fate == "kept: read elsewhere")
     with torch.no_grad():
-        torch.testing.assert_close(small(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state, **CLOSE)
+        torch.testing.assert_close(
+            small(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state, **CLOSE
+        )
 
 
 def test_models_are_left_untouched() -> None:

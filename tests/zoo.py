@@ -32,7 +32,9 @@ def mask_random(module: nn.Module, amount: float, dim: int = 0) -> nn.Module:
     return prune.random_structured(module, "weight", amount=amount, dim=dim)
 
 
-def mask_channels(module: nn.Module, channels: Sequence[int], dim: int = 0, name: str = "weight") -> nn.Module:
+def mask_channels(
+    module: nn.Module, channels: Sequence[int], dim: int = 0, name: str = "weight"
+) -> nn.Module:
     """``prune.custom_from_mask``: zero exactly ``channels`` along ``dim`` of ``module.<name>``."""
     tensor = getattr(module, name)
     mask = torch.ones_like(tensor)
@@ -152,7 +154,6 @@ class Fates:
         return [c for c, f in enumerate(self.fates) if f in (REMOVED, FOLDED, MERGED)]
 
 
-
 def _modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules and bare parameters (a LayerScale ``gamma``) by name."""
     return {**dict(model.named_parameters()), **dict(model.named_modules())}  # type: ignore[dict-item]
@@ -174,7 +175,9 @@ def _col_zero(m: nn.Module, idx: Sequence[int]) -> bool:
     w = _weight(m)
     if _is_grouped(m):  # input i of a grouped conv: column i % per_in of its group's rows
         per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
-        return all(bool((w[i // per_in * per_out : (i // per_in + 1) * per_out, i % per_in] == 0).all()) for i in idx)
+        return all(
+            bool((w[i // per_in * per_out : (i // per_in + 1) * per_out, i % per_in] == 0).all()) for i in idx
+        )
     in_dim = 0 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 1
     return all(bool((w.select(in_dim, i) == 0).all()) for i in idx)
 
@@ -274,7 +277,9 @@ def _window_sums(m: nn.Module, w: torch.Tensor, size: tuple[int, ...]) -> set[fl
     for d, (k, n) in enumerate(zip(w.shape, size)):
         stride, pad, dil = (_at(getattr(m, a), d) for a in ("stride", "padding", "dilation"))
         out = (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
-        per_dim.append({tuple(j for j in range(k) if 0 <= i * stride - pad + j * dil < n) for i in range(out)})
+        per_dim.append(
+            {tuple(j for j in range(k) if 0 <= i * stride - pad + j * dil < n) for i in range(out)}
+        )
     if w.dim() == 1:
         return {float(w[list(a)].sum()) for a in per_dim[0]}
     return {float(w[list(a)][:, list(b)].sum()) for a in per_dim[0] for b in per_dim[1]}
@@ -312,7 +317,11 @@ def expected_fates(model: nn.Module, link: Link, shape: Sequence[int] | None = N
     dead |= {c for c in range(n) if len(link.paths) == 1 and _slimmed(modules, link.paths[0], c)}
     if link.gated:  # zero times the gate is zero; any other constant times the gate varies: not zeroed
         main = link.paths[0]
-        dead = {c for c in range(n) if _row_zero(modules[main[0]], c) and _value(modules, Link((main,), ()), c, set(), {}) == 0.0}
+        dead = {
+            c
+            for c in range(n)
+            if _row_zero(modules[main[0]], c) and _value(modules, Link((main,), ()), c, set(), {}) == 0.0
+        }
     fates: list[str] = []
     values: list[float | None] = []
     for c in range(n):
@@ -350,7 +359,9 @@ def _settle(modules: dict[str, nn.Module], link: Link, first: list[str], values:
         for c, f in enumerate(fates):
             if f == MERGED:
                 by_unit[tuple(_units_at(modules, link, c).items())].append(c)  # one carrier per place
-        for needs in by_unit.values():  # the engine's choice: the largest constant is the best-conditioned carrier
+        for (
+            needs
+        ) in by_unit.values():  # the engine's choice: the largest constant is the best-conditioned carrier
             carrier = max(needs, key=lambda c: abs(values[c]))  # type: ignore[arg-type]
             fates[carrier] = CARRIER
         removed = [c for c, f in enumerate(fates) if f in (REMOVED, FOLDED, MERGED)]
@@ -387,7 +398,8 @@ def _layout_pins(modules: dict[str, nn.Module], link: Link, n: int, removed: set
 def _slimmed(modules: dict[str, nn.Module], path: Sequence[str], c: int) -> bool:
     """A BatchNorm on the (only) path with weight 0 emits its bias whatever comes in."""
     return any(
-        isinstance(modules.get(s), nn.modules.batchnorm._BatchNorm) and float(modules[s].weight.detach()[c]) == 0.0
+        isinstance(modules.get(s), nn.modules.batchnorm._BatchNorm)
+        and float(modules[s].weight.detach()[c]) == 0.0
         for s in path[1:]
     )
 
@@ -426,6 +438,7 @@ def expected_all(model: nn.Module, links: Sequence[Link], shape: Sequence[int] |
 
     carriers = [i for i, v in enumerate(verdicts) if v.fates.count(CARRIER) == 1]
     hosts: list[int] = []
+
     def strength(i: int) -> float:  # the engine's tie-break: the best-conditioned carrier hosts first
         return abs(verdicts[i].values[verdicts[i].fates.index(CARRIER)] or 0.0)
 
@@ -437,7 +450,10 @@ def expected_all(model: nn.Module, links: Sequence[Link], shape: Sequence[int] |
                 h
                 for h in hosts
                 if all(padded(links[h]).get(n) == c for n, c in mine.items())
-                and all(_units_at(modules, links[h], verdicts[h].fates.index(CARRIER)).get(n) == u for n, u in at.items())
+                and all(
+                    _units_at(modules, links[h], verdicts[h].fates.index(CARRIER)).get(n) == u
+                    for n, u in at.items()
+                )
             ),
             None,
         )
@@ -513,7 +529,9 @@ def actual_widths(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int
 
 
 def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, padding: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
 
 class ConvChain(nn.Module):
@@ -898,7 +916,9 @@ class ResNet(nn.Module):
 
     def __init__(self, widths: Sequence[int], depths: Sequence[int], classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         layers, cin = [], widths[0]
         for i, (w, d) in enumerate(zip(widths, depths)):
             blocks = [BasicBlock(cin if j == 0 else w, w, 2 if i > 0 and j == 0 else 1) for j in range(d)]
@@ -933,7 +953,15 @@ class InvertedBlock(nn.Module):
 class MobileNetV2(nn.Module):
     """MobileNetV2 (width 1.0, the paper's block table) without the t=1 first block's special case."""
 
-    CONFIG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    CONFIG = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
@@ -975,7 +1003,6 @@ def mobilenet_v2_masked() -> tuple[nn.Module, tuple[Link, ...]]:
         steps = (f"{b}.expand", f"{b}.bn1", RELU6, f"{b}.dw", f"{b}.bn2", RELU6)
         links.append(Link((steps,), (Read(f"{b}.project"),)))
     return _finish(m, (2, 3, 64, 64)), tuple(links)
-
 
 
 # --- the cases ------------------------------------------------------------------------------------------
@@ -1203,7 +1230,9 @@ def _slimmed_bn() -> nn.Module:
     return m
 
 
-def _l(*paths: tuple[str, ...], reads: tuple[Read, ...], after: tuple[str, ...] = (), blocked: str = "") -> Link:
+def _l(
+    *paths: tuple[str, ...], reads: tuple[Read, ...], after: tuple[str, ...] = (), blocked: str = ""
+) -> Link:
     return Link(tuple(paths), reads, after, blocked)
 
 
@@ -1298,7 +1327,12 @@ CASES: tuple[Case, ...] = (
         (
             _l(("conv1", "bn1", RELU), reads=(R("conv2"),)),
             _l(("conv2", "bn2", RELU), reads=(R("conv3"),)),
-            _l(("stem.0", "stem.1", RELU), ("conv3", "bn3"), after=(RELU,), reads=(R("conv1"), R("side"), R("fc"))),
+            _l(
+                ("stem.0", "stem.1", RELU),
+                ("conv3", "bn3"),
+                after=(RELU,),
+                reads=(R("conv1"), R("side"), R("fc")),
+            ),
             _l(("side",), reads=(R("fc", offset=16),)),
         ),
     ),

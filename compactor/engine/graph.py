@@ -119,13 +119,17 @@ def _custom_pruners() -> dict[type, Any]:
     shrinker: the tracer then treats the layer as a leaf with the shrinker's widths (a channelwise layer
     couples its inputs to its outputs). Blocking types keep every group they touch whole, so the
     library's default for them (an op it traces through) is left as it is."""
-    known = tuple(c for t in tp.DependencyGraph().REGISTERED_PRUNERS if (c := tp.ops.type2class(t)) is not None)
+    known = tuple(
+        c for t in tp.DependencyGraph().REGISTERED_PRUNERS if (c := tp.ops.type2class(t)) is not None
+    )
     pruners: dict[type, Any] = {}
     for cls in registered_types():
         shrinker = shrinker_of_type(cls)
         if not issubclass(cls, nn.Module) or issubclass(cls, known) or shrinker.role is Role.BLOCKING:
             continue
-        pruners[cls] = _ShrinkerPruner(shrinker)
+        pruners[cls] = (_ChannelwisePruner if shrinker.role is Role.CHANNELWISE else _ShrinkerPruner)(
+            shrinker
+        )
     return pruners
 
 
@@ -136,8 +140,6 @@ class _ShrinkerPruner(tp.pruner.function.BasePruningFunc):  # type: ignore[misc]
     def __init__(self, shrinker: Shrinker[Any]) -> None:
         super().__init__()
         self.shrinker = shrinker
-        if shrinker.role is Role.CHANNELWISE:
-            self.prune_in_channels = self.prune_out_channels  # Torch-Pruning's sign of a channelwise layer
 
     def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
         raise NotImplementedError("compactor rebuilds layers with their shrinkers")
@@ -150,6 +152,12 @@ class _ShrinkerPruner(tp.pruner.function.BasePruningFunc):  # type: ignore[misc]
 
     def get_in_channels(self, layer: nn.Module) -> int | None:
         return self.shrinker.in_channels(layer)
+
+
+class _ChannelwisePruner(_ShrinkerPruner):
+    """One prune function for both sides: Torch-Pruning's sign that inputs and outputs are the same channels."""
+
+    prune_in_channels = _ShrinkerPruner.prune_out_channels
 
 
 def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -> list[ChannelGroup]:
@@ -175,7 +183,9 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
             groups.append(ChannelGroup(name, n, (root,), False, (str(e),)))
             continue
         group = _convert(tp_group, graph, name, n, module_names, param_names, covered)
-        group = replace(group, norm_after=tuple((m.name, norms[m.name]) for m in group.layers() if m.name in norms))
+        group = replace(
+            group, norm_after=tuple((m.name, norms[m.name]) for m in group.layers() if m.name in norms)
+        )
         for member in group.layers():
             covered.update((member.name, member.side, i) for idx in member.idxs for i in idx)
         groups.append(group)
@@ -204,7 +214,10 @@ def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any
     index_mapping.update_index_mapping(graph)
     root = graph.module2node[module]
     walk = Group()
-    walk.add_dep(Dependency(prune_out, prune_out, source=root, target=root), [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n)])
+    walk.add_dep(
+        Dependency(prune_out, prune_out, source=root, target=root),
+        [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n)],
+    )
     seen = {(root, prune_out, tuple(walk[0].idxs))}  # Group.has_pruning_op, as a set: the walk is linear
     visited: set[Any] = set()
     visits: dict[Any, int] = defaultdict(int)
@@ -338,7 +351,12 @@ def _role(target: Any) -> Role | None:
     return shrinker.role_of(target) if shrinker is not None else None
 
 
-_OP_KINDS = {"_SplitOp": Kind.SPLIT, "_UnbindOp": Kind.UNBIND, "_SliceOp": Kind.SLICE, "_OutputOp": Kind.OUTPUT}
+_OP_KINDS = {
+    "_SplitOp": Kind.SPLIT,
+    "_UnbindOp": Kind.UNBIND,
+    "_SliceOp": Kind.SLICE,
+    "_OutputOp": Kind.OUTPUT,
+}
 
 
 def _kind_of_op(op: Any, traced_name: str | None) -> Kind:

@@ -143,11 +143,13 @@ class AttentionSite:
 
     def attr(self, which: str) -> str:
         """The attribute name of projection ``which`` ('q', 'k', 'v' on the module, 'o' on ``o_owner``)."""
-        return self.o if which == "o" else getattr(self.layout, which)  # type: ignore[no-any-return]
+        name: str = self.o if which == "o" else getattr(self.layout, which)
+        return name
 
     def linear(self, which: str) -> nn.Linear:
         owner = self.o_owner if which == "o" else self.module
-        return getattr(owner, self.attr(which))  # type: ignore[no-any-return]
+        layer: nn.Linear = getattr(owner, self.attr(which))
+        return layer
 
 
 Check = Callable[[nn.Module], str | None]  # None if the candidate reproduces the outputs, else why not
@@ -173,7 +175,9 @@ def compact_heads(
     all-padding sequence under SDPA, see the module doc), then given up: the unmodified copy comes back and
     every head that would have gone is reported as ``kept: verification failed``.
     """
-    folds = (fold_constant_heads, False) if fold_constant_heads and verify is not None else (fold_constant_heads,)
+    folds = (
+        (fold_constant_heads, False) if fold_constant_heads and verify is not None else (fold_constant_heads,)
+    )
     problems: list[str] = []
     for fold in folds:
         new, changes = _compact_heads_once(model, example_inputs, fold)
@@ -186,22 +190,29 @@ def compact_heads(
     return baked(model), [_unverified(c, "; ".join(problems)) for c in changes]
 
 
-def _compact_heads_once(model: nn.Module, example_inputs: Any, fold: bool) -> tuple[nn.Module, list[HeadChange]]:
+def _compact_heads_once(
+    model: nn.Module, example_inputs: Any, fold: bool
+) -> tuple[nn.Module, list[HeadChange]]:
     new = baked(model)
     sites, unpaired = _find_sites(new)
     if example_inputs is not None:
         sites, mismatched = _confirm_pairing(new, sites, ExampleInputs.of(example_inputs))
         unpaired += mismatched
     changes = [change for site in sites if (change := _compact_site(site, fold)) is not None]
-    changes += [change for name, module, why in unpaired if (change := _unpaired(name, module, why)) is not None]
+    changes += [
+        change for name, module, why in unpaired if (change := _unpaired(name, module, why)) is not None
+    ]
     return new, sorted(changes, key=lambda c: c.layer)
 
 
 def _unverified(change: HeadChange, problem: str) -> HeadChange:
     decisions = tuple(
-        HeadDecision(d.head, HeadFate.KEPT_UNVERIFIED, problem) if d.fate.removed else d for d in change.decisions
+        HeadDecision(d.head, HeadFate.KEPT_UNVERIFIED, problem) if d.fate.removed else d
+        for d in change.decisions
     )
-    return HeadChange(change.layer, change.heads_before, change.heads_before, (), _summary(list(decisions)), decisions)
+    return HeadChange(
+        change.layer, change.heads_before, change.heads_before, (), _summary(list(decisions)), decisions
+    )
 
 
 def head_layers(model: nn.Module) -> dict[tuple[str, Side], str]:
@@ -226,7 +237,9 @@ def _find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[str, 
     """Every recognised attention module, paired with its output projection; and those left unpaired."""
     sites: list[AttentionSite] = []
     unpaired: list[tuple[str, nn.Module, str]] = []
-    parents = {id(child): (name, parent) for name, parent in model.named_modules() for child in parent.children()}
+    parents = {
+        id(child): (name, parent) for name, parent in model.named_modules() for child in parent.children()
+    }
     for name, module in model.named_modules():
         layout = _layout_of(module)
         if layout is None:
@@ -242,9 +255,13 @@ def _find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[str, 
             continue
         o = getattr(owner, o_attr)
         if o.in_features != num_heads * head_dim:
-            unpaired.append((name, module, f"{o_name} reads {o.in_features} features, not {num_heads * head_dim}"))
+            unpaired.append(
+                (name, module, f"{o_name} reads {o.in_features} features, not {num_heads * head_dim}")
+            )
             continue
-        sites.append(AttentionSite(name, module, layout, owner, o_attr, o_name, heads_attr, head_dim, num_heads))
+        sites.append(
+            AttentionSite(name, module, layout, owner, o_attr, o_name, heads_attr, head_dim, num_heads)
+        )
     return sites, unpaired
 
 
@@ -256,7 +273,9 @@ def _layout_of(module: nn.Module) -> Layout | None:
             continue
         if not any(isinstance(getattr(module, a, None), int) for a in layout.heads_attrs):
             continue
-        if layout.o_attrs and not any(isinstance(getattr(module, a, None), nn.Linear) for a in layout.o_attrs):
+        if layout.o_attrs and not any(
+            isinstance(getattr(module, a, None), nn.Linear) for a in layout.o_attrs
+        ):
             continue
         return layout
     return None
@@ -323,10 +342,14 @@ def _confirm_pairing(
             h.remove()
     kept, dropped = [], []
     for site in sites:
-        if site.o_owner is site.module or (site.name in produced and produced[site.name] == consumed.get(site.name)):
+        if site.o_owner is site.module or (
+            site.name in produced and produced[site.name] == consumed.get(site.name)
+        ):
             kept.append(site)
         else:
-            dropped.append((site.name, site.module, f"{site.o_name} does not read {site.name}'s output directly"))
+            dropped.append(
+                (site.name, site.module, f"{site.o_name} does not read {site.name}'s output directly")
+            )
     return kept, dropped
 
 
@@ -344,16 +367,22 @@ def _decide(site: AttentionSite, fold: bool) -> list[HeadDecision]:
         if bool((o.weight[:, rows] == 0).all()):
             decisions.append(HeadDecision(h, HeadFate.REMOVED, f"{site.o_name} ignores it (zero columns)"))
         elif v_zero and v_bias_zero:
-            decisions.append(HeadDecision(h, HeadFate.REMOVED, "outputs exactly zero (value rows and bias zero)"))
+            decisions.append(
+                HeadDecision(h, HeadFate.REMOVED, "outputs exactly zero (value rows and bias zero)")
+            )
         elif v_zero and fold:
             decisions.append(
-                HeadDecision(h, HeadFate.FOLDED, f"outputs the constant value bias, folded into {site.o_name}.bias")
+                HeadDecision(
+                    h, HeadFate.FOLDED, f"outputs the constant value bias, folded into {site.o_name}.bias"
+                )
             )
         elif v_zero:
             decisions.append(HeadDecision(h, HeadFate.KEPT_FOLDING_OFF, "outputs the constant value bias"))
         elif uniform:
             decisions.append(
-                HeadDecision(h, HeadFate.KEPT_UNIFORM, "query/key zero: uniform attention still averages the values")
+                HeadDecision(
+                    h, HeadFate.KEPT_UNIFORM, "query/key zero: uniform attention still averages the values"
+                )
             )
     return _keep_one(site, decisions)
 
@@ -364,7 +393,9 @@ def _keep_one(site: AttentionSite, decisions: list[HeadDecision]) -> list[HeadDe
     if len(removed) < site.num_heads:
         return decisions
     keep = next((d for d in removed if d.fate is HeadFate.REMOVED), removed[0])
-    kept = HeadDecision(keep.head, HeadFate.KEPT_MIN_ONE, f"the layer needs at least one head ({keep.reason})")
+    kept = HeadDecision(
+        keep.head, HeadFate.KEPT_MIN_ONE, f"the layer needs at least one head ({keep.reason})"
+    )
     return [kept if d is keep else d for d in decisions]
 
 
@@ -396,10 +427,14 @@ def _apply(site: AttentionSite, gone: list[int], folded: list[int]) -> None:
         assert v_bias is not None  # a folded head has a non-zero value bias
         idx = torch.tensor([h * d + i for h in folded for i in range(d)], dtype=torch.long)
         o_shrinker.fold_constant(o, idx, v_bias.detach()[idx].double())
-    keep = torch.tensor([h * d + i for h in range(site.num_heads) if h not in gone for i in range(d)], dtype=torch.long)
+    keep = torch.tensor(
+        [h * d + i for h in range(site.num_heads) if h not in gone for i in range(d)], dtype=torch.long
+    )
     for which in ("q", "k", "v"):
         layer = site.linear(which)
-        setattr(site.module, site.attr(which), shrinker_for(layer).shrink(layer, keep, None))  # type: ignore[union-attr]
+        setattr(
+            site.module, site.attr(which), o_shrinker.shrink(layer, keep, None)
+        )  # q/k/v are Linear, as o is
     setattr(site.o_owner, site.o, o_shrinker.shrink(o, None, keep))
     heads = site.num_heads - len(gone)
     setattr(site.module, site.heads_attr, heads)
@@ -412,10 +447,10 @@ def _unpaired(name: str, module: nn.Module, why: str) -> HeadChange | None:
     """Report an attention module we could not pair, if it had heads that looked removable."""
     layout = _layout_of(module)
     shape = _head_shape(module, layout) if layout else why
-    if isinstance(shape, str):
+    if layout is None or isinstance(shape, str):
         return None  # shapes we do not understand: nothing to claim about heads
     _, num_heads, head_dim = shape
-    v = getattr(module, layout.v)  # type: ignore[union-attr]
+    v = getattr(module, layout.v)
     zero = [h for h in range(num_heads) if bool((v.weight[h * head_dim : (h + 1) * head_dim] == 0).all())]
     if not zero:
         return None

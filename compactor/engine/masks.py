@@ -36,9 +36,11 @@ def bake_masks(model: nn.Module) -> list[BakedMask]:
                 tensor_name = hook._tensor_name
                 mask = getattr(module, tensor_name + "_mask")
                 baked.append(BakedMask(name, tensor_name, int((mask == 0).sum()), mask.numel()))
-                _remove_untied(module, tensor_name, tied=owners[id(module._parameters[tensor_name + "_orig"])] > 1)
+                _remove_untied(
+                    module, tensor_name, tied=owners[id(module._parameters[tensor_name + "_orig"])] > 1
+                )
         if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations.keys()):  # type: ignore[union-attr]
+            for tensor_name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
                 value = getattr(module, tensor_name)
                 baked.append(BakedMask(name, tensor_name, int((value == 0).sum()), value.numel()))
@@ -50,10 +52,10 @@ def _remove_untied(module: nn.Module, tensor_name: str, *, tied: bool) -> None:
     stays as it was for that layer: ``prune.remove`` writes ``orig * mask`` into the shared parameter,
     which would mask the other layer too. The pruned layer gets its own, untied parameter."""
     orig = module._parameters[tensor_name + "_orig"]
+    assert orig is not None
     kept = orig.data.clone() if tied else None
-    prune.remove(module, tensor_name)
+    prune.remove(module, tensor_name)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     if kept is not None:
-        assert orig is not None
         masked = orig.data.clone()
         orig.data = kept
         module._parameters[tensor_name] = nn.Parameter(masked, requires_grad=orig.requires_grad)

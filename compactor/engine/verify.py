@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +48,9 @@ class Verdict:
     problems: tuple[str, ...]
 
     def summary(self) -> str:
-        return "; ".join(self.problems[:3]) + (f" (+{len(self.problems) - 3} more)" if len(self.problems) > 3 else "")
+        return "; ".join(self.problems[:3]) + (
+            f" (+{len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
+        )
 
 
 def reference_outputs(model: nn.Module, runs: list[ExampleInputs]) -> list[Outputs]:
@@ -61,7 +62,9 @@ def noise_floors(references: list[Outputs], exact: list[Outputs]) -> Floors:
     """``NOISE_FACTOR * max|reference - exact|`` per run and output (``exact``: the float64 model's)."""
     return [
         [
-            NOISE_FACTOR * (a.double() - b.double()).abs().max().item() if a.is_floating_point() and a.numel() else 0.0
+            NOISE_FACTOR * (a.double() - b.double()).abs().max().item()
+            if a.is_floating_point() and a.numel()
+            else 0.0
             for (_, a), (_, b) in zip(ref, ex)
         ]
         for ref, ex in zip(references, exact)
@@ -132,7 +135,9 @@ def depends_on_input(outs: list[Outputs]) -> bool:
 Wide = tuple[nn.Module, list[ExampleInputs], list[Outputs]]  # float64 model, inputs, reference outputs
 
 
-def widened(original: nn.Module, baked: nn.Module, runs: list[ExampleInputs], *, always: bool = False) -> Wide | None:
+def widened(
+    original: nn.Module, baked: nn.Module, runs: list[ExampleInputs], *, always: bool = False
+) -> Wide | None:
     """float64 copies of the baked model, the inputs and the reference outputs, if the model holds
     16-bit floats (or ``always``); None otherwise.
 
@@ -163,7 +168,11 @@ def runtime_tolerance(model: nn.Module, example: ExampleInputs, tolerance: float
     (narrow_out,), (wide_out,) = reference_outputs(model, [example]), wide[2]
     floors = noise_floors([narrow_out], [wide_out])[0]
     relative = max(
-        (f / max(1.0, b.abs().max().item()) for f, (_, b) in zip(floors, wide_out) if b.is_floating_point() and b.numel()),
+        (
+            f / max(1.0, b.abs().max().item())
+            for f, (_, b) in zip(floors, wide_out)
+            if b.is_floating_point() and b.numel()
+        ),
         default=0.0,
     )
     return max(tolerance, relative)
@@ -203,7 +212,9 @@ def decide(
             pending = active
         else:
             accepted, rejected = _search(baked, active, runs, references, tolerance, say)
-            pending = [p for p in active if id(p) in rejected and math.isfinite(rejected[id(p)].max_abs_error)]
+            pending = [
+                p for p in active if id(p) in rejected and math.isfinite(rejected[id(p)].max_abs_error)
+            ]
         if pending:
             say(f"judging {len(pending)} groups in float64 (float32 rounding or a wrong plan)")
             wide = widened(original, baked, runs, always=True)
@@ -214,7 +225,9 @@ def decide(
         rejected = {k: v for k, v in rejected.items() if k not in pending_ids} | again
 
     floors = noise_floors(references, wide[2]) if wide is not None else None
-    final = round_layers(baked, _restore(plans, rejected), round_to)  # a restored group can leave a shared layer off
+    final = round_layers(
+        baked, _restore(plans, rejected), round_to
+    )  # a restored group can leave a shared layer off
     small = apply_plans(baked, [p for p in final if p.removed])
     verdict = compare(small, runs, references, tolerance, floors)
     if not verdict.ok and wide is not None:
@@ -226,7 +239,9 @@ def decide(
         verdict = compare(small, runs, references, tolerance, floors)
     if not verdict.ok and floors is not None:  # beyond both floors: keep the groups it holds for
         say("some groups decided in float64 do not hold in the model's own precision: checking them there")
-        lost = _search(baked, [p for p in final if p.removed], runs, references, tolerance, say, [], floors)[1]
+        lost = _search(baked, [p for p in final if p.removed], runs, references, tolerance, say, [], floors)[
+            1
+        ]
         final = round_layers(baked, _restore(final, lost), round_to)
         small = apply_plans(baked, [p for p in final if p.removed])
         verdict = compare(small, runs, references, tolerance, floors)

@@ -56,7 +56,9 @@ def resolve_arch(spec: str) -> Callable[[], nn.Module]:
     try:
         obj = import_qualified(module_name, qualname)
     except ImportError as e:
-        raise ArchitectureError(f"--arch {spec}: {e}; run from the directory that holds it or add it to PYTHONPATH") from e
+        raise ArchitectureError(
+            f"--arch {spec}: {e}; run from the directory that holds it or add it to PYTHONPATH"
+        ) from e
     except AttributeError as e:
         raise ArchitectureError(f"--arch {spec}: {e}; name a class or function defined there") from e
     if not callable(obj):

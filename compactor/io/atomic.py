@@ -16,11 +16,20 @@ from pathlib import Path
 from ..errors import OutputPathError
 
 
-def check_output_path(out: str | os.PathLike[str], model_path: str | os.PathLike[str] | None, *, force: bool) -> Path:
+def check_output_path(
+    out: str | os.PathLike[str], model_path: str | os.PathLike[str] | None, *, force: bool
+) -> Path:
     """Fail early, before any work, if ``out`` cannot be written or would overwrite the input."""
     path = Path(out)
-    if model_path is not None and path.exists() and path.resolve() == Path(model_path).resolve() and not force:
-        raise OutputPathError(f"-o {path} is the input model; choose another output path, or pass --force to replace it")
+    if (
+        model_path is not None
+        and path.exists()
+        and path.resolve() == Path(model_path).resolve()
+        and not force
+    ):
+        raise OutputPathError(
+            f"-o {path} is the input model; choose another output path, or pass --force to replace it"
+        )
     if path.is_dir():
         raise OutputPathError(f"-o {path} is a directory; give a file name such as {path / 'small.pt'}")
     parent = path.parent if str(path.parent) else Path(".")
@@ -37,7 +46,9 @@ def check_output_path(out: str | os.PathLike[str], model_path: str | os.PathLike
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent if str(target.parent) else ".")
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent if str(target.parent) else "."
+    )
     os.close(fd)
     try:
         yield Path(tmp)

@@ -14,7 +14,12 @@ from ..inputs import ExampleInputs
 
 
 def expect_same(
-    candidate: nn.Module, runs: list[ExampleInputs], references: list[Outputs], tolerance: float, file: Path, kind: str
+    candidate: nn.Module,
+    runs: list[ExampleInputs],
+    references: list[Outputs],
+    tolerance: float,
+    file: Path,
+    kind: str,
 ) -> None:
     """Raise :class:`ExportError` unless ``candidate`` (reloaded from ``file``) reproduces ``references``."""
     verdict = compare(candidate, runs, references, tolerance)
@@ -27,6 +32,8 @@ def expect_same(
 
 class CallableModule(nn.Module):
     """Holds a callable that refuses ``.eval()`` (``torch.export``'s module) out of the module tree."""
+
+    fn: Callable[..., Any]
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         super().__init__()

@@ -86,7 +86,9 @@ def _export(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int | No
 
 @contextlib.contextmanager
 def _quiet_loggers() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch._export", "torch.export")]
+    loggers = [
+        logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch._export", "torch.export")
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
@@ -159,7 +161,9 @@ def check_onnx(
     actual = [(name, torch.from_numpy(value)) for (name, _), value in zip(expected, got)]
     worst, problems = compare_outputs([(n, t.cpu()) for n, t in expected], actual, tolerance)
     if problems:
-        raise ExportError(f"{path}: ONNX Runtime differs from torch (tolerance {tolerance:g}): " + "; ".join(problems))
+        raise ExportError(
+            f"{path}: ONNX Runtime differs from torch (tolerance {tolerance:g}): " + "; ".join(problems)
+        )
     return worst
 
 

@@ -137,7 +137,9 @@ def _torch_load(file: Path, *, weights_only: bool) -> Any:
         raise InputFileError(f"{file} could not be read as a PyTorch file ({type(e).__name__}: {e})") from e
 
 
-def write_pt(model: nn.Module, path: str | os.PathLike[str], runs: list[ExampleInputs], references: list[Outputs]) -> int:
+def write_pt(
+    model: nn.Module, path: str | os.PathLike[str], runs: list[ExampleInputs], references: list[Outputs]
+) -> int:
     """Pickle ``model`` to ``path`` (``torch.save``), reloaded and run before it lands; return the bytes written.
 
     The reload is of the file this process just wrote from ``model``, whose classes are already imported:

@@ -16,7 +16,9 @@ from ..inputs import ExampleInputs
 from .check import CallableModule, expect_same
 
 
-def write_pt2(model: nn.Module, tmp: Path, runs: list[ExampleInputs], references: list[Outputs], tolerance: float) -> None:
+def write_pt2(
+    model: nn.Module, tmp: Path, runs: list[ExampleInputs], references: list[Outputs], tolerance: float
+) -> None:
     """Export ``model`` on the first run's inputs to ``tmp``, reload it and check it on every run."""
     example = runs[0]
     try:
@@ -41,5 +43,7 @@ def read_pt2(path: str | os.PathLike[str]) -> nn.Module:
     try:
         module = torch.export.load(io.BytesIO(file.read_bytes())).module()
     except Exception as e:  # torch.export raises many types for files it cannot read
-        raise InputFileError(f"{file} is not a torch.export program ({first_line(e, with_type=True)}); give a .pt2 written by compact") from e
+        raise InputFileError(
+            f"{file} is not a torch.export program ({first_line(e, with_type=True)}); give a .pt2 written by compact"
+        ) from e
     return CallableModule(module)

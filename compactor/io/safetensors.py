@@ -74,12 +74,18 @@ def manifest(model: nn.Module) -> dict[str, Any]:
             "out": shrinker.out_channels(module),
             "in": shrinker.in_channels(module),
             "bias": list(bias.shape) if isinstance(bias, torch.Tensor) else None,
-            "attrs": {a: getattr(module, a) for a in shrinker.shape_attrs if isinstance(getattr(module, a, None), int)},
+            "attrs": {
+                a: getattr(module, a)
+                for a in shrinker.shape_attrs
+                if isinstance(getattr(module, a, None), int)
+            },
         }
         owned.update(_join(name, t) for t, _ in module.named_parameters(recurse=True))
         owned.update(_join(name, t) for t, _ in module.named_buffers(recurse=True))
     tensors = {
-        name: list(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()] if name not in owned
+        name: list(t.shape)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if name not in owned
     }
     return {"version": MANIFEST_VERSION, "layers": layers, "tensors": tensors}
 
@@ -95,7 +101,9 @@ def read_metadata(file: Path) -> dict[str, str]:
         with safe_open(str(file), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
-        raise InputFileError(f"{file} is not a safetensors file ({first_line(e)}); give a file written with -o x.safetensors") from e
+        raise InputFileError(
+            f"{file} is not a safetensors file ({first_line(e)}); give a file written with -o x.safetensors"
+        ) from e
 
 
 def read_manifest(path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> dict[str, Any]:
@@ -110,7 +118,9 @@ def read_manifest(path: str | os.PathLike[str], metadata: dict[str, str] | None 
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputFileError(f"{file}: the compactor manifest is not valid JSON ({e}); write the file again") from e
+        raise InputFileError(
+            f"{file}: the compactor manifest is not valid JSON ({e}); write the file again"
+        ) from e
     if not isinstance(spec, dict) or spec.get("version") != MANIFEST_VERSION:
         raise InputFileError(
             f"{file}: compactor manifest version {spec.get('version') if isinstance(spec, dict) else '?'} is not "
@@ -163,7 +173,9 @@ def _fit_layer(root: nn.Module, name: str, entry: dict[str, Any], where: str) ->
     except StateDictError:
         raise
     except ValueError as e:
-        raise StateDictError(f"{where}: layer {name!r} cannot be rebuilt to its saved shape ({e}); build the model the file was written from") from e
+        raise StateDictError(
+            f"{where}: layer {name!r} cannot be rebuilt to its saved shape ({e}); build the model the file was written from"
+        ) from e
     _fit_bias(new, entry["bias"])
     for attr, value in entry["attrs"].items():
         if getattr(new, attr, None) != value:
@@ -174,7 +186,9 @@ def _fit_layer(root: nn.Module, name: str, entry: dict[str, Any], where: str) ->
     return root if new is module else set_submodule(root, name, new)
 
 
-def _keep(module: nn.Module, dense: int | None, want: int | None, name: str, side: Side, where: str) -> torch.Tensor | None:
+def _keep(
+    module: nn.Module, dense: int | None, want: int | None, name: str, side: Side, where: str
+) -> torch.Tensor | None:
     """``want`` of the ``dense`` channels, laid out as the layer can hold them (the file's values come next)."""
     if dense == want or dense is None or want is None:
         return None
@@ -196,7 +210,9 @@ def _fit_bias(module: nn.Module, shape: list[int] | None) -> None:
     elif shape is not None and bias is None:
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
-        module.bias = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device), weight.requires_grad)
+        module.bias = nn.Parameter(
+            torch.zeros(shape, dtype=weight.dtype, device=weight.device), weight.requires_grad
+        )
 
 
 def _fit_tensor(root: nn.Module, name: str, shape: list[int], where: str) -> None:
@@ -206,7 +222,9 @@ def _fit_tensor(root: nn.Module, name: str, shape: list[int], where: str) -> Non
     except AttributeError:
         owner = None
     if owner is None or (attr not in owner._parameters and attr not in owner._buffers):
-        raise StateDictError(f"{where} has tensor {name!r} but the architecture has none; build the right model")
+        raise StateDictError(
+            f"{where} has tensor {name!r} but the architecture has none; build the right model"
+        )
     old = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
     if old is None or list(old.shape) == shape:
         return

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,14 @@ from ..errors import ExportError, InputFileError, StateDictError, first_line
 from ..report.sparsity import LayerSparsity, sparsity_report
 from .arch import Arch, build_arch
 from .atomic import write_atomically
-from .safetensors import MANIFEST_KEY, fit_to_manifest, load_safetensors, manifest, read_manifest, read_metadata
+from .safetensors import (
+    MANIFEST_KEY,
+    fit_to_manifest,
+    load_safetensors,
+    manifest,
+    read_manifest,
+    read_metadata,
+)
 
 STORAGE_KEY = "compactor.storage"
 SPARSE_KEY = "compactor.sparse"
@@ -136,7 +143,9 @@ def load_sparse(path: str | os.PathLike[str], arch: Arch) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise StateDictError(f"{file} does not fit the model ({first_line(e)}); build the model the file was written from") from e
+        raise StateDictError(
+            f"{file} does not fit the model ({first_line(e)}); build the model the file was written from"
+        ) from e
     _check_untied(model, state, file)
     return model
 
@@ -156,7 +165,9 @@ def _check_untied(model: nn.Module, state: dict[str, torch.Tensor], file: Path) 
         if _bit_equal(loaded[name], tensor):
             continue
         ptr = loaded[name].untyped_storage().data_ptr()
-        partner = next((k for k, v in loaded.items() if k != name and v.untyped_storage().data_ptr() == ptr), "?")
+        partner = next(
+            (k for k, v in loaded.items() if k != name and v.untyped_storage().data_ptr() == ptr), "?"
+        )
         raise StateDictError(
             f"{file}: {name} and {partner} are one tied tensor in the architecture but differ in the file; "
             f"build the model without the tie, or tie them before saving"
@@ -261,7 +272,9 @@ def decode_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError) as e:
-        raise InputFileError(f"{file} is not a safetensors file ({e}); give a file written by save_sparse") from e
+        raise InputFileError(
+            f"{file} is not a safetensors file ({e}); give a file written by save_sparse"
+        ) from e
     return decode(tensors, json.loads(metadata[SPARSE_KEY]))
 
 
@@ -274,7 +287,9 @@ def _ptrs(tensors: dict[str, torch.Tensor]) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors.values()}
 
 
-def _check_exact(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], *, exact_zeros: bool) -> None:
+def _check_exact(
+    expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], *, exact_zeros: bool
+) -> None:
     for name, tensor in expected.items():
         other = got.get(name)
         same = (

@@ -42,7 +42,9 @@ _SHOWN = 3  # keys named in a message
 
 
 # --- the file --------------------------------------------------------------------------------------
-def load_state_dict_model(path: str | os.PathLike[str], arch: Arch, *, prefix: str | None = None) -> nn.Module:
+def load_state_dict_model(
+    path: str | os.PathLike[str], arch: Arch, *, prefix: str | None = None
+) -> nn.Module:
     """Build ``arch`` (``"module:callable"``, or a builder) and load the weights of ``path`` into it, safely.
 
     ``prefix``: the key prefix to strip (e.g. ``"model."`` for a LightningModule whose model is
@@ -51,13 +53,20 @@ def load_state_dict_model(path: str | os.PathLike[str], arch: Arch, *, prefix: s
     """
     file = Path(path)
     if file.suffix.lower() == ".safetensors" and _has_manifest(file):
-        return load_written(file, arch)  # written by compactor (maybe compacted or sparse): rebuild to its shapes
+        return load_written(
+            file, arch
+        )  # written by compactor (maybe compacted or sparse): rebuild to its shapes
     model = build_arch(arch)
     state = read_state_dict(file)
     expected = model.state_dict()
     state = strip_prefix(state, set(expected), prefix, file)
     state = _fill_tied(apply_masks(state), expected)
-    check_fits(state, expected, file, arch if isinstance(arch, str) else getattr(arch, "__name__", type(arch).__name__))
+    check_fits(
+        state,
+        expected,
+        file,
+        arch if isinstance(arch, str) else getattr(arch, "__name__", type(arch).__name__),
+    )
     model.load_state_dict(state, strict=True)
     return model
 
@@ -74,7 +83,9 @@ def _apply_parametrizations(state: dict[str, torch.Tensor]) -> dict[str, torch.T
             continue
         module, _, rest = key.partition(PARAMETRIZATIONS)
         name = rest[: -len(".original")]
-        masks = sorted(k for k in state if k.startswith(f"{module}{PARAMETRIZATIONS}{name}.") and k.endswith(".mask"))
+        masks = sorted(
+            k for k in state if k.startswith(f"{module}{PARAMETRIZATIONS}{name}.") and k.endswith(".mask")
+        )
         if not masks:  # torch.ao.pruning keeps its masks in non-persistent buffers: they are not in the file
             raise StateDictError(
                 f"{key} is a parametrized weight saved without its mask (torch.ao.pruning does not save masks); "
@@ -104,7 +115,9 @@ def _broadcast_mask(mask: torch.Tensor, value: torch.Tensor, key: str) -> torch.
     )
 
 
-def _fill_tied(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fill_tied(
+    state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """A tied tensor saved once (``safetensors.torch.save_model`` drops the duplicates) fills its aliases."""
     by_storage: dict[int, str] = {}
     for key, tensor in expected.items():
@@ -122,7 +135,9 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a state_dict file (``torch.save`` or safetensors) or of a checkpoint's ``"state_dict"``."""
     if file.suffix.lower() == ".safetensors":
         return _read_safetensors(file)
-    check_torch_file(file, kind="weights", fix="save the weights", save_call="torch.save(model.state_dict(), path)")
+    check_torch_file(
+        file, kind="weights", fix="save the weights", save_call="torch.save(model.state_dict(), path)"
+    )
     obj = _safe_load(file)
     if isinstance(obj, _StandIn):
         raise InputFileError(
@@ -130,7 +145,9 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
             f"itself: pass it directly, without --arch"
         )
     if isinstance(obj, nn.Module):
-        raise InputFileError(f"{file} holds a pickled module, not a state_dict; pass it directly, without --arch")
+        raise InputFileError(
+            f"{file} holds a pickled module, not a state_dict; pass it directly, without --arch"
+        )
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
@@ -140,7 +157,9 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         )
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
-            kind = f"pickled {value.global_name} object" if isinstance(value, _StandIn) else type(value).__name__
+            kind = (
+                f"pickled {value.global_name} object" if isinstance(value, _StandIn) else type(value).__name__
+            )
             raise InputFileError(
                 f"{file}: entry {key!r} is a {kind}, not a tensor, so this is not a state_dict; "
                 f"save one with torch.save(model.state_dict(), path), or a Lightning checkpoint with a 'state_dict'"
@@ -263,7 +282,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 # --- safe loading ----------------------------------------------------------------------------------
-class _StandIn(dict):  # type: ignore[type-arg]
+class _StandIn(dict[Any, Any]):
     """Inert placeholder for a class the file names: keeps whatever data it is given, runs nothing.
 
     A dict so that pickled dict subclasses (Lightning's ``AttributeDict``) fill it; one subclass per
@@ -296,7 +315,7 @@ def _safe_load(file: Path) -> Any:
         raise InputFileError(f"{file} could not be read as a PyTorch file ({type(e).__name__}: {e})") from e
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
-        stand_ins = [(_stand_in(n), n) for n in names]
+        stand_ins: list[Any] = [(_stand_in(n), n) for n in names]
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or hostile archives

@@ -168,8 +168,8 @@ def register(*types: type) -> Callable[[type[Shrinker[Any]]], type[Shrinker[Any]
         missing = [m for m in PROTOCOL[cls.role] if getattr(cls, m) is getattr(Shrinker, m)]
         if missing:
             raise TypeError(f"{cls.__name__} is {cls.role.value} but does not define {', '.join(missing)}()")
-        if cls.role is Role.CHANNELWISE and (getattr(cls, "can_absorb_shift") is not Shrinker.can_absorb_shift) != (
-            getattr(cls, "absorb_shift") is not Shrinker.absorb_shift
+        if cls.role is Role.CHANNELWISE and (cls.can_absorb_shift is not Shrinker.can_absorb_shift) != (
+            cls.absorb_shift is not Shrinker.absorb_shift
         ):
             raise TypeError(f"{cls.__name__} must define can_absorb_shift() and absorb_shift() together")
         instance = cls()

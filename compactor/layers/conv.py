@@ -38,7 +38,9 @@ class ConvShrinker(Shrinker[Conv]):
         if m.groups == 1:
             return zero_along(m.weight, 1, idx)
         w = m.weight.detach()
-        return torch.tensor([bool((w[rows, col] == 0).all()) for rows, col in (_grouped_col(m, i) for i in idx.tolist())])
+        return torch.tensor(
+            [bool((w[rows, col] == 0).all()) for rows, col in (_grouped_col(m, i) for i in idx.tolist())]
+        )
 
     def can_fold(self, m: Conv) -> bool:
         # Every output position sees the whole kernel over constant values: no zero padding reaches it.
@@ -91,7 +93,9 @@ class ConvShrinker(Shrinker[Conv]):
         if n % m.groups:
             raise ValueError(f"{n} {side.value}put channels do not split into {m.groups} groups")
         per = (m.out_channels if side is Side.OUT else m.in_channels) // m.groups
-        return torch.tensor([g * per + i for g in range(m.groups) for i in range(n // m.groups)], dtype=torch.long)
+        return torch.tensor(
+            [g * per + i for g in range(m.groups) for i in range(n // m.groups)], dtype=torch.long
+        )
 
     def shrink(self, m: Conv, keep_out: Index | None, keep_in: Index | None) -> Conv:
         if is_depthwise(m):
@@ -104,7 +108,11 @@ class ConvShrinker(Shrinker[Conv]):
             _check_balanced(keep_out, m.groups, m.out_channels // m.groups, "outputs")
         weight = must_take(m.weight, 0, keep_out)
         if keep_in is not None:
-            weight = weight.index_select(1, keep_in.to(weight.device)) if m.groups == 1 else _grouped_cols(m, weight, keep_in)
+            weight = (
+                weight.index_select(1, keep_in.to(weight.device))
+                if m.groups == 1
+                else _grouped_cols(m, weight, keep_in)
+            )
         new = new_like(m, weight=weight, bias=take(m.bias, 0, keep_out))
         new.out_channels = len(keep_out) if keep_out is not None else m.out_channels
         new.in_channels = len(keep_in) if keep_in is not None else m.in_channels
@@ -126,7 +134,11 @@ def _grouped_cols(m: Conv, weight: torch.Tensor, keep_in: Index) -> torch.Tensor
     parts = []
     for g in range(m.groups):
         cols = [i - g * per_in for i in keep_in.tolist() if i // per_in == g]
-        parts.append(weight[g * rows : (g + 1) * rows].index_select(1, torch.tensor(cols, dtype=torch.long, device=weight.device)))
+        parts.append(
+            weight[g * rows : (g + 1) * rows].index_select(
+                1, torch.tensor(cols, dtype=torch.long, device=weight.device)
+            )
+        )
     return torch.cat(parts, 0)
 
 
@@ -147,7 +159,9 @@ def _check_balanced(keep: Index, groups: int, per: int, what: str) -> None:
 
 def _check_groups(m: Conv) -> None:
     if m.in_channels % m.groups or m.out_channels % m.groups:
-        raise ValueError(f"{m.in_channels} in and {m.out_channels} out channels do not split into {m.groups} groups")
+        raise ValueError(
+            f"{m.in_channels} in and {m.out_channels} out channels do not split into {m.groups} groups"
+        )
 
 
 def _zero_padded(m: Conv) -> bool:
@@ -194,7 +208,9 @@ class ConvTransposeShrinker(Shrinker[Conv]):
         return m.in_channels
 
     def shrink(self, m: Conv, keep_out: Index | None, keep_in: Index | None) -> Conv:
-        new = new_like(m, weight=must_take(must_take(m.weight, 1, keep_out), 0, keep_in), bias=take(m.bias, 0, keep_out))
+        new = new_like(
+            m, weight=must_take(must_take(m.weight, 1, keep_out), 0, keep_in), bias=take(m.bias, 0, keep_out)
+        )
         new.out_channels = len(keep_out) if keep_out is not None else m.out_channels
         new.in_channels = len(keep_in) if keep_in is not None else m.in_channels
         return new

@@ -40,7 +40,9 @@ class LinearShrinker(Shrinker[nn.Linear]):
         return m.in_features
 
     def shrink(self, m: nn.Linear, keep_out: Index | None, keep_in: Index | None) -> nn.Linear:
-        new = new_like(m, weight=must_take(must_take(m.weight, 0, keep_out), 1, keep_in), bias=take(m.bias, 0, keep_out))
+        new = new_like(
+            m, weight=must_take(must_take(m.weight, 0, keep_out), 1, keep_in), bias=take(m.bias, 0, keep_out)
+        )
         new.out_features = len(keep_out) if keep_out is not None else m.out_features
         new.in_features = len(keep_in) if keep_in is not None else m.in_features
         return new

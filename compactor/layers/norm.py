@@ -32,7 +32,8 @@ class BatchNormShrinker(Shrinker[Any]):
     def forgets_input(self, m: Any, idx: Index) -> torch.Tensor:
         if m.weight is None:
             return torch.zeros(len(idx), dtype=torch.bool)
-        return (m.weight.detach()[idx.to(m.weight.device)] == 0).cpu()
+        weight: torch.Tensor = m.weight.detach()
+        return (weight[idx.to(weight.device)] == 0).cpu()
 
     def can_absorb_shift(self, m: Any) -> bool:
         return True

@@ -45,7 +45,9 @@ class ParameterShrinker(Shrinker[Any]):
         return None
 
     def shrink(self, m: Any, keep_out: Index | None, keep_in: Index | None) -> Any:
-        raise NotImplementedError("a bare parameter is sliced along its pruning dimension by the rebuild stage")
+        raise NotImplementedError(
+            "a bare parameter is sliced along its pruning dimension by the rebuild stage"
+        )
 
 
 @register(nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN)

@@ -34,7 +34,8 @@ BACKENDS: tuple[Backend, ...] = ("torch-cpu", "onnxruntime-cpu", "cuda")
 
 
 def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *_: Any, **__: Any) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+    flops: int = sdpa_flop_count(query_shape, key_shape, value_shape)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    return flops
 
 
 # On CPU, ``F.scaled_dot_product_attention`` decomposes (inside the counter) to the fused
@@ -90,7 +91,9 @@ def latency(
     if not models:
         raise ValueError("latency: pass at least one model")
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"latency: need warmup >= 0 and repeats >= 1, found warmup={warmup}, repeats={repeats}")
+        raise ValueError(
+            f"latency: need warmup >= 0 and repeats >= 1, found warmup={warmup}, repeats={repeats}"
+        )
     example = ExampleInputs.of(inputs)
     threads = threads or torch.get_num_threads()
     with contextlib.ExitStack() as stack:
@@ -142,7 +145,9 @@ def bench(
     """
     dense = baked(model, copy=False)
     example = ExampleInputs.of(inputs)
-    extra: dict[str, Any] = {"macs": {"before": count_macs(dense, example), "after": count_macs(compacted, example)}}
+    extra: dict[str, Any] = {
+        "macs": {"before": count_macs(dense, example), "after": count_macs(compacted, example)}
+    }
     timed: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
     for backend in backends:
@@ -150,7 +155,12 @@ def bench(
             skipped[backend] = "no GPU (torch.cuda.is_available() is False)"
             continue
         t = latency(
-            {"before": dense, "after": compacted}, example, backend=backend, threads=threads, warmup=warmup, repeats=repeats
+            {"before": dense, "after": compacted},
+            example,
+            backend=backend,
+            threads=threads,
+            warmup=warmup,
+            repeats=repeats,
         )
         timed[backend] = {"before": t["before"].median_ms, "after": t["after"].median_ms}
     extra["latency_ms"] = timed
@@ -168,16 +178,25 @@ def _runners(
 ) -> Iterator[dict[str, Runner]]:
     if backend == "torch-cpu":
         with _torch_threads(threads), torch.inference_mode():
-            yield {name: _torch_runner(_module(model).eval(), inputs, cuda=False) for name, model in models.items()}
+            yield {
+                name: _torch_runner(_module(model).eval(), inputs, cuda=False)
+                for name, model in models.items()
+            }
     elif backend == "cuda":
         if not torch.cuda.is_available():
             raise CompactorError("latency: backend 'cuda' needs a GPU and torch.cuda.is_available() is False")
         device = torch.device("cuda")
         on_gpu = inputs.to(device)
         with torch.inference_mode():
-            yield {name: _torch_runner(_on(_module(model), device), on_gpu, cuda=True) for name, model in models.items()}
+            yield {
+                name: _torch_runner(_on(_module(model), device), on_gpu, cuda=True)
+                for name, model in models.items()
+            }
     elif backend == "onnxruntime-cpu":
-        from ..io.onnx import export_onnx, ort_session  # onnx and onnxruntime are imported only when asked for
+        from ..io.onnx import (
+            export_onnx,
+            ort_session,
+        )  # onnx and onnxruntime are imported only when asked for
 
         with tempfile.TemporaryDirectory(prefix="compactor-latency-") as tmp:
             runners = {}

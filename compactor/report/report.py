@@ -7,7 +7,7 @@ import io
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from rich.console import Console
@@ -100,10 +100,18 @@ def render(report: CompactionReport, console: Console) -> None:
         summary.add_row(label, fmt(before), fmt(after), f"{after / max(1, before):.3f}")
     macs = report.extra.get("macs")
     if macs:
-        summary.add_row("MACs", _count(macs["before"]), _count(macs["after"]), f"{macs['after'] / max(1, macs['before']):.3f}")
+        summary.add_row(
+            "MACs",
+            _count(macs["before"]),
+            _count(macs["after"]),
+            f"{macs['after'] / max(1, macs['before']):.3f}",
+        )
     for backend, ms in report.extra.get("latency_ms", {}).items():
         summary.add_row(
-            f"latency {backend} (ms)", f"{ms['before']:.3f}", f"{ms['after']:.3f}", f"{ms['after'] / ms['before']:.3f}"
+            f"latency {backend} (ms)",
+            f"{ms['before']:.3f}",
+            f"{ms['after']:.3f}",
+            f"{ms['after'] / ms['before']:.3f}",
         )
     console.print(summary)
     for backend, why in report.extra.get("not_measured", {}).items():
@@ -127,7 +135,9 @@ def render(report: CompactionReport, console: Console) -> None:
             markup=False,
         )
     else:
-        console.print("zeroed channels: none (no channel is zero or unread in every layer it couples)", markup=False)
+        console.print(
+            "zeroed channels: none (no channel is zero or unread in every layer it couples)", markup=False
+        )
     kept = Counter((z.layer, z.fate, z.reason) for z in report.zeroed if not Fate(z.fate).removed)
     for (layer, fate, reason), n in sorted(kept.items()):
         console.print(f"  {layer}: {n} {fate} ({reason})", markup=False)
@@ -239,7 +249,7 @@ class _ByteCounter:
 def serialized_bytes(model: nn.Module) -> int:
     """The size of ``torch.save(model)``: the bytes a ``.pt`` file of it holds."""
     counter = _ByteCounter()
-    torch.save(model, counter)
+    torch.save(model, cast(IO[bytes], counter))  # torch.save needs only write() and flush()
     return counter.count
 
 
@@ -248,11 +258,12 @@ def _count(n: int) -> str:
 
 
 def _bytes(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return str(size)
 
 
 def _arrow(before: int | None, after: int | None) -> str:

@@ -74,5 +74,3 @@ def _scattered_zeros(w: torch.Tensor) -> int:
     rows = zero.flatten(1).all(1).view(-1, *([1] * (w.dim() - 1)))
     cols = zero.movedim(1, 0).flatten(1).all(1).view(1, -1, *([1] * (w.dim() - 2)))
     return int((zero & ~rows & ~cols).sum())
-
-

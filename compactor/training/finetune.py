@@ -100,7 +100,7 @@ class KeepPruned:
         self._handles: list[RemovableHandle] = []
         self._active = True
         for t in tensors:
-            self._handles.append(t.param.register_hook(_gradient_mask(t.keep)))
+            self._handles.append(t.param.register_hook(_gradient_mask(t.keep)))  # type: ignore[no-untyped-call]  # torch leaves Tensor.register_hook unannotated
         for opt in optimizers:
             self._handles.append(opt.register_step_post_hook(self._after_step))
         self.enforce()

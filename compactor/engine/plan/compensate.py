@@ -19,7 +19,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ...layers import Side
 from ..graph import ChannelGroup, Member
@@ -70,8 +69,7 @@ def compensate(
             fates[r] = ChannelFate(r, Fate.FOLDED, "constant folded into the next layer's bias")
     merges = []
     for (name, into), pairs in merge_parts.items():
-        idx, ratio = zip(*pairs)
-        merges.append(Merge(name, into, tuple(idx), tuple(ratio)))
+        merges.append(Merge(name, into, tuple(i for i, _ in pairs), tuple(q for _, q in pairs)))
     return folds, merges
 
 
@@ -84,7 +82,9 @@ def fold(group: ChannelGroup, modules: Modules, layer: str, idx: tuple[int, ...]
 
 def units(r: int, padded: list[Member], modules: Modules) -> tuple[int, ...]:
     """Where root channel ``r`` enters each padded consumer (0 everywhere but in grouped convs)."""
-    return tuple(shrinker_at(modules, c.name).merge_unit(modules[c.name], i) for c in padded for i in c.idxs[r])
+    return tuple(
+        shrinker_at(modules, c.name).merge_unit(modules[c.name], i) for c in padded for i in c.idxs[r]
+    )
 
 
 def _merge_parts(
@@ -105,7 +105,9 @@ def _merge_parts(
     return parts
 
 
-def _choose_carrier(candidates: list[int], constants: dict[int, dict[str, torch.Tensor]], padded: list[Member]) -> int | None:
+def _choose_carrier(
+    candidates: list[int], constants: dict[int, dict[str, torch.Tensor]], padded: list[Member]
+) -> int | None:
     """The candidate whose smallest constant at the padded layers is largest (best conditioned)."""
     best, best_score = None, 0.0
     for r in candidates:
@@ -165,7 +167,9 @@ def share_carriers(plans: list[GroupPlan], modules: Modules, stats: InputStats) 
             hosts.append(guest)
             continue
         merged = _merged_into(out[guest.index], guest, host, plans[host.index].group.root, modules)
-        if unremovable(merged.group, modules, {f.channel: f for f in merged.fates}):  # one more would unbalance a layer
+        if unremovable(
+            merged.group, modules, {f.channel: f for f in merged.fates}
+        ):  # one more would unbalance a layer
             hosts.append(guest)
             continue
         out[guest.index] = merged
@@ -184,13 +188,19 @@ def _carrier_of(index: int, plan: GroupPlan, modules: Modules, stats: InputStats
         if seen is None:
             return None
         k[c.name] = seen
-    padded = frozenset(c.name for c in consumers if not shrinker_at(modules, c.name).can_fold(modules[c.name]))
+    padded = frozenset(
+        c.name for c in consumers if not shrinker_at(modules, c.name).can_fold(modules[c.name])
+    )
     needs = {m.layer for m in plan.merges} | {n for n in padded if nonzero(k[n])}
     at_units = {c.name: units(r, [c], modules) for c in consumers}
-    return _Carrier(index, r, {c.name: tuple(c.idxs[r]) for c in consumers}, k, padded, frozenset(needs), at_units)
+    return _Carrier(
+        index, r, {c.name: tuple(c.idxs[r]) for c in consumers}, k, padded, frozenset(needs), at_units
+    )
 
 
-def _merged_into(plan: GroupPlan, guest: _Carrier, host: _Carrier, host_root: str, modules: Modules) -> GroupPlan:
+def _merged_into(
+    plan: GroupPlan, guest: _Carrier, host: _Carrier, host_root: str, modules: Modules
+) -> GroupPlan:
     """``plan`` with its carrier merged into ``host``, and everything it carried re-aimed there."""
     merges = []
     for m in plan.merges:
@@ -207,24 +217,28 @@ def _merged_into(plan: GroupPlan, guest: _Carrier, host: _Carrier, host_root: st
         if name not in guest.padded and nonzero(k):
             folds.append(fold(plan.group, modules, name, guest.at[name], k))
     reason = f"constant merged into channel {host.channel} of the group of {host_root}"
-    fates = tuple(ChannelFate(f.channel, Fate.MERGED, reason) if f.channel == guest.channel else f for f in plan.fates)
+    fates = tuple(
+        ChannelFate(f.channel, Fate.MERGED, reason) if f.channel == guest.channel else f for f in plan.fates
+    )
     return GroupPlan(plan.group, fates, tuple(folds), tuple(merges))
 
 
 # --- applying ---------------------------------------------------------------------------------------
-def apply_compensation(plan: GroupPlan, modules: dict[str, nn.Module]) -> None:
+def apply_compensation(plan: GroupPlan, modules: Modules) -> None:
     """Write ``plan``'s folds and merges into ``modules`` (in place, in the original index space)."""
     for f in plan.folds:
         module = modules[f.layer]
         shrinker = shrinker_at(modules, f.layer)
         idx, k = torch.tensor(f.idx, dtype=torch.long), torch.tensor(f.k, dtype=torch.float64)
-        norm = modules.get(f.norm) if f.norm else None
-        if norm is not None:
-            shrinker_at(modules, f.norm).absorb_shift(norm, shrinker.fold_delta(module, idx, k))  # type: ignore[arg-type]
+        if f.norm and modules.get(f.norm) is not None:
+            shrinker_at(modules, f.norm).absorb_shift(modules[f.norm], shrinker.fold_delta(module, idx, k))
         else:
             shrinker.fold_constant(module, idx, k)
     for m in plan.merges:
         module = modules[m.layer]
         shrinker_at(modules, m.layer).merge_into(
-            module, m.carrier, torch.tensor(m.idx, dtype=torch.long), torch.tensor(m.ratio, dtype=torch.float64)
+            module,
+            m.carrier,
+            torch.tensor(m.idx, dtype=torch.long),
+            torch.tensor(m.ratio, dtype=torch.float64),
         )

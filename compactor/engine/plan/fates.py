@@ -9,7 +9,19 @@ from ...inputs import ExampleInputs
 from ...layers import Role, Side, role_of, shrinker_for
 from ..graph import ChannelGroup
 from ..heads import head_layers
-from .base import IGNORED, ChannelFate, Fate, Fold, GroupPlan, InputStats, Modules, all_zero, cols_zero, mixing, rows_zero
+from .base import (
+    IGNORED,
+    ChannelFate,
+    Fate,
+    Fold,
+    GroupPlan,
+    InputStats,
+    Modules,
+    all_zero,
+    cols_zero,
+    mixing,
+    rows_zero,
+)
 from .compensate import compensate, share_carriers
 from .observe import gated_zeros
 from .widths import round_layers, rounding, unremovable
@@ -67,7 +79,9 @@ def _plan_group(
         if ignored[r]:
             base[r] = ChannelFate(r, Fate.REMOVED, IGNORED)
             continue
-        seen = {c.name: stats.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r] and c.name in stats.lo}
+        seen = {
+            c.name: stats.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r] and c.name in stats.lo
+        }
         constants = {n: k for n, k in seen.items() if k is not None}
         if len(constants) != len(seen):
             where = next(n for n in seen if n not in constants)
@@ -106,7 +120,9 @@ def _blocked_writer(group: ChannelGroup, modules: Modules) -> GroupPlan:
         return GroupPlan(group, ())
     dead = all_zero([writer], modules, group.size, rows_zero)
     reason = f"{group.root}: {shrinker.why_blocking(root)}"
-    return GroupPlan(group, tuple(ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, reason) for r in range(group.size) if dead[r]))
+    return GroupPlan(
+        group, tuple(ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, reason) for r in range(group.size) if dead[r])
+    )
 
 
 def _forgotten(group: ChannelGroup, modules: Modules) -> list[bool]:
@@ -134,7 +150,9 @@ def _blocker(group: ChannelGroup, modules: Modules, heads: dict[tuple[str, Side]
         return group.issues[0]
     for member in group.members:
         if member.kind.fixed_sizes:
-            return f"the channels pass through a {member.kind.value} whose sizes are fixed in the forward code"
+            return (
+                f"the channels pass through a {member.kind.value} whose sizes are fixed in the forward code"
+            )
     for member in group.layers():
         obj = modules.get(member.name)
         role = role_of(obj)

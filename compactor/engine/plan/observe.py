@@ -36,7 +36,9 @@ def observe_inputs(
         if shrinker is None:
             continue
         if noise and noise.get(name):
-            hooks.append(module.register_forward_hook(_noise(noise[name], shrinker.input_channel_dim, generator)))
+            hooks.append(
+                module.register_forward_hook(_noise(noise[name], shrinker.input_channel_dim, generator))
+            )
         if name in layers:
             hooks.append(module.register_forward_pre_hook(_recorder(stats, name, shrinker.input_channel_dim)))
     try:
@@ -119,7 +121,10 @@ def gated_zeros(
         return {}
     layers = {c.name for consumers, _ in found.values() for c in consumers}
     shaken = observe_inputs(model, runs, layers, dict(noise))
-    return {i: {r for r in candidates if reads_zero(shaken, consumers, r)} for i, (consumers, candidates) in found.items()}
+    return {
+        i: {r for r in candidates if reads_zero(shaken, consumers, r)}
+        for i, (consumers, candidates) in found.items()
+    }
 
 
 def reads_zero(stats: InputStats, consumers: list[Member], r: int) -> bool:

@@ -13,7 +13,9 @@ from ..graph import ChannelGroup
 from .base import ChannelFate, Fate, GroupPlan, Modules, shrinker_at
 
 
-def unremovable(group: ChannelGroup, modules: Modules, fates: dict[int, ChannelFate]) -> dict[int, ChannelFate]:
+def unremovable(
+    group: ChannelGroup, modules: Modules, fates: dict[int, ChannelFate]
+) -> dict[int, ChannelFate]:
     """Channels planned away that a layer cannot lose: part of a GroupNorm group, or more from one group
     of a grouped conv than from another (checked on this group's channels alone, which is stricter than
     needed where several groups feed one layer, and so safe)."""
@@ -69,7 +71,11 @@ def round_layers(model: nn.Module, plans: list[GroupPlan], round_to: int) -> lis
                     removed[(member.name, member.side)] |= idx
                     touching[(member.name, member.side)].add(i)
         widths = {key: width(modules.get(key[0]), key[1]) for key in removed}
-        off = [key for key, idx in removed.items() if (w := widths[key]) is not None and (w - len(idx)) % round_to]
+        off = [
+            key
+            for key, idx in removed.items()
+            if (w := widths[key]) is not None and (w - len(idx)) % round_to
+        ]
         if not off:
             return plans
         for name, side in off:
