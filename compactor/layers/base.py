@@ -157,7 +157,7 @@ def register(*types: type) -> Callable[[type[Shrinker[Any]]], type[Shrinker[Any]
     """Class decorator: one shrinker instance serves ``types`` and their subclasses.
 
     Raises ``TypeError`` when the shrinker leaves out a method its role needs (:data:`PROTOCOL`), when
-    ``types`` is empty, or when a type is registered twice.
+    ``types`` is empty, or when a type already has another shrinker.
     """
     if not types:
         raise TypeError("register() needs at least one layer type")
@@ -167,15 +167,20 @@ def register(*types: type) -> Callable[[type[Shrinker[Any]]], type[Shrinker[Any]
             raise TypeError(f"{cls.__name__}.role must be a Role, found {cls.role!r}")
         missing = [m for m in PROTOCOL[cls.role] if getattr(cls, m) is getattr(Shrinker, m)]
         if missing:
-            raise TypeError(f"{cls.__name__} is {cls.role.value} but does not define {', '.join(missing)}()")
+            raise TypeError(
+                f"{cls.__name__} is {cls.role.value} but does not define {', '.join(m + '()' for m in missing)}"
+            )
         if cls.role is Role.CHANNELWISE and (cls.can_absorb_shift is not Shrinker.can_absorb_shift) != (
             cls.absorb_shift is not Shrinker.absorb_shift
         ):
             raise TypeError(f"{cls.__name__} must define can_absorb_shift() and absorb_shift() together")
         instance = cls()
         for t in types:
-            if t in _REGISTRY:
-                raise TypeError(f"{t.__name__} already has a shrinker ({type(_REGISTRY[t]).__name__})")
+            old = type(_REGISTRY[t]) if t in _REGISTRY else None
+            if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise TypeError(
+                    f"{t.__name__} already has a shrinker ({old.__name__})"
+                )  # a reload may replace its own
             _REGISTRY[t] = instance
         return cls
 
