@@ -22,6 +22,7 @@ from .engine.plan import consumer_layers, observe_inputs, plan_groups
 from .engine.verify import DEFAULT_TOLERANCE, Log, compare, decide, reference_outputs, widened
 from .errors import ExampleInputError
 from .inputs import ExampleInputs, infer_example_inputs, run
+from .io.sparse import sparsity_report
 from .report.report import (
     CompactionReport,
     count_params,
@@ -30,7 +31,7 @@ from .report.report import (
     serialized_bytes,
     zeroed_channels,
 )
-from .report.sparsity import sparsity_report, unstructured_warnings
+from .report.sparsity import unstructured_warnings
 
 FRESH_RUNS = 2  # random inputs checked besides the example inputs
 

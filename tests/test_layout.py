@@ -75,6 +75,22 @@ def test_no_import_cycle() -> None:
             visit(node)
 
 
+# Each part imports only the parts before it (the base modules errors, inputs, util: anyone).
+LAYERS = ["layers", "engine", "io", "report", "api", "training", "demo", "compactor", "cli"]
+
+
+def test_parts_import_only_the_parts_before_them() -> None:
+    def part(module: str) -> str:
+        return module.split(".")[1] if "." in module else module
+
+    for source, targets in _graph().items():
+        for target in targets:
+            a, b = part(source), part(target)
+            if a == b or b in ("errors", "inputs", "util"):
+                continue
+            assert a in LAYERS and LAYERS.index(b) < LAYERS.index(a), f"{source} imports {target}"
+
+
 def test_the_tree_shows_the_pipeline() -> None:
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
     assert folders == ["engine", "io", "layers", "report", "training"]

@@ -16,7 +16,7 @@ from compactor.engine.masks import bake_masks, clone_module
 from compactor.errors import ExportError, InputFileError, StateDictError
 from compactor.io import save as formats
 from compactor.io import sparse
-from compactor.report.sparsity import sparsity_report
+from compactor.io.sparse import sparsity_report
 
 X = example_input()
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ from torch import nn
 
 from ..engine.masks import baked
 from ..errors import ExportError, InputFileError, StateDictError, first_line
-from ..report.sparsity import LayerSparsity, sparsity_report
 from .arch import Arch, build_arch
 from .atomic import write_atomically
 from .safetensors import (
@@ -58,6 +57,43 @@ MASK = "::mask"
 ZERO_SIGNS = "::zero_signs"
 _ENTRY_BYTES = 96  # the second header entry (name, dtype, shape, offsets) a sparse tensor costs
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Zeros of one weight tensor (two or more dimensions), and how many output rows are entirely zero."""
+
+    name: str
+    shape: tuple[int, ...]
+    zeros: int
+    total: int
+    zero_rows: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / max(1, self.total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape), "sparsity": round(self.sparsity, 6)}
+
+
+def sparsity_report(model: nn.Module) -> tuple[LayerSparsity, ...]:
+    """Per weight tensor (masks baked): zeros, total, and whole zero output rows (``compact`` removes those)."""
+    rows = []
+    for name, tensor in baked(model, copy=False).state_dict().items():
+        if tensor.dim() < 2 or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        flat = tensor.detach().reshape(tensor.shape[0], -1)
+        rows.append(
+            LayerSparsity(
+                name=name,
+                shape=tuple(tensor.shape),
+                zeros=int((tensor == 0).sum()),
+                total=tensor.numel(),
+                zero_rows=int((flat == 0).all(dim=1).sum()),
+            )
+        )
+    return tuple(rows)
 
 
 @dataclass(frozen=True)
@@ -321,9 +357,11 @@ def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 __all__ = [
+    "LayerSparsity",
     "SparseStorageReport",
     "decode",
     "encode",
     "load_sparse",
     "save_sparse",
+    "sparsity_report",
 ]

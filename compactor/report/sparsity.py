@@ -1,53 +1,11 @@
-"""Sparsity that compaction cannot remove: per-layer zeros, and a warning when they form no whole channel."""
+"""Sparsity that compaction cannot remove: a warning when zeros form no whole channel."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import nn
-
-from ..engine.masks import baked
-
-
-@dataclass(frozen=True)
-class LayerSparsity:
-    """Zeros of one weight tensor (two or more dimensions), and how many output rows are entirely zero."""
-
-    name: str
-    shape: tuple[int, ...]
-    zeros: int
-    total: int
-    zero_rows: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / max(1, self.total)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "shape": list(self.shape), "sparsity": round(self.sparsity, 6)}
-
-
-def sparsity_report(model: nn.Module) -> tuple[LayerSparsity, ...]:
-    """Per weight tensor (masks baked): zeros, total, and whole zero output rows (``compact`` removes those)."""
-    rows = []
-    for name, tensor in baked(model, copy=False).state_dict().items():
-        if tensor.dim() < 2 or not (tensor.is_floating_point() or tensor.is_complex()):
-            continue
-        flat = tensor.detach().reshape(tensor.shape[0], -1)
-        rows.append(
-            LayerSparsity(
-                name=name,
-                shape=tuple(tensor.shape),
-                zeros=int((tensor == 0).sum()),
-                total=tensor.numel(),
-                zero_rows=int((flat == 0).all(dim=1).sum()),
-            )
-        )
-    return tuple(rows)
-
 
 UNSTRUCTURED_WARNING_AT = 0.05  # fraction of the compacted model's weights still zero
 
