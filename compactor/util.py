@@ -22,9 +22,12 @@ def eval_mode_restored(model: nn.Module, *, eval: bool = True) -> Iterator[nn.Mo
             m.training = flag
 
 
-def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at dotted ``name`` in ``root``; return the root (``new`` itself when ``name`` is '')."""
+def set_submodule(root: nn.Module, name: str, new: nn.Module | nn.Parameter) -> nn.Module:
+    """Put ``new`` (a module, or a bare parameter) at dotted ``name`` in ``root``; return the root (``new``
+    itself when ``name`` is '', which only a module can be)."""
     if not name:
+        if not isinstance(new, nn.Module):
+            raise TypeError("only a module can replace the root")
         return new
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, new)

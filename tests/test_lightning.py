@@ -78,7 +78,7 @@ def _prune(net: nn.Sequential, remove: bool) -> None:
 
 
 def _expected_out_channels(report: CompactionReport, prefix: str) -> tuple[int, int]:
-    """8 minus the channels the report says are gone (a carrier channel stays, see FIELD.md)."""
+    """8 minus the channels the report says are gone (a carrier channel stays, see docs/EXACTNESS.md)."""
     gone = [z.layer for z in report.zeroed if Fate(z.fate).removed]
     return (8 - gone.count(f"{prefix}0"), 8 - gone.count(f"{prefix}3"))
 

@@ -4,7 +4,7 @@ Each :class:`Case` builds a masked model (``torch.nn.utils.prune`` hooks still a
 bakes them) and lists its channel groups as :class:`Link`s. :func:`expected_fates` computes, from the
 weights, masks and BatchNorm parameters alone (never from running the compacted model), what exact
 compaction must do with every zeroed channel; :func:`expected_widths` turns that into the channel count
-of every rebuilt layer. ``FIELD.md`` has the math.
+of every rebuilt layer. ``docs/EXACTNESS.md`` has the math.
 """
 
 from __future__ import annotations

@@ -71,6 +71,5 @@ def _replace_parameter(
     dim = next(m.pruning_dim for p in plans for m in p.group.layers() if m.name == name)
     removed = set().union(*sides.values())
     keep = torch.tensor([i for i in range(param.shape[dim]) if i not in removed], dtype=torch.long)
-    owner, _, attr = name.rpartition(".")
     new = nn.Parameter(param.detach().index_select(dim, keep).clone(), requires_grad=param.requires_grad)
-    setattr(root.get_submodule(owner) if owner else root, attr, new)
+    set_submodule(root, name, new)

@@ -44,7 +44,7 @@ def import_qualified(module_name: str, qualname: str) -> Any:
     return obj
 
 
-def resolve_arch(spec: str) -> Callable[[], nn.Module]:
+def _resolve(spec: str) -> Callable[[], nn.Module]:
     """``"pkg.module:build"`` -> a callable that builds the dense architecture (imported from the cwd).
 
     Checked now (the module imports, the name is callable), so that a bad ``--arch`` fails before any work."""
@@ -90,7 +90,7 @@ def build_arch(arch: Arch) -> nn.Module:
     if isinstance(arch, nn.Module):
         return arch
     if isinstance(arch, str):
-        return resolve_arch(arch)()
+        return _resolve(arch)()
     model = arch()
     if not isinstance(model, nn.Module):
         raise StateDictError(f"the architecture builder returned a {type(model).__name__}, not an nn.Module")
