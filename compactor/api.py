@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .engine.coverage import Paths, check_train_mode, find_paths, hold_train_only, watch
 from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
 from .engine.masks import baked, clone_module
 from .engine.plan import consumer_layers, observe_inputs, plan_groups
-from .engine.verify import DEFAULT_TOLERANCE, Log, compare, decide, reference_outputs, widened
-from .errors import ExampleInputError
+from .engine.verify import DEFAULT_TOLERANCE, Log, Outputs, compare, decide, reference_outputs, widened
+from .errors import ExampleInputError, ModelForwardError, UnverifiedPathError, VerificationError
 from .inputs import ExampleInputs, infer_example_inputs, run
 from .io.sparse import sparsity_report
 from .report.report import (
@@ -43,6 +44,7 @@ def compact(
     tolerance: float = DEFAULT_TOLERANCE,
     log: Log | None = None,
     round_to: int = 1,
+    strict: bool = False,
 ) -> tuple[nn.Module, CompactionReport]:
     """Return a physically smaller copy of ``model`` that computes the same function, and a report.
 
@@ -56,6 +58,11 @@ def compact(
     breaks equality is restored. Where float rounding itself exceeds ``tolerance`` (a deep float32
     network, any float16/bfloat16 model) the decisions are made on float64 copies and the result is held
     to the masked model's own rounding (``report.extra["rounding_floor"]``).
+
+    What the example inputs cannot show is said in ``report.warnings`` (``report.extra["paths"]``): a
+    branch on tensor values, a layer no forward called (left as it was). ``strict=True`` refuses both
+    (:class:`~compactor.errors.UnverifiedPathError`). Layers that run only in train mode keep the channels
+    they read, and the compacted model's train-mode outputs are checked for structure and shape.
     """
     if not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, found {round_to!r}")
@@ -69,14 +76,19 @@ def compact(
         baked_model = baked(model).eval()
         generator = torch.Generator().manual_seed(0)
         runs = [inputs] + [inputs.fresh(generator) for _ in range(FRESH_RUNS)]
-        references = reference_outputs(masked, runs)
+        with watch(masked) as seen:
+            references = reference_outputs(masked, runs)
+        check_finite(references)
+        paths = find_paths(masked, seen, lambda m: run(m, inputs))
         del masked  # the references are all that is needed of it: free its weight_orig and mask copies
+    if strict and paths.unproven():
+        raise UnverifiedPathError(f"--strict: {paths.unproven()[0]}")
     original = baked_model
     heads: list[HeadChange] = []
     if head_layers(baked_model):  # whole attention heads first: channel groups cannot take them apart
         say("removing zeroed attention heads")
         with _timed(seconds, "heads"):
-            baked_model, heads = _without_heads(baked_model, inputs, runs, references, tolerance)
+            baked_model, heads = _without_heads(baked_model, inputs, runs, references, tolerance, paths)
     with _timed(seconds, "float64"):
         # Decide in float64 where the model holds 16-bit floats: their rounding (8 bits of mantissa in
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
@@ -85,6 +97,10 @@ def compact(
     say("tracing channel dependencies (torch-pruning)")
     with _timed(seconds, "graph"):
         groups = build_groups(d_baked, d_runs[0])
+        if paths.train_only:  # couple what runs only in train mode too, and keep the channels it reads
+            say("tracing train-mode channel dependencies")
+            train_groups = build_groups(clone_module(d_baked), d_runs[0], train=True)
+            groups = hold_train_only(groups, train_groups, set(paths.train_only))
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):
         stats = observe_inputs(d_baked, d_runs[:2], consumer_layers(groups, d_baked))
@@ -94,6 +110,9 @@ def compact(
         plans, small, verdict, floors = decide(
             original, baked_model, plans, runs, references, tolerance, say, round_to, wide
         )
+    train_problem = check_train_mode(paths, small, lambda m: run(m, inputs))
+    if train_problem is not None:
+        raise VerificationError(f"{train_problem}; nothing was written: report this")
     small.train(model.training)
     sparsity = [layer for layer in sparsity_report(small) if layer.zeros]
 
@@ -106,7 +125,7 @@ def compact(
         inputs=inputs.describe(),
         layers=layer_changes(original, small),
         zeroed=zeroed_channels(plans),
-        warnings=(*dead_model_warnings(references, plans), *unstructured_warnings(small)),
+        warnings=(*paths.warnings(), *dead_model_warnings(references, plans), *unstructured_warnings(small)),
         seconds=seconds,
         extra={
             "graph_issues": sorted({i for g in groups for i in g.issues}),
@@ -114,6 +133,7 @@ def compact(
             **({"rounding_floor": max(max(f, default=0.0) for f in floors)} if floors else {}),
             "sparsity": [layer.to_dict() for layer in sparsity],
             "round_to": round_to,
+            "paths": paths.to_dict(),
         },
     )
     return small, report
@@ -125,6 +145,7 @@ def _without_heads(
     runs: list[ExampleInputs],
     references: list[Any],
     tolerance: float,
+    paths: Paths,
 ) -> tuple[nn.Module, list[HeadChange]]:
     """:func:`compactor.heads.compact_heads`, verified against the masked model's outputs."""
 
@@ -132,7 +153,8 @@ def _without_heads(
         verdict = compare(candidate, runs, references, tolerance)
         return None if verdict.ok else verdict.summary()
 
-    new, heads = compact_heads(model, inputs, verify=check)
+    uncalled = frozenset(u.partition(" (")[0] for u in paths.uncalled)
+    new, heads = compact_heads(model, inputs, verify=check, skip=uncalled)
     return new.eval(), heads
 
 
@@ -150,6 +172,22 @@ def resolve_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInpu
     inputs = ExampleInputs.of(example_inputs)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return inputs.to(device)
+
+
+def check_finite(references: list[Outputs]) -> None:
+    """The masked model's outputs must be finite: NaN or Inf cannot be compared (NaN is never equal)."""
+    for i, outputs in enumerate(references):
+        for name, value in outputs:
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and not bool(torch.isfinite(value).all())
+            ):
+                on = "the example inputs" if i == 0 else "random inputs drawn like the example inputs"
+                raise ModelForwardError(
+                    f"the model's output {name} holds NaN or Inf on {on}, so compaction cannot be verified there; "
+                    f"give example inputs on which the model's outputs are finite"
+                )
 
 
 @contextmanager

@@ -56,6 +56,11 @@ class UnsupportedFormatError(OutputPathError):
     """The output path's suffix (or ``--format``) names no format compactor writes."""
 
 
+class UnverifiedPathError(CompactorError, ValueError):
+    """``--strict``: the model has paths the example inputs do not take (a branch on tensor values, a layer
+    no forward called), which verification cannot prove."""
+
+
 class CouplingUnsettled(GraphError):
     """Torch-Pruning's channel coupling from one root never settles (it cycles, as through a rotary
     embedding). Caught by the graph stage, which keeps that root's channels with the message as reason."""

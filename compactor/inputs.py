@@ -137,16 +137,29 @@ def run(model: nn.Module, inputs: ExampleInputs) -> Any:
 
 def flatten_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
     """Every tensor in nested tuples, lists, dicts and Hugging Face ``ModelOutput``s, with a path name."""
-    if isinstance(output, torch.Tensor):
+    return [(name, v) for name, v in flatten_values(output, prefix) if isinstance(v, torch.Tensor)]
+
+
+Plain = int | float | bool | complex | str | bytes | None  # a non-tensor output compared by value
+
+
+def flatten_values(output: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor | Plain]]:
+    """:func:`flatten_outputs` with the plain values too (ints, floats, strings, None, ...): verification
+    compares every leaf a model returns, not only its tensors. Other objects are left out."""
+    if (
+        isinstance(output, torch.Tensor)
+        or output is None
+        or isinstance(output, (int, float, complex, str, bytes))
+    ):
         return [(prefix, output)]
     if isinstance(output, Mapping):  # ModelOutput is an OrderedDict
-        items: list[tuple[str, torch.Tensor]] = []
+        items: list[tuple[str, torch.Tensor | Plain]] = []
         for k, v in output.items():
-            items += flatten_outputs(v, f"{prefix}.{k}")
+            items += flatten_values(v, f"{prefix}.{k}")
         return items
     if isinstance(output, (tuple, list)):
         items = []
         for i, v in enumerate(output):
-            items += flatten_outputs(v, f"{prefix}[{i}]")
+            items += flatten_values(v, f"{prefix}[{i}]")
         return items
     return []

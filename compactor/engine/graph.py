@@ -72,20 +72,28 @@ class ChannelGroup:
     reaches_output: bool
     issues: tuple[str, ...]
     norm_after: tuple[tuple[str, str], ...] = ()  # (member layer, the BatchNorm it alone feeds)
+    held: tuple[str, ...] = ()  # why the group must stay whole, found outside this trace (train mode)
 
     def layers(self, side: Side | None = None) -> list[Member]:
         return [m for m in self.members if m.kind is Kind.LAYER and (side is None or m.side is side)]
 
 
-def build_groups(model: nn.Module, inputs: ExampleInputs) -> list[ChannelGroup]:
-    """Trace ``model`` on ``inputs`` and return one group per set of coupled channels."""
+def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) -> list[ChannelGroup]:
+    """Trace ``model`` on ``inputs`` and return one group per set of coupled channels.
+
+    ``train``: trace the train-mode forward (Torch-Pruning switches to eval mode before it calls the
+    forward; this switches back). Batch statistics move then: pass a copy."""
+
+    def forward(m: nn.Module, x: ExampleInputs) -> Any:
+        return m.train(train)(*x.args, **x.kwargs)
+
     names = {p: n for n, p in model.named_parameters()}
     with _tracing_state(model):
         try:
             graph = tp.DependencyGraph().build_dependency(
                 model,
                 example_inputs=inputs,
-                forward_fn=lambda m, x: m(*x.args, **x.kwargs),
+                forward_fn=forward,
                 output_transform=lambda out: [t for _, t in flatten_outputs(out)],
                 verbose=False,
                 customized_pruners=_custom_pruners(),

@@ -161,6 +161,7 @@ def compact_heads(
     *,
     fold_constant_heads: bool = True,
     verify: Check | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[nn.Module, list[HeadChange]]:
     """A copy of ``model`` without the attention heads that provably contribute nothing or a constant.
 
@@ -180,7 +181,7 @@ def compact_heads(
     )
     problems: list[str] = []
     for fold in folds:
-        new, changes = _compact_heads_once(model, example_inputs, fold)
+        new, changes = _compact_heads_once(model, example_inputs, fold, skip)
         if verify is None or not any(c.removed for c in changes):
             return new, changes
         problem = verify(new)
@@ -191,10 +192,11 @@ def compact_heads(
 
 
 def _compact_heads_once(
-    model: nn.Module, example_inputs: Any, fold: bool
+    model: nn.Module, example_inputs: Any, fold: bool, skip: frozenset[str] = frozenset()
 ) -> tuple[nn.Module, list[HeadChange]]:
     new = baked(model)
     sites, unpaired = _find_sites(new)
+    sites = [s for s in sites if s.name not in skip]  # attention no forward called: left as it was
     if example_inputs is not None:
         sites, mismatched = _confirm_pairing(new, sites, ExampleInputs.of(example_inputs))
         unpaired += mismatched

@@ -18,14 +18,14 @@ more; the decisions themselves are re-made in float64 (:func:`decide`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import VerificationError
-from ..inputs import ExampleInputs, flatten_outputs
+from ..inputs import ExampleInputs, Plain, flatten_values
 from ..util import eval_mode_restored
 from .masks import clone_module
 from .plan import GroupPlan, round_layers
@@ -35,7 +35,7 @@ DEFAULT_TOLERANCE = 1e-4
 ULPS = 4  # the least tolerance, in machine epsilons of each output's dtype
 NOISE_FACTOR = 4.0  # allowed error, in units of the masked model's own rounding error (see floors)
 
-Outputs = list[tuple[str, torch.Tensor]]  # one forward pass, flattened: (path name, tensor)
+Outputs = list[tuple[str, torch.Tensor | Plain]]  # one forward pass, flattened: (path name, value)
 Floors = list[list[float]]  # per run, per output: an absolute error the model's own rounding explains
 Log = Callable[[str], None]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -55,20 +55,22 @@ class Verdict:
 
 def reference_outputs(model: nn.Module, runs: list[ExampleInputs]) -> list[Outputs]:
     with torch.no_grad():
-        return [flatten_outputs(model(*r.args, **r.kwargs)) for r in runs]
+        return [flatten_values(model(*r.args, **r.kwargs)) for r in runs]
 
 
 def noise_floors(references: list[Outputs], exact: list[Outputs]) -> Floors:
     """``NOISE_FACTOR * max|reference - exact|`` per run and output (``exact``: the float64 model's)."""
     return [
-        [
-            NOISE_FACTOR * (a.double() - b.double()).abs().max().item()
-            if a.is_floating_point() and a.numel()
-            else 0.0
-            for (_, a), (_, b) in zip(ref, ex)
-        ]
+        [NOISE_FACTOR * _float_gap(a, b) for (_, a), (_, b) in zip(ref, ex)]
         for ref, ex in zip(references, exact)
     ]
+
+
+def _float_gap(a: torch.Tensor | Plain, b: torch.Tensor | Plain) -> float:
+    """``max|a - b|`` of two float tensors; 0 for anything else."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point() and a.numel():
+        return float((a.double() - b.double()).abs().max().item())
+    return 0.0
 
 
 def compare(
@@ -85,7 +87,7 @@ def compare(
         for i, (run, expected) in enumerate(zip(runs, references)):
             try:
                 with torch.no_grad():
-                    got = flatten_outputs(candidate(*run.args, **run.kwargs))
+                    got = flatten_values(candidate(*run.args, **run.kwargs))
             except Exception as e:  # a rebuilt layer that no longer fits: a failed verification, not a crash
                 return Verdict(False, float("inf"), (f"run {i}: forward failed: {type(e).__name__}: {e}",))
             error, found = compare_outputs(expected, got, tolerance, floors[i] if floors else None)
@@ -95,7 +97,10 @@ def compare(
 
 
 def compare_outputs(
-    expected: Outputs, got: Outputs, tolerance: float, floors: list[float] | None = None
+    expected: Sequence[tuple[str, torch.Tensor | Plain]],
+    got: Sequence[tuple[str, torch.Tensor | Plain]],
+    tolerance: float,
+    floors: list[float] | None = None,
 ) -> tuple[float, list[str]]:
     """The largest absolute error and one problem per output that differs: another name, shape or
     dtype, an integer that changed, or a float beyond ``max(tolerance, ULPS eps) * max(1, |expected|)``
@@ -104,6 +109,13 @@ def compare_outputs(
         return float("inf"), [f"outputs {[n for n, _ in got]} instead of {[n for n, _ in expected]}"]
     worst, problems = 0.0, []
     for j, ((name, a), (_, b)) in enumerate(zip(expected, got)):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            error = _plain_error(a, b)
+            scale = max(1.0, abs(a)) if isinstance(a, float) else 1.0
+            if not error <= tolerance * scale:
+                problems.append(f"{name} is {b!r}, expected {a!r}")
+            worst = max(worst, error)
+            continue
         if a.shape != b.shape or a.dtype != b.dtype:
             problems.append(f"{name} is {tuple(b.shape)}:{b.dtype}, expected {tuple(a.shape)}:{a.dtype}")
             worst = float("inf")
@@ -128,7 +140,32 @@ def depends_on_input(outs: list[Outputs]) -> bool:
     """False when every run (the outputs of :func:`reference_outputs`) gave the same outputs: the model
     ignores its input."""
     first = outs[0]
-    return any(any(not torch.equal(a, b) for (_, a), (_, b) in zip(first, other)) for other in outs[1:])
+    return any(any(not _same(a, b) for (_, a), (_, b) in zip(first, other)) for other in outs[1:])
+
+
+def _same(a: torch.Tensor | Plain, b: torch.Tensor | Plain) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def _float_tensors(a: torch.Tensor | Plain, b: torch.Tensor | Plain) -> bool:
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.is_floating_point()
+        and a.numel() > 0
+    )
+
+
+def _plain_error(a: torch.Tensor | Plain, b: torch.Tensor | Plain) -> float:
+    """How far a plain output moved: 0 when equal; the difference of two floats (or an int beside a
+    float); inf for anything else that differs (another type, another int or string, a tensor)."""
+    if type(a) is type(b) and a == b:
+        return 0.0
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and float in (type(a), type(b)):
+        return abs(float(a) - float(b))
+    return float("inf")
 
 
 # --- float64 twins ------------------------------------------------------------------------------------
@@ -171,7 +208,7 @@ def runtime_tolerance(model: nn.Module, example: ExampleInputs, tolerance: float
         (
             f / max(1.0, b.abs().max().item())
             for f, (_, b) in zip(floors, wide_out)
-            if b.is_floating_point() and b.numel()
+            if isinstance(b, torch.Tensor) and b.is_floating_point() and b.numel()
         ),
         default=0.0,
     )

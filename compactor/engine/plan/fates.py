@@ -146,6 +146,8 @@ def _blocker(group: ChannelGroup, modules: Modules, heads: dict[tuple[str, Side]
     for member in group.layers():
         if (member.name, member.side) in heads:  # a single channel cannot leave a head
             return f"{member.name} holds the attention heads of {heads[(member.name, member.side)]}: channels go only as whole heads"
+    if group.held:
+        return group.held[0]
     if group.issues:  # a member was dropped: a plan without it would leave that layer's channels behind
         return group.issues[0]
     for member in group.members:

@@ -1,0 +1,241 @@
+"""What the example inputs cannot show: branches on tensor values, layers no forward called, train mode.
+
+Verification proves equality on the paths the example (and fresh) inputs take, in eval mode. Three things
+can lie outside them, and each is detected while the masked model runs, then said:
+
+* a **conversion of a tensor to a Python value** (``bool``, ``int``, ``float``, ``.item()``, ``.tolist()``,
+  ``in``, an index): ``if x.mean() > 10:`` may take another branch on other inputs. Recorded with the file
+  and line of the model code that converts (conversions inside torch itself are its own business);
+* a **module with parameters that no forward called**: compaction leaves it exactly as it was, but a
+  branch that calls it may read channels that were removed;
+* **train mode**: a module that runs only when ``self.training`` (an auxiliary classifier) is traced in
+  train mode too, and the channels it reads are kept; after compaction the model runs in train mode and
+  its outputs must have the masked model's structure and shapes (values differ by design: dropout, batch
+  statistics).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import first_line
+from ..inputs import flatten_values
+from .graph import ChannelGroup
+from .masks import clone_module
+
+# Tensor methods that hand a tensor's value to Python, and how a reader knows them.
+_CONVERSIONS = {
+    "__bool__": "bool",
+    "__int__": "int",
+    "__float__": "float",
+    "__index__": "index",
+    "__complex__": "complex",
+    "item": ".item()",
+    "tolist": ".tolist()",
+    "__contains__": "in",
+}
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_OWN_DIR = str(Path(__file__).parent.parent)
+
+
+@dataclass
+class Coverage:
+    """What running a model showed: value conversions by place, and the modules called."""
+
+    conversions: dict[str, set[str]] = field(default_factory=dict)  # "file.py:12" -> {"bool", ...}
+    called: set[str] = field(default_factory=set)  # module names
+
+    def branches(self) -> list[str]:
+        """``"file.py:12 (bool)"`` per place, in order of file and line."""
+        return [f"{where} ({', '.join(sorted(kinds))})" for where, kinds in sorted(self.conversions.items())]
+
+
+class _Conversions(TorchFunctionMode):
+    def __init__(self, found: dict[str, set[str]]) -> None:
+        super().__init__()
+        self.found = found
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kind = _CONVERSIONS.get(getattr(func, "__name__", ""))
+        if kind is not None:
+            where = _model_code()
+            if where is not None:
+                self.found.setdefault(where, set()).add(kind)
+        return func(*args, **(kwargs or {}))
+
+
+def _model_code() -> str | None:
+    """``file:line`` of the code that asked for the conversion, or None when torch itself did."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+        frame = frame.f_back  # type: ignore[assignment]  # f_back is None only past the outermost frame
+    if frame is None or frame.f_code.co_filename.startswith(_TORCH_DIR):
+        return None
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+@contextmanager
+def watch(model: nn.Module) -> Iterator[Coverage]:
+    """Record the value conversions and module calls of every forward run inside the block."""
+    coverage = Coverage()
+    names = {m: n for n, m in model.named_modules()}
+
+    def called(module: nn.Module, args: Any) -> None:
+        coverage.called.add(names[module])
+
+    hooks = [m.register_forward_pre_hook(called) for m in names]
+    try:
+        with _Conversions(coverage.conversions):
+            yield coverage
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def uncalled_layers(model: nn.Module, called: set[str]) -> list[str]:
+    """Modules holding parameters of their own that no forward called: ``"name (Type)"``."""
+    return [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if name not in called and any(True for _ in m.parameters(recurse=False))
+    ]
+
+
+def train_outputs(model: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[Any, Coverage] | str:
+    """``run(model)`` in train mode on a copy (batch statistics and dropout must not touch ``model``):
+    the outputs and what the run covered, or why train mode cannot run on these inputs."""
+    copy = clone_module(model).train()
+    try:
+        with watch(copy) as coverage, torch.no_grad():
+            out = run(copy)
+    except Exception as e:  # the model's own train-mode code (BatchNorm on one value per channel...)
+        return f"{type(e).__name__}: {first_line(e)}"
+    return out, coverage
+
+
+def structure(outputs: Any) -> list[tuple[str, tuple[int, ...] | str]]:
+    """Every output's path and shape (tensors) or type (plain values): what train mode must keep."""
+    return [
+        (n, tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__)
+        for n, v in flatten_values(outputs)
+    ]
+
+
+def hold_train_only(
+    groups: list[ChannelGroup], train_groups: list[ChannelGroup], train_only: set[str]
+) -> list[ChannelGroup]:
+    """``groups`` (traced in eval mode), each held whole where the same layers, traced in train mode, are
+    coupled to a module that runs only in train mode: removing those channels would change what it reads."""
+    readers: dict[tuple[str, Any], set[str]] = {}
+    for g in train_groups:
+        extra = {m.name for m in g.layers() if m.name in train_only}
+        if extra:
+            for m in g.layers():
+                readers.setdefault((m.name, m.side), set()).update(extra)
+    held = []
+    for g in groups:
+        found = sorted({r for m in g.layers() for r in readers.get((m.name, m.side), ())})
+        if found:
+            why = f"{', '.join(found[:3])} reads these channels and runs only in train mode"
+            g = replace(g, held=(*g.held, why))
+        held.append(g)
+    return held
+
+
+@dataclass(frozen=True)
+class Paths:
+    """What the example inputs did not show, for the report and ``--strict``."""
+
+    branches: tuple[str, ...]  # "file.py:12 (bool)": conversions of tensors to Python values
+    uncalled: tuple[str, ...]  # "name (Type)": layers with parameters no forward called
+    train_only: frozenset[str]  # modules called only in train mode
+    train: (
+        tuple[tuple[str, tuple[int, ...] | str], ...] | str
+    )  # train-mode output structure, or why it did not run
+
+    def unproven(self) -> list[str]:
+        """One line per kind of path that verification cannot prove (``--strict`` refuses each)."""
+        lines = []
+        if self.branches:
+            more = f" and {len(self.branches) - 3} more" if len(self.branches) > 3 else ""
+            lines.append(
+                f"the forward converts tensors to Python values at {', '.join(self.branches[:3])}{more}: on other "
+                f"inputs it may take a path the example inputs did not, which was not verified"
+            )
+        if self.uncalled:
+            more = f" and {len(self.uncalled) - 3} more" if len(self.uncalled) > 3 else ""
+            lines.append(
+                f"{len(self.uncalled)} layer(s) with parameters were not called by any forward on the example inputs "
+                f"({', '.join(self.uncalled[:3])}{more}): left exactly as they were, but a path that calls them "
+                f"was not verified"
+            )
+        return lines
+
+    def warnings(self) -> list[str]:
+        lines = [f"{line} (--strict refuses this)" for line in self.unproven()]
+        if isinstance(self.train, str):
+            lines.append(
+                f"train mode does not run on the example inputs ({self.train}): train-mode paths were not checked"
+            )
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        train = self.train if isinstance(self.train, str) else "outputs' structure and shapes checked"
+        return {
+            "value_branches": list(self.branches),
+            "uncalled_layers": list(self.uncalled),
+            "train_only_layers": sorted(self.train_only),
+            "train_mode": train,
+        }
+
+
+def find_paths(masked: nn.Module, seen: Coverage, run: Callable[[nn.Module], Any]) -> Paths:
+    """The paths of ``masked`` that the eval-mode runs recorded in ``seen`` did not take: the run in
+    train mode (on a copy) adds its own conversions and calls."""
+    trained = train_outputs(masked, run)
+    called, conversions = set(seen.called), dict(seen.conversions)
+    train_only: set[str] = set()
+    if not isinstance(trained, str):
+        _, coverage = trained
+        train_only = coverage.called - seen.called
+        called |= coverage.called
+        for where, kinds in coverage.conversions.items():
+            conversions.setdefault(where, set()).update(kinds)
+    return Paths(
+        branches=tuple(Coverage(conversions).branches()),
+        uncalled=tuple(uncalled_layers(masked, called)),
+        train_only=frozenset(train_only),
+        train=trained if isinstance(trained, str) else tuple(structure(trained[0])),
+    )
+
+
+def check_train_mode(paths: Paths, small: nn.Module, run: Callable[[nn.Module], Any]) -> str | None:
+    """Why the compacted model's train-mode outputs do not have the masked model's structure, or None."""
+    if isinstance(paths.train, str):
+        return None
+    trained = train_outputs(small, run)
+    if isinstance(trained, str):
+        return f"in train mode the compacted model fails: {trained}"
+    got = tuple(structure(trained[0]))
+    if got != paths.train:
+        diff = next(
+            (f"{a} vs {b}" for a, b in zip(got, paths.train) if a != b),
+            f"{len(got)} vs {len(paths.train)} outputs",
+        )
+        return f"in train mode the compacted model's outputs differ in structure ({diff})"
+    return None
