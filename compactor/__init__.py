@@ -1,7 +1,7 @@
 """compactor: make pruned PyTorch models physically smaller, losslessly, and prove it.
 
 >>> small, report = compactor.compact(model, example_inputs)
->>> small = compactor.load("small.pt")          # any file compact writes, in eval mode
+>>> small = compactor.load("small.pt")          # .pt, .pt2, .safetensors (with arch=): in eval mode
 
 The package follows the pipeline: ``io`` (load, save: every file format), ``engine`` (masks, heads,
 graph, plan, rebuild, verify), ``layers`` (the shrinker registry: one module per layer family),

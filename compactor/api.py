@@ -21,9 +21,16 @@ from .engine.heads import HeadChange, compact_heads, head_layers
 from .engine.masks import baked, clone_module
 from .engine.plan import consumer_layers, observe_inputs, plan_groups
 from .engine.verify import DEFAULT_TOLERANCE, Log, Outputs, compare, decide, reference_outputs, widened
-from .errors import ExampleInputError, ModelForwardError, UnverifiedPathError, VerificationError
+from .errors import (
+    ExampleInputError,
+    ModelForwardError,
+    ModelStructureError,
+    UnverifiedPathError,
+    VerificationError,
+)
 from .inputs import ExampleInputs, infer_example_inputs, run
 from .io.sparse import sparsity_report
+from .layers import inconsistency
 from .report.report import (
     CompactionReport,
     count_params,
@@ -68,7 +75,9 @@ def compact(
         raise ValueError(f"round_to must be a positive integer, found {round_to!r}")
     say = log or (lambda _msg: None)
     seconds: dict[str, float] = {}
+    _check_layers(model)
     inputs = resolve_example_inputs(model, example_inputs)
+    inputs.check_finite()
 
     with _timed(seconds, "masks"):
         masked = clone_module(model).eval()
@@ -147,7 +156,7 @@ def _without_heads(
     tolerance: float,
     paths: Paths,
 ) -> tuple[nn.Module, list[HeadChange]]:
-    """:func:`compactor.heads.compact_heads`, verified against the masked model's outputs."""
+    """:func:`compactor.engine.heads.compact_heads`, verified against the masked model's outputs."""
 
     def check(candidate: nn.Module) -> str | None:
         verdict = compare(candidate, runs, references, tolerance)
@@ -172,6 +181,16 @@ def resolve_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInpu
     inputs = ExampleInputs.of(example_inputs)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return inputs.to(device)
+
+
+def _check_layers(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        problem = inconsistency(name or "(the model itself)", module)
+        if problem is not None:
+            raise ModelStructureError(
+                f"{problem}: the model was built or edited inconsistently; rebuild that layer with arguments that "
+                f"match its weights"
+            )
 
 
 def check_finite(references: list[Outputs]) -> None:

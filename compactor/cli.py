@@ -24,7 +24,9 @@ from .errors import (
     GraphError,
     InputFileError,
     ModelForwardError,
+    ModelStructureError,
     OutputPathError,
+    UnverifiedPathError,
     VerificationError,
 )
 from .inputs import ExampleInputs, parse_shape
@@ -47,8 +49,8 @@ examples:
 
 output formats (by the suffix of -o, or --format): .pt pickled module; .pt2 torch.export program that runs
 without your class; .onnx checked with onnx.checker and ONNX Runtime; .safetensors weights + shape manifest,
-no pickle. Every file is reloaded and checked before it lands; compactor.load(path, arch=None) reads any of
-them back in Python (.safetensors needs arch, the function that builds the dense model).
+no pickle. Every file is reloaded and checked before it lands; compactor.load(path, arch=None) reads .pt, .pt2
+and .safetensors back in Python (.safetensors needs arch, the function that builds the dense model).
 
 MODEL is a file written by torch.save(model), masks attached (torch.nn.utils.prune) or baked in.
 It is loaded without running code from the file: only nn.Module classes, pruning methods and plain
@@ -62,7 +64,9 @@ EXIT_CODES: dict[type[CompactorError], int] = {
     InputFileError: 2,
     ExampleInputError: 2,
     ModelForwardError: 2,
+    ModelStructureError: 2,
     OutputPathError: 2,
+    UnverifiedPathError: 2,
     ExportError: 1,
     GraphError: 1,
     VerificationError: 1,
@@ -141,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="allow -o to replace the input file")
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a model with paths the example inputs do not take (branches on tensor values, layers no "
+        "forward calls), which verification cannot prove; without it they are warnings",
+    )
+    p.add_argument(
         "--trust-pickle", action="store_true", help="load MODEL with full pickle (runs code from it)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -186,12 +196,13 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
     small, report = _compact(model, inputs, args, err)
     report = _measure(model, small, inputs, report, args, err)
     report = _write_outputs(small, inputs, out, onnx_out, report, args)
-    _finish(report.with_extra(input_file_bytes=Path(args.model).stat().st_size), report_path, args)
+    _finish(report.with_extra(input_file_bytes=Path(args.model).stat().st_size), report_path, args, err)
     return 0
 
 
 def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
     """Every output path and option combination is checked before any work."""
+    _check_distinct(args)
     out = check_output_path(args.output, args.model, force=args.force)
     kind = format_for(out, args.format)
     if args.sparse_storage and kind != "safetensors":
@@ -204,6 +215,40 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | 
     onnx_out = check_output_path(args.onnx, args.model, force=args.force) if args.onnx else None
     report_path = check_output_path(args.report, args.model, force=False) if args.report else None
     return out, onnx_out, report_path
+
+
+def _check_distinct(args: argparse.Namespace) -> None:
+    """No two of MODEL, -o, --report, --onnx and --example-inputs may be one file (links resolved): writing
+    one would destroy another. ``--force`` lets -o replace MODEL, and nothing else."""
+    named = [
+        (flag, Path(value))
+        for flag, value in (
+            ("MODEL", args.model),
+            ("-o", args.output),
+            ("--report", args.report),
+            ("--onnx", args.onnx),
+            ("--example-inputs", args.example_inputs),
+        )
+        if value
+    ]
+    for i, (flag_a, a) in enumerate(named):
+        for flag_b, b in named[i + 1 :]:
+            if (flag_a, flag_b) == ("MODEL", "-o"):
+                continue  # check_output_path: refused unless --force
+            if _same_file(a, b):
+                raise OutputPathError(
+                    f"{flag_a} {a} and {flag_b} {b} are the same file, so writing one would destroy the other; "
+                    f"give each its own path"
+                )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)  # hard links
+    except OSError:
+        return False
 
 
 def _load(args: argparse.Namespace) -> torch.nn.Module:
@@ -303,24 +348,25 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Co
 def _compact(
     model: torch.nn.Module, inputs: ExampleInputs | None, args: argparse.Namespace, err: Console
 ) -> Any:
+    options: dict[str, Any] = {"tolerance": args.tolerance, "round_to": args.round_to, "strict": args.strict}
     if args.quiet or not err.is_terminal:
-        return compact(model, inputs, tolerance=args.tolerance, round_to=args.round_to)
+        return compact(model, inputs, **options)
     with err.status("compacting") as status:
-        return compact(
-            model,
-            inputs,
-            tolerance=args.tolerance,
-            round_to=args.round_to,
-            log=lambda msg: status.update(msg),
-        )
+        return compact(model, inputs, log=lambda msg: status.update(msg), **options)
 
 
-def _finish(report: CompactionReport, report_path: Path | None, args: argparse.Namespace) -> None:
+def _finish(
+    report: CompactionReport, report_path: Path | None, args: argparse.Namespace, err: Console
+) -> None:
     if report_path is not None:
         text = json.dumps(report.to_dict(), indent=2, default=str)
         write_atomically(report_path, lambda tmp: _write_text(tmp, text))
+    for warning in report.warnings:  # on stderr, even with -q: each says what was not proven or not removed
+        err.print(f"warning: {warning}", markup=False)
     if not args.quiet:
-        render(report, Console(highlight=False, soft_wrap=False, width=max(120, Console().width)))
+        render(
+            report, Console(highlight=False, soft_wrap=False, width=max(120, Console().width)), warnings=False
+        )
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -24,6 +24,10 @@ class ExampleInputError(CompactorError, ValueError):
     """Example inputs are missing, malformed, or do not fit the model."""
 
 
+class ModelStructureError(CompactorError, ValueError):
+    """A layer's attributes and tensors disagree (built or edited inconsistently), or it has no channels."""
+
+
 class ModelForwardError(CompactorError, RuntimeError):
     """The model fails its own forward pass on the example inputs."""
 

@@ -57,6 +57,17 @@ class ExampleInputs:
             kwargs={k: _like(v, generator) for k, v in self.kwargs.items()},
         )
 
+    def check_finite(self) -> None:
+        """Refuse NaN or Inf in float inputs: outputs computed from them cannot be compared."""
+        named = [(f"input {i}", t) for i, t in enumerate(self.args)] + list(self.kwargs.items())
+        for name, t in named:
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ExampleInputError(
+                    f"example inputs: {name} {_describe(t)} holds {bad} NaN or Inf value(s); give finite inputs "
+                    f"(compaction is verified by comparing outputs, and NaN never compares equal)"
+                )
+
     def describe(self) -> str:
         parts = [_describe(t) for t in self.args] + [f"{k}={_describe(v)}" for k, v in self.kwargs.items()]
         return ", ".join(parts)
@@ -87,7 +98,12 @@ def _like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float32) * scale
         return (noise + t.float().mean()).to(device=t.device, dtype=t.dtype)
     low, high = int(t.min().item()), int(t.max().item())
-    return torch.randint(low, high + 1, t.shape, generator=generator, dtype=t.dtype).to(t.device)
+    if low == high:
+        return t.clone()
+    top = (
+        high + 1 if high < torch.iinfo(t.dtype).max else high
+    )  # the bound is exclusive: never past the dtype
+    return torch.randint(low, top, t.shape, generator=generator, dtype=t.dtype).to(t.device)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -30,8 +30,6 @@ from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
 from ..util import eval_mode_restored
 
-OUT, IN = Side.OUT, Side.IN
-
 
 class Kind(str, Enum):
     """What a member of a group is, as far as channels are concerned."""
@@ -56,7 +54,7 @@ class Member:
 
     name: str  # module name, parameter name, or Torch-Pruning's name for a functional op
     op: str  # class name: Conv2d, BatchNorm2d, Parameter, or the traced op's (for messages)
-    side: Side  # OUT: the layer writes these channels; IN: the layer reads them
+    side: Side  # Side.OUT: the layer writes these channels; Side.IN: the layer reads them
     kind: Kind
     pruning_dim: int  # for bare parameters: the dimension that holds the channels
     idxs: tuple[tuple[int, ...], ...]  # per root channel: the layer-local indices it maps to
@@ -179,15 +177,15 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
         name = module_names[module]
         pruner = graph.get_pruner_of_module(module)
         n = pruner.get_out_channels(module)
-        if n is None or all((name, OUT, i) in covered for i in range(n)):
+        if n is None or all((name, Side.OUT, i) in covered for i in range(n)):
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 tp_group = _pruning_group(graph, module, pruner.prune_out_channels, n)
         except CouplingUnsettled as e:
-            covered.update((name, OUT, i) for i in range(n))
-            root = Member(name, type(module).__name__, OUT, Kind.LAYER, 0, tuple((i,) for i in range(n)))
+            covered.update((name, Side.OUT, i) for i in range(n))
+            root = Member(name, type(module).__name__, Side.OUT, Kind.LAYER, 0, tuple((i,) for i in range(n)))
             groups.append(ChannelGroup(name, n, (root,), False, (str(e),)))
             continue
         group = _convert(tp_group, graph, name, n, module_names, param_names, covered)
@@ -312,7 +310,7 @@ def _convert(
     reaches_output = False
     for item in tp_group.items:
         dep, target = item.dep, item.dep.target.module
-        side = OUT if graph.is_out_channel_pruning_fn(dep.handler) else IN
+        side = Side.OUT if graph.is_out_channel_pruning_fn(dep.handler) else Side.IN
         if isinstance(target, nn.Parameter):
             name, op, kind = param_names.get(target, dep.target.name), "Parameter", Kind.LAYER
         elif target in module_names:
@@ -326,7 +324,7 @@ def _convert(
             if why not in issues:
                 issues.append(why)
         if kind is Kind.LAYER and _role(target) is Role.CHANNELWISE:
-            side = OUT  # a channelwise layer's input and output are the same channels
+            side = Side.OUT  # a channelwise layer's input and output are the same channels
         key = (name, side)
         meta[key] = (op, kind, int(getattr(dep.target, "pruning_dim", 1) or 0))
         by_root = merged[key]
@@ -404,7 +402,7 @@ def _mapping_problem(
     shrinker = shrinker_for(target)
     if shrinker is None:
         return None
-    width = shrinker.out_channels(target) if side == OUT else shrinker.in_channels(target)
+    width = shrinker.out_channels(target) if side == Side.OUT else shrinker.in_channels(target)
     if op == "Parameter":
         width = target.shape[0]
     flat = [i for idx in idxs for i in idx]

@@ -434,9 +434,9 @@ def _apply(site: AttentionSite, gone: list[int], folded: list[int]) -> None:
     )
     for which in ("q", "k", "v"):
         layer = site.linear(which)
-        setattr(
-            site.module, site.attr(which), o_shrinker.shrink(layer, keep, None)
-        )  # q/k/v are Linear, as o is
+        shrinker = shrinker_for(layer)
+        assert shrinker is not None  # a Linear, or a subclass of it
+        setattr(site.module, site.attr(which), shrinker.shrink(layer, keep, None))
     setattr(site.o_owner, site.o, o_shrinker.shrink(o, None, keep))
     heads = site.num_heads - len(gone)
     setattr(site.module, site.heads_attr, heads)

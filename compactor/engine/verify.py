@@ -101,10 +101,12 @@ def compare_outputs(
     got: Sequence[tuple[str, torch.Tensor | Plain]],
     tolerance: float,
     floors: list[float] | None = None,
+    sep: str = " ",
 ) -> tuple[float, list[str]]:
     """The largest absolute error and one problem per output that differs: another name, shape or
     dtype, an integer that changed, or a float beyond ``max(tolerance, ULPS eps) * max(1, |expected|)``
-    (and beyond ``floors``, where given). Verification and the export checks (ONNX Runtime) share it."""
+    (and beyond ``floors``, where given). Verification and the export checks (ONNX Runtime) share it;
+    ``sep`` goes between an output's name and its error ("output max abs error ...")."""
     if [n for n, _ in expected] != [n for n, _ in got]:
         return float("inf"), [f"outputs {[n for n, _ in got]} instead of {[n for n, _ in expected]}"]
     worst, problems = 0.0, []
@@ -131,7 +133,7 @@ def compare_outputs(
         scale = max(1.0, a.double().abs().max().item())
         allowed = max(max(tolerance, ULPS * torch.finfo(a.dtype).eps) * scale, floors[j] if floors else 0.0)
         if not error <= allowed:  # also catches NaN
-            problems.append(f"{name}: max abs error {error:.3g} > {allowed:.3g}")
+            problems.append(f"{name}{sep}max abs error {error:.3g} > {allowed:.3g}")
         worst = max(worst, error)
     return worst, problems
 

@@ -21,9 +21,10 @@ Arch = Callable[[], nn.Module] | str | nn.Module
 
 
 def make_cwd_importable() -> None:
+    """The current directory last on ``sys.path`` (as ``python -m`` would make it importable, but never
+    first: a ``secrets.py`` or ``profile.py`` beside the model must not shadow a module torch imports)."""
     cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    sys.path[:] = [p for p in sys.path if p not in ("", cwd)] + [cwd]
 
 
 def import_qualified(module_name: str, qualname: str) -> Any:

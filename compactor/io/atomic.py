@@ -8,12 +8,13 @@ removed and the destination is untouched.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import OutputPathError
+from ..errors import OutputPathError, first_line
 
 
 def check_output_path(
@@ -42,13 +43,19 @@ def check_output_path(
     return path
 
 
+TMP_MARK = ".compactor-"  # temporaries are ".<name>.compactor-<pid>-<random>.tmp"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it."""
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+
+    The temporary's name says whose it is (``.small.pt.compactor-<pid>-<random>.tmp``): a run killed
+    mid-write leaves one behind, and the next run writing ``path`` removes those whose process is gone."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent if str(target.parent) else "."
-    )
+    folder = target.parent if str(target.parent) else Path(".")
+    remove_stale_temporaries(folder, target.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -58,6 +65,28 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: Path, name: str) -> list[Path]:
+    """Remove the temporaries of ``name`` in ``folder`` left by runs whose process no longer exists."""
+    removed = []
+    for tmp in folder.glob(f".{glob.escape(name)}{TMP_MARK}*.tmp"):
+        pid_text = tmp.name[len(name) + 1 + len(TMP_MARK) :].partition("-")[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -74,4 +103,13 @@ def write_atomically(path: str | os.PathLike[str], writer: Callable[[Path], None
             size = tmp.stat().st_size
     except OSError as e:
         raise OutputPathError(f"cannot write {path}: {e.strerror or e}; check the path and free space") from e
+    except (
+        RuntimeError
+    ) as e:  # torch's zip writer reports a short write (disk full, size limit) as a RuntimeError
+        if "inline_container" not in str(e) and "write" not in str(e).lower():
+            raise
+        raise OutputPathError(
+            f"cannot write {path}: the write failed ({first_line(e)}); check free space and file size limits, "
+            f"or choose another path"
+        ) from e
     return size

@@ -1,9 +1,10 @@
 """Stage 1, load: every file compactor reads or writes, read back without running code from it.
 
-:func:`load` is ``compactor.load``, the one loader for users: it takes any output of ``compact``
+:func:`load` is ``compactor.load``, the one loader for users: it takes the PyTorch outputs of ``compact``
 (``.pt``, ``.pt2``, ``.safetensors`` dense or sparse) and the inputs it accepts (a pickled model; a
-state_dict or Lightning checkpoint given the architecture), and returns the model in eval mode.
-:func:`read_model` is the same without the mode change, for the CLI, which keeps the mode it was saved in.
+state_dict or Lightning checkpoint given the architecture), and returns the model in eval mode. (An
+``.onnx`` output runs in ONNX Runtime.) :func:`read_model` reads a model to compact: the same files but
+``.pt2``, in the mode they were saved in.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from ..errors import InputFileError
 from .arch import Arch
 from .pt import read_module
 from .pt2 import read_pt2
-from .safetensors import MANIFEST_KEY, read_metadata
-from .sparse import load_written
 from .state_dict import load_state_dict_model
 
 
@@ -38,7 +37,10 @@ def load(
     string, or a module to load into. ``trust_pickle``: unpickle ``.pt`` files with full pickle (runs code
     from the file; only for files you trust). ``prefix``: the key prefix of a checkpoint to strip.
     """
-    return read_model(path, arch, trust_pickle=trust_pickle, prefix=prefix).eval()
+    file = Path(path)
+    if file.suffix.lower() == ".pt2":
+        return read_pt2(file).eval()
+    return read_model(file, arch, trust_pickle=trust_pickle, prefix=prefix).eval()
 
 
 def read_model(
@@ -48,19 +50,21 @@ def read_model(
     trust_pickle: bool = False,
     prefix: str | None = None,
 ) -> nn.Module:
-    """:func:`load` without switching to eval mode."""
+    """A model to compact, in the mode it was saved in: :func:`load`'s files but ``.pt2``."""
     file = Path(path)
     suffix = file.suffix.lower()
-    if suffix == ".pt2":
-        return read_pt2(file)
-    if suffix == ".safetensors":
-        if arch is None:
-            raise InputFileError(
-                f"{file} holds weights only; say which architecture they belong to: --arch module:callable "
-                f"(Python: compactor.load(path, arch=MyModel)), the function that builds the dense model"
-            )
-        if MANIFEST_KEY in read_metadata(file):
-            return load_written(file, arch)
+    if suffix in (".pt2", ".onnx"):
+        what = "a torch.export program" if suffix == ".pt2" else "an ONNX model"
+        raise InputFileError(
+            f"{file} is {what}, which cannot be compacted or loaded as a module; give the model it was exported "
+            f"from (torch.save(model) or its state_dict with --arch)"
+            + ("; run it with onnxruntime.InferenceSession(path)" if suffix == ".onnx" else "")
+        )
+    if suffix == ".safetensors" and arch is None:
+        raise InputFileError(
+            f"{file} holds weights only; say which architecture they belong to: --arch module:callable "
+            f"(Python: compactor.load(path, arch=MyModel)), the function that builds the dense model"
+        )
     if arch is not None:
         return load_state_dict_model(file, arch, prefix=prefix)
     return read_module(file, trust_pickle=trust_pickle)

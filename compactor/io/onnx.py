@@ -159,7 +159,7 @@ def check_onnx(
             f"({', '.join(n for n, _ in expected)})"
         )
     actual = [(name, torch.from_numpy(value)) for (name, _), value in zip(expected, got)]
-    worst, problems = compare_outputs([(n, t.cpu()) for n, t in expected], actual, tolerance)
+    worst, problems = compare_outputs([(n, t.cpu()) for n, t in expected], actual, tolerance, sep=": ")
     if problems:
         raise ExportError(
             f"{path}: ONNX Runtime differs from torch (tolerance {tolerance:g}): " + "; ".join(problems)

@@ -1,9 +1,10 @@
 """``.pt``: read a pickled ``nn.Module`` without running arbitrary code from the file, and write one.
 
 ``torch.load(weights_only=True)`` refuses every global it was not told about. We tell it about the globals
-the file names that are safe to construct: ``nn.Module`` subclasses, ``torch.nn.utils.prune`` methods,
-Hugging Face configs and plain containers. Anything else (``os.system``, a user function...) is refused
-with its name, unless the caller opts in with ``trust_pickle``.
+the file names that are safe to construct, judged from their names and source before anything is imported
+(:mod:`compactor.io.safe_globals`): ``nn.Module`` subclasses, ``torch.nn.utils.prune`` methods, Hugging
+Face configs, enums, plain containers, torch's pure operators. Anything else (``os.system``, a user
+function...) is refused with its name, unless the caller opts in with ``trust_pickle``.
 """
 
 from __future__ import annotations
@@ -11,35 +12,35 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from ..engine.verify import Outputs
 from ..errors import InputFileError, UnsafePickleError, first_line
 from ..inputs import ExampleInputs
-from .arch import import_qualified, make_cwd_importable
+from .arch import make_cwd_importable
 from .atomic import write_atomically
 from .check import expect_same
-
-_PLAIN_CONTAINERS: tuple[type, ...] = (OrderedDict, defaultdict, dict, list, tuple, set, frozenset)
+from .safe_globals import allowed_globals, check_archive, check_calls, check_tensors
 
 
 def read_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> nn.Module:
     """Load a module saved with ``torch.save(model)`` onto the CPU (in the mode it was saved in)."""
     file = Path(path)
     check_torch_file(file, kind="model", fix="re-save the model", save_call="torch.save(model, path)")
-    make_cwd_importable()  # as with ``python -m``: the user's model class resolves
+    make_cwd_importable()  # as with ``python -m``: the user's model class resolves (after everything else)
     if trust_pickle:
         obj = _torch_load(file, weights_only=False)
     else:
-        allowed = [_resolve_safe_global(name, file) for name in _globals_in(file)]
-        with torch.serialization.safe_globals(allowed):
+        check_archive(file)
+        allowed = allowed_globals(_globals_in(file), file)
+        check_calls(file, allowed)
+        with torch.serialization.safe_globals(list(allowed.values())):
             obj = _torch_load(file, weights_only=True)
+        check_tensors(obj, file)
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -81,49 +82,6 @@ def _globals_in(file: Path) -> list[str]:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
     except Exception as e:  # torch raises several types for corrupt archives
         raise InputFileError(f"{file} could not be read as a PyTorch file ({type(e).__name__}: {e})") from e
-
-
-def _resolve_safe_global(name: str, file: Path) -> Any:
-    module_name, _, qualname = name.rpartition(".")
-    if module_name == "__main__":
-        raise InputFileError(
-            f"{file} refers to {name}, a class defined in the script that saved it; move the class into a "
-            f"module importable from this directory, import it there, and save the model again"
-        )
-    obj = _import_global(module_name, qualname, name)
-    if _is_safe(obj):
-        return obj
-    raise UnsafePickleError(
-        f"{file} needs the global {name}, which is not a module, pruning method or container and could run "
-        f"code when loaded; pass --trust-pickle (Python: trust_pickle=True) only if you trust the file"
-    )
-
-
-def _import_global(module_name: str, qualname: str, name: str) -> Any:
-    try:
-        return import_qualified(module_name, qualname)
-    except ImportError as e:
-        raise InputFileError(
-            f"the model needs {name} but {e}; run from the directory that holds it or add it to PYTHONPATH"
-        ) from e
-    except AttributeError as e:
-        raise InputFileError(f"the model needs {name} but {e}; is it the same code that saved it?") from e
-
-
-def _is_safe(obj: Any) -> bool:
-    if not isinstance(obj, type):
-        return False
-    if issubclass(obj, (nn.Module, prune.BasePruningMethod, torch.Size)) or obj in _PLAIN_CONTAINERS:
-        return True
-    return _is_hf_config(obj)
-
-
-def _is_hf_config(cls: type) -> bool:
-    """Hugging Face configs are plain attribute bags that modules keep; allowed without importing HF here."""
-    return any(
-        base.__name__ == "PretrainedConfig" and base.__module__.startswith("transformers.")
-        for base in cls.__mro__
-    )
 
 
 def _torch_load(file: Path, *, weights_only: bool) -> Any:

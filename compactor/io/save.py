@@ -12,7 +12,8 @@ suffix / ``format``     what is written
 
 Every file is written to a temporary path, reloaded and run on the example inputs (and one fresh
 random input of the same shapes), and only then moved into place: a file that does not reproduce the
-model never appears. ``.pt`` and ``.safetensors`` must reproduce it exactly; ``.pt2`` within
+model never appears. ``.pt`` and ``.safetensors`` must reproduce it to a few units in the last place
+(tolerance 0 in :func:`~compactor.engine.verify.compare_outputs`); ``.pt2`` within
 ``tolerance * max(1, |output|)``; ``.onnx`` within that or torch's own float rounding on the model, if
 larger. Exports trace the model in eval mode (inference). Every format loads with ``compactor.load``.
 """

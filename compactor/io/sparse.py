@@ -18,7 +18,7 @@ Layout (safetensors keys and metadata):
   packed bits, one per entry) and, where a zero is negative, ``<name>::zero_signs`` (one bit per zero
   entry) for a tensor stored sparse; ``<name>`` for one stored dense;
 * metadata ``compactor.storage = "sparse"``, ``compactor.sparse`` (JSON: shape of each sparse tensor,
-  which have zero signs, and tied names), and ``compactor.manifest`` (the layer shapes of :mod:`compactor.formats`, so a
+  which have zero signs, and tied names), and ``compactor.manifest`` (the layer shapes of :mod:`compactor.io.safetensors`, so a
   compacted *and* sparse model also loads into its dense architecture).
 
 Load with ``compactor.load(path, arch=...)`` (or :func:`load_sparse`).

@@ -65,6 +65,12 @@ class Shrinker(Generic[M]):
     def why_blocking(self, m: M) -> str:
         return self.blocking_reason
 
+    def expected_shapes(self, m: M) -> dict[str, tuple[int | None, ...]]:
+        """What the layer's attributes say its tensors' shapes are (``None``: any size there), so that a
+        layer whose attributes and weights disagree (built or edited inconsistently) is refused before any
+        work. Empty: nothing to check."""
+        return {}
+
     # --- the shape of the layer (every role) -----------------------------------------------------
     def out_channels(self, m: M) -> int | None:
         """How many channels the layer writes (None: it has no channel dimension of its own)."""
@@ -203,6 +209,26 @@ def shrinker_of_type(t: type) -> Shrinker[Any]:
 def registered_types() -> tuple[type, ...]:
     """Every layer type with a shrinker, in registration order."""
     return tuple(_REGISTRY)
+
+
+def inconsistency(name: str, m: Any) -> str | None:
+    """Why layer ``m`` cannot be compacted as it is (its attributes and tensors disagree, or it has no
+    channels), or None."""
+    shrinker = shrinker_for(m)
+    if shrinker is None:
+        return None
+    for side, w in (("output", shrinker.out_channels(m)), ("input", shrinker.in_channels(m))):
+        if w is not None and w <= 0:
+            return f"layer {name} ({type(m).__name__}) has {w} {side} channels"
+    for tensor, shape in shrinker.expected_shapes(m).items():
+        t = getattr(m, tensor, None)
+        if not isinstance(t, torch.Tensor) or nn.parameter.is_lazy(t):
+            continue
+        actual = tuple(t.shape)
+        if len(actual) < len(shape) or any(e is not None and a != e for a, e in zip(actual, shape)):
+            wanted = "x".join("*" if e is None else str(e) for e in shape)
+            return f"layer {name} ({type(m).__name__}) has {tensor} of shape {actual}, but its attributes say {wanted}"
+    return None
 
 
 def role_of(m: Any) -> Role | None:

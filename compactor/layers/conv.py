@@ -31,6 +31,11 @@ class ConvShrinker(Shrinker[Conv]):
     def role_of(self, m: Conv) -> Role:
         return Role.CHANNELWISE if is_depthwise(m) else Role.MIXING
 
+    def expected_shapes(self, m: Conv) -> dict[str, tuple[int | None, ...]]:
+        if m.groups < 1 or m.in_channels % m.groups or m.out_channels % m.groups:
+            return {"weight": (-1,)}  # no shape fits: groups do not divide the channels
+        return {"weight": (m.out_channels, m.in_channels // m.groups), "bias": (m.out_channels,)}
+
     def out_rows_zero(self, m: Conv, idx: Index) -> torch.Tensor:
         return zero_along(m.weight, 0, idx)
 
@@ -182,6 +187,11 @@ class ConvTransposeShrinker(Shrinker[Conv]):
 
     def role_of(self, m: Conv) -> Role:
         return Role.MIXING if m.groups == 1 else Role.BLOCKING
+
+    def expected_shapes(self, m: Conv) -> dict[str, tuple[int | None, ...]]:
+        if m.groups < 1 or m.out_channels % m.groups:
+            return {"weight": (-1,)}
+        return {"weight": (m.in_channels, m.out_channels // m.groups), "bias": (m.out_channels,)}
 
     def why_blocking(self, m: Conv) -> str:
         return f"grouped transposed conv (groups={m.groups})"

@@ -16,6 +16,9 @@ class LinearShrinker(Shrinker[nn.Linear]):
     input_channel_dim = -1
     shape_attrs = ("in_features", "out_features")
 
+    def expected_shapes(self, m: nn.Linear) -> dict[str, tuple[int | None, ...]]:
+        return {"weight": (m.out_features, m.in_features), "bias": (m.out_features,)}
+
     def out_rows_zero(self, m: nn.Linear, idx: Index) -> torch.Tensor:
         return zero_along(m.weight, 0, idx)
 
@@ -54,6 +57,9 @@ class EmbeddingShrinker(Shrinker[nn.Embedding]):
 
     role = Role.MIXING
     shape_attrs = ("num_embeddings", "embedding_dim")
+
+    def expected_shapes(self, m: nn.Embedding) -> dict[str, tuple[int | None, ...]]:
+        return {"weight": (m.num_embeddings, m.embedding_dim)}
 
     def out_rows_zero(self, m: nn.Embedding, idx: Index) -> torch.Tensor:
         return zero_along(m.weight, 1, idx)

@@ -29,6 +29,10 @@ class BatchNormShrinker(Shrinker[Any]):
     def in_channels(self, m: Any) -> int:
         return int(m.num_features)
 
+    def expected_shapes(self, m: Any) -> dict[str, tuple[int | None, ...]]:
+        n = m.num_features
+        return {"weight": (n,), "bias": (n,), "running_mean": (n,), "running_var": (n,)}
+
     def forgets_input(self, m: Any, idx: Index) -> torch.Tensor:
         if m.weight is None:
             return torch.zeros(len(idx), dtype=torch.bool)
@@ -81,6 +85,11 @@ class GroupNormShrinker(Shrinker[nn.GroupNorm]):
 
     def in_channels(self, m: nn.GroupNorm) -> int:
         return m.num_channels
+
+    def expected_shapes(self, m: nn.GroupNorm) -> dict[str, tuple[int | None, ...]]:
+        if m.num_groups < 1 or m.num_channels % m.num_groups:
+            return {"weight": (-1,)}
+        return {"weight": (m.num_channels,), "bias": (m.num_channels,)}
 
     def removable(self, m: nn.GroupNorm, side: Side, idx: Index) -> Index:
         size = m.num_channels // m.num_groups

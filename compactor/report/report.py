@@ -89,7 +89,8 @@ class CompactionReport:
         return buffer.getvalue()
 
 
-def render(report: CompactionReport, console: Console) -> None:
+def render(report: CompactionReport, console: Console, *, warnings: bool = True) -> None:
+    """The report as tables and lines; ``warnings=False`` leaves the warnings out (the CLI prints them on stderr)."""
     summary = Table(title="compactor: dense vs compacted", title_justify="left")
     summary.add_column("metric")
     summary.add_column("before", justify="right")
@@ -157,7 +158,7 @@ def render(report: CompactionReport, console: Console) -> None:
             f"of difference; every removal was decided in float64",
             markup=False,
         )
-    for w in report.warnings:
+    for w in report.warnings if warnings else ():
         console.print(f"warning: {w}", markup=False)
     odd = odd_widths(report)
     if odd and report.extra.get("round_to", 1) == 1:

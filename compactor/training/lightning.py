@@ -3,7 +3,7 @@
 Optional: needs ``lightning`` (``pip install lightning``, or ``pip install -e ".[lightning]"`` in a checkout). ``import compactor`` never imports
 this module; import it explicitly:
 
->>> from compactor.lightning import CompactOnFitEnd, KeepPrunedCallback
+>>> from compactor.training.lightning import CompactOnFitEnd, KeepPrunedCallback
 >>> trainer = Trainer(callbacks=[KeepPrunedCallback(), CompactOnFitEnd(torch.randn(1, 3, 32, 32), "small.pt")])
 """
 
@@ -19,7 +19,7 @@ try:
     from lightning.pytorch.utilities import rank_zero_info
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError(
-        "compactor.lightning needs PyTorch Lightning (the `lightning` package); "
+        "compactor.training.lightning needs PyTorch Lightning (the `lightning` package); "
         "install it with: pip install lightning"
     ) from e
 
@@ -112,7 +112,7 @@ class CompactOnFitEnd(Callback):
 
 
 class KeepPrunedCallback(Callback):
-    """Hold pruned weights at exactly zero during ``trainer.fit`` (:func:`compactor.finetune.keep_pruned`).
+    """Hold pruned weights at exactly zero during ``trainer.fit`` (:func:`compactor.keep_pruned`).
 
     The masks are taken when fitting starts, once the optimizers exist, from ``pl_module.<attr>`` (``None``:
     the whole LightningModule); the hooks are removed when fitting ends or fails. The handle is ``self.handle``.
