@@ -104,7 +104,8 @@ def write_pt(
     it unpickles with ``weights_only=False`` and must reproduce ``references`` within float rounding."""
 
     def write(tmp: Path) -> None:
-        torch.save(model, tmp)
+        with tmp.open("wb") as f:  # a file object: the archive is named "archive", not after the temporary
+            torch.save(model, f)
         expect_same(torch.load(tmp, weights_only=False), runs, references, 0.0, tmp, "pt")
 
     return write_atomically(path, write)

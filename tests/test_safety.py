@@ -1,0 +1,508 @@
+"""Hostile and careless input through the real ``compact`` command: a wrong model is never shipped, code from
+the file (or beside it) never runs, no file is destroyed, and bad input gets one line and exit status 2.
+
+Each test asserts the exit status, the one-line message, that nothing was written or changed, and that the
+side effect the input was built to cause did not happen."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import compactor
+
+SOURCE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.nn.utils import prune
+
+
+    def _prune(conv, rows):
+        mask = torch.ones_like(conv.weight)
+        mask[rows] = 0
+        prune.custom_from_mask(conv, "weight", mask)
+        with torch.no_grad():
+            conv.bias[rows] = 0.0
+
+
+    class Flip(nn.Module):
+        '''Flips the channel order when the input is large: a branch on a tensor's value.'''
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 4, 1)
+            _prune(self.conv1, [1, 2, 5])
+
+        def forward(self, x):
+            y = torch.relu(self.conv1(x))
+            if x.mean() > 10:  # BRANCH
+                y = y.flip(1)
+            return self.conv2(y)
+
+
+    class TwoHeads(nn.Module):
+        '''Calls ``alt`` on inputs the example never shows.'''
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.main = nn.Conv2d(8, 4, 1)
+            self.alt = nn.Conv2d(8, 4, 1)
+            _prune(self.conv1, [0, 3])
+
+        def forward(self, x):
+            y = torch.relu(self.conv1(x))
+            return self.alt(y) if x.shape[-1] > 64 else self.main(y)
+
+
+    class WithAux(nn.Module):
+        '''GoogLeNet/Inception-v3: an auxiliary classifier that runs only in train mode.'''
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Linear(8, 5)
+            self.aux = nn.Linear(8, 5)
+            _prune(self.conv1, [2, 6])
+            with torch.no_grad():
+                self.bn1.running_mean[[2, 6]] = 0.0
+                self.bn1.bias[[2, 6]] = 0.0
+            _prune(self.conv2, [0, 7])
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            out = self.head(torch.relu(self.conv2(x)).mean((2, 3)))
+            if self.training:
+                return out, self.aux(x.mean((2, 3)))
+            return out
+
+
+    class Width(nn.Module):
+        '''Returns a width as an int beside its tensor.'''
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 4, 1)
+            _prune(self.conv1, [0, 1, 2, 3])
+
+        def forward(self, x):
+            y = torch.relu(self.conv1(x))
+            return {"out": self.conv2(y), "width": int(self.conv1.out_channels), "note": None}
+
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 4, 1)
+            _prune(self.conv1, [0, 1])
+
+        def forward(self, x):
+            return self.conv2(torch.relu(self.conv1(x)))
+
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, ids):
+            return self.fc((ids % 7).float())
+
+
+    class View(nn.Module):
+        '''A 4-byte storage read as a 20000 x 20000 table: 1.6 GB the moment anything copies it.'''
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.zeros(1).expand(20000, 20000))
+
+        def forward(self, x):
+            return x
+    """
+)
+
+MAKE = textwrap.dedent(
+    """
+    import os, torch, models
+    from torch import nn
+    torch.manual_seed(0)
+    for name in ("Flip", "TwoHeads", "WithAux", "Width", "Plain", "Tokens"):
+        torch.save(getattr(models, name)().eval(), name.lower() + ".pt")
+    conv = nn.Conv2d(3, 8, 3)
+    with torch.no_grad():
+        conv.weight[2] = 0
+        conv.bias[2] = 0
+    torch.save(conv, "single.pt")
+    torch.save(nn.DataParallel(models.Plain()), "parallel.pt")
+
+    class Calls:
+        def __reduce__(self):
+            return (nn.Linear, (16, 16))
+    torch.save(Calls(), "calls.pt")
+
+    torch.save(models.View(), "view.pt")
+
+    big = models.Plain()
+    big.register_buffer("pad", torch.zeros(12 * 2**20))
+    torch.save(big, "plain_big.pt")
+
+    torch.save(torch.tensor([[-2**63, 2**63 - 1]]), "wide_ids.pt")
+    x = torch.ones(1, 3, 4, 4)
+    x[0, 0, 0, 0], x[0, 1, 1, 1] = float("nan"), float("inf")
+    torch.save(x, "nan.pt")
+    """
+)
+
+
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, limit: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    def preexec() -> None:
+        if limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "compactor.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+        preexec_fn=preexec,
+    )
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("safety")
+    (d / "models.py").write_text(SOURCE)
+    subprocess.run([sys.executable, "-c", MAKE], cwd=d, check=True, env={**os.environ, "PYTHONPATH": str(d)})
+    return d
+
+
+def error_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+# --- paths the example inputs do not take -----------------------------------------------------------------
+def test_a_branch_on_tensor_values_is_named_and_strict_refuses_it(work: Path) -> None:
+    line = next(i for i, text in enumerate(SOURCE.splitlines(), 1) if "# BRANCH" in text)
+    r = cli("flip.pt", "-o", "flip_small.pt", "--input-shape", "2,3,8,8", "--report", "flip.json", cwd=work)
+    assert r.returncode == 0, r.stderr
+    expected = f"models.py:{line} (bool)"
+    assert f"warning: the forward converts tensors to Python values at {work / expected}" in r.stderr
+    report = json.loads((work / "flip.json").read_text())
+    assert report["paths"]["value_branches"] == [f"{work / expected}"]
+    assert any(expected in w and "--strict refuses this" in w for w in report["warnings"])
+
+    before = files(work)
+    r = cli("flip.pt", "-o", "flip_strict.pt", "--input-shape", "2,3,8,8", "--strict", cwd=work)
+    assert r.returncode == 2
+    assert error_line(r).startswith(
+        f"error: --strict: the forward converts tensors to Python values at {work / expected}"
+    )
+    assert files(work) == before
+
+
+def test_a_layer_no_forward_called_is_left_as_it_was(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(work)  # compactor.load resolves models.py from here, as the CLI does
+    r = cli("twoheads.pt", "-o", "twoheads_small.pt", "--input-shape", "1,3,8,8", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "warning: 1 layer(s) with parameters were not called by any forward on the example inputs (alt (Conv2d))"
+        in r.stderr
+    )
+    dense = compactor.load(work / "twoheads.pt")
+    small = compactor.load(work / "twoheads_small.pt")
+    assert small.main.in_channels == 6 and small.conv1.out_channels == 6
+    assert small.alt.in_channels == 8 and torch.equal(small.alt.weight, dense.alt.weight)
+    assert torch.equal(small.alt.bias, dense.alt.bias)
+
+    r = cli("twoheads.pt", "-o", "twoheads_strict.pt", "--input-shape", "1,3,8,8", "--strict", cwd=work)
+    assert r.returncode == 2 and "(alt (Conv2d))" in error_line(r)
+    assert not (work / "twoheads_strict.pt").exists()
+
+
+def test_a_train_mode_only_layer_keeps_what_it_reads_and_trains_after_compaction(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(work)
+    r = cli(
+        "withaux.pt", "-o", "withaux_small.pt", "--input-shape", "2,3,8,8", "--report", "aux.json", cwd=work
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads((work / "aux.json").read_text())
+    assert report["paths"]["train_only_layers"] == ["aux"]
+    kept = [z for z in report["zeroed"] if z["layer"] == "conv1"]
+    assert [z["channel"] for z in kept] == [2, 6]
+    assert {z["reason"] for z in kept} == {"aux reads these channels and runs only in train mode"}
+    small = compactor.load(work / "withaux_small.pt")
+    assert small.conv1.out_channels == 8 and small.conv2.out_channels == 6 and small.head.in_features == 6
+    small.train()
+    out, aux = small(torch.randn(2, 3, 8, 8))  # fine-tuning runs the auxiliary classifier: it must still fit
+    assert out.shape == (2, 5) and aux.shape == (2, 5)
+
+
+def test_plain_outputs_are_compared_too(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(work)
+    r = cli(
+        "width.pt", "-o", "width_small.pt", "--input-shape", "1,3,8,8", "--report", "width.json", cwd=work
+    )
+    assert r.returncode == 0, r.stderr
+    small = compactor.load(work / "width_small.pt")
+    out = small(torch.randn(1, 3, 8, 8))
+    assert out["width"] == 8 and out["note"] is None  # removing the 4 channels would have changed it
+    report = json.loads((work / "width.json").read_text())
+    reasons = {z["reason"] for z in report["zeroed"] if z["layer"] == "conv1"}
+    assert reasons == {"; ".join(f"run {i}: output.width is 4, expected 8" for i in range(3))}
+
+
+def test_a_model_that_is_a_single_layer_is_rebuilt_as_the_root(work: Path) -> None:
+    r = cli(
+        "single.pt", "-o", "single_small.pt", "--input-shape", "1,3,8,8", "--report", "single.json", cwd=work
+    )
+    assert r.returncode == 0, r.stderr
+    small = compactor.load(work / "single_small.pt")
+    assert isinstance(small, torch.nn.Conv2d) and list(dict(small.named_children())) == []
+    assert (
+        sorted(small.state_dict()) == ["bias", "weight"] and small.out_channels == 8
+    )  # a model output: kept
+    assert (work / "single_small.pt").stat().st_size <= (work / "single.pt").stat().st_size + 64
+
+
+# --- code from the file, or beside it ----------------------------------------------------------------------
+def _named(work: Path, name: str, global_name: str) -> Path:
+    """A torch.save archive whose pickle builds an object of class ``global_name`` (module.qualname)."""
+    import zipfile
+
+    module, _, qual = global_name.rpartition(".")
+    pickle = b"\x80\x02c" + module.encode() + b"\n" + qual.encode() + b"\n)\x81."  # GLOBAL, (), NEWOBJ, STOP
+    torch.save({"x": 1}, work / name)
+    with zipfile.ZipFile(work / name) as src:
+        entries = {i.filename: src.read(i.filename) for i in src.infolist()}
+    with zipfile.ZipFile(work / name, "w", zipfile.ZIP_STORED) as dst:
+        for entry, data in entries.items():
+            dst.writestr(entry, pickle if entry.endswith("data.pkl") else data)
+    return work / name
+
+
+@pytest.mark.parametrize(
+    ("global_name", "marker"),
+    [("this.Foo", None), ("antigravity.geohash", "browser.txt"), ("train.Net", "train_ran.txt")],
+)
+def test_names_in_the_pickle_are_judged_before_anything_is_imported(
+    work: Path, global_name: str, marker: str | None
+) -> None:
+    (work / "train.py").write_text("open('train_ran.txt', 'w').write('ran')\nNet = dict\n")
+    browser = work / "browser.sh"
+    browser.write_text("#!/bin/sh\ntouch browser.txt\n")
+    browser.chmod(0o755)
+    path = _named(work, f"named_{global_name.partition('.')[0]}.pt", global_name)
+    r = cli(
+        path.name, "-o", "named_out.pt", "--input-shape", "1,3,8,8", cwd=work, env={"BROWSER": str(browser)}
+    )
+    assert r.returncode == 2
+    assert error_line(r).startswith(f"error: {path.name} needs the global {global_name}, ")
+    assert "--trust-pickle" in r.stderr and "Beautiful is better than ugly" not in r.stdout + r.stderr
+    assert marker is None or not (work / marker).exists()
+    assert not (work / "named_out.pt").exists()
+
+
+def test_a_user_module_is_imported_after_its_source_shows_a_module_class(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(work)
+    r = cli("plain.pt", "-o", "plain_small.pt", "--input-shape", "1,3,8,8", "-q", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert compactor.load(work / "plain_small.pt").conv1.out_channels == 6
+
+
+def test_modules_beside_the_model_do_not_shadow_the_standard_library(work: Path, tmp_path: Path) -> None:
+    (tmp_path / "models.py").write_text(SOURCE)
+    for shadow in ("secrets", "profile"):
+        (tmp_path / f"{shadow}.py").write_text(f"open('{shadow}_ran.txt', 'w').write('ran')\n")
+    (tmp_path / "plain.pt").write_bytes((work / "plain.pt").read_bytes())
+    r = cli(
+        "plain.pt", "-o", "plain.pt2", "--onnx", "plain.onnx", "--input-shape", "1,3,8,8", "-q", cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "secrets_ran.txt").exists() and not (tmp_path / "profile_ran.txt").exists()
+
+
+def test_a_pickle_that_calls_a_module_class_is_refused(work: Path) -> None:
+    r = cli("calls.pt", "-o", "calls_out.pt", "--input-shape", "1,16", cwd=work)
+    assert r.returncode == 2
+    assert error_line(r) == (
+        "error: calls.pt calls torch.nn.modules.linear.Linear while loading, which torch.save(model) never does "
+        "(it rebuilds modules from their state); refusing to run it. Re-save the model with torch.save(model, path)"
+    )
+
+
+def test_a_zero_stride_view_bomb_is_refused_before_it_is_copied(work: Path) -> None:
+    r = cli("view.pt", "-o", "view_out.pt", "--input-shape", "1,3", cwd=work)
+    assert r.returncode == 2
+    assert error_line(r).startswith(
+        "error: view.pt: tensor table of shape (20000, 20000) reads 4 stored bytes as 1,600,000,000 (an expanded view"
+    )
+
+
+def test_a_compressed_archive_is_refused_before_loading(work: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(work / "plain_big.pt") as src:
+        entries = [(i.filename, src.read(i.filename)) for i in src.infolist()]
+    with zipfile.ZipFile(work / "bomb.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in entries:
+            dst.writestr(name, data)
+    r = cli("bomb.pt", "-o", "bomb_out.pt", "--input-shape", "1,3,8,8", cwd=work)
+    assert r.returncode == 2
+    line = error_line(r)
+    assert (
+        line.startswith("error: bomb.pt expands to ")
+        and "(compressed entries, which torch.save never writes)" in line
+    )
+
+
+# --- files destroyed -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["-o", "batch.pt", "--example-inputs", "batch.pt"],
+            "-o batch.pt and --example-inputs batch.pt are the same file",
+        ),
+        (
+            ["-o", "small.pt", "--report", "small.pt", "--input-shape", "1,3,8,8"],
+            "-o small.pt and --report small.pt are the same file",
+        ),
+        (
+            ["-o", "small.pt", "--onnx", "link.onnx", "--input-shape", "1,3,8,8"],
+            "-o small.pt and --onnx link.onnx are the same file",
+        ),
+        (
+            ["-o", "small.pt", "--report", "plain.pt", "--input-shape", "1,3,8,8"],
+            "MODEL plain.pt and --report plain.pt are the same file",
+        ),
+    ],
+)
+def test_two_flags_naming_one_file_are_refused_before_any_work(
+    work: Path, flags: list[str], message: str
+) -> None:
+    torch.save(torch.randn(1, 3, 8, 8), work / "batch.pt")
+    (work / "small.pt").write_bytes(b"keep me")
+    (work / "link.onnx").unlink(missing_ok=True)
+    (work / "link.onnx").symlink_to(work / "small.pt")
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    r = cli("plain.pt", *flags, cwd=work)
+    assert r.returncode == 2
+    assert error_line(r).startswith(f"error: {message}, so writing one would destroy the other")
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(work: Path, tmp_path: Path) -> None:
+    (tmp_path / "models.py").write_text(SOURCE)
+    (tmp_path / "plain.pt").write_bytes((work / "plain.pt").read_bytes())
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f".out.pt.compactor-{int(dead.stdout)}-abc123.tmp"
+    stale.write_bytes(b"half a model")
+    live = (
+        tmp_path / f".out.pt.compactor-{os.getpid()}-def456.tmp"
+    )  # this process is alive: not ours to remove
+    live.write_bytes(b"another run, still writing")
+    r = cli("plain.pt", "-o", "out.pt", "--input-shape", "1,3,8,8", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not stale.exists() and live.exists() and (tmp_path / "out.pt").exists()
+
+
+# --- bad input that used to end as an internal error -------------------------------------------------------
+def test_a_parallel_wrapper_says_to_unwrap_it(work: Path) -> None:
+    r = cli("parallel.pt", "-o", "parallel_out.pt", "--input-shape", "1,3,8,8", cwd=work)
+    assert r.returncode == 2
+    assert error_line(r) == (
+        "error: parallel.pt holds a DataParallel wrapper, which cannot be loaded outside its process group; save "
+        "the model inside it instead: torch.save(model.module, path)"
+    )
+
+
+def test_a_layer_whose_arguments_disagree_with_its_weights(work: Path) -> None:
+    script = "import torch, models; m = models.Plain(); m.conv2.in_channels = 5; torch.save(m, 'nonsense.pt')"
+    subprocess.run(
+        [sys.executable, "-c", script], cwd=work, check=True, env={**os.environ, "PYTHONPATH": str(work)}
+    )
+    r = cli("nonsense.pt", "-o", "nonsense_out.pt", "--input-shape", "1,3,8,8", cwd=work)
+    assert r.returncode == 2
+    assert error_line(r) == (
+        "error: layer conv2 (Conv2d) has weight of shape (4, 8, 1, 1), but its attributes say 4x5: the model was "
+        "built or edited inconsistently; rebuild that layer with arguments that match its weights"
+    )
+    assert not (work / "nonsense_out.pt").exists()
+
+
+def test_a_write_that_fails_names_the_path_and_leaves_nothing(work: Path, tmp_path: Path) -> None:
+    (tmp_path / "models.py").write_text(SOURCE)
+    (tmp_path / "plain.pt").write_bytes((work / "plain.pt").read_bytes())
+    r = cli("plain.pt", "-o", "out.pt", "--input-shape", "1,3,8,8", cwd=tmp_path, limit=2000)
+    assert r.returncode == 2
+    assert error_line(r) == "error: cannot write out.pt: File too large; check the path and free space"
+    assert files(tmp_path) == ["models.py", "plain.pt"]
+
+
+def test_a_full_disk_names_the_path_and_leaves_nothing(work: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=1024"], capture_output=True
+        )  # until full
+        r = cli(str(work / "plain.pt"), "-o", str(disk / "out.pt"), "--input-shape", "1,3,8,8", cwd=work)
+        assert r.returncode == 2
+        assert (
+            error_line(r)
+            == f"error: cannot write {disk / 'out.pt'}: No space left on device; check the path and free space"
+        )
+        assert os.listdir(disk) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_integer_inputs_spanning_the_whole_int64_range(work: Path) -> None:
+    r = cli("tokens.pt", "-o", "tokens_out.pt", "--example-inputs", "wide_ids.pt", "-q", cwd=work)
+    assert r.returncode == 0, r.stderr
+
+
+def test_nan_in_the_example_inputs_is_named(work: Path) -> None:
+    r = cli("plain.pt", "-o", "nan_out.pt", "--example-inputs", "nan.pt", cwd=work)
+    assert r.returncode == 2
+    assert error_line(r) == (
+        "error: example inputs: input 0 (1, 3, 4, 4):float32 holds 2 NaN or Inf value(s); give finite inputs "
+        "(compaction is verified by comparing outputs, and NaN never compares equal)"
+    )
+    assert not (work / "nan_out.pt").exists()
