@@ -138,7 +138,8 @@ SOURCE = textwrap.dedent(
 
 MAKE = textwrap.dedent(
     """
-    import os, torch, models
+    import os, torch
+    import safety_models as models
     from torch import nn
     torch.manual_seed(0)
     for name in ("Flip", "TwoHeads", "WithAux", "Width", "Plain", "Tokens"):
@@ -191,7 +192,7 @@ def cli(
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("safety")
-    (d / "models.py").write_text(SOURCE)
+    (d / "safety_models.py").write_text(SOURCE)
     subprocess.run([sys.executable, "-c", MAKE], cwd=d, check=True, env={**os.environ, "PYTHONPATH": str(d)})
     return d
 
@@ -211,7 +212,7 @@ def test_a_branch_on_tensor_values_is_named_and_strict_refuses_it(work: Path) ->
     line = next(i for i, text in enumerate(SOURCE.splitlines(), 1) if "# BRANCH" in text)
     r = cli("flip.pt", "-o", "flip_small.pt", "--input-shape", "2,3,8,8", "--report", "flip.json", cwd=work)
     assert r.returncode == 0, r.stderr
-    expected = f"models.py:{line} (bool)"
+    expected = f"safety_models.py:{line} (bool)"
     assert f"warning: the forward converts tensors to Python values at {work / expected}" in r.stderr
     report = json.loads((work / "flip.json").read_text())
     assert report["paths"]["value_branches"] == [f"{work / expected}"]
@@ -227,7 +228,7 @@ def test_a_branch_on_tensor_values_is_named_and_strict_refuses_it(work: Path) ->
 
 
 def test_a_layer_no_forward_called_is_left_as_it_was(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(work)  # compactor.load resolves models.py from here, as the CLI does
+    monkeypatch.chdir(work)  # compactor.load resolves safety_models.py from here, as the CLI does
     r = cli("twoheads.pt", "-o", "twoheads_small.pt", "--input-shape", "1,3,8,8", cwd=work)
     assert r.returncode == 0, r.stderr
     assert (
@@ -340,7 +341,7 @@ def test_a_user_module_is_imported_after_its_source_shows_a_module_class(
 
 
 def test_modules_beside_the_model_do_not_shadow_the_standard_library(work: Path, tmp_path: Path) -> None:
-    (tmp_path / "models.py").write_text(SOURCE)
+    (tmp_path / "safety_models.py").write_text(SOURCE)
     for shadow in ("secrets", "profile"):
         (tmp_path / f"{shadow}.py").write_text(f"open('{shadow}_ran.txt', 'w').write('ran')\n")
     (tmp_path / "plain.pt").write_bytes((work / "plain.pt").read_bytes())
@@ -422,7 +423,7 @@ def test_two_flags_naming_one_file_are_refused_before_any_work(
 
 
 def test_stale_temporaries_of_a_killed_run_are_removed(work: Path, tmp_path: Path) -> None:
-    (tmp_path / "models.py").write_text(SOURCE)
+    (tmp_path / "safety_models.py").write_text(SOURCE)
     (tmp_path / "plain.pt").write_bytes((work / "plain.pt").read_bytes())
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
@@ -449,7 +450,7 @@ def test_a_parallel_wrapper_says_to_unwrap_it(work: Path) -> None:
 
 
 def test_a_layer_whose_arguments_disagree_with_its_weights(work: Path) -> None:
-    script = "import torch, models; m = models.Plain(); m.conv2.in_channels = 5; torch.save(m, 'nonsense.pt')"
+    script = "import torch, safety_models as s; m = s.Plain(); m.conv2.in_channels = 5; torch.save(m, 'nonsense.pt')"
     subprocess.run(
         [sys.executable, "-c", script], cwd=work, check=True, env={**os.environ, "PYTHONPATH": str(work)}
     )
@@ -463,12 +464,12 @@ def test_a_layer_whose_arguments_disagree_with_its_weights(work: Path) -> None:
 
 
 def test_a_write_that_fails_names_the_path_and_leaves_nothing(work: Path, tmp_path: Path) -> None:
-    (tmp_path / "models.py").write_text(SOURCE)
+    (tmp_path / "safety_models.py").write_text(SOURCE)
     (tmp_path / "plain.pt").write_bytes((work / "plain.pt").read_bytes())
     r = cli("plain.pt", "-o", "out.pt", "--input-shape", "1,3,8,8", cwd=tmp_path, limit=2000)
     assert r.returncode == 2
     assert error_line(r) == "error: cannot write out.pt: File too large; check the path and free space"
-    assert files(tmp_path) == ["models.py", "plain.pt"]
+    assert files(tmp_path) == ["plain.pt", "safety_models.py"]
 
 
 def test_a_full_disk_names_the_path_and_leaves_nothing(work: Path, tmp_path: Path) -> None:
