@@ -150,6 +150,10 @@ MAKE = textwrap.dedent(
         conv.bias[2] = 0
     torch.save(conv, "single.pt")
     torch.save(nn.DataParallel(models.Plain()), "parallel.pt")
+    import tempfile, torch.distributed as dist
+    dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+    torch.save(nn.parallel.DistributedDataParallel(models.Plain()), "distributed.pt")
+    dist.destroy_process_group()
 
     class Calls:
         def __reduce__(self):
@@ -440,13 +444,17 @@ def test_stale_temporaries_of_a_killed_run_are_removed(work: Path, tmp_path: Pat
 
 
 # --- bad input that used to end as an internal error -------------------------------------------------------
-def test_a_parallel_wrapper_says_to_unwrap_it(work: Path) -> None:
-    r = cli("parallel.pt", "-o", "parallel_out.pt", "--input-shape", "1,3,8,8", cwd=work)
+@pytest.mark.parametrize(
+    ("name", "wrapper"), [("parallel", "DataParallel"), ("distributed", "DistributedDataParallel")]
+)
+def test_a_parallel_wrapper_says_to_unwrap_it(work: Path, name: str, wrapper: str) -> None:
+    r = cli(f"{name}.pt", "-o", f"{name}_out.pt", "--input-shape", "1,3,8,8", cwd=work)
     assert r.returncode == 2
     assert error_line(r) == (
-        "error: parallel.pt holds a DataParallel wrapper, which cannot be loaded outside its process group; save "
-        "the model inside it instead: torch.save(model.module, path)"
+        f"error: {name}.pt holds a {wrapper} wrapper, which cannot be loaded outside its process group; save "
+        f"the model inside it instead: torch.save(model.module, path)"
     )
+    assert not (work / f"{name}_out.pt").exists()
 
 
 def test_a_layer_whose_arguments_disagree_with_its_weights(work: Path) -> None:
