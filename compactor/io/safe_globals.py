@@ -76,6 +76,13 @@ _NOT_OPERATORS = (
 # --- judging a name --------------------------------------------------------------------------------
 def allowed_globals(names: list[str], file: Path) -> dict[str, Any]:
     """The object for each of ``names`` (``module.qualname``), judged safe; or one line naming what is not."""
+    for name in names:  # a wrapper first: its helpers (join configs, reducers) would be refused less clearly
+        module_name, qualname = _split(name)
+        if module_name in _DISTRIBUTED:
+            raise InputFileError(
+                f"{file} holds a {qualname} wrapper, which cannot be loaded outside its process group; save the "
+                f"model inside it instead: torch.save(model.module, path)"
+            )
     return {name: _judge(name, file) for name in names}
 
 
@@ -87,11 +94,6 @@ def _judge(name: str, file: Path) -> Any:
         raise InputFileError(
             f"{file} refers to {name}, a class defined in the script that saved it; move the class into a "
             f"module importable from this directory, import it there, and save the model again"
-        )
-    if module_name in _DISTRIBUTED:
-        raise InputFileError(
-            f"{file} holds a {qualname} wrapper, which cannot be loaded outside its process group; save the "
-            f"model inside it instead: torch.save(model.module, path)"
         )
     if module_name not in sys.modules:
         top = module_name.partition(".")[0]
