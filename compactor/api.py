@@ -88,7 +88,7 @@ def compact(
         with watch(masked) as seen:
             references = reference_outputs(masked, runs)
         check_finite(references)
-        paths = find_paths(masked, seen, lambda m: run(m, inputs))
+        paths = find_paths(masked, seen, inputs)
         del masked  # the references are all that is needed of it: free its weight_orig and mask copies
     if strict and paths.unproven():
         raise UnverifiedPathError(f"--strict: {paths.unproven()[0]}")
@@ -119,7 +119,7 @@ def compact(
         plans, small, verdict, floors = decide(
             original, baked_model, plans, runs, references, tolerance, say, round_to, wide
         )
-    train_problem = check_train_mode(paths, small, lambda m: run(m, inputs))
+    train_problem = check_train_mode(paths, small)
     if train_problem is not None:
         raise VerificationError(f"{train_problem}; nothing was written: report this")
     small.train(model.training)

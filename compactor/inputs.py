@@ -57,6 +57,13 @@ class ExampleInputs:
             kwargs={k: _like(v, generator) for k, v in self.kwargs.items()},
         )
 
+    def repeated(self, n: int) -> ExampleInputs:
+        """The same inputs ``n`` times over along the first (batch) dimension."""
+        return ExampleInputs(
+            args=tuple(torch.cat([t] * n) for t in self.args),
+            kwargs={k: torch.cat([v] * n) for k, v in self.kwargs.items()},
+        )
+
     def check_finite(self) -> None:
         """Refuse NaN or Inf in float inputs: outputs computed from them cannot be compared."""
         named = [(f"input {i}", t) for i, t in enumerate(self.args)] + list(self.kwargs.items())

@@ -28,7 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import first_line
-from ..inputs import flatten_values
+from ..inputs import ExampleInputs, flatten_values
 from .graph import ChannelGroup
 from .masks import clone_module
 
@@ -116,16 +116,25 @@ def uncalled_layers(model: nn.Module, called: set[str]) -> list[str]:
     ]
 
 
-def train_outputs(model: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[Any, Coverage] | str:
-    """``run(model)`` in train mode on a copy (batch statistics and dropout must not touch ``model``):
-    the outputs and what the run covered, or why train mode cannot run on these inputs."""
+def train_outputs(model: nn.Module, inputs: ExampleInputs) -> tuple[Any, Coverage] | str:
+    """The model's outputs on ``inputs`` in train mode, run on a copy (batch statistics and dropout must not
+    touch ``model``), and what the run covered; or why train mode cannot run on these inputs."""
     copy = clone_module(model).train()
     try:
         with watch(copy) as coverage, torch.no_grad():
-            out = run(copy)
+            out = copy(*inputs.args, **inputs.kwargs)
     except Exception as e:  # the model's own train-mode code (BatchNorm on one value per channel...)
         return f"{type(e).__name__}: {first_line(e)}"
     return out, coverage
+
+
+def train_inputs(inputs: ExampleInputs) -> list[ExampleInputs]:
+    """The inputs to try train mode on: the example, then (for a batch of one, where BatchNorm has one value
+    per channel to normalise) the example twice over."""
+    tensors = [*inputs.args, *inputs.kwargs.values()]
+    if tensors and all(t.dim() > 0 and t.shape[0] == 1 for t in tensors):
+        return [inputs, inputs.repeated(2)]
+    return [inputs]
 
 
 def structure(outputs: Any) -> list[tuple[str, tuple[int, ...] | str]]:
@@ -167,6 +176,7 @@ class Paths:
     train: (
         tuple[tuple[str, tuple[int, ...] | str], ...] | str
     )  # train-mode output structure, or why it did not run
+    train_inputs: ExampleInputs | None = None  # what train mode ran on
 
     def unproven(self) -> list[str]:
         """One line per kind of path that verification cannot prove (``--strict`` refuses each)."""
@@ -204,10 +214,15 @@ class Paths:
         }
 
 
-def find_paths(masked: nn.Module, seen: Coverage, run: Callable[[nn.Module], Any]) -> Paths:
+def find_paths(masked: nn.Module, seen: Coverage, inputs: ExampleInputs) -> Paths:
     """The paths of ``masked`` that the eval-mode runs recorded in ``seen`` did not take: the run in
     train mode (on a copy) adds its own conversions and calls."""
-    trained = train_outputs(masked, run)
+    trained: tuple[Any, Coverage] | str = "no inputs"
+    for candidate in train_inputs(inputs):
+        trained = train_outputs(masked, candidate)
+        if not isinstance(trained, str):
+            inputs = candidate
+            break
     called, conversions = set(seen.called), dict(seen.conversions)
     train_only: set[str] = set()
     if not isinstance(trained, str):
@@ -221,14 +236,15 @@ def find_paths(masked: nn.Module, seen: Coverage, run: Callable[[nn.Module], Any
         uncalled=tuple(uncalled_layers(masked, called)),
         train_only=frozenset(train_only),
         train=trained if isinstance(trained, str) else tuple(structure(trained[0])),
+        train_inputs=inputs,
     )
 
 
-def check_train_mode(paths: Paths, small: nn.Module, run: Callable[[nn.Module], Any]) -> str | None:
+def check_train_mode(paths: Paths, small: nn.Module) -> str | None:
     """Why the compacted model's train-mode outputs do not have the masked model's structure, or None."""
-    if isinstance(paths.train, str):
+    if isinstance(paths.train, str) or paths.train_inputs is None:
         return None
-    trained = train_outputs(small, run)
+    trained = train_outputs(small, paths.train_inputs)
     if isinstance(trained, str):
         return f"in train mode the compacted model fails: {trained}"
     got = tuple(structure(trained[0]))

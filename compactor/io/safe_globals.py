@@ -42,7 +42,9 @@ from torch.nn.utils import prune
 from ..errors import InputFileError, UnsafePickleError
 
 _PLAIN_CONTAINERS: tuple[type, ...] = (OrderedDict, defaultdict, dict, list, tuple, set, frozenset)
-_CONFIG_BASES = ("PretrainedConfig", "PreTrainedConfig")  # transformers 4.x and 5.x
+# Hugging Face configs: attribute bags a model keeps (4.x and 5.x spell the base differently; generation
+# models keep a GenerationConfig too).
+_CONFIG_BASES = ("PretrainedConfig", "PreTrainedConfig", "GenerationConfig")
 _MAX_DEPTH = 12  # base classes followed across files
 # Namespaces of torch's pure tensor operators (a model may hold one as an attribute: GELUActivation keeps
 # torch._C._nn.gelu); never torch.load/save, file, process, global-state or compilation functions.
