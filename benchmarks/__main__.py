@@ -59,7 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument(
-        "--out", type=Path, default=ROOT / "REPORT.md", help="markdown report; report.json goes beside it"
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown report; report.json goes beside it (default: benchmarks/REPORT.md for a full run; a quick "
+        "run writes to the temporary directory, never over the committed report)",
     )
     p.add_argument(
         "--render", type=Path, default=None, metavar="REPORT_JSON",
@@ -158,6 +162,8 @@ def _write(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out is None:  # a quick run never replaces the committed report
+        args.out = Path(tempfile.gettempdir()) / "compactor-quick" / "REPORT.md" if args.quick else ROOT / "REPORT.md"
     console = Console(width=max(Console().width, 200))  # the table is wide; a CI log does not wrap
     if args.render:
         saved = json.loads(args.render.read_text())

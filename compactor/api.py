@@ -134,7 +134,12 @@ def compact(
         inputs=inputs.describe(),
         layers=layer_changes(original, small),
         zeroed=zeroed_channels(plans),
-        warnings=(*paths.warnings(), *dead_model_warnings(references, plans), *unstructured_warnings(small)),
+        warnings=(
+            *_guess_warning(inputs),
+            *paths.warnings(),
+            *dead_model_warnings(references, plans),
+            *unstructured_warnings(small),
+        ),
         seconds=seconds,
         extra={
             "graph_issues": sorted({i for g in groups for i in g.issues}),
@@ -181,6 +186,15 @@ def resolve_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInpu
     inputs = ExampleInputs.of(example_inputs)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return inputs.to(device)
+
+
+def _guess_warning(inputs: ExampleInputs) -> list[str]:
+    if inputs.guess is None:
+        return []
+    return [
+        f"no example inputs were given: compacted and verified on a guessed input of shape {inputs.guess}; pass "
+        f"--input-shape (Python: example_inputs) with the real size, which exports also take"
+    ]
 
 
 def _check_layers(model: nn.Module) -> None:

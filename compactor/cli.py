@@ -8,6 +8,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx", metavar="FILE.onnx", help="also write the compacted model as ONNX (checked with ORT)"
     )
     outputs.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help=".pt2/.onnx: export at the example's exact shapes (default: a dynamic batch dimension, and sequence "
+        "length for integer inputs, checked at a second size)",
+    )
+    outputs.add_argument(
+        "--keep-example-inputs", action="store_true", help=".pt2: keep the example inputs inside the program"
+    )
+    outputs.add_argument(
         "--sparse-storage",
         action="store_true",
         help="-o *.safetensors: store zero-heavy weights compressed (exact)",
@@ -212,6 +222,8 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | 
     if args.round_to < 1:
         raise ExampleInputError(f"--round-to {args.round_to}: give a positive channel multiple such as 8")
     _backends(args)
+    if args.onnx and Path(args.onnx).suffix.lower() != ".onnx":
+        raise OutputPathError(f"--onnx {args.onnx}: give a path ending in .onnx (e.g. --onnx small.onnx)")
     onnx_out = check_output_path(args.onnx, args.model, force=args.force) if args.onnx else None
     report_path = check_output_path(args.report, args.model, force=False) if args.report else None
     return out, onnx_out, report_path
@@ -299,28 +311,40 @@ def _write_outputs(
 ) -> CompactionReport:
     """Write -o (and --onnx); if any write fails, remove the ones this run already wrote."""
     written: list[Path] = []
+    shapes = {"static_shapes": args.static_shapes, "keep_example_inputs": args.keep_example_inputs}
     try:
         if onnx_out is not None:
             existed = onnx_out.exists()
-            onnx_bytes = save_output(small, onnx_out, inputs, format="onnx", tolerance=args.tolerance)
+            record: dict[str, Any] = {}
+            onnx_bytes = save_output(
+                small, onnx_out, inputs, format="onnx", tolerance=args.tolerance, record=record, **shapes
+            )
             if not existed:
                 written.append(onnx_out)
-            report = report.with_extra(onnx={"path": str(onnx_out), "bytes": onnx_bytes})
+            report = report.with_extra(onnx={"path": str(onnx_out), "bytes": onnx_bytes, **record})
         if args.sparse_storage:
             from .io.sparse import save_sparse
 
             sparse = save_sparse(small, out)
-            report = report.with_extra(
-                output={"path": str(out), "bytes": sparse.sparse_bytes, "format": "safetensors (sparse)"},
-                sparse_storage=sparse.to_dict(),
-            )
+            size, kind = sparse.sparse_bytes, "safetensors (sparse)"
+            report = report.with_extra(sparse_storage=sparse.to_dict())
+            record = {}
         else:
+            record = {}
             size = save_output(
-                small, out, inputs, format=args.format, tolerance=args.tolerance, arch=args.arch
+                small,
+                out,
+                inputs,
+                format=args.format,
+                tolerance=args.tolerance,
+                arch=args.arch,
+                record=record,
+                **shapes,
             )
-            report = report.with_extra(
-                output={"path": str(out), "bytes": size, "format": format_for(out, args.format)}
-            )
+            kind = format_for(out, args.format)
+        # The table's "file size after" is the file written: the pickle, the .pt2, the sparse storage...
+        report = replace(report, file_bytes={"before": report.file_bytes["before"], "after": size})
+        report = report.with_extra(output={"path": str(out), "bytes": size, "format": kind, **record})
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -332,17 +356,23 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Co
     """Write a masked example model, then compact it exactly as ``compact MODEL -o OUT`` would."""
     from .demo import DEMO_INPUT_SHAPE, demo_model
 
-    out = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="compactor-demo-")) / "small.pt"
-    check_output_path(out, None, force=True)  # the user's -o first: its error names what they typed
-    masked_path = out.parent / "demo_masked.pt"
-    check_output_path(masked_path, None, force=True)
-    write_atomically(masked_path, lambda tmp: torch.save(demo_model(), tmp))
-    if not args.quiet:
-        err.print(f"demo: wrote a masked model to {masked_path}; compacting it to {out}", markup=False)
-    args.demo, args.model, args.output = False, str(masked_path), str(out)
-    if not args.example_inputs and not args.input_shape:
-        args.input_shape = [",".join(map(str, DEMO_INPUT_SHAPE))]
-    return _run(args, parser, err)
+    with tempfile.TemporaryDirectory(prefix="compactor-demo-") as scratch:  # removed when the demo ends
+        out = Path(args.output) if args.output else Path(scratch) / "small.pt"
+        check_output_path(out, None, force=True)  # the user's -o first: its error names what they typed
+        masked_path = (out.parent if args.output else Path(scratch)) / "demo_masked.pt"
+        check_output_path(masked_path, None, force=True)
+        write_atomically(masked_path, lambda tmp: torch.save(demo_model(), tmp))
+        if not args.quiet:
+            where = (
+                f"compacting it to {out}"
+                if args.output
+                else "compacting it (pass -o small.pt to keep the result)"
+            )
+            err.print(f"demo: wrote a masked model to {masked_path}; {where}", markup=False)
+        args.demo, args.model, args.output = False, str(masked_path), str(out)
+        if not args.example_inputs and not args.input_shape:
+            args.input_shape = [",".join(map(str, DEMO_INPUT_SHAPE))]
+        return _run(args, parser, err)
 
 
 def _compact(
@@ -363,6 +393,9 @@ def _finish(
         write_atomically(report_path, lambda tmp: _write_text(tmp, text))
     for warning in report.warnings:  # on stderr, even with -q: each says what was not proven or not removed
         err.print(f"warning: {warning}", markup=False)
+    for key in ("output", "onnx"):
+        for note in report.extra.get(key, {}).get("export", {}).get("notes", []):
+            err.print(f"note: {report.extra[key]['path']}: {note}", markup=False)
     if not args.quiet:
         render(
             report, Console(highlight=False, soft_wrap=False, width=max(120, Console().width)), warnings=False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ class ExampleInputs:
 
     args: tuple[torch.Tensor, ...] = ()
     kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    guess: str | None = None  # how the inputs were guessed, when nobody gave them (infer_example_inputs)
 
     @classmethod
     def of(cls, value: Any) -> ExampleInputs:
@@ -41,6 +42,7 @@ class ExampleInputs:
         return ExampleInputs(
             args=tuple(t.to(device) for t in self.args),
             kwargs={k: v.to(device) for k, v in self.kwargs.items()},
+            guess=self.guess,
         )
 
     def widened(self) -> ExampleInputs:
@@ -132,14 +134,19 @@ def from_shapes(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype = torch.fl
 
 
 def infer_example_inputs(model: nn.Module) -> ExampleInputs | None:
-    """A float input for models whose first layer fixes the shape (Conv: 1xCx32x32, Linear: 1xF)."""
-    for module in model.modules():
+    """A float input for models whose first layer fixes the channels (Conv: 1xCx32x32, Linear: 1xF), with
+    ``guess`` saying so; the spatial size is a guess that the caller must state."""
+    for name, module in model.named_modules():
+        shape: tuple[int, ...] | None = None
         if isinstance(module, nn.Conv2d):
-            return from_shapes([(1, module.in_channels, 32, 32)])
-        if isinstance(module, nn.Conv1d):
-            return from_shapes([(1, module.in_channels, 64)])
-        if isinstance(module, nn.Linear):
-            return from_shapes([(1, module.in_features)])
+            shape = (1, module.in_channels, 32, 32)
+        elif isinstance(module, nn.Conv1d):
+            shape = (1, module.in_channels, 64)
+        elif isinstance(module, nn.Linear):
+            shape = (1, module.in_features)
+        if shape is not None:
+            why = f"{name or 'the model'} ({type(module).__name__}) reads {shape[1]} channels"
+            return replace(from_shapes([shape]), guess=f"{','.join(map(str, shape))} ({why})")
         if isinstance(
             module, (nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention, nn.TransformerEncoderLayer)
         ):

@@ -95,7 +95,7 @@ def _umask() -> int:
     return mask
 
 
-def write_atomically(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> int:
+def write_atomically(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> int:
     """Run ``writer(tmp_path)`` and move the result into place; return the bytes written."""
     try:
         with atomic_write(path) as tmp:

@@ -60,6 +60,11 @@ def read_model(
             f"from (torch.save(model) or its state_dict with --arch)"
             + ("; run it with onnxruntime.InferenceSession(path)" if suffix == ".onnx" else "")
         )
+    if suffix == ".ckpt" and arch is None:
+        raise InputFileError(
+            f"{file} is a checkpoint (weights and training state, not a model); say which architecture the "
+            f"weights belong to: --arch module:callable (Python: compactor.load(path, arch=MyModel))"
+        )
     if suffix == ".safetensors" and arch is None:
         raise InputFileError(
             f"{file} holds weights only; say which architecture they belong to: --arch module:callable "

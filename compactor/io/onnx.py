@@ -24,6 +24,15 @@ from torch import nn
 from ..engine.verify import DEFAULT_TOLERANCE, compare_outputs, runtime_tolerance
 from ..errors import ExportError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
+from .shapes import (
+    ExportShapes,
+    asked_dims,
+    export_spec,
+    input_names,
+    plain_outputs,
+    second_inputs,
+    trace_inputs,
+)
 
 
 @dataclass(frozen=True)
@@ -32,56 +41,127 @@ class OnnxExport:
     exporter: str  # "dynamo" or "torchscript"
     seconds: float
     fallback_reason: str | None = None  # why the dynamo exporter was not used
+    shapes: ExportShapes | None = None  # which dimensions are dynamic
 
 
 def export_onnx(
-    model: nn.Module, inputs: Any, path: str | Path, *, opset: int | None = None, dynamo: bool | None = None
+    model: nn.Module,
+    inputs: Any,
+    path: str | Path,
+    *,
+    opset: int | None = None,
+    dynamo: bool | None = None,
+    dynamic: bool = False,
 ) -> OnnxExport:
     """Export ``model`` called on ``inputs`` to ``path``.
 
     ``dynamo=None`` tries the dynamo exporter, then the TorchScript one; ``True``/``False`` forces one.
-    Raises :class:`ExportError` naming both failures when no exporter succeeds.
+    ``dynamic``: a dynamic batch dimension (and sequence length of integer inputs), where the model allows
+    it (:mod:`compactor.io.shapes`); the returned :class:`OnnxExport` says which stayed static. Raises
+    :class:`ExportError` naming both failures when no exporter succeeds.
     """
     example = ExampleInputs.of(inputs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
+    asked = asked_dims(example, static=not dynamic)
     reason = None
     if dynamo is not False:
         start = time.perf_counter()
         try:
-            _export(model, example, path, opset, dynamo=True)
-            return OnnxExport(path, "dynamo", time.perf_counter() - start)
+            fallback = _export_dynamic_or_static(model, example, path, opset, asked, dynamo=True)
+            shapes = _shapes_of(path, example, asked, fallback)
+            return OnnxExport(path, "dynamo", time.perf_counter() - start, shapes=shapes)
         except Exception as e:  # the exporter's failures have no common type; keep the first line
             reason = first_line(e, with_type=True)
             if dynamo is True:
                 raise ExportError(f"ONNX export of {type(model).__name__} to {path} failed: {reason}") from e
     start = time.perf_counter()
     try:
-        _export(model, example, path, opset, dynamo=False)
+        fallback = _export_dynamic_or_static(model, example, path, opset, asked, dynamo=False)
     except Exception as e:
         raise ExportError(
             f"ONNX export of {type(model).__name__} to {path} failed with both exporters: "
             f"dynamo: {reason}; torchscript: {first_line(e, with_type=True)}"
         ) from e
-    return OnnxExport(path, "torchscript", time.perf_counter() - start, reason)
+    shapes = _shapes_of(path, example, asked, fallback)
+    return OnnxExport(path, "torchscript", time.perf_counter() - start, reason, shapes)
 
 
-def _export(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int | None, *, dynamo: bool) -> None:
+def _export_dynamic_or_static(
+    model: nn.Module,
+    example: ExampleInputs,
+    path: Path,
+    opset: int | None,
+    asked: dict[str, tuple[int, ...]],
+    *,
+    dynamo: bool,
+) -> str | None:
+    """Export with the ``asked`` dynamic dimensions; if that fails, at the example's shapes. Returns why
+    the dynamic export failed (None when it did not, or none was asked)."""
+    if not any(asked.values()):
+        _export(model, example, path, opset, dynamo=dynamo, asked=asked)
+        return None
+    try:
+        _export(model, example, path, opset, dynamo=dynamo, asked=asked)
+        return None
+    except Exception as e:  # the exporter's failures have no common type
+        reason = first_line(e, with_type=True)
+    _export(model, example, path, opset, dynamo=dynamo, asked={k: () for k in asked})
+    return reason
+
+
+def _export(
+    model: nn.Module,
+    inputs: ExampleInputs,
+    path: Path,
+    opset: int | None,
+    *,
+    dynamo: bool,
+    asked: dict[str, tuple[int, ...]],
+) -> None:
     names = [f"input_{i}" for i in range(len(inputs.args))] + list(inputs.kwargs)
+    traced = trace_inputs(inputs, asked)
     quiet = io.StringIO()  # the dynamo exporter prints progress lines and logs optimiser chatter
+    dynamic = any(asked.values())
+    axes = {
+        onnx_name: {d: f"{onnx_name}_dim{d}" for d in dims}
+        for onnx_name, dims in zip(names, asked.values())
+        if dims
+    }
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
-            inputs.args,
+            plain_outputs(model, inputs),
+            traced.args,
             str(path),
-            kwargs=dict(inputs.kwargs) or None,
+            kwargs=dict(traced.kwargs) or None,
             input_names=None if dynamo else names,
             opset_version=opset,
             dynamo=dynamo,
+            dynamic_shapes=export_spec(inputs, asked) if dynamo and dynamic else None,
+            dynamic_axes=axes if not dynamo and dynamic else None,
             verbose=False,
         )
+
+
+def _shapes_of(
+    path: Path, example: ExampleInputs, asked: dict[str, tuple[int, ...]], fallback: str | None
+) -> ExportShapes:
+    """Which asked dimensions the ONNX graph's inputs left fixed."""
+    import onnx
+
+    sizes = {
+        n: tuple(t.shape) for n, t in zip(input_names(example), [*example.args, *example.kwargs.values()])
+    }
+    if fallback is not None:
+        return ExportShapes(not any(asked.values()), asked, dict(asked), sizes, fallback=fallback)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    fixed = {}
+    for name, value in zip(input_names(example), graph.input):
+        dims = value.type.tensor_type.shape.dim
+        fixed[name] = tuple(d for d in asked[name] if d < len(dims) and not dims[d].dim_param)
+    return ExportShapes(not any(asked.values()), asked, fixed, sizes)
 
 
 @contextlib.contextmanager
@@ -134,7 +214,13 @@ def ort_feed(session: Any, inputs: ExampleInputs) -> dict[str, Any]:
 
 
 def check_onnx(
-    path: str | Path, model: nn.Module, inputs: Any, tolerance: float = DEFAULT_TOLERANCE, *, threads: int = 1
+    path: str | Path,
+    model: nn.Module,
+    inputs: Any,
+    tolerance: float = DEFAULT_TOLERANCE,
+    *,
+    threads: int = 1,
+    full_check: bool = True,
 ) -> float:
     """Check ``path`` with ``onnx.checker`` and compare ONNX Runtime's outputs with ``model``'s.
 
@@ -146,7 +232,8 @@ def check_onnx(
 
     example = ExampleInputs.of(inputs)
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        if full_check:
+            onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # onnx.checker.ValidationError, or a shape-inference error
         raise ExportError(f"{path} is not a valid ONNX model: {first_line(e, with_type=True)}") from e
     with torch.inference_mode():
@@ -167,16 +254,25 @@ def check_onnx(
     return worst
 
 
-def write_onnx(model: nn.Module, tmp: Path, example: ExampleInputs, tolerance: float) -> None:
-    """Export and check, keeping the weights inside the one file; the check allows ONNX Runtime the float
-    rounding torch itself has on this model (:func:`compactor.engine.verify.runtime_tolerance`)."""
+def write_onnx(
+    model: nn.Module, tmp: Path, example: ExampleInputs, tolerance: float, *, static: bool = False
+) -> ExportShapes:
+    """Export and check, keeping the weights inside the one file; the check runs at the example's shape and,
+    where the export is dynamic, at a second batch size (and sequence length), and allows ONNX Runtime the
+    float rounding torch itself has on this model (:func:`compactor.engine.verify.runtime_tolerance`)."""
     sidecar = tmp.with_name(tmp.name + ".data")  # the dynamo exporter's default external-data file
     try:
-        export_onnx(model, example, tmp)
+        done = export_onnx(model, example, tmp, dynamic=not static)
         _inline_external_data(tmp, sidecar)
-        check_onnx(tmp, model, example, runtime_tolerance(model, example, tolerance))
+        assert done.shapes is not None
+        allowed = runtime_tolerance(model, example, tolerance)
+        check_onnx(tmp, model, example, allowed)
+        second = second_inputs(example, done.shapes.dynamic, torch.Generator().manual_seed(1))
+        if second is not None:
+            check_onnx(tmp, model, second, allowed, full_check=False)
     finally:
         sidecar.unlink(missing_ok=True)
+    return done.shapes
 
 
 def _inline_external_data(file: Path, sidecar: Path) -> None:

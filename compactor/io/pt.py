@@ -48,8 +48,14 @@ def read_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
             f"{file} holds a state_dict ({len(obj)} tensors), not a model; save the module itself with "
             f"torch.save(model, '{file.name}'), or pass --arch module:callable to build the architecture"
         )
+    if isinstance(obj, dict) and "state_dict" in obj:
+        raise InputFileError(
+            f"{file} holds a checkpoint (a dict with a 'state_dict'), not a model; pass --arch module:callable to "
+            f"build the architecture its weights belong to"
+        )
     raise InputFileError(
-        f"{file} holds a {type(obj).__name__}, not an nn.Module; save the model with torch.save(model, path)"
+        f"{file} holds a {type(obj).__name__}, not an nn.Module; save the model with torch.save(model, path), "
+        f"or pass --arch module:callable if it holds the model's weights"
     )
 
 

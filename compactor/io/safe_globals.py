@@ -78,13 +78,13 @@ _NOT_OPERATORS = (
 # --- judging a name --------------------------------------------------------------------------------
 def allowed_globals(names: list[str], file: Path) -> dict[str, Any]:
     """The object for each of ``names`` (``module.qualname``), judged safe; or one line naming what is not."""
-    for name in names:  # a wrapper first: its helpers (join configs, reducers) would be refused less clearly
-        module_name, qualname = _split(name)
-        if module_name in _DISTRIBUTED:
-            raise InputFileError(
-                f"{file} holds a {qualname} wrapper, which cannot be loaded outside its process group; save the "
-                f"model inside it instead: torch.save(model.module, path)"
-            )
+    wrappers = sorted(q for m, q in map(_split, names) if m in _DISTRIBUTED)  # a wrapper first: its helpers
+    if wrappers:  # (join configs, bucket configs) would be refused less clearly
+        wrapper = next((q for q in wrappers if q.endswith("DataParallel")), wrappers[0])
+        raise InputFileError(
+            f"{file} holds a {wrapper} wrapper, which cannot be loaded outside its process group; save the "
+            f"model inside it instead: torch.save(model.module, path)"
+        )
     return {name: _judge(name, file) for name in names}
 
 

@@ -39,8 +39,15 @@ from .onnx import write_onnx
 from .pt import write_pt
 from .pt2 import write_pt2
 from .safetensors import write_safetensors
+from .shapes import ExportShapes
 
-FORMATS: dict[str, str] = {".pt": "pt", ".pt2": "pt2", ".onnx": "onnx", ".safetensors": "safetensors"}
+FORMATS: dict[str, str] = {
+    ".pt": "pt",
+    ".pth": "pt",
+    ".pt2": "pt2",
+    ".onnx": "onnx",
+    ".safetensors": "safetensors",
+}
 
 
 def format_for(path: str | os.PathLike[str], format: str | None = None) -> str:
@@ -66,12 +73,18 @@ def save_output(
     format: str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     arch: Arch | None = None,
+    static_shapes: bool = False,
+    keep_example_inputs: bool = False,
+    record: dict[str, Any] | None = None,
 ) -> int:
     """Write ``model`` to ``path`` in the format of its suffix (or ``format``); return the bytes written.
 
     ``inputs``: the example inputs (tensor, tuple or dict) used to export and to check the file.
     ``arch`` (safetensors only, optional): the dense model's builder; when given, the check also
-    rebuilds the model from it exactly as ``compactor.load`` will. Raises
+    rebuilds the model from it exactly as ``compactor.load`` will. ``.pt2`` and ``.onnx`` get a dynamic
+    batch dimension (and sequence length for integer inputs) unless ``static_shapes``; ``record`` (a dict)
+    receives what the export gave (``record["export"]``: dynamic and fixed dimensions, output kind).
+    ``keep_example_inputs``: keep the example inputs inside a ``.pt2`` (left out by default). Raises
     :class:`~compactor.errors.ExportError` if the file cannot be written or does not reproduce the model.
     """
     kind = format_for(path, format)
@@ -79,18 +92,36 @@ def save_output(
         model = baked(model, copy=False)
     example = ExampleInputs.of(inputs)
     with eval_mode_restored(model):
+        shapes: list[ExportShapes] = []
         if kind == "onnx":  # checked against ONNX Runtime on the example inputs
-            return write_atomically(path, lambda tmp: write_onnx(model, tmp, example, tolerance))
-        runs = [example, example.fresh(torch.Generator().manual_seed(0))]
-        references = reference_outputs(model, runs)
-        if kind == "pt":
-            return write_pt(model, path, runs, references)
-        writers: dict[str, Callable[[Path], None]] = {
-            "pt2": lambda tmp: write_pt2(model, tmp, runs, references, tolerance),
-            "safetensors": lambda tmp: write_safetensors(model, tmp, runs, references, arch),
-        }
-        return write_atomically(path, writers[kind])
+            size = write_atomically(
+                path,
+                lambda tmp: shapes.append(write_onnx(model, tmp, example, tolerance, static=static_shapes)),
+            )
+        else:
+            runs = [example, example.fresh(torch.Generator().manual_seed(0))]
+            references = reference_outputs(model, runs)
+            if kind == "pt":
+                return write_pt(model, path, runs, references)
+            writers: dict[str, Callable[[Path], object]] = {
+                "pt2": lambda tmp: shapes.append(
+                    write_pt2(
+                        model,
+                        tmp,
+                        runs,
+                        references,
+                        tolerance,
+                        static=static_shapes,
+                        keep_example_inputs=keep_example_inputs,
+                    )
+                ),
+                "safetensors": lambda tmp: write_safetensors(model, tmp, runs, references, arch),
+            }
+            size = write_atomically(path, writers[kind])
+    if record is not None and shapes:
+        record["export"] = shapes[0].to_dict()
+    return size
 
 
 def _supported() -> str:
-    return "|".join(FORMATS.values())
+    return "|".join(dict.fromkeys(FORMATS.values()))

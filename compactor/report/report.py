@@ -129,10 +129,11 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
 
     fates = {k: v for k, v in report.fates.items() if v}
     if report.zeroed:
+        gone = sum(Fate(z.fate).removed for z in report.zeroed)
         console.print(
             f"zeroed channels: {len(report.zeroed)}, of which "
             + ", ".join(f"{v} {k}" for k, v in fates.items())
-            + f"; removed {report.removed_fraction:.0%}",
+            + f"; {gone} of {len(report.zeroed)} ({report.removed_fraction:.0%}) no longer exist",
             markup=False,
         )
     else:
