@@ -52,6 +52,7 @@ def compact(
     log: Log | None = None,
     round_to: int = 1,
     strict: bool = False,
+    uniform: bool = False,
 ) -> tuple[nn.Module, CompactionReport]:
     """Return a physically smaller copy of ``model`` that computes the same function, and a report.
 
@@ -59,7 +60,8 @@ def compact(
     ``example_inputs``: a tensor, a tuple/list of tensors, or a dict of keyword tensors. Raises
     :class:`~compactor.errors.CompactorError` subclasses for bad input.
     ``round_to``: keep every rebuilt channel count a multiple of it (hardware-friendly widths) by keeping
-    some removable channels; exactness is unaffected.
+    some removable channels; exactness is unaffected. ``uniform``: every layer of a kind (the same name but
+    for block numbers) keeps the same width, the largest, so that a Hugging Face config can state it.
 
     Outputs are compared with the masked model on the example inputs and fresh ones; a group whose removal
     breaks equality is restored. Where float rounding itself exceeds ``tolerance`` (a deep float32
@@ -113,7 +115,7 @@ def compact(
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):
         stats = observe_inputs(d_baked, d_runs[:2], consumer_layers(groups, d_baked))
-        plans = plan_groups(d_baked, groups, stats, round_to=round_to, runs=d_runs[:2])
+        plans = plan_groups(d_baked, groups, stats, round_to=round_to, runs=d_runs[:2], uniform=uniform)
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
         plans, small, verdict, floors = decide(

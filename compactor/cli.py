@@ -32,6 +32,7 @@ from .errors import (
 )
 from .inputs import ExampleInputs, parse_shape
 from .io.atomic import check_output_path, write_atomically
+from .io.hf import is_hf_model
 from .io.load import read_model
 from .io.save import format_for, save_output
 from .report.report import CompactionReport, render
@@ -120,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     outputs = p.add_argument_group("outputs and measurement")
     outputs.add_argument(
-        "--format", choices=["pt", "pt2", "onnx", "safetensors"], help="output format (default: by suffix)"
+        "--format",
+        choices=["pt", "pt2", "onnx", "safetensors", "hf"],
+        help="output format (default: by suffix; a directory: hf, for a transformers model)",
     )
     outputs.add_argument(
         "--onnx", metavar="FILE.onnx", help="also write the compacted model as ONNX (checked with ORT)"
@@ -133,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     outputs.add_argument(
         "--keep-example-inputs", action="store_true", help=".pt2: keep the example inputs inside the program"
+    )
+    outputs.add_argument(
+        "--uniform",
+        action="store_true",
+        help="Hugging Face models: give every layer of a kind the same width (the largest), keeping the fewest "
+        "zero channels needed, so that config.json states the widths and from_pretrained loads the directory",
     )
     outputs.add_argument(
         "--sparse-storage",
@@ -202,6 +211,15 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
         parser.error("-o/--output is required: where to write the compacted model, e.g. -o small.pt")
     out, onnx_out, report_path = _check_outputs(args)
     model = _load(args)
+    if args.kind == "hf" and not is_hf_model(model):
+        raise OutputPathError(
+            f"-o {out}: a Hugging Face directory needs a transformers model (PreTrainedModel), not "
+            f"{type(model).__name__}; give a file name such as {out / 'small.pt'}"
+        )
+    if args.uniform and not is_hf_model(model):
+        raise ExampleInputError(
+            "--uniform evens out the widths a Hugging Face config states: it needs a transformers model"
+        )
     inputs = resolve_example_inputs(model, _example_inputs(args))
     small, report = _compact(model, inputs, args, err)
     report = _measure(model, small, inputs, report, args, err)
@@ -213,8 +231,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
 def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
     """Every output path and option combination is checked before any work."""
     _check_distinct(args)
-    out = check_output_path(args.output, args.model, force=args.force)
-    kind = format_for(out, args.format)
+    kind = args.kind = format_for(args.output, args.format)  # before Path() drops a trailing "/"
+    out = check_output_path(args.output, args.model, force=args.force, directory=kind == "hf")
     if args.sparse_storage and kind != "safetensors":
         raise OutputPathError("--sparse-storage writes safetensors: give -o FILE.safetensors")
     if args.prefix and not args.arch:
@@ -335,13 +353,13 @@ def _write_outputs(
                 small,
                 out,
                 inputs,
-                format=args.format,
+                format=args.kind,
                 tolerance=args.tolerance,
                 arch=args.arch,
                 record=record,
                 **shapes,
             )
-            kind = format_for(out, args.format)
+            kind = args.kind
         # The table's "file size after" is the file written: the pickle, the .pt2, the sparse storage...
         report = replace(report, file_bytes={"before": report.file_bytes["before"], "after": size})
         report = report.with_extra(output={"path": str(out), "bytes": size, "format": kind, **record})
@@ -378,7 +396,12 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Co
 def _compact(
     model: torch.nn.Module, inputs: ExampleInputs | None, args: argparse.Namespace, err: Console
 ) -> Any:
-    options: dict[str, Any] = {"tolerance": args.tolerance, "round_to": args.round_to, "strict": args.strict}
+    options: dict[str, Any] = {
+        "tolerance": args.tolerance,
+        "round_to": args.round_to,
+        "strict": args.strict,
+        "uniform": args.uniform,
+    }
     if args.quiet or not err.is_terminal:
         return compact(model, inputs, **options)
     with err.status("compacting") as status:

@@ -54,7 +54,7 @@ def test_unknown_suffix_lists_the_supported_ones(tmp_path: Path, small: nn.Modul
         formats.save_output(small, tmp_path / "small.bin", X)
     assert str(info.value) == (
         f"-o {tmp_path / 'small.bin'}: unknown suffix '.bin'; use one of .pt, .pth, .pt2, .onnx, .safetensors "
-        f"or pass --format pt|pt2|onnx|safetensors"
+        f"or pass --format pt|pt2|onnx|safetensors|hf"
     )
     with pytest.raises(
         UnsupportedFormatError, match=r"--format 'tflite' is not supported; choose one of pt\|pt2"

@@ -18,10 +18,27 @@ from ..errors import OutputPathError, first_line
 
 
 def check_output_path(
-    out: str | os.PathLike[str], model_path: str | os.PathLike[str] | None, *, force: bool
+    out: str | os.PathLike[str],
+    model_path: str | os.PathLike[str] | None,
+    *,
+    force: bool,
+    directory: bool = False,
 ) -> Path:
-    """Fail early, before any work, if ``out`` cannot be written or would overwrite the input."""
+    """Fail early, before any work, if ``out`` cannot be written or would overwrite the input.
+    ``directory``: ``out`` is a directory to create (a Hugging Face directory): new, or empty."""
     path = Path(out)
+    if directory:
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise OutputPathError(
+                f"-o {path} is a directory that is not empty; give a new directory (a Hugging Face model) or a "
+                f"file name such as {path / 'small.pt'}"
+            )
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise OutputPathError(
+                f"cannot write -o {path}: {parent} is not a writable directory; create it first"
+            )
+        return path
     if (
         model_path is not None
         and path.exists()

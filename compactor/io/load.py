@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import InputFileError
 from .arch import Arch
+from .hf import is_hf_dir, load_hf
 from .pt import read_module
 from .pt2 import read_pt2
 from .state_dict import load_state_dict_model
@@ -40,6 +41,8 @@ def load(
     file = Path(path)
     if file.suffix.lower() == ".pt2":
         return read_pt2(file).eval()
+    if is_hf_dir(file):
+        return load_hf(file).eval()
     return read_model(file, arch, trust_pickle=trust_pickle, prefix=prefix).eval()
 
 

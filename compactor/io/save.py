@@ -35,6 +35,7 @@ from ..inputs import ExampleInputs
 from ..util import eval_mode_restored
 from .arch import Arch
 from .atomic import write_atomically
+from .hf import write_hf
 from .onnx import write_onnx
 from .pt import write_pt
 from .pt2 import write_pt2
@@ -54,10 +55,12 @@ def format_for(path: str | os.PathLike[str], format: str | None = None) -> str:
     """The format named by ``format`` or, when None, by the suffix of ``path``."""
     if format is not None:
         name = format.lower().lstrip(".")
-        if name in FORMATS.values():
+        if name in FORMATS.values() or name == "hf":
             return name
         raise UnsupportedFormatError(f"--format {format!r} is not supported; choose one of {_supported()}")
     suffix = Path(path).suffix.lower()
+    if Path(path).is_dir() or str(path).endswith(os.sep) or (not suffix and not Path(path).exists()):
+        return "hf"  # a directory, existing or new: config.json + model.safetensors (a transformers model)
     if suffix in FORMATS:
         return FORMATS[suffix]
     raise UnsupportedFormatError(
@@ -93,6 +96,12 @@ def save_output(
     example = ExampleInputs.of(inputs)
     with eval_mode_restored(model):
         shapes: list[ExportShapes] = []
+        if kind == "hf":
+            runs = [example, example.fresh(torch.Generator().manual_seed(0))]
+            info = write_hf(model, Path(path), runs, reference_outputs(model, runs))
+            if record is not None:
+                record["hf"] = info
+            return int(info["bytes"])
         if kind == "onnx":  # checked against ONNX Runtime on the example inputs
             size = write_atomically(
                 path,
@@ -124,4 +133,4 @@ def save_output(
 
 
 def _supported() -> str:
-    return "|".join(dict.fromkeys(FORMATS.values()))
+    return "|".join([*dict.fromkeys(FORMATS.values()), "hf"])

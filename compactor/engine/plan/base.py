@@ -31,6 +31,7 @@ class Fate(str, Enum):
     KEPT_LAYOUT = "kept: layer layout"  # a GroupNorm group or a grouped conv's groups would be left uneven
     KEPT_UNVERIFIED = "kept: verification failed"  # its removal did not reproduce the outputs
     KEPT_ROUNDING = "kept: --round-to"  # kept to round a channel count up to a multiple
+    KEPT_UNIFORM = "kept: --uniform"  # kept so that every layer of a kind has the same width
 
     @property
     def removed(self) -> bool:

@@ -24,7 +24,7 @@ from .base import (
 )
 from .compensate import compensate, share_carriers
 from .observe import gated_zeros
-from .widths import round_layers, rounding, unremovable
+from .widths import at_least, round_layers, rounding, uniform_widths, unremovable
 
 
 def plan_groups(
@@ -34,9 +34,11 @@ def plan_groups(
     *,
     round_to: int = 1,
     runs: list[ExampleInputs] | None = None,
+    uniform: bool = False,
 ) -> list[GroupPlan]:
     """One plan per group. ``round_to``: keep each group's surviving channel count a multiple of it.
-    ``runs``: inputs to prove gated zeros with (see :func:`~.observe.gated_zeros`); without them none are."""
+    ``runs``: inputs to prove gated zeros with (see :func:`~.observe.gated_zeros`); without them none are.
+    ``uniform``: every group of a kind (``layer.*.intermediate.dense``) keeps the same width, the largest."""
     if round_to < 1:
         raise ValueError(f"round_to must be a positive integer, found {round_to}")
     modules: Modules = dict(model.named_modules())
@@ -44,6 +46,9 @@ def plan_groups(
     heads = head_layers(model)
     gated = gated_zeros(model, groups, modules, stats, runs) if runs else {}
     plans = [_plan_group(g, modules, stats, round_to, gated.get(i), heads) for i, g in enumerate(groups)]
+    if uniform:
+        for i, width in uniform_widths(plans).items():
+            plans[i] = _plan_group(groups[i], modules, stats, round_to, gated.get(i), heads, width)
     if round_to == 1:  # with rounding, a carrier that goes would only be pinned back
         plans = share_carriers(plans, modules, stats)
     return round_layers(model, plans, round_to)
@@ -56,6 +61,7 @@ def _plan_group(
     round_to: int = 1,
     gated: set[int] | None = None,
     heads: dict[tuple[str, Side], str] | None = None,
+    width: int | None = None,
 ) -> GroupPlan:
     producers = mixing(group.layers(Side.OUT), modules)
     consumers = mixing(group.layers(Side.IN), modules)
@@ -99,7 +105,11 @@ def _plan_group(
         kept_constants = {r: k for r, k in all_constants.items() if r not in pinned}
         folds, merges = compensate(group, consumers, modules, kept_constants, fates)
         _keep_one(group, fates, folds)
-        more = unremovable(group, modules, fates) or rounding(group, fates, round_to)
+        more = (
+            unremovable(group, modules, fates)
+            or rounding(group, fates, round_to)
+            or at_least(group, fates, width)
+        )
         if not more:
             break
         pinned.update(more)

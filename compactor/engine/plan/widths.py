@@ -3,6 +3,7 @@ channel counts at multiples of ``round_to``. Each returns the channels to pin (k
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import torch
@@ -48,6 +49,34 @@ def rounding(group: ChannelGroup, fates: dict[int, ChannelFate], round_to: int) 
     chosen = sorted(removed, key=lambda r: (order[fates[r].fate], r))[: target - left]
     reason = f"kept so that {group.root} keeps a multiple of {round_to} channels"
     return {r: ChannelFate(r, Fate.KEPT_ROUNDING, reason) for r in chosen}
+
+
+def at_least(group: ChannelGroup, fates: dict[int, ChannelFate], width: int | None) -> dict[int, ChannelFate]:
+    """Removable channels to keep so that the group keeps ``width`` channels (``--uniform``); the same
+    preference as :func:`rounding`."""
+    removed = [r for r, f in fates.items() if f.fate.removed]
+    left = group.size - len(removed)
+    if width is None or left >= width:
+        return {}
+    order = {Fate.REMOVED: 0, Fate.FOLDED: 1, Fate.MERGED: 2}
+    chosen = sorted(removed, key=lambda r: (order[fates[r].fate], r))[: width - left]
+    reason = f"kept so that {group.root} has the width of the widest layer like it ({width})"
+    return {r: ChannelFate(r, Fate.KEPT_UNIFORM, reason) for r in chosen}
+
+
+def uniform_widths(plans: list[GroupPlan]) -> dict[int, int]:
+    """Per plan index: the width its group must keep so that every group of the same kind (the same layer
+    name but for block numbers: ``layer.*.intermediate.dense``) and size keeps the same, the largest."""
+    kinds: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, plan in enumerate(plans):
+        kinds[(re.sub(r"\.\d+(?=\.|$)", ".*", plan.group.root), plan.group.size)].append(i)
+    targets = {}
+    for members in kinds.values():
+        if len(members) < 2:
+            continue
+        width = max(plans[i].group.size - len(plans[i].removed) for i in members)
+        targets.update({i: width for i in members if plans[i].group.size - len(plans[i].removed) < width})
+    return targets
 
 
 def round_layers(model: nn.Module, plans: list[GroupPlan], round_to: int) -> list[GroupPlan]:

@@ -1,0 +1,249 @@
+"""Hugging Face directories: ``config.json`` + ``model.safetensors`` that ``from_pretrained`` loads.
+
+When every layer of a kind ends with the same width (the same FFN width in every block), the config can
+state it: :func:`uniform_config` finds the config fields (``intermediate_size`` and whatever the
+architecture needs) that make a model built from the config have exactly the compacted shapes, by
+building it on the meta device (no memory, no weights). The directory then loads with
+``AutoModel*.from_pretrained(dir)`` and no compactor installed.
+
+Otherwise (widths that differ across layers, heads a config cannot express, a bias a fold added) the
+directory holds the dense config and the compacted weights with compactor's shape manifest, and
+``compactor.load(dir)`` rebuilds it. ``compact --uniform`` makes the first possible for any mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.verify import Outputs
+from ..errors import InputFileError, OutputPathError, first_line
+from ..inputs import ExampleInputs
+from .check import expect_same
+from .safetensors import MANIFEST_KEY, read_metadata, write_safetensors
+
+WEIGHTS = "model.safetensors"
+_MAX_TRIES = 64  # config candidates built on the meta device
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (judged by its classes, without importing transformers)."""
+    return any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+        for c in type(model).__mro__
+    )
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def uniform_config(model: nn.Module) -> tuple[Any | None, str]:
+    """A copy of ``model.config`` whose model has exactly ``model``'s tensor shapes, and which fields it
+    changed; or None and why no config can state them."""
+    config: Any = getattr(model, "config")  # noqa: B009  (a transformers model: typed as a plain module here)
+    target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    dense = _shapes(model, config)
+    if dense == target:
+        return copy.deepcopy(config), "no width changed"
+    if set(dense) != set(target):
+        extra = sorted(set(target) - set(dense))[:2]
+        return (
+            None,
+            f"the compacted model has tensors the architecture does not build ({', '.join(extra)}: a folded constant's bias)",
+        )
+    changed = [(k, i, d, t) for k in target for i, (d, t) in enumerate(zip(dense[k], target[k])) if d != t]
+    sizes = {d for _, _, d, _ in changed}
+    fields = {
+        name: sorted({t for _, _, d, t in changed if d == value})
+        for name, value in config.to_dict().items()
+        if isinstance(value, int) and not isinstance(value, bool) and value in sizes and hasattr(config, name)
+    }
+    if any(len(options) > 1 for options in fields.values()):
+        uneven = next(n for n, o in fields.items() if len(o) > 1)
+        return (
+            None,
+            f"{uneven} differs across layers ({', '.join(map(str, fields[uneven]))}); --uniform evens it out",
+        )
+    names = list(fields)
+    for count in range(1, len(names) + 1):
+        for chosen in itertools.islice(itertools.combinations(names, count), _MAX_TRIES):
+            candidate = copy.deepcopy(config)
+            for name in chosen:
+                setattr(candidate, name, fields[name][0])
+            if _shapes(model, candidate) == target:
+                return candidate, ", ".join(f"{n}={fields[n][0]}" for n in chosen)
+    return None, "no config field states the compacted widths (attention heads of this layout, for one)"
+
+
+def _shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        built = type(model)(config)
+    return {k: tuple(v.shape) for k, v in built.state_dict().items()}
+
+
+def write_hf(
+    model: nn.Module, folder: Path, runs: list[ExampleInputs], references: list[Outputs]
+) -> dict[str, Any]:
+    """Write ``model`` as a Hugging Face directory at ``folder`` (a temporary one, renamed into place once
+    it reloads and reproduces ``references``). Returns what was written and how to load it."""
+    if not is_hf_model(model):
+        raise OutputPathError(
+            f"-o {folder}: a Hugging Face directory needs a transformers model (PreTrainedModel), not "
+            f"{type(model).__name__}; give a file name such as {folder / 'small.pt'}"
+        )
+    config, why = uniform_config(model)
+    tmp = _temporary(folder)
+    try:
+        info = _write_uniform(model, config, tmp, runs, references) if config is not None else None
+        if info is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            info = _write_manifest(model, tmp, runs, references, why)
+        else:
+            info["fields"] = why
+        _move(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info["bytes"] = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return info
+
+
+def _write_uniform(
+    model: nn.Module, config: Any, tmp: Path, runs: list[ExampleInputs], references: list[Outputs]
+) -> dict[str, Any] | None:
+    """``save_pretrained`` with the config that states the widths; None when ``from_pretrained`` does not
+    give the outputs back (then the manifest layout is written instead)."""
+    import transformers
+
+    from ..engine.masks import clone_module
+
+    clone: Any = clone_module(model)
+    clone.config = config
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated; a mismatch is found below
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated; no progress bars on a CLI's stderr
+    try:
+        clone.save_pretrained(str(tmp), safe_serialization=True)
+        reloaded = clone.from_pretrained(str(tmp)).eval()
+    except Exception:  # transformers raises many types; the manifest layout still works
+        return None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.utils.logging.enable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated
+    if not compare_ok(reloaded, runs, references):
+        return None
+    auto = _auto_class(model)
+    return {"layout": "config", "load": f"transformers.{auto}.from_pretrained(dir)"}
+
+
+def compare_ok(candidate: nn.Module, runs: list[ExampleInputs], references: list[Outputs]) -> bool:
+    from ..engine.verify import compare
+
+    return compare(candidate, runs, references, 0.0).ok
+
+
+def _write_manifest(
+    model: nn.Module, tmp: Path, runs: list[ExampleInputs], references: list[Outputs], why: str
+) -> dict[str, Any]:
+    """The dense config and the compacted weights with compactor's shape manifest."""
+    config: Any = copy.deepcopy(getattr(model, "config"))  # noqa: B009
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(tmp))
+    write_safetensors(model, tmp / WEIGHTS, runs, references, lambda: _build(tmp))
+    return {"layout": "manifest", "why": why, "load": "compactor.load(dir)"}
+
+
+def _auto_class(model: nn.Module) -> str:
+    """The ``AutoModel*`` class that maps this config to this model class, or the class itself."""
+    import transformers
+
+    for name in dir(transformers):
+        if not name.startswith("AutoModel"):
+            continue
+        mapping = getattr(getattr(transformers, name), "_model_mapping", None)
+        try:
+            if mapping is not None and mapping[type(model.config)] is type(model):
+                return name
+        except (KeyError, ValueError, AttributeError):
+            continue
+    return type(model).__name__
+
+
+def _temporary(folder: Path) -> Path:
+    import tempfile
+
+    parent = folder.parent if str(folder.parent) else Path(".")
+    return Path(
+        tempfile.mkdtemp(prefix=f".{folder.name}.compactor-{os.getpid()}-", suffix=".tmp", dir=parent)
+    )
+
+
+def _move(tmp: Path, folder: Path) -> None:
+    if folder.exists():
+        if not folder.is_dir() or any(folder.iterdir()):
+            raise OutputPathError(f"-o {folder} exists and is not an empty directory; choose a new directory")
+        folder.rmdir()
+    os.replace(tmp, folder)
+
+
+# --- loading -------------------------------------------------------------------------------------------
+def load_hf(folder: Path) -> nn.Module:
+    """A directory ``write_hf`` wrote (or any Hugging Face model directory), in the mode it loads in."""
+    weights = folder / WEIGHTS
+    if weights.is_file() and MANIFEST_KEY in read_metadata(weights):
+        from .safetensors import load_safetensors
+
+        return load_safetensors(weights, lambda: _build(folder))
+    cls = _model_class(folder)
+    try:
+        model: nn.Module = cls.from_pretrained(str(folder))
+    except Exception as e:  # transformers raises many types
+        raise InputFileError(
+            f"{folder} could not be loaded with {cls.__name__}.from_pretrained ({first_line(e)})"
+        ) from e
+    return model
+
+
+def _build(folder: Path) -> nn.Module:
+    """The dense model of ``folder``'s config, randomly initialised (its weights are loaded next)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    model: nn.Module = _model_class(folder)(config)
+    return model
+
+
+def _model_class(folder: Path) -> Any:
+    import transformers
+
+    try:
+        names = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputFileError(
+            f"{folder}/config.json is not readable JSON ({e}); write the directory again"
+        ) from e
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise InputFileError(
+            f"{folder}/config.json names no transformers model class ('architectures': {names}); load it with "
+            f"the class that wrote it"
+        )
+    return cls
+
+
+def check_written(folder: Path, runs: list[ExampleInputs], references: list[Outputs]) -> None:
+    """Reload ``folder`` as a user would and check it reproduces ``references`` (exported for tests)."""
+    expect_same(load_hf(folder).eval(), runs, references, 0.0, folder, "Hugging Face directory")
+
+
+__all__ = ["WEIGHTS", "check_written", "is_hf_dir", "is_hf_model", "load_hf", "uniform_config", "write_hf"]
