@@ -160,10 +160,14 @@ def _write(
     )
 
 
+def default_out(quick: bool) -> Path:
+    """Where the report goes without --out: a quick run never replaces the committed REPORT.md."""
+    return Path(tempfile.gettempdir()) / "compactor-quick" / "REPORT.md" if quick else ROOT / "REPORT.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.out is None:  # a quick run never replaces the committed report
-        args.out = Path(tempfile.gettempdir()) / "compactor-quick" / "REPORT.md" if args.quick else ROOT / "REPORT.md"
+    args.out = args.out or default_out(args.quick)
     console = Console(width=max(Console().width, 200))  # the table is wide; a CI log does not wrap
     if args.render:
         saved = json.loads(args.render.read_text())

@@ -160,8 +160,9 @@ def run(model: nn.Module, inputs: ExampleInputs) -> Any:
         return model(*inputs.args, **inputs.kwargs)
     except Exception as e:  # the model's own code: any failure is the user's to see
         raise ModelForwardError(
-            f"the model fails its own forward pass on inputs [{inputs.describe()}]: "
-            f"{type(e).__name__}: {first_line(e)}; check --input-shape/--example-inputs against what the model expects"
+            f"the model fails its own forward pass on inputs [{inputs.describe()}]"
+            + (" (a guess: no example inputs were given)" if inputs.guess else "")
+            + f": {type(e).__name__}: {first_line(e)}; check --input-shape/--example-inputs against what the model expects"
         ) from e
 
 

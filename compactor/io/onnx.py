@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from .shapes import (
     export_spec,
     input_names,
     plain_outputs,
+    quiet_loggers,
     second_inputs,
     trace_inputs,
 )
@@ -129,7 +128,7 @@ def _export(
         for onnx_name, dims in zip(names, asked.values())
         if dims
     }
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers(), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), quiet_loggers(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             plain_outputs(model, inputs),
@@ -162,21 +161,6 @@ def _shapes_of(
         dims = value.type.tensor_type.shape.dim
         fixed[name] = tuple(d for d in asked[name] if d < len(dims) and not dims[d].dim_param)
     return ExportShapes(not any(asked.values()), asked, fixed, sizes)
-
-
-@contextlib.contextmanager
-def _quiet_loggers() -> Iterator[None]:
-    loggers = [
-        logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch._export", "torch.export")
-    ]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def ort_session(path: str | Path, *, threads: int = 1) -> Any:

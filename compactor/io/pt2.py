@@ -25,6 +25,7 @@ from .shapes import (
     input_names,
     kind_of_outputs,
     plain_outputs,
+    quiet_loggers,
     second_inputs,
     trace_inputs,
 )
@@ -72,9 +73,10 @@ def _export(wrapped: nn.Module, example: ExampleInputs, static: bool) -> tuple[A
     }
     traced = trace_inputs(example, asked)
     try:
-        program = torch.export.export(
-            wrapped, traced.args, traced.kwargs, dynamic_shapes=export_spec(example, asked)
-        )
+        with quiet_loggers():  # a failed dynamic trace logs its error before raising it
+            program = torch.export.export(
+                wrapped, traced.args, traced.kwargs, dynamic_shapes=export_spec(example, asked)
+            )
         return program, ExportShapes(static, asked, fixed_dims(program, example, asked), sizes)
     except Exception as e:  # torch.export raises many types for unsupported code
         if not any(asked.values()):

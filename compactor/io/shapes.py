@@ -11,8 +11,10 @@ dict of its fields), so that loading it needs nothing but torch.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +139,30 @@ def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
         return t.narrow(dim, 0, size).clone()
     reps = -(-size // t.shape[dim])
     return torch.cat([t] * reps, dim).narrow(dim, 0, size).clone()
+
+
+_EXPORT_LOGGERS = (
+    "torch.onnx",
+    "onnxscript",
+    "torch._export",
+    "torch.export",
+    "torch._subclasses.fake_tensor",
+    "torch.fx.experimental.symbolic_shapes",
+    "torch._dynamo",
+)
+
+
+@contextlib.contextmanager
+def quiet_loggers() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 # --- plain outputs ---------------------------------------------------------------------------------------
