@@ -28,7 +28,7 @@ from .errors import (
     UnverifiedPathError,
     VerificationError,
 )
-from .inputs import ExampleInputs, infer_example_inputs, run
+from .inputs import ExampleInputs, infer_example_inputs, run, unchecked_outputs
 from .io.sparse import sparsity_report
 from .layers import inconsistency
 from .report.report import (
@@ -83,7 +83,9 @@ def compact(
 
     with _timed(seconds, "masks"):
         masked = clone_module(model).eval()
-        run(masked, inputs)  # fails with one clear line if the inputs do not fit
+        unchecked = unchecked_outputs(
+            run(masked, inputs)
+        )  # fails with one clear line if the inputs do not fit
         baked_model = baked(model).eval()
         generator = torch.Generator().manual_seed(0)
         runs = [inputs] + [inputs.fresh(generator) for _ in range(FRESH_RUNS)]
@@ -138,6 +140,7 @@ def compact(
         zeroed=zeroed_channels(plans),
         warnings=(
             *_guess_warning(inputs),
+            *_unchecked_warning(unchecked),
             *paths.warnings(),
             *dead_model_warnings(references, plans),
             *unstructured_warnings(small),
@@ -188,6 +191,16 @@ def resolve_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInpu
     inputs = ExampleInputs.of(example_inputs)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return inputs.to(device)
+
+
+def _unchecked_warning(unchecked: list[str]) -> list[str]:
+    if not unchecked:
+        return []
+    more = f" and {len(unchecked) - 3} more" if len(unchecked) > 3 else ""
+    return [
+        f"the model returns objects that are neither tensors nor plain values ({', '.join(unchecked[:3])}{more}): "
+        f"they were not compared; return tensors, numbers or dataclasses of them to have them verified"
+    ]
 
 
 def _guess_warning(inputs: ExampleInputs) -> list[str]:

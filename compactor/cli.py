@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import traceback
+import zipfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -237,6 +239,12 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | 
         raise OutputPathError("--sparse-storage writes safetensors: give -o FILE.safetensors")
     if args.prefix and not args.arch:
         raise ExampleInputError("--prefix goes with --arch (it strips a checkpoint's key prefix)")
+    if not math.isfinite(args.tolerance) or args.tolerance < 0:
+        raise ExampleInputError(
+            f"--tolerance {args.tolerance}: give a finite, non-negative number such as 1e-4"
+        )
+    if args.repeats < 1 or args.threads < 1:
+        raise ExampleInputError("--repeats and --threads: give positive counts")
     if args.round_to < 1:
         raise ExampleInputError(f"--round-to {args.round_to}: give a positive channel multiple such as 8")
     _backends(args)
@@ -444,8 +452,18 @@ def _load_example_inputs(path: Path) -> ExampleInputs:
         raise ExampleInputError(
             f"--example-inputs {path} does not exist; save one with torch.save(x, '{path}')"
         )
+    from .io.safe_globals import check_archive, check_calls, check_tensors
+
     try:
+        if zipfile.is_zipfile(
+            path
+        ):  # the same checks as a model file: no bombs, no calls torch.save never makes
+            check_archive(path)
+            check_calls(path, {})
         value = torch.load(path, map_location="cpu", weights_only=True)
+        check_tensors(value, path)
+    except CompactorError:
+        raise
     except Exception as e:  # torch raises many types for non-torch files
         raise ExampleInputError(
             f"--example-inputs {path} is not a torch.save'd tensor, tuple/list or dict of tensors ({type(e).__name__})"
@@ -460,8 +478,14 @@ def _inputs_from_shapes(specs: list[str]) -> ExampleInputs:
         shape_text, _, dtype_text = spec.partition(":")
         shape = parse_shape(shape_text)
         dtype = _dtype(dtype_text or "float32")
-        if dtype.is_floating_point:
+        if math.prod(shape) * max(dtype.itemsize, 4) > 2**33:  # 8 GiB: more than any example needs
+            raise ExampleInputError(
+                f"--input-shape {spec}: {math.prod(shape):,} values is too large for an example input"
+            )
+        if dtype.is_floating_point or dtype.is_complex:
             tensors.append(torch.randn(shape, generator=generator).to(dtype))
+        elif dtype == torch.bool:
+            tensors.append(torch.randint(0, 2, shape, generator=generator).bool())
         else:
             tensors.append(torch.randint(0, 10, shape, generator=generator, dtype=dtype))
     return ExampleInputs(args=tuple(tensors))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +27,7 @@ class ExampleInputs:
         if isinstance(value, ExampleInputs):
             return value
         if isinstance(value, torch.Tensor):
+            _check_not_empty(value)
             return cls(args=(value,))
         if isinstance(value, Mapping):
             _check_tensors(value.values(), "dict")
@@ -88,6 +90,15 @@ def _check_tensors(values: Any, container: str) -> None:
             raise ExampleInputError(
                 f"example inputs: every item of the {container} must be a tensor, found {type(v).__name__}"
             )
+        _check_not_empty(v)
+
+
+def _check_not_empty(t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        raise ExampleInputError(
+            f"example inputs: a tensor of shape {tuple(t.shape)} holds no values, so nothing can be verified on "
+            f"it; give at least one sample (a batch of 1 or more)"
+        )
 
 
 def _double(t: torch.Tensor) -> torch.Tensor:
@@ -101,6 +112,8 @@ def _describe(t: torch.Tensor) -> str:
 def _like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if t.dtype == torch.bool:
         return t.clone()
+    if t.is_complex():
+        return torch.complex(_like(t.real, generator), _like(t.imag, generator))
     if t.is_floating_point() or t.is_complex():
         scale = t.float().std().item() if t.numel() > 1 else 1.0
         scale = scale if scale > 0 else 1.0
@@ -193,4 +206,31 @@ def flatten_values(output: Any, prefix: str = "output") -> list[tuple[str, torch
         for i, v in enumerate(output):
             items += flatten_values(v, f"{prefix}[{i}]")
         return items
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = []
+        for f in dataclasses.fields(output):
+            items += flatten_values(getattr(output, f.name), f"{prefix}.{f.name}")
+        return items
     return []
+
+
+def unchecked_outputs(output: Any, prefix: str = "output") -> list[str]:
+    """The leaves of ``output`` that :func:`flatten_values` leaves out (objects that are neither tensors nor
+    plain values): ``"output[1] (Cache)"``. Verification cannot compare them."""
+    if (
+        isinstance(output, torch.Tensor)
+        or output is None
+        or isinstance(output, (int, float, complex, str, bytes))
+    ):
+        return []
+    if isinstance(output, Mapping):
+        return [u for k, v in output.items() for u in unchecked_outputs(v, f"{prefix}.{k}")]
+    if isinstance(output, (tuple, list)):
+        return [u for i, v in enumerate(output) for u in unchecked_outputs(v, f"{prefix}[{i}]")]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [
+            u
+            for f in dataclasses.fields(output)
+            for u in unchecked_outputs(getattr(output, f.name), f"{prefix}.{f.name}")
+        ]
+    return [f"{prefix} ({type(output).__name__})"]

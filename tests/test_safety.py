@@ -22,6 +22,8 @@ import compactor
 
 SOURCE = textwrap.dedent(
     """
+    import enum
+
     import torch
     from torch import nn
     from torch.nn.utils import prune
@@ -124,6 +126,61 @@ SOURCE = textwrap.dedent(
             return self.fc((ids % 7).float())
 
 
+    class Views(nn.Module):
+        '''Thirty views, each under the per-tensor limit, together 1.8 GB from 120 stored bytes.'''
+
+        def __init__(self):
+            super().__init__()
+            for i in range(30):
+                self.register_buffer(f"t{i}", torch.zeros(1).expand(15_000_000))
+
+        def forward(self, x):
+            return x
+
+
+    class Marked(nn.Module):
+        '''Writes a marker when its __init__ runs: loading a file must never run it.'''
+
+        def __init__(self):
+            super().__init__()
+            open("init_ran.txt", "w").write("ran")
+
+
+    class NumpyFlip(Plain):
+        def forward(self, x):
+            y = torch.relu(self.conv1(x))
+            if x.detach().numpy().mean() > 10:
+                y = y.flip(1)
+            return self.conv2(y)
+
+
+    class NonzeroFlip(Plain):
+        def forward(self, x):
+            y = torch.relu(self.conv1(x))
+            if (x > 10).nonzero().shape[0]:
+                y = y.flip(1)
+            return self.conv2(y)
+
+
+    class Meta:
+        def __init__(self, width):
+            self.width = width
+
+
+    class ReturnsObject(Plain):
+        def forward(self, x):
+            return self.conv2(torch.relu(self.conv1(x))), Meta(self.conv1.out_channels)
+
+
+    class Color(enum.Enum):
+        RED = 1
+
+        @classmethod
+        def _missing_(cls, value):
+            open("missing_ran.txt", "w").write("ran")
+            return cls.RED
+
+
     class View(nn.Module):
         '''A 4-byte storage read as a 20000 x 20000 table: 1.6 GB the moment anything copies it.'''
 
@@ -161,6 +218,9 @@ MAKE = textwrap.dedent(
     torch.save(Calls(), "calls.pt")
 
     torch.save(models.View(), "view.pt")
+    torch.save(models.Views(), "views.pt")
+    for name in ("NumpyFlip", "NonzeroFlip", "ReturnsObject"):
+        torch.save(getattr(models, name)().eval(), name.lower() + ".pt")
 
     big = models.Plain()
     big.register_buffer("pad", torch.zeros(12 * 2**20))
@@ -515,3 +575,143 @@ def test_nan_in_the_example_inputs_is_named(work: Path) -> None:
         "(compaction is verified by comparing outputs, and NaN never compares equal)"
     )
     assert not (work / "nan_out.pt").exists()
+
+
+# --- the red-team's second pass ------------------------------------------------------------------------------
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _int(n: int) -> bytes:
+    return b"J" + n.to_bytes(4, "little", signed=True)
+
+
+def _archive(work: Path, name: str, pickle: bytes, extra: list[tuple[str, bytes]] | None = None) -> Path:
+    import zipfile
+
+    torch.save({"x": 1}, work / name)
+    with zipfile.ZipFile(work / name) as src:
+        entries = [(i.filename, src.read(i.filename)) for i in src.infolist()]
+    with zipfile.ZipFile(work / name, "w", zipfile.ZIP_STORED) as dst:
+        for entry, data in entries:
+            dst.writestr(entry, pickle if entry.endswith("data.pkl") else data)
+        for entry, data in extra or []:
+            dst.writestr(entry, data)
+    return work / name
+
+
+REBUILD = _global("torch._tensor", "_rebuild_from_type_v2")
+LINEAR = _global("torch.nn.modules.linear", "Linear")
+MARKED = _global("safety_models", "Marked")
+
+
+@pytest.mark.parametrize(
+    ("name", "pickle", "called"),
+    [
+        # _rebuild_from_type_v2(func, type, args, state) calls func(*args): torch allows it by default
+        (
+            "through_rebuild.pt",
+            b"\x80\x02" + REBUILD + b"(" + MARKED + MARKED + b")}tR.",
+            "safety_models.Marked",
+        ),
+        (
+            "through_rebuild_linear.pt",
+            b"\x80\x02" + REBUILD + b"(" + LINEAR + LINEAR + b"(" + _int(64) + _int(64) + b"t}tR.",
+            "torch.nn.modules.linear.Linear",
+        ),
+        (
+            "bytearray.pt",
+            b"\x80\x02" + _global("builtins", "bytearray") + b"(" + _int(2**30) + b"tR.",
+            "builtins.bytearray",
+        ),
+        (
+            "enum_missing.pt",
+            b"\x80\x02" + _global("safety_models", "Color") + b"(" + _int(99) + b"tR.",
+            "safety_models.Color",
+        ),
+    ],
+)
+def test_a_pickle_cannot_call_code_through_what_torch_allows(
+    work: Path, name: str, pickle: bytes, called: str
+) -> None:
+    _archive(work, name, pickle)
+    r = cli(name, "-o", "called_out.pt", "--input-shape", "1,64", cwd=work)
+    assert r.returncode == 2
+    assert error_line(r).startswith(
+        f"error: {name} calls {called} while loading, which torch.save(model) never does"
+    )
+    assert not (work / "init_ran.txt").exists() and not (work / "missing_ran.txt").exists()
+    assert not (work / "called_out.pt").exists()
+
+
+def test_the_pickle_checked_is_the_one_torch_reads(work: Path) -> None:
+    hostile = b"\x80\x02" + LINEAR + b"(" + _int(64) + _int(64) + b"tR."
+    decoy = b"\x80\x02}."  # an empty dict, in a folder torch never reads
+    _archive(work, "decoy.pt", hostile, extra=[("decoy/aaa/data.pkl", decoy)])
+    r = cli("decoy.pt", "-o", "decoy_out.pt", "--input-shape", "1,64", cwd=work)
+    assert r.returncode == 2 and "calls torch.nn.modules.linear.Linear while loading" in error_line(r)
+
+
+def test_a_view_bomb_split_across_many_tensors_is_refused(work: Path) -> None:
+    r = cli("views.pt", "-o", "views_out.pt", "--input-shape", "1,3", cwd=work)
+    assert r.returncode == 2
+    assert "(an expanded view; 30 tensors read 120 stored bytes as 1,800,000,000)" in error_line(r)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("numpyflip", ".numpy()"), ("nonzeroflip", "nonzero (a shape from values)")]
+)
+def test_branches_that_never_call_bool_are_found_too(work: Path, name: str, kind: str) -> None:
+    r = cli(f"{name}.pt", "-o", f"{name}_out.pt", "--input-shape", "1,3,8,8", "--strict", cwd=work)
+    assert r.returncode == 2
+    line = error_line(r)
+    assert (
+        line.startswith("error: --strict: the forward converts tensors to Python values at ")
+        and f"({kind})" in line
+    )
+
+
+def test_a_branch_inside_a_package_beside_torch_is_model_code(work: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torchmetrics")
+    (tmp_path / "via_metrics.py").write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        from torchmetrics.utilities.compute import normalize_logits_if_needed
+
+        class ViaMetrics(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 1)
+
+            def forward(self, x):
+                return normalize_logits_if_needed(self.conv(x), "sigmoid")
+        """
+    ))  # fmt: skip
+    script = "import torch, via_metrics; torch.save(via_metrics.ViaMetrics(), 'metrics.pt')"
+    subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    r = cli("metrics.pt", "-o", "metrics_out.pt", "--input-shape", "1,3,4,4", "--strict", cwd=tmp_path)
+    assert r.returncode == 2 and "torchmetrics" in error_line(r)
+
+
+def test_objects_returned_beside_tensors_are_said(work: Path) -> None:
+    r = cli("returnsobject.pt", "-o", "returnsobject_out.pt", "--input-shape", "1,3,8,8", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "warning: the model returns objects that are neither tensors nor plain values (output[1] (Meta))"
+        in r.stderr
+    )
+
+
+def test_a_pipe_as_output_is_not_replaced(work: Path) -> None:
+    fifo = work / "pipe.pt"
+    os.mkfifo(fifo)
+    r = cli("plain.pt", "-o", "pipe.pt", "--input-shape", "1,3,8,8", cwd=work)
+    assert r.returncode == 2
+    assert error_line(r) == "error: -o pipe.pt is not a regular file (a device or a pipe); give a file name"
+    assert fifo.is_fifo()

@@ -34,6 +34,12 @@ from .masks import clone_module
 
 # Tensor methods that hand a tensor's value to Python, and how a reader knows them.
 _CONVERSIONS = {
+    "numpy": ".numpy()",
+    "nonzero": "nonzero (a shape from values)",
+    "argwhere": "argwhere (a shape from values)",
+    "unique": "unique (a shape from values)",
+    "unique_consecutive": "unique (a shape from values)",
+    "masked_select": "masked_select (a shape from values)",
     "__bool__": "bool",
     "__int__": "int",
     "__float__": "float",
@@ -43,8 +49,8 @@ _CONVERSIONS = {
     "tolist": ".tolist()",
     "__contains__": "in",
 }
-_TORCH_DIR = str(Path(torch.__file__).parent)
-_OWN_DIR = str(Path(__file__).parent.parent)
+_TORCH_DIR = str(Path(torch.__file__).parent) + "/"  # the slash: torchmetrics, torchvision are model code
+_OWN_DIR = str(Path(__file__).parent.parent) + "/"
 
 
 @dataclass

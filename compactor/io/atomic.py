@@ -50,6 +50,18 @@ def check_output_path(
         )
     if path.is_dir():
         raise OutputPathError(f"-o {path} is a directory; give a file name such as {path / 'small.pt'}")
+    if path.exists() and not path.is_file():  # a device or a pipe: renaming over it would replace it
+        raise OutputPathError(f"-o {path} is not a regular file (a device or a pipe); give a file name")
+    if (
+        model_path is not None
+        and path.exists()
+        and Path(model_path).exists()
+        and path.samefile(model_path)
+        and not force
+    ):
+        raise OutputPathError(
+            f"-o {path} is the input model (a link to it); choose another output path, or pass --force to replace it"
+        )
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise OutputPathError(f"cannot write -o {path}: {parent} is not a directory; choose another path")

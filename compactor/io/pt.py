@@ -40,8 +40,10 @@ def read_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
         check_calls(file, allowed)
         with torch.serialization.safe_globals(list(allowed.values())):
             obj = _torch_load(file, weights_only=True)
-        check_tensors(obj, file)
     if isinstance(obj, nn.Module):
+        _check_complete(obj, file)
+        if not trust_pickle:
+            check_tensors(obj, file)
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputFileError(
@@ -57,6 +59,28 @@ def read_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
         f"{file} holds a {type(obj).__name__}, not an nn.Module; save the model with torch.save(model, path), "
         f"or pass --arch module:callable if it holds the model's weights"
     )
+
+
+def _check_complete(model: nn.Module, file: Path) -> None:
+    """Every module carries the state ``torch.save`` writes (a pickle can build one with ``__new__`` alone)."""
+    state = ("_parameters", "_buffers", "_modules")
+    broken = next((n for n, m in _modules(model) if not all(a in vars(m) for a in state)), None)
+    if broken is not None:
+        raise InputFileError(
+            f"{file}: module {broken or '(the root)'} was stored without its state, which torch.save(model) "
+            f"always writes; the file is damaged or hand-made: save the model again with torch.save(model, path)"
+        )
+
+
+def _modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module under ``root``, read without ``named_modules`` (which needs the state being checked)."""
+    found, todo = [], [("", root)]
+    while todo:
+        name, module = todo.pop()
+        found.append((name, module))
+        children = vars(module).get("_modules") or {}
+        todo += [(f"{name}.{k}".lstrip("."), c) for k, c in children.items() if isinstance(c, nn.Module)]
+    return found
 
 
 def check_torch_file(file: Path, *, kind: str, fix: str, save_call: str) -> None:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..errors import InputFileError, UnsafePickleError
+from ..errors import InputFileError, UnsafePickleError, first_line
 
 _PLAIN_CONTAINERS: tuple[type, ...] = (OrderedDict, defaultdict, dict, list, tuple, set, frozenset)
 # Hugging Face configs: attribute bags a model keeps (4.x and 5.x spell the base differently; generation
@@ -154,15 +154,16 @@ def _import(module_name: str, name: str) -> None:
 
 
 def _lookup(module: types.ModuleType, qualname: str, name: str, file: Path) -> Any:
-    obj: Any = module
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise InputFileError(
-                f"the model needs {name} but module {module.__name__!r} has no {qualname!r}; is it the same code "
-                f"that saved it?"
-            )
-        obj = getattr(obj, part)
+    obj = _find(module, qualname)
+    if obj is _MISSING:
+        raise InputFileError(
+            f"the model needs {name} but module {module.__name__!r} has no {qualname!r}; is it the same code "
+            f"that saved it?"
+        )
     return obj
+
+
+_MISSING = object()
 
 
 def is_safe(obj: Any, name: str = "") -> bool:
@@ -277,20 +278,30 @@ def _kind_of_ref(ref: str | None, depth: int) -> str | None:
         return "enum"
     module_name, qualname = _split(ref)
     if module_name in sys.modules:  # torch, torch.nn, enum...: judge the real object, importing nothing
-        obj: Any = sys.modules[module_name]
-        for part in qualname.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, type) and issubclass(obj, nn.Module):
-            return "module"
-        if isinstance(obj, type) and issubclass(obj, enum.Enum):
-            return "enum"
-        if isinstance(obj, type) and _is_config(obj):
-            return "config"
-        if module_name == ref or obj is not None:
+        obj = _find(sys.modules[module_name], qualname)
+        if isinstance(obj, type):
+            if issubclass(obj, nn.Module):
+                return "module"
+            if issubclass(obj, enum.Enum):
+                return "enum"
+            return "config" if _is_config(obj) else None
+        if obj is not _MISSING:
             return None
+    module_name, qualname = _split_by_source(ref)  # not imported (or not yet there): read its source
     if module_name.partition(".")[0] in sys.stdlib_module_names:
         return None
     return _kind_in_source(module_name, qualname.split("."), depth)
+
+
+def _find(module: types.ModuleType, qualname: str) -> Any:
+    """``module.qualname`` without a module's ``__getattr__`` (lazy modules import on it); ``_MISSING``."""
+    head, _, rest = qualname.partition(".")
+    obj: Any = vars(module).get(head, _MISSING)
+    for part in rest.split(".") if rest else []:
+        if obj is _MISSING:
+            break
+        obj = vars(obj).get(part, _MISSING) if isinstance(obj, type) else getattr(obj, part, _MISSING)
+    return obj
 
 
 def _dotted(node: ast.expr) -> str | None:
@@ -330,25 +341,52 @@ def _absolute(node: ast.ImportFrom, package: str) -> str | None:
 
 
 # --- what the pickle does ----------------------------------------------------------------------------
+# Calls torch's default allowlist lets a pickle make that torch.save(model) never writes: an allocation of
+# any size, and the tensor-subclass rebuilder, which calls whatever function it is handed.
+_NEVER_CALLED = ("builtins.bytearray", "builtins.bytes", "__builtin__.bytearray", "__builtin__.bytes")
+_TRAMPOLINES = ("torch._tensor._rebuild_from_type_v2", "torch._tensor._rebuild_from_type")
+
+
 def check_calls(file: Path, allowed: dict[str, Any]) -> None:
-    """Refuse a pickle that calls a module class or a torch function (``torch.save`` never does)."""
+    """Refuse a pickle that calls a module class, a torch function, an allocator, or an enum that runs its
+    own code on a value (``torch.save`` writes none of these)."""
     for called in _called_globals(_pickle_bytes(file)):
         obj = allowed.get(called)
-        if obj is None:
-            continue  # torch's own rebuild functions, or a global torch will refuse anyway
-        if (isinstance(obj, type) and issubclass(obj, nn.Module)) or not isinstance(obj, type):
+        if (
+            called in _NEVER_CALLED
+            or called == "an unknown function"
+            or (obj is not None and _calling_runs_code(obj))
+        ):
             raise UnsafePickleError(
                 f"{file} calls {called} while loading, which torch.save(model) never does (it rebuilds modules "
                 f"from their state); refusing to run it. Re-save the model with torch.save(model, path)"
             )
 
 
+def _calling_runs_code(obj: Any) -> bool:
+    if not isinstance(obj, type):
+        return True  # a function (a torch operator): only referenced by a model, never called
+    if issubclass(obj, nn.Module):
+        return True
+    if issubclass(obj, enum.Enum):  # Color("red") is a lookup, unless the enum hooks it
+        return any(
+            "_missing_" in vars(c) or "__new__" in vars(c)
+            for c in obj.__mro__
+            if not c.__module__.startswith("enum")
+        )
+    return False
+
+
 def _pickle_bytes(file: Path) -> bytes:
-    with zipfile.ZipFile(file) as archive:
-        name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-        if name is None:
-            raise InputFileError(f"{file} has no data.pkl: it is not a torch.save archive; re-save the model")
-        return archive.read(name)
+    """The pickle torch will read, read by torch's own archive reader (never a decoy beside it)."""
+    try:
+        reader = torch._C.PyTorchFileReader(str(file))
+        record: bytes = reader.get_record("data.pkl")
+    except Exception as e:  # torch raises RuntimeError with its own text for malformed archives
+        raise InputFileError(
+            f"{file} could not be read as a PyTorch file ({first_line(e)}); re-save the model"
+        ) from e
+    return record
 
 
 _UNKNOWN: tuple[str, Any] = ("?", None)  # a stack item the simulation does not follow
@@ -388,11 +426,21 @@ def _called_globals(data: bytes) -> Iterator[str]:
         elif name in ("GET", "BINGET", "LONG_BINGET"):
             stack.append(memo.get(arg, _UNKNOWN))
         elif name == "REDUCE":
-            stack.pop()
+            args = stack.pop() if stack else _UNKNOWN
             fn = stack.pop() if stack else _UNKNOWN
             if fn[0] == "global":
                 yield fn[1]
+                if fn[1] in _TRAMPOLINES:  # _rebuild_from_type_v2(func, type, args, state) calls func(*args)
+                    inner = args[1][0] if args[0] == "tuple" and args[1] else _UNKNOWN
+                    if inner[0] != "global" or not inner[1].startswith("torch._utils._rebuild"):
+                        yield str(inner[1]) if inner[0] == "global" else "an unknown function"
             stack.append(_UNKNOWN)
+        elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+            count = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "EMPTY_TUPLE": 0}.get(name)
+            start = (marks.pop() if marks else 0) if count is None else len(stack) - count
+            items = stack[start:]
+            del stack[start:]
+            stack.append(("tuple", items))
         elif name in ("OBJ", "INST"):
             start = marks.pop() if marks else 0
             items = stack[start:]
@@ -441,8 +489,8 @@ _VIEW_SLACK = 64 * 2**20  # bytes a view may read beyond its storage before it i
 
 
 def check_tensors(obj: Any, file: Path) -> None:
-    """Refuse a tensor that reads a small storage as a much larger one (an expanded, zero-stride view):
-    copying it (every clone compaction makes) would allocate what the file never held."""
+    """Refuse tensors that read small storages as much larger ones (expanded, zero-stride views), one or
+    many: copying them (every clone compaction makes) would allocate what the file never held."""
     tensors: list[tuple[str, torch.Tensor]] = []
     if isinstance(obj, nn.Module):
         tensors = [*obj.named_parameters(remove_duplicate=False), *obj.named_buffers(remove_duplicate=False)]
@@ -452,12 +500,28 @@ def check_tensors(obj: Any, file: Path) -> None:
                 for k, v in vars(module).items()
                 if isinstance(v, torch.Tensor)
             ]
+    elif isinstance(obj, torch.Tensor):
+        tensors = [("the tensor", obj)]
+    elif isinstance(obj, (tuple, list)):
+        tensors = [(f"item {i}", t) for i, t in enumerate(obj) if isinstance(t, torch.Tensor)]
+    elif isinstance(obj, dict):
+        tensors = [(str(k), t) for k, t in obj.items() if isinstance(t, torch.Tensor)]
+    wanted = held = 0
+    worst: tuple[str, torch.Tensor] | None = None
     for name, t in tensors:
-        wanted = t.numel() * t.element_size()
-        held = t.untyped_storage().nbytes()
-        if wanted > 8 * held + _VIEW_SLACK:
-            raise InputFileError(
-                f"{file}: tensor {name} of shape {tuple(t.shape)} reads {held:,} stored bytes as {wanted:,} (an "
-                f"expanded view, which torch.save(model) does not write for weights); refusing to copy it. "
-                f"Save the model with real tensors (call .contiguous() on that one)"
-            )
+        size, stored = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+        wanted, held = wanted + size, held + stored
+        if (
+            worst is None
+            or size - stored
+            > worst[1].numel() * worst[1].element_size() - worst[1].untyped_storage().nbytes()
+        ):
+            worst = (name, t)
+    if worst is not None and wanted > 8 * held + _VIEW_SLACK:
+        name, t = worst
+        raise InputFileError(
+            f"{file}: tensor {name} of shape {tuple(t.shape)} reads {t.untyped_storage().nbytes():,} stored bytes as "
+            f"{t.numel() * t.element_size():,} (an expanded view; {len(tensors)} tensors read {held:,} stored bytes as "
+            f"{wanted:,}), which torch.save(model) does not write for weights; refusing to copy it. Save the model "
+            f"with real tensors (call .contiguous() on that one)"
+        )

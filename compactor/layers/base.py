@@ -217,7 +217,12 @@ def inconsistency(name: str, m: Any) -> str | None:
     shrinker = shrinker_for(m)
     if shrinker is None:
         return None
-    for side, w in (("output", shrinker.out_channels(m)), ("input", shrinker.in_channels(m))):
+    widths = (("output", shrinker.out_channels(m)), ("input", shrinker.in_channels(m)))
+    for attr in shrinker.shape_attrs:
+        value = getattr(m, attr, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            return f"layer {name} ({type(m).__name__}) has {attr}={value!r}, not a whole number"
+    for side, w in widths:
         if w is not None and w <= 0:
             return f"layer {name} ({type(m).__name__}) has {w} {side} channels"
     for tensor, shape in shrinker.expected_shapes(m).items():
