@@ -427,6 +427,14 @@ def _finish(
     for key in ("output", "onnx"):
         for note in report.extra.get(key, {}).get("export", {}).get("notes", []):
             err.print(f"note: {report.extra[key]['path']}: {note}", markup=False)
+    hf = report.extra.get("output", {}).get("hf")
+    if hf and not args.quiet:
+        how = (
+            f"config.json states {hf['fields']}"
+            if hf["layout"] == "config"
+            else f"written with compactor's manifest ({hf['why']})"
+        )
+        err.print(f"note: {report.extra['output']['path']}: {how}; load it with {hf['load']}", markup=False)
     if not args.quiet:
         render(
             report, Console(highlight=False, soft_wrap=False, width=max(120, Console().width)), warnings=False
