@@ -90,8 +90,8 @@ def allowed_globals(names: list[str], file: Path) -> dict[str, Any]:
 
 def _judge(name: str, file: Path) -> Any:
     module_name, qualname = _split(name)
-    if module_name not in sys.modules:
-        module_name, qualname = _split_by_source(name)
+    if module_name not in sys.modules or _find(sys.modules[module_name], qualname) is _MISSING:
+        module_name, qualname = _split_by_source(name)  # a submodule not imported yet: where its file is
     if module_name == "__main__":
         raise InputFileError(
             f"{file} refers to {name}, a class defined in the script that saved it; move the class into a "
