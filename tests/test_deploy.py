@@ -52,6 +52,14 @@ MAKE = textwrap.dedent(
         dead_rows(layer.mlp.gate_proj, 24)
     torch.save(llama, "llama.pt")
     torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=64, vocab_size=50)
+    ).eval()
+    for layer, n in zip(llama.model.layers, (24, 16)):
+        dead_rows(layer.mlp.gate_proj, n)
+    torch.save(llama, "llama_uneven.pt")
+    torch.manual_seed(0)
     vit = ViTForImageClassification(
         ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
                   patch_size=8, num_labels=3)
@@ -60,6 +68,15 @@ MAKE = textwrap.dedent(
         if name.endswith("mlp.fc1"):
             dead_rows(module, 16)
     torch.save(vit, "vit.pt")
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(
+        ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+                  patch_size=8, num_labels=3)
+    ).eval()
+    fc1 = [module for name, module in vit.named_modules() if name.endswith("mlp.fc1")]
+    for module, n in zip(fc1, (16, 8)):
+        dead_rows(module, n)
+    torch.save(vit, "vit_uneven.pt")
     torch.save({"input_ids": torch.randint(0, 50, (1, 32))}, "ids.pt")
     torch.save(dm.conv(), "conv.pt")
     torch.save(dm.FixedBatch(), "fixed.pt")
@@ -261,44 +278,46 @@ def test_even_widths_are_stated_in_the_config_and_from_pretrained_reloads_them(
     torch.testing.assert_close(got["out"], masked(**got["inputs"])[0], rtol=0, atol=1e-5)
 
 
-def test_uneven_widths_are_written_with_the_manifest_and_compactor_load_rebuilds_them(work: Path) -> None:
+UNEVEN_CHECK = """
+import torch, compactor
+model = compactor.load("{folder}")
+inputs = {inputs}
+assert not model.training
+widths = [m.out_features for n, m in model.named_modules() if n.endswith({layer!r})]
+torch.save({{"inputs": inputs, "out": model(**inputs)[0], "widths": widths}}, "{folder}.out.pt")
+"""
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "layer", "widths"),
+    [
+        ("bert_uneven", "torch.load('ids.pt')", "intermediate.dense", [48, 56]),
+        ("llama_uneven", "torch.load('ids.pt')", "mlp.gate_proj", [40, 48]),
+        ("vit_uneven", "{'pixel_values': torch.randn(2, 3, 16, 16)}", "mlp.fc1", [48, 56]),
+    ],
+)
+def test_uneven_widths_are_written_with_the_manifest_and_compactor_load_rebuilds_them(
+    work: Path, model: str, inputs: str, layer: str, widths: list[int]
+) -> None:
+    example = ["--example-inputs", "ids.pt"] if "ids" in inputs else ["--input-shape", "2,3,16,16"]
+    folder = f"{model}_dir"
     r = cli(
-        "bert_uneven.pt",
-        "-o",
-        "uneven_dir",
-        "--format",
-        "hf",
-        "--example-inputs",
-        "ids.pt",
-        "--report",
-        "uneven.json",
-        "-q",
-        cwd=work,
+        f"{model}.pt", "-o", folder, "--format", "hf", *example, "--report", f"{folder}.json", "-q", cwd=work
     )
     assert r.returncode == 0, r.stderr
-    hf = json.loads((work / "uneven.json").read_text())["output"]["hf"]
+    hf = json.loads((work / f"{folder}.json").read_text())["output"]["hf"]
     assert hf == {
         "layout": "manifest",
-        "why": "intermediate_size differs across layers (48, 56); --uniform evens it out",
+        "why": f"intermediate_size differs across layers ({', '.join(map(str, widths))}); --uniform evens it out",
         "load": "compactor.load(dir)",
-        "bytes": sum(p.stat().st_size for p in (work / "uneven_dir").iterdir()),
+        "bytes": sum(p.stat().st_size for p in (work / folder).iterdir()),
     }
-    done = fresh(
-        """
-        import torch, compactor
-        model = compactor.load("uneven_dir")
-        ids = torch.load("ids.pt")
-        assert not model.training
-        widths = [layer.intermediate.dense.out_features for layer in model.bert.encoder.layer]
-        torch.save({"out": model(**ids).logits, "widths": widths}, "uneven.out.pt")
-        """,
-        work,
-    )
+    done = fresh(UNEVEN_CHECK.format(folder=folder, inputs=inputs, layer=layer), work)
     assert done.returncode == 0, done.stderr
-    got = torch.load(work / "uneven.out.pt")
-    assert got["widths"] == [48, 56]
-    masked = torch.load(work / "bert_uneven.pt", weights_only=False).eval()
-    torch.testing.assert_close(got["out"], masked(**torch.load(work / "ids.pt")).logits, rtol=0, atol=1e-5)
+    got = torch.load(work / f"{folder}.out.pt", weights_only=False)
+    assert got["widths"] == widths
+    masked = torch.load(work / f"{model}.pt", weights_only=False).eval()
+    torch.testing.assert_close(got["out"], masked(**got["inputs"])[0], rtol=0, atol=1e-5)
 
 
 def test_uniform_keeps_the_fewest_zero_channels_that_even_the_widths(work: Path) -> None:
