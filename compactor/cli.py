@@ -50,16 +50,22 @@ examples:
   compact weights.pt --arch mypkg.models:resnet18 -o small.safetensors --input-shape 1,3,224,224
   compact last.ckpt --arch mypkg.models:resnet18 --prefix model. -o small.pt --input-shape 1,3,224,224
   compact sparse.pt -o sparse.safetensors --sparse-storage --input-shape 1,3,224,224
+  compact bert.pt -o small_bert/ --example-inputs tokens.pt --uniform   (config.json + model.safetensors)
+  compact model.pt -o small.onnx --input-shape 1,3,224,224 --strict     (refuse paths the inputs cannot show)
 
-output formats (by the suffix of -o, or --format): .pt pickled module; .pt2 torch.export program that runs
-without your class; .onnx checked with onnx.checker and ONNX Runtime; .safetensors weights + shape manifest,
-no pickle. Every file is reloaded and checked before it lands; compactor.load(path, arch=None) reads .pt, .pt2
-and .safetensors back in Python (.safetensors needs arch, the function that builds the dense model).
+output formats (by the suffix of -o, or --format): .pt/.pth pickled module; .pt2 torch.export program that runs
+without your class (dynamic batch and sequence length unless --static-shapes); .onnx checked with onnx.checker
+and ONNX Runtime; .safetensors weights + shape manifest, no pickle; a directory: a transformers model as
+config.json + model.safetensors (from_pretrained loads it when the config can state its widths). Every output
+is reloaded and checked before it lands; compactor.load(path, arch=None) reads .pt, .pt2, .safetensors and
+directories back in Python (.safetensors needs arch, the function that builds the dense model).
 
 MODEL is a file written by torch.save(model), masks attached (torch.nn.utils.prune) or baked in.
-It is loaded without running code from the file: only nn.Module classes, pruning methods and plain
-containers may appear in it; the current directory is importable so your model class resolves.
-Every run verifies that the compacted model reproduces the masked model's outputs before writing.
+It is loaded without running code from the file: only module classes, pruning methods, Hugging Face configs,
+enums, containers and torch operators may appear in it, each judged by name and source before anything is
+imported; the current directory is importable (last on sys.path) so your model class resolves.
+Every run verifies that the compacted model reproduces the masked model's outputs before writing; branches
+on tensor values and layers no forward called are warnings (--strict refuses them).
 exit status: 0 success, 2 bad input (one line on stderr), 1 internal error.
 """
 
@@ -89,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="OUT",
-        help="where to write the compacted model: .pt, .pt2, .onnx or .safetensors",
+        help="where to write the compacted model: .pt/.pth, .pt2, .onnx, .safetensors, or a directory (hf)",
     )
     p.add_argument("--demo", action="store_true", help="run on a built-in masked example model")
     inputs = p.add_argument_group("example inputs (one of)")
