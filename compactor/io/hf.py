@@ -24,10 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.verify import Outputs
+from ..engine.verify import Outputs, compare
 from ..errors import InputFileError, OutputPathError, first_line
 from ..inputs import ExampleInputs
-from .check import expect_same
 from .safetensors import MANIFEST_KEY, read_metadata, write_safetensors
 
 WEIGHTS = "model.safetensors"
@@ -140,16 +139,10 @@ def _write_uniform(
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.utils.logging.enable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated
-    if not compare_ok(reloaded, runs, references):
+    if not compare(reloaded, runs, references, 0.0).ok:
         return None
     auto = _auto_class(model)
     return {"layout": "config", "load": f"transformers.{auto}.from_pretrained(dir)"}
-
-
-def compare_ok(candidate: nn.Module, runs: list[ExampleInputs], references: list[Outputs]) -> bool:
-    from ..engine.verify import compare
-
-    return compare(candidate, runs, references, 0.0).ok
 
 
 def _write_manifest(
@@ -241,9 +234,4 @@ def _model_class(folder: Path) -> Any:
     return cls
 
 
-def check_written(folder: Path, runs: list[ExampleInputs], references: list[Outputs]) -> None:
-    """Reload ``folder`` as a user would and check it reproduces ``references`` (exported for tests)."""
-    expect_same(load_hf(folder).eval(), runs, references, 0.0, folder, "Hugging Face directory")
-
-
-__all__ = ["WEIGHTS", "check_written", "is_hf_dir", "is_hf_model", "load_hf", "uniform_config", "write_hf"]
+__all__ = ["WEIGHTS", "is_hf_dir", "is_hf_model", "load_hf", "uniform_config", "write_hf"]
