@@ -222,7 +222,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
     if args.kind == "hf" and not is_hf_model(model):
         raise OutputPathError(
             f"-o {out}: a Hugging Face directory needs a transformers model (PreTrainedModel), not "
-            f"{type(model).__name__}; give a file name such as {out / 'small.pt'}"
+            f"{type(model).__name__}; give a file name such as {out.with_suffix('.pt')}"
         )
     if args.uniform and not is_hf_model(model):
         raise ExampleInputError(

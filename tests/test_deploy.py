@@ -267,6 +267,10 @@ def test_even_widths_are_stated_in_the_config_and_from_pretrained_reloads_them(
     assert {"config.json", "model.safetensors"} <= set(
         os.listdir(work / f"{model}_dir")
     )  # (+ generation_config.json)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (work / f"{model}_dir").stat().st_mode & 0o777 == 0o777 & ~mask  # as a directory made by hand
+    assert (work / f"{model}_dir" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     hf = json.loads((work / f"{model}_dir.json").read_text())["output"]["hf"]
     assert hf["layout"] == "config" and hf["fields"] == f"{field}={width}"
     assert hf["load"] == f"transformers.{auto}.from_pretrained(dir)"
@@ -455,3 +459,15 @@ def test_a_quick_benchmark_never_writes_the_committed_report() -> None:
 
     assert default_out(quick=False) == ROOT / "REPORT.md"
     assert default_out(quick=True).parent != ROOT
+
+
+def test_a_model_of_one_dimensional_inputs() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:5] = 0.0
+        model[0].bias[:5] = -1.0  # dead neurons: ReLU gives exactly 0
+    x = torch.randn(8)
+    small, report = compactor.compact(model, x)
+    assert small[0].out_features == 27 and small[2].in_features == 27 and report.fates["removed"] == 5
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-6)

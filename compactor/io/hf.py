@@ -27,6 +27,7 @@ from torch import nn
 from ..engine.verify import Outputs, compare
 from ..errors import InputFileError, OutputPathError, first_line
 from ..inputs import ExampleInputs
+from .atomic import umask
 from .safetensors import MANIFEST_KEY, read_metadata, write_safetensors
 
 WEIGHTS = "model.safetensors"
@@ -97,7 +98,7 @@ def write_hf(
     if not is_hf_model(model):
         raise OutputPathError(
             f"-o {folder}: a Hugging Face directory needs a transformers model (PreTrainedModel), not "
-            f"{type(model).__name__}; give a file name such as {folder / 'small.pt'}"
+            f"{type(model).__name__}; give a file name such as {folder.with_suffix('.pt')}"
         )
     config, why = uniform_config(model)
     tmp = _temporary(folder)
@@ -182,6 +183,11 @@ def _temporary(folder: Path) -> Path:
 
 
 def _move(tmp: Path, folder: Path) -> None:
+    """Rename the finished temporary folder into place, with the usual modes (mkdtemp makes it 0700)."""
+    mask = umask()
+    tmp.chmod(0o777 & ~mask)
+    for file in tmp.iterdir():
+        file.chmod(0o666 & ~mask)
     if folder.exists():
         if not folder.is_dir() or any(folder.iterdir()):
             raise OutputPathError(f"-o {folder} exists and is not an empty directory; choose a new directory")

@@ -53,7 +53,8 @@ def observe_inputs(
 
 def _recorder(stats: InputStats, name: str, dim: int) -> Hook:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().double().movedim(dim, 0).flatten(1)
+        x = args[0].detach().double().movedim(dim, 0)
+        x = x.reshape(x.shape[0], -1)  # channels first, everything else flat (a 1-D input too)
         lo, hi = x.amin(1), x.amax(1)
         if name in stats.lo:
             lo, hi = torch.minimum(lo, stats.lo[name]), torch.maximum(hi, stats.hi[name])
