@@ -23,6 +23,7 @@ from .engine.plan import consumer_layers, observe_inputs, plan_groups
 from .engine.verify import DEFAULT_TOLERANCE, Log, Outputs, compare, decide, reference_outputs, widened
 from .errors import (
     ExampleInputError,
+    GraphError,
     ModelForwardError,
     ModelStructureError,
     UnverifiedPathError,
@@ -108,9 +109,15 @@ def compact(
         wide = widened(original, baked_model, runs)
         d_baked, d_runs = (wide[0], wide[1]) if wide is not None else (baked_model, runs)
     say("tracing channel dependencies (torch-pruning)")
+    untraced: list[str] = []
     with _timed(seconds, "graph"):
-        groups = build_groups(d_baked, d_runs[0])
-        if paths.train_only:  # couple what runs only in train mode too, and keep the channels it reads
+        try:
+            groups = build_groups(d_baked, d_runs[0])
+        except GraphError as e:  # a tracer failure never ends the run: every channel is kept, and said so
+            groups, untraced = [], [f"{e}: no channel was removed (attention heads may still go)"]
+        if (
+            paths.train_only and groups
+        ):  # couple what runs only in train mode too, and keep the channels it reads
             say("tracing train-mode channel dependencies")
             train_groups = build_groups(clone_module(d_baked), d_runs[0], train=True)
             groups = hold_train_only(groups, train_groups, set(paths.train_only))
@@ -141,6 +148,7 @@ def compact(
         warnings=(
             *_guess_warning(inputs),
             *_unchecked_warning(unchecked),
+            *untraced,
             *paths.warnings(),
             *dead_model_warnings(references, plans),
             *unstructured_warnings(small),

@@ -776,3 +776,30 @@ def test_channels_of_a_head_are_kept_with_a_head_reason() -> None:
     kept = [z for z in report.zeroed if "attention.self" in z.layer]
     assert len(kept) == 2 * 19  # round(0.3 * 64) columns per layer
     assert all(z.fate == "kept: read elsewhere" and "head" in z.reason for z in kept)
+
+
+def test_a_model_torch_pruning_cannot_trace_is_kept_whole_with_the_reason() -> None:
+    """GPT-2's tracer failure (Torch-Pruning: ``int + None``) ends no run: every channel is kept, and said."""
+    from torch.nn.utils import prune
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=32)).eval()
+    prune.custom_from_mask(
+        model.transformer.h[0].mlp.c_fc, "weight", _columns_off(model.transformer.h[0].mlp.c_fc.weight, 8)
+    )
+    ids = torch.randint(0, 50, (1, 12))
+    small, report = compactor.compact(model, {"input_ids": ids})
+    assert report.params["after"] == report.params["before"]
+    assert any(
+        w.startswith("torch-pruning could not trace the model (")
+        and w.endswith(": no channel was removed (attention heads may still go)")
+        for w in report.warnings
+    ), report.warnings
+    torch.testing.assert_close(small(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def _columns_off(weight: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.ones_like(weight)
+    mask[:, :n] = 0  # GPT-2's Conv1D holds [in, out]: its first n output neurons
+    return mask

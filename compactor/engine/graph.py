@@ -25,7 +25,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import CouplingUnsettled, GraphError
+from ..errors import CouplingUnsettled, GraphError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
 from ..util import eval_mode_restored
@@ -98,8 +98,7 @@ def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False
             )
         except Exception as e:  # the library raises anything from AssertionError to KeyError
             raise GraphError(
-                f"torch-pruning could not trace the model ({type(e).__name__}: {e}); "
-                f"run with --debug and report the model's architecture"
+                f"torch-pruning could not trace the model ({type(e).__name__}: {first_line(e)})"
             ) from e
         groups = _collect_groups(graph, model, names)
     return groups
