@@ -180,7 +180,7 @@ def _without_heads(
         verdict = compare(candidate, runs, references, tolerance)
         return None if verdict.ok else verdict.summary()
 
-    uncalled = frozenset(u.partition(" (")[0] for u in paths.uncalled)
+    uncalled = frozenset(name for name, _ in paths.uncalled)
     new, heads = compact_heads(model, inputs, verify=check, skip=uncalled)
     return new.eval(), heads
 

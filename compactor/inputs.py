@@ -187,14 +187,19 @@ def flatten_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torc
 Plain = int | float | bool | complex | str | bytes | None  # a non-tensor output compared by value
 
 
+def _is_leaf(value: Any) -> bool:
+    """A tensor or a plain value: what verification compares as one output."""
+    return (
+        isinstance(value, torch.Tensor)
+        or value is None
+        or isinstance(value, (int, float, complex, str, bytes))
+    )
+
+
 def flatten_values(output: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor | Plain]]:
     """:func:`flatten_outputs` with the plain values too (ints, floats, strings, None, ...): verification
     compares every leaf a model returns, not only its tensors. Other objects are left out."""
-    if (
-        isinstance(output, torch.Tensor)
-        or output is None
-        or isinstance(output, (int, float, complex, str, bytes))
-    ):
+    if _is_leaf(output):
         return [(prefix, output)]
     if isinstance(output, Mapping):  # ModelOutput is an OrderedDict
         items: list[tuple[str, torch.Tensor | Plain]] = []
@@ -217,11 +222,7 @@ def flatten_values(output: Any, prefix: str = "output") -> list[tuple[str, torch
 def unchecked_outputs(output: Any, prefix: str = "output") -> list[str]:
     """The leaves of ``output`` that :func:`flatten_values` leaves out (objects that are neither tensors nor
     plain values): ``"output[1] (Cache)"``. Verification cannot compare them."""
-    if (
-        isinstance(output, torch.Tensor)
-        or output is None
-        or isinstance(output, (int, float, complex, str, bytes))
-    ):
+    if _is_leaf(output):
         return []
     if isinstance(output, Mapping):
         return [u for k, v in output.items() for u in unchecked_outputs(v, f"{prefix}.{k}")]

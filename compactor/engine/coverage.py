@@ -113,10 +113,10 @@ def watch(model: nn.Module) -> Iterator[Coverage]:
             h.remove()
 
 
-def uncalled_layers(model: nn.Module, called: set[str]) -> list[str]:
-    """Modules holding parameters of their own that no forward called: ``"name (Type)"``."""
+def uncalled_layers(model: nn.Module, called: set[str]) -> list[tuple[str, str]]:
+    """Modules holding parameters of their own that no forward called: (name, type name)."""
     return [
-        f"{name} ({type(m).__name__})"
+        (name, type(m).__name__)
         for name, m in model.named_modules()
         if name not in called and any(True for _ in m.parameters(recurse=False))
     ]
@@ -177,7 +177,7 @@ class Paths:
     """What the example inputs did not show, for the report and ``--strict``."""
 
     branches: tuple[str, ...]  # "file.py:12 (bool)": conversions of tensors to Python values
-    uncalled: tuple[str, ...]  # "name (Type)": layers with parameters no forward called
+    uncalled: tuple[tuple[str, str], ...]  # (name, type): layers with parameters no forward called
     train_only: frozenset[str]  # modules called only in train mode
     train: (
         tuple[tuple[str, tuple[int, ...] | str], ...] | str
@@ -197,7 +197,7 @@ class Paths:
             more = f" and {len(self.uncalled) - 3} more" if len(self.uncalled) > 3 else ""
             lines.append(
                 f"{len(self.uncalled)} layer(s) with parameters were not called by any forward on the example inputs "
-                f"({', '.join(self.uncalled[:3])}{more}): left exactly as they were, but a path that calls them "
+                f"({', '.join(_named(self.uncalled[:3]))}{more}): left exactly as they were, but a path that calls them "
                 f"was not verified"
             )
         return lines
@@ -214,10 +214,14 @@ class Paths:
         train = self.train if isinstance(self.train, str) else "outputs' structure and shapes checked"
         return {
             "value_branches": list(self.branches),
-            "uncalled_layers": list(self.uncalled),
+            "uncalled_layers": _named(self.uncalled),
             "train_only_layers": sorted(self.train_only),
             "train_mode": train,
         }
+
+
+def _named(layers: tuple[tuple[str, str], ...]) -> list[str]:
+    return [f"{name} ({kind})" for name, kind in layers]
 
 
 def find_paths(masked: nn.Module, seen: Coverage, inputs: ExampleInputs) -> Paths:

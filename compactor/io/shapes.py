@@ -220,7 +220,7 @@ def _keeps(value: Any) -> bool:
     return False
 
 
-def kind_of_outputs(value: Any) -> str:
-    """ "tensor", "tuple" or "dict": what the exported program returns, for the report."""
-    value = plain(value)
-    return "dict" if isinstance(value, dict) else "tuple" if isinstance(value, tuple) else "tensor"
+def kind_of_outputs(container: type | None) -> str:
+    """ "tensor", "tuple" or "dict": what an exported program returns (its output spec's container type;
+    None for a single tensor), for the report."""
+    return "dict" if container is dict else "tuple" if container in (tuple, list) else "tensor"
