@@ -250,6 +250,9 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
         return SimpleNamespace(items=items)
 
     monkeypatch.setattr(compactor.engine.graph, "_pruning_group", corrupt)
+    monkeypatch.setattr(
+        compactor.engine.graph, "ANALYSIS", "torch-pruning"
+    )  # its own answer, not the labels'
     model, small, report = _compact(case)
     _check_outputs(model, small, case, report)
     assert any("b3.0" in issue for issue in report.extra["graph_issues"]), report.extra
@@ -330,9 +333,10 @@ def test_rounding_does_not_restore_exact_groups() -> None:
     _check_outputs(model, small, case, report)
 
 
-def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole() -> None:
+def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """``Conv2d(32, 16, groups=16)``: Torch-Pruning couples its 16 outputs with the first 16 channels of its
     32 inputs, as if depthwise. That coupling is wrong, so those groups keep every channel, with the reason."""
+    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", "torch-pruning")
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 16, 3, 1, 1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
@@ -357,6 +361,44 @@ def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole() -> None:
     ]
     assert sorted(z.channel for z in report.zeroed) == [1, 4]  # dead in both "coupled" producers
     assert all(z.fate == "kept: read elsewhere" and "as if depthwise" in z.reason for z in report.zeroed)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)
+
+
+def test_grouped_conv_with_one_output_per_group_is_a_grouped_conv_to_the_labels() -> None:
+    """The same model under ``auto``: Torch-Pruning's group holds a mapping that cannot be right, so
+    compactor's own channel labels answer. They see a grouped conv (two inputs, one output per group):
+    its dead outputs 1, 4, 9 would each empty a whole group, so every channel stays, for that reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 16, 3, 1, 1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, 1), nn.Flatten(2), nn.Linear(64, 4),
+    )  # fmt: skip
+    prune.custom_from_mask(
+        model[0], "weight", torch.ones_like(model[0].weight).index_fill_(0, torch.tensor([1, 4, 20, 25]), 0)
+    )
+    prune.custom_from_mask(
+        model[2], "weight", torch.ones_like(model[2].weight).index_fill_(0, torch.tensor([1, 4, 9]), 0)
+    )
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+
+    small, report = compactor.compact(model, x)
+
+    assert [(m.in_channels, m.out_channels) for m in (small[0], small[2], small[5])] == [
+        (3, 32),
+        (32, 16),
+        (16, 8),
+    ]
+    grouped = "grouped conv (groups=16) loses the same number of channels in every group"
+    assert [(z.channel, z.fate) for z in report.zeroed if z.layer == "2"] == [
+        (c, "kept: layer layout") for c in (1, 4, 9)
+    ]
+    assert all(grouped in z.reason for z in report.zeroed if z.fate == "kept: layer layout")
+    # the inputs of the dead groups (2, 3; 8, 9; 18, 19) are read by nothing but cannot leave either
+    layout = sorted(z.channel for z in report.zeroed if z.layer == "0" and z.fate == "kept: layer layout")
+    assert layout == [2, 3, 8, 9, 18, 19, 20]
+    assert not any(Fate(z.fate).removed for z in report.zeroed)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)
 

@@ -17,8 +17,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,58 +28,64 @@ from ..errors import CouplingUnsettled, GraphError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
 from ..util import eval_mode_restored
+from .groups import ChannelGroup, Kind, Member
 
-
-class Kind(str, Enum):
-    """What a member of a group is, as far as channels are concerned."""
-
-    LAYER = "layer"  # a module or bare parameter compactor can rebuild
-    MULTIPLY = "multiply"  # an elementwise product (a gate: squeeze-excite)
-    SPLIT = "split/chunk"  # a split or chunk: sizes fixed in the forward code
-    UNBIND = "unbind"
-    SLICE = "slice"  # a slice that may cut the channel dimension
-    OUTPUT = "output"  # a model output
-    OTHER = "other"  # any other op (add, concat, reshape, a slice of another dimension...)
-
-    @property
-    def fixed_sizes(self) -> bool:
-        """The op cuts channels at sizes the forward code fixes: removing one shifts the others."""
-        return self in (Kind.SPLIT, Kind.UNBIND, Kind.SLICE)
-
-
-@dataclass(frozen=True)
-class Member:
-    """One place a group's channels meet: a layer (or bare parameter, or functional op) and a side."""
-
-    name: str  # module name, parameter name, or Torch-Pruning's name for a functional op
-    op: str  # class name: Conv2d, BatchNorm2d, Parameter, or the traced op's (for messages)
-    side: Side  # Side.OUT: the layer writes these channels; Side.IN: the layer reads them
-    kind: Kind
-    pruning_dim: int  # for bare parameters: the dimension that holds the channels
-    idxs: tuple[tuple[int, ...], ...]  # per root channel: the layer-local indices it maps to
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    """Channels that must be removed together: removing root channel r removes ``idxs[r]`` everywhere."""
-
-    root: str
-    size: int
-    members: tuple[Member, ...]
-    reaches_output: bool
-    issues: tuple[str, ...]
-    norm_after: tuple[tuple[str, str], ...] = ()  # (member layer, the BatchNorm it alone feeds)
-    held: tuple[str, ...] = ()  # why the group must stay whole, found outside this trace (train mode)
-
-    def layers(self, side: Side | None = None) -> list[Member]:
-        return [m for m in self.members if m.kind is Kind.LAYER and (side is None or m.side is side)]
+__all__ = ["ChannelGroup", "Kind", "Member", "build_groups"]
 
 
 def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) -> list[ChannelGroup]:
     """Trace ``model`` on ``inputs`` and return one group per set of coupled channels.
 
+    Torch-Pruning's answer is taken where it can be trusted. Where it fails to trace, or its groups hold
+    what it maps wrongly (a split or chunk, a slice of channels, a reshape or permute that moves them, an
+    index mapping that cannot be right, a walk that does not settle), compactor's own channel labels
+    (:mod:`.labels`) answer for the whole model instead; if those fail too, Torch-Pruning's error stands.
+
     ``train``: trace the train-mode forward (Torch-Pruning switches to eval mode before it calls the
     forward; this switches back). Batch statistics move then: pass a copy."""
+    from .labels import label_groups
+
+    try:
+        groups: list[ChannelGroup] | None = _tp_groups(model, inputs, train=train)
+        failure: GraphError | None = None
+    except GraphError as e:
+        groups, failure = None, e
+    if ANALYSIS == "torch-pruning" or (ANALYSIS == "auto" and groups is not None and not _suspect(groups)):
+        if failure is not None:
+            raise failure
+        assert groups is not None
+        return groups
+    try:
+        return label_groups(model, inputs, train=train)
+    except Exception as e:  # the label trace fails on an op it cannot replay: keep what there is
+        if groups is not None and ANALYSIS == "auto":
+            return groups
+        raise GraphError(
+            f"compactor could not follow the channels ({type(e).__name__}: {first_line(e)})"
+        ) from (failure or e)
+
+
+ANALYSIS = "auto"  # "auto" | "torch-pruning" | "labels": which analysis build_groups uses (tests compare)
+
+_SUSPECT_OPS = ("Reshape", "View", "Permute", "Transpose", "Unflatten", "Roll", "Slice", "Split", "Unbind")
+
+
+def _suspect(groups: list[ChannelGroup]) -> bool:
+    """Groups Torch-Pruning may have mapped wrongly: it dropped a member, a walk did not settle, or the
+    channels pass an op it maps by rule rather than by what the op does."""
+    for group in groups:
+        if group.issues:
+            return True
+        for m in group.members:
+            if m.kind is not Kind.LAYER and (
+                m.kind.fixed_sizes or any(op in m.name or op in m.op for op in _SUSPECT_OPS)
+            ):
+                return True
+    return False
+
+
+def _tp_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) -> list[ChannelGroup]:
+    """Torch-Pruning's groups (raises :class:`GraphError` where it cannot trace the model)."""
 
     def forward(m: nn.Module, x: ExampleInputs) -> Any:
         return m.train(train)(*x.args, **x.kwargs)

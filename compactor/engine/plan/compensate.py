@@ -37,7 +37,9 @@ def compensate(
     folds: dict[int, list[Fold]] = defaultdict(list)
     padded = [c for c in consumers if not shrinker_at(modules, c.name).can_fold(modules[c.name])]
     needs_carrier = [r for r in constants if any(nonzero(constants[r].get(c.name)) for c in padded)]
-    by_unit: dict[tuple[int, ...], list[int]] = defaultdict(list)  # one carrier per group of a grouped conv
+    # one carrier per place: per group of a grouped conv, and per set of layers reading (a chunk's pieces
+    # go to different layers)
+    by_unit: dict[tuple[tuple[str, int], ...], list[int]] = defaultdict(list)
     for r in needs_carrier:
         by_unit[units(r, padded, modules)].append(r)
     carriers = {unit: _choose_carrier(rs, constants, padded) for unit, rs in by_unit.items()}
@@ -80,10 +82,13 @@ def fold(group: ChannelGroup, modules: Modules, layer: str, idx: tuple[int, ...]
     return Fold(layer, idx, tuple(float(v) for v in k), norm)
 
 
-def units(r: int, padded: list[Member], modules: Modules) -> tuple[int, ...]:
-    """Where root channel ``r`` enters each padded consumer (0 everywhere but in grouped convs)."""
+def units(r: int, padded: list[Member], modules: Modules) -> tuple[tuple[str, int], ...]:
+    """Where root channel ``r`` enters each padded consumer that reads it: the layer and its part (0
+    everywhere but in grouped convs)."""
     return tuple(
-        shrinker_at(modules, c.name).merge_unit(modules[c.name], i) for c in padded for i in c.idxs[r]
+        (c.name, shrinker_at(modules, c.name).merge_unit(modules[c.name], i))
+        for c in padded
+        for i in c.idxs[r]
     )
 
 
@@ -111,7 +116,7 @@ def _choose_carrier(
     """The candidate whose smallest constant at the padded layers is largest (best conditioned)."""
     best, best_score = None, 0.0
     for r in candidates:
-        ks = [constants[r].get(c.name) for c in padded]
+        ks = [constants[r].get(c.name) for c in padded if c.idxs[r]]
         present = [k for k in ks if k is not None]
         if len(present) != len(ks):
             continue
@@ -132,7 +137,9 @@ class _Carrier:
     k: dict[str, torch.Tensor]  # consumer layer -> the constants there
     padded: frozenset[str]  # the zero-padded consumers
     needs: frozenset[str]  # padded layers where this group merges, or where its carrier is not zero
-    units: dict[str, tuple[int, ...]]  # consumer layer -> the group of a grouped conv at each input
+    units: dict[
+        str, tuple[tuple[str, int], ...]
+    ]  # consumer layer -> the group of a grouped conv at each input
 
     @property
     def covers(self) -> frozenset[str]:

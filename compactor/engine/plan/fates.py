@@ -79,9 +79,15 @@ def _plan_group(
     if blocker:
         return GroupPlan(group, tuple(ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, blocker) for r in zeroed))
 
-    base: dict[int, ChannelFate] = {}
+    base: dict[int, ChannelFate] = {
+        r: ChannelFate(r, Fate.KEPT_READ_ELSEWHERE, why)
+        for r, why in _held_channels(group).items()
+        if r in zeroed
+    }
     all_constants: dict[int, dict[str, torch.Tensor]] = {}  # root channel -> consumer -> constants at its idx
     for r in zeroed:
+        if r in base:
+            continue
         if ignored[r]:
             base[r] = ChannelFate(r, Fate.REMOVED, IGNORED)
             continue
@@ -150,8 +156,26 @@ def _forgotten(group: ChannelGroup, modules: Modules) -> list[bool]:
     return result
 
 
+def _held_channels(group: ChannelGroup) -> dict[int, str]:
+    """In a group from compactor's own labels (exact index maps), the root channels that must stay and why:
+    a model output holds them, an op reads across them, or they pass an op that cuts at fixed sizes (a
+    ``split`` with sizes written in the code, a literal slice). The group's other channels go on."""
+    if not group.exact:
+        return {}
+    held = dict(group.opaque)
+    for r in group.at_output:
+        held.setdefault(r, "the channel is part of a model output")
+    for member in group.members:
+        if member.kind.fixed_sizes:
+            why = f"the channel passes through a {member.kind.value} whose sizes are fixed in the forward code ({member.op})"
+            for r, idx in enumerate(member.idxs):
+                if idx:
+                    held.setdefault(r, why)
+    return held
+
+
 def _blocker(group: ChannelGroup, modules: Modules, heads: dict[tuple[str, Side], str]) -> str | None:
-    if group.reaches_output:
+    if group.reaches_output and not group.exact:
         return "the channel is part of a model output"
     for member in group.layers():
         if (member.name, member.side) in heads:  # a single channel cannot leave a head
@@ -161,7 +185,7 @@ def _blocker(group: ChannelGroup, modules: Modules, heads: dict[tuple[str, Side]
     if group.issues:  # a member was dropped: a plan without it would leave that layer's channels behind
         return group.issues[0]
     for member in group.members:
-        if member.kind.fixed_sizes:
+        if member.kind.fixed_sizes and not group.exact:
             return (
                 f"the channels pass through a {member.kind.value} whose sizes are fixed in the forward code"
             )

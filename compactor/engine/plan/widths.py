@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...layers import Side, width
-from ..graph import ChannelGroup
+from ..graph import ChannelGroup, Kind
 from .base import ChannelFate, Fate, GroupPlan, Modules, shrinker_at
 
 
@@ -21,7 +21,7 @@ def unremovable(
     of a grouped conv than from another (checked on this group's channels alone, which is stricter than
     needed where several groups feed one layer, and so safe)."""
     removed = [r for r, f in fates.items() if f.fate.removed]
-    pins: dict[int, ChannelFate] = {}
+    pins: dict[int, ChannelFate] = _uneven_chunks(group, removed)
     for member in group.layers():
         obj = modules[member.name]
         local = [i for r in removed for i in member.idxs[r]]
@@ -32,6 +32,38 @@ def unremovable(
         for r in removed:
             if r not in pins and not all(i in ok for i in member.idxs[r]):
                 pins[r] = ChannelFate(r, Fate.KEPT_LAYOUT, f"{member.name}: {shrinker.why_unremovable(obj)}")
+    return pins
+
+
+def _uneven_chunks(group: ChannelGroup, removed: list[int]) -> dict[int, ChannelFate]:
+    """A ``chunk`` cuts its input into pieces at the runtime size: it stays right when every piece loses
+    as many channels (then ``chunk`` cuts each piece where it now ends). Pins the surplus of the pieces
+    that would lose more, latest channels first."""
+    pins: dict[int, ChannelFate] = {}
+    for member in group.members:
+        if member.kind is not Kind.CHUNK:
+            continue
+        per_piece: dict[int, list[int]] = defaultdict(list)
+        for r in removed:
+            for i in member.idxs[r]:
+                per_piece[member.piece_of(i)].append(r)
+        if not per_piece:
+            continue
+        counts = [len(set(per_piece.get(p, []))) for p in range(len(member.pieces))]
+        low = min(min(counts), min(member.pieces) - 1)
+        if len(set(member.pieces)) > 1:
+            low = 0  # uneven pieces (7 into 3: 3, 3, 1): a piece could vanish; kept as they are
+        for rs in per_piece.values():
+            for r in sorted(set(rs), reverse=True)[: len(set(rs)) - low]:
+                pins.setdefault(
+                    r,
+                    ChannelFate(
+                        r,
+                        Fate.KEPT_LAYOUT,
+                        f"a chunk into {len(member.pieces)} pieces (sizes {list(member.pieces)}) stays right only "
+                        f"if each piece loses as many channels: {low} can go from each",
+                    ),
+                )
     return pins
 
 

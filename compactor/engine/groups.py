@@ -1,0 +1,74 @@
+"""The graph stage's answer in compactor's own terms: groups of coupled channels and where they meet.
+
+Both analyses return these: Torch-Pruning's (``graph.py``) and compactor's own channel labels
+(``labels.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ..layers import Side
+
+
+class Kind(str, Enum):
+    """What a member of a group is, as far as channels are concerned."""
+
+    LAYER = "layer"  # a module or bare parameter compactor can rebuild
+    MULTIPLY = "multiply"  # an elementwise product (a gate: squeeze-excite)
+    SPLIT = "split"  # a split: sizes fixed in the forward code
+    CHUNK = "chunk"  # a chunk: pieces cut at the runtime size (``pieces``), so each may lose as many
+    UNBIND = "unbind"
+    SLICE = "slice"  # a slice that may cut the channel dimension
+    OUTPUT = "output"  # a model output
+    OTHER = "other"  # any other op (add, concat, reshape, a slice of another dimension...)
+
+    @property
+    def fixed_sizes(self) -> bool:
+        """The op cuts channels at sizes the forward code fixes: removing one shifts the others."""
+        return self in (Kind.SPLIT, Kind.UNBIND, Kind.SLICE)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One place a group's channels meet: a layer (or bare parameter, or functional op) and a side."""
+
+    name: str  # module name, parameter name, or Torch-Pruning's name for a functional op
+    op: str  # class name: Conv2d, BatchNorm2d, Parameter, or the traced op's (for messages)
+    side: Side  # Side.OUT: the layer writes these channels; Side.IN: the layer reads them
+    kind: Kind
+    pruning_dim: int  # for bare parameters: the dimension that holds the channels
+    idxs: tuple[tuple[int, ...], ...]  # per root channel: the layer-local indices it maps to
+    pieces: tuple[int, ...] = ()  # a chunk's piece sizes along its dimension (Kind.CHUNK)
+
+    def piece_of(self, i: int) -> int:
+        """Which piece of a chunk local index ``i`` falls in."""
+        end = 0
+        for p, size in enumerate(self.pieces):
+            end += size
+            if i < end:
+                return p
+        return len(self.pieces)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together: removing root channel r removes ``idxs[r]`` everywhere."""
+
+    root: str
+    size: int
+    members: tuple[Member, ...]
+    reaches_output: bool
+    issues: tuple[str, ...]
+    norm_after: tuple[tuple[str, str], ...] = ()  # (member layer, the BatchNorm it alone feeds)
+    held: tuple[str, ...] = ()  # why the group must stay whole, found outside this trace (train mode)
+    # From compactor's own channel labels (``labels.py``): the index maps are exact, so an op that cuts
+    # channels at fixed sizes keeps only the channels it maps, and ``opaque`` names, per root channel, an
+    # op that reads across channels (those channels stay).
+    exact: bool = False
+    opaque: tuple[tuple[int, str], ...] = ()
+    at_output: tuple[int, ...] = ()  # exact groups: the root channels a model output holds
+
+    def layers(self, side: Side | None = None) -> list[Member]:
+        return [m for m in self.members if m.kind is Kind.LAYER and (side is None or m.side is side)]

@@ -1,0 +1,793 @@
+"""Channel coupling derived by compactor itself: every channel gets a label, and labels travel with the data.
+
+Torch-Pruning's index mappings are wrong or missing for the ops that move channels around: ``chunk`` and
+``split`` (C2f, CSP, gated MLPs), ``permute``/``transpose`` to channels-last and back, a flatten after a
+permute, a channel shuffle (``view -> transpose -> reshape``), a literal slice. Here nothing is mapped by
+rule. The forward runs once under a :class:`~torch.overrides.TorchFunctionMode`; beside every tensor it
+keeps a *label tensor* of the same shape (float64, exact integers; -1: no channel). A layer that writes
+channels gives each output channel a fresh label; an op that only moves data (view, reshape, permute,
+cat, chunk, getitem, pad, roll...) is replayed on the label tensors, so the index map of any chain of such
+ops is exact by construction. Elementwise ops (``add``, ``mul``, ``where``) unite the labels that meet at
+the same element (a residual add couples two layers' channels), and so does a layer reading one input
+channel (a Linear after a flatten reads spatial copies of one channel). Labels are unioned with a
+union-find, so the analysis always settles, in one pass.
+
+What is not understood is never passed through: an op that reads across a dimension where labels vary (a
+mean over channels, a matmul, a softmax over channels, any op not listed here) marks those labels
+*opaque*, and their channels are kept with the op's name. Verification stays the judge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..inputs import ExampleInputs, flatten_outputs
+from ..layers import Role, Side, shrinker_for
+from ..util import eval_mode_restored
+from .groups import ChannelGroup, Kind, Member
+
+Labels = torch.Tensor  # float64, the shape of the tensor it labels; -1 where no channel
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+def _unique_t(t: torch.Tensor) -> torch.Tensor:
+    found: torch.Tensor = torch.unique(t)
+    return found
+
+
+def _broadcast(shapes: list[torch.Size]) -> torch.Size:
+    size: torch.Size = torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call]
+    return size
+
+
+def _unique(t: torch.Tensor) -> list[float]:
+    values: list[float] = _unique_t(t).tolist()
+    return values
+
+
+def _unique_rows(t: torch.Tensor) -> list[list[float]]:
+    rows: list[list[float]] = torch.unique(t, dim=0).tolist()
+    return rows
+
+
+# Ops that only move or copy elements: replayed on the label tensors.
+_MOVE = _words(
+    "view reshape permute transpose t flatten unflatten movedim moveaxis swapaxes swapdims contiguous "
+    "chunk split tensor_split unbind cat concat concatenate stack hstack vstack __getitem__ narrow select "
+    "expand expand_as repeat tile roll flip squeeze unsqueeze pixel_shuffle pixel_unshuffle channel_shuffle "
+    "native_channel_shuffle pad clone detach view_as reshape_as index_select __setitem__ unfold_copy "
+    "diagonal"
+)
+# Ops whose output element depends on the same element of each input (after broadcasting).
+_ELEMENTWISE = _words(
+    "add sub mul div true_divide floor_divide rsub __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ "
+    "__mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __floordiv__ __pow__ __rpow__ pow "
+    "add_ sub_ mul_ div_ where maximum minimum fmax fmin addcmul addcdiv lerp masked_fill masked_fill_ "
+    "relu relu_ relu6 hardtanh hardtanh_ gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ "
+    "hardsigmoid hardsigmoid_ leaky_relu leaky_relu_ elu elu_ selu celu mish softplus softsign logsigmoid "
+    "exp exp_ log log1p expm1 abs abs_ neg __neg__ __pos__ sqrt rsqrt square reciprocal sign erf erfc sin cos "
+    "clamp clamp_ clip clip_ clamp_min clamp_max dropout dropout_ dropout1d dropout2d dropout3d "
+    "alpha_dropout feature_alpha_dropout threshold threshold_ float half double bfloat16 to type type_as "
+    "__and__ __or__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ eq ne lt le gt ge logical_not isnan isinf "
+    "nan_to_num floor ceil round trunc frac __abs__ sinh cosh atan tan asin acos"
+)
+# Ops that reduce or normalise along the dimensions they are given (``dim``): fine across positions that
+# hold one label, opaque across channels.
+_REDUCE = _words(
+    "mean sum amax amin max min std var norm logsumexp prod all any softmax log_softmax cumsum cumprod "
+    "std_mean var_mean argmax argmin"
+)
+# Pooling and resizing: channels stay on dim 1, every other dimension but the batch may change.
+_SPATIAL = _words(
+    "avg_pool1d avg_pool2d avg_pool3d max_pool1d max_pool2d max_pool3d adaptive_avg_pool1d "
+    "adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d "
+    "lp_pool1d lp_pool2d interpolate upsample upsample_nearest upsample_bilinear max_pool2d_with_indices "
+    "fractional_max_pool2d"
+)
+# Bookkeeping calls that compute nothing on the data.
+_IGNORE = _words(
+    "size dim numel __len__ shape __get__ __set__ is_floating_point is_contiguous requires_grad_ "
+    "data_ptr element_size stride storage_offset __format__ __repr__ __bool__ __index__ __int__ __float__ "
+    "item tolist numpy new_zeros new_ones new_empty new_full new_tensor zeros_like ones_like empty_like "
+    "full_like rand_like randn_like dtype device get_device is_complex untyped_storage _is_view"
+)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+@dataclass
+class _Read:
+    """Where a layer or op meets labelled channels: per local index, the labels found there."""
+
+    name: str
+    op: str
+    side: Side
+    kind: Kind
+    dim: int
+    labels: list[set[int]]
+    pieces: tuple[int, ...] = ()
+    why: str = ""
+
+
+@dataclass
+class _Trace:
+    uf: _UnionFind = field(default_factory=_UnionFind)
+    reads: list[_Read] = field(default_factory=list)
+    producers: list[tuple[str, list[int]]] = field(default_factory=list)  # mixing layer, its out labels
+    opaque: dict[int, str] = field(default_factory=dict)  # label -> why its channel must stay
+    outputs: set[int] = field(default_factory=set)
+    uses: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # id(tensor) -> times read
+    written_by: dict[int, str] = field(default_factory=dict)  # id(tensor) -> the layer that wrote it
+    feeds: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # layer -> ids it wrote
+    read_by: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))  # id -> layers
+    params: dict[str, Labels] = field(default_factory=dict)  # bare parameters used: element labels
+    ops: int = 0
+
+
+def label_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) -> list[ChannelGroup]:
+    """Trace ``model`` on ``inputs`` with channel labels and return one group per mixing layer's channels
+    not already in an earlier group (the same shape of answer as :func:`~.graph.build_groups`)."""
+    tracer = _LabelMode(model)
+    with torch.no_grad(), eval_mode_restored(model), tracer.hooks():
+        model.train(train)
+        with tracer:
+            out = model(*inputs.args, **inputs.kwargs)
+    for _, t in flatten_outputs(out):
+        lab = tracer.labels_of(t)
+        if lab is not None:
+            tracer.trace.outputs.update(int(v) for v in _unique(lab) if v >= 0)
+    return _groups(model, tracer.trace)
+
+
+class _LabelMode(TorchFunctionMode):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.trace = _Trace()
+        self.labels: dict[int, tuple[torch.Tensor, Labels]] = {}  # id(tensor) -> (tensor, labels)
+        self.params = {id(p): (n, p) for n, p in model.named_parameters()}
+        self.depth = 0  # > 0 inside a layer compactor knows: its own ops are not traced
+
+    # --- labels kept beside tensors ---------------------------------------------------------------
+    def labels_of(self, t: Any) -> Labels | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        hit = self.labels.get(id(t))
+        if hit is not None and hit[0] is t and hit[1].shape == t.shape:
+            return hit[1]
+        if id(t) in self.params:  # a bare parameter used in the forward: one label per element
+            name, p = self.params[id(t)]
+            lab = torch.tensor([self.trace.uf.new() for _ in range(p.numel())], dtype=torch.float64)
+            lab = lab.reshape(p.shape)
+            self._set(t, lab)
+            self.trace.params[name] = lab
+            return lab
+        return None
+
+    def _set(self, t: torch.Tensor, lab: Labels) -> None:
+        self.labels[id(t)] = (t, lab)
+
+    def _blank(self, t: torch.Tensor) -> Labels:
+        return torch.full(t.shape, -1.0, dtype=torch.float64)
+
+    # --- layers compactor knows: hooks ------------------------------------------------------------
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = []
+        for name, module in self.model.named_modules():
+            if shrinker_for(module) is None or name == "":
+                continue
+            handles.append(module.register_forward_pre_hook(self._enter(name)))
+            handles.append(module.register_forward_hook(self._leave(name)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _enter(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self.depth == 0:
+                x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                if x is not None:
+                    self._count_use(x, name)
+                    self._layer_input(name, module, x)
+            self.depth += 1
+
+        return hook
+
+    def _leave(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            self.depth -= 1
+            if self.depth == 0:
+                x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                self._layer_output(name, module, x, out)
+
+        return hook
+
+    def _layer_input(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        shrinker = shrinker_for(module)
+        assert shrinker is not None
+        role = shrinker.role_of(module)
+        width = shrinker.in_channels(module)
+        lab = self.labels_of(x)
+        if lab is not None and role is Role.BLOCKING:  # its channels stay whatever its width
+            self._opaque(lab, f"{name}: {shrinker.why_blocking(module)}")
+        if lab is None or width is None or x.dim() == 0:
+            return
+        dim = _channel_dim(x, shrinker.input_channel_dim, width)
+        if dim is None:
+            self._opaque(lab, f"{name} reads its channels from a dimension compactor could not find")
+            return
+        per_index = _per_index(lab, dim)
+        for labels in per_index:  # a layer treats every copy of its input channel alike
+            _unite(self.trace.uf, labels)
+        side = Side.OUT if role is Role.CHANNELWISE else Side.IN
+        self.trace.reads.append(_Read(name, type(module).__name__, side, Kind.LAYER, 0, per_index))
+
+    def _layer_output(self, name: str, module: nn.Module, x: torch.Tensor | None, out: Any) -> None:
+        shrinker = shrinker_for(module)
+        assert shrinker is not None
+        role = shrinker.role_of(module)
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        xlab = self.labels_of(x) if x is not None else None
+        width = shrinker.out_channels(module)
+        for t in tensors:
+            self.trace.written_by[id(t)] = name
+            self.trace.feeds[name].append(id(t))
+            if role is Role.MIXING and width:
+                dim = _channel_dim(t, shrinker.input_channel_dim, width)
+                if dim is None:
+                    self._set(t, self._blank(t))
+                    continue
+                fresh = [self.trace.uf.new() for _ in range(width)]
+                self.trace.producers.append((name, fresh))
+                self.trace.reads.append(
+                    _Read(name, type(module).__name__, Side.OUT, Kind.LAYER, 0, [{f} for f in fresh])
+                )
+                self._set(t, _along(t, dim, fresh))
+            elif (
+                xlab is not None and t.shape == xlab.shape
+            ):  # channelwise, or a blocking layer's same-shape output
+                self._set(t, xlab.clone())
+            elif xlab is not None and role is Role.CHANNELWISE and t.dim() == xlab.dim() and t.dim() > 1:
+                per = _per_index(xlab, 1)
+                rep = [min(s) if s else -1 for s in per]
+                self._set(t, _along(t, 1, rep))
+            else:
+                self._set(t, self._blank(t))
+
+    # --- every other op ---------------------------------------------------------------------------
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth > 0:
+            return out
+        name = getattr(func, "__name__", str(func))
+        if name in _IGNORE:
+            return out
+        self.trace.ops += 1
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        for a in inputs:
+            self._count_use(a, None)
+        labelled = {id(a): lab for a in inputs if (lab := self.labels_of(a)) is not None}
+        if not labelled:
+            return out
+        try:
+            self._propagate(name, func, args, kwargs, out, labelled)
+        except Exception as e:  # an op replay that fails: its channels stay, the trace goes on
+            for lab in labelled.values():
+                self._opaque(lab, f"{name} (could not follow its channels: {type(e).__name__})")
+            for t in _tensors(out):
+                self._set(t, self._blank(t))
+        return out
+
+    def _count_use(self, t: torch.Tensor, layer: str | None) -> None:
+        hit = self.labels.get(id(t))
+        if hit is None or hit[0] is not t:  # only tensors kept alive here: an id is never reused for them
+            return
+        self.trace.uses[id(t)] += 1
+        if layer is not None:
+            self.trace.read_by[id(t)].append(layer)
+
+    def _propagate(
+        self, name: str, func: Any, args: Any, kwargs: Any, out: Any, labelled: dict[int, Labels]
+    ) -> None:
+        outs = _tensors(out)
+        if name in _MOVE:
+            self._move(name, func, args, kwargs, out, labelled)
+        elif name in _ELEMENTWISE:
+            self._elementwise(name, args, kwargs, outs, labelled)
+        elif name in _REDUCE:
+            self._reduce(name, args, kwargs, outs, labelled)
+        elif name in _SPATIAL:
+            self._spatial(name, args, outs, labelled)
+        else:
+            for lab in labelled.values():
+                self._opaque(lab, f"{name} reads them (an op compactor does not follow)")
+            for t in outs:
+                self._set(t, self._blank(t))
+
+    def _substitute(self, value: Any) -> Any:
+        """The op's arguments with every data tensor replaced by its labels (-1 for unlabelled data)."""
+
+        def swap(a: Any) -> Any:
+            if not isinstance(a, torch.Tensor) or not (a.is_floating_point() or a.is_complex()):
+                return a  # indices, masks and shapes stay as they are
+            lab = self.labels_of(a)
+            return lab if lab is not None else self._blank(a)
+
+        return tree_map(swap, value)
+
+    def _move(
+        self, name: str, func: Any, args: Any, kwargs: Any, out: Any, labelled: dict[int, Labels]
+    ) -> None:
+        if name == "__setitem__":
+            target = args[0]
+            lab = self.labels_of(target)
+            lab = lab.clone() if lab is not None else self._blank(target)
+            value = args[2]
+            vlab = self._substitute(value) if isinstance(value, torch.Tensor) else -1.0
+            lab[self._substitute(args[1])] = vlab
+            self._set(target, lab)
+            return
+        sargs, skwargs = self._substitute(args), self._substitute(kwargs)
+        if name == "pad":
+            skwargs = dict(skwargs)
+            if len(sargs) > 3 or "value" in skwargs or (skwargs.get("mode", "constant") == "constant"):
+                sargs = tuple(sargs[:3])
+                skwargs.pop("value", None)
+                skwargs["value"] = -1.0
+        replayed = func(*sargs, **skwargs)
+        for t, lab in zip(_tensors(out), _tensors(replayed)):
+            self._set(t, lab if lab.dtype == torch.float64 else lab.to(torch.float64))
+        if name in ("view", "reshape", "unflatten", "view_as", "reshape_as"):
+            x, y = self.labels_of(args[0]), self.labels_of(_tensors(out)[0]) if _tensors(out) else None
+            if x is not None and y is not None:
+                _unite_split(self.trace.uf, x, y)
+        self._note_cut(name, func, args, kwargs, labelled)
+
+    def _note_cut(self, name: str, func: Any, args: Any, kwargs: Any, labelled: dict[int, Labels]) -> None:
+        """A chunk, split or slice along a dimension where channels vary: a member with its pieces."""
+        if name not in ("chunk", "split", "tensor_split", "unbind", "__getitem__", "narrow", "select"):
+            return
+        x = args[0]
+        lab = labelled.get(id(x))
+        if lab is None or x.dim() == 0:
+            return
+        if name == "__getitem__":
+            dim, piece = _getitem_cut(x, args[1])
+            if dim is None:
+                return
+        else:
+            dim = _arg(args, kwargs, 2 if name != "unbind" else 1, "dim", 0)
+            dim = int(dim) % x.dim()
+            piece = None
+        per = _per_index(lab, dim)
+        if not _varies(per):
+            return  # the cut runs along a dimension that holds no channels
+        n = x.shape[dim]
+        if name == "chunk":
+            chunks = int(_arg(args, kwargs, 1, "chunks", 1))
+            size = -(-n // chunks)
+            pieces = tuple(min(size, n - s) for s in range(0, n, size))
+            self._add_read(f"chunk@{self.trace.ops}", "chunk", Kind.CHUNK, dim, per, pieces)
+            return
+        what = {"unbind": Kind.UNBIND, "split": Kind.SPLIT, "tensor_split": Kind.SPLIT}.get(name, Kind.SLICE)
+        if what is Kind.SLICE and piece is not None:
+            kept = [per[i] for i in piece]
+            dropped = {v for i in range(n) if i not in set(piece) for v in per[i]}
+            for s in kept:
+                dropped -= s
+            per = [s if i in set(piece) else set() for i, s in enumerate(per)]
+            del kept, dropped  # channels cut away are read by nothing: they go like unread channels
+        self._add_read(f"{name}@{self.trace.ops}", name, what, dim, per, ())
+
+    def _add_read(
+        self, name: str, op: str, kind: Kind, dim: int, per: list[set[int]], pieces: tuple[int, ...]
+    ) -> None:
+        self.trace.reads.append(_Read(name, op, Side.IN, kind, dim, per, pieces))
+
+    def _elementwise(
+        self, name: str, args: Any, kwargs: Any, outs: list[torch.Tensor], labelled: dict[int, Labels]
+    ) -> None:
+        data = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        labs = [self.labels_of(a) for a in data]
+        shape = _broadcast([a.shape for a in data])
+        full = [lab.expand(shape) if lab is not None else None for lab in labs]
+        real = [f for f in full if f is not None]
+        merged = real[0].clone()
+        for other in real[1:]:
+            both = (merged >= 0) & (other >= 0) & (merged != other)
+            if bool(both.any()):
+                pairs = _unique_rows(torch.stack([merged[both], other[both]], 1))
+                for a, b in pairs:
+                    self.trace.uf.union(int(a), int(b))
+            merged = torch.where(merged >= 0, merged, other)
+        if len(real) > 1 and name in ("mul", "__mul__", "__rmul__", "__imul__", "mul_"):
+            self._gate(real, shape)
+        for t in outs:
+            self._set(t, merged.expand(t.shape).clone() if merged.shape != t.shape else merged)
+
+    def _gate(self, real: list[Labels], shape: torch.Size) -> None:
+        """A product of two labelled tensors (squeeze-excite's gate): recorded as a multiply member."""
+        for dim in range(len(shape)):
+            per = _per_index(real[0].expand(shape), dim)
+            if _varies(per):
+                self._add_read(f"mul@{self.trace.ops}", "mul", Kind.MULTIPLY, dim, per, ())
+                return
+
+    def _reduce(
+        self, name: str, args: Any, kwargs: Any, outs: list[torch.Tensor], labelled: dict[int, Labels]
+    ) -> None:
+        x = args[0]
+        lab = labelled.get(id(x))
+        if lab is None:
+            for other in labelled.values():
+                self._opaque(other, f"{name} reads them")
+            for t in outs:
+                self._set(t, self._blank(t))
+            return
+        dims = _arg(args, kwargs, 1, "dim", None)
+        if dims is None or (name in ("max", "min") and not isinstance(dims, (int, tuple, list))):
+            dims = tuple(range(x.dim()))
+        dims = tuple(d % x.dim() for d in (dims if isinstance(dims, (tuple, list)) else (dims,)))
+        if any(_varies(_per_index(lab, d)) and not _constant_along(lab, d) for d in dims):
+            self._opaque(lab, f"{name} reads across them")
+            for t in outs:
+                self._set(t, self._blank(t))
+            return
+        keep = bool(_arg(args, kwargs, 2, "keepdim", False)) or name in (
+            "softmax",
+            "log_softmax",
+            "cumsum",
+            "cumprod",
+        )
+        reduced = lab
+        for d in sorted(dims, reverse=True):
+            reduced = reduced.narrow(d, 0, 1)
+            if not keep:
+                reduced = reduced.squeeze(d)
+        for t in outs:
+            if t.shape == reduced.shape:
+                self._set(t, reduced.clone())
+            elif reduced.dim() == t.dim():
+                self._set(t, reduced.expand(t.shape).clone())
+            else:
+                self._set(t, self._blank(t))
+
+    def _spatial(self, name: str, args: Any, outs: list[torch.Tensor], labelled: dict[int, Labels]) -> None:
+        x = args[0]
+        lab = labelled.get(id(x))
+        if lab is None or x.dim() < 3 or any(not _constant_along(lab, d) for d in range(2, x.dim())):
+            for other in labelled.values():
+                self._opaque(other, f"{name} reads across them")
+            for t in outs:
+                self._set(t, self._blank(t))
+            return
+        per_channel = lab.reshape(*lab.shape[:2], -1)[..., :1]
+        for t in outs:
+            if t.dim() == x.dim() and t.shape[:2] == x.shape[:2]:
+                self._set(
+                    t, per_channel.reshape(*lab.shape[:2], *([1] * (t.dim() - 2))).expand(t.shape).clone()
+                )
+            else:
+                self._set(t, self._blank(t))
+
+    def _opaque(self, lab: Labels, why: str) -> None:
+        for v in _unique(lab):
+            if v >= 0:
+                self.trace.opaque.setdefault(int(v), why)
+
+
+# --- helpers on label tensors -------------------------------------------------------------------------
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+def _arg(args: Any, kwargs: Any, pos: int, key: str, default: Any) -> Any:
+    if key in kwargs:
+        return kwargs[key]
+    return args[pos] if len(args) > pos else default
+
+
+def _channel_dim(t: torch.Tensor, preferred: int, width: int) -> int | None:
+    """Where ``t`` holds a layer's ``width`` channels: the layer's own dimension, else the last one."""
+    if t.dim() == 0:
+        return None
+    for d in (preferred, 1, -1):
+        if -t.dim() <= d < t.dim() and t.shape[d] == width:
+            return d % t.dim()
+    return None
+
+
+def _along(t: torch.Tensor, dim: int, values: list[int]) -> Labels:
+    shape = [1] * t.dim()
+    shape[dim] = len(values)
+    return torch.tensor(values, dtype=torch.float64).reshape(shape).expand(t.shape).clone()
+
+
+def _per_index(lab: Labels, dim: int) -> list[set[int]]:
+    """Per index along ``dim``: the labels found there (every position, every batch element)."""
+    moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
+    uniq = [_unique_t(row) for row in moved]
+    return [{int(v) for v in u.tolist() if v >= 0} for u in uniq]
+
+
+def _varies(per: list[set[int]]) -> bool:
+    """Channels run along this dimension: some index holds a label another does not."""
+    seen = [frozenset(s) for s in per]
+    return any(seen) and len(set(seen)) > 1
+
+
+def _constant_along(lab: Labels, dim: int) -> bool:
+    """Every line along ``dim`` holds one label: reducing over it mixes no two channels."""
+    first = lab.narrow(dim, 0, 1)
+    return bool((lab == first).all())
+
+
+def _unite_split(uf: _UnionFind, x: Labels, y: Labels) -> None:
+    """A reshape that splits a dimension holding channels into several (``view(b, g, c // g, h, w)``, a
+    channel shuffle's first step) maps channel ``a * (c // g) + j`` to ``(a, j)``, and that map moves when
+    channels go: it stays right only if every block ``a`` loses the same ``j``. So the channels at one
+    ``j`` are united across the blocks (the innermost dimension of the split holds ``j``)."""
+    for start, stop in _split_runs(tuple(x.shape), tuple(y.shape)):
+        inner = max(d for d in range(start, stop) if y.shape[d] > 1)
+        outer = [d for d in range(start, stop) if d != inner and y.shape[d] > 1]
+        if not outer or not any(_varies(_per_index(y, d)) for d in range(start, stop)):
+            continue
+        moved = y.movedim(outer, list(range(y.dim() - len(outer), y.dim())))
+        flat = moved.reshape(-1, math.prod(y.shape[d] for d in outer))
+        for k in range(1, flat.shape[1]):
+            both = (flat[:, 0] >= 0) & (flat[:, k] >= 0) & (flat[:, 0] != flat[:, k])
+            if bool(both.any()):
+                for a, b in _unique_rows(torch.stack([flat[both, 0], flat[both, k]], 1)):
+                    uf.union(int(a), int(b))
+
+
+def _split_runs(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The runs ``[start, stop)`` of ``after``'s dimensions that one dimension of ``before`` became (a
+    reshape's dimension groups with equal products; size-1 dimensions belong to no run)."""
+    runs, i, j = [], 0, 0
+    while i < len(before) and j < len(after):
+        if before[i] == after[j]:
+            i, j = i + 1, j + 1
+            continue
+        if before[i] == 1:
+            i += 1
+            continue
+        if after[j] == 1:
+            j += 1
+            continue
+        start, prod_b, prod_a, i0 = j, before[i], after[j], i
+        j += 1
+        i += 1
+        while prod_a != prod_b and (j < len(after) or i < len(before)):
+            if prod_a < prod_b and j < len(after):
+                prod_a *= after[j]
+                j += 1
+            elif i < len(before):
+                prod_b *= before[i]
+                i += 1
+            else:
+                break
+        if i - i0 == 1 and j - start > 1:  # one dimension split into several
+            runs.append((start, j))
+    return runs
+
+
+def _unite(uf: _UnionFind, labels: set[int]) -> None:
+    items = sorted(labels)
+    for other in items[1:]:
+        uf.union(items[0], other)
+
+
+def _getitem_cut(x: torch.Tensor, index: Any) -> tuple[int | None, list[int] | None]:
+    """For ``x[index]`` with basic slicing: the one dimension it cuts and the indices it keeps."""
+    items = index if isinstance(index, tuple) else (index,)
+    dim, cut, kept = 0, None, None
+    for item in items:
+        if item is Ellipsis:
+            dim = x.dim() - (len(items) - 1 - items.index(Ellipsis)) - 1
+            dim += 1
+            continue
+        if item is None:
+            continue
+        if isinstance(item, slice):
+            idx = list(range(x.shape[dim]))[item]
+            if len(idx) != x.shape[dim]:
+                if cut is not None:
+                    return None, None
+                cut, kept = dim, idx
+        elif isinstance(item, int):
+            if cut is not None:
+                return None, None
+            cut, kept = dim, [item % x.shape[dim]]
+        else:
+            return None, None
+        dim += 1
+    return cut, kept
+
+
+# --- from labels to groups ----------------------------------------------------------------------------
+
+
+def _groups(model: nn.Module, trace: _Trace) -> list[ChannelGroup]:
+    uf = trace.uf
+    members_by_class: dict[int, list[tuple[int, int]]] = defaultdict(list)  # class -> (read number, index)
+    reads = list(trace.reads)
+    for name, lab in trace.params.items():
+        read = _param_read(name, lab, uf)
+        if read is None:
+            trace.opaque.update(
+                {
+                    int(v): f"{name} holds them in a layout compactor cannot slice"
+                    for v in lab.flatten().tolist()
+                }
+            )
+        else:
+            reads.append(read)
+    for n, read in enumerate(reads):
+        for i, labels in enumerate(read.labels):
+            for c in {uf.find(v) for v in labels}:
+                members_by_class[c].append((n, i))
+    opaque = {uf.find(v): why for v, why in trace.opaque.items()}
+    outputs = {uf.find(v) for v in trace.outputs}
+    norms = _norm_after(model, trace)
+    covered: set[int] = set()
+    groups: list[ChannelGroup] = []
+    for name, fresh in trace.producers:
+        classes = [uf.find(v) for v in fresh]
+        if all(c in covered for c in classes) or any(g.root == name for g in groups):
+            continue
+        roots: list[int | None] = []
+        for c in classes:  # a class met twice (a gated MLP's two halves) is the first one's root channel
+            roots.append(None if c in covered else c)
+            covered.add(c)
+        groups.append(_group(name, roots, reads, members_by_class, opaque, outputs, norms))
+    return groups
+
+
+def _group(
+    root: str,
+    roots: list[int | None],
+    reads: list[_Read],
+    members_by_class: dict[int, list[tuple[int, int]]],
+    opaque: dict[int, str],
+    outputs: set[int],
+    norms: dict[str, str],
+) -> ChannelGroup:
+    idxs: dict[int, list[list[int]]] = {}
+    for r, c in enumerate(roots):
+        if c is None:
+            continue
+        for n, i in members_by_class.get(c, []):
+            idxs.setdefault(n, [[] for _ in roots])[r].append(i)
+    members = []
+    for n, per_root in sorted(idxs.items()):
+        read = reads[n]
+        members.append(
+            Member(
+                read.name,
+                read.op,
+                read.side,
+                read.kind,
+                read.dim,
+                tuple(tuple(sorted(set(p))) for p in per_root),
+                read.pieces,
+            )
+        )
+    why = {r: opaque[c] for r, c in enumerate(roots) if c is not None and c in opaque}
+    reaches = any(c in outputs for c in roots if c is not None)
+    at_output = tuple(r for r, c in enumerate(roots) if c is not None and c in outputs)
+    layers = {m.name for m in members if m.kind is Kind.LAYER}
+    return ChannelGroup(
+        root,
+        len(roots),
+        tuple(_merge_sides(members)),
+        reaches,
+        (),
+        norm_after=tuple((a, b) for a, b in norms.items() if a in layers),
+        exact=True,
+        opaque=tuple(sorted(why.items())),
+        at_output=at_output,
+    )
+
+
+def _merge_sides(members: list[Member]) -> list[Member]:
+    """One member per (name, side): a layer read twice (``cat([x, x])``) holds both indices per channel."""
+    merged: dict[tuple[str, Side], Member] = {}
+    for m in members:
+        key = (m.name, m.side)
+        if key in merged:
+            old = merged[key]
+            idxs = tuple(tuple(sorted(set(a) | set(b))) for a, b in zip(old.idxs, m.idxs))
+            merged[key] = Member(old.name, old.op, old.side, old.kind, old.pruning_dim, idxs, old.pieces)
+        else:
+            merged[key] = m
+    return list(merged.values())
+
+
+def _param_read(name: str, lab: Labels, uf: _UnionFind) -> _Read | None:
+    """A bare parameter's channels: the one dimension along which its elements' classes change and
+    across which they do not (a LayerScale ``gamma``, a class token's features). None if there is none
+    (and its elements are coupled to something); a parameter coupled to nothing is not a member."""
+    classes = lab.clone()
+    flat = classes.view(-1)
+    for i, v in enumerate(lab.flatten().tolist()):
+        flat[i] = uf.find(int(v))
+    for d in range(lab.dim()):
+        if lab.shape[d] > 1 and _constant_along_others(classes, d):
+            return _Read(
+                name, "Parameter", Side.OUT, Kind.LAYER, d, [{int(v)} for v in _first_line(classes, d)]
+            )
+    if lab.numel() == 1:
+        return _Read(name, "Parameter", Side.OUT, Kind.LAYER, 0, [{int(flat[0])}])
+    return None
+
+
+def _constant_along_others(classes: Labels, d: int) -> bool:
+    moved = classes.movedim(d, 0).reshape(classes.shape[d], -1)
+    return bool((moved == moved[:, :1]).all())
+
+
+def _first_line(classes: Labels, d: int) -> list[float]:
+    return classes.movedim(d, 0).reshape(classes.shape[d], -1)[:, 0].tolist()
+
+
+def _norm_after(model: nn.Module, trace: _Trace) -> dict[str, str]:
+    """Mixing layers whose output goes to exactly one place, a layer of the same width that can absorb a
+    constant shift of its input (a BatchNorm: see ``Shrinker.absorb_shift``)."""
+    modules = dict(model.named_modules())
+    found = {}
+    for name, ids in trace.feeds.items():
+        if len(ids) != 1 or trace.uses.get(ids[0], 0) != 1 or len(trace.read_by.get(ids[0], [])) != 1:
+            continue
+        after = trace.read_by[ids[0]][0]
+        module, norm_module = modules.get(name), modules.get(after)
+        shrinker, norm = shrinker_for(module), shrinker_for(norm_module)
+        if (
+            shrinker is not None
+            and norm is not None
+            and shrinker.role_of(module) is Role.MIXING
+            and norm.role_of(norm_module) is Role.CHANNELWISE
+            and norm.can_absorb_shift(norm_module)
+            and shrinker.out_channels(module) == norm.in_channels(norm_module)
+        ):
+            found[name] = after
+    return found

@@ -1,0 +1,238 @@
+"""Channel coupling compactor decides itself (its own channel labels, ``engine/labels.py``): chunks, splits,
+channel shuffles and channels-last permutes, on faithful replicas of the blocks users have.
+
+Every test masks exact channels, predicts by hand which go and which stay (and why), and checks the
+widths, the fates and the outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from replicas_coupling import C2f, ConvNeXtTiny, GluTokens, ShuffleNetV2Tiny, YoloTiny
+from torch import nn
+from zoo import mask_channels, perturb_norms, zero_bn
+
+import compactor
+from compactor.engine import graph
+from compactor.engine.labels import label_groups
+from compactor.inputs import ExampleInputs
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _widths(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    mods = dict(model.named_modules())
+    out = {}
+    for n in names:
+        m = mods[n]
+        if isinstance(m, nn.Linear):
+            out[n] = (m.in_features, m.out_features)
+        else:
+            out[n] = (m.in_channels, m.out_channels)
+    return out
+
+
+def _compact(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, compactor.CompactionReport]:
+    model.eval()
+    small, report = compactor.compact(model, x)
+    with torch.no_grad():
+        for seed in (3, 4):
+            y = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(small(y), model(y), rtol=RTOL, atol=ATOL)
+    return small, report
+
+
+def _fates(report: compactor.CompactionReport, layer: str) -> dict[int, str]:
+    return {z.channel: z.fate for z in report.zeroed if z.layer == layer}
+
+
+def test_c2f_chunk_loses_as_many_channels_from_each_half() -> None:
+    """YOLOv8 C2f: ``cv1(x).chunk(2, 1)``. Channels 0, 1 (first half) and 9 (second half) of cv1 emit
+    exactly zero (BatchNorm slimmed): one can go from each half, 0 and 9; 1 stays for the layout."""
+    torch.manual_seed(0)
+    model = YoloTiny("c2f")
+    model.block = C2f(16, 16, n=2, shortcut=False)
+    zero_bn(model.block.cv1.bn, [0, 1, 9])
+    model = perturb_norms(model, (2, 3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    small, report = _compact(model, x)
+
+    assert _fates(report, "block.cv1.conv") == {0: "removed", 1: "kept: layer layout", 9: "removed"}
+    assert "each piece loses as many channels" in next(z.reason for z in report.zeroed if z.channel == 1)
+    names = ["block.cv1.conv", "block.m.0.cv1.conv", "block.cv2.conv"]
+    assert _widths(small, names) == {
+        "block.cv1.conv": (16, 14),
+        "block.m.0.cv1.conv": (7, 8),  # the second half, less channel 9
+        "block.cv2.conv": (30, 16),  # cat(y0, y1, m0, m1): positions 0 and 9 gone
+    }
+
+
+def test_c3k2_chunk_feeds_a_nested_c3k() -> None:
+    """YOLO11 C3k2 with ``c3k=True``: the second half feeds a C3k (two 1x1 convs, residual bottlenecks);
+    channels 2 (first half), 12 and 13 (second half) emit zero: 2 and 12 go, 13 stays."""
+    torch.manual_seed(0)
+    model = YoloTiny("c3k2")
+    zero_bn(model.block.cv1.bn, [2, 12, 13])
+    model = perturb_norms(model, (2, 3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    small, report = _compact(model, x)
+
+    assert _fates(report, "block.cv1.conv") == {2: "removed", 12: "removed", 13: "kept: layer layout"}
+    names = ["block.cv1.conv", "block.m.0.cv1.conv", "block.m.0.cv2.conv", "block.cv2.conv"]
+    assert _widths(small, names) == {
+        "block.cv1.conv": (16, 14),
+        "block.m.0.cv1.conv": (7, 4),
+        "block.m.0.cv2.conv": (7, 4),
+        "block.cv2.conv": (22, 16),
+    }
+
+
+def test_gated_mlp_chunk_on_the_last_dimension_couples_the_two_halves() -> None:
+    """timm GluMlp: ``fc1`` then ``chunk(2, dim=-1)`` and ``x1 * act(x2)``: input j of fc2 reads fc1's
+    outputs j and j + 12 together. fc2 ignores inputs 3 and 7: fc1 loses rows 3, 7, 15, 19."""
+    torch.manual_seed(0)
+    model = GluTokens()
+    mask_channels(model.mlp.fc2, [3, 7], dim=1)
+    x = torch.randn(2, 7, 12)
+
+    small, report = _compact(model, x)
+
+    assert _widths(small, ["mlp.fc1", "mlp.fc2"]) == {"mlp.fc1": (16, 20), "mlp.fc2": (10, 16)}
+    assert _fates(report, "mlp.fc1") == {3: "removed", 7: "removed"}
+    groups = label_groups(model, ExampleInputs.of(x))
+    fc1 = next(g for g in groups if g.root == "mlp.fc1")
+    chunk = next(m for m in fc1.members if m.op == "chunk")
+    assert chunk.pieces == (12, 12) and chunk.idxs[3] == (3, 15)
+
+
+def test_channel_shuffle_removes_whole_rows_of_the_shuffle() -> None:
+    """torchvision ShuffleNetV2: ``cat(branch1, branch2)`` then ``view(b, 2, 8) -> transpose -> view``.
+    The shuffle's map moves when channels go unless both halves lose the same position: channel j of
+    branch1 and of branch2 go together, and after the next block's shuffle, with the channels they meet
+    there. Zeroing positions 1 and 5 of both branches of stage2.0 and positions 2 and 3 of stage2.1's
+    branch2 makes two whole rows constant: one lands in each half of stage2.1's chunk, so both go."""
+    torch.manual_seed(0)
+    model = ShuffleNetV2Tiny()
+    for layer, rows in (
+        ("stage2.0.branch1.2", [1, 5]),
+        ("stage2.0.branch2.5", [1, 5]),
+        ("stage2.1.branch2.5", [2, 3]),
+    ):
+        mask_channels(dict(model.named_modules())[layer], rows)
+    model = perturb_norms(model, (2, 3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    small, report = _compact(model, x)
+
+    names = [
+        "stage2.0.branch1.2",
+        "stage2.0.branch2.5",
+        "stage2.1.branch2.0",
+        "stage2.1.branch2.5",
+        "conv5.0",
+    ]
+    assert _widths(small, names) == {
+        "stage2.0.branch1.2": (8, 6),
+        "stage2.0.branch2.5": (8, 6),
+        "stage2.1.branch2.0": (6, 8),  # x2 lost positions 10 and 11 (row 5)
+        "stage2.1.branch2.5": (8, 6),
+        "conv5.0": (12, 32),  # rows 2 and 3 of stage2.1's shuffle: inputs 4, 5, 6, 7
+    }
+    assert len([z for z in report.zeroed if _removed(z.fate)]) == 2  # one root channel per shuffle row
+
+
+def _removed(fate: str) -> bool:
+    return fate in ("removed", "folded", "merged")
+
+
+def test_channel_shuffle_keeps_a_position_only_one_half_zeroed() -> None:
+    """Only branch2 of stage2.0 zeroes channel 1: its shuffle row also holds branch1's live channel 1,
+    so nothing goes, and the outputs stay exact (Torch-Pruning's map would have moved channels)."""
+    torch.manual_seed(0)
+    model = ShuffleNetV2Tiny()
+    mask_channels(model.stage2[0].branch2[5], [1])
+    model = perturb_norms(model, (2, 3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    small, report = _compact(model, x)
+
+    assert _widths(small, ["stage2.0.branch2.5", "conv5.0"]) == {
+        "stage2.0.branch2.5": (8, 8),
+        "conv5.0": (16, 32),
+    }
+    assert not any(_removed(z.fate) for z in report.zeroed)
+
+
+def test_convnext_block_permutes_to_channels_last_and_back() -> None:
+    """torchvision CNBlock: ``Permute([0, 2, 3, 1])``, LayerNorm, Linear -> GELU -> Linear, ``Permute`` back.
+    Rows 1, 2, 3 of the first Linear of block 0 are zero: GELU(bias) is a constant there, folded into the
+    second Linear's bias. The residual stream passes LayerNorm (its statistics read every channel): kept."""
+    torch.manual_seed(0)
+    model = ConvNeXtTiny()
+    mask_channels(model.blocks[0].block[3], [1, 2, 3])
+    mask_channels(model.stem, [0])  # the residual stream: block 0's second Linear writes channel 0 too
+    x = torch.randn(2, 3, 32, 32)
+
+    small, report = _compact(model, x)
+
+    assert _widths(small, ["blocks.0.block.3", "blocks.0.block.5", "stem"]) == {
+        "blocks.0.block.3": (8, 29),
+        "blocks.0.block.5": (29, 8),
+        "stem": (3, 8),
+    }
+    assert _fates(report, "blocks.0.block.3") == {1: "folded", 2: "folded", 3: "folded"}
+    assert _fates(report, "stem") == {}  # not zeroed: the Linears of both blocks write into that stream
+
+
+class _LiteralSplit(nn.Module):
+    """``x.split([6, 10], 1)``: sizes written in the code, so the channels of the split stay (each with the
+    reason); a channel of the same conv that the split does not see is removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 18, 1)
+        self.a, self.b = nn.Conv2d(6, 4, 1), nn.Conv2d(10, 4, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)[:, :16]  # a literal slice: channels 16, 17 are read by nothing
+        a, b = y.split([6, 10], 1)
+        return self.fc(torch.cat([self.a(a), self.b(b)], 1).mean((2, 3)))
+
+
+def test_literal_split_and_slice_keep_only_the_channels_they_cut() -> None:
+    torch.manual_seed(0)
+    model = _LiteralSplit()
+    mask_channels(model.conv, [2, 17])
+    x = torch.randn(2, 3, 6, 6)
+
+    small, report = _compact(model, x)
+
+    assert small.conv.out_channels == 17
+    fates = {z.channel: (z.fate, z.reason) for z in report.zeroed if z.layer == "conv"}
+    assert fates[17][0] == "removed"
+    assert fates[2][0] == "kept: read elsewhere" and "fixed in the forward code" in fates[2][1]
+
+
+@pytest.mark.parametrize("analysis", ["torch-pruning", "labels"])
+def test_both_analyses_agree_on_a_plain_residual_net(analysis: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where Torch-Pruning is right (no op it maps by rule), the labels find the same groups."""
+    from zoo import CASES
+
+    case = next(c for c in CASES if c.name == "residual_block")
+    monkeypatch.setattr(graph, "ANALYSIS", analysis)
+    model = case.model()
+    groups = graph.build_groups(model, ExampleInputs.of(case.inputs()))
+    found = {
+        g.root: sorted((m.name, m.side.value, m.idxs) for m in g.layers())
+        for g in groups
+        if any(m.idxs and any(m.idxs) for m in g.layers())
+    }
+    monkeypatch.setattr(graph, "ANALYSIS", "torch-pruning" if analysis == "labels" else "labels")
+    other = graph.build_groups(model, ExampleInputs.of(case.inputs()))
+    other_sets = {frozenset((m.name, m.side.value, m.idxs) for m in g.layers()) for g in other}
+    assert {frozenset(v) for v in found.values()} == other_sets
