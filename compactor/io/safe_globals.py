@@ -9,13 +9,20 @@ which of the file's globals may be told, and nothing is imported to decide it:
 * any other module (the user's own, in the working directory, or an installed package such as
   transformers) is imported only after its source, found on ``sys.path`` without executing anything (no
   ``importlib.util.find_spec``, which runs parent packages), shows that it defines that name as a class
-  derived from ``torch.nn.Module``, from a Hugging Face config, or from ``enum.Enum`` (read with ``ast``,
-  following the base classes through the files they are imported from);
+  derived from ``torch.nn.Module``, from a Hugging Face config (``transformers``' own
+  ``PretrainedConfig``/``PreTrainedConfig``/``GenerationConfig``, never another class of that name), or
+  from ``enum.Enum`` (read with ``ast``, following the base classes through the files they are imported
+  from);
+* torch's pure tensor operators (``torch._C._nn.gelu``, which ``GELUActivation`` keeps): public builtins
+  ATen defines as operators, never file, process, thread or global-state functions (``torch.load``,
+  ``torch.from_file``, ``torch.fork``, ``torch.hub.load``, ``torch.jit.load``);
 * anything else is refused by name.
 
-:func:`check_calls` then reads the pickle's opcodes: ``torch.save(model)`` rebuilds modules with
-``__new__`` and their state, never by calling the class, so a pickle that calls a module class (an
-856-byte file that runs ``Linear(12000, 12000)``) or a torch function is not one torch wrote.
+:func:`check_calls` then reads the pickle's opcodes (:mod:`compactor.io.pickle_calls`):
+``torch.save(model)`` rebuilds modules with ``__new__`` and their state, never by calling the class, so a
+pickle that calls a module class (an 856-byte file that runs ``Linear(12000, 12000)``) or a torch function
+is not one torch wrote; nor one that builds an enum member other than by a lookup of its one value, or
+wraps anything but a module class or an operator in ``functools.partial``.
 :func:`check_archive` refuses an archive whose entries expand far beyond the file (a compressed entry),
 and :func:`check_tensors` a loaded tensor that reads a small storage as a huge one (a zero-stride view).
 """
@@ -23,15 +30,14 @@ and :func:`check_tensors` a loaded tensor that reads a small storage as a huge o
 from __future__ import annotations
 
 import ast
+import builtins
 import enum
 import functools
 import inspect
-import pickletools
 import sys
 import types
 import zipfile
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +46,20 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import InputFileError, UnsafePickleError, first_line
+from .pickle_calls import UNKNOWN, UNKNOWN_FUNCTION, Call, calls_in
 
 _PLAIN_CONTAINERS: tuple[type, ...] = (OrderedDict, defaultdict, dict, list, tuple, set, frozenset)
-# Hugging Face configs: attribute bags a model keeps (4.x and 5.x spell the base differently; generation
-# models keep a GenerationConfig too).
-_CONFIG_BASES = ("PretrainedConfig", "PreTrainedConfig", "GenerationConfig")
+# Hugging Face configs: attribute bags a model keeps. Where the base classes are defined (4.x spells the
+# base PretrainedConfig, 5.x PreTrainedConfig; generation models keep a GenerationConfig too); a class is a
+# config when it derives from one of these very classes, never from another class of the same name.
+_CONFIG_BASES = {
+    "transformers.configuration_utils": ("PretrainedConfig", "PreTrainedConfig"),
+    "transformers.generation.configuration_utils": ("GenerationConfig",),
+}
 _MAX_DEPTH = 12  # base classes followed across files
-# Namespaces of torch's pure tensor operators (a model may hold one as an attribute: GELUActivation keeps
-# torch._C._nn.gelu); never torch.load/save, file, process, global-state or compilation functions.
+# Namespaces of torch's tensor operators (a model may hold one as an attribute: GELUActivation keeps
+# torch._C._nn.gelu). A builtin there is an operator when ATen defines an operator of its name; Python
+# functions only in torch.nn.functional.
 _TORCH_OPS = (
     "torch._C._nn",
     "torch._C._VariableFunctions",
@@ -60,6 +72,8 @@ _TORCH_OPS = (
     "torch.fft",
     "torch",
 )
+# ATen operators that are not pure arithmetic on the tensors they are given: files, threads, futures,
+# uninitialised memory, unchecked sparse indices, backend kernels, random seeds, global state.
 _NOT_OPERATORS = (
     "load",
     "save",
@@ -72,6 +86,18 @@ _NOT_OPERATORS = (
     "cuda",
     "distributed",
     "ops",
+    "wait",
+    "fork",
+    "empty",
+    "unsafe",
+    "sparse",
+    "blob",
+    "buffer",
+    "print",
+    "resize",
+    "mkldnn",
+    "miopen",
+    "fbgemm",
 )
 
 
@@ -168,8 +194,8 @@ _MISSING = object()
 
 def is_safe(obj: Any, name: str = "") -> bool:
     """A module class, pruning method, ``torch.Size``, plain container, Hugging Face config, enum,
-    ``functools.partial`` (its function and arguments are globals judged on their own), or one of torch's
-    pure tensor operators."""
+    ``functools.partial`` (what it wraps is judged by :func:`check_calls`, its arguments' globals on their
+    own), or one of torch's pure tensor operators."""
     if isinstance(obj, type):
         if issubclass(obj, (nn.Module, prune.BasePruningMethod, torch.Size, enum.Enum)):
             return True
@@ -178,19 +204,36 @@ def is_safe(obj: Any, name: str = "") -> bool:
 
 
 def _is_config(cls: type) -> bool:
-    return any(
-        base.__name__ in _CONFIG_BASES and base.__module__.startswith("transformers.") for base in cls.__mro__
-    )
+    bases = [
+        vars(sys.modules[module]).get(name)
+        for module, names in _CONFIG_BASES.items()
+        if module in sys.modules
+        for name in names
+    ]
+    return any(base is not None and base in bases for base in cls.__mro__)
 
 
 def _is_torch_operator(obj: Any, name: str) -> bool:
-    module_name = name.rpartition(".")[0]
-    leaf = name.rpartition(".")[2]
-    if module_name not in _TORCH_OPS or any(word in leaf.lower() for word in _NOT_OPERATORS):
+    """One of torch's pure tensor operators, found by ``name``: a public builtin that ATen defines as an
+    operator (``torch._C._nn.gelu``, ``torch.special.expit``), or a public function of torch.nn.functional."""
+    module_name, _, leaf = name.rpartition(".")
+    if module_name not in _TORCH_OPS or leaf.startswith("_") or _names_side_effect(leaf):
         return False
     if isinstance(obj, types.BuiltinFunctionType):
-        return True
+        op = getattr(obj, "__name__", "")
+        return not op.startswith("_") and not _names_side_effect(op) and _is_aten_operator(op)
     return inspect.isfunction(obj) and getattr(obj, "__module__", "") == "torch.nn.functional"
+
+
+def _names_side_effect(name: str) -> bool:
+    return any(word in name.lower() for word in _NOT_OPERATORS)
+
+
+def _is_aten_operator(name: str) -> bool:
+    try:
+        return bool(torch._C._jit_get_schemas_for_operator(f"aten::{name}"))
+    except RuntimeError:  # not an operator name torch can parse
+        return False
 
 
 # --- reading source without running it -------------------------------------------------------------
@@ -244,13 +287,15 @@ def _kind_in_source(module_name: str, qualname: list[str], depth: int) -> str | 
                 return _kind_of_ref(target, depth + 1) if target else None
             return None
         if i == len(qualname) - 1:
-            return _kind_of_class(cls, tree, package, depth)
+            return _kind_of_class(cls, tree, module_name, package, depth)
         scope = cls.body
     return None
 
 
-def _kind_of_class(cls: ast.ClassDef, tree: ast.Module, package: str, depth: int) -> str | None:
-    if cls.name in _CONFIG_BASES and package.startswith("transformers"):
+def _kind_of_class(
+    cls: ast.ClassDef, tree: ast.Module, module_name: str, package: str, depth: int
+) -> str | None:
+    if cls.name in _CONFIG_BASES.get(module_name, ()):
         return "config"
     for base in cls.bases:
         dotted = _dotted(base)
@@ -259,7 +304,7 @@ def _kind_of_class(cls: ast.ClassDef, tree: ast.Module, package: str, depth: int
         head, _, rest = dotted.partition(".")
         local = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == head), None)
         if local is not None and not rest:
-            kind = _kind_of_class(local, tree, package, depth + 1)
+            kind = _kind_of_class(local, tree, module_name, package, depth + 1)
         else:
             target = _imported(tree, head, package)
             kind = (
@@ -342,38 +387,96 @@ def _absolute(node: ast.ImportFrom, package: str) -> str | None:
 
 # --- what the pickle does ----------------------------------------------------------------------------
 # Calls torch's default allowlist lets a pickle make that torch.save(model) never writes: an allocation of
-# any size, and the tensor-subclass rebuilder, which calls whatever function it is handed.
+# any size.
 _NEVER_CALLED = ("builtins.bytearray", "builtins.bytes", "__builtin__.bytearray", "__builtin__.bytes")
-_TRAMPOLINES = ("torch._tensor._rebuild_from_type_v2", "torch._tensor._rebuild_from_type")
 
 
 def check_calls(file: Path, allowed: dict[str, Any]) -> None:
-    """Refuse a pickle that calls a module class, a torch function, an allocator, or an enum that runs its
-    own code on a value (``torch.save`` writes none of these)."""
-    for called in _called_globals(_pickle_bytes(file)):
-        obj = allowed.get(called)
-        if (
-            called in _NEVER_CALLED
-            or called == "an unknown function"
-            or (obj is not None and _calling_runs_code(obj))
-        ):
+    """Refuse a pickle that makes a call ``torch.save(model)`` never writes: a module class, a torch function,
+    an allocator, an enum that runs its own code on a value, an enum built or changed other than by a lookup
+    of its value, or a ``functools.partial`` of anything but a module class or a torch operator."""
+    for call in calls_in(_pickle_bytes(file)):
+        refusal = _refusal(call, allowed)
+        if refusal is not None:
+            what, why = refusal
             raise UnsafePickleError(
-                f"{file} calls {called} while loading, which torch.save(model) never does (it rebuilds modules "
-                f"from their state); refusing to run it. Re-save the model with torch.save(model, path)"
+                f"{file} {what} while loading, which torch.save(model) never does ({why}); refusing to run it. "
+                f"Re-save the model with torch.save(model, path)"
             )
+
+
+def _refusal(call: Call, allowed: dict[str, Any]) -> tuple[str, str] | None:
+    """(what the pickle does, how torch.save does it instead) for a call it never writes; else None."""
+    obj = allowed.get(call.target)
+    rebuilds = "it rebuilds modules from their state"
+    is_enum = isinstance(obj, type) and issubclass(obj, enum.Enum)
+    if call.how == "new":
+        return (
+            (f"calls {call.target}.__new__", "it saves an enum member as a lookup of its value")
+            if is_enum
+            else None
+        )
+    if call.how == "build":
+        if is_enum:
+            return f"changes a member of {call.target}", "enum members are shared; it saves one as its value"
+        if obj is functools.partial:
+            return _partial_refusal(call, allowed)
+        return None
+    if call.target in _NEVER_CALLED or call.target == UNKNOWN_FUNCTION:
+        return f"calls {call.target}", rebuilds
+    if obj is None:
+        return None  # one of torch's own rebuild functions
+    if is_enum:
+        arguments = call.arguments()
+        if arguments is None or len(arguments) != 1:
+            return f"calls {call.target} with other than one value", "it saves an enum member as its value"
+        return (
+            (f"calls {call.target}", "its lookup runs the enum's own code")
+            if _lookup_runs_code(obj)
+            else None
+        )
+    if obj is functools.partial:
+        return _partial_refusal(call, allowed)
+    return (f"calls {call.target}", rebuilds) if _calling_runs_code(obj) else None
+
+
+def _partial_refusal(call: Call, allowed: dict[str, Any]) -> tuple[str, str] | None:
+    """``partial(f)`` and its state ``(f, args, kwargs, dict)``: ``f`` must be a module class or an operator
+    (``partial(nn.LayerNorm, eps=1e-6)``); any global among the arguments was judged with the rest."""
+    arguments = call.arguments() or []
+    fn = arguments[0] if arguments else UNKNOWN
+    name = str(fn[1]) if fn[0] == "global" else "an object it cannot name"
+    obj = allowed.get(name)
+    if (isinstance(obj, type) and issubclass(obj, nn.Module)) or _is_torch_operator(obj, name):
+        return None
+    return (
+        f"wraps {name} in functools.partial",
+        "it saves a partial of a module class or a torch operator, such as partial(nn.LayerNorm, eps=1e-6)",
+    )
 
 
 def _calling_runs_code(obj: Any) -> bool:
     if not isinstance(obj, type):
         return True  # a function (a torch operator): only referenced by a model, never called
-    if issubclass(obj, nn.Module):
+    return issubclass(obj, nn.Module)
+
+
+_ENUM_CLASSES = tuple(c for c in vars(enum).values() if isinstance(c, type))
+
+
+def _lookup_runs_code(cls: type[enum.Enum]) -> bool:
+    """``Color("red")`` only finds a member made when the class was imported, unless the class hooks it: a
+    metaclass ``__call__``, a ``_missing_``, a ``__new__`` other than the lookup enum installs, or a mixin that
+    is neither builtin nor an enum (a Flag's lookup calls its ``__new__``). ``str``/``int`` mixins are fine."""
+    if type(cls).__call__ is not enum.EnumMeta.__call__:
         return True
-    if issubclass(obj, enum.Enum):  # Color("red") is a lookup, unless the enum hooks it
-        return any(
-            "_missing_" in vars(c) or "__new__" in vars(c)
-            for c in obj.__mro__
-            if not c.__module__.startswith("enum")
-        )
+    for c in cls.__mro__:
+        if c in _ENUM_CLASSES or c is getattr(builtins, c.__name__, None):
+            continue  # identity, not __module__, which a class body can set
+        if not issubclass(c, enum.Enum) or "_missing_" in vars(c):
+            return True
+        if vars(c).get("__new__", enum.Enum.__new__) is not enum.Enum.__new__:
+            return True
     return False
 
 
@@ -387,82 +490,6 @@ def _pickle_bytes(file: Path) -> bytes:
             f"{file} could not be read as a PyTorch file ({first_line(e)}); re-save the model"
         ) from e
     return record
-
-
-_UNKNOWN: tuple[str, Any] = ("?", None)  # a stack item the simulation does not follow
-
-
-def _called_globals(data: bytes) -> Iterator[str]:
-    """The globals each REDUCE / OBJ / INST opcode calls, by a small simulation of the pickle stack."""
-    stack: list[tuple[str, Any]] = []
-    marks: list[int] = []
-    memo: dict[Any, tuple[str, Any]] = {}
-    try:
-        ops = list(pickletools.genops(data))
-    except Exception:  # a malformed pickle: torch refuses it with its own message
-        return
-    for op, arg, _ in ops:
-        name = op.name
-        if name == "GLOBAL":
-            stack.append(("global", str(arg).replace(" ", ".")))
-        elif name == "STACK_GLOBAL":
-            qual, mod = stack.pop(), stack.pop()
-            stack.append(("global", f"{mod[1]}.{qual[1]}") if mod[0] == qual[0] == "str" else _UNKNOWN)
-        elif name in (
-            "SHORT_BINUNICODE",
-            "BINUNICODE",
-            "BINUNICODE8",
-            "UNICODE",
-            "SHORT_BINSTRING",
-            "BINSTRING",
-        ):
-            stack.append(("str", arg))
-        elif name == "MARK":
-            marks.append(len(stack))
-        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[arg] = stack[-1] if stack else _UNKNOWN
-        elif name == "MEMOIZE":
-            memo[len(memo)] = stack[-1] if stack else _UNKNOWN
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo.get(arg, _UNKNOWN))
-        elif name == "REDUCE":
-            args = stack.pop() if stack else _UNKNOWN
-            fn = stack.pop() if stack else _UNKNOWN
-            if fn[0] == "global":
-                yield fn[1]
-                if fn[1] in _TRAMPOLINES:  # _rebuild_from_type_v2(func, type, args, state) calls func(*args)
-                    inner = args[1][0] if args[0] == "tuple" and args[1] else _UNKNOWN
-                    if inner[0] != "global" or not inner[1].startswith("torch._utils._rebuild"):
-                        yield str(inner[1]) if inner[0] == "global" else "an unknown function"
-            stack.append(_UNKNOWN)
-        elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
-            count = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "EMPTY_TUPLE": 0}.get(name)
-            start = (marks.pop() if marks else 0) if count is None else len(stack) - count
-            items = stack[start:]
-            del stack[start:]
-            stack.append(("tuple", items))
-        elif name in ("OBJ", "INST"):
-            start = marks.pop() if marks else 0
-            items = stack[start:]
-            del stack[start:]
-            if name == "INST":
-                yield str(arg).replace(" ", ".")
-            elif items and items[0][0] == "global":
-                yield items[0][1]
-            stack.append(_UNKNOWN)
-        else:
-            _generic(op, stack, marks)
-
-
-def _generic(op: Any, stack: list[tuple[str, Any]], marks: list[int]) -> None:
-    before = op.stack_before
-    if pickletools.markobject in before:
-        start = marks.pop() if marks else 0
-        del stack[start:]
-        del stack[len(stack) - before.index(pickletools.markobject) :]
-    elif before:
-        del stack[len(stack) - len(before) :]
-    stack.extend(_UNKNOWN for item in op.stack_after if item is not pickletools.markobject)
 
 
 # --- sizes --------------------------------------------------------------------------------------------
