@@ -13,6 +13,7 @@ to its coupled channels is Torch-Pruning's, with a bound: through a rotary embed
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -61,6 +62,17 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Join:
+    """An elementwise op where the group's channels from several writers meet: ``x + y`` (a residual add, a
+    sum of branches), ``x * g`` (a gate). Per operand, the group's writing layers whose channels reach it
+    (through channelwise layers, other joins and concatenations), and those reached through a concatenation."""
+
+    op: str  # "add", "subtract", "multiply", "divide", or the traced op's name
+    operands: tuple[tuple[str, ...], ...]
+    through_concat: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ChannelGroup:
     """Channels that must be removed together: removing root channel r removes ``idxs[r]`` everywhere."""
 
@@ -71,6 +83,7 @@ class ChannelGroup:
     issues: tuple[str, ...]
     norm_after: tuple[tuple[str, str], ...] = ()  # (member layer, the BatchNorm it alone feeds)
     held: tuple[str, ...] = ()  # why the group must stay whole, found outside this trace (train mode)
+    joins: tuple[Join, ...] = ()  # where channels of different writers meet (for the report)
 
     def layers(self, side: Side | None = None) -> list[Member]:
         return [m for m in self.members if m.kind is Kind.LAYER and (side is None or m.side is side)]
@@ -338,7 +351,51 @@ def _convert(
             issues.append(problem)
             continue
         members.append(Member(name, op, side, kind, dim, idxs))
-    return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues))
+    joins = _joins(tp_group, module_names)
+    return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues), joins=joins)
+
+
+_JOIN_OPS = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide"}
+
+
+def _joins(tp_group: Any, module_names: dict[nn.Module, str]) -> tuple[Join, ...]:
+    """The elementwise ops of the group with two or more operands in it, each operand traced back to the
+    group's writing layers (the walk stops at any mixing layer and at nodes outside the group)."""
+    nodes = {item.dep.target for item in tp_group.items}
+    joins = []
+    for node in nodes:
+        operands = list(dict.fromkeys(n for n in node.inputs if n in nodes))
+        if type(node.module).__name__ != "_ElementWiseOp" or len(operands) < 2:
+            continue
+        traced = [_writers_of(n, nodes, module_names) for n in operands]
+        grad = type(node.grad_fn).__name__ if node.grad_fn is not None else "op"
+        word = re.sub(r"Backward\d*$", "", grad)
+        joins.append(
+            Join(
+                _JOIN_OPS.get(word, word.lower()),
+                tuple(tuple(sorted(w)) for w in traced),
+                tuple(sorted({name for w in traced for name, cat in w.items() if cat})),
+            )
+        )
+    return tuple(sorted(joins, key=lambda j: (sum(map(len, j.operands)), j.operands)))
+
+
+def _writers_of(start: Any, nodes: set[Any], module_names: dict[nn.Module, str]) -> dict[str, bool]:
+    """The mixing layers upstream of ``start`` within the group: name -> reached through a concatenation."""
+    found: dict[str, bool] = {}
+    stack, seen = [(start, False)], set()
+    while stack:
+        node, cat = stack.pop()
+        if (node, cat) in seen or node not in nodes:
+            continue
+        seen.add((node, cat))
+        module = node.module
+        if isinstance(module, nn.Module) and module in module_names and _is_producer(module):
+            found[module_names[module]] = found.get(module_names[module], False) or cat
+            continue
+        cat = cat or type(module).__name__ == "_ConcatOp"
+        stack.extend((n, cat) for n in node.inputs)
+    return found
 
 
 def _tp_depthwise(module: Any) -> bool:
