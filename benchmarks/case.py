@@ -94,6 +94,8 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     result["stage_seconds"] = report.seconds
     result["max_abs_error"] = report.max_abs_error
     result["channels"] = report.to_dict()["channels"]
+    filters = report.to_dict()["pruned_filters"]
+    result["pruned_filters"] = {k: filters[k] for k in ("total", "removed", "kept", "kept_by_reason")}
     result["warnings"] = list(report.warnings)
 
     dense = model

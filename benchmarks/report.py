@@ -35,6 +35,7 @@ class Row:
     param_bytes: int | None
     max_abs_error: float | None
     removed_fraction: float | None
+    filters_kept: tuple[int, int] | None = None  # (kept, total) pruned filters; None in older results
     note: str = ""
 
     @classmethod
@@ -71,6 +72,7 @@ class Row:
             param_bytes=r.get("param_bytes_dense"),
             max_abs_error=r.get("max_abs_error"),
             removed_fraction=r.get("channels", {}).get("removed_fraction"),
+            filters_kept=(f["kept"], f["total"]) if (f := r.get("pruned_filters")) else None,
             note=note,
         )
 
@@ -102,7 +104,7 @@ def _latency_cell(row: Row, backend: str) -> tuple[str, str, str]:
 COLUMNS = (
     "model", "pruned", "round_to", "params", "MACs", "file",
     "torch-cpu ms", "speedup", "eff.", "ORT-cpu ms", "speedup", "eff.", "cuda ms", "speedup", "eff.",
-    "compact s", "peak RSS MiB", "max abs err", "removed",
+    "compact s", "peak RSS MiB", "max abs err", "removed", "filters kept",
 )  # fmt: skip
 
 
@@ -120,6 +122,7 @@ def cells(row: Row) -> list[str]:
         "-" if row.peak_rss is None else f"{row.peak_rss / MIB:.0f}",
         _f(row.max_abs_error, ".1e"),
         "-" if row.removed_fraction is None else f"{row.removed_fraction:.0%}",
+        "-" if row.filters_kept is None else f"{row.filters_kept[0]} of {row.filters_kept[1]}",
     ]
 
 
@@ -290,8 +293,10 @@ HOW_TO_READ = """## How to read this
   `peak RSS MiB`: the process's peak resident memory during compaction (Linux VmHWM, reset just before it;
   it includes the Python interpreter, torch and the masked model already in memory).
 - `max abs err`: the largest difference between masked and compacted outputs over the verification runs.
-  `removed`: the fraction of zeroed channels that no longer exist (removed, folded into a bias or merged);
-  the rest were kept for a reason the compactor's own report gives.
+  `removed`: the fraction of zeroed channels (zero in every layer that writes them) that no longer exist
+  (removed, folded into a bias or merged); the rest were kept for a reason the compactor's own report gives.
+  `filters kept`: pruned filters (all-zero output rows) still in the compacted model, of all of them: a zeroed
+  channel kept, or a filter whose channel another layer writes live (a residual add); `-` in older results.
 - Threads: one by default (`--threads`). On a shared 2-core machine two OpenMP threads that wait on each other
   turn any other process into 10x latency swings; one thread measures the work removed. Multi-thread
   efficiency is usually lower (small layers parallelise worse), so treat these as an upper bound:

@@ -32,6 +32,7 @@ from .errors import (
 from .inputs import ExampleInputs, infer_example_inputs, run, unchecked_outputs
 from .io.sparse import sparsity_report
 from .layers import inconsistency
+from .report.filters import pruned_filters
 from .report.report import (
     CompactionReport,
     count_params,
@@ -145,6 +146,9 @@ def compact(
         inputs=inputs.describe(),
         layers=layer_changes(original, small),
         zeroed=zeroed_channels(plans),
+        filters=pruned_filters(
+            d_baked, plans, uncalled=frozenset(name for name, _ in paths.uncalled), traced=not untraced
+        ),
         warnings=(
             *_guess_warning(inputs),
             *_unchecked_warning(unchecked),

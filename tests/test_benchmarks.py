@@ -13,7 +13,7 @@ from torch import nn
 
 from benchmarks.__main__ import parse_args, plan_cases
 from benchmarks.models import ZOO, MobileNetV2, dead_channels
-from benchmarks.report import COLUMNS, Row
+from benchmarks.report import COLUMNS, Row, cells
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +105,12 @@ def test_row_efficiency() -> None:
     assert row.speedup("torch-cpu") == pytest.approx(1.25)
     assert row.efficiency("torch-cpu") == pytest.approx(0.625)  # 1.25x measured of the 2x the MACs promise
     assert row.latency["cuda"] == "not run"
+    # results from before pruned filters were counted show none
+    assert row.filters_kept is None and cells(row)[-1] == "-"
+    row = Row.of(
+        {"spec": {"model": "m", "sparsity": 0.5}, "label": "m", "pruned_filters": {"kept": 3, "total": 31}}
+    )
+    assert row.filters_kept == (3, 31) and cells(row)[-1] == "3 of 31" and len(cells(row)) == len(COLUMNS)
 
 
 def test_quick_benchmark_writes_report(tmp_path: Path) -> None:

@@ -449,9 +449,10 @@ def test_the_demo_leaves_nothing_behind_and_says_removed_once(tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     assert os.listdir(tmp_path) == []
     assert (
-        "zeroed channels: 64, of which 43 removed, 19 merged, 2 carrier; 62 of 64 (97%) no longer exist"
-        in r.stdout
-    )
+        "zeroed channels (zero in every layer that writes them, or read by none): 64, of which 43 removed, 19 "
+        "merged, 2 carrier\npruned filters (all-zero output rows): 64, of which 62 removed (97%), 2 kept: 2 carrier\n"
+        "  blocks.0.conv1: 1 of 16 kept, carrier (row 17): kept to carry the merged constant channels\n"
+    ) in r.stdout
 
 
 def test_a_quick_benchmark_never_writes_the_committed_report() -> None:

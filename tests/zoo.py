@@ -712,6 +712,23 @@ class GroupedConcat(nn.Module):
         return self.fc(self.c(y).mean((2, 3)))
 
 
+class CatResidual(nn.Module):
+    """Two branches concatenated, then added to the tensor they read (GhostNet's ghost module and shortcut,
+    Res2Net's cat before the add): channel c of a branch meets channel c of the stem at the add, after the cat.
+    Not a :data:`CASES` entry: :func:`cat_residual_masked` masks it for the report's tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 8)
+        self.a, self.b = _cbr(8, 4), _cbr(8, 4)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.cat([self.a(x), self.b(x)], 1) + x
+        return self.fc(y.mean((2, 3)))
+
+
 class TransposedDecoder(nn.Module):
     """Encoder conv (stride 2) -> ConvTranspose2d (x2) -> conv back to 3 channels: an image-to-image model."""
 
@@ -1017,6 +1034,19 @@ def mobilenet_v2_masked() -> tuple[nn.Module, tuple[Link, ...]]:
         steps = (f"{b}.expand", f"{b}.bn1", RELU6, f"{b}.dw", f"{b}.bn2", RELU6)
         links.append(Link((steps,), (Read(f"{b}.project"),)))
     return _finish(m, (2, 3, 64, 64)), tuple(links)
+
+
+CAT_RESIDUAL_SHAPE = (2, 3, 10, 10)
+
+
+def cat_residual_masked() -> nn.Module:
+    """:class:`CatResidual` with filters 1, 2 of ``a`` and 2, 5 of the stem pruned: channel 2 is zero in both
+    writers, channels 1 (live in the stem) and 5 (live in ``b``, row 1) are not."""
+    torch.manual_seed(0)
+    m = CatResidual()
+    mask_channels(m.a[0], [1, 2])
+    mask_channels(m.stem[0], [2, 5])
+    return _finish(m, CAT_RESIDUAL_SHAPE)
 
 
 # --- the cases ------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ to its coupled channels is Torch-Pruning's, with a bound: through a rotary embed
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -28,9 +29,9 @@ from ..errors import CouplingUnsettled, GraphError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
 from ..util import eval_mode_restored
-from .groups import ChannelGroup, Kind, Member
+from .groups import ChannelGroup, Join, Kind, Member
 
-__all__ = ["ChannelGroup", "Kind", "Member", "build_groups"]
+__all__ = ["ChannelGroup", "Join", "Kind", "Member", "build_groups"]
 
 
 def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) -> list[ChannelGroup]:
@@ -343,7 +344,51 @@ def _convert(
             issues.append(problem)
             continue
         members.append(Member(name, op, side, kind, dim, idxs))
-    return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues))
+    joins = _joins(tp_group, module_names)
+    return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues), joins=joins)
+
+
+_JOIN_OPS = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide"}
+
+
+def _joins(tp_group: Any, module_names: dict[nn.Module, str]) -> tuple[Join, ...]:
+    """The elementwise ops of the group with two or more operands in it, each operand traced back to the
+    group's writing layers (the walk stops at any mixing layer and at nodes outside the group)."""
+    nodes = {item.dep.target for item in tp_group.items}
+    joins = []
+    for node in nodes:
+        operands = list(dict.fromkeys(n for n in node.inputs if n in nodes))
+        if type(node.module).__name__ != "_ElementWiseOp" or len(operands) < 2:
+            continue
+        traced = [_writers_of(n, nodes, module_names) for n in operands]
+        grad = type(node.grad_fn).__name__ if node.grad_fn is not None else "op"
+        word = re.sub(r"Backward\d*$", "", grad)
+        joins.append(
+            Join(
+                _JOIN_OPS.get(word, word.lower()),
+                tuple(tuple(sorted(w)) for w in traced),
+                tuple(sorted({name for w in traced for name, cat in w.items() if cat})),
+            )
+        )
+    return tuple(sorted(joins, key=lambda j: (sum(map(len, j.operands)), j.operands)))
+
+
+def _writers_of(start: Any, nodes: set[Any], module_names: dict[nn.Module, str]) -> dict[str, bool]:
+    """The mixing layers upstream of ``start`` within the group: name -> reached through a concatenation."""
+    found: dict[str, bool] = {}
+    stack, seen = [(start, False)], set()
+    while stack:
+        node, cat = stack.pop()
+        if (node, cat) in seen or node not in nodes:
+            continue
+        seen.add((node, cat))
+        module = node.module
+        if isinstance(module, nn.Module) and module in module_names and _is_producer(module):
+            found[module_names[module]] = found.get(module_names[module], False) or cat
+            continue
+        cat = cat or type(module).__name__ == "_ConcatOp"
+        stack.extend((n, cat) for n in node.inputs)
+    return found
 
 
 def _tp_depthwise(module: Any) -> bool:

@@ -53,6 +53,17 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Join:
+    """An elementwise op where the group's channels from several writers meet: ``x + y`` (a residual add, a
+    sum of branches), ``x * g`` (a gate). Per operand, the group's writing layers whose channels reach it
+    (through channelwise layers, other joins and concatenations), and those reached through a concatenation."""
+
+    op: str  # "add", "subtract", "multiply", "divide", or the traced op's name
+    operands: tuple[tuple[str, ...], ...]
+    through_concat: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ChannelGroup:
     """Channels that must be removed together: removing root channel r removes ``idxs[r]`` everywhere."""
 
@@ -63,6 +74,7 @@ class ChannelGroup:
     issues: tuple[str, ...]
     norm_after: tuple[tuple[str, str], ...] = ()  # (member layer, the BatchNorm it alone feeds)
     held: tuple[str, ...] = ()  # why the group must stay whole, found outside this trace (train mode)
+    joins: tuple[Join, ...] = ()  # where channels of different writers meet (for the report)
     # From compactor's own channel labels (``labels.py``): the index maps are exact, so an op that cuts
     # channels at fixed sizes keeps only the channels it maps, and ``opaque`` names, per root channel, an
     # op that reads across channels (those channels stay).

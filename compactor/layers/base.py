@@ -132,6 +132,11 @@ class Shrinker(Generic[M]):
         """Why :meth:`removable` left some channels out."""
         return "can only lose whole groups"
 
+    def what_would_remove(self, m: M, side: Side, idx: Index) -> str:
+        """What further zeroed channels would let every one of ``idx`` go (after :meth:`removable` left some
+        out), in words; "" where there is nothing short to say."""
+        return ""
+
     def layout(self, m: M, side: Side, n: int) -> Index:
         """Some ``n`` channels of ``side`` that the layer can keep (to rebuild a saved shape, values loaded after)."""
         return torch.arange(n)

@@ -92,6 +92,25 @@ class ConvShrinker(Shrinker[Conv]):
     def why_unremovable(self, m: Conv) -> str:
         return f"grouped conv (groups={m.groups}) loses the same number of channels in every group"
 
+    def what_would_remove(self, m: Conv, side: Side, idx: Index) -> str:
+        if m.groups == 1 or is_depthwise(m):
+            return ""
+        per = (m.out_channels if side is Side.OUT else m.in_channels) // m.groups
+        counts = torch.bincount(torch.unique(idx) // per, minlength=m.groups).tolist()
+        most = max(counts)
+        short: dict[int, list[int]] = {}
+        for g, c in enumerate(counts):
+            if c < most:
+                short.setdefault(most - c, []).append(g)
+        if not short:
+            return ""
+        wanted = ", ".join(
+            f"{n} more in {'group' if len(gs) == 1 else 'each of groups'} {', '.join(map(str, gs))} "
+            f"({side.value}puts {', '.join(f'{g * per}-{(g + 1) * per - 1}' for g in gs)})"
+            for n, gs in sorted(short.items())
+        )
+        return f"its groups would lose {', '.join(map(str, counts))}: zero {wanted} to balance them"
+
     def layout(self, m: Conv, side: Side, n: int) -> Index:
         if m.groups == 1 or is_depthwise(m):
             return torch.arange(n)

@@ -17,6 +17,7 @@ from torch import nn
 from ..engine.plan import IGNORED, Fate, GroupPlan
 from ..engine.verify import Outputs, depends_on_input
 from ..layers import Role, shrinker_for
+from .filters import PrunedFilter, kept_by_layer, spans, summary
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class CompactionReport:
     layers: tuple[LayerChange, ...]
     zeroed: tuple[ZeroedChannel, ...]
     warnings: tuple[str, ...] = ()
+    filters: tuple[PrunedFilter, ...] = ()  # every all-zero output row of a mixing layer, and its fate
     seconds: dict[str, float] = field(default_factory=dict)
     # graph_issues (Torch-Pruning mappings dropped), heads (attention heads removed or kept),
     # rounding_floor (when float rounding exceeded the tolerance); later stages add latency, macs...
@@ -70,6 +72,8 @@ class CompactionReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("extra")
+        d.pop("filters")
+        d["pruned_filters"] = summary(self.filters)
         d["channels"] = {
             "zeroed": len(self.zeroed),
             "removed_fraction": self.removed_fraction,
@@ -127,22 +131,8 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
             layers.add_row(c.name, c.type, _arrow(c.out_before, c.out_after), _arrow(c.in_before, c.in_after))
         console.print(layers)
 
-    fates = {k: v for k, v in report.fates.items() if v}
-    if report.zeroed:
-        gone = sum(Fate(z.fate).removed for z in report.zeroed)
-        console.print(
-            f"zeroed channels: {len(report.zeroed)}, of which "
-            + ", ".join(f"{v} {k}" for k, v in fates.items())
-            + f"; {gone} of {len(report.zeroed)} ({report.removed_fraction:.0%}) no longer exist",
-            markup=False,
-        )
-    else:
-        console.print(
-            "zeroed channels: none (no channel is zero or unread in every layer it couples)", markup=False
-        )
-    kept = Counter((z.layer, z.fate, z.reason) for z in report.zeroed if not Fate(z.fate).removed)
-    for (layer, fate, reason), n in sorted(kept.items()):
-        console.print(f"  {layer}: {n} {fate} ({reason})", markup=False)
+    _zeroed_lines(report, console)
+    _filter_lines(report, console)
     for h in report.extra.get("heads", []):
         console.print(
             f"attention heads of {h['layer']}: {_arrow(h['heads_before'], h['heads_after'])} ({h['reason']})",
@@ -167,6 +157,56 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
             f"hint: {len(odd)} rebuilt layer(s) now have channel counts off a multiple of {ALIGN} ({', '.join(odd[:3])}"
             f"{', ...' if len(odd) > 3 else ''}); --round-to {ALIGN} (round_to={ALIGN}) keeps a few zero channels to round "
             f"them up, which CPU and GPU kernels often run faster (benchmarks/REPORT.md)",
+            markup=False,
+        )
+
+
+def _zeroed_lines(report: CompactionReport, console: Console) -> None:
+    """Zeroed channels (zero in every layer that writes them, or read by none) and their fates; the kept
+    ones per layer, less those the pruned-filter lines list. No percentage: the pruned-filter line says how
+    much of the pruning is gone."""
+    fates = {k: v for k, v in report.fates.items() if v}
+    if report.zeroed:
+        console.print(
+            f"zeroed channels (zero in every layer that writes them, or read by none): {len(report.zeroed)}, of which "
+            + ", ".join(f"{v} {k}" for k, v in fates.items()),
+            markup=False,
+        )
+    else:
+        console.print(
+            "zeroed channels: none (no channel is zero or unread in every layer it couples)", markup=False
+        )
+    listed = {(f.layer, f.row) for f in report.filters if not f.removed}  # in the pruned-filter lines
+    kept = Counter(
+        (z.layer, z.fate, z.reason)
+        for z in report.zeroed
+        if not Fate(z.fate).removed and (z.layer, z.channel) not in listed
+    )
+    for (layer, fate, reason), n in sorted(kept.items()):
+        console.print(f"  {layer}: {n} {fate} ({reason})", markup=False)
+
+
+def _filter_lines(report: CompactionReport, console: Console) -> None:
+    """Pruned filters (all-zero output rows): how many, how many went, and per layer why the others stay."""
+    if not report.filters:
+        console.print("pruned filters (all-zero output rows): none", markup=False)
+        return
+    s = summary(report.filters)
+    why = ", ".join(f"{n} {fate.removeprefix('kept: ')}" for fate, n in s["kept_by_reason"].items())
+    console.print(
+        f"pruned filters (all-zero output rows): {s['total']}, of which {s['removed']} removed "
+        f"({s['removed_fraction']:.0%}), {s['kept']} kept" + (f": {why}" if why else ""),
+        markup=False,
+    )
+    for k in kept_by_layer(report.filters):
+        reasons = (
+            k.reasons[0][0]
+            if len(k.reasons) == 1
+            else "; ".join(f"{len(rows)} {reason}" for reason, rows in k.reasons)
+        )
+        console.print(
+            f"  {k.layer}: {len(k.rows)} of {k.pruned} kept, {k.fate.removeprefix('kept: ')} "
+            f"({'row' if len(k.rows) == 1 else 'rows'} {spans(k.rows)}): {reasons}",
             markup=False,
         )
 

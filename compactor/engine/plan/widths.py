@@ -28,10 +28,15 @@ def unremovable(
         if not local:
             continue
         shrinker = shrinker_at(modules, member.name)
-        ok = set(shrinker.removable(obj, member.side, torch.tensor(local, dtype=torch.long)).tolist())
+        idx = torch.tensor(local, dtype=torch.long)
+        ok = set(shrinker.removable(obj, member.side, idx).tolist())
+        if len(ok) == len(set(local)):
+            continue
+        hint = shrinker.what_would_remove(obj, member.side, idx)
+        reason = f"{member.name}: {shrinker.why_unremovable(obj)}" + (f"; {hint}" if hint else "")
         for r in removed:
             if r not in pins and not all(i in ok for i in member.idxs[r]):
-                pins[r] = ChannelFate(r, Fate.KEPT_LAYOUT, f"{member.name}: {shrinker.why_unremovable(obj)}")
+                pins[r] = ChannelFate(r, Fate.KEPT_LAYOUT, reason)
     return pins
 
 
