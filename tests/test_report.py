@@ -247,9 +247,9 @@ def test_every_pruned_filter_of_the_zoo_is_counted_and_accounted_for(zoo_results
 def test_joins_name_the_writers_that_meet_at_each_add() -> None:
     model = bake(BY_NAME["residual_block"].model())
     groups = build_groups(model, ExampleInputs.of(BY_NAME["residual_block"].inputs()))
-    assert {g.root: g.joins for g in groups if g.joins} == {
-        "down.0": (Join("add", (("conv2",), ("down.0",))),)
-    }
+    # one group holds the residual stream (its root is either writer, by the analysis that traced it)
+    assert [g.joins for g in groups if g.joins] == [(Join("add", (("conv2",), ("down.0",))),)]
+    assert next(g.root for g in groups if g.joins) in ("conv2", "down.0")
 
 
 def test_a_grouped_conv_says_what_would_balance_its_groups() -> None:

@@ -23,7 +23,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Side, shrinker_for
 from ..util import eval_mode_restored
-from .groups import ChannelGroup, Kind, Member
+from .groups import ChannelGroup, Join, Kind, Member
 
 Labels = torch.Tensor  # float64, the shape of the tensor it labels; -1 where no channel
 
@@ -84,6 +84,7 @@ _ELEMENTWISE = _words(
     "__and__ __or__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ eq ne lt le gt ge logical_not isnan isinf "
     "nan_to_num floor ceil round trunc frac __abs__ sinh cosh atan tan asin acos"
 )
+_JOIN_WORDS = {"add": "add", "sub": "subtract", "mul": "multiply", "div": "divide"}
 # Ops that reduce or normalise along the dimensions they are given (``dim``): fine across positions that
 # hold one label, opaque across channels.
 _REDUCE = _words(
@@ -154,6 +155,9 @@ class _Trace:
     feeds: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # layer -> ids it wrote
     read_by: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))  # id -> layers
     params: dict[str, Labels] = field(default_factory=dict)  # bare parameters used: element labels
+    owner: dict[int, str] = field(default_factory=dict)  # a mixing layer's fresh label -> that layer
+    catted: set[int] = field(default_factory=set)  # labels that went through a concatenation
+    joins: list[tuple[str, list[set[int]]]] = field(default_factory=list)  # (op, labels per operand)
     ops: int = 0
 
 
@@ -274,6 +278,7 @@ class _LabelMode(TorchFunctionMode):
                     self._set(t, self._blank(t))
                     continue
                 fresh = [self.trace.uf.new() for _ in range(width)]
+                self.trace.owner.update({f: name for f in fresh})
                 self.trace.producers.append((name, fresh))
                 self.trace.reads.append(
                     _Read(name, type(module).__name__, Side.OUT, Kind.LAYER, 0, [{f} for f in fresh])
@@ -378,6 +383,11 @@ class _LabelMode(TorchFunctionMode):
             x, y = self.labels_of(args[0]), self.labels_of(_tensors(out)[0]) if _tensors(out) else None
             if x is not None and y is not None:
                 _unite_split(self.trace.uf, x, y)
+        if name in ("cat", "concat", "concatenate", "stack", "hstack", "vstack"):
+            for t in _tensors(out):
+                self.trace.catted.update(
+                    int(v) for v in _unique(self.labels.get(id(t), (t, self._blank(t)))[1]) if v >= 0
+                )
         self._note_cut(name, func, args, kwargs, labelled)
 
     def _note_cut(self, name: str, func: Any, args: Any, kwargs: Any, labelled: dict[int, Labels]) -> None:
@@ -439,6 +449,9 @@ class _LabelMode(TorchFunctionMode):
             merged = torch.where(merged >= 0, merged, other)
         if len(real) > 1 and name in ("mul", "__mul__", "__rmul__", "__imul__", "mul_"):
             self._gate(real, shape)
+        if len(real) > 1:
+            word = next((w for key, w in _JOIN_WORDS.items() if key in name), name)
+            self.trace.joins.append((word, [{int(v) for v in _unique(r) if v >= 0} for r in real]))
         for t in outs:
             self._set(t, merged.expand(t.shape).clone() if merged.shape != t.shape else merged)
 
@@ -669,6 +682,10 @@ def _groups(model: nn.Module, trace: _Trace) -> list[ChannelGroup]:
     opaque = {uf.find(v): why for v, why in trace.opaque.items()}
     outputs = {uf.find(v) for v in trace.outputs}
     norms = _norm_after(model, trace)
+    joins = [
+        (op, [{uf.find(v) for v in operand} for operand in operands], operands)
+        for op, operands in trace.joins
+    ]
     covered: set[int] = set()
     groups: list[ChannelGroup] = []
     for name, fresh in trace.producers:
@@ -679,7 +696,8 @@ def _groups(model: nn.Module, trace: _Trace) -> list[ChannelGroup]:
         for c in classes:  # a class met twice (a gated MLP's two halves) is the first one's root channel
             roots.append(None if c in covered else c)
             covered.add(c)
-        groups.append(_group(name, roots, reads, members_by_class, opaque, outputs, norms))
+        group = _group(name, roots, reads, members_by_class, opaque, outputs, norms)
+        groups.append(replace(group, joins=_joins_of(roots, joins, trace)))
     return groups
 
 
@@ -727,6 +745,33 @@ def _group(
         opaque=tuple(sorted(why.items())),
         at_output=at_output,
     )
+
+
+def _joins_of(
+    roots: list[int | None], joins: list[tuple[str, list[set[int]], list[set[int]]]], trace: _Trace
+) -> tuple[Join, ...]:
+    """The elementwise ops where this group's channels from two or more operands meet: per operand, the
+    group's writing layers whose labels reach it, and which of them came through a concatenation."""
+    mine = {c for c in roots if c is not None}
+    found = []
+    for op, classes, labels in joins:
+        hit = [bool(c & mine) for c in classes]
+        if sum(hit) < 2:
+            continue
+        operands = []
+        through = set()
+        for labs in labels:
+            writers = {trace.owner[v] for v in labs if v in trace.owner and trace.uf.find(v) in mine}
+            through |= {
+                trace.owner[v]
+                for v in labs
+                if v in trace.owner and v in trace.catted and trace.uf.find(v) in mine
+            }
+            operands.append(tuple(sorted(writers)))
+        join = Join(op, tuple(operands), tuple(sorted(through)))
+        if join not in found:
+            found.append(join)
+    return tuple(sorted(found, key=lambda j: (sum(map(len, j.operands)), j.operands)))
 
 
 def _merge_sides(members: list[Member]) -> list[Member]:
