@@ -37,6 +37,7 @@ from zoo import (
 
 import compactor
 from compactor.engine.plan import Fate
+from compactor.engine.plan.varying import GATED
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -292,7 +293,8 @@ def test_dead_channel_times_gate_is_removed_plus_gate_is_not(op: str) -> None:
     _assert_equal_outputs(model, small, (2, 3, 6, 6))
     if op == "mul":
         assert (small.conv.out_channels, small.gate.out_channels, small.out.in_channels) == (4, 4, 4)
-        assert Counter(z.fate for z in report.zeroed) == {Fate.REMOVED.value: 4}
+        assert Counter(z.fate for z in report.zeroed) == {Fate.REMOVED.value: 4, Fate.KEPT_VARYING.value: 1}
+        assert next(z for z in report.zeroed if z.channel == 3).reason == GATED  # relu(0.5) * gate stays
     else:
         assert (small.conv.out_channels, small.gate.out_channels, small.out.in_channels) == (8, 8, 8)
         assert not report.zeroed

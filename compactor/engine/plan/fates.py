@@ -7,7 +7,7 @@ from torch import nn
 
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, role_of, shrinker_for
-from ..graph import ChannelGroup
+from ..graph import ChannelGroup, Kind
 from ..heads import head_layers
 from .base import (
     IGNORED,
@@ -24,7 +24,7 @@ from .base import (
 )
 from .compensate import compensate, share_carriers
 from .observe import gated_zeros
-from .varying import Maps, plan_varying, varying_maps
+from .varying import GATED, Maps, plan_varying, varying_maps
 from .widths import at_least, round_layers, rounding, uniform_widths, unremovable
 
 
@@ -80,7 +80,8 @@ def _plan_group(
     if not producers:
         return _blocked_writer(group, modules)
     indep, ignored = _zeroed(group, modules, gated)
-    zeroed = [r for r in range(group.size) if indep[r] or ignored[r]]
+    behind_gate = _behind_gate(group, modules, indep, ignored)
+    zeroed = [r for r in range(group.size) if indep[r] or ignored[r] or r in behind_gate]
     if not zeroed:
         return GroupPlan(group, ())
     blocker = _blocker(group, modules, heads or {})
@@ -93,6 +94,9 @@ def _plan_group(
     for r in zeroed:
         if ignored[r]:
             base[r] = ChannelFate(r, Fate.REMOVED, IGNORED)
+            continue
+        if r in behind_gate:
+            base[r] = ChannelFate(r, Fate.KEPT_VARYING, GATED)
             continue
         if maps is not None and r in maps.kept:
             base[r] = ChannelFate(r, Fate.KEPT_VARYING, maps.kept[r])
@@ -154,6 +158,20 @@ def _zeroed(group: ChannelGroup, modules: Modules, gated: set[int] | None) -> tu
     indep = [a or r in (gated or set()) for r, a in enumerate(indep)]
     ignored = all_zero(consumers, modules, group.size, cols_zero) if consumers else [False] * group.size
     return indep, ignored
+
+
+def _behind_gate(group: ChannelGroup, modules: Modules, indep: list[bool], ignored: list[bool]) -> set[int]:
+    """Root channels a dead filter writes and a live one multiplies (a squeeze-excite gate) and that are
+    not a proved zero: the product varies with the input, so they stay, and the report says why."""
+    if not any(m.kind is Kind.MULTIPLY for m in group.members):
+        return set()
+    producers = mixing(group.layers(Side.OUT), modules)
+    dead = [all_zero([p], modules, group.size, rows_zero) for p in producers]
+    return {
+        r
+        for r in range(group.size)
+        if not indep[r] and not ignored[r] and any(d[r] for d in dead) and not all(d[r] for d in dead)
+    }
 
 
 def _candidates(
