@@ -95,7 +95,9 @@ def perturb_norms(model: nn.Module, shape: Sequence[int], seed: int = 0) -> nn.M
 # --- the oracle ---------------------------------------------------------------------------------------
 
 RELU, RELU6, SILU = "relu", "relu6", "silu"
-AVGPOOL3 = "avgpool3"  # F.avg_pool2d(x, 3, stride=1, padding=1), counting the padding (torchvision's Inception3)
+AVGPOOL3 = (
+    "avgpool3"  # F.avg_pool2d(x, 3, stride=1, padding=1), counting the padding (torchvision's Inception3)
+)
 ACTIVATIONS = (RELU, RELU6, SILU, AVGPOOL3)
 
 
@@ -268,8 +270,13 @@ def _through(
                 v = tuple(x * float(w.sum()) + bias for x in v)
             else:
                 if len(v) != 1:
-                    raise ValueError(f"the oracle follows one zero-padded depthwise conv per path, not {step}")
-                sums = [float(w[list(a)][:, list(b)].sum()) for a, b in patterns(m.kernel_size, m.stride, m.padding)]
+                    raise ValueError(
+                        f"the oracle follows one zero-padded depthwise conv per path, not {step}"
+                    )
+                sums = [
+                    float(w[list(a)][:, list(b)].sum())
+                    for a, b in patterns(m.kernel_size, m.stride, m.padding)
+                ]
                 v = tuple(v[0] * s + bias for s in sums)
         else:
             raise TypeError(f"the oracle does not know {type(m).__name__} ({step})")
@@ -472,7 +479,9 @@ def expected_all(model: nn.Module, links: Sequence[Link], shape: Sequence[int] |
         return counts
 
     carriers = [  # a position-varying group's carriers (no constant) stay in their group
-        i for i, v in enumerate(verdicts) if v.fates.count(CARRIER) == 1 and v.values[v.fates.index(CARRIER)] is not None
+        i
+        for i, v in enumerate(verdicts)
+        if v.fates.count(CARRIER) == 1 and v.values[v.fates.index(CARRIER)] is not None
     ]
     hosts: list[int] = []
 
@@ -927,6 +936,198 @@ class DeadLayer(nn.Module):
         return self.fc(x.flatten(1))
 
 
+# --- torchvision blocks whose dead filters vary with position (issue 11) -----------------------------------
+
+
+def _conv_norm_act(
+    cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU6
+) -> nn.Sequential:
+    """torchvision's ``Conv2dNormActivation``: conv (padding ``(k - 1) // 2``, no bias), BatchNorm, activation."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class TVInvertedResidual(nn.Module):
+    """torchvision ``mobilenetv2.InvertedResidual``: ``conv = [pw ConvNormAct(ReLU6), dw ConvNormAct(ReLU6,
+    stride), Conv2d 1x1, BatchNorm]``, ``x + conv(x)`` where stride 1 and the widths match."""
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
+        super().__init__()
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        self.conv = nn.Sequential(
+            _conv_norm_act(inp, hidden, 1),
+            _conv_norm_act(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(oup),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class TVMobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 layout, small: stem (stride 2), a residual block and a stride-2 block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_norm_act(3, 16, 3, 2),
+            TVInvertedResidual(16, 16, 1, 6),
+            TVInvertedResidual(16, 24, 2, 6),
+            _conv_norm_act(24, 32, 1),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(32, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class MnasInvertedResidual(nn.Module):
+    """torchvision ``mnasnet._InvertedResidual``: pw conv, BN, ReLU, dw conv (3x3 or 5x5, padding k // 2,
+    stride), BN, ReLU, pw-linear conv, BN; the residual where stride 1 and the widths match."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int, expansion_factor: int) -> None:
+        super().__init__()
+        mid = in_ch * expansion_factor
+        self.apply_residual = in_ch == out_ch and stride == 1
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_ch, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid, kernel_size, padding=kernel_size // 2, stride=stride, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x) + x if self.apply_residual else self.layers(x)
+
+
+class MnasNetSmall(nn.Module):
+    """MnasNet's stem (conv stride 2, then a depthwise separable conv) and two 5x5 blocks: stride 2, then 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, stride=2, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, 16, 3, padding=1, stride=1, groups=16, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, 24, 1, padding=0, stride=1, bias=False),
+            nn.BatchNorm2d(24),
+            MnasInvertedResidual(24, 24, 5, 2, 6),
+            MnasInvertedResidual(24, 24, 5, 1, 3),
+        )
+        self.classifier = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.layers(x).mean([2, 3]))
+
+
+class TVSqueezeExcitation(nn.Module):
+    """torchvision ``ops.SqueezeExcitation``: ``input * sigmoid(fc2(act(fc1(avgpool(input)))))``."""
+
+    def __init__(self, input_channels: int, squeeze_channels: int) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.activation = nn.SiLU(inplace=True)
+        self.scale_activation = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return scale * x
+
+
+class MBConv(nn.Module):
+    """torchvision ``efficientnet.MBConv``: expand ConvNormAct(SiLU), dw ConvNormAct(SiLU), squeeze-excite
+    (``input_channels // 4`` squeezed), project ConvNormAct (no activation); the residual (stochastic depth
+    is the identity in eval mode)."""
+
+    def __init__(self, cin: int, cout: int, expand_ratio: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.use_res_connect = stride == 1 and cin == cout
+        hidden = cin * expand_ratio
+        self.block = nn.Sequential(
+            _conv_norm_act(cin, hidden, 1, act=nn.SiLU),
+            _conv_norm_act(hidden, hidden, kernel, stride, groups=hidden, act=nn.SiLU),
+            TVSqueezeExcitation(hidden, max(1, cin // 4)),
+            _conv_norm_act(hidden, cout, 1, act=None),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.block(x)
+        return result + x if self.use_res_connect else result
+
+
+class EfficientNetSmall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_norm_act(3, 16, 3, 2, act=nn.SiLU)
+        self.mb = MBConv(16, 16, 6, 3, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mb(self.stem(x)).mean((2, 3)))
+
+
+class BasicConv2d(nn.Module):
+    """torchvision ``inception.BasicConv2d``: conv (no bias), BatchNorm (eps 0.001), ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, padding: int = 0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class InceptionA(nn.Module):
+    """torchvision ``inception.InceptionA``, narrow: 1x1; 1x1 then 5x5; 1x1 then 3x3 twice; and
+    ``avg_pool2d(x, 3, stride=1, padding=1)`` (counting the padding) then 1x1; concatenated."""
+
+    def __init__(self, cin: int, pool_features: int) -> None:
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 8, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 6, 1)
+        self.branch5x5_2 = BasicConv2d(6, 8, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 8, 1)
+        self.branch3x3dbl_2 = BasicConv2d(8, 12, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(12, 12, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch1x1 = self.branch1x1(x)
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))
+        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
+
+
+class InceptionSmall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = BasicConv2d(3, 24, 3, padding=1)
+        self.mixed = InceptionA(24, 8)
+        self.fc = nn.Linear(36, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mixed(self.stem(x)).mean((2, 3)))
+
+
 # --- realistic sizes (slow tests) -------------------------------------------------------------------------
 
 
@@ -1267,6 +1468,33 @@ def _slimmed_bn() -> nn.Module:
     return m
 
 
+def _tv_mobilenet_v2() -> nn.Module:
+    m = TVMobileNetV2()
+    mask_ln(m.features[1].conv[0][0], 0.6)  # 58 of 96 expand filters: a basis of at most 15 per group stays
+    mask_ln(m.features[2].conv[0][0], 0.6)  # the stride-2 block: the same 16 border patterns
+    return _finish(m, (2, 3, 16, 16))
+
+
+def _mnasnet() -> nn.Module:
+    m = MnasNetSmall()
+    mask_ln(m.layers[8].layers[0], 0.7)  # 5x5 stride 2: 36 border patterns
+    mask_ln(m.layers[9].layers[0], 0.5)  # 5x5 stride 1: 81 patterns, more than the group's dead channels
+    return _finish(m, (2, 3, 24, 24))
+
+
+def _efficientnet() -> nn.Module:
+    m = EfficientNetSmall()
+    mask_ln(m.mb.block[0][0], 0.5)  # dead expand filters, multiplied by the live squeeze-excite gate: kept
+    mask_ln(m.mb.block[3][0], 0.25)  # project filters, into the residual stream the stem also writes
+    return _finish(m, (2, 3, 16, 16))
+
+
+def _inception_pool() -> nn.Module:
+    m = InceptionSmall()
+    mask_ln(m.stem.conv, 0.5)  # constants into three 1x1 convs (fold) and through the padded pool (merge)
+    return _finish(m, (2, 3, 12, 12))
+
+
 def _l(
     *paths: tuple[str, ...], reads: tuple[Read, ...], after: tuple[str, ...] = (), blocked: str = ""
 ) -> Link:
@@ -1502,6 +1730,101 @@ CASES: tuple[Case, ...] = (
             _l(("b2.0", "b2.1", RELU), reads=(R("b3.0"),)),
         ),
         notes="hand-zeroed BatchNorm: the conv rows live, the norm forgets them (weight 0), the channel emits 0",
+    ),
+    Case(
+        "tv_mobilenet_v2",
+        _tv_mobilenet_v2,
+        (2, 3, 16, 16),
+        (
+            _l(
+                (
+                    "features.1.conv.0.0",
+                    "features.1.conv.0.1",
+                    RELU6,
+                    "features.1.conv.1.0",
+                    "features.1.conv.1.1",
+                    RELU6,
+                ),
+                reads=(R("features.1.conv.2"),),
+            ),
+            _l(
+                (
+                    "features.2.conv.0.0",
+                    "features.2.conv.0.1",
+                    RELU6,
+                    "features.2.conv.1.0",
+                    "features.2.conv.1.1",
+                    RELU6,
+                ),
+                reads=(R("features.2.conv.2"),),
+            ),
+        ),
+        notes="torchvision InvertedResidual: dead expand filters vary with position after the padded depthwise conv",
+    ),
+    Case(
+        "mnasnet",
+        _mnasnet,
+        (2, 3, 24, 24),
+        (
+            _l(
+                (
+                    "layers.8.layers.0",
+                    "layers.8.layers.1",
+                    RELU,
+                    "layers.8.layers.3",
+                    "layers.8.layers.4",
+                    RELU,
+                ),
+                reads=(R("layers.8.layers.6"),),
+            ),
+            _l(
+                (
+                    "layers.9.layers.0",
+                    "layers.9.layers.1",
+                    RELU,
+                    "layers.9.layers.3",
+                    "layers.9.layers.4",
+                    RELU,
+                ),
+                reads=(R("layers.9.layers.6"),),
+            ),
+        ),
+    ),
+    Case(
+        "efficientnet_mbconv",
+        _efficientnet,
+        (2, 3, 16, 16),
+        (
+            Link(
+                (
+                    ("mb.block.0.0", "mb.block.0.1", SILU, "mb.block.1.0", "mb.block.1.1", SILU),
+                    ("mb.block.2.fc2",),
+                ),
+                (R("mb.block.2.fc1"), R("mb.block.3.0")),
+                gated=True,
+            ),
+            _l(
+                ("stem.0", "stem.1", SILU),
+                ("mb.block.3.0", "mb.block.3.1"),
+                reads=(R("mb.block.0.0"), R("fc")),
+            ),
+        ),
+    ),
+    Case(
+        "inception_pool",
+        _inception_pool,
+        (2, 3, 12, 12),
+        (
+            _l(
+                ("stem.conv", "stem.bn", RELU),
+                reads=(
+                    R("mixed.branch1x1.conv"),
+                    R("mixed.branch5x5_1.conv"),
+                    R("mixed.branch3x3dbl_1.conv"),
+                    R("mixed.branch_pool.conv", steps=(AVGPOOL3,)),
+                ),
+            ),
+        ),
     ),
 )
 
