@@ -958,7 +958,7 @@ class TVInvertedResidual(nn.Module):
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
-        hidden = int(round(inp * expand_ratio))
+        hidden = inp * expand_ratio
         self.use_res_connect = stride == 1 and inp == oup
         self.conv = nn.Sequential(
             _conv_norm_act(inp, hidden, 1),

@@ -219,7 +219,7 @@ def border_patterns(m: Conv) -> list[tuple[tuple[int, ...], ...]]:
     ]
     patterns: list[tuple[tuple[int, ...], ...]] = [()]
     for axis in axes:
-        patterns = [p + (a,) for p in patterns for a in axis]
+        patterns = [(*p, a) for p in patterns for a in axis]
     return patterns
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ...inputs import ExampleInputs
-from ...layers import Role, Side, role_of, shrinker_for
+from ...layers import Role, Side, role_of
 from ..graph import ChannelGroup, Kind, Member
 from .base import ChannelFate, Fate, Fold, InputStats, Merge, Modules, mixing, shrinker_at
 from .compensate import fold
@@ -248,7 +248,6 @@ class _Probe:
         self.natural_out = {
             (r, c.name): rec.maps(c.name, "in", c.idxs[r][0]) for r in rs for c in consumers if c.idxs[r]
         }
-        self.slots: torch.Tensor | None = None  # per pass: the pattern at each slot
 
     @property
     def patterns(self) -> int:
@@ -438,16 +437,16 @@ def _basis(
             if r in basis:
                 continue
             for n, v in profiles[r].items():
-                res = float(_residual(v, q[n]).abs().max()) / scale[n]
-                if res > worst:
-                    worst, worst_r = res, r
+                far = float(_residual(v, q[n]).abs().max()) / scale[n]
+                if far > worst:
+                    worst, worst_r = far, r
         if worst_r is None:
             break
         basis.append(worst_r)
         for n, v in profiles[worst_r].items():
-            res = _residual(v, q[n])
-            if float(res.norm()) > 0:
-                q[n].append(res / res.norm())
+            rest = _residual(v, q[n])
+            if float(rest.norm()) > 0:
+                q[n].append(rest / rest.norm())
     coef: Coefficients = {}
     for r in profiles:
         if r in basis:
