@@ -265,7 +265,7 @@ def _through(
             v = (float(m.bias.detach()[c]),)
         elif isinstance(m, nn.modules.conv._ConvNd):  # depthwise: each channel has its own filter
             bias = float(m.bias.detach()[c]) if m.bias is not None else 0.0
-            w = _weight(m)[c, 0]
+            w = _weight(m)[c, 0].double()  # a 16-bit kernel summed in its own precision rounds
             if not _padded(m):
                 v = tuple(x * float(w.sum()) + bias for x in v)
             else:

@@ -38,7 +38,7 @@ from .compensate import fold
 Hook = Callable[..., Any]
 
 GATED = "varies with the input: a live gate multiplies it (squeeze-excite)"
-_TOL = 1e-5  # relative: a profile within this of the span of the basis merges (float32 measurements)
+_ULPS = 100  # a profile within this many rounding units (relative) of the basis's span merges
 _MATCH = 1e-4  # relative: probe and natural run agree
 
 
@@ -51,6 +51,7 @@ class Maps:
     general: bool
     profiles: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     kept: dict[int, str] = field(default_factory=dict)
+    tol: float = _ULPS * torch.finfo(torch.float32).eps  # set from the precision the maps were measured in
 
 
 def spatial_layer(group: ChannelGroup, modules: Modules) -> list[Member]:
@@ -116,6 +117,9 @@ def varying_maps(
     if not plans:
         return out
     natural.run(model, runs)
+    tol = _ULPS * torch.finfo(natural.dtype).eps
+    for maps in out.values():
+        maps.tol = tol
     probes: list[_Probe] = []
     for i, group, rs, dw, consumers in plans:
         maps = out[i]
@@ -167,6 +171,7 @@ class _Recorder:
         self.modules = modules
         self.wanted: dict[tuple[str, str], list[int]] = defaultdict(list)
         self.seen: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+        self.dtype = torch.float32  # the precision of what was recorded
 
     def want(self, layer: str, side: str, channels: list[int]) -> None:
         key = (layer, side)
@@ -194,6 +199,8 @@ class _Recorder:
         dim = shrinker_at(self.modules, name).input_channel_dim
 
         def record(x: torch.Tensor) -> None:
+            if x.is_floating_point():
+                self.dtype = x.dtype
             self.seen[(name, side)].append(
                 x.detach().movedim(dim, 1).index_select(1, idx.to(x.device)).double().cpu()
             )
@@ -362,9 +369,9 @@ def plan_varying(
     folds_ok = {c.name: shrinker_at(modules, c.name).can_fold(modules[c.name]) for c in reads}
     profiles = {r: maps.profiles[r] for r in channels}
     if maps.general:
-        basis, coef = _basis(profiles, [c.name for c in reads], folds_ok)
+        basis, coef = _basis(profiles, [c.name for c in reads], folds_ok, maps.tol)
     else:
-        basis, coef = _proportional(profiles, [c.name for c in reads], folds_ok)
+        basis, coef = _proportional(profiles, [c.name for c in reads], folds_ok, maps.tol)
     fates: dict[int, ChannelFate] = {}
     folds: dict[int, list[Fold]] = defaultdict(list)
     parts: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
@@ -416,7 +423,7 @@ Coefficients = dict[
 
 
 def _basis(
-    profiles: dict[int, dict[str, torch.Tensor]], layers: list[str], folds_ok: dict[str, bool]
+    profiles: dict[int, dict[str, torch.Tensor]], layers: list[str], folds_ok: dict[str, bool], tol: float
 ) -> tuple[list[int], Coefficients]:
     """A basis chosen greedily (the channel farthest from the span so far, at the layer where it is
     farthest), then each other channel's coefficients on it, solved at each layer; a layer that folds a
@@ -432,7 +439,7 @@ def _basis(
             q[n].append(torch.full((size,), size**-0.5, dtype=torch.float64))
     basis: list[int] = []
     while True:
-        worst, worst_r = _TOL, None
+        worst, worst_r = tol, None
         for r in sorted(profiles):
             if r in basis:
                 continue
@@ -474,7 +481,7 @@ def _residual(v: torch.Tensor, q: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _proportional(
-    profiles: dict[int, dict[str, torch.Tensor]], layers: list[str], folds_ok: dict[str, bool]
+    profiles: dict[int, dict[str, torch.Tensor]], layers: list[str], folds_ok: dict[str, bool], tol: float
 ) -> tuple[list[int], Coefficients]:
     """One carrier (the largest map) and the channels whose map is a multiple of its at every layer; a
     constant map folds where the layer folds. Maps seen at the example's positions only: no other span."""
@@ -499,7 +506,7 @@ def _proportional(
                 break
             base = profiles[carrier][n]
             ratio = float(v @ base) / float(base @ base)
-            if float((v - ratio * base).abs().max()) > _TOL * (1.0 + float(v.abs().max())):
+            if float((v - ratio * base).abs().max()) > tol * (1.0 + float(v.abs().max())):
                 break
             entry[n] = ({carrier: ratio}, 0.0)
         else:
