@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 from zoo import (
+    BY_NAME,
     CARRIER,
     CASES,
     FOLDED,
@@ -37,6 +38,7 @@ from zoo import (
 
 import compactor
 from compactor.engine.plan import Fate
+from compactor.engine.plan.varying import GATED
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -292,7 +294,75 @@ def test_dead_channel_times_gate_is_removed_plus_gate_is_not(op: str) -> None:
     _assert_equal_outputs(model, small, (2, 3, 6, 6))
     if op == "mul":
         assert (small.conv.out_channels, small.gate.out_channels, small.out.in_channels) == (4, 4, 4)
-        assert Counter(z.fate for z in report.zeroed) == {Fate.REMOVED.value: 4}
+        assert Counter(z.fate for z in report.zeroed) == {Fate.REMOVED.value: 4, Fate.KEPT_VARYING.value: 1}
+        assert next(z for z in report.zeroed if z.channel == 3).reason == GATED  # relu(0.5) * gate stays
     else:
         assert (small.conv.out_channels, small.gate.out_channels, small.out.in_channels) == (8, 8, 8)
         assert not report.zeroed
+
+
+# --- (f) position-varying constants: exact at every resolution (issue 11) ---------------------------------
+
+_VARYING = ("inverted_residual", "tv_mobilenet_v2", "mnasnet", "efficientnet_mbconv", "inception_pool")
+
+
+@pytest.mark.parametrize("name", _VARYING)
+def test_position_varying_merges_are_exact_at_other_resolutions(name: str, zoo_results: ZooResults) -> None:
+    """Compacted at one input size, the model gives the masked model's outputs at others: odd, uneven,
+    and small enough that the deepest maps are 1 or 2 pixels wide (border patterns the example lacks)."""
+    case = BY_NAME[name]
+    model, small, report = zoo_results.get(case)
+    kinds = Counter(z.fate for z in report.zeroed)
+    if name == "efficientnet_mbconv":  # the squeeze-excite gate multiplies every dead expand filter
+        assert kinds == {Fate.KEPT_VARYING.value: 48}
+        assert {z.reason for z in report.zeroed} == {GATED}
+    else:
+        assert kinds[Fate.MERGED.value] > 0 and kinds[Fate.CARRIER.value] > 0
+    for shape in [(1, 3, 32, 32), (1, 3, 37, 41), (2, 3, 9, 7), (1, 3, 3, 5)]:
+        _assert_equal_outputs(model, small, shape, seeds=(7,))
+
+
+@pytest.mark.parametrize(
+    ("k", "stride", "pad", "dilation"),
+    [(3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 1), (5, 2, 2, 1), (3, 1, 2, 2), (4, 2, 1, 1)],
+)
+def test_border_patterns_are_every_pattern_at_any_size(k: int, stride: int, pad: int, dilation: int) -> None:
+    """``axis_patterns`` enumerates sizes up to a bound; ten times further finds nothing new."""
+    from compactor.layers.conv import axis_patterns
+
+    found = set(axis_patterns(k, stride, pad, pad, dilation))
+    far: set[tuple[int, ...]] = set()
+    for n in range(1, 10 * (k * dilation + 2 * pad + 2 * stride)):
+        for i in range((n + 2 * pad - dilation * (k - 1) - 1) // stride + 1):
+            far.add(tuple(u for u in range(k) if 0 <= i * stride - pad + u * dilation < n))
+    assert found == far
+    assert len(found) == {(3, 1, 1, 1): 4, (3, 2, 1, 1): 4, (5, 1, 2, 1): 9, (5, 2, 2, 1): 6}.get(
+        (k, stride, pad, dilation), len(far)
+    )
+
+
+@pytest.mark.parametrize(("k", "stride"), [(3, 1), (3, 2), (5, 1), (5, 2)])
+def test_border_values_are_what_the_conv_computes_at_every_size(k: int, stride: int) -> None:
+    """A zero-padded depthwise conv on constant channels, run at every size from 1x1 to 12x12: each output
+    value is one of ``border_values``, and every one of them occurs."""
+    from compactor.layers import shrinker_for
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, k, stride, k // 2, groups=4).double()
+    k_in = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    shrinker = shrinker_for(conv)
+    assert shrinker is not None
+    values = shrinker.border_values(conv, torch.arange(4), k_in)
+    per_axis = {(3, 1): 4, (3, 2): 4, (5, 1): 9, (5, 2): 6}[(k, stride)]
+    assert values is not None and values.shape == (4, per_axis**2)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for h in range(1, 13):
+            for w in range(1, 13):
+                out = conv(k_in.view(1, 4, 1, 1).expand(1, 4, h, w)).flatten(2)[0]  # [channels, positions]
+                match = (out[:, :, None] - values[:, None, :]).abs().amax(0) < 1e-12  # [positions, patterns]
+                assert bool(match.any(1).all()), (h, w)
+                seen |= set(match.nonzero()[:, 1].tolist())
+    assert seen == set(range(values.shape[1]))
+    plain = nn.Conv2d(4, 4, k, stride, 0, groups=4)
+    assert shrinker.border_values(plain, torch.arange(4), k_in) is None  # no padding: a constant stays one

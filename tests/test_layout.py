@@ -97,7 +97,7 @@ def test_the_tree_shows_the_pipeline() -> None:
     stages = sorted(p.stem for p in (PACKAGE / "engine").iterdir() if not p.name.startswith("__"))
     assert stages == ["coverage", "graph", "heads", "masks", "plan", "rebuild", "verify"]
     plan = sorted(p.stem for p in (PACKAGE / "engine" / "plan").iterdir() if not p.name.startswith("__"))
-    assert plan == ["base", "compensate", "fates", "observe", "widths"]
+    assert plan == ["base", "compensate", "fates", "observe", "varying", "widths"]
 
 
 def test_only_the_graph_adapter_knows_torch_pruning() -> None:

@@ -94,7 +94,11 @@ def perturb_norms(model: nn.Module, shape: Sequence[int], seed: int = 0) -> nn.M
 
 # --- the oracle ---------------------------------------------------------------------------------------
 
-RELU, RELU6 = "relu", "relu6"
+RELU, RELU6, SILU = "relu", "relu6", "silu"
+AVGPOOL3 = (
+    "avgpool3"  # F.avg_pool2d(x, 3, stride=1, padding=1), counting the padding (torchvision's Inception3)
+)
+ACTIVATIONS = (RELU, RELU6, SILU, AVGPOOL3)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class Read:
     count: int | None = None
     step: int = 0  # channels-last flatten: channel c's copies sit ``step`` apart (c, c + step, ...)
     at: tuple[int, ...] = ()  # a permutation (roll, channel shuffle): channel c arrives at input ``at[c]``
+    steps: tuple[str, ...] = ()  # functional steps on the way to this layer alone (``AVGPOOL3``)
 
     def sees(self, c: int) -> bool:
         return c >= self.first and (self.count is None or c < self.first + self.count)
@@ -229,132 +234,165 @@ def _padded(m: nn.Module) -> bool:
     return False
 
 
+Profile = tuple[float, ...]  # a value per border pattern (one value: the same at every position)
+
+
 def _through(
     modules: dict[str, nn.Module],
     steps: Sequence[str],
     c: int,
-    v: float | None,
+    v: Profile | None,
     dead: set[int],
-    sizes: dict[str, tuple[int, ...]],
-) -> float | None:
-    """The constant ``v`` of channel ``c`` after ``steps`` (None: it varies with the input).
+) -> Profile | None:
+    """The profile ``v`` of channel ``c`` after ``steps`` (None: it varies with the input).
 
-    A zero-padded depthwise conv turns a constant into a different value at each kind of border
-    position; the oracle follows the set of those values and calls the result constant if they meet
-    again (a ReLU clipping them all to 0)."""
+    A zero-padded depthwise conv (or an average pool counting its padding) turns a constant into a value
+    per border pattern: which of its taps fall inside the image, over every output position of every
+    input size (:func:`patterns`). The oracle follows that profile pointwise through the layers after."""
     if v is None:
         return None
-    values = {v}
     for step in steps:
-        if step == RELU:
-            values = {max(x, 0.0) for x in values}
+        if step in (RELU, RELU6, SILU):
+            act = {RELU: lambda x: max(x, 0.0), RELU6: lambda x: min(max(x, 0.0), 6.0), SILU: _silu}[step]
+            v = tuple(act(x) for x in v)
             continue
-        if step == RELU6:
-            values = {min(max(x, 0.0), 6.0) for x in values}
+        if step == AVGPOOL3:
+            v = _spread(v, [len(a) * len(b) / 9.0 for a, b in patterns((3, 3), (1, 1), (1, 1))])
             continue
         m = modules[step]
         if isinstance(m, nn.Parameter):  # a per-channel scale
-            values = {x * float(m.detach()[c]) for x in values}
+            v = tuple(x * float(m.detach()[c]) for x in v)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             mean, var = float(m.running_mean[c]), float(m.running_var[c])
             gamma, beta = float(m.weight.detach()[c]), float(m.bias.detach()[c])
-            values = {(x - mean) / (var + m.eps) ** 0.5 * gamma + beta for x in values}
+            v = tuple((x - mean) / (var + m.eps) ** 0.5 * gamma + beta for x in v)
         elif isinstance(m, nn.GroupNorm):
             size = m.num_channels // m.num_groups
             group = range(c // size * size, (c // size + 1) * size)
             if not all(g in dead for g in group):
                 return None
-            values = {float(m.bias.detach()[c])}
+            v = (float(m.bias.detach()[c]),)
         elif isinstance(m, nn.modules.conv._ConvNd):  # depthwise: each channel has its own filter
             bias = float(m.bias.detach()[c]) if m.bias is not None else 0.0
+            w = _weight(m)[c, 0].double()  # a 16-bit kernel summed in its own precision rounds
             if not _padded(m):
-                sums = {float(_weight(m)[c].sum())}
-            elif step not in sizes:
-                raise ValueError(f"the oracle needs the input shape to follow a constant through {step}")
+                v = tuple(x * float(w.sum()) + bias for x in v)
             else:
-                sums = _window_sums(m, _weight(m)[c, 0], sizes[step])
-            values = {x * w + bias for x in values for w in sums}
+                if len(v) != 1:
+                    raise ValueError(
+                        f"the oracle follows one zero-padded depthwise conv per path, not {step}"
+                    )
+                sums = [
+                    float(w[list(a)][:, list(b)].sum())
+                    for a, b in patterns(m.kernel_size, m.stride, m.padding)
+                ]
+                v = tuple(v[0] * s + bias for s in sums)
         else:
             raise TypeError(f"the oracle does not know {type(m).__name__} ({step})")
-    return values.pop() if len(values) == 1 else None
+    return v
 
 
-def _window_sums(m: nn.Module, w: torch.Tensor, size: tuple[int, ...]) -> set[float]:
-    """The sums of the parts of kernel ``w`` inside an image of ``size`` (spatial), over every output
-    position of the zero-padded conv ``m``: what it makes of a constant 1."""
-    per_dim = []
-    for d, (k, n) in enumerate(zip(w.shape, size)):
-        stride, pad, dil = (_at(getattr(m, a), d) for a in ("stride", "padding", "dilation"))
-        out = (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
-        per_dim.append(
-            {tuple(j for j in range(k) if 0 <= i * stride - pad + j * dil < n) for i in range(out)}
-        )
-    if w.dim() == 1:
-        return {float(w[list(a)].sum()) for a in per_dim[0]}
-    return {float(w[list(a)][:, list(b)].sum()) for a in per_dim[0] for b in per_dim[1]}
+def _silu(x: float) -> float:
+    return float(F.silu(torch.tensor(x, dtype=torch.float64)))
 
 
-def _at(v: int | tuple[int, ...], d: int) -> int:
-    return int(v[d]) if isinstance(v, tuple) else int(v)
+def _spread(v: Profile, weights: list[float]) -> Profile:
+    if len(v) != 1:
+        raise ValueError("the oracle follows one position-varying step per path")
+    return tuple(v[0] * w for w in weights)
 
 
-def spatial_sizes(model: nn.Module, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
-    """The spatial input size of every conv for inputs of ``shape`` (shapes only, no values used)."""
-    sizes: dict[str, tuple[int, ...]] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda m, a, n=n: sizes.__setitem__(n, tuple(a[0].shape[2:])))
-        for n, m in model.named_modules()
-        if isinstance(m, nn.modules.conv._ConvNd)
-    ]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(*shape))
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
+def patterns(
+    kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...] | str
+) -> list[tuple[tuple[int, ...], ...]]:
+    """The sets of taps inside the image, per axis, over every output position of every input size from
+    1 to 40 (brute force; 2-D, symmetric padding), every combination of the two axes."""
+    assert isinstance(padding, tuple)
+    axes = []
+    for k, st, pad in zip(kernel, stride, padding):
+        found: dict[tuple[int, ...], None] = {}
+        for n in range(1, 41):
+            for i in range((n + 2 * pad - k) // st + 1):
+                found[tuple(j for j in range(k) if 0 <= i * st - pad + j < n)] = None
+        axes.append(list(found))
+    return [(a, b) for a in axes[0] for b in axes[1]]
 
 
 def expected_fates(model: nn.Module, link: Link, shape: Sequence[int] | None = None) -> Fates:
-    """What exact compaction does with each root channel of ``link``, from weights and norms alone
-    (``shape``: the input shape, needed where a constant meets a zero-padded depthwise conv)."""
+    """What exact compaction does with each root channel of ``link``, from weights and norms alone.
+
+    A channel through a zero-padded depthwise conv has a profile over every border pattern at any input
+    size: zero everywhere is removed, the same everywhere is a constant as before, and of the others a
+    basis stays per group (as many channels as the rank of their profiles, besides the constant map a
+    bias takes) and the rest merge into it. Through an average pool counting its padding, every map is
+    a multiple of one: one carrier. A dead filter multiplied by a live gate stays. (``shape`` is unused:
+    exact at every input size, the fates do not depend on it.)"""
     modules = _modules(model)
-    sizes = spatial_sizes(model, shape) if shape is not None else {}
     first = modules[link.root]
     n = _weight(first).shape[_out_dim(first)]
     dead = {c for c in range(n) if all(_row_zero(modules[p[0]], c) for p in link.paths)}
     dead |= {c for c in range(n) if len(link.paths) == 1 and _slimmed(modules, link.paths[0], c)}
-    if link.gated:  # zero times the gate is zero; any other constant times the gate varies: not zeroed
+    gate_kept: set[int] = set()
+    if link.gated:  # zero times the gate is zero; any other value times the gate varies with the input
         main = link.paths[0]
-        dead = {
-            c
-            for c in range(n)
-            if _row_zero(modules[main[0]], c) and _value(modules, Link((main,), ()), c, set(), {}) == 0.0
-        }
+        rows = {c for c in range(n) if _row_zero(modules[main[0]], c)}
+        dead = {c for c in rows if _value(modules, Link((main,), ()), c, set()) == (0.0,)}
+        gate_kept = rows - dead
     fates: list[str] = []
     values: list[float | None] = []
+    varying: dict[int, list[Profile]] = {}
+    general = False
     for c in range(n):
         reads = [r for r in link.reads if r.sees(c)]
         ignored = bool(reads) and all(_col_zero(modules[r.layer], r.inputs(c)) for r in reads)
         value: float | None = None
-        if c not in dead and not ignored:
+        if c in gate_kept and not ignored and not link.blocked:
+            fates.append(KEPT)
+        elif c not in dead and not ignored:
             fates.append("live")
         elif link.blocked:
             fates.append(KEPT)
         elif ignored:
             fates.append(REMOVED)
         else:
-            value = 0.0 if link.gated else _value(modules, link, c, dead, sizes)
-            if value is None:
+            base = (0.0,) if link.gated else _value(modules, link, c, dead)
+            at = [_through(modules, r.steps, c, base, dead) for r in reads]
+            if base is None or any(p is None for p in at):
                 fates.append(KEPT)
-            elif value == 0.0:
-                fates.append(REMOVED)
-            elif any(_padded(modules[r.layer]) for r in reads):
-                fates.append(MERGED)
+            elif all(p is not None and len(set(p)) == 1 for p in at):  # a constant wherever it is read
+                value = base[0]
+                if value == 0.0:
+                    fates.append(REMOVED)
+                elif any(_padded(modules[r.layer]) for r in reads):
+                    fates.append(MERGED)
+                else:
+                    fates.append(FOLDED)
             else:
-                fates.append(FOLDED)
+                varying[c] = [p for p in at if p is not None]
+                general = general or len(base) > 1
+                fates.append(KEPT)
         values.append(value)
-    return _settle(modules, link, fates, values)
+    verdict = _settle(modules, link, fates, values)
+    if not varying:
+        return verdict
+    foldable = not any(_padded(modules[r.layer]) for r in link.reads)
+    keep = _basis_size(list(varying.values()), foldable) if general else 1
+    final = list(verdict.fates)
+    if len(varying) > keep:  # a basis stays (the lowest channels here: the count is what is predicted)
+        for i, c in enumerate(sorted(varying)):
+            final[c] = CARRIER if i < keep else MERGED
+    return Fates(link, tuple(final), verdict.values)
+
+
+def _basis_size(profiles: list[list[Profile]], foldable: bool) -> int:
+    """How many channels span these profiles (concatenated over the readers), besides the constant map
+    a bias takes where every reader folds one."""
+    rows = [torch.tensor([x for p in ps for x in p], dtype=torch.float64) for ps in profiles]
+    if foldable:
+        rows.append(torch.ones_like(rows[0]))
+    mat = torch.stack(rows)
+    rank = int(torch.linalg.matrix_rank(mat, rtol=1e-7))
+    return rank - 1 if foldable else rank
 
 
 def _settle(modules: dict[str, nn.Module], link: Link, first: list[str], values: list[float | None]) -> Fates:
@@ -419,21 +457,25 @@ def _slimmed(modules: dict[str, nn.Module], path: Sequence[str], c: int) -> bool
     )
 
 
-def _value(
-    modules: dict[str, nn.Module], link: Link, c: int, dead: set[int], sizes: dict[str, tuple[int, ...]]
-) -> float | None:
-    total: float | None = 0.0
+def _value(modules: dict[str, nn.Module], link: Link, c: int, dead: set[int]) -> Profile | None:
+    total: Profile | None = (0.0,)
     for path in link.paths:
         steps = list(path[1:])
         if _row_zero(modules[path[0]], c):
             bias = getattr(modules[path[0]], "bias", None)
-            v: float | None = float(bias.detach()[c]) if bias is not None else 0.0
+            v: Profile | None = (float(bias.detach()[c]) if bias is not None else 0.0,)
         else:  # slimmed: start after the BatchNorm that forgets the input
             cut = max(i for i, s in enumerate(steps) if _slimmed(modules, [path[0], s], c))
-            v, steps = float(modules[steps[cut]].bias.detach()[c]), steps[cut + 1 :]
-        v = _through(modules, steps, c, v, dead, sizes)
-        total = None if v is None or total is None else total + v
-    return _through(modules, link.after, c, total, dead, sizes)
+            v, steps = (float(modules[steps[cut]].bias.detach()[c]),), steps[cut + 1 :]
+        v = _through(modules, steps, c, v, dead)
+        if v is None or total is None:
+            total = None
+        elif len(v) == 1 or len(total) == 1 or len(v) == len(total):
+            n = max(len(v), len(total))
+            total = tuple((v[i % len(v)]) + total[i % len(total)] for i in range(n))
+        else:
+            raise ValueError("the oracle sums profiles of one pattern set only")
+    return _through(modules, link.after, c, total, dead)
 
 
 def expected_all(model: nn.Module, links: Sequence[Link], shape: Sequence[int] | None = None) -> list[Fates]:
@@ -451,7 +493,11 @@ def expected_all(model: nn.Module, links: Sequence[Link], shape: Sequence[int] |
                 counts[r.layer] += r.expand
         return counts
 
-    carriers = [i for i, v in enumerate(verdicts) if v.fates.count(CARRIER) == 1]
+    carriers = [  # a position-varying group's carriers (no constant) stay in their group
+        i
+        for i, v in enumerate(verdicts)
+        if v.fates.count(CARRIER) == 1 and v.values[v.fates.index(CARRIER)] is not None
+    ]
     hosts: list[int] = []
 
     def strength(i: int) -> float:  # the engine's tie-break: the best-conditioned carrier hosts first
@@ -497,11 +543,11 @@ def expected_widths(
         gone = verdict.removed
         for path in link.paths:
             for step in path:
-                if step not in (RELU, RELU6):
+                if step not in ACTIVATIONS:
                     removed_out[step].update(gone)
                     layers.append(step)
         for step in link.after:
-            if step not in (RELU, RELU6):
+            if step not in ACTIVATIONS:
                 removed_out[step].update(gone)
                 layers.append(step)
         for r in link.reads:
@@ -921,6 +967,198 @@ class DeadLayer(nn.Module):
         return self.fc(x.flatten(1))
 
 
+# --- torchvision blocks whose dead filters vary with position (issue 11) -----------------------------------
+
+
+def _conv_norm_act(
+    cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU6
+) -> nn.Sequential:
+    """torchvision's ``Conv2dNormActivation``: conv (padding ``(k - 1) // 2``, no bias), BatchNorm, activation."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class TVInvertedResidual(nn.Module):
+    """torchvision ``mobilenetv2.InvertedResidual``: ``conv = [pw ConvNormAct(ReLU6), dw ConvNormAct(ReLU6,
+    stride), Conv2d 1x1, BatchNorm]``, ``x + conv(x)`` where stride 1 and the widths match."""
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
+        super().__init__()
+        hidden = inp * expand_ratio
+        self.use_res_connect = stride == 1 and inp == oup
+        self.conv = nn.Sequential(
+            _conv_norm_act(inp, hidden, 1),
+            _conv_norm_act(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(oup),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class TVMobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 layout, small: stem (stride 2), a residual block and a stride-2 block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_norm_act(3, 16, 3, 2),
+            TVInvertedResidual(16, 16, 1, 6),
+            TVInvertedResidual(16, 24, 2, 6),
+            _conv_norm_act(24, 32, 1),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(32, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class MnasInvertedResidual(nn.Module):
+    """torchvision ``mnasnet._InvertedResidual``: pw conv, BN, ReLU, dw conv (3x3 or 5x5, padding k // 2,
+    stride), BN, ReLU, pw-linear conv, BN; the residual where stride 1 and the widths match."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int, expansion_factor: int) -> None:
+        super().__init__()
+        mid = in_ch * expansion_factor
+        self.apply_residual = in_ch == out_ch and stride == 1
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_ch, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid, kernel_size, padding=kernel_size // 2, stride=stride, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x) + x if self.apply_residual else self.layers(x)
+
+
+class MnasNetSmall(nn.Module):
+    """MnasNet's stem (conv stride 2, then a depthwise separable conv) and two 5x5 blocks: stride 2, then 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, stride=2, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, 16, 3, padding=1, stride=1, groups=16, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, 24, 1, padding=0, stride=1, bias=False),
+            nn.BatchNorm2d(24),
+            MnasInvertedResidual(24, 24, 5, 2, 6),
+            MnasInvertedResidual(24, 24, 5, 1, 3),
+        )
+        self.classifier = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.layers(x).mean([2, 3]))
+
+
+class TVSqueezeExcitation(nn.Module):
+    """torchvision ``ops.SqueezeExcitation``: ``input * sigmoid(fc2(act(fc1(avgpool(input)))))``."""
+
+    def __init__(self, input_channels: int, squeeze_channels: int) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.activation = nn.SiLU(inplace=True)
+        self.scale_activation = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return scale * x
+
+
+class MBConv(nn.Module):
+    """torchvision ``efficientnet.MBConv``: expand ConvNormAct(SiLU), dw ConvNormAct(SiLU), squeeze-excite
+    (``input_channels // 4`` squeezed), project ConvNormAct (no activation); the residual (stochastic depth
+    is the identity in eval mode)."""
+
+    def __init__(self, cin: int, cout: int, expand_ratio: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.use_res_connect = stride == 1 and cin == cout
+        hidden = cin * expand_ratio
+        self.block = nn.Sequential(
+            _conv_norm_act(cin, hidden, 1, act=nn.SiLU),
+            _conv_norm_act(hidden, hidden, kernel, stride, groups=hidden, act=nn.SiLU),
+            TVSqueezeExcitation(hidden, max(1, cin // 4)),
+            _conv_norm_act(hidden, cout, 1, act=None),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.block(x)
+        return result + x if self.use_res_connect else result
+
+
+class EfficientNetSmall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_norm_act(3, 16, 3, 2, act=nn.SiLU)
+        self.mb = MBConv(16, 16, 6, 3, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mb(self.stem(x)).mean((2, 3)))
+
+
+class BasicConv2d(nn.Module):
+    """torchvision ``inception.BasicConv2d``: conv (no bias), BatchNorm (eps 0.001), ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, padding: int = 0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class InceptionA(nn.Module):
+    """torchvision ``inception.InceptionA``, narrow: 1x1; 1x1 then 5x5; 1x1 then 3x3 twice; and
+    ``avg_pool2d(x, 3, stride=1, padding=1)`` (counting the padding) then 1x1; concatenated."""
+
+    def __init__(self, cin: int, pool_features: int) -> None:
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 8, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 6, 1)
+        self.branch5x5_2 = BasicConv2d(6, 8, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 8, 1)
+        self.branch3x3dbl_2 = BasicConv2d(8, 12, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(12, 12, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch1x1 = self.branch1x1(x)
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))
+        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
+
+
+class InceptionSmall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = BasicConv2d(3, 24, 3, padding=1)
+        self.mixed = InceptionA(24, 8)
+        self.fc = nn.Linear(36, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mixed(self.stem(x)).mean((2, 3)))
+
+
 # --- realistic sizes (slow tests) -------------------------------------------------------------------------
 
 
@@ -1274,6 +1512,33 @@ def _slimmed_bn() -> nn.Module:
     return m
 
 
+def _tv_mobilenet_v2() -> nn.Module:
+    m = TVMobileNetV2()
+    mask_ln(m.features[1].conv[0][0], 0.6)  # 58 of 96 expand filters: a basis of at most 15 per group stays
+    mask_ln(m.features[2].conv[0][0], 0.6)  # the stride-2 block: the same 16 border patterns
+    return _finish(m, (2, 3, 16, 16))
+
+
+def _mnasnet() -> nn.Module:
+    m = MnasNetSmall()
+    mask_ln(m.layers[8].layers[0], 0.7)  # 5x5 stride 2: 36 border patterns
+    mask_ln(m.layers[9].layers[0], 0.5)  # 5x5 stride 1: 81 patterns, more than the group's dead channels
+    return _finish(m, (2, 3, 24, 24))
+
+
+def _efficientnet() -> nn.Module:
+    m = EfficientNetSmall()
+    mask_ln(m.mb.block[0][0], 0.5)  # dead expand filters, multiplied by the live squeeze-excite gate: kept
+    mask_ln(m.mb.block[3][0], 0.25)  # project filters, into the residual stream the stem also writes
+    return _finish(m, (2, 3, 16, 16))
+
+
+def _inception_pool() -> nn.Module:
+    m = InceptionSmall()
+    mask_ln(m.stem.conv, 0.5)  # constants into three 1x1 convs (fold) and through the padded pool (merge)
+    return _finish(m, (2, 3, 12, 12))
+
+
 def _l(
     *paths: tuple[str, ...],
     reads: tuple[Read, ...],
@@ -1511,6 +1776,101 @@ CASES: tuple[Case, ...] = (
             _l(("b2.0", "b2.1", RELU), reads=(R("b3.0"),)),
         ),
         notes="hand-zeroed BatchNorm: the conv rows live, the norm forgets them (weight 0), the channel emits 0",
+    ),
+    Case(
+        "tv_mobilenet_v2",
+        _tv_mobilenet_v2,
+        (2, 3, 16, 16),
+        (
+            _l(
+                (
+                    "features.1.conv.0.0",
+                    "features.1.conv.0.1",
+                    RELU6,
+                    "features.1.conv.1.0",
+                    "features.1.conv.1.1",
+                    RELU6,
+                ),
+                reads=(R("features.1.conv.2"),),
+            ),
+            _l(
+                (
+                    "features.2.conv.0.0",
+                    "features.2.conv.0.1",
+                    RELU6,
+                    "features.2.conv.1.0",
+                    "features.2.conv.1.1",
+                    RELU6,
+                ),
+                reads=(R("features.2.conv.2"),),
+            ),
+        ),
+        notes="torchvision InvertedResidual: dead expand filters vary with position after the padded depthwise conv",
+    ),
+    Case(
+        "mnasnet",
+        _mnasnet,
+        (2, 3, 24, 24),
+        (
+            _l(
+                (
+                    "layers.8.layers.0",
+                    "layers.8.layers.1",
+                    RELU,
+                    "layers.8.layers.3",
+                    "layers.8.layers.4",
+                    RELU,
+                ),
+                reads=(R("layers.8.layers.6"),),
+            ),
+            _l(
+                (
+                    "layers.9.layers.0",
+                    "layers.9.layers.1",
+                    RELU,
+                    "layers.9.layers.3",
+                    "layers.9.layers.4",
+                    RELU,
+                ),
+                reads=(R("layers.9.layers.6"),),
+            ),
+        ),
+    ),
+    Case(
+        "efficientnet_mbconv",
+        _efficientnet,
+        (2, 3, 16, 16),
+        (
+            Link(
+                (
+                    ("mb.block.0.0", "mb.block.0.1", SILU, "mb.block.1.0", "mb.block.1.1", SILU),
+                    ("mb.block.2.fc2",),
+                ),
+                (R("mb.block.2.fc1"), R("mb.block.3.0")),
+                gated=True,
+            ),
+            _l(
+                ("stem.0", "stem.1", SILU),
+                ("mb.block.3.0", "mb.block.3.1"),
+                reads=(R("mb.block.0.0"), R("fc")),
+            ),
+        ),
+    ),
+    Case(
+        "inception_pool",
+        _inception_pool,
+        (2, 3, 12, 12),
+        (
+            _l(
+                ("stem.conv", "stem.bn", RELU),
+                reads=(
+                    R("mixed.branch1x1.conv"),
+                    R("mixed.branch5x5_1.conv"),
+                    R("mixed.branch3x3dbl_1.conv"),
+                    R("mixed.branch_pool.conv", steps=(AVGPOOL3,)),
+                ),
+            ),
+        ),
     ),
 )
 

@@ -115,6 +115,14 @@ class Shrinker(Generic[M]):
         """For each channel in ``idx``: True if the output ignores the input there (a norm with weight 0)."""
         return torch.zeros(len(idx), dtype=torch.bool)
 
+    def border_values(self, m: M, idx: Index, k: torch.Tensor) -> torch.Tensor | None:
+        """Channels ``idx`` holding constants ``k`` (float64) on the way in: what comes out at each *border
+        pattern* (which part of the layer's window lies inside the input) that occurs at any input size,
+        ``[len(idx), patterns]`` in float64, the patterns in one order for every channel. None where a
+        constant comes out as a constant at every position (the default: the layer acts on each position
+        alone). A zero-padded depthwise conv defines it."""
+        return None
+
     def can_absorb_shift(self, m: M) -> bool:
         """True if a constant removed from the layer's input can be made up inside it (:meth:`absorb_shift`)."""
         return False

@@ -61,6 +61,20 @@ class ConvShrinker(Shrinker[Conv]):
             delta[rows] += w[rows, col].flatten(1).sum(-1) * kk
         return delta
 
+    def border_values(self, m: Conv, idx: Index, k: torch.Tensor) -> torch.Tensor | None:
+        """Depthwise and zero padded: channel ``c`` holding ``k`` comes out as ``b_c + k * sum(w_c[t])`` over
+        the taps ``t`` inside the input, one value per pattern of :func:`border_patterns`."""
+        if not is_depthwise(m) or self.can_fold(m):
+            return None
+        masks = torch.stack([_tap_mask(m, pattern) for pattern in border_patterns(m)])  # [P, *kernel]
+        w = m.weight.detach().double().cpu()[idx, 0].flatten(1)  # [len(idx), taps]
+        bias = (
+            m.bias.detach().double().cpu()[idx]
+            if m.bias is not None
+            else torch.zeros(len(idx), dtype=w.dtype)
+        )
+        return bias[:, None] + k.double().cpu()[:, None] * (w @ masks.flatten(1).T)
+
     def merge_unit(self, m: Conv, i: int) -> int:
         return i // (m.in_channels // m.groups)
 
@@ -186,6 +200,60 @@ def _check_groups(m: Conv) -> None:
         raise ValueError(
             f"{m.in_channels} in and {m.out_channels} out channels do not split into {m.groups} groups"
         )
+
+
+def axis_patterns(k: int, stride: int, before: int, after: int, dilation: int = 1) -> list[tuple[int, ...]]:
+    """Along one axis of a zero-padded window (``k`` taps, ``stride``, padding ``before``/``after``,
+    ``dilation``): every set of taps that falls inside the input at some output position of some input
+    size ``n >= 1``, in the order first met.
+
+    Output ``i`` reads inputs ``i*stride - before + u*dilation``, ``u < k``. Once ``n >= (k - 1) * dilation``
+    no window is cut at both ends; the windows cut at the start are then the same for every ``n``, and
+    those cut at the end depend on ``n`` modulo ``stride`` alone. So sizes up to that bound plus two strides
+    (more here, for margin) show every pattern; a test checks a bound ten times larger finds no more."""
+    found: dict[tuple[int, ...], None] = {}
+    span = (k - 1) * dilation
+    for n in range(1, 2 * (span + before + after + 2 * stride) + 2):
+        out = (n + before + after - span - 1) // stride + 1
+        for i in range(max(out, 0)):
+            start = i * stride - before
+            found[tuple(u for u in range(k) if 0 <= start + u * dilation < n)] = None
+    return list(found)
+
+
+def border_patterns(m: Conv) -> list[tuple[tuple[int, ...], ...]]:
+    """The border patterns of conv ``m`` (one set of taps per spatial axis) at any input size: every
+    combination of :func:`axis_patterns`, since each axis can take any size independently."""
+    dims = len(m.kernel_size)
+    pads = m._reversed_padding_repeated_twice  # (before, after) per axis, last axis first
+    axes = [
+        axis_patterns(
+            m.kernel_size[d],
+            _at(m.stride, d),
+            pads[2 * (dims - 1 - d)],
+            pads[2 * (dims - 1 - d) + 1],
+            _at(m.dilation, d),
+        )
+        for d in range(dims)
+    ]
+    patterns: list[tuple[tuple[int, ...], ...]] = [()]
+    for axis in axes:
+        patterns = [(*p, a) for p in patterns for a in axis]
+    return patterns
+
+
+def _tap_mask(m: Conv, pattern: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """1 at the kernel taps inside the input for ``pattern``, 0 elsewhere (float64, the kernel's shape)."""
+    mask = torch.ones((), dtype=torch.float64)
+    for d, taps in enumerate(pattern):
+        axis = torch.zeros(m.kernel_size[d], dtype=torch.float64)
+        axis[list(taps)] = 1.0
+        mask = mask[..., None] * axis
+    return mask
+
+
+def _at(v: int | tuple[int, ...], d: int) -> int:
+    return int(v[d]) if isinstance(v, (tuple, list)) else int(v)
 
 
 def _zero_padded(m: Conv) -> bool:

@@ -11,7 +11,8 @@ A root channel of a group is *zeroed* when either
   where the consumer sees a constant at every position, or merge it into a *carrier* channel where zero
   padding makes the borders differ (``W[:, carrier] += k_c / k_carrier * W[:, c]``; one carrier per
   group, and per group of a grouped conv that reads it). Varying with position (a zero-padded
-  depthwise conv on a constant): keep it.
+  depthwise conv on a constant): a function of the border pattern alone, so a basis per group stays and
+  the rest merge into it, exact at every input size (``varying``); multiplied by a live gate: keep it.
 * every mixing layer that reads it has an all-zero weight column (``ignored``): remove it, whatever it
   carries, unless something else reads it (a model output, a blocking layer).
 
@@ -26,6 +27,7 @@ the verify stage decides whether it ships.
 
 Modules: ``base`` (the plan's data), ``observe`` (run the model, record what each consumer reads),
 ``fates`` (decide each channel's fate), ``compensate`` (fold and merge constants: plan and apply),
+``varying`` (position-varying constants: profile over border patterns, basis and merges),
 ``widths`` (what widths a layer can take: GroupNorm groups, grouped convs, ``round_to``).
 """
 

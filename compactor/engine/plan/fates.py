@@ -7,7 +7,7 @@ from torch import nn
 
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, role_of, shrinker_for
-from ..graph import ChannelGroup
+from ..graph import ChannelGroup, Kind
 from ..heads import head_layers
 from .base import (
     IGNORED,
@@ -24,6 +24,7 @@ from .base import (
 )
 from .compensate import compensate, share_carriers
 from .observe import gated_zeros
+from .varying import GATED, Maps, plan_varying, varying_maps
 from .widths import at_least, round_layers, rounding, uniform_widths, unremovable
 
 
@@ -45,10 +46,20 @@ def plan_groups(
     modules.update(dict(model.named_parameters()))
     heads = head_layers(model)
     gated = gated_zeros(model, groups, modules, stats, runs) if runs else {}
-    plans = [_plan_group(g, modules, stats, round_to, gated.get(i), heads) for i, g in enumerate(groups)]
+    maps = (
+        varying_maps(model, groups, modules, stats, runs, _candidates(groups, modules, gated, heads))
+        if runs
+        else {}
+    )
+    plans = [
+        _plan_group(g, modules, stats, round_to, gated.get(i), heads, maps=maps.get(i))
+        for i, g in enumerate(groups)
+    ]
     if uniform:
         for i, width in uniform_widths(plans).items():
-            plans[i] = _plan_group(groups[i], modules, stats, round_to, gated.get(i), heads, width)
+            plans[i] = _plan_group(
+                groups[i], modules, stats, round_to, gated.get(i), heads, width, maps.get(i)
+            )
     if round_to == 1:  # with rounding, a carrier that goes would only be pinned back
         plans = share_carriers(plans, modules, stats)
     return round_layers(model, plans, round_to)
@@ -62,17 +73,15 @@ def _plan_group(
     gated: set[int] | None = None,
     heads: dict[tuple[str, Side], str] | None = None,
     width: int | None = None,
+    maps: Maps | None = None,
 ) -> GroupPlan:
     producers = mixing(group.layers(Side.OUT), modules)
     consumers = mixing(group.layers(Side.IN), modules)
     if not producers:
         return _blocked_writer(group, modules)
-    indep = all_zero(producers, modules, group.size, rows_zero)
-    if len(producers) == 1:  # one writer: a norm with weight 0 after it forgets its input too
-        indep = [a or b for a, b in zip(indep, _forgotten(group, modules))]
-    indep = [a or r in (gated or set()) for r, a in enumerate(indep)]
-    ignored = all_zero(consumers, modules, group.size, cols_zero) if consumers else [False] * group.size
-    zeroed = [r for r in range(group.size) if indep[r] or ignored[r]]
+    indep, ignored = _zeroed(group, modules, gated)
+    behind_gate = _behind_gate(group, modules, indep, ignored)
+    zeroed = [r for r in range(group.size) if indep[r] or ignored[r] or r in behind_gate]
     if not zeroed:
         return GroupPlan(group, ())
     blocker = _blocker(group, modules, heads or {})
@@ -85,11 +94,21 @@ def _plan_group(
         if r in zeroed
     }
     all_constants: dict[int, dict[str, torch.Tensor]] = {}  # root channel -> consumer -> constants at its idx
+    varying: list[int] = []  # profiled over the border patterns (see .varying)
     for r in zeroed:
         if r in base:
             continue
         if ignored[r]:
             base[r] = ChannelFate(r, Fate.REMOVED, IGNORED)
+            continue
+        if r in behind_gate:
+            base[r] = ChannelFate(r, Fate.KEPT_VARYING, GATED)
+            continue
+        if maps is not None and r in maps.kept:
+            base[r] = ChannelFate(r, Fate.KEPT_VARYING, maps.kept[r])
+            continue
+        if maps is not None and r in maps.profiles:
+            varying.append(r)
             continue
         seen = {
             c.name: stats.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r] and c.name in stats.lo
@@ -110,6 +129,13 @@ def _plan_group(
         fates = {**base, **pinned}
         kept_constants = {r: k for r, k in all_constants.items() if r not in pinned}
         folds, merges = compensate(group, consumers, modules, kept_constants, fates)
+        if maps is not None and varying:
+            more_fates, more_folds, more_merges = plan_varying(
+                group, consumers, modules, maps, [r for r in varying if r not in pinned]
+            )
+            fates.update(more_fates)
+            folds.update(more_folds)
+            merges = merges + more_merges
         _keep_one(group, fates, folds)
         more = (
             unremovable(group, modules, fates)
@@ -125,6 +151,51 @@ def _plan_group(
         tuple(f for r in sorted(folds) for f in folds[r]),
         tuple(merges),
     )
+
+
+def _zeroed(group: ChannelGroup, modules: Modules, gated: set[int] | None) -> tuple[list[bool], list[bool]]:
+    """Per root channel: input-independent (every writer dead, or a norm forgets it, or a proved gated
+    zero), and ignored (every reader's weight column zero)."""
+    producers = mixing(group.layers(Side.OUT), modules)
+    consumers = mixing(group.layers(Side.IN), modules)
+    indep = all_zero(producers, modules, group.size, rows_zero)
+    if len(producers) == 1:  # one writer: a norm with weight 0 after it forgets its input too
+        indep = [a or b for a, b in zip(indep, _forgotten(group, modules))]
+    indep = [a or r in (gated or set()) for r, a in enumerate(indep)]
+    ignored = all_zero(consumers, modules, group.size, cols_zero) if consumers else [False] * group.size
+    return indep, ignored
+
+
+def _behind_gate(group: ChannelGroup, modules: Modules, indep: list[bool], ignored: list[bool]) -> set[int]:
+    """Root channels a dead filter writes and a live one multiplies (a squeeze-excite gate) and that are
+    not a proved zero: the product varies with the input, so they stay, and the report says why."""
+    if not any(m.kind is Kind.MULTIPLY for m in group.members):
+        return set()
+    producers = mixing(group.layers(Side.OUT), modules)
+    dead = [all_zero([p], modules, group.size, rows_zero) for p in producers]
+    return {
+        r
+        for r in range(group.size)
+        if not indep[r] and not ignored[r] and any(d[r] for d in dead) and not all(d[r] for d in dead)
+    }
+
+
+def _candidates(
+    groups: list[ChannelGroup],
+    modules: Modules,
+    gated: dict[int, set[int]],
+    heads: dict[tuple[str, Side], str],
+) -> dict[int, list[int]]:
+    """Per group index: the input-independent channels no reader ignores, in groups nothing holds whole."""
+    found = {}
+    for i, group in enumerate(groups):
+        if not mixing(group.layers(Side.OUT), modules) or _blocker(group, modules, heads):
+            continue
+        indep, ignored = _zeroed(group, modules, gated.get(i))
+        rs = [r for r in range(group.size) if indep[r] and not ignored[r]]
+        if rs:
+            found[i] = rs
+    return found
 
 
 def _blocked_writer(group: ChannelGroup, modules: Modules) -> GroupPlan:
