@@ -447,8 +447,9 @@ class _LabelMode(TorchFunctionMode):
                 for a, b in pairs:
                     self.trace.uf.union(int(a), int(b))
             merged = torch.where(merged >= 0, merged, other)
-        if len(real) > 1 and name in ("mul", "__mul__", "__rmul__", "__imul__", "mul_"):
-            self._gate(real, shape)
+        gates = [f for a, f in zip(data, full) if f is not None and id(a) not in self.params]
+        if len(gates) > 1 and name in ("mul", "__mul__", "__rmul__", "__imul__", "mul_"):
+            self._gate(gates, shape)  # two activations (a squeeze-excite gate), not a LayerScale parameter
         if len(real) > 1:
             word = next((w for key, w in _JOIN_WORDS.items() if key in name), name)
             self.trace.joins.append((word, [{int(v) for v in _unique(r) if v >= 0} for r in real]))
