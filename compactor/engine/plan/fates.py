@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ...inputs import ExampleInputs
-from ...layers import Role, Side, role_of, shrinker_for
+from ...layers import Role, Side, own_forward, role_of, shrinker_for
 from ..graph import ChannelGroup
 from ..heads import head_layers
 from .base import (
@@ -170,6 +170,9 @@ def _blocker(group: ChannelGroup, modules: Modules, heads: dict[tuple[str, Side]
         role = role_of(obj)
         if role is None:
             return f"{member.name} ({member.op}) is a layer type compactor does not know"
+        unlike = own_forward(obj)
+        if unlike is not None:
+            return f"{member.name}: {unlike}"
         if role is Role.BLOCKING:
             shrinker = shrinker_for(obj)
             assert shrinker is not None
