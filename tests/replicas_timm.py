@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
-
 from zoo import perturb_norms
 
 AMOUNT = 0.3
@@ -51,7 +50,9 @@ def masked(model: nn.Module, shape: tuple[int, ...], *, seed: int = 0) -> nn.Mod
 
 
 class ConvNorm(nn.Module):
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, padding: int = 0) -> None:
+    def __init__(
+        self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, padding: int = 0
+    ) -> None:
         super().__init__()
         self.linear = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
@@ -124,9 +125,11 @@ class LevitAttention(nn.Module):
         return self.attention_bias_cache[device_key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
+        B, N, C = x.shape  # noqa: RUF059  (timm's code, as it is)
         q, k, v = (
-            self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+            self.qkv(x)
+            .view(B, N, self.num_heads, -1)
+            .split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         )
         q = q.permute(0, 2, 1, 3)
         k = k.permute(0, 2, 3, 1)
@@ -220,7 +223,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
+        B, N, C = x.shape  # noqa: RUF059  (timm's code, as it is)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -258,7 +261,12 @@ class PitPooling(nn.Module):
     def __init__(self, in_feature: int, out_feature: int, stride: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
-            in_feature, out_feature, kernel_size=stride + 1, padding=stride // 2, stride=stride, groups=in_feature
+            in_feature,
+            out_feature,
+            kernel_size=stride + 1,
+            padding=stride // 2,
+            stride=stride,
+            groups=in_feature,
         )
         self.fc = nn.Linear(in_feature, out_feature)
 
@@ -267,7 +275,9 @@ class PitPooling(nn.Module):
 
 
 class PitTransformer(nn.Module):
-    def __init__(self, base_dim: int, depth: int, heads: int, mlp_ratio: float, pool: nn.Module | None) -> None:
+    def __init__(
+        self, base_dim: int, depth: int, heads: int, mlp_ratio: float, pool: nn.Module | None
+    ) -> None:
         super().__init__()
         embed_dim = base_dim * heads
         self.pool = pool
@@ -349,7 +359,12 @@ class ClassAttn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q = self.q(x[:, 0]).unsqueeze(1).reshape(B, 1, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        q = (
+            self.q(x[:, 0])
+            .unsqueeze(1)
+            .reshape(B, 1, self.num_heads, C // self.num_heads)
+            .permute(0, 2, 1, 3)
+        )
         k = self.k(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
         v = self.v(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
         x_cls = F.scaled_dot_product_attention(q, k, v)
@@ -428,14 +443,18 @@ class PatchEmbed(nn.Module):
 class Cait(nn.Module):
     """cait.py ``Cait``: 32x32 inputs, patch 8, two LayerScale blocks, two class-attention blocks."""
 
-    def __init__(self, embed_dim: int = 32, depth: int = 2, num_heads: int = 4, num_classes: int = 10) -> None:
+    def __init__(
+        self, embed_dim: int = 32, depth: int = 2, num_heads: int = 4, num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(8, embed_dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, 16, embed_dim) * 0.02)
         self.pos_drop = nn.Dropout(0.0)
         self.blocks = nn.Sequential(*[LayerScaleBlock(embed_dim, num_heads) for _ in range(depth)])
-        self.blocks_token_only = nn.ModuleList([LayerScaleBlockClassAttn(embed_dim, num_heads) for _ in range(2)])
+        self.blocks_token_only = nn.ModuleList(
+            [LayerScaleBlockClassAttn(embed_dim, num_heads) for _ in range(2)]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(0.0)
         self.head = nn.Linear(embed_dim, num_classes)
@@ -502,7 +521,9 @@ class GhostBottleneck(nn.Module):
         self.stride = stride
         self.ghost1 = GhostModule(in_chs, mid_chs, act=True)
         if stride > 1:
-            self.conv_dw: nn.Module | None = nn.Conv2d(mid_chs, mid_chs, 3, stride, 1, groups=mid_chs, bias=False)
+            self.conv_dw: nn.Module | None = nn.Conv2d(
+                mid_chs, mid_chs, 3, stride, 1, groups=mid_chs, bias=False
+            )
             self.bn_dw: nn.Module | None = nn.BatchNorm2d(mid_chs)
         else:
             self.conv_dw = self.bn_dw = None
@@ -567,7 +588,13 @@ class ConvNormAct(nn.Module):
     """conv_bn_act.py ``ConvNormAct`` with ``BatchNormAct2d`` written out as BatchNorm2d + activation."""
 
     def __init__(
-        self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, dilation: int = 1, act: bool = True
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        dilation: int = 1,
+        act: bool = True,
     ) -> None:
         super().__init__()
         padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2
@@ -671,7 +698,9 @@ class ScaledStdConv2d(nn.Conv2d):
     ) -> None:
         if padding is None:
             padding = ((stride - 1) + (kernel_size - 1)) // 2
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias
+        )
         self.scale = gamma * self.weight[0].numel() ** -0.5  # gamma * 1 / sqrt(fan-in)
         self.eps = eps
         self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), gain_init))
@@ -711,7 +740,9 @@ class SEModule(nn.Module):
 class NormFreeBlock(nn.Module):
     """nfnet.py ``NormFreeBlock`` with ``reg=False`` (NF-ResNet), attention after conv3 (nf_seresnet)."""
 
-    def __init__(self, in_chs: int, out_chs: int, alpha: float = 0.2, beta: float = 1.0, se_rd: int = 4) -> None:
+    def __init__(
+        self, in_chs: int, out_chs: int, alpha: float = 0.2, beta: float = 1.0, se_rd: int = 4
+    ) -> None:
         super().__init__()
         mid_chs = out_chs // 4
         self.alpha = alpha

@@ -29,6 +29,7 @@ from ..errors import CouplingUnsettled, GraphError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
 from ..util import eval_mode_restored
+from . import budget
 
 
 class Kind(str, Enum):
@@ -178,6 +179,7 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
         n = pruner.get_out_channels(module)
         if n is None or all((name, Side.OUT, i) in covered for i in range(n)):
             continue
+        budget.check(f"the channel coupling from {name}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -328,11 +330,13 @@ def _convert(
                 issues.append(why)
         if kind is Kind.LAYER and _role(target) is Role.CHANNELWISE:
             side = Side.OUT  # a channelwise layer's input and output are the same channels
-            why = _self_coupled(name, dep.target, roots_at)
-            if why and not any(i.endswith(_ONE_BY_ONE) for i in issues):
-                issues.append(why)
+            coupled = _self_coupled(name, dep.target, roots_at)
+            if coupled and not any(i.endswith(_ONE_BY_ONE) for i in issues):
+                issues.append(coupled)
         if kind is Kind.LAYER and side is Side.OUT and not dep.target.outputs:
-            reaches_output = True  # nothing traced reads what it writes: a model output (Torch-Pruning adds an
+            reaches_output = (
+                True  # nothing traced reads what it writes: a model output (Torch-Pruning adds an
+            )
             # output op only where the output is not a layer's own, so a classifier's rows would look free)
         key = (name, side)
         meta[key] = (op, kind, int(getattr(dep.target, "pruning_dim", 1) or 0))

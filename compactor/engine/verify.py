@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import VerificationError
 from ..inputs import ExampleInputs, Plain, flatten_values
 from ..util import eval_mode_restored
+from . import budget
 from .masks import clone_module
 from .plan import GroupPlan, round_layers
 from .rebuild import apply_plans
@@ -311,6 +312,10 @@ def _search(
     def visit(candidates: list[GroupPlan]) -> None:
         if not candidates:
             return
+        budget.check(
+            f"verification of the channel group of {candidates[0].group.root}"
+            + (f" and {len(candidates) - 1} more" if len(candidates) > 1 else "")
+        )
         verdict = compare(apply_plans(baked, accepted + candidates), runs, references, tolerance, floors)
         if verdict.ok:
             accepted.extend(candidates)

@@ -254,7 +254,8 @@ def own_forward(m: Any) -> str | None:
     if shrinker is None or shrinker.role is not Role.MIXING or not isinstance(m, nn.Module):
         return None
     known = next(cls for cls in type(m).__mro__ if cls in _REGISTRY)
-    if type(m).forward is getattr(known, "forward", None):
+    base: Any = known
+    if type(m).forward is base.forward:
         return None
     why = (
         f"{type(m).__name__} has a forward of its own that does not compute {known.__name__}'s on its weights "
@@ -265,7 +266,7 @@ def own_forward(m: Any) -> str | None:
         return why
     try:
         with torch.no_grad():
-            same = torch.allclose(m(x), known.forward(m, x), rtol=1e-5, atol=1e-6)
+            same = torch.allclose(m(x), base.forward(m, x), rtol=1e-5, atol=1e-6)
     except Exception:  # any failure of the probe: the subclass is not the known layer
         return why
     return None if same else why

@@ -7,6 +7,7 @@ from torch import nn
 
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, own_forward, role_of, shrinker_for
+from .. import budget
 from ..graph import ChannelGroup
 from ..heads import head_layers
 from .base import (
@@ -45,7 +46,10 @@ def plan_groups(
     modules.update(dict(model.named_parameters()))
     heads = head_layers(model)
     gated = gated_zeros(model, groups, modules, stats, runs) if runs else {}
-    plans = [_plan_group(g, modules, stats, round_to, gated.get(i), heads) for i, g in enumerate(groups)]
+    plans = []
+    for i, g in enumerate(groups):
+        budget.check(f"the channel group of {g.root}")
+        plans.append(_plan_group(g, modules, stats, round_to, gated.get(i), heads))
     if uniform:
         for i, width in uniform_widths(plans).items():
             plans[i] = _plan_group(groups[i], modules, stats, round_to, gated.get(i), heads, width)
