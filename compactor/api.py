@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import budget
 from .engine.coverage import Paths, check_train_mode, find_paths, hold_train_only, watch
 from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
@@ -42,6 +41,7 @@ from .report.report import (
     zeroed_channels,
 )
 from .report.sparsity import unstructured_warnings
+from .util import check_time, deadline
 
 FRESH_RUNS = 2  # random inputs checked besides the example inputs
 DEFAULT_TIME_LIMIT = (
@@ -84,7 +84,7 @@ def compact(
     """
     if not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, found {round_to!r}")
-    with budget.time_limit(time_limit):
+    with deadline(time_limit):
         return _compact(model, example_inputs, tolerance, log, round_to, strict, uniform)
 
 
@@ -120,7 +120,7 @@ def _compact(
         raise UnverifiedPathError(f"--strict: {paths.unproven()[0]}")
     original = baked_model
     heads: list[HeadChange] = []
-    budget.check("the attention heads")
+    check_time("the attention heads")
     if head_layers(baked_model):  # whole attention heads first: channel groups cannot take them apart
         say("removing zeroed attention heads")
         with _timed(seconds, "heads"):
@@ -130,7 +130,7 @@ def _compact(
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
         wide = widened(original, baked_model, runs)
         d_baked, d_runs = (wide[0], wide[1]) if wide is not None else (baked_model, runs)
-    budget.check("the channel dependencies (torch-pruning's trace)")
+    check_time("the channel dependencies (torch-pruning's trace)")
     say("tracing channel dependencies (torch-pruning)")
     untraced: list[str] = []
     with _timed(seconds, "graph"):
@@ -144,12 +144,12 @@ def _compact(
             say("tracing train-mode channel dependencies")
             train_groups = build_groups(clone_module(d_baked), d_runs[0], train=True)
             groups = hold_train_only(groups, train_groups, set(paths.train_only))
-    budget.check("the plan of every channel group")
+    check_time("the plan of every channel group")
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):
         stats = observe_inputs(d_baked, d_runs[:2], consumer_layers(groups, d_baked))
         plans = plan_groups(d_baked, groups, stats, round_to=round_to, runs=d_runs[:2], uniform=uniform)
-    budget.check("the rebuilt model (verification)")
+    check_time("the rebuilt model (verification)")
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
         plans, small, verdict, floors = decide(

@@ -14,7 +14,7 @@ from torch import nn
 from zoo import ResNet, mask_ln
 
 import compactor
-from compactor.engine import budget
+from compactor import util
 from compactor.engine.graph import build_groups
 from compactor.errors import TimeLimitError
 from compactor.inputs import ExampleInputs
@@ -43,8 +43,8 @@ def test_a_tiny_limit_stops_after_the_first_stage() -> None:
 def test_the_coupling_walk_names_the_layer_it_stopped_at(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _masked()
     clock = iter([0.0] + [100.0] * 10_000)  # the deadline is set at 0 s; every later reading is past it
-    monkeypatch.setattr(budget.time, "monotonic", lambda: next(clock))
-    with budget.time_limit(10), pytest.raises(TimeLimitError) as e:
+    monkeypatch.setattr(util.time, "monotonic", lambda: next(clock))
+    with util.deadline(10), pytest.raises(TimeLimitError) as e:
         build_groups(model, ExampleInputs.of(torch.randn(1, 3, 16, 16)))
     assert (
         str(e.value)
@@ -53,11 +53,11 @@ def test_the_coupling_walk_names_the_layer_it_stopped_at(monkeypatch: pytest.Mon
 
 
 def test_no_limit_and_a_bad_limit() -> None:
-    with budget.time_limit(None):
-        budget.check("anything")  # no deadline: never raises
+    with util.deadline(None):
+        util.check_time("anything")  # no deadline: never raises
     with (
         pytest.raises(ValueError, match="time_limit must be a positive number of seconds or None, found 0"),
-        budget.time_limit(0),
+        util.deadline(0),
     ):
         pass
 

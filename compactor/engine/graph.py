@@ -28,8 +28,7 @@ from torch import nn
 from ..errors import CouplingUnsettled, GraphError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
-from ..util import eval_mode_restored
-from . import budget
+from ..util import check_time, eval_mode_restored
 
 
 class Kind(str, Enum):
@@ -179,7 +178,7 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
         n = pruner.get_out_channels(module)
         if n is None or all((name, Side.OUT, i) in covered for i in range(n)):
             continue
-        budget.check(f"the channel coupling from {name}")
+        check_time(f"the channel coupling from {name}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

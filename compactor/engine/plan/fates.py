@@ -7,7 +7,7 @@ from torch import nn
 
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, own_forward, role_of, shrinker_for
-from .. import budget
+from ...util import check_time
 from ..graph import ChannelGroup
 from ..heads import head_layers
 from .base import (
@@ -48,7 +48,7 @@ def plan_groups(
     gated = gated_zeros(model, groups, modules, stats, runs) if runs else {}
     plans = []
     for i, g in enumerate(groups):
-        budget.check(f"the channel group of {g.root}")
+        check_time(f"the channel group of {g.root}")
         plans.append(_plan_group(g, modules, stats, round_to, gated.get(i), heads))
     if uniform:
         for i, width in uniform_widths(plans).items():
