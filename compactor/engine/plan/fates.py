@@ -148,9 +148,17 @@ def _forgotten(group: ChannelGroup, modules: Modules) -> list[bool]:
         shrinker = shrinker_for(obj) if obj is not None else None
         if shrinker is None or shrinker.role_of(obj) is not Role.CHANNELWISE:
             continue
+        flat = [i for idx in member.idxs for i in idx]
+        if not flat:
+            continue
+        forgets = shrinker.forgets_input(
+            obj, torch.tensor(flat, dtype=torch.long)
+        ).tolist()  # one call per layer
+        pos = 0
         for r, idx in enumerate(member.idxs):
-            if idx and bool(shrinker.forgets_input(obj, torch.tensor(idx, dtype=torch.long)).all()):
+            if idx and all(forgets[pos : pos + len(idx)]):
                 result[r] = True
+            pos += len(idx)
     return result
 
 
