@@ -42,8 +42,12 @@ from .report.report import (
     zeroed_channels,
 )
 from .report.sparsity import unstructured_warnings
+from .util import check_time, deadline
 
 FRESH_RUNS = 2  # random inputs checked besides the example inputs
+DEFAULT_TIME_LIMIT = (
+    300.0  # seconds; a 100M-parameter model is analysed well within it (benchmarks/REPORT.md)
+)
 
 
 def compact(
@@ -55,6 +59,7 @@ def compact(
     round_to: int = 1,
     strict: bool = False,
     uniform: bool = False,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> tuple[nn.Module, CompactionReport]:
     """Return a physically smaller copy of ``model`` that computes the same function, and a report.
 
@@ -74,9 +79,25 @@ def compact(
     branch on tensor values, a layer no forward called (left as it was). ``strict=True`` refuses both
     (:class:`~compactor.errors.UnverifiedPathError`). Layers that run only in train mode keep the channels
     they read, and the compacted model's train-mode outputs are checked for structure and shape.
+
+    ``time_limit``: seconds (None: no limit); past it, :class:`~compactor.errors.TimeLimitError` names the
+    part that could not be analysed, and nothing is returned.
     """
     if not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, found {round_to!r}")
+    with deadline(time_limit):
+        return _compact(model, example_inputs, tolerance, log, round_to, strict, uniform)
+
+
+def _compact(
+    model: nn.Module,
+    example_inputs: Any,
+    tolerance: float,
+    log: Log | None,
+    round_to: int,
+    strict: bool,
+    uniform: bool,
+) -> tuple[nn.Module, CompactionReport]:
     say = log or (lambda _msg: None)
     seconds: dict[str, float] = {}
     _check_layers(model)
@@ -100,6 +121,7 @@ def compact(
         raise UnverifiedPathError(f"--strict: {paths.unproven()[0]}")
     original = baked_model
     heads: list[HeadChange] = []
+    check_time("the attention heads")
     if head_layers(baked_model):  # whole attention heads first: channel groups cannot take them apart
         say("removing zeroed attention heads")
         with _timed(seconds, "heads"):
@@ -109,6 +131,7 @@ def compact(
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
         wide = widened(original, baked_model, runs)
         d_baked, d_runs = (wide[0], wide[1]) if wide is not None else (baked_model, runs)
+    check_time("the channel dependencies (torch-pruning's trace)")
     say("tracing channel dependencies (torch-pruning)")
     untraced: list[str] = []
     with _timed(seconds, "graph"):
@@ -122,10 +145,12 @@ def compact(
             say("tracing train-mode channel dependencies")
             train_groups = build_groups(clone_module(d_baked), d_runs[0], train=True)
             groups = hold_train_only(groups, train_groups, set(paths.train_only))
+    check_time("the plan of every channel group")
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):
         stats = observe_inputs(d_baked, d_runs[:2], consumer_layers(groups, d_baked))
         plans = plan_groups(d_baked, groups, stats, round_to=round_to, runs=d_runs[:2], uniform=uniform)
+    check_time("the rebuilt model (verification)")
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
         plans, small, verdict, floors = decide(

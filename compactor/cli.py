@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from . import __version__
-from .api import compact, resolve_example_inputs
+from .api import DEFAULT_TIME_LIMIT, compact, resolve_example_inputs
 from .engine.verify import DEFAULT_TOLERANCE
 from .errors import (
     CompactorError,
@@ -29,6 +29,7 @@ from .errors import (
     ModelForwardError,
     ModelStructureError,
     OutputPathError,
+    TimeLimitError,
     UnverifiedPathError,
     VerificationError,
 )
@@ -80,6 +81,7 @@ EXIT_CODES: dict[type[CompactorError], int] = {
     ExportError: 1,
     GraphError: 1,
     VerificationError: 1,
+    TimeLimitError: 1,
 }
 
 
@@ -178,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         "forward calls), which verification cannot prove; without it they are warnings",
     )
     p.add_argument(
+        "--time-limit",
+        type=float,
+        default=DEFAULT_TIME_LIMIT,
+        metavar="SECONDS",
+        help="stop with one line naming the part not yet analysed once compaction has run this long, writing "
+        "nothing (default: %(default)g; 0: no limit)",
+    )
+    p.add_argument(
         "--trust-pickle", action="store_true", help="load MODEL with full pickle (runs code from it)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -253,6 +263,8 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | 
         raise ExampleInputError("--repeats and --threads: give positive counts")
     if args.round_to < 1:
         raise ExampleInputError(f"--round-to {args.round_to}: give a positive channel multiple such as 8")
+    if not math.isfinite(args.time_limit) or args.time_limit < 0:
+        raise ExampleInputError(f"--time-limit {args.time_limit}: give seconds such as 300 (0: no limit)")
     _backends(args)
     if args.onnx and Path(args.onnx).suffix.lower() != ".onnx":
         raise OutputPathError(f"--onnx {args.onnx}: give a path ending in .onnx (e.g. --onnx small.onnx)")
@@ -415,6 +427,7 @@ def _compact(
         "round_to": args.round_to,
         "strict": args.strict,
         "uniform": args.uniform,
+        "time_limit": args.time_limit or None,
     }
     if args.quiet or not err.is_terminal:
         return compact(model, inputs, **options)

@@ -70,6 +70,10 @@ class CouplingUnsettled(GraphError):
     embedding). Caught by the graph stage, which keeps that root's channels with the message as reason."""
 
 
+class TimeLimitError(CompactorError, RuntimeError):
+    """Compaction ran past its time limit (``--time-limit``); the message names the part it could not analyse."""
+
+
 def first_line(e: BaseException, *, with_type: bool = False) -> str:
     """The first line of an exception's message, for one-line errors (its type name if it has none).
 

@@ -1,11 +1,15 @@
-"""Small helpers on modules that several stages share."""
+"""Small helpers that several stages share: on modules, and the time budget of one compaction."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from torch import nn
+
+from .errors import TimeLimitError
 
 
 @contextmanager
@@ -32,3 +36,35 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module | nn.Parameter) -> 
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, new)
     return root
+
+
+# --- the time budget ---------------------------------------------------------------------------------------
+# A deadline every long loop checks, so that a model too large to analyse stops early with one line naming the
+# part that could not be analysed instead of running for minutes (``compact(time_limit=...)``, CLI
+# ``--time-limit``). It lives in a context variable set by :func:`deadline`, so the stages need no extra
+# argument; :func:`check_time` raises :class:`~compactor.errors.TimeLimitError` once it has passed.
+
+_DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("compactor_deadline", default=None)
+
+
+@contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Within the block, :func:`check_time` raises once ``seconds`` have passed (None: no limit)."""
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds or None, found {seconds!r}")
+    token = _DEADLINE.set(None if seconds is None else (time.monotonic() + seconds, seconds))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def check_time(part: str) -> None:
+    """Raise :class:`~compactor.errors.TimeLimitError` naming ``part`` (what was about to be analysed) if the
+    deadline has passed."""
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.monotonic() > deadline[0]:
+        raise TimeLimitError(
+            f"the time limit of {deadline[1]:g} s was reached before {part} could be analysed; nothing was "
+            f"written (raise it with --time-limit SECONDS, Python: time_limit=)"
+        )

@@ -13,7 +13,7 @@ from torch import nn
 
 from benchmarks.__main__ import parse_args, plan_cases
 from benchmarks.models import ZOO, MobileNetV2, dead_channels
-from benchmarks.report import COLUMNS, Row, cells
+from benchmarks.report import COLUMNS, Row, budget, cells
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,6 +111,39 @@ def test_row_efficiency() -> None:
         {"spec": {"model": "m", "sparsity": 0.5}, "label": "m", "pruned_filters": {"kept": 3, "total": 31}}
     )
     assert row.filters_kept == (3, 31) and cells(row)[-1] == "3 of 31" and len(cells(row)) == len(COLUMNS)
+
+
+def test_rows_over_their_time_or_memory_target_are_flagged() -> None:
+    mib = 1024**2
+
+    def row(model: str, seconds: float, peak_mib: int, param_mib: int) -> Row:
+        return Row.of(
+            {
+                "spec": {"model": model, "sparsity": 0.5},
+                "label": f"{model} @50%",
+                "compact_seconds": seconds,
+                "memory": {"peak_rss_during_compact": peak_mib * mib},
+                "param_bytes_dense": param_mib * mib,
+            }
+        )
+
+    fine, slow_r50, heavy = (
+        row("vgg16_bn", 29.0, 2000, 528),
+        row("resnet50", 3.2, 900, 98),
+        row("m", 1.0, 1400, 100),
+    )
+    assert fine.over_budget() == []
+    assert slow_r50.over_budget() == ["time 3.2 s >= 3 s"]
+    assert heavy.memory_limit == (3 * 100 + 1024) * mib
+    assert heavy.over_budget() == ["peak RSS 1400 MiB >= 1324 MiB"]
+    assert cells(heavy)[COLUMNS.index("in budget")] == "**no**: peak RSS 1400 MiB >= 1324 MiB"
+    assert cells(fine)[COLUMNS.index("limit MiB")] == "2608"
+    assert budget([fine, slow_r50, heavy])[2:] == [
+        "**2 of 3 cases exceed a target:**",
+        "",
+        "- resnet50 @50%: time 3.2 s >= 3 s",
+        "- m @50%: peak RSS 1400 MiB >= 1324 MiB",
+    ]
 
 
 def test_quick_benchmark_writes_report(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import CouplingUnsettled, GraphError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
-from ..util import eval_mode_restored
+from ..util import check_time, eval_mode_restored
 from .groups import ChannelGroup, Join, Kind, Member
 
 __all__ = ["ChannelGroup", "Join", "Kind", "Member", "build_groups"]
@@ -184,6 +184,7 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
         n = pruner.get_out_channels(module)
         if n is None or all((name, Side.OUT, i) in covered for i in range(n)):
             continue
+        check_time(f"the channel coupling from {name}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -313,6 +314,10 @@ def _convert(
     meta: dict[tuple[str, Side], tuple[str, Kind, int]] = {}
     issues: list[str] = []
     reaches_output = False
+    roots_at: dict[Any, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))  # node -> local -> roots
+    for item in tp_group.items:
+        for local, r in zip(item.idxs, item.root_idxs):
+            roots_at[item.dep.target][local].add(r)
     for item in tp_group.items:
         dep, target = item.dep, item.dep.target.module
         side = Side.OUT if graph.is_out_channel_pruning_fn(dep.handler) else Side.IN
@@ -330,6 +335,14 @@ def _convert(
                 issues.append(why)
         if kind is Kind.LAYER and _role(target) is Role.CHANNELWISE:
             side = Side.OUT  # a channelwise layer's input and output are the same channels
+            coupled = _self_coupled(name, dep.target, roots_at)
+            if coupled and not any(i.endswith(_ONE_BY_ONE) for i in issues):
+                issues.append(coupled)
+        if kind is Kind.LAYER and side is Side.OUT and not dep.target.outputs:
+            reaches_output = (
+                True  # nothing traced reads what it writes: a model output (Torch-Pruning adds an
+            )
+            # output op only where the output is not a layer's own, so a classifier's rows would look free)
         key = (name, side)
         meta[key] = (op, kind, int(getattr(dep.target, "pruning_dim", 1) or 0))
         by_root = merged[key]
@@ -389,6 +402,30 @@ def _writers_of(start: Any, nodes: set[Any], module_names: dict[nn.Module, str])
         cat = cat or type(module).__name__ == "_ConcatOp"
         stack.extend((n, cat) for n in node.inputs)
     return found
+
+
+_ONE_BY_ONE = ": its channels cannot go one by one"
+
+
+def _self_coupled(name: str, node: Any, roots_at: dict[Any, dict[int, set[int]]]) -> str | None:
+    """Why a channelwise layer's channels cannot go root by root, or None.
+
+    Channel i of a channelwise layer (a depthwise conv) is channel i of its input: both must belong to the
+    same root channels. GhostNet concatenates a conv's output with a depthwise conv of it (``cat([x1,
+    cheap(x1)])``): Torch-Pruning gives ``cheap``'s channel i the root of concatenated channel ``n + i``
+    and its input the root of ``i``, so removing one root would take a channel from one and not the other."""
+    mine = roots_at.get(node, {})
+    for source in getattr(node, "inputs", ()):
+        theirs = roots_at.get(source)
+        if theirs is None:
+            continue
+        for local, roots in mine.items():
+            if local in theirs and theirs[local] != roots:
+                return (
+                    f"{name} reads and writes channels of one group under different indices (a concatenation of "
+                    f"a layer's output with a depthwise conv of it){_ONE_BY_ONE}"
+                )
+    return None
 
 
 def _tp_depthwise(module: Any) -> bool:

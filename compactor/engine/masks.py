@@ -74,22 +74,37 @@ def has_pruning_state(model: nn.Module) -> bool:
 
 
 def clone_module(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works on masked modules.
+    """``copy.deepcopy`` that also works on masked modules and on modules that cache computed tensors.
 
     ``torch.nn.utils.prune`` keeps ``weight`` as a plain attribute computed from ``weight_orig * weight_mask``;
     it is not a graph leaf, which ``deepcopy`` refuses. The forward pre-hook recomputes it on every call, so a
-    detached copy of it is exact.
+    detached copy of it is exact. So is one of a cache filled in eval mode (LeViT's, EfficientViT's and
+    TinyViT's ``attention_bias_cache``: a dict of ``attention_biases[:, idxs]``, cleared in train mode): it
+    holds the value the forward would compute again.
     """
     memo: dict[int, object] = {}
     for module in model.modules():
-        for value in module.__dict__.values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
+        _memo_non_leaves(module.__dict__, memo)
     clone = copy.deepcopy(model, memo)
     for module in clone.modules():
         if parametrize.is_parametrized(module):
             _own_class(module)
     return clone
+
+
+def _memo_non_leaves(value: object, memo: dict[int, object], depth: int = 0) -> None:
+    """Put a detached copy of every non-leaf tensor in ``value`` (a module's ``__dict__``: attributes,
+    and the dicts, lists and tuples they hold) into ``deepcopy``'s ``memo``."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_leaf and id(value) not in memo:
+            memo[id(value)] = value.detach().clone()
+    elif isinstance(value, (dict, list, tuple, set, frozenset)) and depth < _CONTAINER_DEPTH:
+        items = value.values() if isinstance(value, dict) else value
+        for item in items:
+            _memo_non_leaves(item, memo, depth + 1)
+
+
+_CONTAINER_DEPTH = 4  # containers inside containers: deep enough for any cache seen (a dict of tensors)
 
 
 def baked(model: nn.Module, *, copy: bool = True) -> nn.Module:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import VerificationError
 from ..inputs import ExampleInputs, Plain, flatten_values
-from ..util import eval_mode_restored
+from ..util import check_time, eval_mode_restored
 from .masks import clone_module
 from .plan import GroupPlan, round_layers
 from .rebuild import apply_plans
@@ -311,6 +311,10 @@ def _search(
     def visit(candidates: list[GroupPlan]) -> None:
         if not candidates:
             return
+        check_time(
+            f"verification of the channel group of {candidates[0].group.root}"
+            + (f" and {len(candidates) - 1} more" if len(candidates) > 1 else "")
+        )
         verdict = compare(apply_plans(baked, accepted + candidates), runs, references, tolerance, floors)
         if verdict.ok:
             accepted.extend(candidates)

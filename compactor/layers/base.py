@@ -153,6 +153,11 @@ class Shrinker(Generic[M]):
         """A new layer holding only ``keep_out`` output and ``keep_in`` input channels."""
         raise NotImplementedError
 
+    def probe_input(self, m: M) -> torch.Tensor | None:
+        """A small input the layer accepts, to check that a subclass with a forward of its own still computes
+        the registered type's (:func:`own_forward`). None: it cannot be checked, so such a subclass is kept whole."""
+        return None
+
 
 # What each role needs a shrinker to define (the rest has a safe default). ``register`` checks it.
 PROTOCOL: dict[Role, tuple[str, ...]] = {
@@ -247,6 +252,37 @@ def inconsistency(name: str, m: Any) -> str | None:
             wanted = "x".join("*" if e is None else str(e) for e in shape)
             return f"layer {name} ({type(m).__name__}) has {tensor} of shape {actual}, but its attributes say {wanted}"
     return None
+
+
+def own_forward(m: Any) -> str | None:
+    """Why compactor cannot take ``m`` for the layer type its shrinker knows, or None.
+
+    A subclass of a mixing type (Conv2d, Linear) that overrides ``forward`` may not compute that type's
+    function of its weights: timm's ``ScaledStdConv2d`` standardises each weight row in the forward, so removing
+    an input column changes the row's mean and variance (every other weight moves), and its ``gain`` holds
+    one value per output channel that the shrinker does not know to slice. Such a layer is kept whole unless
+    its forward gives the registered type's forward's output on a probe input (timm's ``Linear``, a subclass
+    that only adds a type annotation, does)."""
+    shrinker = shrinker_for(m)
+    if shrinker is None or shrinker.role is not Role.MIXING or not isinstance(m, nn.Module):
+        return None
+    known = next(cls for cls in type(m).__mro__ if cls in _REGISTRY)
+    base: Any = known
+    if type(m).forward is base.forward:
+        return None
+    why = (
+        f"{type(m).__name__} has a forward of its own that does not compute {known.__name__}'s on its weights "
+        f"(weight standardisation, say): its channels are kept"
+    )
+    x = shrinker.probe_input(m)
+    if x is None:
+        return why
+    try:
+        with torch.no_grad():
+            same = torch.allclose(m(x), base.forward(m, x), rtol=1e-5, atol=1e-6)
+    except Exception:  # any failure of the probe: the subclass is not the known layer
+        return why
+    return None if same else why
 
 
 def role_of(m: Any) -> Role | None:

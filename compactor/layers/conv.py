@@ -98,6 +98,11 @@ class ConvShrinker(Shrinker[Conv]):
     def in_channels(self, m: Conv) -> int:
         return m.in_channels
 
+    def probe_input(self, m: Conv) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        size = [k * d + s for k, d, s in zip(m.kernel_size, m.dilation, m.stride)]
+        return torch.randn(1, m.in_channels, *size, generator=g).to(m.weight)
+
     def removable(self, m: Conv, side: Side, idx: Index) -> Index:
         if m.groups == 1 or is_depthwise(m):
             return idx

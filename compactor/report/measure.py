@@ -48,14 +48,31 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass of ``model`` on ``example_inputs`` (batch included).
 
     The pass runs in eval mode (then the mode is restored): in train mode BatchNorm would update its
-    running statistics, and counting must not change the model.
+    running statistics, and counting must not change the model. Parameters stop requiring grad during the
+    pass (then get their flags back): the counter's module tracker hooks the autograd node of every tensor
+    that requires grad passed between modules, and under ``no_grad`` or ``inference_mode`` a view of a
+    parameter (PiT's and CaiT's ``cls_token.expand(...)``) requires grad yet has no node to hook
+    ("'NoneType' object has no attribute 'next_functions'").
     """
     inputs = ExampleInputs.of(example_inputs)
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-    with eval_mode_restored(model), counter, torch.inference_mode():
+    with eval_mode_restored(model), _no_grad_params(model), counter, torch.no_grad():
         model(*inputs.args, **inputs.kwargs)
     total: int = counter.get_total_flops()
     return total // 2
+
+
+@contextlib.contextmanager
+def _no_grad_params(model: nn.Module) -> Iterator[None]:
+    """Every parameter of ``model`` with ``requires_grad=False`` inside, its own flag back after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ...inputs import ExampleInputs
-from ...layers import Role, Side, role_of, shrinker_for
+from ...layers import Role, Side, own_forward, role_of, shrinker_for
+from ...util import check_time
 from ..graph import ChannelGroup, Kind
 from ..heads import head_layers
 from .base import (
@@ -51,10 +52,10 @@ def plan_groups(
         if runs
         else {}
     )
-    plans = [
-        _plan_group(g, modules, stats, round_to, gated.get(i), heads, maps=maps.get(i))
-        for i, g in enumerate(groups)
-    ]
+    plans = []
+    for i, g in enumerate(groups):
+        check_time(f"the channel group of {g.root}")
+        plans.append(_plan_group(g, modules, stats, round_to, gated.get(i), heads, maps=maps.get(i)))
     if uniform:
         for i, width in uniform_widths(plans).items():
             plans[i] = _plan_group(
@@ -221,9 +222,17 @@ def _forgotten(group: ChannelGroup, modules: Modules) -> list[bool]:
         shrinker = shrinker_for(obj) if obj is not None else None
         if shrinker is None or shrinker.role_of(obj) is not Role.CHANNELWISE:
             continue
+        flat = [i for idx in member.idxs for i in idx]
+        if not flat:
+            continue
+        forgets = shrinker.forgets_input(
+            obj, torch.tensor(flat, dtype=torch.long)
+        ).tolist()  # one call per layer
+        pos = 0
         for r, idx in enumerate(member.idxs):
-            if idx and bool(shrinker.forgets_input(obj, torch.tensor(idx, dtype=torch.long)).all()):
+            if idx and all(forgets[pos : pos + len(idx)]):
                 result[r] = True
+            pos += len(idx)
     return result
 
 
@@ -265,6 +274,9 @@ def _blocker(group: ChannelGroup, modules: Modules, heads: dict[tuple[str, Side]
         role = role_of(obj)
         if role is None:
             return f"{member.name} ({member.op}) is a layer type compactor does not know"
+        unlike = own_forward(obj)
+        if unlike is not None:
+            return f"{member.name}: {unlike}"
         if role is Role.BLOCKING:
             shrinker = shrinker_for(obj)
             assert shrinker is not None

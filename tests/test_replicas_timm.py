@@ -1,0 +1,244 @@
+"""timm blocks from issue #11, replicated in ``replicas_timm``: each compacts exactly, with every fate predicted
+at planning time (no group is restored by a failed verification), and the widths the weights dictate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import replicas_timm as R
+import torch
+from torch import nn
+
+import compactor
+from compactor.engine.masks import baked, clone_module
+from compactor.engine.plan import Fate
+from compactor.layers import own_forward
+from compactor.report.measure import count_macs
+
+
+def _compact(
+    make: Callable[[], nn.Module], shape: tuple[int, ...]
+) -> tuple[nn.Module, nn.Module, Any, torch.Tensor]:
+    torch.manual_seed(0)
+    model = R.masked(make(), shape)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    small, report = compactor.compact(model, x)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
+    fates = report.to_dict()["zeroed"]
+    assert [
+        f for f in fates if f["fate"] == Fate.KEPT_UNVERIFIED.value
+    ] == []  # predicted, never found by failure
+    return model, small, fates, x
+
+
+def _widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = (m.out_channels, m.in_channels)
+        elif isinstance(m, nn.Linear):
+            out[name] = (m.out_features, m.in_features)
+    return out
+
+
+def _zero_rows(layer: nn.Module) -> int:
+    w = layer.weight.detach()
+    return int((w.flatten(1) == 0).all(1).sum())
+
+
+def _reasons(fates: list[dict[str, Any]], layer: str) -> set[str]:
+    return {f["reason"] for f in fates if f["layer"] == layer}
+
+
+# --- copies of models that cache computed tensors --------------------------------------------------------------
+
+
+def test_clone_module_copies_a_cache_of_non_leaf_tensors() -> None:
+    attn = R.LevitAttention(16, 4, 2, 2.0, resolution=3).eval()
+    attn(torch.randn(1, 9, 16))  # eval mode, grad on: the cache holds attention_biases[:, idxs], a non-leaf
+    cached = attn.attention_bias_cache["cpu"]
+    assert cached.grad_fn is not None
+    copy = clone_module(attn)
+    assert isinstance(copy, R.LevitAttention)
+    assert copy.attention_bias_cache["cpu"] is not cached
+    assert copy.attention_bias_cache["cpu"].grad_fn is None
+    torch.testing.assert_close(copy.attention_bias_cache["cpu"], cached.detach(), rtol=0, atol=0)
+    x = torch.randn(2, 9, 16)
+    torch.testing.assert_close(copy(x), attn(x), rtol=0, atol=0)
+
+
+def test_levit_with_a_filled_attention_bias_cache_compacts() -> None:
+    shape = (1, 3, 64, 64)
+    torch.manual_seed(0)
+    model = R.masked(R.Levit(), shape)
+    model(torch.randn(*shape))  # a user's evaluation fills every cache, grad on
+    x = torch.randn(*shape)
+    small, report = compactor.compact(model, x)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
+    widths, dense = _widths(small), _widths(baked(model))
+    for i in range(2):
+        ln1 = f"stages.{i}.mlp.ln1.linear"
+        gone = _zero_rows(baked(model).get_submodule(ln1))
+        assert gone == R.pruned_count(64)
+        assert widths[ln1] == (64 - gone, 32)
+        assert widths[f"stages.{i}.mlp.ln2.linear"] == (32, 64 - gone)
+    kept = {n: w for n, w in dense.items() if ".mlp." not in n and not n.startswith("stem.")}
+    assert {n: w for n, w in widths.items() if ".mlp." not in n and not n.startswith("stem.")} == kept
+    # the stem's convs feed zero-padded 3x3 convs: their constant channels merge into one carrier each
+    cin = 3
+    for i, width in enumerate((4, 8, 16), start=1):
+        zeros = _zero_rows(baked(model).get_submodule(f"stem.conv{i}.linear"))
+        assert zeros == R.pruned_count(width)
+        assert widths[f"stem.conv{i}.linear"] == (width - zeros + 1, cin)
+        cin = width - zeros + 1
+    assert widths["stem.conv4.linear"] == (
+        32,
+        cin,
+    )  # it writes the residual stream, which every block adds to
+    assert _reasons(report.to_dict()["zeroed"], "head.linear") == {"the channel is part of a model output"}
+
+
+# --- MACs of models that pass a view of a parameter between modules -------------------------------------------
+
+
+# (writer, reader) Linear pairs whose hidden channels go: the Mlps, and TalkingHeadAttn's head mixing (a head
+# that proj_l zeroes is constant over the keys, so its softmax is 1/N, folded into proj_w's bias)
+PAIRS = (("mlp.fc1", "mlp.fc2"), ("attn.proj_l", "attn.proj_w"))
+
+
+def _macs_saved(dense: nn.Module) -> int:
+    """What removing the zeroed rows of every pair's writer (and the reader's columns) saves, row by row."""
+    rows: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(lambda m, a, o, n=n: rows.__setitem__(n, a[0].numel() // m.in_features))
+        for n, m in dense.named_modules()
+        if n.endswith(tuple(w for w, _ in PAIRS))
+    ]
+    try:
+        with torch.no_grad():
+            dense(torch.randn(1, 3, 32, 32))
+    finally:
+        for h in hooks:
+            h.remove()
+    saved = 0
+    for name, n in rows.items():
+        writer, reader = next((w, r) for w, r in PAIRS if name.endswith(w))
+        first = dense.get_submodule(name)
+        second = dense.get_submodule(name[: -len(writer)] + reader)
+        saved += n * _zero_rows(first) * (first.in_features + second.out_features)
+    return saved
+
+
+@pytest.mark.parametrize("make", [R.PoolingVisionTransformer, R.Cait], ids=["pit", "cait"])
+def test_macs_count_after_compaction_with_a_cls_token(make: Callable[[], nn.Module]) -> None:
+    model, small, _, x = _compact(make, (1, 3, 32, 32))
+    dense = baked(model)
+    saved = _macs_saved(dense)
+    assert saved > 0
+    assert count_macs(small, x) == count_macs(dense, x) - saved
+    widths, before = _widths(small), _widths(dense)
+    for name, (out, cin) in before.items():
+        writer = next((w for w, _ in PAIRS if name.endswith(w)), None)
+        reader = next((w for w, r in PAIRS if name.endswith(r)), None)
+        if writer is not None:
+            gone = _zero_rows(dense.get_submodule(name))
+            assert gone == R.pruned_count(out)
+            assert widths[name] == (out - gone, cin)
+        elif reader is not None:
+            pair = next(p for p in PAIRS if p[0] == reader)
+            gone = _zero_rows(dense.get_submodule(name[: -len(pair[1])] + pair[0]))
+            assert widths[name] == (out, cin - gone)
+        else:
+            assert widths[name] == (out, cin), name
+
+
+def test_count_macs_leaves_requires_grad_as_it_was() -> None:
+    model = R.Cait().eval()
+    model.head.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert count_macs(model, torch.randn(1, 3, 32, 32)) > 0
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+# --- what verification used to find by failure, predicted ------------------------------------------------------
+
+
+def test_ghostnet_cat_of_a_depthwise_conv_is_kept_by_prediction() -> None:
+    model, small, fates, _ = _compact(R.GhostNet, (1, 3, 32, 32))
+    dense, widths = baked(model), _widths(small)
+    one_by_one = "its channels cannot go one by one"
+    for root in ("blocks.1.se.conv_expand", "blocks.1.shortcut.2", "conv_stem"):
+        reasons = _reasons(fates, root)
+        assert reasons and all(one_by_one in r for r in reasons), root
+    rd = _zero_rows(dense.get_submodule("blocks.1.se.conv_reduce"))
+    assert rd == R.pruned_count(12)
+    assert widths["blocks.1.se.conv_reduce"] == (12 - rd, 48)
+    assert widths["blocks.1.se.conv_expand"] == (48, 12 - rd)
+    head = _zero_rows(dense.get_submodule("conv_head"))
+    assert widths["conv_head"] == (64 - head, 24)
+    assert widths["classifier"] == (10, 64 - head)
+    # the odd ghost module: cat of 14 + 14 channels, then [:, :27]: a slice with a size written in the code
+    sliced = _reasons(fates, "blocks.2.ghost1.primary_conv.0")
+    assert sliced == {"the channels pass through a slice whose sizes are fixed in the forward code"}
+    assert widths["blocks.2.ghost1.primary_conv.0"] == (14, 24)
+    assert widths["blocks.2.ghost2.primary_conv.0"] == (12, 27)
+
+
+def test_sk_resnet_split_attention_is_kept_by_prediction() -> None:
+    model, small, fates, _ = _compact(R.SKResNet, (1, 3, 16, 16))
+    dense, widths = baked(model), _widths(small)
+    for b in range(2):
+        sk = f"layer1.{b}.conv2"
+        rd = _zero_rows(dense.get_submodule(f"{sk}.attn.fc_reduce"))
+        assert rd == R.pruned_count(8)
+        assert widths[f"{sk}.attn.fc_reduce"] == (8 - rd, 16)
+        assert widths[f"{sk}.attn.fc_select"] == (32, 8 - rd)
+        assert _reasons(fates, f"layer1.{b}.conv1.conv") == {
+            "the channels pass through a split/chunk whose sizes are fixed in the forward code"
+        }
+        assert all("torch-pruning mapped" in r for r in _reasons(fates, f"{sk}.attn.fc_select"))
+        for path in range(2):
+            assert widths[f"{sk}.paths.{path}.conv"] == (16, 8)
+    writers = ["conv1", "layer1.0.conv3.conv", "layer1.1.conv3.conv"]
+    rows = [dense.get_submodule(w).weight.detach().flatten(1).eq(0).all(1) for w in writers]
+    dead = int((rows[0] & rows[1] & rows[2]).sum())  # the residual stream: every writer's row zero
+    assert widths["conv1"] == (64 - dead, 3)
+    assert widths["fc"] == (10, 64 - dead)
+
+
+def test_nf_resnet_standardised_convs_are_kept_and_the_rest_goes() -> None:
+    model, small, fates, _ = _compact(R.NFResNet, (1, 3, 16, 16))
+    dense, widths = baked(model), _widths(small)
+    for name, m in dense.named_modules():
+        if isinstance(m, R.ScaledStdConv2d):
+            assert widths[name] == (m.out_channels, m.in_channels)
+            reasons = _reasons(fates, name)
+            assert all("ScaledStdConv2d has a forward of its own" in r for r in reasons), name
+    for b in range(2):
+        rd = _zero_rows(dense.get_submodule(f"stages.{b}.attn_last.fc1"))
+        assert rd == R.pruned_count(4)
+        assert widths[f"stages.{b}.attn_last.fc1"] == (4 - rd, 32)
+        assert widths[f"stages.{b}.attn_last.fc2"] == (32, 4 - rd)
+
+
+# --- the check behind it ---------------------------------------------------------------------------------------
+
+
+class _AnnotatedLinear(nn.Linear):
+    """timm's ``Linear``: a forward of its own that computes nn.Linear's."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(input, self.weight, self.bias)
+
+
+def test_own_forward_tells_weight_standardisation_from_a_plain_override() -> None:
+    std = R.ScaledStdConv2d(4, 6, 3)
+    assert own_forward(std) == (
+        "ScaledStdConv2d has a forward of its own that does not compute Conv2d's on its weights "
+        "(weight standardisation, say): its channels are kept"
+    )
+    assert own_forward(_AnnotatedLinear(4, 3)) is None
+    assert own_forward(nn.Conv2d(4, 6, 3)) is None
+    assert own_forward(nn.BatchNorm2d(4)) is None
