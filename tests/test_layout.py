@@ -95,7 +95,7 @@ def test_the_tree_shows_the_pipeline() -> None:
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
     assert folders == ["engine", "io", "layers", "report", "training"]
     stages = sorted(p.stem for p in (PACKAGE / "engine").iterdir() if not p.name.startswith("__"))
-    assert stages == ["coverage", "graph", "heads", "masks", "plan", "rebuild", "verify"]
+    assert stages == ["coverage", "graph", "groups", "heads", "labels", "masks", "plan", "rebuild", "verify"]
     plan = sorted(p.stem for p in (PACKAGE / "engine" / "plan").iterdir() if not p.name.startswith("__"))
     assert plan == ["base", "compensate", "fates", "observe", "varying", "widths"]
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import compactor
+from compactor.engine import graph
 from compactor.engine.masks import baked, clone_module
 from compactor.engine.plan import Fate
 from compactor.layers import own_forward
@@ -165,7 +166,9 @@ def test_count_macs_leaves_requires_grad_as_it_was() -> None:
 # --- what verification used to find by failure, predicted ------------------------------------------------------
 
 
-def test_ghostnet_cat_of_a_depthwise_conv_is_kept_by_prediction() -> None:
+def test_ghostnet_cat_of_a_depthwise_conv_is_kept_by_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch-Pruning's answer, checked by the adapter (``auto`` answers with compactor's labels here: below)."""
+    monkeypatch.setattr(graph, "ANALYSIS", "torch-pruning")
     model, small, fates, _ = _compact(R.GhostNet, (1, 3, 32, 32))
     dense, widths = baked(model), _widths(small)
     one_by_one = "its channels cannot go one by one"
@@ -186,7 +189,9 @@ def test_ghostnet_cat_of_a_depthwise_conv_is_kept_by_prediction() -> None:
     assert widths["blocks.2.ghost2.primary_conv.0"] == (12, 27)
 
 
-def test_sk_resnet_split_attention_is_kept_by_prediction() -> None:
+def test_sk_resnet_split_attention_is_kept_by_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch-Pruning's answer, checked by the adapter (``auto`` answers with compactor's labels here: below)."""
+    monkeypatch.setattr(graph, "ANALYSIS", "torch-pruning")
     model, small, fates, _ = _compact(R.SKResNet, (1, 3, 16, 16))
     dense, widths = baked(model), _widths(small)
     for b in range(2):
@@ -196,7 +201,7 @@ def test_sk_resnet_split_attention_is_kept_by_prediction() -> None:
         assert widths[f"{sk}.attn.fc_reduce"] == (8 - rd, 16)
         assert widths[f"{sk}.attn.fc_select"] == (32, 8 - rd)
         assert _reasons(fates, f"layer1.{b}.conv1.conv") == {
-            "the channels pass through a split/chunk whose sizes are fixed in the forward code"
+            "the channels pass through a split whose sizes are fixed in the forward code"
         }
         assert all("torch-pruning mapped" in r for r in _reasons(fates, f"{sk}.attn.fc_select"))
         for path in range(2):
@@ -206,6 +211,41 @@ def test_sk_resnet_split_attention_is_kept_by_prediction() -> None:
     dead = int((rows[0] & rows[1] & rows[2]).sum())  # the residual stream: every writer's row zero
     assert widths["conv1"] == (64 - dead, 3)
     assert widths["fc"] == (10, 64 - dead)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "cut", "reason"),
+    [
+        (
+            R.GhostNet,
+            (1, 3, 32, 32),
+            "blocks.2.ghost1.primary_conv.0",
+            "slice whose sizes are fixed in the forward code",
+        ),
+        (
+            R.SKResNet,
+            (1, 3, 16, 16),
+            "layer1.0.conv1.conv",
+            "split whose sizes are fixed in the forward code",
+        ),
+    ],
+    ids=["ghostnet", "sk_resnet"],
+)
+def test_the_labels_predict_the_same_widths_as_torch_pruning(
+    make: Callable[[], nn.Module],
+    shape: tuple[int, ...],
+    cut: str,
+    reason: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under ``auto`` (Torch-Pruning's groups hold mappings that cannot be right, so compactor's own labels
+    answer): every width equals Torch-Pruning's, nothing is found by failed verification, and the channels
+    of the literal slice or split stay with that reason."""
+    _, small_labels, fates, _ = _compact(make, shape)
+    monkeypatch.setattr(graph, "ANALYSIS", "torch-pruning")
+    _, small_tp, _, _ = _compact(make, shape)
+    assert _widths(small_labels) == _widths(small_tp)
+    assert all(reason in r for r in _reasons(fates, cut)) and _reasons(fates, cut)
 
 
 def test_nf_resnet_standardised_convs_are_kept_and_the_rest_goes() -> None:
