@@ -19,7 +19,7 @@ from .engine.coverage import Paths, check_train_mode, find_paths, hold_train_onl
 from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
 from .engine.masks import baked, clone_module
-from .engine.plan import Planner, consumer_layers, observe_inputs
+from .engine.plan import GroupPlan, Planner, consumer_layers, observe_inputs
 from .engine.verify import DEFAULT_TOLERANCE, Log, Outputs, compare, decide, reference_outputs, widened
 from .errors import (
     ExampleInputError,
@@ -141,7 +141,7 @@ def compact(
         planner = Planner(d_baked, groups, stats, d_runs[:2])
         plans = planner.plans(round_to=step, uniform=uniform)
     search: WidthSearch | None = None
-    exact_plans = plans
+    exact_plans = chosen_plans = plans
     if auto and any(p.removed for p in plans):
         timer = timer or BackendTimer(target or default_target(model))
         say(f"timing candidate widths on {timer.target}")
@@ -150,6 +150,7 @@ def compact(
             chosen, choices, untimed_groups = search.choose(plans)
             if chosen:
                 plans = planner.plans(uniform=uniform, widths=chosen)
+            chosen_plans = plans
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
         plans, small, verdict, floors = decide(
@@ -166,7 +167,7 @@ def compact(
                 tuple(choices),
                 seconds["auto_widths"],
                 tuple(untimed_groups),
-                search.extra_params([e if f.removed else f for e, f in zip(exact_plans, plans)], plans),
+                search.extra_params(_restored_alike(exact_plans, chosen_plans, plans), plans),
                 tuple(search.layer_times(plans)),
                 {"before": dense_s * 1000, "after": small_s * 1000},
             )
@@ -223,6 +224,13 @@ def default_target(model: nn.Module, output_format: str | None = None) -> Backen
     if any(p.is_cuda for p in model.parameters()) and torch.cuda.is_available():
         return "cuda"
     return "torch-cpu"
+
+
+def _restored_alike(
+    exact: list[GroupPlan], chosen: list[GroupPlan], final: list[GroupPlan]
+) -> list[GroupPlan]:
+    """The exact plans, less the groups verification restored (so the padding alone is counted)."""
+    return [f if c.removed and not f.removed else e for e, c, f in zip(exact, chosen, final)]
 
 
 def _slower_warning(result: AutoWidths) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -154,8 +153,10 @@ class Timer(Protocol):
 
 
 class BackendTimer:
-    """Times probes interleaved (every probe once per round, the order rotating), median of ``repeats``;
-    a probe whose layer and shape were timed before is not timed again. ``threads``: intra-op threads."""
+    """Times probes interleaved (every probe once per round, the order rotating), the fastest of ``repeats``
+    calls (another process on the machine only ever adds time: the minimum is the layer's own cost); a probe
+    whose layer and shape were timed before is not timed again. ``threads``: intra-op threads. Whole models
+    get the median of interleaved calls, as ``--bench`` does."""
 
     def __init__(
         self, target: Backend = "torch-cpu", *, threads: int = 1, warmup: int = 1, repeats: int = 5
@@ -180,7 +181,7 @@ class BackendTimer:
                 for r in range(self.repeats):
                     for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
                         samples[k].append(runners[k]())
-            self._cache.update({k: statistics.median(s) for k, s in samples.items()})
+            self._cache.update({k: min(s) for k, s in samples.items()})
         return [self._cache[p.key] for p in probes]
 
     def models(self, dense: nn.Module, small: nn.Module, inputs: ExampleInputs) -> tuple[float, float]:
@@ -202,8 +203,8 @@ class BackendTimer:
                 inputs,
                 backend=self.target,  # type: ignore[arg-type]  # checked in __init__'s caller
                 threads=self.threads,
-                warmup=2,
-                repeats=max(5, 2 * self.repeats),
+                warmup=1,
+                repeats=max(5, self.repeats),
             )
         return t["dense"].median_ms / 1000, t["small"].median_ms / 1000
 

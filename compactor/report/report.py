@@ -259,7 +259,7 @@ def why_not_faster(report: CompactionReport) -> list[str]:
         grouped = [
             f"{c.name} (groups={c.groups})"
             for c in report.layers
-            if c.groups > 1 and c.out_after != c.out_before
+            if c.groups > 1 and (c.out_before, c.in_before) != (c.out_after, c.in_after)
         ]
         if grouped:
             lines.append(
