@@ -41,16 +41,20 @@ ORT_TOLERANCE = 1e-3
 class CaseSpec:
     model: str
     sparsity: float
-    round_to: int | None = None
+    round_to: int | str | None = None  # a multiple, or "auto" (widths timed on ``target``)
     quick: bool = False
     backends: tuple[str, ...] = ("torch-cpu", "onnxruntime-cpu", "cuda")
     threads: int = 1
     warmup: int = 3
     repeats: int = 15
+    target: str | None = None  # round_to="auto": the backend it times widths on (and the only one timed)
+    fold_bn: bool = False  # BatchNorm folded into the convs of dense and compacted alike before timing
 
     @property
     def label(self) -> str:
         suffix = f" round_to={self.round_to}" if self.round_to else ""
+        suffix += f" ({self.target})" if self.target else ""
+        suffix += " BN folded" if self.fold_bn else ""
         return f"{self.model} @{self.sparsity:.0%}{suffix}"
 
 
@@ -81,7 +85,11 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     gc.collect()
     rss_before = _rss_bytes()
     reset = _reset_peak_rss()
-    kwargs = {"round_to": spec.round_to} if spec.round_to else {}
+    kwargs: dict[str, Any] = {"round_to": spec.round_to} if spec.round_to else {}
+    if spec.round_to == "auto":
+        from compactor.report.probes import BackendTimer
+
+        kwargs["timer"] = BackendTimer(spec.target or "torch-cpu", threads=spec.threads)  # type: ignore[arg-type]
     start = time.perf_counter()
     small, report = compactor.compact(model, inputs, **kwargs)
     result["compact_seconds"] = time.perf_counter() - start
@@ -95,11 +103,15 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     result["max_abs_error"] = report.max_abs_error
     result["channels"] = report.to_dict()["channels"]
     result["warnings"] = list(report.warnings)
+    if "auto" in report.extra:
+        result["auto"] = report.extra["auto"]
 
     dense = model
     bake_masks(dense)  # the dense baseline: same zeros, plain weights, no pruning hooks
     dense.eval()
     small.eval()
+    if spec.fold_bn:
+        dense, small = fold_batchnorm(dense), fold_batchnorm(small)
     result["params"] = report.params
     result["param_bytes_dense"] = sum(p.numel() * p.element_size() for p in dense.parameters())
     result["file_bytes"] = {"before": _state_dict_bytes(dense), "after": _state_dict_bytes(small)}
@@ -110,6 +122,15 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     for backend in spec.backends:
         timings[backend] = _time_backend(backend, dense, small, inputs, spec)
     result["latency"] = timings
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with every BatchNorm that follows a conv folded into it (``torch.fx``),
+    as ONNX Runtime does: what eager PyTorch could reach without a separate pass per BatchNorm."""
+    from torch.fx.experimental.optimization import fuse
+
+    fused: nn.Module = fuse(model.eval(), inplace=False)
+    return fused
 
 
 def _time_backend(

@@ -13,7 +13,7 @@ from torch import nn
 
 from benchmarks.__main__ import parse_args, plan_cases
 from benchmarks.models import ZOO, MobileNetV2, dead_channels
-from benchmarks.report import COLUMNS, Row
+from benchmarks.report import COLUMNS, Row, auto_section, cells, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,14 +83,90 @@ def test_plan_cases_defaults() -> None:
     quick = plan_cases(parse_args(["--quick"]))
     assert [c.model for c in quick] == ["resnet18", "mobilenet_v2", "bert_mini"]
     assert all(c.quick and c.sparsity == 0.5 and c.round_to is None for c in quick)
-    full = plan_cases(parse_args(["--models", "resnet50"]))
-    assert [(c.sparsity, c.round_to) for c in full] == [
-        (0.3, None),
-        (0.5, None),
-        (0.7, None),
-        (0.5, 8),
-        (0.5, 16),
+    full = plan_cases(parse_args(["--models", "resnet50", "--backends", "torch-cpu,onnxruntime-cpu"]))
+    assert [(c.sparsity, c.round_to, c.target, c.backends, c.fold_bn) for c in full] == [
+        (0.3, None, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        (0.5, None, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        (0.7, None, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        (0.5, 8, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        (0.5, 16, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        *[(s, "auto", b, (b,), False) for s in (0.3, 0.5, 0.7) for b in ("torch-cpu", "onnxruntime-cpu")],
+        (0.5, None, None, ("torch-cpu",), True),  # the BatchNorm-folded ceiling
     ]
+
+
+def test_plan_cases_for_the_round_to_comparison() -> None:
+    """``--sparsity 0.5 --round-to 1,8,16,auto``: the plain case once, 8 and 16, auto once per backend."""
+    args = ["--models", "resnet50", "--sparsity", "0.5", "--round-to", "1,8,16,auto", "--backends"]
+    cases = plan_cases(parse_args([*args, "torch-cpu,onnxruntime-cpu"]))
+    assert [c.label for c in cases] == [
+        "resnet50 @50%",
+        "resnet50 @50% round_to=8",
+        "resnet50 @50% round_to=16",
+        "resnet50 @50% round_to=auto (torch-cpu)",
+        "resnet50 @50% round_to=auto (onnxruntime-cpu)",
+        "resnet50 @50% BN folded",
+    ]
+    assert not any(c.round_to for c in plan_cases(parse_args([*args[:4], "--quick"])))
+
+
+def _case(round_to: object, target: str | None, ms: float, params: int, **extra: object) -> dict:
+    backends = [target] if target else ["torch-cpu", "onnxruntime-cpu"]
+    return {
+        "spec": {"model": "resnet50", "sparsity": 0.5, "round_to": round_to, "target": target, **extra},
+        "label": "x",
+        "macs": {"before": 100, "after": 50},
+        "params": {"before": 1000, "after": params},
+        "latency": {b: {"dense": {"median_ms": 10.0}, "compact": {"median_ms": ms}} for b in backends},
+    }
+
+
+def test_report_has_auto_rows_their_cost_and_the_targets() -> None:
+    auto = {
+        "target": "onnxruntime-cpu",
+        "choices": [{"root": "a", "dense": 64, "exact": 33, "width": 40, "ms": {"33": 2.0, "40": 1.0}}],
+        "seconds": 1.5,
+        "untimed": [],
+        "extra_params": 1234,
+        "layers": [{"layer": "a", "before_ms": 1.0, "after_ms": 1.5, "widths": ""}],
+        "model_ms": {"before": 10.0, "after": 5.0},
+    }
+    results = [
+        _case(None, None, 6.0, 480),
+        _case(8, None, 5.5, 490),
+        _case(16, None, 5.0, 500),
+        {**_case("auto", "onnxruntime-cpu", 4.0, 495), "auto": auto},
+        {**_case("auto", "torch-cpu", 12.0, 480), "auto": {**auto, "target": "torch-cpu"}},
+        _case(None, None, 7.0, 480, fold_bn=True),
+    ]
+    rows = [Row.of(r) for r in results]
+    assert [cells(r)[2] for r in rows] == [
+        "-",
+        "8",
+        "16",
+        "auto (onnxruntime-cpu)",
+        "auto (torch-cpu)",
+        "- (BN folded)",
+    ]
+    text = "\n".join(targets(rows) + auto_section(rows))
+    assert (
+        "| auto speedup >= best of round_to 1/8/16 on onnxruntime-cpu | 2.50x against 1: 1.67x / 8: 1.82x / "
+        "16: 2.00x | yes |" in text
+    )
+    assert (
+        "| auto (onnxruntime-cpu) keeps fewer parameters than round_to=16 | 0.4950 vs 0.5000 | yes |" in text
+    )
+    assert "| auto speedup >= best of round_to 1/8/16 on torch-cpu | 0.83x against" in text
+    assert "ceiling on this CPU: the same models with BatchNorm folded into the convs reach 0.714" in text
+    assert (
+        "- round_to=auto on torch-cpu, no case slower than dense: **no** (1 cases; slowest resnet50 @50% at 0.83x"
+        in text
+    )
+    assert "- round_to=auto on onnxruntime-cpu, no case slower than dense: yes" in text
+    assert (
+        "| resnet50 | 50% | onnxruntime-cpu | 1.67x | 2.50x | +50.0% | 0.4800 → 0.4950 | 1,234 | 1 of 1 | 1.5 "
+        "| 10.0 → 5.0 | a |" in text
+    )
 
 
 def test_row_efficiency() -> None:
