@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Literal, cast
 
 import torch
@@ -28,11 +29,12 @@ from .errors import (
     ModelStructureError,
     UnverifiedPathError,
     VerificationError,
+    first_line,
 )
 from .inputs import ExampleInputs, infer_example_inputs, run, unchecked_outputs
 from .io.sparse import sparsity_report
 from .layers import inconsistency
-from .report.autowidth import AutoWidths, WidthSearch
+from .report.autowidth import AutoWidths, GroupChoice, LayerTime, WidthSearch
 from .report.measure import BACKENDS, Backend, count_macs
 from .report.probes import BackendTimer, Timer
 from .report.report import (
@@ -141,16 +143,14 @@ def compact(
         planner = Planner(d_baked, groups, stats, d_runs[:2])
         plans = planner.plans(round_to=step, uniform=uniform)
     search: WidthSearch | None = None
-    exact_plans = chosen_plans = plans
+    exact_plans = plans
     if auto and any(p.removed for p in plans):
         timer = timer or BackendTimer(target or default_target(model))
         say(f"timing candidate widths on {timer.target}")
         with _timed(seconds, "auto_widths"):
             search = WidthSearch(planner, baked_model, inputs, timer)
-            chosen, choices, untimed_groups = search.choose(plans)
-            if chosen:
-                plans = planner.plans(uniform=uniform, widths=chosen)
-            chosen_plans = plans
+            plans, choices, untimed_groups = _choose_widths(search, planner, plans, uniform)
+    chosen_plans = plans
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
         plans, small, verdict, floors = decide(
@@ -158,19 +158,17 @@ def compact(
         )
     auto_extra: dict[str, Any] = {}
     if search is not None:
-        assert timer is not None
-        say(f"timing the layers and the whole model on {timer.target}, dense and compacted")
+        say(f"timing the layers and the whole model on {search.timer.target}, dense and compacted")
         with _timed(seconds, "auto_check"):
-            dense_s, small_s = timer.models(original, small, inputs)
-            result = AutoWidths(
-                timer.target,
-                tuple(choices),
-                seconds["auto_widths"],
-                tuple(untimed_groups),
-                search.extra_params(_restored_alike(exact_plans, chosen_plans, plans), plans),
-                tuple(search.layer_times(plans)),
-                {"before": dense_s * 1000, "after": small_s * 1000},
+            exact = _restored_alike(exact_plans, chosen_plans, plans)
+            result = replace(
+                _check_widths(
+                    search, original, small, inputs, choices, untimed_groups, seconds["auto_widths"]
+                ),
+                extra_params=search.extra_params(exact, plans),
+                layers=_layer_times(search, plans, untimed_groups),
             )
+            result = replace(result, untimed=tuple(untimed_groups))
         auto_extra = {
             "auto": result.to_dict(),
             "macs": {"before": count_macs(original, inputs), "after": count_macs(small, inputs)},
@@ -211,6 +209,44 @@ def compact(
         },
     )
     return small, report
+
+
+def _choose_widths(
+    search: WidthSearch, planner: Planner, plans: list[GroupPlan], uniform: bool
+) -> tuple[list[GroupPlan], list[GroupChoice], list[str]]:
+    """``round_to="auto"``: the plans again with each group held at the width timed fastest."""
+    chosen, choices, untimed = search.choose(plans)
+    if chosen:
+        plans = planner.plans(uniform=uniform, widths=chosen)
+    return plans, choices, untimed
+
+
+def _check_widths(
+    search: WidthSearch,
+    dense: nn.Module,
+    small: nn.Module,
+    inputs: ExampleInputs,
+    choices: list[GroupChoice],
+    untimed: list[str],
+    tuning_seconds: float,
+) -> AutoWidths:
+    """The whole model timed dense and compacted on the target (a failure to run there is said, not raised:
+    the widths stand)."""
+    model_ms: dict[str, float] | None = None
+    try:
+        dense_s, small_s = search.timer.models(dense, small, inputs)
+        model_ms = {"before": dense_s * 1000, "after": small_s * 1000}
+    except Exception as e:  # the exporters' and runtimes' failures have no common type
+        untimed.append(f"the whole model ({first_line(e, with_type=True)})")
+    return AutoWidths(search.timer.target, tuple(choices), tuning_seconds, tuple(untimed), model_ms=model_ms)
+
+
+def _layer_times(search: WidthSearch, plans: list[GroupPlan], untimed: list[str]) -> tuple[LayerTime, ...]:
+    try:
+        return tuple(search.layer_times(plans))
+    except Exception as e:  # as above: a layer the backend cannot run alone
+        untimed.append(f"the layers alone ({first_line(e, with_type=True)})")
+        return ()
 
 
 def default_target(model: nn.Module, output_format: str | None = None) -> Backend:

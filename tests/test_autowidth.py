@@ -281,3 +281,20 @@ def test_cli_refuses_a_target_without_round_to_auto(
 ) -> None:
     assert main(["--demo", "-o", str(tmp_path / "small.pt"), "--target", "torch-cpu"]) == 2
     assert "--target says where --round-to auto times widths: add --round-to auto" in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_run_a_layer_leaves_the_exact_width_and_says_so() -> None:
+    model, x = _mlp()
+
+    def fail(p: Probe) -> float:
+        raise RuntimeError("no kernel for this layer")
+
+    small, report = compactor.compact(model, x, round_to="auto", timer=FakeTimer(fail))
+    assert small[0].out_features == 31
+    auto = report.to_dict()["auto"]
+    assert not auto["choices"] and not auto["layers"]
+    assert list(auto["untimed"]) == [
+        "0 (RuntimeError: no kernel for this layer)",
+        "the layers alone (RuntimeError: no kernel for this layer)",
+    ]
+    assert "not timed (groups keep their exact widths): 0 (RuntimeError" in report.table()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from benchmarks.__main__ import parse_args, plan_cases
+from benchmarks.case import fold_batchnorm
 from benchmarks.models import ZOO, MobileNetV2, dead_channels
 from benchmarks.report import COLUMNS, Row, auto_section, cells, targets
 
@@ -209,3 +210,17 @@ def test_quick_benchmark_writes_report(tmp_path: Path) -> None:
     assert case["params"]["after"] < case["params"]["before"]
     assert case["latency"]["torch-cpu"]["compact"]["median_ms"] > 0
     assert "resnet18" in done.stdout  # the rich table
+
+
+def test_fold_batchnorm_folds_every_conv_batchnorm_pair_exactly() -> None:
+    """The ceiling case: BatchNorm folded into the conv before it, the outputs unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    ).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)

@@ -12,8 +12,8 @@ layer the group touches (the convs that write its channels at that output width,
 that input width, each at the widths the groups already decided give its other side), each layer run in
 isolation on its real input shape, all candidates of a group interleaved (:mod:`.probes`). The fastest
 wins; a wider one must beat a narrower one by more than ``TIE`` (3%), so that noise never buys parameters.
-Later groups see earlier choices, never the other way round. Groups left when ``budget_s`` is spent keep
-their exact width, and are named.
+Later groups see earlier choices, never the other way round. Groups left when ``budget_s`` is spent, and
+groups with a layer the backend cannot run alone, keep their exact width, and are named.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from ..engine.plan import Fate, GroupPlan, Planner, WidthTarget
+from ..errors import first_line
 from ..inputs import ExampleInputs
 from ..layers import Side, width
 from .probes import Probe, Seen, Timer, probe, rebuilt, record_inputs, timed_kind
@@ -65,7 +66,7 @@ class AutoWidths:
     target: str
     choices: tuple[GroupChoice, ...]
     seconds: float
-    untimed: tuple[str, ...]  # groups left at their exact width: the budget ran out
+    untimed: tuple[str, ...]  # what was not timed, and why (those groups keep their exact width)
     extra_params: int = 0  # parameters the padding keeps (chosen widths against exact ones)
     layers: tuple[LayerTime, ...] = ()
     model_ms: dict[str, float] | None = None  # whole model, dense and compacted, on the target
@@ -116,9 +117,13 @@ class WidthSearch:
             if len(options) < 2 or not layers:
                 continue
             if time.perf_counter() - start > budget_s:
-                untimed.append(plan.group.root)
+                untimed.append(f"{plan.group.root} (the time budget of {budget_s:g} s was spent)")
                 continue
-            ms = self._cost(current, i, options, layers)
+            try:
+                ms = self._cost(current, i, options, layers)
+            except Exception as e:  # a layer the backend cannot run alone: this group keeps its exact width
+                untimed.append(f"{plan.group.root} ({first_line(e, with_type=True)})")
+                continue
             chosen = _fastest(ms)
             current[i] = options[chosen]
             exact = plan.group.size - len(plan.removed)

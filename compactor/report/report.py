@@ -171,7 +171,8 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
         console.print(
             f"hint: {len(odd)} rebuilt layer(s) now have channel counts off a multiple of {ALIGN} ({', '.join(odd[:3])}"
             f"{', ...' if len(odd) > 3 else ''}); --round-to {ALIGN} (round_to={ALIGN}) keeps a few zero channels to round "
-            f"them up, which CPU and GPU kernels often run faster (benchmarks/REPORT.md)",
+            f"them up, which CPU and GPU kernels often run faster (benchmarks/REPORT.md); --round-to auto times which widths "
+            f"run faster where the model deploys",
             markup=False,
         )
 
@@ -203,7 +204,7 @@ def auto_lines(report: CompactionReport) -> list[str]:
         )
     if auto["untimed"]:
         lines.append(
-            f"  not timed (time budget spent), kept at their exact widths: {', '.join(auto['untimed'][:5])}"
+            f"  not timed (groups keep their exact widths): {', '.join(auto['untimed'][:5])}"
             + (f" and {len(auto['untimed']) - 5} more" if len(auto["untimed"]) > 5 else "")
         )
     return lines
