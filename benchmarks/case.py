@@ -29,6 +29,7 @@ from compactor.engine.masks import bake_masks
 from compactor.errors import ExportError
 from compactor.io.onnx import check_onnx, export_onnx
 from compactor.report.measure import count_macs, latency
+from compactor.report.report import why_not_faster
 
 from .models import ZOO
 
@@ -122,6 +123,19 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     for backend in spec.backends:
         timings[backend] = _time_backend(backend, dense, small, inputs, spec)
     result["latency"] = timings
+    if not spec.fold_bn:
+        result["why_not_faster"] = _why_not_faster(report, result)
+
+
+def _why_not_faster(report: compactor.CompactionReport, result: dict[str, Any]) -> list[str]:
+    """The compactor report's "why not faster" lines for the latencies measured here (no extra timing: the
+    slowest layers are listed where round_to=auto timed them)."""
+    measured = {
+        b: {"before": t["dense"]["median_ms"], "after": t["compact"]["median_ms"]}
+        for b, t in result["latency"].items()
+        if "dense" in t and "compact" in t
+    }
+    return why_not_faster(report.with_extra(macs=result["macs"], latency_ms=measured))
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -40,6 +40,7 @@ class Row:
     fold_bn: bool = False  # BatchNorm folded into the convs before timing (dense and compacted)
     auto: dict[str, Any] | None = None  # round_to="auto": report.extra["auto"]
     params: dict[str, int] | None = None
+    why: tuple[str, ...] = ()  # the compactor report's "why not faster" lines, for this case's latencies
 
     @property
     def plain(self) -> bool:
@@ -85,6 +86,7 @@ class Row:
             fold_bn=bool(spec.get("fold_bn")),
             auto=r.get("auto"),
             params=r.get("params"),
+            why=tuple(r.get("why_not_faster", ())),
         )
 
     def speedup(self, backend: str) -> float | None:
@@ -224,7 +226,18 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     notes = [f"- {r.label}: {r.note}" for r in rows if r.note]
     if notes:
         lines += ["", "Notes:", *notes]
-    lines += ["", *targets(rows), "", *auto_section(rows), "", *scaling(rows), "", HOW_TO_READ]
+    lines += [
+        "",
+        *targets(rows),
+        "",
+        *auto_section(rows),
+        "",
+        *why_section(rows),
+        "",
+        *scaling(rows),
+        "",
+        HOW_TO_READ,
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -325,6 +338,24 @@ def _auto_targets(rows: list[Row]) -> list[str]:
             + ")"
         )
     return out
+
+
+def why_section(rows: list[Row]) -> list[str]:
+    """Per case whose efficiency is below 0.8 on a backend: the compactor report's "why not faster" lines (its
+    advice, the same for every case, left out)."""
+    cases = [(r, [line for line in r.why if not line.lstrip().startswith("try:")]) for r in rows if r.why]
+    if not cases:
+        return []
+    out = [
+        "## Why not faster (speedup efficiency below 0.8)",
+        "",
+        "<details><summary>What the compactor's report says for each such case (odd widths, layers that kept "
+        "zeroed channels, grouped layouts; the slowest layers where round_to=auto timed them)</summary>",
+        "",
+    ]
+    for r, lines in cases:
+        out += [f"- **{r.label}**", *[f"  - {line.strip()}" for line in lines]]
+    return [*out, "", "</details>"]
 
 
 def auto_section(rows: list[Row]) -> list[str]:

@@ -207,6 +207,7 @@ def test_why_not_faster_appears_exactly_below_the_efficiency_floor(after_ms: flo
     lines = why_not_faster(report)
     assert bool(lines) is shown
     assert ("why not faster on torch-cpu" in report.table()) is shown
+    assert report.to_dict().get("why_not_faster", []) == lines
     if shown:
         eff = (1.0 / after_ms) * 0.5
         assert lines[0] == (

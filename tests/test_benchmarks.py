@@ -14,7 +14,7 @@ from torch import nn
 from benchmarks.__main__ import parse_args, plan_cases
 from benchmarks.case import fold_batchnorm
 from benchmarks.models import ZOO, MobileNetV2, dead_channels
-from benchmarks.report import COLUMNS, Row, auto_section, cells, targets
+from benchmarks.report import COLUMNS, Row, auto_section, cells, targets, why_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,3 +224,19 @@ def test_fold_batchnorm_folds_every_conv_batchnorm_pair_exactly() -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_report_says_why_not_faster_per_case_without_the_advice() -> None:
+    why = [
+        "why not faster on torch-cpu: 1.20x ...",
+        "  odd widths (off a multiple of 8): a: 33",
+        "  try: --round-to auto",
+    ]
+    rows = [Row.of({**_case(None, None, 6.0, 480), "why_not_faster": why}), Row.of(_case(8, None, 5.0, 490))]
+    text = "\n".join(why_section(rows))
+    assert (
+        "- **x**\n  - why not faster on torch-cpu: 1.20x ...\n  - odd widths (off a multiple of 8): a: 33"
+        in text
+    )
+    assert "try:" not in text and text.count("- **") == 1
+    assert why_section([rows[1]]) == []

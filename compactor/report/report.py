@@ -77,6 +77,9 @@ class CompactionReport:
             "fates": self.fates,
         }
         d.update(self.extra)
+        why = why_not_faster(self)
+        if why:
+            d["why_not_faster"] = why
         return d
 
     def with_extra(self, **extra: Any) -> CompactionReport:
