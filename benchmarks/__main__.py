@@ -3,7 +3,7 @@
     python -m benchmarks --quick                       # CI: small inputs, 3 small models, < 3 minutes
     python -m benchmarks --models resnet50 --sparsity 0.5
     python -m benchmarks --models resnet50 --sparsity 0.5 --round-to 1,8,16,auto   # the round_to comparison
-    python -m benchmarks --out benchmarks/REPORT.md    # the full run (about 1.5 hours on 2 cores)
+    python -m benchmarks --out benchmarks/REPORT.md    # the full run (over an hour on 2 cores)
 
 ``--round-to auto`` adds, for every model and sparsity of the run, one case per backend with
 ``compact(round_to="auto")`` tuned for that backend and timed on it alone. Numeric ``--round-to`` values are

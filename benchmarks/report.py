@@ -226,18 +226,9 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     notes = [f"- {r.label}: {r.note}" for r in rows if r.note]
     if notes:
         lines += ["", "Notes:", *notes]
-    lines += [
-        "",
-        *targets(rows),
-        "",
-        *auto_section(rows),
-        "",
-        *why_section(rows),
-        "",
-        *scaling(rows),
-        "",
-        HOW_TO_READ,
-    ]
+    for section in (targets(rows), auto_section(rows), why_section(rows), scaling(rows), [HOW_TO_READ]):
+        if section:
+            lines += ["", *section]
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +243,7 @@ def targets(rows: list[Row]) -> list[str]:
     row = next((r for r in resnet if r.plain), None)
     out = ["## Targets (ResNet-50, 50% of internal channels; reported, not asserted)", ""]
     if row is None or row.params_ratio is None:
-        return [*out, "ResNet-50 at 50% was not part of this run.", "", *_auto_targets(rows)]
+        return [*out, "ResNet-50 at 50% was not part of this run.", *_then(_auto_targets(rows))]
     out += ["| target | measured | met |", "|---|---|---|"]
     rounded = [r for r in resnet if isinstance(r.round_to, int) and r.round_to > 1]
     ceiling = next((r for r in resnet if r.fold_bn), None)
@@ -285,7 +276,12 @@ def targets(rows: list[Row]) -> list[str]:
             f"| peak RSS < 3 x model size + 1 GiB ({budget / MIB:.0f} MiB) | {row.peak_rss / MIB:.0f} MiB "
             f"(model {row.param_bytes / MIB:.0f} MiB) | {_met(row.peak_rss < budget)} |"
         )
-    return [*out, "", *_auto_targets(rows)]
+    return [*out, *_then(_auto_targets(rows))]
+
+
+def _then(lines: list[str]) -> list[str]:
+    """``lines`` after a blank line, or nothing."""
+    return ["", *lines] if lines else []
 
 
 def _auto_resnet_targets(resnet: list[Row], plain: Row) -> list[str]:

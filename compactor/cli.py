@@ -181,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="latency backends for --bench (default: %(default)s)",
     )
     outputs.add_argument(
-        "--threads", type=int, default=1, help="intra-op threads for --bench (default: %(default)s)"
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads for --bench and --round-to auto (default: %(default)s)",
     )
     outputs.add_argument(
         "--repeats", type=int, default=30, help="timed calls per model for --bench (default: %(default)s)"
