@@ -12,7 +12,9 @@ layer the group touches (the convs that write its channels at that output width,
 that input width, each at the widths the groups already decided give its other side), each layer run in
 isolation on its real input shape, all candidates of a group interleaved (:mod:`.probes`). The fastest
 wins; a wider one must beat a narrower one by more than ``TIE`` (3%), so that noise never buys parameters.
-Later groups see earlier choices, never the other way round. Groups left when ``budget_s`` is spent, and
+Later groups see earlier choices, never the other way round. A group held at a chosen width keeps its own
+carrier (it is never another group's guest), so an exact group that shared one may come out one channel off
+what was timed. Groups left when ``budget_s`` is spent, and
 groups with a layer the backend cannot run alone, keep their exact width, and are named.
 """
 
