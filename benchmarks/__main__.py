@@ -2,7 +2,13 @@
 
     python -m benchmarks --quick                       # CI: small inputs, 3 small models, < 3 minutes
     python -m benchmarks --models resnet50 --sparsity 0.5
-    python -m benchmarks --out benchmarks/REPORT.md    # the full run (about an hour on 2 cores)
+    python -m benchmarks --models resnet50 --sparsity 0.5 --round-to 1,8,16,auto   # the round_to comparison
+    python -m benchmarks --out benchmarks/REPORT.md    # the full run (over an hour on 2 cores)
+
+``--round-to auto`` adds, for every model and sparsity of the run, one case per backend with
+``compact(round_to="auto")`` tuned for that backend and timed on it alone. Numeric ``--round-to`` values are
+cases at 50% (``1``: the plain case). Whenever ResNet-50 at 50% and torch-cpu are in a full run, one more
+case times it with BatchNorm folded into the convs (dense and compacted alike): the ceiling of eager PyTorch.
 
 Each case runs in its own subprocess (``benchmarks.case``) so that its peak memory is its own.
 """
@@ -20,6 +26,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from .case import CaseSpec, supports_round_to
@@ -45,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=_csv, help="fractions of internal channels pruned, e.g. 0.3,0.5,0.7")
     p.add_argument(
         "--round-to", type=_csv, default=None,
-        help="extra cases with compact(round_to=N) at 50%% sparsity, e.g. 8,16 (default: 8,16 for "
-        f"{', '.join(ROUND_TO_DEFAULT)} unless --quick; '' for none)",
+        help="extra cases with compact(round_to=N) at 50%% sparsity, e.g. 1,8,16; auto: compact(round_to='auto') "
+        "for every sparsity, once per backend, timed there (default: 8,16 for "
+        f"{', '.join(ROUND_TO_DEFAULT)} and auto for every model, unless --quick; '' for none)",
     )  # fmt: skip
     p.add_argument(
         "--backends", type=_csv, default=list(LATENCY_BACKENDS), help="torch-cpu,onnxruntime-cpu,cuda"
@@ -86,9 +94,9 @@ def plan_cases(args: argparse.Namespace) -> list[CaseSpec]:
     quick = args.quick
     models = args.models or list(QUICK_DEFAULT if quick else FULL_DEFAULT)
     sparsities = [float(s) for s in (args.sparsity or (["0.5"] if quick else ["0.3", "0.5", "0.7"]))]
-    round_tos = [
-        int(r) for r in (args.round_to if args.round_to is not None else ([] if quick else ["8", "16"]))
-    ]
+    asked = args.round_to if args.round_to is not None else ([] if quick else ["8", "16", "auto"])
+    auto = "auto" in asked
+    round_tos = [int(r) for r in asked if r != "auto"]
     round_to_models = set(models) if args.models or args.round_to is not None else set(ROUND_TO_DEFAULT)
     common = {
         "quick": quick,
@@ -97,11 +105,22 @@ def plan_cases(args: argparse.Namespace) -> list[CaseSpec]:
         "warmup": args.warmup if args.warmup is not None else (2 if quick else 3),
         "repeats": args.repeats if args.repeats is not None else (5 if quick else 15),
     }
+    targets = [b for b in args.backends if b != "cuda" or torch.cuda.is_available()]
     cases = []
     for model in models:
         cases += [CaseSpec(model, s, **common) for s in sparsities]
         if model in round_to_models:
-            cases += [CaseSpec(model, 0.5, r, **common) for r in round_tos]
+            if 1 in round_tos and 0.5 not in sparsities:
+                cases.append(CaseSpec(model, 0.5, **common))
+            cases += [CaseSpec(model, 0.5, r, **common) for r in round_tos if r > 1]
+        if auto:
+            cases += [
+                CaseSpec(model, s, "auto", **{**common, "backends": (b,)}, target=b)
+                for s in sparsities
+                for b in targets
+            ]
+        if model == "resnet50" and 0.5 in sparsities and "torch-cpu" in args.backends and not quick:
+            cases.append(CaseSpec(model, 0.5, **{**common, "backends": ("torch-cpu",)}, fold_bn=True))
     return cases
 
 

@@ -29,6 +29,7 @@ from compactor.engine.masks import bake_masks
 from compactor.errors import ExportError
 from compactor.io.onnx import check_onnx, export_onnx
 from compactor.report.measure import count_macs, latency
+from compactor.report.report import why_not_faster
 
 from .models import ZOO
 
@@ -41,16 +42,20 @@ ORT_TOLERANCE = 1e-3
 class CaseSpec:
     model: str
     sparsity: float
-    round_to: int | None = None
+    round_to: int | str | None = None  # a multiple, or "auto" (widths timed on ``target``)
     quick: bool = False
     backends: tuple[str, ...] = ("torch-cpu", "onnxruntime-cpu", "cuda")
     threads: int = 1
     warmup: int = 3
     repeats: int = 15
+    target: str | None = None  # round_to="auto": the backend it times widths on (and the only one timed)
+    fold_bn: bool = False  # BatchNorm folded into the convs of dense and compacted alike before timing
 
     @property
     def label(self) -> str:
         suffix = f" round_to={self.round_to}" if self.round_to else ""
+        suffix += f" ({self.target})" if self.target else ""
+        suffix += " BN folded" if self.fold_bn else ""
         return f"{self.model} @{self.sparsity:.0%}{suffix}"
 
 
@@ -81,7 +86,11 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     gc.collect()
     rss_before = _rss_bytes()
     reset = _reset_peak_rss()
-    kwargs = {"round_to": spec.round_to} if spec.round_to else {}
+    kwargs: dict[str, Any] = {"round_to": spec.round_to} if spec.round_to else {}
+    if spec.round_to == "auto":
+        from compactor.report.probes import BackendTimer
+
+        kwargs["timer"] = BackendTimer(spec.target or "torch-cpu", threads=spec.threads)  # type: ignore[arg-type]
     start = time.perf_counter()
     small, report = compactor.compact(model, inputs, **kwargs)
     result["compact_seconds"] = time.perf_counter() - start
@@ -97,11 +106,15 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     filters = report.to_dict()["pruned_filters"]
     result["pruned_filters"] = {k: filters[k] for k in ("total", "removed", "kept", "kept_by_reason")}
     result["warnings"] = list(report.warnings)
+    if "auto" in report.extra:
+        result["auto"] = report.extra["auto"]
 
     dense = model
     bake_masks(dense)  # the dense baseline: same zeros, plain weights, no pruning hooks
     dense.eval()
     small.eval()
+    if spec.fold_bn:
+        dense, small = fold_batchnorm(dense), fold_batchnorm(small)
     result["params"] = report.params
     result["param_bytes_dense"] = sum(p.numel() * p.element_size() for p in dense.parameters())
     result["file_bytes"] = {"before": _state_dict_bytes(dense), "after": _state_dict_bytes(small)}
@@ -112,6 +125,28 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     for backend in spec.backends:
         timings[backend] = _time_backend(backend, dense, small, inputs, spec)
     result["latency"] = timings
+    if not spec.fold_bn:
+        result["why_not_faster"] = _why_not_faster(report, result)
+
+
+def _why_not_faster(report: compactor.CompactionReport, result: dict[str, Any]) -> list[str]:
+    """The compactor report's "why not faster" lines for the latencies measured here (no extra timing: the
+    slowest layers are listed where round_to=auto timed them)."""
+    measured = {
+        b: {"before": t["dense"]["median_ms"], "after": t["compact"]["median_ms"]}
+        for b, t in result["latency"].items()
+        if "dense" in t and "compact" in t
+    }
+    return why_not_faster(report.with_extra(macs=result["macs"], latency_ms=measured))
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with every BatchNorm that follows a conv folded into it (``torch.fx``),
+    as ONNX Runtime does: what eager PyTorch could reach without a separate pass per BatchNorm."""
+    from torch.fx.experimental.optimization import fuse
+
+    fused: nn.Module = fuse(model.eval(), inplace=False)
+    return fused
 
 
 def _time_backend(

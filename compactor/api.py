@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .engine.coverage import Paths, check_train_mode, find_paths, hold_train_onl
 from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
 from .engine.masks import baked, clone_module
-from .engine.plan import consumer_layers, observe_inputs, plan_groups
+from .engine.plan import GroupPlan, Planner, consumer_layers, observe_inputs
 from .engine.verify import DEFAULT_TOLERANCE, Log, Outputs, compare, decide, reference_outputs, widened
 from .errors import (
     ExampleInputError,
@@ -28,11 +29,15 @@ from .errors import (
     ModelStructureError,
     UnverifiedPathError,
     VerificationError,
+    first_line,
 )
 from .inputs import ExampleInputs, infer_example_inputs, run, unchecked_outputs
 from .io.sparse import sparsity_report
 from .layers import inconsistency
+from .report.autowidth import AutoWidths, GroupChoice, LayerTime, WidthSearch
 from .report.filters import pruned_filters
+from .report.measure import BACKENDS, Backend, count_macs
+from .report.probes import BackendTimer, Timer
 from .report.report import (
     CompactionReport,
     count_params,
@@ -56,10 +61,12 @@ def compact(
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     log: Log | None = None,
-    round_to: int = 1,
+    round_to: int | Literal["auto"] = 1,
     strict: bool = False,
     uniform: bool = False,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
+    target: Backend | None = None,
+    timer: Timer | None = None,
 ) -> tuple[nn.Module, CompactionReport]:
     """Return a physically smaller copy of ``model`` that computes the same function, and a report.
 
@@ -67,7 +74,12 @@ def compact(
     ``example_inputs``: a tensor, a tuple/list of tensors, or a dict of keyword tensors. Raises
     :class:`~compactor.errors.CompactorError` subclasses for bad input.
     ``round_to``: keep every rebuilt channel count a multiple of it (hardware-friendly widths) by keeping
-    some removable channels; exactness is unaffected. ``uniform``: every layer of a kind (the same name but
+    some removable channels; exactness is unaffected. ``round_to="auto"``: per group of coupled channels,
+    time its layers at the exact width and rounded up to 8, 16, 32, 64 on ``target`` (``"torch-cpu"``,
+    ``"onnxruntime-cpu"``, ``"cuda"``; default: ``"cuda"`` for a model on a GPU, else ``"torch-cpu"``) and
+    keep the fastest (``report.extra["auto"]``: the candidates, the time spent, the whole model timed dense
+    and compacted, and a warning naming the layers responsible if it is still slower). ``timer``: a
+    :class:`~compactor.report.probes.Timer` to measure with instead (one thread by default). ``uniform``: every layer of a kind (the same name but
     for block numbers) keeps the same width, the largest, so that a Hugging Face config can state it.
 
     Outputs are compared with the masked model on the example inputs and fresh ones; a group whose removal
@@ -83,10 +95,13 @@ def compact(
     ``time_limit``: seconds (None: no limit); past it, :class:`~compactor.errors.TimeLimitError` names the
     part that could not be analysed, and nothing is returned.
     """
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, found {round_to!r}")
+    auto = round_to == "auto"
+    if not auto and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+        raise ValueError(f"round_to must be a positive integer or 'auto', found {round_to!r}")
+    if target is not None and target not in BACKENDS:
+        raise ValueError(f"target must be one of {', '.join(BACKENDS)}, found {target!r}")
     with deadline(time_limit):
-        return _compact(model, example_inputs, tolerance, log, round_to, strict, uniform)
+        return _compact(model, example_inputs, tolerance, log, round_to, strict, uniform, target, timer)
 
 
 def _compact(
@@ -94,10 +109,14 @@ def _compact(
     example_inputs: Any,
     tolerance: float,
     log: Log | None,
-    round_to: int,
+    round_to: int | Literal["auto"],
     strict: bool,
     uniform: bool,
+    target: Backend | None,
+    timer: Timer | None,
 ) -> tuple[nn.Module, CompactionReport]:
+    auto = round_to == "auto"
+    step = 1 if auto else cast(int, round_to)
     say = log or (lambda _msg: None)
     seconds: dict[str, float] = {}
     _check_layers(model)
@@ -149,13 +168,40 @@ def _compact(
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):
         stats = observe_inputs(d_baked, d_runs[:2], consumer_layers(groups, d_baked))
-        plans = plan_groups(d_baked, groups, stats, round_to=round_to, runs=d_runs[:2], uniform=uniform)
+        planner = Planner(d_baked, groups, stats, d_runs[:2])
+        plans = planner.plans(round_to=step, uniform=uniform)
     check_time("the rebuilt model (verification)")
+    search: WidthSearch | None = None
+    exact_plans = plans
+    if auto and any(p.removed for p in plans):
+        timer = timer or BackendTimer(target or default_target(model))
+        say(f"timing candidate widths on {timer.target}")
+        with _timed(seconds, "auto_widths"):
+            search = WidthSearch(planner, baked_model, inputs, timer)
+            plans, choices, untimed_groups = _choose_widths(search, planner, plans, uniform)
+    chosen_plans = plans
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
         plans, small, verdict, floors = decide(
-            original, baked_model, plans, runs, references, tolerance, say, round_to, wide
+            original, baked_model, plans, runs, references, tolerance, say, step, wide
         )
+    auto_extra: dict[str, Any] = {}
+    if search is not None:
+        say(f"timing the layers and the whole model on {search.timer.target}, dense and compacted")
+        with _timed(seconds, "auto_check"):
+            exact = _restored_alike(exact_plans, chosen_plans, plans)
+            result = replace(
+                _check_widths(
+                    search, original, small, inputs, choices, untimed_groups, seconds["auto_widths"]
+                ),
+                extra_params=search.extra_params(exact, plans),
+                layers=_layer_times(search, plans, untimed_groups),
+            )
+            result = replace(result, untimed=tuple(untimed_groups))
+        auto_extra = {
+            "auto": result.to_dict(),
+            "macs": {"before": count_macs(original, inputs), "after": count_macs(small, inputs)},
+        }
     train_problem = check_train_mode(paths, small)
     if train_problem is not None:
         raise VerificationError(f"{train_problem}; nothing was written: report this")
@@ -181,6 +227,7 @@ def _compact(
             *paths.warnings(),
             *dead_model_warnings(references, plans),
             *unstructured_warnings(small),
+            *(_slower_warning(result) if search is not None else ()),
         ),
         seconds=seconds,
         extra={
@@ -190,9 +237,82 @@ def _compact(
             "sparsity": [layer.to_dict() for layer in sparsity],
             "round_to": round_to,
             "paths": paths.to_dict(),
+            **auto_extra,
         },
     )
     return small, report
+
+
+def _choose_widths(
+    search: WidthSearch, planner: Planner, plans: list[GroupPlan], uniform: bool
+) -> tuple[list[GroupPlan], list[GroupChoice], list[str]]:
+    """``round_to="auto"``: the plans again with each group held at the width timed fastest."""
+    chosen, choices, untimed = search.choose(plans)
+    if chosen:
+        plans = planner.plans(uniform=uniform, widths=chosen)
+    return plans, choices, untimed
+
+
+def _check_widths(
+    search: WidthSearch,
+    dense: nn.Module,
+    small: nn.Module,
+    inputs: ExampleInputs,
+    choices: list[GroupChoice],
+    untimed: list[str],
+    tuning_seconds: float,
+) -> AutoWidths:
+    """The whole model timed dense and compacted on the target (a failure to run there is said, not raised:
+    the widths stand)."""
+    model_ms: dict[str, float] | None = None
+    try:
+        dense_s, small_s = search.timer.models(dense, small, inputs)
+        model_ms = {"before": dense_s * 1000, "after": small_s * 1000}
+    except Exception as e:  # the exporters' and runtimes' failures have no common type
+        untimed.append(f"the whole model ({first_line(e, with_type=True)})")
+    return AutoWidths(search.timer.target, tuple(choices), tuning_seconds, tuple(untimed), model_ms=model_ms)
+
+
+def _layer_times(search: WidthSearch, plans: list[GroupPlan], untimed: list[str]) -> tuple[LayerTime, ...]:
+    try:
+        return tuple(search.layer_times(plans))
+    except Exception as e:  # as above: a layer the backend cannot run alone
+        untimed.append(f"the layers alone ({first_line(e, with_type=True)})")
+        return ()
+
+
+def default_target(model: nn.Module, output_format: str | None = None) -> Backend:
+    """The backend ``round_to="auto"`` times on when none is named: ONNX Runtime for an ``.onnx`` output
+    (where it is installed), CUDA for a model on a GPU, else PyTorch on the CPU."""
+    if output_format == "onnx":
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is not None:
+            return "onnxruntime-cpu"
+    if any(p.is_cuda for p in model.parameters()) and torch.cuda.is_available():
+        return "cuda"
+    return "torch-cpu"
+
+
+def _restored_alike(
+    exact: list[GroupPlan], chosen: list[GroupPlan], final: list[GroupPlan]
+) -> list[GroupPlan]:
+    """The exact plans, less the groups verification restored (so the padding alone is counted)."""
+    return [f if c.removed and not f.removed else e for e, c, f in zip(exact, chosen, final)]
+
+
+def _slower_warning(result: AutoWidths) -> list[str]:
+    if not result.slower or result.model_ms is None:
+        return []
+    worst = (
+        ", ".join(f"{t.layer} {t.before_ms:.3f} → {t.after_ms:.3f} ms" for t in result.responsible()[:5])
+        or "no single layer (the time goes between layers)"
+    )
+    return [
+        f"the compacted model ran slower than the dense one on {result.target} ({result.model_ms['after']:.2f} ms "
+        f"against {result.model_ms['before']:.2f} ms, with --round-to auto); layers slower compacted than dense: "
+        f"{worst}"
+    ]
 
 
 def _without_heads(

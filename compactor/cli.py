@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from . import __version__
-from .api import DEFAULT_TIME_LIMIT, compact, resolve_example_inputs
+from .api import DEFAULT_TIME_LIMIT, compact, default_target, resolve_example_inputs
 from .engine.verify import DEFAULT_TOLERANCE
 from .errors import (
     CompactorError,
@@ -53,6 +53,8 @@ examples:
   compact sparse.pt -o sparse.safetensors --sparse-storage --input-shape 1,3,224,224
   compact bert.pt -o small_bert/ --example-inputs tokens.pt --uniform   (config.json + model.safetensors)
   compact model.pt -o small.onnx --input-shape 1,3,224,224 --strict     (refuse paths the inputs cannot show)
+  compact model.pt -o small.onnx --input-shape 1,3,224,224 --round-to auto   (widths timed in ONNX Runtime)
+  compact model.pt -o small.pt --input-shape 1,3,224,224 --round-to auto --target torch-cpu --threads 4 --bench
 
 output formats (by the suffix of -o, or --format): .pt/.pth pickled module; .pt2 torch.export program that runs
 without your class (dynamic batch and sequence length unless --static-shapes); .onnx checked with onnx.checker
@@ -67,6 +69,9 @@ enums, containers and torch operators may appear in it, each judged by name and 
 imported; the current directory is importable (last on sys.path) so your model class resolves.
 Every run verifies that the compacted model reproduces the masked model's outputs before writing; branches
 on tensor values and layers no forward called are warnings (--strict refuses them).
+--round-to auto times each channel group's layers alone at the exact width and rounded up to 8, 16, 32, 64, on
+the backend the model deploys to, keeps the fastest (padding with zero channels, exactly), then times the whole
+model; the report says when it is still slower than dense, and why any backend's speedup falls short of its MACs.
 exit status: 0 success, 2 bad input (one line on stderr), 1 internal error.
 """
 
@@ -119,7 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"verification: max abs error <= TOL * max(1, max|output|) (default {DEFAULT_TOLERANCE:g})",
     )
     p.add_argument(
-        "--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N (e.g. 8)"
+        "--round-to",
+        type=_round_to,
+        default=1,
+        metavar="N|auto",
+        help="keep channel counts multiples of N (e.g. 8); auto: per channel group, time the exact width and it "
+        "rounded up to 8, 16, 32, 64 on --target and keep the fastest",
+    )
+    p.add_argument(
+        "--target",
+        choices=["torch-cpu", "onnxruntime-cpu", "cuda"],
+        help="where --round-to auto times widths (default: onnxruntime-cpu for -o .onnx, cuda for a model on a GPU, "
+        "else torch-cpu), with --threads threads",
     )
     p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
     sources = p.add_argument_group("state_dicts and checkpoints")
@@ -167,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="latency backends for --bench (default: %(default)s)",
     )
     outputs.add_argument(
-        "--threads", type=int, default=1, help="intra-op threads for --bench (default: %(default)s)"
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads for --bench and --round-to auto (default: %(default)s)",
     )
     outputs.add_argument(
         "--repeats", type=int, default=30, help="timed calls per model for --bench (default: %(default)s)"
@@ -261,8 +280,14 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | 
         )
     if args.repeats < 1 or args.threads < 1:
         raise ExampleInputError("--repeats and --threads: give positive counts")
-    if args.round_to < 1:
-        raise ExampleInputError(f"--round-to {args.round_to}: give a positive channel multiple such as 8")
+    if args.round_to != "auto" and args.round_to < 1:
+        raise ExampleInputError(
+            f"--round-to {args.round_to}: give a positive channel multiple such as 8, or auto"
+        )
+    if args.target and args.round_to != "auto":
+        raise ExampleInputError("--target says where --round-to auto times widths: add --round-to auto")
+    if args.target == "cuda" and not torch.cuda.is_available():
+        raise ExampleInputError("--target cuda needs a GPU, and torch.cuda.is_available() is False here")
     if not math.isfinite(args.time_limit) or args.time_limit < 0:
         raise ExampleInputError(f"--time-limit {args.time_limit}: give seconds such as 300 (0: no limit)")
     _backends(args)
@@ -328,9 +353,32 @@ def _measure(
     backends: Any = _backends(args)  # names checked against BACKENDS
     if not args.quiet and err.is_terminal:
         err.print(f"timing dense and compacted, interleaved, on {', '.join(backends)}", markup=False)
-    return report.with_extra(
+    report = report.with_extra(
         **bench(model, small, inputs, backends=backends, threads=args.threads, repeats=args.repeats)
     )
+    return _explain(model, small, inputs, report, args)
+
+
+def _explain(
+    model: torch.nn.Module,
+    small: torch.nn.Module,
+    inputs: ExampleInputs,
+    report: CompactionReport,
+    args: argparse.Namespace,
+) -> CompactionReport:
+    """Where a backend's speedup falls short of the MACs removed, time each rebuilt layer there, dense and
+    compacted, for the report's "why not faster" lines (``--round-to auto`` timed its target's already)."""
+    from .engine.masks import baked
+    from .report.probes import BackendTimer, layer_times
+    from .report.report import EFFICIENCY_FLOOR, efficiencies
+
+    auto_target = report.extra.get("auto", {}).get("target")
+    slow = [b for b, (_, eff) in efficiencies(report).items() if eff < EFFICIENCY_FLOOR and b != auto_target]
+    if not slow:
+        return report
+    dense = baked(model, copy=False)
+    timed = {b: layer_times(dense, small, inputs, BackendTimer(b, threads=args.threads)) for b in slow}  # type: ignore[arg-type]
+    return report.with_extra(layer_ms=timed)
 
 
 def _backends(args: argparse.Namespace) -> tuple[str, ...]:
@@ -429,6 +477,11 @@ def _compact(
         "uniform": args.uniform,
         "time_limit": args.time_limit or None,
     }
+    if args.round_to == "auto":
+        from .report.probes import BackendTimer
+
+        target = args.target or default_target(model, args.kind)
+        options["timer"] = BackendTimer(target, threads=args.threads)
     if args.quiet or not err.is_terminal:
         return compact(model, inputs, **options)
     with err.status("compacting") as status:
@@ -458,6 +511,16 @@ def _finish(
         render(
             report, Console(highlight=False, soft_wrap=False, width=max(120, Console().width)), warnings=False
         )
+
+
+def _round_to(text: str) -> int | str:
+    """``--round-to``: ``auto`` or a whole number (checked for sign with the other options: one line, exit 2)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a channel multiple such as 8, or auto") from None
 
 
 def _write_text(path: Path, text: str) -> None:

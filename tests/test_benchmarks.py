@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from benchmarks.__main__ import parse_args, plan_cases
+from benchmarks.case import fold_batchnorm
 from benchmarks.models import ZOO, MobileNetV2, dead_channels
-from benchmarks.report import COLUMNS, Row, budget, cells
+from benchmarks.report import COLUMNS, Row, auto_section, budget, cells, targets, why_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,14 +84,90 @@ def test_plan_cases_defaults() -> None:
     quick = plan_cases(parse_args(["--quick"]))
     assert [c.model for c in quick] == ["resnet18", "mobilenet_v2", "bert_mini"]
     assert all(c.quick and c.sparsity == 0.5 and c.round_to is None for c in quick)
-    full = plan_cases(parse_args(["--models", "resnet50"]))
-    assert [(c.sparsity, c.round_to) for c in full] == [
-        (0.3, None),
-        (0.5, None),
-        (0.7, None),
-        (0.5, 8),
-        (0.5, 16),
+    full = plan_cases(parse_args(["--models", "resnet50", "--backends", "torch-cpu,onnxruntime-cpu"]))
+    assert [(c.sparsity, c.round_to, c.target, c.backends, c.fold_bn) for c in full] == [
+        (0.3, None, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        (0.5, None, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        (0.7, None, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        (0.5, 8, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        (0.5, 16, None, ("torch-cpu", "onnxruntime-cpu"), False),
+        *[(s, "auto", b, (b,), False) for s in (0.3, 0.5, 0.7) for b in ("torch-cpu", "onnxruntime-cpu")],
+        (0.5, None, None, ("torch-cpu",), True),  # the BatchNorm-folded ceiling
     ]
+
+
+def test_plan_cases_for_the_round_to_comparison() -> None:
+    """``--sparsity 0.5 --round-to 1,8,16,auto``: the plain case once, 8 and 16, auto once per backend."""
+    args = ["--models", "resnet50", "--sparsity", "0.5", "--round-to", "1,8,16,auto", "--backends"]
+    cases = plan_cases(parse_args([*args, "torch-cpu,onnxruntime-cpu"]))
+    assert [c.label for c in cases] == [
+        "resnet50 @50%",
+        "resnet50 @50% round_to=8",
+        "resnet50 @50% round_to=16",
+        "resnet50 @50% round_to=auto (torch-cpu)",
+        "resnet50 @50% round_to=auto (onnxruntime-cpu)",
+        "resnet50 @50% BN folded",
+    ]
+    assert not any(c.round_to for c in plan_cases(parse_args([*args[:4], "--quick"])))
+
+
+def _case(round_to: object, target: str | None, ms: float, params: int, **extra: object) -> dict:
+    backends = [target] if target else ["torch-cpu", "onnxruntime-cpu"]
+    return {
+        "spec": {"model": "resnet50", "sparsity": 0.5, "round_to": round_to, "target": target, **extra},
+        "label": "x",
+        "macs": {"before": 100, "after": 50},
+        "params": {"before": 1000, "after": params},
+        "latency": {b: {"dense": {"median_ms": 10.0}, "compact": {"median_ms": ms}} for b in backends},
+    }
+
+
+def test_report_has_auto_rows_their_cost_and_the_targets() -> None:
+    auto = {
+        "target": "onnxruntime-cpu",
+        "choices": [{"root": "a", "dense": 64, "exact": 33, "width": 40, "ms": {"33": 2.0, "40": 1.0}}],
+        "seconds": 1.5,
+        "untimed": [],
+        "extra_params": 1234,
+        "layers": [{"layer": "a", "before_ms": 1.0, "after_ms": 1.5, "widths": ""}],
+        "model_ms": {"before": 10.0, "after": 5.0},
+    }
+    results = [
+        _case(None, None, 6.0, 480),
+        _case(8, None, 5.5, 490),
+        _case(16, None, 5.0, 500),
+        {**_case("auto", "onnxruntime-cpu", 4.0, 495), "auto": auto},
+        {**_case("auto", "torch-cpu", 12.0, 480), "auto": {**auto, "target": "torch-cpu"}},
+        _case(None, None, 7.0, 480, fold_bn=True),
+    ]
+    rows = [Row.of(r) for r in results]
+    assert [cells(r)[2] for r in rows] == [
+        "-",
+        "8",
+        "16",
+        "auto (onnxruntime-cpu)",
+        "auto (torch-cpu)",
+        "- (BN folded)",
+    ]
+    text = "\n".join(targets(rows) + auto_section(rows))
+    assert (
+        "| auto speedup >= best of round_to 1/8/16 on onnxruntime-cpu | 2.50x against 1: 1.67x / 8: 1.82x / "
+        "16: 2.00x | yes |" in text
+    )
+    assert (
+        "| auto (onnxruntime-cpu) keeps fewer parameters than round_to=16 | 0.4950 vs 0.5000 | yes |" in text
+    )
+    assert "| auto speedup >= best of round_to 1/8/16 on torch-cpu | 0.83x against" in text
+    assert "ceiling on this CPU: the same models with BatchNorm folded into the convs reach 0.714" in text
+    assert (
+        "- round_to=auto on torch-cpu, no case slower than dense: **no** (1 cases; slowest resnet50 @50% at 0.83x"
+        in text
+    )
+    assert "- round_to=auto on onnxruntime-cpu, no case slower than dense: yes" in text
+    assert (
+        "| resnet50 | 50% | onnxruntime-cpu | 1.67x | 2.50x | +50.0% | 0.4800 → 0.4950 | 1,234 | 1 of 1 | 1.5 "
+        "| 10.0 → 5.0 | a |" in text
+    )
 
 
 def test_row_efficiency() -> None:
@@ -172,3 +249,33 @@ def test_quick_benchmark_writes_report(tmp_path: Path) -> None:
     assert case["params"]["after"] < case["params"]["before"]
     assert case["latency"]["torch-cpu"]["compact"]["median_ms"] > 0
     assert "resnet18" in done.stdout  # the rich table
+
+
+def test_fold_batchnorm_folds_every_conv_batchnorm_pair_exactly() -> None:
+    """The ceiling case: BatchNorm folded into the conv before it, the outputs unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    ).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_report_says_why_not_faster_per_case_without_the_advice() -> None:
+    why = [
+        "why not faster on torch-cpu: 1.20x ...",
+        "  odd widths (off a multiple of 8): a: 33",
+        "  try: --round-to auto",
+    ]
+    rows = [Row.of({**_case(None, None, 6.0, 480), "why_not_faster": why}), Row.of(_case(8, None, 5.0, 490))]
+    text = "\n".join(why_section(rows))
+    assert (
+        "- **x**\n  - why not faster on torch-cpu: 1.20x ...\n  - odd widths (off a multiple of 8): a: 33"
+        in text
+    )
+    assert "try:" not in text and text.count("- **") == 1
+    assert why_section([rows[1]]) == []

@@ -163,8 +163,9 @@ def _shapes_of(
     return ExportShapes(not any(asked.values()), asked, fixed, sizes)
 
 
-def ort_session(path: str | Path, *, threads: int = 1) -> Any:
-    """A CPU ONNX Runtime session with a fixed number of intra-op threads (and one inter-op thread)."""
+def ort_session(path: str | Path | bytes, *, threads: int = 1) -> Any:
+    """A CPU ONNX Runtime session with a fixed number of intra-op threads (and one inter-op thread), from a
+    file or a serialised model."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -174,9 +175,11 @@ def ort_session(path: str | Path, *, threads: int = 1) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        source = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind exception types
-        raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(e, with_type=True)}") from e
+        what = "a serialised model" if isinstance(path, bytes) else path
+        raise ExportError(f"ONNX Runtime cannot load {what}: {first_line(e, with_type=True)}") from e
 
 
 def ort_feed(session: Any, inputs: ExampleInputs) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class LayerChange:
     out_after: int | None
     in_before: int | None
     in_after: int | None
+    groups: int = 1  # a grouped conv's groups (channels go in equal numbers from each)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class CompactionReport:
             "fates": self.fates,
         }
         d.update(self.extra)
+        why = why_not_faster(self)
+        if why:
+            d["why_not_faster"] = why
         return d
 
     def with_extra(self, **extra: Any) -> CompactionReport:
@@ -121,6 +125,8 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
     console.print(summary)
     for backend, why in report.extra.get("not_measured", {}).items():
         console.print(f"latency {backend}: not measured ({why})", markup=False)
+    for line in auto_lines(report):
+        console.print(line, markup=False)
 
     changed = [c for c in report.layers if (c.out_before, c.in_before) != (c.out_after, c.in_after)]
     if changed:
@@ -151,12 +157,15 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
         )
     for w in report.warnings if warnings else ():
         console.print(f"warning: {w}", markup=False)
+    for line in why_not_faster(report):
+        console.print(line, markup=False)
     odd = odd_widths(report)
     if odd and report.extra.get("round_to", 1) == 1:
         console.print(
             f"hint: {len(odd)} rebuilt layer(s) now have channel counts off a multiple of {ALIGN} ({', '.join(odd[:3])}"
             f"{', ...' if len(odd) > 3 else ''}); --round-to {ALIGN} (round_to={ALIGN}) keeps a few zero channels to round "
-            f"them up, which CPU and GPU kernels often run faster (benchmarks/REPORT.md)",
+            f"them up, which CPU and GPU kernels often run faster (benchmarks/REPORT.md); --round-to auto times which widths "
+            f"run faster where the model deploys",
             markup=False,
         )
 
@@ -212,6 +221,126 @@ def _filter_lines(report: CompactionReport, console: Console) -> None:
 
 
 ALIGN = 8  # the channel multiple that vectorised conv/matmul kernels favour
+EFFICIENCY_FLOOR = 0.8  # below this speedup / (dense MACs / compacted MACs), the report says why
+
+
+def auto_lines(report: CompactionReport) -> list[str]:
+    """What ``--round-to auto`` chose and measured, in a few lines."""
+    auto = report.extra.get("auto")
+    if not auto:
+        return []
+    padded = [c for c in auto["choices"] if c["width"] > c["exact"]]
+    lines = [
+        f"--round-to auto on {auto['target']}: {len(auto['choices'])} channel group(s) timed in {auto['seconds']:.2f} s, "
+        f"{len(padded)} padded (+{auto['extra_params']:,} parameters kept)"
+        + (
+            f"; whole model {auto['model_ms']['before']:.3f} → {auto['model_ms']['after']:.3f} ms"
+            if auto.get("model_ms")
+            else ""
+        )
+    ]
+    for c in padded:
+        ms = {int(w): t for w, t in c["ms"].items()}
+        lines.append(
+            f"  {c['root']}: {c['exact']} → {c['width']} of {c['dense']} channels "
+            f"({ms[c['exact']]:.3f} → {ms[c['width']]:.3f} ms over {', '.join(c['layers'])})"
+        )
+    if auto["untimed"]:
+        lines.append(
+            f"  not timed (groups keep their exact widths): {', '.join(auto['untimed'][:5])}"
+            + (f" and {len(auto['untimed']) - 5} more" if len(auto["untimed"]) > 5 else "")
+        )
+    return lines
+
+
+def efficiencies(report: CompactionReport) -> dict[str, tuple[float, float]]:
+    """Per backend measured: (speedup, efficiency), speedup = dense / compacted latency and efficiency =
+    speedup / (dense MACs / compacted MACs). From ``--bench``'s latencies, else ``--round-to auto``'s check."""
+    macs = report.extra.get("macs")
+    if not macs or not macs.get("before") or not macs.get("after"):
+        return {}
+    latencies = dict(report.extra.get("latency_ms", {}))
+    auto = report.extra.get("auto")
+    if auto and auto.get("model_ms") and auto["target"] not in latencies:
+        latencies[auto["target"]] = auto["model_ms"]
+    out = {}
+    for backend, ms in latencies.items():
+        if ms.get("before") and ms.get("after"):
+            speedup = ms["before"] / ms["after"]
+            out[backend] = (speedup, speedup * macs["after"] / macs["before"])
+    return out
+
+
+def why_not_faster(report: CompactionReport) -> list[str]:
+    """For each backend whose speedup efficiency is below ``EFFICIENCY_FLOOR``: the slowest layers dense vs
+    compacted (where they were timed), odd widths, layers that did not shrink, grouped layouts, what to try."""
+    lines: list[str] = []
+    macs = report.extra.get("macs", {})
+    for backend, (speedup, eff) in efficiencies(report).items():
+        if eff >= EFFICIENCY_FLOOR:
+            continue
+        lines.append(
+            f"why not faster on {backend}: {speedup:.2f}x faster for {macs['after'] / macs['before']:.3f} of the "
+            f"MACs, efficiency {eff:.2f} < {EFFICIENCY_FLOOR} (speedup / MACs ratio)"
+        )
+        timed = _layer_times(report, backend)
+        if timed:
+            slowest = sorted(timed, key=lambda t: -t["after_ms"])[:5]
+            lines.append(
+                "  slowest layers, dense → compacted, each alone (ms): "
+                + ", ".join(f"{t['layer']} {t['before_ms']:.3f} → {t['after_ms']:.3f}" for t in slowest)
+            )
+        odd = odd_widths(report)
+        if odd:
+            lines.append(
+                f"  odd widths (off a multiple of {ALIGN}): {', '.join(odd[:6])}{', ...' if len(odd) > 6 else ''}"
+            )
+        kept = _kept_by_layer(report)
+        if kept:
+            lines.append(
+                f"  layers that did not shrink (zeroed channels kept): {', '.join(kept[:6])}{', ...' if len(kept) > 6 else ''}"
+            )
+        grouped = [
+            f"{c.name} (groups={c.groups})"
+            for c in report.layers
+            if c.groups > 1 and (c.out_before, c.in_before) != (c.out_after, c.in_after)
+        ]
+        if grouped:
+            lines.append(
+                f"  grouped layouts (each group loses as many channels; small groups run slowly): {', '.join(grouped[:4])}"
+                + (f" and {len(grouped) - 4} more" if len(grouped) > 4 else "")
+            )
+        lines.append(f"  try: {'; '.join(_advice(report, backend))}")
+    return lines
+
+
+def _layer_times(report: CompactionReport, backend: str) -> list[dict[str, Any]]:
+    timed: list[dict[str, Any]] = report.extra.get("layer_ms", {}).get(backend, [])
+    auto = report.extra.get("auto")
+    if not timed and auto and auto["target"] == backend:
+        timed = auto["layers"]
+    return timed
+
+
+def _kept_by_layer(report: CompactionReport) -> list[str]:
+    counts = Counter((z.layer, z.fate) for z in report.zeroed if not Fate(z.fate).removed)
+    return [f"{layer}: {n} {fate}" for (layer, fate), n in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+def _advice(report: CompactionReport, backend: str) -> list[str]:
+    tips = []
+    auto = report.extra.get("auto")
+    if not auto or auto["target"] != backend:
+        tips.append(f"--round-to auto --target {backend} (widths timed on {backend})")
+    if backend == "torch-cpu":
+        tips.append(
+            "fold BatchNorm into the convs, or deploy with ONNX Runtime (--onnx), which does: eager PyTorch runs "
+            "each BatchNorm and activation as its own pass over memory, which removing channels cuts less than MACs"
+        )
+    if odd_widths(report) and not auto:
+        tips.append(f"--round-to {ALIGN} or 16 (one multiple for every layer)")
+    tips.append("fewer threads: small layers parallelise worse than large ones")
+    return tips
 
 
 def odd_widths(report: CompactionReport) -> list[str]:
@@ -244,9 +373,15 @@ def layer_changes(before: nn.Module, after: nn.Module) -> tuple[LayerChange, ...
                 new_shrinker.out_channels(new) if new_shrinker else None,
                 None if reads_own_outputs else shrinker.in_channels(module),
                 None if reads_own_outputs or not new_shrinker else new_shrinker.in_channels(new),
+                _groups(module),
             )
         )
     return tuple(changes)
+
+
+def _groups(module: nn.Module) -> int:
+    groups = getattr(module, "groups", 1)
+    return groups if isinstance(groups, int) and groups > 0 else 1
 
 
 def zeroed_channels(plans: list[GroupPlan]) -> tuple[ZeroedChannel, ...]:

@@ -20,7 +20,8 @@ A group is kept whole when a blocking layer holds it (LayerNorm, attention heads
 only whole through :mod:`compactor.engine.heads`), when it reaches a model output, when its channels pass a
 split/chunk/slice whose sizes the forward code fixes, or when Torch-Pruning mapped it inconsistently.
 A GroupNorm loses whole groups only, a grouped conv as many channels from each of its groups;
-``round_to`` keeps counts at multiples. These pin channels and plan again until nothing moves.
+``round_to`` keeps counts at multiples; a :class:`WidthTarget` keeps at least a given width
+(``--uniform``, and ``--round-to auto``, which asks the :class:`Planner` for each candidate width). These pin channels and plan again until nothing moves.
 
 See ``docs/EXACTNESS.md`` for the math. The plan is data: the rebuild stage applies it to a copy, and
 the verify stage decides whether it ships.
@@ -31,9 +32,9 @@ Modules: ``base`` (the plan's data), ``observe`` (run the model, record what eac
 ``widths`` (what widths a layer can take: GroupNorm groups, grouped convs, ``round_to``).
 """
 
-from .base import IGNORED, ChannelFate, Fate, Fold, GroupPlan, InputStats, Merge
+from .base import IGNORED, ChannelFate, Fate, Fold, GroupPlan, InputStats, Merge, WidthTarget
 from .compensate import apply_compensation
-from .fates import plan_groups
+from .fates import Planner, plan_groups
 from .observe import consumer_layers, observe_inputs
 from .widths import round_layers
 
@@ -45,6 +46,8 @@ __all__ = [
     "GroupPlan",
     "InputStats",
     "Merge",
+    "Planner",
+    "WidthTarget",
     "apply_compensation",
     "consumer_layers",
     "observe_inputs",

@@ -32,6 +32,7 @@ class Fate(str, Enum):
     KEPT_UNVERIFIED = "kept: verification failed"  # its removal did not reproduce the outputs
     KEPT_ROUNDING = "kept: --round-to"  # kept to round a channel count up to a multiple
     KEPT_UNIFORM = "kept: --uniform"  # kept so that every layer of a kind has the same width
+    KEPT_AUTO = "kept: --round-to auto"  # kept because the target ran the wider layers faster
 
     @property
     def removed(self) -> bool:
@@ -44,6 +45,16 @@ IGNORED = "no layer reads it"  # the reason of a channel removed because every r
 @dataclass(frozen=True)
 class ChannelFate:
     channel: int  # root channel index
+    fate: Fate
+    reason: str
+
+
+@dataclass(frozen=True)
+class WidthTarget:
+    """Keep at least ``width`` channels of a group, the extra ones with ``fate`` and ``reason`` (``--uniform``,
+    ``--round-to auto``)."""
+
+    width: int
     fate: Fate
     reason: str
 

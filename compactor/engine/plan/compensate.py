@@ -155,10 +155,13 @@ class _Carrier:
         return all(n in self.covers and self.units[n] == guest.units[n] for n in guest.needs)
 
 
-def share_carriers(plans: list[GroupPlan], modules: Modules, stats: InputStats) -> list[GroupPlan]:
+def share_carriers(
+    plans: list[GroupPlan], modules: Modules, stats: InputStats, fixed: set[int] | None = None
+) -> list[GroupPlan]:
     """One carrier per group is one more than needed where several groups feed the same padded conv:
     any two constant inputs of one conv see the same zero padding, so a group's carrier can itself be
-    merged into another group's carrier that every padded layer it needs also reads.
+    merged into another group's carrier that every padded layer it needs also reads. Groups in ``fixed``
+    (by index: held at a chosen width) may host, never be guests.
 
     The hosts stay whatever happens to their groups (a carrier is never removed; verification restoring
     its group keeps it too), so the guests' plans stay exact on their own. Carriers that cover most
@@ -170,7 +173,11 @@ def share_carriers(plans: list[GroupPlan], modules: Modules, stats: InputStats) 
     out = list(plans)
     for guest in sorted(carriers, key=lambda c: (-len(c.covers), -c.strength, c.index)):
         host = next((h for h in hosts if h.hosts(guest)), None)
-        if host is None or len(out[guest.index].removed) + 1 >= out[guest.index].group.size:
+        if (
+            host is None
+            or guest.index in (fixed or set())
+            or len(out[guest.index].removed) + 1 >= out[guest.index].group.size
+        ):
             hosts.append(guest)
             continue
         merged = _merged_into(out[guest.index], guest, host, plans[host.index].group.root, modules)

@@ -18,6 +18,7 @@ from .base import (
     GroupPlan,
     InputStats,
     Modules,
+    WidthTarget,
     all_zero,
     cols_zero,
     mixing,
@@ -26,7 +27,7 @@ from .base import (
 from .compensate import compensate, share_carriers
 from .observe import gated_zeros
 from .varying import GATED, Maps, plan_varying, varying_maps
-from .widths import at_least, round_layers, rounding, uniform_widths, unremovable
+from .widths import at_least, round_layers, rounding, uniform_target, uniform_widths, unremovable
 
 
 def plan_groups(
@@ -37,33 +38,71 @@ def plan_groups(
     round_to: int = 1,
     runs: list[ExampleInputs] | None = None,
     uniform: bool = False,
+    widths: dict[int, WidthTarget] | None = None,
 ) -> list[GroupPlan]:
     """One plan per group. ``round_to``: keep each group's surviving channel count a multiple of it.
     ``runs``: inputs to prove gated zeros with (see :func:`~.observe.gated_zeros`); without them none are.
-    ``uniform``: every group of a kind (``layer.*.intermediate.dense``) keeps the same width, the largest."""
-    if round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, found {round_to}")
-    modules: Modules = dict(model.named_modules())
-    modules.update(dict(model.named_parameters()))
-    heads = head_layers(model)
-    gated = gated_zeros(model, groups, modules, stats, runs) if runs else {}
-    maps = (
-        varying_maps(model, groups, modules, stats, runs, _candidates(groups, modules, gated, heads))
-        if runs
-        else {}
-    )
-    plans = []
-    for i, g in enumerate(groups):
-        check_time(f"the channel group of {g.root}")
-        plans.append(_plan_group(g, modules, stats, round_to, gated.get(i), heads, maps=maps.get(i)))
-    if uniform:
-        for i, width in uniform_widths(plans).items():
-            plans[i] = _plan_group(
-                groups[i], modules, stats, round_to, gated.get(i), heads, width, maps.get(i)
-            )
-    if round_to == 1:  # with rounding, a carrier that goes would only be pinned back
-        plans = share_carriers(plans, modules, stats)
-    return round_layers(model, plans, round_to)
+    ``uniform``: every group of a kind (``layer.*.intermediate.dense``) keeps the same width, the largest.
+    ``widths``: per group index, the least width to keep (``--round-to auto``'s choice)."""
+    return Planner(model, groups, stats, runs).plans(round_to=round_to, uniform=uniform, widths=widths)
+
+
+class Planner:
+    """Plans the groups of one model, all at once (:meth:`plans`) or one at a given width (:meth:`plan`):
+    ``--round-to auto`` asks for the plan of a group at each candidate width before it chooses."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: list[ChannelGroup],
+        stats: InputStats,
+        runs: list[ExampleInputs] | None = None,
+    ) -> None:
+        self.model = model
+        self.groups = groups
+        self.stats = stats
+        self.modules: Modules = dict(model.named_modules())
+        self.modules.update(dict(model.named_parameters()))
+        self.heads = head_layers(model)
+        self.gated = gated_zeros(model, groups, self.modules, stats, runs) if runs else {}
+        candidates = _candidates(groups, self.modules, self.gated, self.heads)
+        self.maps: dict[int, Maps] = (
+            varying_maps(model, groups, self.modules, stats, runs, candidates) if runs else {}
+        )
+
+    def plan(self, i: int, *, round_to: int = 1, target: WidthTarget | None = None) -> GroupPlan:
+        """Group ``i`` alone (no carrier shared with another group), keeping at least ``target.width``."""
+        return _plan_group(
+            self.groups[i],
+            self.modules,
+            self.stats,
+            round_to,
+            self.gated.get(i),
+            self.heads,
+            target,
+            self.maps.get(i),
+        )
+
+    def plans(
+        self, *, round_to: int = 1, uniform: bool = False, widths: dict[int, WidthTarget] | None = None
+    ) -> list[GroupPlan]:
+        if round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, found {round_to}")
+        widths = dict(widths or {})
+        plans = []
+        for i, group in enumerate(self.groups):
+            check_time(f"the channel group of {group.root}")
+            plans.append(self.plan(i, round_to=round_to, target=widths.get(i)))
+        if uniform:
+            for i, width in uniform_widths(plans).items():
+                target = uniform_target(self.groups[i].root, width)
+                if i not in widths or widths[i].width < width:
+                    widths[i] = target
+                    plans[i] = self.plan(i, round_to=round_to, target=target)
+        if round_to == 1:  # with rounding, a carrier that goes would only be pinned back
+            # a group held at a width keeps its own carrier: sharing it would leave one channel fewer
+            plans = share_carriers(plans, self.modules, self.stats, fixed=set(widths))
+        return round_layers(self.model, plans, round_to)
 
 
 def _plan_group(
@@ -73,7 +112,7 @@ def _plan_group(
     round_to: int = 1,
     gated: set[int] | None = None,
     heads: dict[tuple[str, Side], str] | None = None,
-    width: int | None = None,
+    target: WidthTarget | None = None,
     maps: Maps | None = None,
 ) -> GroupPlan:
     producers = mixing(group.layers(Side.OUT), modules)
@@ -141,7 +180,7 @@ def _plan_group(
         more = (
             unremovable(group, modules, fates)
             or rounding(group, fates, round_to)
-            or at_least(group, fates, width)
+            or at_least(group, fates, target)
         )
         if not more:
             break

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...layers import Side, width
 from ..graph import ChannelGroup, Kind
-from .base import ChannelFate, Fate, GroupPlan, Modules, shrinker_at
+from .base import ChannelFate, Fate, GroupPlan, Modules, WidthTarget, shrinker_at
 
 
 def unremovable(
@@ -88,17 +88,24 @@ def rounding(group: ChannelGroup, fates: dict[int, ChannelFate], round_to: int) 
     return {r: ChannelFate(r, Fate.KEPT_ROUNDING, reason) for r in chosen}
 
 
-def at_least(group: ChannelGroup, fates: dict[int, ChannelFate], width: int | None) -> dict[int, ChannelFate]:
-    """Removable channels to keep so that the group keeps ``width`` channels (``--uniform``); the same
-    preference as :func:`rounding`."""
+def at_least(
+    group: ChannelGroup, fates: dict[int, ChannelFate], target: WidthTarget | None
+) -> dict[int, ChannelFate]:
+    """Removable channels to keep so that the group keeps ``target.width`` channels (``--uniform``,
+    ``--round-to auto``); the same preference as :func:`rounding`."""
     removed = [r for r, f in fates.items() if f.fate.removed]
     left = group.size - len(removed)
-    if width is None or left >= width:
+    if target is None or left >= target.width:
         return {}
     order = {Fate.REMOVED: 0, Fate.FOLDED: 1, Fate.MERGED: 2}
-    chosen = sorted(removed, key=lambda r: (order[fates[r].fate], r))[: width - left]
-    reason = f"kept so that {group.root} has the width of the widest layer like it ({width})"
-    return {r: ChannelFate(r, Fate.KEPT_UNIFORM, reason) for r in chosen}
+    chosen = sorted(removed, key=lambda r: (order[fates[r].fate], r))[: target.width - left]
+    return {r: ChannelFate(r, target.fate, target.reason) for r in chosen}
+
+
+def uniform_target(root: str, width: int) -> WidthTarget:
+    return WidthTarget(
+        width, Fate.KEPT_UNIFORM, f"kept so that {root} has the width of the widest layer like it ({width})"
+    )
 
 
 def uniform_widths(plans: list[GroupPlan]) -> dict[int, int]:

@@ -1,0 +1,239 @@
+"""``round_to="auto"``: each group's width chosen by timing its layers on the backend the model deploys to.
+
+A width belongs to a *group* of coupled channels (a residual add couples several convs), so candidates are
+per group: the exact width the plan leaves, and that width rounded up to a multiple of 8, 16, 32 and 64 where
+that does not exceed the dense width. Each candidate is what the planner really gives when asked to keep that
+many channels (a grouped conv's balance can make it more); the extra channels kept are removable ones, those
+needing no compensation first (``kept: --round-to auto``), so exactness is unaffected and verification
+still judges the result.
+
+The search is greedy, group by group in the graph's order: a candidate's cost is the time of every timed
+layer the group touches (the convs that write its channels at that output width, those that read them at
+that input width, each at the widths the groups already decided give its other side), each layer run in
+isolation on its real input shape, all candidates of a group interleaved (:mod:`.probes`). The fastest
+wins; a wider one must beat a narrower one by more than ``TIE`` (3%), so that noise never buys parameters.
+Later groups see earlier choices, never the other way round. A group held at a chosen width keeps its own
+carrier (it is never another group's guest), so an exact group that shared one may come out one channel off
+what was timed. Groups left when ``budget_s`` is spent, and
+groups with a layer the backend cannot run alone, keep their exact width, and are named.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from ..engine.plan import Fate, GroupPlan, Planner, WidthTarget
+from ..errors import first_line
+from ..inputs import ExampleInputs
+from ..layers import Side, width
+from .probes import Probe, Seen, Timer, probe, rebuilt, record_inputs, timed_kind
+
+STEPS = (8, 16, 32, 64)
+TIE = 0.03  # a wider candidate is chosen only when more than 3% faster than every narrower one
+BUDGET_S = 60.0  # timing time after which the remaining groups keep their exact width
+
+
+@dataclass(frozen=True)
+class GroupChoice:
+    """One group's candidates, their cost (summed ms of the group's layers) and the width chosen."""
+
+    root: str
+    dense: int
+    exact: int
+    width: int
+    ms: dict[int, float]
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer in isolation at the dense model's widths and at the compacted model's (ms per forward)."""
+
+    layer: str
+    before_ms: float
+    after_ms: float
+    widths: str  # "in→out" dense, then compacted
+
+
+@dataclass(frozen=True)
+class AutoWidths:
+    """What ``round_to="auto"`` decided and measured; ``report.extra["auto"]`` is :meth:`to_dict`."""
+
+    target: str
+    choices: tuple[GroupChoice, ...]
+    seconds: float
+    untimed: tuple[str, ...]  # what was not timed, and why (those groups keep their exact width)
+    extra_params: int = 0  # parameters the padding keeps (chosen widths against exact ones)
+    layers: tuple[LayerTime, ...] = ()
+    model_ms: dict[str, float] | None = None  # whole model, dense and compacted, on the target
+
+    @property
+    def slower(self) -> bool:
+        return self.model_ms is not None and self.model_ms["after"] > self.model_ms["before"]
+
+    def responsible(self) -> list[LayerTime]:
+        """Layers that run slower compacted than dense, the worst first."""
+        worse = [t for t in self.layers if t.after_ms > t.before_ms]
+        return sorted(worse, key=lambda t: t.before_ms - t.after_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["padded"] = sum(c.width > c.exact for c in self.choices)
+        d["slower"] = self.slower
+        return d
+
+
+class WidthSearch:
+    """Times candidate widths of ``planner``'s groups with ``timer`` on ``model`` (the model in its own
+    precision: ``planner`` may plan on a float64 twin) run on ``inputs``."""
+
+    def __init__(self, planner: Planner, model: nn.Module, inputs: ExampleInputs, timer: Timer) -> None:
+        self.planner = planner
+        self.timer = timer
+        self.modules = dict(model.named_modules())
+        names = {m.name for g in planner.groups for m in g.layers() if timed_kind(self.modules.get(m.name))}
+        self.seen: dict[str, Seen] = record_inputs(model, inputs, names)
+
+    # --- choosing -------------------------------------------------------------------------------------
+    def choose(
+        self, plans: list[GroupPlan], *, budget_s: float = BUDGET_S
+    ) -> tuple[dict[int, WidthTarget], list[GroupChoice], list[str]]:
+        """Per group index, the width to keep where it is wider than the exact one; every group's choice;
+        the groups the budget left untimed."""
+        start = time.perf_counter()
+        current = list(plans)
+        targets: dict[int, WidthTarget] = {}
+        choices: list[GroupChoice] = []
+        untimed: list[str] = []
+        for i, plan in enumerate(plans):
+            if not plan.removed:
+                continue
+            options = self._options(i, plan)
+            layers = self._layers(plan)
+            if len(options) < 2 or not layers:
+                continue
+            if time.perf_counter() - start > budget_s:
+                untimed.append(f"{plan.group.root} (the time budget of {budget_s:g} s was spent)")
+                continue
+            try:
+                ms = self._cost(current, i, options, layers)
+            except Exception as e:  # a layer the backend cannot run alone: this group keeps its exact width
+                untimed.append(f"{plan.group.root} ({first_line(e, with_type=True)})")
+                continue
+            chosen = _fastest(ms)
+            current[i] = options[chosen]
+            exact = plan.group.size - len(plan.removed)
+            choices.append(GroupChoice(plan.group.root, plan.group.size, exact, chosen, ms, tuple(layers)))
+            if chosen > exact:
+                targets[i] = _target(plan.group.root, chosen, self.timer.target)
+        return targets, choices, untimed
+
+    def _options(self, i: int, plan: GroupPlan) -> dict[int, GroupPlan]:
+        """Realised width -> plan, for the exact width and each rounding the planner can give."""
+        size, exact = plan.group.size, plan.group.size - len(plan.removed)
+        options = {exact: plan}
+        for step in STEPS:
+            want = math.ceil(exact / step) * step
+            if want <= size and want not in options:
+                candidate = self.planner.plan(i, target=_target(plan.group.root, want, self.timer.target))
+                options.setdefault(plan.group.size - len(candidate.removed), candidate)
+        return options
+
+    def _layers(self, plan: GroupPlan) -> list[str]:
+        names = {m.name for m in plan.group.layers()}
+        return sorted(n for n in names if n in self.seen and timed_kind(self.modules.get(n)))
+
+    def _cost(
+        self, current: list[GroupPlan], i: int, options: dict[int, GroupPlan], layers: list[str]
+    ) -> dict[int, float]:
+        probes: list[tuple[int, Probe]] = []
+        for w, option in sorted(options.items()):
+            trial = [*current[:i], option, *current[i + 1 :]]
+            widths = _widths(trial, self.modules)
+            probes += [(w, self._probe(name, widths)) for name in layers]
+        seconds = self.timer.layers([p for _, p in probes])
+        ms: dict[int, float] = defaultdict(float)
+        for (w, p), s in zip(probes, seconds):
+            ms[w] += s * p.calls * 1000
+        return dict(ms)
+
+    def _probe(self, name: str, widths: dict[tuple[str, Side], int]) -> Probe:
+        return probe(
+            name,
+            self.modules[name],
+            self.seen[name],
+            widths.get((name, Side.IN)),
+            widths.get((name, Side.OUT)),
+        )
+
+    # --- what it bought -------------------------------------------------------------------------------
+    def layer_times(self, plans: list[GroupPlan]) -> list[LayerTime]:
+        """Every timed layer the plans shrink, at dense widths and at the plans' widths."""
+        widths = _widths(plans, self.modules)
+        names = sorted(
+            {name for name, _ in widths if name in self.seen and timed_kind(self.modules.get(name))}
+        )
+        before = [self._probe(n, {}) for n in names]
+        after = [self._probe(n, widths) for n in names]
+        seconds = self.timer.layers(before + after)
+        out = []
+        for b, a, sb, sa in zip(before, after, seconds[: len(names)], seconds[len(names) :]):
+            out.append(
+                LayerTime(
+                    b.layer,
+                    sb * b.calls * 1000,
+                    sa * a.calls * 1000,
+                    f"{b.in_width}→{b.out_width} / {a.in_width}→{a.out_width}",
+                )
+            )
+        return out
+
+    def extra_params(self, exact: list[GroupPlan], chosen: list[GroupPlan]) -> int:
+        """Parameters of the layers at ``chosen`` widths minus at ``exact`` ones (layers with a shrinker)."""
+        a, b = _widths(exact, self.modules), _widths(chosen, self.modules)
+        names = {n for n, _ in (a.keys() | b.keys()) if isinstance(self.modules.get(n), nn.Module)}
+        total = 0
+        for n in names:
+            m = self.modules[n]
+            total += _params(rebuilt(m, b.get((n, Side.IN)), b.get((n, Side.OUT))))
+            total -= _params(rebuilt(m, a.get((n, Side.IN)), a.get((n, Side.OUT))))
+        return total
+
+
+def _fastest(ms: dict[int, float]) -> int:
+    """The narrowest width within ``TIE`` of the fastest."""
+    best = min(ms.values())
+    return min(w for w, t in ms.items() if t <= best * (1 + TIE))
+
+
+def _target(root: str, w: int, target: str) -> WidthTarget:
+    return WidthTarget(
+        w, Fate.KEPT_AUTO, f"kept so that {root} keeps {w} channels, which ran faster on {target}"
+    )
+
+
+def _widths(plans: list[GroupPlan], modules: dict[str, Any]) -> dict[tuple[str, Side], int]:
+    """(layer, side) -> width after ``plans``, for every layer side a plan removes channels from."""
+    removed: dict[tuple[str, Side], set[int]] = defaultdict(set)
+    for plan in plans:
+        gone = plan.removed
+        if not gone:
+            continue
+        for member in plan.group.layers():
+            removed[(member.name, member.side)].update(j for r in gone for j in member.idxs[r])
+    out = {}
+    for (name, side), idx in removed.items():
+        dense = width(modules.get(name), side)
+        if dense is not None and idx:
+            out[(name, side)] = dense - len(idx)
+    return out
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
