@@ -46,19 +46,24 @@ def plan_groups(
     modules.update(dict(model.named_parameters()))
     heads = head_layers(model)
     gated = gated_zeros(model, groups, modules, stats, runs) if runs else {}
+    zeroed = {
+        i: _zeroed(g, modules, gated.get(i))
+        for i, g in enumerate(groups)
+        if mixing(g.layers(Side.OUT), modules)
+    }
     maps = (
-        varying_maps(model, groups, modules, stats, runs, _candidates(groups, modules, gated, heads))
+        varying_maps(model, groups, modules, stats, runs, _candidates(groups, modules, zeroed, heads))
         if runs
         else {}
     )
     plans = [
-        _plan_group(g, modules, stats, round_to, gated.get(i), heads, maps=maps.get(i))
+        _plan_group(g, modules, stats, round_to, gated.get(i), heads, maps=maps.get(i), flags=zeroed.get(i))
         for i, g in enumerate(groups)
     ]
     if uniform:
         for i, width in uniform_widths(plans).items():
             plans[i] = _plan_group(
-                groups[i], modules, stats, round_to, gated.get(i), heads, width, maps.get(i)
+                groups[i], modules, stats, round_to, gated.get(i), heads, width, maps.get(i), zeroed.get(i)
             )
     if round_to == 1:  # with rounding, a carrier that goes would only be pinned back
         plans = share_carriers(plans, modules, stats)
@@ -74,12 +79,13 @@ def _plan_group(
     heads: dict[tuple[str, Side], str] | None = None,
     width: int | None = None,
     maps: Maps | None = None,
+    flags: tuple[list[bool], list[bool]] | None = None,
 ) -> GroupPlan:
     producers = mixing(group.layers(Side.OUT), modules)
     consumers = mixing(group.layers(Side.IN), modules)
     if not producers:
         return _blocked_writer(group, modules)
-    indep, ignored = _zeroed(group, modules, gated)
+    indep, ignored = flags if flags is not None else _zeroed(group, modules, gated)
     behind_gate = _behind_gate(group, modules, indep, ignored)
     zeroed = [r for r in range(group.size) if indep[r] or ignored[r] or r in behind_gate]
     if not zeroed:
@@ -177,15 +183,15 @@ def _behind_gate(group: ChannelGroup, modules: Modules, indep: list[bool], ignor
 def _candidates(
     groups: list[ChannelGroup],
     modules: Modules,
-    gated: dict[int, set[int]],
+    zeroed: dict[int, tuple[list[bool], list[bool]]],
     heads: dict[tuple[str, Side], str],
 ) -> dict[int, list[int]]:
     """Per group index: the input-independent channels no reader ignores, in groups nothing holds whole."""
     found = {}
     for i, group in enumerate(groups):
-        if not mixing(group.layers(Side.OUT), modules) or _blocker(group, modules, heads):
+        if i not in zeroed or _blocker(group, modules, heads):
             continue
-        indep, ignored = _zeroed(group, modules, gated.get(i))
+        indep, ignored = zeroed[i]
         rs = [r for r in range(group.size) if indep[r] and not ignored[r]]
         if rs:
             found[i] = rs
