@@ -117,6 +117,8 @@ def varying_maps(
         if dw is not None:
             natural.want(dw.name, "in", [dw.idxs[r][0] for r in rs])
             natural.want(dw.name, "out", [dw.idxs[r][0] for r in rs])
+        for m in _channelwise(group, modules):
+            natural.want(m.name, "in", [j for r in rs for j in m.idxs[r]])
     if not plans:
         return out
     wide = model if _is_double(model) else clone_module(model).to(torch.float64)  # measured in float64
@@ -126,8 +128,18 @@ def varying_maps(
     for i, group, rs, dw, consumers in plans:
         maps = out[i]
         gated = any(m.kind is Kind.MULTIPLY for m in group.members)
+        layers = _channelwise(group, modules)
         for r in rs:
             why = _why_not(r, consumers, dw, natural, gated)
+            if dw is None and why is None:  # a per-channel layer on a varying map: proportional no more
+                why = next(
+                    (
+                        f"varies where it enters {m.name}, a layer of its own per channel"
+                        for m in layers
+                        if any(not natural.constant(m.name, "in", j) for j in m.idxs[r])
+                    ),
+                    None,
+                )
             if why:
                 maps.kept[r] = why
         live = [r for r in rs if r not in maps.kept]
@@ -143,6 +155,15 @@ def varying_maps(
     if probes:
         _run_probes(wide, runs[0], probes, out, modules)
     return out
+
+
+def _channelwise(group: ChannelGroup, modules: Modules) -> list[Member]:
+    """The group's channelwise layers that are modules (a forward pre-hook can watch their input)."""
+    return [
+        m
+        for m in group.layers(Side.OUT)
+        if isinstance(modules.get(m.name), nn.Module) and role_of(modules[m.name]) is Role.CHANNELWISE
+    ]
 
 
 def _is_double(model: nn.Module) -> bool:
