@@ -366,3 +366,53 @@ def test_border_values_are_what_the_conv_computes_at_every_size(k: int, stride: 
     assert seen == set(range(values.shape[1]))
     plain = nn.Conv2d(4, 4, k, stride, 0, groups=4)
     assert shrinker.border_values(plain, torch.arange(4), k_in) is None  # no padding: a constant stays one
+
+
+class SpatialBetween(nn.Module):
+    """Dead expand filters into a padded depthwise conv, then an op that reads neighbours before the
+    projection (``pool``), or a functional zero pad before an unpadded depthwise conv (``pad``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.expand, self.bn1 = nn.Conv2d(4, 24, 1, bias=False), nn.BatchNorm2d(24)
+        self.dw = nn.Conv2d(24, 24, 3, 1, 1 if kind == "pool" else 0, groups=24, bias=False)
+        self.bn2, self.project = nn.BatchNorm2d(24), nn.Conv2d(24, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.bn1(self.expand(x)))
+        if self.kind == "pad":
+            y = F.pad(y, (1, 1, 1, 1))
+        y = F.relu6(self.bn2(self.dw(y)))
+        if self.kind == "pool":
+            y = F.max_pool2d(y, 3, 1, 1)
+        return self.project(y).mean((2, 3))
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("pool", "do not act on each position alone"),  # the probe reads neighbours' values back
+        ("pad", "a layer of its own per channel"),  # no depthwise layer to probe: proportional maps only
+    ],
+)
+def test_position_varying_channels_stay_where_the_math_does_not_hold(kind: str, reason: str) -> None:
+    torch.manual_seed(0)
+    model = SpatialBetween(kind)
+    dead = list(range(0, 24, 2))
+    mask_channels = torch.ones(24, 4, 1, 1).index_fill_(0, torch.tensor(dead), 0)
+    prune.custom_from_mask(model.expand, "weight", mask_channels)
+    with torch.no_grad():  # dead filters emit relu6(beta) > 0: constants, varying after the depthwise conv
+        model.bn1.bias.copy_(torch.rand(24) + 0.5)
+        model.bn2.running_mean.copy_(torch.randn(24) * 0.3)
+        model.bn2.running_var.copy_(torch.rand(24) + 0.5)
+    model.eval()
+    small, report = compactor.compact(model, torch.randn(2, 4, 10, 10))
+    assert [z.channel for z in report.zeroed] == dead
+    kept = [z for z in report.zeroed if z.fate == Fate.KEPT_VARYING.value]
+    gone = [z for z in report.zeroed if z.fate != Fate.KEPT_VARYING.value]
+    assert kept and all(reason in z.reason for z in kept), {z.reason for z in kept}
+    assert all(z.fate == Fate.REMOVED.value and "emits exactly zero" in z.reason for z in gone)  # relu6 clips
+    assert small.expand.out_channels == 24 - len(gone)
+    for shape in [(1, 4, 10, 10), (1, 4, 7, 9)]:
+        _assert_equal_outputs(model, small, shape, seeds=(3,))

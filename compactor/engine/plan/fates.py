@@ -65,7 +65,12 @@ class Planner:
         self.modules.update(dict(model.named_parameters()))
         self.heads = head_layers(model)
         self.gated = gated_zeros(model, groups, self.modules, stats, runs) if runs else {}
-        candidates = _candidates(groups, self.modules, self.gated, self.heads)
+        self.zeroed = {
+            i: _zeroed(g, self.modules, self.gated.get(i))
+            for i, g in enumerate(groups)
+            if mixing(g.layers(Side.OUT), self.modules)
+        }
+        candidates = _candidates(groups, self.modules, self.zeroed, self.heads)
         self.maps: dict[int, Maps] = (
             varying_maps(model, groups, self.modules, stats, runs, candidates) if runs else {}
         )
@@ -81,6 +86,7 @@ class Planner:
             self.heads,
             target,
             self.maps.get(i),
+            self.zeroed.get(i),
         )
 
     def plans(
@@ -114,12 +120,13 @@ def _plan_group(
     heads: dict[tuple[str, Side], str] | None = None,
     target: WidthTarget | None = None,
     maps: Maps | None = None,
+    flags: tuple[list[bool], list[bool]] | None = None,
 ) -> GroupPlan:
     producers = mixing(group.layers(Side.OUT), modules)
     consumers = mixing(group.layers(Side.IN), modules)
     if not producers:
         return _blocked_writer(group, modules)
-    indep, ignored = _zeroed(group, modules, gated)
+    indep, ignored = flags if flags is not None else _zeroed(group, modules, gated)
     behind_gate = _behind_gate(group, modules, indep, ignored)
     zeroed = [r for r in range(group.size) if indep[r] or ignored[r] or r in behind_gate]
     if not zeroed:
@@ -223,15 +230,15 @@ def _behind_gate(group: ChannelGroup, modules: Modules, indep: list[bool], ignor
 def _candidates(
     groups: list[ChannelGroup],
     modules: Modules,
-    gated: dict[int, set[int]],
+    zeroed: dict[int, tuple[list[bool], list[bool]]],
     heads: dict[tuple[str, Side], str],
 ) -> dict[int, list[int]]:
     """Per group index: the input-independent channels no reader ignores, in groups nothing holds whole."""
     found = {}
     for i, group in enumerate(groups):
-        if not mixing(group.layers(Side.OUT), modules) or _blocker(group, modules, heads):
+        if i not in zeroed or _blocker(group, modules, heads):
             continue
-        indep, ignored = _zeroed(group, modules, gated.get(i))
+        indep, ignored = zeroed[i]
         rs = [r for r in range(group.size) if indep[r] and not ignored[r]]
         if rs:
             found[i] = rs

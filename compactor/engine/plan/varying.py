@@ -32,13 +32,16 @@ from torch import nn
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, role_of
 from ..graph import ChannelGroup, Kind, Member
+from ..masks import clone_module
 from .base import ChannelFate, Fate, Fold, InputStats, Merge, Modules, mixing, shrinker_at
 from .compensate import fold
 
 Hook = Callable[..., Any]
 
 GATED = "varies with the input: a live gate multiplies it (squeeze-excite)"
-_ULPS = 100  # a profile within this many rounding units (relative) of the basis's span merges
+# A profile within this (relative) of the basis's span merges. Profiles are measured in float64, where an
+# exact dependency leaves ~1e-13; a near one in these nets leaves ~1e-5 (the oracle's threshold is the same).
+_TOL = 1e-9
 _MATCH = 1e-4  # relative: probe and natural run agree
 
 
@@ -51,7 +54,7 @@ class Maps:
     general: bool
     profiles: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     kept: dict[int, str] = field(default_factory=dict)
-    tol: float = _ULPS * torch.finfo(torch.float32).eps  # set from the precision the maps were measured in
+    tol: float = _TOL
 
 
 def spatial_layer(group: ChannelGroup, modules: Modules) -> list[Member]:
@@ -114,18 +117,29 @@ def varying_maps(
         if dw is not None:
             natural.want(dw.name, "in", [dw.idxs[r][0] for r in rs])
             natural.want(dw.name, "out", [dw.idxs[r][0] for r in rs])
+        for m in _channelwise(group, modules):
+            natural.want(m.name, "in", [j for r in rs for j in m.idxs[r]])
     if not plans:
         return out
-    natural.run(model, runs)
-    tol = _ULPS * torch.finfo(natural.dtype).eps
-    for maps in out.values():
-        maps.tol = tol
+    wide = model if _is_double(model) else clone_module(model).to(torch.float64)  # measured in float64
+    runs = [r.widened() for r in runs]
+    natural.run(wide, runs)
     probes: list[_Probe] = []
     for i, group, rs, dw, consumers in plans:
         maps = out[i]
         gated = any(m.kind is Kind.MULTIPLY for m in group.members)
+        layers = _channelwise(group, modules)
         for r in rs:
             why = _why_not(r, consumers, dw, natural, gated)
+            if dw is None and why is None:  # a per-channel layer on a varying map: proportional no more
+                why = next(
+                    (
+                        f"varies where it enters {m.name}, a layer of its own per channel"
+                        for m in layers
+                        if any(not natural.constant(m.name, "in", j) for j in m.idxs[r])
+                    ),
+                    None,
+                )
             if why:
                 maps.kept[r] = why
         live = [r for r in rs if r not in maps.kept]
@@ -139,8 +153,22 @@ def varying_maps(
         elif live:
             probes.append(_Probe(i, dw, live, consumers, modules, natural))
     if probes:
-        _run_probes(model, runs[0], probes, out, modules)
+        _run_probes(wide, runs[0], probes, out, modules)
     return out
+
+
+def _channelwise(group: ChannelGroup, modules: Modules) -> list[Member]:
+    """The group's channelwise layers that are modules (a forward pre-hook can watch their input)."""
+    return [
+        m
+        for m in group.layers(Side.OUT)
+        if isinstance(modules.get(m.name), nn.Module) and role_of(modules[m.name]) is Role.CHANNELWISE
+    ]
+
+
+def _is_double(model: nn.Module) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
 
 
 def _why_not(r: int, consumers: list[Member], dw: Member | None, rec: _Recorder, gated: bool) -> str | None:
@@ -171,7 +199,6 @@ class _Recorder:
         self.modules = modules
         self.wanted: dict[tuple[str, str], list[int]] = defaultdict(list)
         self.seen: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
-        self.dtype = torch.float32  # the precision of what was recorded
 
     def want(self, layer: str, side: str, channels: list[int]) -> None:
         key = (layer, side)
@@ -199,8 +226,6 @@ class _Recorder:
         dim = shrinker_at(self.modules, name).input_channel_dim
 
         def record(x: torch.Tensor) -> None:
-            if x.is_floating_point():
-                self.dtype = x.dtype
             self.seen[(name, side)].append(
                 x.detach().movedim(dim, 1).index_select(1, idx.to(x.device)).double().cpu()
             )
@@ -331,25 +356,25 @@ def _profile(
     p: _Probe, a: int, r: int, layer: str, readings: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor | None, str | None]:
     """Channel ``r``'s profile at ``layer`` from the probe passes, or why the probe cannot be trusted."""
-    got: list[list[float]] = [[] for _ in range(p.patterns)]
-    for slots, values in readings:
-        for s, v in zip(slots.tolist(), values.tolist()):
-            got[s].append(v)
-    scale = 1.0 + max((abs(v) for vs in got for v in vs), default=0.0)
-    profile = []
-    for vs in got:
-        if not vs:
-            return None, f"a border pattern was not probed at {layer}"
-        if max(vs) - min(vs) > _MATCH * scale:
-            return None, f"the layers between {p.dw.name} and {layer} do not act on each position alone"
-        profile.append(sum(vs) / len(vs))
-    result = torch.tensor(profile, dtype=torch.float64)
+    slots = torch.cat([sl for sl, _ in readings])
+    values = torch.cat([v for _, v in readings])
+    scale = 1.0 + float(values.abs().max())
+    count = torch.bincount(slots, minlength=p.patterns)
+    if bool((count == 0).any()):
+        return None, f"a border pattern was not probed at {layer}"
+    lo = torch.full((p.patterns,), float("inf"), dtype=torch.float64).scatter_reduce(0, slots, values, "amin")
+    hi = torch.full((p.patterns,), float("-inf"), dtype=torch.float64).scatter_reduce(
+        0, slots, values, "amax"
+    )
+    if bool((hi - lo > _MATCH * scale).any()):
+        return None, f"the layers between {p.dw.name} and {layer} do not act on each position alone"
+    result = torch.zeros(p.patterns, dtype=torch.float64).index_add(0, slots, values) / count
     # what the natural run showed must be what the probe says for the same value out of the depthwise layer
     z, y = p.natural_in[r].flatten(), p.natural_out[(r, layer)].flatten()
-    values = p.values[a]
-    zscale = 1.0 + float(values.abs().max())
-    nearest = (z[:, None] - values[None, :]).abs().argmin(1)
-    if bool(((z - values[nearest]).abs() > _MATCH * zscale).any()):
+    written = p.values[a]
+    zscale = 1.0 + float(written.abs().max())
+    nearest = (z[:, None] - written[None, :]).abs().argmin(1)
+    if bool(((z - written[nearest]).abs() > _MATCH * zscale).any()):
         return None, f"{p.dw.name} gives a value no border pattern explains"
     if bool(((y - result[nearest]).abs() > _MATCH * scale).any()):
         return None, f"the layers between {p.dw.name} and {layer} do not act on each position alone"
@@ -428,55 +453,58 @@ def _basis(
     """A basis chosen greedily (the channel farthest from the span so far, at the layer where it is
     farthest), then each other channel's coefficients on it, solved at each layer; a layer that folds a
     constant into its bias has the constant map in its span for free."""
-    scale = {
-        n: 1.0 + max((float(p[n].abs().max()) for p in profiles.values() if n in p), default=0.0)
-        for n in layers
-    }
-    q: dict[str, list[torch.Tensor]] = {n: [] for n in layers}  # orthonormal bases per layer
-    for n in layers:
+    order = sorted(profiles)
+    at: dict[str, list[int]] = {n: [r for r in order if n in profiles[r]] for n in layers}
+    mats = {n: torch.stack([profiles[r][n] for r in at[n]]) for n in layers if at[n]}  # [channels, patterns]
+    scale = {n: 1.0 + float(m.abs().max()) for n, m in mats.items()}
+    q = {n: torch.zeros(m.shape[1], 0, dtype=torch.float64) for n, m in mats.items()}  # orthonormal columns
+    for n, m in mats.items():
         if folds_ok[n]:
-            size = next(p[n].numel() for p in profiles.values() if n in p)
-            q[n].append(torch.full((size,), size**-0.5, dtype=torch.float64))
+            q[n] = torch.full((m.shape[1], 1), m.shape[1] ** -0.5, dtype=torch.float64)
     basis: list[int] = []
     while True:
-        worst, worst_r = tol, None
-        for r in sorted(profiles):
-            if r in basis:
-                continue
-            for n, v in profiles[r].items():
-                far = float(_residual(v, q[n]).abs().max()) / scale[n]
-                if far > worst:
-                    worst, worst_r = far, r
-        if worst_r is None:
+        far: dict[int, float] = defaultdict(float)
+        for n, m in mats.items():
+            worst = _residual(m, q[n]).abs().amax(1) / scale[n]
+            for r, d in zip(at[n], worst.tolist()):
+                far[r] = max(far[r], d)
+        best = max((r for r in order if r not in basis), key=lambda r: far[r], default=None)
+        if best is None or far[best] <= tol:
             break
-        basis.append(worst_r)
-        for n, v in profiles[worst_r].items():
-            rest = _residual(v, q[n])
-            if float(rest.norm()) > 0:
-                q[n].append(rest / rest.norm())
-    coef: Coefficients = {}
-    for r in profiles:
-        if r in basis:
-            continue
-        coef[r] = {}
-        for n, v in profiles[r].items():
+        basis.append(best)
+        for n, m in mats.items():
+            if best in at[n]:
+                rest = _residual(m[at[n].index(best)][None, :], q[n])[0]
+                if float(rest.norm()) > 0:
+                    q[n] = torch.cat([q[n], (rest / rest.norm())[:, None]], 1)
+    coef: Coefficients = {r: {} for r in order if r not in basis}
+    for n, m in mats.items():
+        cols = [b for b in basis if b in at[n]]
+        spans = [m[at[n].index(b)] for b in cols] + (
+            [torch.ones(m.shape[1], dtype=m.dtype)] if folds_ok[n] else []
+        )
+        others = [r for r in at[n] if r not in basis]
+        sol = (
+            torch.linalg.lstsq(torch.stack(spans, 1), m[[at[n].index(r) for r in others]].T).solution
+            if spans and others
+            else None
+        )
+        for j, r in enumerate(others):
+            v = m[at[n].index(r)]
             if bool((v == v[0]).all()) and (folds_ok[n] or float(v[0]) == 0.0):  # zero, or a constant to fold
                 coef[r][n] = ({}, float(v[0]))
-                continue
-            cols = [b for b in basis if n in profiles[b]]
-            mat = [profiles[b][n] for b in cols] + ([torch.ones_like(v)] if folds_ok[n] else [])
-            if not mat:  # within the tolerance of zero, and nothing to merge into
+            elif sol is None:  # within the tolerance of zero, and nothing to merge into
                 coef[r][n] = ({}, 0.0)
-                continue
-            sol = torch.linalg.lstsq(torch.stack(mat, 1), v[:, None]).solution[:, 0]
-            weights = {b: float(a) for b, a in zip(cols, sol.tolist())}
-            coef[r][n] = (weights, float(sol[-1]) if folds_ok[n] else 0.0)
+            else:
+                x = sol[:, j].tolist()
+                coef[r][n] = (dict(zip(cols, x)), x[-1] if folds_ok[n] else 0.0)
     return basis, coef
 
 
-def _residual(v: torch.Tensor, q: list[torch.Tensor]) -> torch.Tensor:
-    for e in q:
-        v = v - (e @ v) * e
+def _residual(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Rows of ``v`` less their projection on the columns of ``q`` (twice: Gram-Schmidt loses orthogonality)."""
+    for _ in range(2):
+        v = v - (v @ q) @ q.T
     return v
 
 
