@@ -70,6 +70,12 @@ class CouplingUnsettled(GraphError):
     embedding). Caught by the graph stage, which keeps that root's channels with the message as reason."""
 
 
+class CouplingUnmapped(GraphError):
+    """Torch-Pruning could not compute the index mapping of an op (a concatenation it cannot size, a
+    reshape it divides by zero on) that one root's channels reach. Caught by the graph stage, which keeps
+    that root's channels with the message as reason."""
+
+
 def first_line(e: BaseException, *, with_type: bool = False) -> str:
     """The first line of an exception's message, for one-line errors (its type name if it has none).
 
