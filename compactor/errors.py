@@ -74,6 +74,12 @@ class TimeLimitError(CompactorError, RuntimeError):
     """Compaction ran past its time limit (``--time-limit``); the message names the part it could not analyse."""
 
 
+class CouplingUnmapped(GraphError):
+    """Torch-Pruning could not compute the index mapping of an op (a concatenation it cannot size, a
+    reshape it divides by zero on) that one root's channels reach. Caught by the graph stage, which keeps
+    that root's channels with the message as reason."""
+
+
 def first_line(e: BaseException, *, with_type: bool = False) -> str:
     """The first line of an exception's message, for one-line errors (its type name if it has none).
 

@@ -778,8 +778,10 @@ def test_channels_of_a_head_are_kept_with_a_head_reason() -> None:
     assert all(z.fate == "kept: read elsewhere" and "head" in z.reason for z in kept)
 
 
-def test_a_model_torch_pruning_cannot_trace_is_kept_whole_with_the_reason() -> None:
-    """GPT-2's tracer failure (Torch-Pruning: ``int + None``) ends no run: every channel is kept, and said."""
+def test_a_concatenation_torch_pruning_cannot_size_keeps_the_channels_that_reach_it() -> None:
+    """GPT-2: Torch-Pruning cannot size one concatenation (``int + None`` in its index mapping). That ends
+    no run and keeps no more than it must: the roots whose channels reach it (the embeddings) keep them,
+    with the library's error as reason."""
     from torch.nn.utils import prune
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -791,11 +793,17 @@ def test_a_model_torch_pruning_cannot_trace_is_kept_whole_with_the_reason() -> N
     ids = torch.randint(0, 50, (1, 12))
     small, report = compactor.compact(model, {"input_ids": ids})
     assert report.params["after"] == report.params["before"]
-    assert any(
-        w.startswith("torch-pruning could not trace the model (")
-        and w.endswith(": no channel was removed (attention heads may still go)")
-        for w in report.warnings
-    ), report.warnings
+    issues = report.extra["graph_issues"]
+    assert [i.split("which the channels of ")[1] for i in issues] == [
+        "transformer.wpe reach: kept",
+        "transformer.wte reach: kept",
+    ]
+    assert all(
+        i.startswith("torch-pruning cannot map channels through _ConcatOp_")
+        and "(its index mapping fails: TypeError: unsupported operand type(s) for +: 'int' and 'NoneType')"
+        in i
+        for i in issues
+    ), issues
     torch.testing.assert_close(small(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 

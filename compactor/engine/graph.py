@@ -13,10 +13,11 @@ to its coupled channels is Torch-Pruning's, with a bound: through a rotary embed
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import CouplingUnsettled, GraphError, first_line
+from ..errors import CouplingUnmapped, CouplingUnsettled, GraphError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
 from ..util import check_time, eval_mode_restored
@@ -93,8 +94,9 @@ def _tp_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) 
 
     names = {p: n for n, p in model.named_parameters()}
     with _tracing_state(model):
+        graph = tp.DependencyGraph()
         try:
-            graph = tp.DependencyGraph().build_dependency(
+            graph.build_dependency(
                 model,
                 example_inputs=inputs,
                 forward_fn=forward,
@@ -102,12 +104,77 @@ def _tp_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) 
                 verbose=False,
                 customized_pruners=_custom_pruners(),
             )
+            unmapped: dict[Any, str] = {}
         except Exception as e:  # the library raises anything from AssertionError to KeyError
-            raise GraphError(
-                f"torch-pruning could not trace the model ({type(e).__name__}: {first_line(e)})"
-            ) from e
-        groups = _collect_groups(graph, model, names)
+            if not _failed_mapping(e, graph):
+                raise GraphError(
+                    f"torch-pruning could not trace the model ({type(e).__name__}: {first_line(e)})"
+                ) from e
+            unmapped = _map_indices(graph)
+        unmapped = {**_functional_weights(graph, model), **unmapped}
+        groups = _collect_groups(graph, model, names, unmapped)
     return groups
+
+
+def _failed_mapping(e: Exception, graph: Any) -> bool:
+    """Whether ``build_dependency`` failed only in its last pass, the index mappings of concatenations,
+    splits, reshapes... (a ``ZeroDivisionError`` on ShuffleNetV2's channel shuffle, ``int + None`` where it
+    cannot size a concatenation's input): the graph itself is built, and the mappings are redone one node
+    at a time (:func:`_map_indices`)."""
+    tb = e.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return "update_index_mapping" in frames and bool(getattr(graph, "module2node", None))
+
+
+def _functional_weights(graph: Any, model: nn.Module) -> dict[Any, str]:
+    """Ops that read the weight of a layer the forward never calls (torchvision's Swin runs
+    ``F.linear(x, self.qkv.weight, ...)``): Torch-Pruning drops the weight from its graph and takes the op
+    for channel-preserving, so it couples the channels on both sides of a projection. No walk goes through
+    them; the channels that reach them stay."""
+    owners = {
+        p: name
+        for name, m in model.named_modules()
+        if m not in graph.module2node and shrinker_for(m) is not None
+        for p in m.parameters(recurse=False)
+    }
+    found = {}
+    for node in graph.module2node.values():
+        if node.module in graph._module2name:
+            continue  # a layer (its own weights) or a bare parameter, not a traced op
+        for fn, _ in getattr(node.grad_fn, "next_functions", ()) or ():
+            weight = getattr(fn, "variable", None)
+            if weight is not None and weight in owners:
+                found[node] = f"it reads the weight of {owners[weight]}, a layer the forward never calls"
+                break
+    return found
+
+
+def _map_indices(graph: Any) -> dict[Any, str]:
+    """Torch-Pruning's index-mapping pass (``index_mapping.update_index_mapping``), one node at a time:
+    returns the nodes it fails on, each with the error. No walk goes through such a node (its mapping is
+    unknown): the roots whose coupling reaches it keep their channels, with the error as reason."""
+    from torch_pruning.dependency import index_mapping as im
+
+    update = {
+        tp.ops.OPTYPE.CONCAT: im.update_concat_index_mapping,
+        tp.ops.OPTYPE.SPLIT: im.update_split_index_mapping,
+        tp.ops.OPTYPE.RESHAPE: im.update_reshape_index_mapping,
+        tp.ops.OPTYPE.UNBIND: im.update_unbind_index_mapping,
+        tp.ops.OPTYPE.EXPAND: im.update_expand_index_mapping,
+        tp.ops.OPTYPE.SLICE: im.update_slice_index_mapping,
+    }
+    failed = {}
+    for node in list(graph.module2node.values()):
+        if node.type not in update:
+            continue
+        try:
+            update[node.type](graph, node)
+        except Exception as e:  # ZeroDivisionError, TypeError (int + None), RecursionError...
+            failed[node] = f"its index mapping fails: {type(e).__name__}: {first_line(e)}"
+    return failed
 
 
 @contextmanager
@@ -171,7 +238,9 @@ class _ChannelwisePruner(_ShrinkerPruner):
     prune_in_channels = _ShrinkerPruner.prune_out_channels
 
 
-def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -> list[ChannelGroup]:
+def _collect_groups(
+    graph: Any, model: nn.Module, param_names: dict[Any, str], unmapped: Mapping[Any, str]
+) -> list[ChannelGroup]:
     module_names = {m: n for n, m in model.named_modules()}
     covered: set[tuple[str, Side, int]] = set()  # (layer, side, index) already in a group
     norms = _norm_after(graph, module_names)
@@ -188,11 +257,19 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tp_group = _pruning_group(graph, module, pruner.prune_out_channels, n)
-        except CouplingUnsettled as e:
+                tp_group = _pruning_group(graph, module, pruner.prune_out_channels, n, unmapped=unmapped)
+        except Exception as e:  # the library's mappings can raise anything: that root's channels stay
+            why = (
+                str(e)
+                if isinstance(e, GraphError)
+                else (
+                    f"torch-pruning failed while coupling the channels of {name} ({type(e).__name__}: "
+                    f"{first_line(e)}): kept"
+                )
+            )
             covered.update((name, Side.OUT, i) for i in range(n))
             root = Member(name, type(module).__name__, Side.OUT, Kind.LAYER, 0, tuple((i,) for i in range(n)))
-            groups.append(ChannelGroup(name, n, (root,), False, (str(e),)))
+            groups.append(ChannelGroup(name, n, (root,), False, (why,)))
             continue
         group = _convert(tp_group, graph, name, n, module_names, param_names, covered)
         group = replace(
@@ -204,67 +281,93 @@ def _collect_groups(graph: Any, model: nn.Module, param_names: dict[Any, str]) -
     return groups
 
 
-_MAX_VISITS = 16  # one node reached with this many index sets: the coupling cycles (rotary embeddings do; the
-# zoo and the benchmark models reach a node at most 3 times)
+def _pruning_group(
+    graph: Any, module: nn.Module, prune_out: Any, n: int, *, unmapped: Mapping[Any, str] = {}
+) -> Any:  # read only
+    """``graph.get_pruning_group(module, prune_out, range(n))``: the same coupled channels, found as a
+    fixpoint.
 
-
-def _pruning_group(graph: Any, module: nn.Module, prune_out: Any, n: int) -> Any:
-    """``graph.get_pruning_group(module, prune_out, range(n))``, the same walk with a bound.
-
-    Torch-Pruning walks the dependencies from the root until no (layer, indices) pair is new. Some index
-    mappings never repeat (a rotary embedding's half-split, negate and concatenate shifts the indices on
-    every lap), so the walk never ends (VainF/Torch-Pruning#527, #456, #337): here a node reached with
-    more than ``_MAX_VISITS`` index sets raises :class:`~compactor.errors.CouplingUnsettled`, and that
-    root's channels are kept."""
+    Torch-Pruning walks every path from the root with the index list it carries, and stops a path only
+    when the same (layer, index list) was seen before. Where paths split and join (a split into branches
+    and a concatenation back, a residual add beside them: Inception-NeXt, Res2Net, ReXNet, MambaOut), a
+    node is reached with every union of the branches' index lists, and each one walks on: the number of
+    lists doubles with every block and the walk never ends. The mappings are per index, so the coupled
+    channels are the least fixpoint of the pairs (layer-local index, root index) each (node, pruning
+    function) receives: here each pair walks on once, when it is new. Indices are finite, so this
+    terminates, unless a mapping makes new indices forever (a rotary embedding's half-split, negate and
+    concatenate, mis-mapped by the library, shifts them on every lap, VainF/Torch-Pruning#527): an index
+    past the end of the largest tensor of the model raises :class:`~compactor.errors.CouplingUnsettled`,
+    and a node whose index mapping the library could not compute (``unmapped``, from :func:`_map_indices`)
+    raises :class:`~compactor.errors.CouplingUnmapped`; either way that root keeps its channels."""
     from torch_pruning import _helpers
-    from torch_pruning.dependency import index_mapping
     from torch_pruning.dependency.dependency import Dependency
     from torch_pruning.dependency.group import Group
 
     if _tp_depthwise(module):
         prune_out = tp.pruner.function.prune_depthwise_conv_out_channels  # as Torch-Pruning does
-    index_mapping.update_index_mapping(graph)
     root = graph.module2node[module]
-    walk = Group()
-    walk.add_dep(
-        Dependency(prune_out, prune_out, source=root, target=root),
-        [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n)],
-    )
-    seen = {(root, prune_out, tuple(walk[0].idxs))}  # Group.has_pruning_op, as a set: the walk is linear
-    visited: set[Any] = set()
-    visits: dict[Any, int] = defaultdict(int)
-    stack = [(walk[0].dep, walk[0].idxs)]
+    limit = _index_limit(graph)
+    reached: dict[tuple[Any, Any], tuple[Any, set[tuple[int, int]]]] = {}  # (node, fn): first dep, pairs
+    stack = [
+        (
+            Dependency(prune_out, prune_out, source=root, target=root),
+            [_helpers._HybridIndex(i, i) for i in range(n)],
+        )
+    ]
     while stack:
         dep, idxs = stack.pop()
-        visited.add(dep.target)
+        pairs = reached.setdefault((dep.target, dep.handler), (dep, set()))[1]
+        new = [i for i in dict.fromkeys(idxs) if (i.idx, i.root_idx) not in pairs]
+        if not new:
+            continue
+        pairs.update((i.idx, i.root_idx) for i in new)
         for nxt in dep.target.dependencies:
             if not nxt.is_triggered_by(dep.handler):
                 continue
-            mapped = idxs
+            if nxt.target in unmapped:  # before walking on: the walk beyond may not settle
+                raise CouplingUnmapped(
+                    f"torch-pruning cannot map channels through {nxt.target.name} ({unmapped[nxt.target]}), "
+                    f"which the channels of {graph._module2name.get(module, module)} reach: kept"
+                )
+            mapped = new
             for mapping in nxt.index_mapping:
                 if mapping is not None:
                     mapped = mapping(mapped)
-            key = (nxt.target, nxt.handler, tuple(mapped))
-            if len(mapped) == 0 or (nxt.target in visited and key in seen):
-                continue
-            visits[nxt.target] += 1
-            if visits[nxt.target] > _MAX_VISITS:
+            if mapped and max(i.idx for i in mapped) >= limit:
                 raise CouplingUnsettled(
-                    f"torch-pruning's channel coupling from {graph._module2name.get(module, module)} does not settle (it "
-                    f"cycles through {nxt.target.name}, as through a rotary embedding): kept"
+                    f"torch-pruning's channel coupling from {graph._module2name.get(module, module)} does not "
+                    f"settle (its index mapping into {nxt.target.name} grows past every tensor of the model, "
+                    "as through a rotary embedding): kept"
                 )
-            walk.add_dep(nxt, mapped)
-            seen.add(key)
-            stack.append((nxt, mapped))
-    merged = Group()
-    for dep, idxs in walk.items:
-        merged.add_and_merge(dep, idxs)
-    merged._DG = graph
-    for i in range(len(merged)):
-        item = _helpers.GroupItem(merged[i].dep, _helpers.to_plain_idxs(merged[i].idxs))
-        item.root_idxs = _helpers.to_root_idxs(merged[i].idxs)
-        merged[i] = item
-    return merged
+            if mapped:
+                stack.append((nxt, mapped))
+    group = Group()
+    for dep, pairs in reached.values():
+        ordered = sorted(pairs)
+        item = _helpers.GroupItem(dep, [local for local, _ in ordered])
+        item.root_idxs = [r for _, r in ordered]
+        group.add_dep(dep, [])
+        group[len(group) - 1] = item
+    group._DG = graph
+    return group
+
+
+def _index_limit(graph: Any) -> int:
+    """One past the largest index any mapping can rightly produce: the element count of the largest tensor
+    the graph saw (Torch-Pruning's channel indices count flattened features at most). Cached on the graph."""
+    cached = getattr(graph, "_compactor_index_limit", None)
+    if cached is not None:
+        return int(cached)
+    largest = 1
+    for node in graph.module2node.values():
+        for meta in getattr(node.grad_fn, "_input_metadata", ()) or ():
+            largest = max(largest, math.prod(meta.shape))
+        if isinstance(node.module, torch.Tensor):
+            largest = max(largest, node.module.numel())
+        elif isinstance(node.module, nn.Module):
+            largest = max(largest, *(p.numel() for p in node.module.parameters()), 1)
+    graph._compactor_index_limit = largest
+    return largest
 
 
 def _norm_after(graph: Any, module_names: dict[nn.Module, str]) -> dict[str, str]:
