@@ -162,8 +162,12 @@ def _compact(
             paths.train_only and groups
         ):  # couple what runs only in train mode too, and keep the channels it reads
             say("tracing train-mode channel dependencies")
-            train_groups = build_groups(clone_module(d_baked), d_runs[0], train=True)
-            groups = hold_train_only(groups, train_groups, set(paths.train_only))
+            try:
+                train_groups = build_groups(clone_module(d_baked), d_runs[0], train=True)
+                groups = hold_train_only(groups, train_groups, set(paths.train_only))
+            except GraphError as e:  # what the train-mode paths read is unknown: every group stays whole
+                why = f"the train-mode forward could not be traced ({e})"
+                groups = [replace(g, held=(*g.held, why)) for g in groups]
     check_time("the plan of every channel group")
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):

@@ -684,7 +684,7 @@ class ShiftedWindowAttention(nn.Module):
         if v2:
             self.v2_logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
             self.cpb_mlp = nn.Sequential(
-                nn.Linear(2, 32), nn.ReLU(inplace=True), nn.Linear(32, num_heads, bias=False)
+                nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
             )
             h = torch.arange(-(window_size[0] - 1), window_size[0], dtype=torch.float32)
             w = torch.arange(-(window_size[1] - 1), window_size[1], dtype=torch.float32)

@@ -8,7 +8,9 @@ own frozen :class:`ChannelGroup`, and sanity-checks every index mapping: Torch-P
 ops as channel-preserving and mis-maps some layouts (a tensor feeding both a ``cat`` and a conv maps
 the wrong channels onto the conv, for one). A member whose indices fall outside its layer is dropped
 and the group is flagged; the verification stage remains the judge of what ships. The walk from a root
-to its coupled channels is Torch-Pruning's, with a bound: through a rotary embedding it never ends.
+to its coupled channels follows Torch-Pruning's dependencies as a fixpoint (:func:`_pruning_group`); where
+the library fails (an index mapping that raises, an op that reads a layer's weight outside it, a mapping
+that makes new indices forever) only the roots it touches keep their channels, with the reason.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch_pruning as tp
@@ -306,16 +308,12 @@ def _pruning_group(
     if _tp_depthwise(module):
         prune_out = tp.pruner.function.prune_depthwise_conv_out_channels  # as Torch-Pruning does
     root = graph.module2node[module]
-    limit = _index_limit(graph)
+    limits = _index_limits(graph)
     reached: dict[tuple[Any, Any], tuple[Any, set[tuple[int, int]]]] = {}  # (node, fn): first dep, pairs
-    stack = [
-        (
-            Dependency(prune_out, prune_out, source=root, target=root),
-            [_helpers._HybridIndex(i, i) for i in range(n)],
-        )
-    ]
-    while stack:
-        dep, idxs = stack.pop()
+    start = Dependency(prune_out, prune_out, source=root, target=root)
+    queue = deque([(start, [_helpers._HybridIndex(i, i) for i in range(n)])])
+    while queue:  # breadth first: a node no walk may enter is met before a mis-mapped cycle grows
+        dep, idxs = queue.popleft()
         pairs = reached.setdefault((dep.target, dep.handler), (dep, set()))[1]
         new = [i for i in dict.fromkeys(idxs) if (i.idx, i.root_idx) not in pairs]
         if not new:
@@ -333,14 +331,14 @@ def _pruning_group(
             for mapping in nxt.index_mapping:
                 if mapping is not None:
                     mapped = mapping(mapped)
-            if mapped and max(i.idx for i in mapped) >= limit:
+            if mapped and max(i.idx for i in mapped) >= limits.get(nxt.target, 0):
                 raise CouplingUnsettled(
                     f"torch-pruning's channel coupling from {graph._module2name.get(module, module)} does not "
-                    f"settle (its index mapping into {nxt.target.name} grows past every tensor of the model, "
-                    "as through a rotary embedding): kept"
+                    f"settle (it maps channel {max(i.idx for i in mapped)} into {nxt.target.name}, past its "
+                    "tensor and every layer's width): kept"
                 )
             if mapped:
-                stack.append((nxt, mapped))
+                queue.append((nxt, mapped))
     group = Group()
     for dep, pairs in reached.values():
         ordered = sorted(pairs)
@@ -352,22 +350,29 @@ def _pruning_group(
     return group
 
 
-def _index_limit(graph: Any) -> int:
-    """One past the largest index any mapping can rightly produce: the element count of the largest tensor
-    the graph saw (Torch-Pruning's channel indices count flattened features at most). Cached on the graph."""
-    cached = getattr(graph, "_compactor_index_limit", None)
+def _index_limits(graph: Any) -> dict[Any, int]:
+    """Per node, one past the largest index a mapping can rightly bring there: the element count of the
+    node's tensor (Torch-Pruning's indices count flattened features at most), or the widest layer of the
+    model where that is more (the library passes a layer's channels through broadcasting ops whose tensors
+    are smaller: an RMSNorm's mean). Cached on the graph."""
+    cached = getattr(graph, "_compactor_index_limits", None)
     if cached is not None:
-        return int(cached)
-    largest = 1
-    for node in graph.module2node.values():
-        for meta in getattr(node.grad_fn, "_input_metadata", ()) or ():
-            largest = max(largest, math.prod(meta.shape))
-        if isinstance(node.module, torch.Tensor):
-            largest = max(largest, node.module.numel())
-        elif isinstance(node.module, nn.Module):
-            largest = max(largest, *(p.numel() for p in node.module.parameters()), 1)
-    graph._compactor_index_limit = largest
-    return largest
+        return cast(dict[Any, int], cached)
+    widest = 1
+    for module in graph.module2node:
+        if isinstance(module, torch.Tensor):
+            widest = max(widest, *module.shape, 1)
+        elif module in graph._module2name and (pruner := graph.get_pruner_of_module(module)) is not None:
+            widths = (pruner.get_out_channels(module), pruner.get_in_channels(module))
+            widest = max(widest, *(w for w in widths if isinstance(w, int)))
+    limits = {}
+    for module, node in graph.module2node.items():
+        sizes = [math.prod(m.shape) for m in getattr(node.grad_fn, "_input_metadata", ()) or ()]
+        if isinstance(module, torch.Tensor):
+            sizes.append(module.numel())
+        limits[node] = max(widest, *sizes)
+    graph._compactor_index_limits = limits
+    return limits
 
 
 def _norm_after(graph: Any, module_names: dict[nn.Module, str]) -> dict[str, str]:
