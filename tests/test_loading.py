@@ -342,6 +342,22 @@ HOOKED = textwrap.dedent(
 
 
     Replaced.__new__ = _lookup
+
+
+    class EqualToAll(enum.EnumMeta):
+        def __eq__(cls, other):
+            return True
+
+        __hash__ = enum.EnumMeta.__hash__
+
+
+    class Equal(enum.Enum, metaclass=EqualToAll):
+        A = "a"
+
+        @classmethod
+        def _missing_(cls, value):
+            open(MARK, "w").write("ran")
+            return cls.A
     """
 )
 MARKED = "open('{name}_ran.txt', 'w').write('ran')\n"
@@ -359,6 +375,17 @@ SPOOF = textwrap.dedent(
 
 
     class SpoofConfig(PreTrainedConfig):
+        pass
+
+
+    class EqualToAll(type):
+        def __eq__(cls, other):
+            return True
+
+        __hash__ = type.__hash__
+
+
+    class EqualConfig(metaclass=EqualToAll):
         pass
     """
 )
@@ -550,6 +577,12 @@ ENUM = _global("hooked_enums", "Plain")
             "the enum's own code)",
         ),
         (
+            "equal_to_all.pt",
+            _global("hooked_enums", "Equal") + _str("zz") + b"\x85R.",
+            "calls hooked_enums.Equal while loading, which torch.save(model) never does (its lookup runs the "
+            "enum's own code)",
+        ),
+        (
             "newobj.pt",
             _global("hooked_enums", "Missing") + _str("zz") + b"\x85\x81.",
             "calls hooked_enums.Missing.__new__ while loading, which torch.save(model) never does (it saves an "
@@ -617,19 +650,27 @@ def test_a_class_named_like_a_hugging_face_config_elsewhere_is_refused_unimporte
     assert module not in sys.modules and ran(here) == []
 
 
+@pytest.mark.parametrize("name", ["SpoofConfig", "EqualConfig"])
 def test_a_config_is_one_of_transformers_own_classes_not_a_name(
-    here: Path, monkeypatch: pytest.MonkeyPatch
+    here: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    """``spoof_models`` is imported (for its module class, as when a pickle names it first); its config class
-    only says it is transformers'."""
+    """``spoof_models`` is imported (for its module class, as when a pickle names it first); its config classes
+    only say they are transformers' (by ``__module__``, or by comparing equal to every class)."""
     monkeypatch.syspath_prepend(str(here))
     spoof = importlib.import_module("spoof_models")
     assert spoof.SpoofConfig.__mro__[1].__module__ == "transformers.configuration_utils"
-    path = _archive(here, "spoof.pt", b"\x80\x02" + _global("spoof_models", "SpoofConfig") + b")\x81.")
+    assert spoof.EqualConfig == transformers_config()
+    path = _archive(here, "spoof.pt", b"\x80\x02" + _global("spoof_models", name) + b")\x81.")
     assert refusal(path).startswith(
-        f"{path} needs the global spoof_models.SpoofConfig, not a module, pruning method, config, enum, "
+        f"{path} needs the global spoof_models.{name}, not a module, pruning method, config, enum, "
         f"container or torch operator"
     )
+
+
+def transformers_config() -> type:
+    transformers = pytest.importorskip("transformers")
+    config: type = transformers.PretrainedConfig
+    return config
 
 
 @pytest.mark.parametrize(
