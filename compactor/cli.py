@@ -65,8 +65,9 @@ directories back in Python (.safetensors needs arch, the function that builds th
 
 MODEL is a file written by torch.save(model), masks attached (torch.nn.utils.prune) or baked in.
 It is loaded without running code from the file: only module classes, pruning methods, Hugging Face configs,
-enums, containers and torch operators may appear in it, each judged by name and source before anything is
-imported; the current directory is importable (last on sys.path) so your model class resolves.
+enums, containers, torch's pure operators and functools.partial of a module class or operator may appear in
+it, each judged by name and source before anything is imported (never torch.load, os.system, getattr); the
+current directory is importable (last on sys.path) so your model class resolves.
 Every run verifies that the compacted model reproduces the masked model's outputs before writing; branches
 on tensor values and layers no forward called are warnings (--strict refuses them).
 --round-to auto times each channel group's layers alone at the exact width and rounded up to 8, 16, 32, 64, on

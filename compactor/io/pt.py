@@ -3,8 +3,9 @@
 ``torch.load(weights_only=True)`` refuses every global it was not told about. We tell it about the globals
 the file names that are safe to construct, judged from their names and source before anything is imported
 (:mod:`compactor.io.safe_globals`): ``nn.Module`` subclasses, ``torch.nn.utils.prune`` methods, Hugging
-Face configs, enums, plain containers, torch's pure operators. Anything else (``os.system``, a user
-function...) is refused with its name, unless the caller opts in with ``trust_pickle``.
+Face configs, enums, plain containers, torch's pure operators, ``functools.partial`` of a module class or
+operator. Anything else (``os.system``, ``getattr``, a user function...) is refused with its name, unless the
+caller opts in with ``trust_pickle``.
 """
 
 from __future__ import annotations

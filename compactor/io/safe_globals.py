@@ -199,7 +199,8 @@ def is_safe(obj: Any, name: str = "") -> bool:
     if isinstance(obj, type):
         if issubclass(obj, (nn.Module, prune.BasePruningMethod, torch.Size, enum.Enum)):
             return True
-        return obj in _PLAIN_CONTAINERS or obj is functools.partial or _is_config(obj)
+        container = any(obj is c for c in _PLAIN_CONTAINERS)  # identity, as in _is_config
+        return container or obj is functools.partial or _is_config(obj)
     return _is_torch_operator(obj, name)
 
 
@@ -210,7 +211,8 @@ def _is_config(cls: type) -> bool:
         if module in sys.modules
         for name in names
     ]
-    return any(base is not None and base in bases for base in cls.__mro__)
+    # identity, never ==: a metaclass can make any class compare equal to transformers' own
+    return any(base is known for base in cls.__mro__ for known in bases if known is not None)
 
 
 def _is_torch_operator(obj: Any, name: str) -> bool:
@@ -471,8 +473,8 @@ def _lookup_runs_code(cls: type[enum.Enum]) -> bool:
     if type(cls).__call__ is not enum.EnumMeta.__call__:
         return True
     for c in cls.__mro__:
-        if c in _ENUM_CLASSES or c is getattr(builtins, c.__name__, None):
-            continue  # identity, not __module__, which a class body can set
+        if any(c is e for e in _ENUM_CLASSES) or c is getattr(builtins, c.__name__, None):
+            continue  # identity: not __module__, which a class body sets, nor ==, which a metaclass defines
         if not issubclass(c, enum.Enum) or "_missing_" in vars(c):
             return True
         if vars(c).get("__new__", enum.Enum.__new__) is not enum.Enum.__new__:
