@@ -238,6 +238,12 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+SWEEP_LINK = (
+    "every vision architecture transformers ships, compacted from small configs: "
+    "[VISION_SWEEP.md](VISION_SWEEP.md) (`python -m benchmarks.vision_sweep`)"
+)
+
+
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     m = meta["machine"]
     lines = [
@@ -254,6 +260,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"{meta['warmup']} warm-up + {meta['repeats']} timed calls per model, batch 1, dense and compacted interleaved; "
         f"load average at start {meta['load_start']}, at end {meta['load_end']}",
         f"- inputs: {meta['inputs']}",
+        f"- {SWEEP_LINK}",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",

@@ -68,3 +68,39 @@ def check_time(part: str) -> None:
             f"the time limit of {deadline[1]:g} s was reached before {part} could be analysed; nothing was "
             f"written (raise it with --time-limit SECONDS, Python: time_limit=)"
         )
+
+
+_CAPTURE_MODULE = "transformers.utils.output_capturing"  # where transformers 5 defines its capturing hooks
+_CAPTURE_FLAG = "_output_capturing_hooks_installed"
+
+
+@contextmanager
+def picklable(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` without transformers' output-capturing hooks while inside (``torch.save`` of it, say).
+
+    transformers 5 installs them lazily, as local functions that pickle cannot store, the first time a forward
+    asks for hidden states (every backbone does); with its installed flag cleared, a saved and reloaded model
+    installs them again when it needs them. Everything is put back on exit."""
+    hooks = {
+        m: dict(m._forward_hooks) for m in model.modules() if any(map(_capturing, m._forward_hooks.values()))
+    }
+    flags = [m for m in model.modules() if m.__dict__.get(_CAPTURE_FLAG) is True]
+    for m in hooks:
+        for key in [k for k, hook in m._forward_hooks.items() if _capturing(hook)]:
+            del m._forward_hooks[key]
+    for m in flags:
+        del m.__dict__[_CAPTURE_FLAG]
+    try:
+        yield model
+    finally:
+        for m, saved in hooks.items():
+            m._forward_hooks.clear()
+            m._forward_hooks.update(saved)
+        for m in flags:
+            m.__dict__[_CAPTURE_FLAG] = True
+
+
+def _capturing(hook: object) -> bool:
+    return getattr(hook, "__module__", None) == _CAPTURE_MODULE and "<locals>" in getattr(
+        hook, "__qualname__", ""
+    )

@@ -445,3 +445,33 @@ def test_fixpoint_walk_matches_torch_pruning(case: Case) -> None:
             for key, pairs in theirs.items():
                 assert {local for local, _ in ours[key]} == {local for local, _ in pairs}
                 assert pairs <= ours[key]
+
+
+class _Classifier(nn.Module):
+    """A head whose Linear writes the model output itself (no op after it): Torch-Pruning adds no output
+    node there, as in ``logits = self.classifier(pooled)`` of every Hugging Face classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(torch.relu(self.conv(x)).mean((2, 3)))}
+
+
+def test_a_layer_writing_a_model_output_keeps_its_zeroed_channels_for_that_reason() -> None:
+    torch.manual_seed(0)
+    model = _Classifier().eval()
+    prune.custom_from_mask(model.head, "weight", torch.ones(5, 8).index_fill_(0, torch.tensor([1, 3]), 0))
+    with torch.no_grad():
+        model.head.bias[[1, 3]] = 0  # logits 1 and 3 are exactly zero: removable but for the output
+    x = torch.randn(2, 3, 8, 8)
+
+    small, report = compactor.compact(model, x)
+
+    kept = [(z.layer, z.channel, z.fate, z.reason) for z in report.zeroed]
+    reason = "the channel is part of a model output"
+    assert kept == [("head", c, Fate.KEPT_READ_ELSEWHERE.value, reason) for c in (1, 3)]
+    assert small.head.out_features == 5
+    torch.testing.assert_close(small(x)["logits"], model(x)["logits"], rtol=RTOL, atol=ATOL)

@@ -12,6 +12,7 @@ import copy
 import io
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 import torch
@@ -811,3 +812,39 @@ def _columns_off(weight: torch.Tensor, n: int) -> torch.Tensor:
     mask = torch.ones_like(weight)
     mask[:, :n] = 0  # GPT-2's Conv1D holds [in, out]: its first n output neurons
     return mask
+
+
+def test_a_backbone_with_transformers_capturing_hooks_compacts_and_saves(tmp_path: Any) -> None:
+    """A transformers 5 backbone asks for hidden states: its first forward installs output-capturing hooks,
+    local functions that pickle cannot store. The report's file size and a ``.pt`` are written without
+    them; the caller's model keeps its hooks, and the reloaded model installs its own. (``compactor.load``
+    refuses this file for now: the pickle rebuilds the ``BackboneType`` enum by calling it.)"""
+    from compactor.io.save import save_output
+
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(
+        hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, out_features=["stage1", "stage2"]
+    )
+    model = randomise(transformers.ConvNextBackbone(config)).eval()
+    for stage in model.encoder.stages:
+        for layer in stage.layers:
+            prune.ln_structured(layer.pwconv1, "weight", 0.5, n=2, dim=0)
+    x = image()
+    with torch.no_grad():
+        expected = model(pixel_values=x).feature_maps
+    hooked = {n: len(m._forward_hooks) for n, m in model.named_modules() if m._forward_hooks}
+    assert hooked  # the forward installed them
+    with pytest.raises(AttributeError, match="Can't pickle local object"):
+        torch.save(model, io.BytesIO())
+
+    small, report = compactor.compact(model, x)
+
+    assert 0 < report.file_bytes["after"] < report.file_bytes["before"]
+    assert {n: len(m._forward_hooks) for n, m in model.named_modules() if m._forward_hooks} == hooked
+    path = tmp_path / "small.pt"
+    assert save_output(small, path, x) == path.stat().st_size
+    with torch.no_grad():
+        got = torch.load(path, weights_only=False)(pixel_values=x).feature_maps
+    assert len(got) == len(expected) == 2
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, **CLOSE)

@@ -95,6 +95,12 @@ def _tp_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) 
         return m.train(train)(*x.args, **x.kwargs)
 
     names = {p: n for n, p in model.named_parameters()}
+    outputs: list[torch.Tensor] = []
+
+    def output_transform(out: Any) -> list[torch.Tensor]:
+        outputs[:] = [t for _, t in flatten_outputs(out)]
+        return outputs
+
     with _tracing_state(model):
         graph = tp.DependencyGraph()
         try:
@@ -102,7 +108,7 @@ def _tp_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) 
                 model,
                 example_inputs=inputs,
                 forward_fn=forward,
-                output_transform=lambda out: [t for _, t in flatten_outputs(out)],
+                output_transform=output_transform,
                 verbose=False,
                 customized_pruners=_custom_pruners(),
             )
@@ -114,8 +120,23 @@ def _tp_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) 
                 ) from e
             unmapped = _map_indices(graph)
         unmapped = {**_functional_weights(graph, model), **unmapped}
-        groups = _collect_groups(graph, model, names, unmapped)
+        groups = _collect_groups(graph, model, names, unmapped, _output_writers(graph, outputs))
     return groups
+
+
+def _output_writers(graph: Any, outputs: list[torch.Tensor]) -> set[nn.Module]:
+    """Layers whose own output is a model output. Torch-Pruning adds an output node only where an op that is
+    not a layer writes the output (``logits = self.classifier(x)`` gets none), so the groups of such a
+    layer would not know that a model output reads them. A blocking layer (a final LayerNorm) keeps its
+    groups whole anyway, with its own reason."""
+    grad_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
+    return {
+        node.module
+        for node in graph.module2node.values()
+        if isinstance(node.module, nn.Module)
+        and node.grad_fn in grad_fns
+        and _role(node.module) is not Role.BLOCKING
+    }
 
 
 def _failed_mapping(e: Exception, graph: Any) -> bool:
@@ -241,9 +262,14 @@ class _ChannelwisePruner(_ShrinkerPruner):
 
 
 def _collect_groups(
-    graph: Any, model: nn.Module, param_names: dict[Any, str], unmapped: Mapping[Any, str]
+    graph: Any,
+    model: nn.Module,
+    param_names: dict[Any, str],
+    unmapped: Mapping[Any, str],
+    output_writers: set[nn.Module],
 ) -> list[ChannelGroup]:
     module_names = {m: n for n, m in model.named_modules()}
+    writes_output = {module_names[m] for m in output_writers if m in module_names}
     covered: set[tuple[str, Side, int]] = set()  # (layer, side, index) already in a group
     norms = _norm_after(graph, module_names)
     groups: list[ChannelGroup] = []
@@ -275,7 +301,10 @@ def _collect_groups(
             continue
         group = _convert(tp_group, graph, name, n, module_names, param_names, covered)
         group = replace(
-            group, norm_after=tuple((m.name, norms[m.name]) for m in group.layers() if m.name in norms)
+            group,
+            norm_after=tuple((m.name, norms[m.name]) for m in group.layers() if m.name in norms),
+            reaches_output=group.reaches_output
+            or any(m.name in writes_output for m in group.layers(Side.OUT)),
         )
         for member in group.layers():
             covered.update((member.name, member.side, i) for idx in member.idxs for i in idx)

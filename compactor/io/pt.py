@@ -22,6 +22,7 @@ from torch import nn
 from ..engine.verify import Outputs
 from ..errors import InputFileError, UnsafePickleError, first_line
 from ..inputs import ExampleInputs
+from ..util import picklable
 from .arch import make_cwd_importable
 from .atomic import write_atomically
 from .check import expect_same
@@ -135,7 +136,7 @@ def write_pt(
     it unpickles with ``weights_only=False`` and must reproduce ``references`` within float rounding."""
 
     def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file object: the archive is named "archive", not after the temporary
+        with tmp.open("wb") as f, picklable(model):  # a file object: the archive is named "archive"
             torch.save(model, f)
         expect_same(torch.load(tmp, weights_only=False), runs, references, 0.0, tmp, "pt")
 

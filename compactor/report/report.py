@@ -17,6 +17,7 @@ from torch import nn
 from ..engine.plan import IGNORED, Fate, GroupPlan
 from ..engine.verify import Outputs, depends_on_input
 from ..layers import Role, shrinker_for
+from ..util import picklable
 from .filters import PrunedFilter, kept_by_layer, spans, summary
 
 
@@ -426,7 +427,8 @@ class _ByteCounter:
 def serialized_bytes(model: nn.Module) -> int:
     """The size of ``torch.save(model)``: the bytes a ``.pt`` file of it holds."""
     counter = _ByteCounter()
-    torch.save(model, cast(IO[bytes], counter))  # torch.save needs only write() and flush()
+    with picklable(model):
+        torch.save(model, cast(IO[bytes], counter))  # torch.save needs only write() and flush()
     return counter.count
 
 
