@@ -88,19 +88,26 @@ def test_inception_next_mlp_neurons_go() -> None:
         assert (s.mlp.fc1.out_channels, s.mlp.fc2.in_channels) == (b.mlp.fc1.out_channels - k,) * 2
 
 
-def test_swin_projections_called_functionally_stop_the_walk() -> None:
+@pytest.mark.parametrize("analysis", ["torch-pruning", "auto"])
+def test_swin_projections_called_functionally_stop_the_walk(
+    analysis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """torchvision's Swin runs ``F.linear(x, self.qkv.weight, ...)``: Torch-Pruning takes that for a
     channel-preserving op (and its walk through the attention did not end: 19.5 GiB). The walk stops
     there and the residual stream keeps its channels, saying why; the MLP hidden neurons still go."""
+    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", analysis)
     shape = (1, 3, 32, 32)
     model = _masked(R.SwinTransformer, shape)
     small, report = _compact(model, shape)
     issues = report.extra["graph_issues"]
-    assert issues and not [i for i in issues if UNSETTLED in i]
-    functional = re.compile(
-        r"reads the weight of features\.\d\.\d\.attn\.(qkv|proj), a layer the forward never calls"
-    )
-    assert all(functional.search(i) for i in issues), issues
+    if analysis == "torch-pruning":
+        assert issues and not [i for i in issues if UNSETTLED in i]
+        functional = re.compile(
+            r"reads the weight of features\.\d\.\d\.attn\.(qkv|proj), a layer the forward never calls"
+        )
+        assert all(functional.search(i) for i in issues), issues
+    else:  # compactor's labels: F.linear is an op they do not follow, so what it reads stays
+        assert not issues
     blocks = [b for b in model.modules() if isinstance(b, R.SwinTransformerBlock)]
     small_blocks = [b for b in small.modules() if isinstance(b, R.SwinTransformerBlock)]
     for b, s in zip(blocks, small_blocks):
@@ -120,6 +127,7 @@ def test_a_failing_index_mapping_keeps_only_the_roots_that_reach_it(monkeypatch:
     """The library's index-mapping pass fails on one op (ShuffleNetV2's channel shuffle divides by zero,
     a concatenation it cannot size adds None): the roots whose channels reach that op keep them, with the
     error; the others compact as before; no crash."""
+    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", "torch-pruning")  # the adapter alone
     model, x = _dense()
     _, before = compactor.compact(model, x)
 
@@ -148,6 +156,7 @@ def test_any_exception_in_a_walk_keeps_that_root(monkeypatch: pytest.MonkeyPatch
     5-D expand, in Hiera and GC-ViT) keeps that root's channels with the error; nothing crashes."""
     from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
 
+    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", "torch-pruning")  # the adapter alone
     model, x = _dense()
 
     def raises(self: Any, idxs: Any) -> Any:
@@ -165,6 +174,7 @@ def test_any_exception_in_a_walk_keeps_that_root(monkeypatch: pytest.MonkeyPatch
 
 
 def test_a_model_the_tracer_cannot_trace_is_kept_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", "torch-pruning")  # the adapter alone
     model, x = _dense()
 
     def fails(*args: Any, **kwargs: Any) -> Any:
@@ -178,6 +188,25 @@ def test_a_model_the_tracer_cannot_trace_is_kept_whole(monkeypatch: pytest.Monke
         "was removed (attention heads may still go)"
     ) in report.warnings
     torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
+
+
+def test_under_auto_a_model_the_tracer_cannot_trace_is_compacted_by_the_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same failure under ``auto``: compactor's own channel labels answer, and the model compacts as
+    it does when Torch-Pruning traces it (the zoo's oracle widths for the dense block)."""
+    model, x = _dense()
+    expected, _ = compactor.compact(model, x)
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(tp.DependencyGraph, "_trace", fails)
+    small, report = compactor.compact(model, x)
+    assert report.params["after"] < report.params["before"]
+    widths = {n: tuple(p.shape) for n, p in small.named_parameters()}
+    assert widths == {n: tuple(p.shape) for n, p in expected.named_parameters()}
+    torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)
 
 
 def test_cli_exits_0_when_the_tracer_fails_in_a_walk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -340,6 +340,10 @@ class _LabelMode(TorchFunctionMode):
             self._reduce(name, args, kwargs, outs, labelled)
         elif name in _SPATIAL:
             self._spatial(name, args, outs, labelled)
+        elif name in ("matmul", "bmm", "__matmul__", "__rmatmul__") and len(args) == 2:
+            self._matmul(name, args, outs)
+        elif name == "scaled_dot_product_attention":
+            self._attention(args, kwargs, outs)
         else:
             for lab in labelled.values():
                 self._opaque(lab, f"{name} reads them (an op compactor does not follow)")
@@ -520,6 +524,50 @@ class _LabelMode(TorchFunctionMode):
                 )
             else:
                 self._set(t, self._blank(t))
+
+    def _matmul(self, name: str, args: Any, outs: list[torch.Tensor]) -> None:
+        """``a @ b`` sums over a's last and b's second-to-last dimension. Channels that run along b's last
+        dimension (attention weights times the values) or a's rows pass through one by one, as long as
+        the other operand holds no channels; channels summed over are mixed: opaque."""
+        a, b = (args[1], args[0]) if name == "__rmatmul__" else (args[0], args[1])
+        la, lb = self.labels_of(a), self.labels_of(b)
+        out = outs[0] if outs else None
+        if out is None or a.dim() < 2 or b.dim() < 2:
+            for lab in (la, lb):
+                if lab is not None:
+                    self._opaque(lab, f"{name} reads across them")
+            return
+        a_free = la is None or not bool((la >= 0).any())
+        b_free = lb is None or not bool((lb >= 0).any())
+        if a_free and lb is not None and _constant_along(lb, lb.dim() - 2):
+            cols = lb.narrow(lb.dim() - 2, 0, 1)  # [..., 1, n]: one label per output column
+            self._set(out, cols.expand(*out.shape[:-2], 1, out.shape[-1]).expand(out.shape).clone())
+        elif b_free and la is not None and _constant_along(la, la.dim() - 1):
+            rows = la.narrow(la.dim() - 1, 0, 1)  # [..., m, 1]: one label per output row
+            self._set(out, rows.expand(*out.shape[:-1], 1).expand(out.shape).clone())
+        else:
+            for lab in (la, lb):
+                if lab is not None:
+                    self._opaque(lab, f"{name} reads across them")
+            self._set(out, self._blank(out))
+
+    def _attention(self, args: Any, kwargs: Any, outs: list[torch.Tensor]) -> None:
+        """``softmax(q k^T) v``: q's and k's channels are summed over (opaque); v's pass through one by one,
+        as in ``attn @ v``."""
+        q, k, v = (_arg(args, kwargs, i, key, None) for i, key in enumerate(("query", "key", "value")))
+        for t in (q, k):
+            lab = self.labels_of(t)
+            if lab is not None:
+                self._opaque(lab, "scaled_dot_product_attention reads across them (queries and keys)")
+        lv = self.labels_of(v)
+        for out in outs:
+            if lv is not None and v.dim() >= 2 and _constant_along(lv, lv.dim() - 2):
+                cols = lv.narrow(lv.dim() - 2, 0, 1)
+                self._set(out, cols.expand(*out.shape[:-2], 1, out.shape[-1]).expand(out.shape).clone())
+            else:
+                if lv is not None:
+                    self._opaque(lv, "scaled_dot_product_attention reads across them")
+                self._set(out, self._blank(out))
 
     def _opaque(self, lab: Labels, why: str) -> None:
         for v in _unique(lab):
