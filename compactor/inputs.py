@@ -54,11 +54,17 @@ class ExampleInputs:
             kwargs={k: _double(v) for k, v in self.kwargs.items()},
         )
 
-    def fresh(self, generator: torch.Generator) -> ExampleInputs:
-        """Random inputs of the same shapes and dtypes (integers stay in the example's range)."""
+    def fresh(self, generator: torch.Generator, *, integers: bool = True) -> ExampleInputs:
+        """Random inputs of the same shapes and dtypes (integers stay in the example's range; with
+        ``integers=False`` they stay the example's own: token ids whose layout the model checks)."""
+
+        def like(t: torch.Tensor) -> torch.Tensor:
+            keep = not integers and not (t.is_floating_point() or t.is_complex())
+            return t.clone() if keep else _like(t, generator)
+
         return ExampleInputs(
-            args=tuple(_like(t, generator) for t in self.args),
-            kwargs={k: _like(v, generator) for k, v in self.kwargs.items()},
+            args=tuple(like(t) for t in self.args),
+            kwargs={k: like(v) for k, v in self.kwargs.items()},
         )
 
     def repeated(self, n: int) -> ExampleInputs:

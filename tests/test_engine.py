@@ -475,3 +475,34 @@ def test_a_layer_writing_a_model_output_keeps_its_zeroed_channels_for_that_reaso
     assert kept == [("head", c, Fate.KEPT_READ_ELSEWHERE.value, reason) for c in (1, 3)]
     assert small.head.out_features == 5
     torch.testing.assert_close(small(x)["logits"], model(x)["logits"], rtol=RTOL, atol=ATOL)
+
+
+class _StartsWithBos(nn.Module):
+    """Checks its token ids, as vision-language models check their image tokens: random ids fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not bool((ids[:, 0] == 1).all()):
+            raise ValueError("every sequence must start with token 1")
+        return self.fc(self.emb(ids)).mean(1)
+
+
+def test_fresh_runs_keep_the_example_integers_where_random_ones_fail() -> None:
+    torch.manual_seed(0)
+    model = _StartsWithBos().eval()
+    prune.custom_from_mask(model.fc, "weight", torch.ones(4, 8).index_fill_(1, torch.tensor([2, 5]), 0))
+    ids = torch.randint(0, 10, (3, 6), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+
+    small, report = compactor.compact(model, ids)
+
+    assert small.fc.in_features == 6 and small.emb.embedding_dim == 6
+    note = [w for w in report.warnings if w.startswith("fresh inputs keep the example's integer inputs")]
+    assert note == [
+        "fresh inputs keep the example's integer inputs: random ones fail "
+        "(ValueError: every sequence must start with token 1)"
+    ]
+    torch.testing.assert_close(small(ids), model(ids), rtol=RTOL, atol=ATOL)
