@@ -84,12 +84,13 @@ _ELEMENTWISE = _words(
     "__and__ __or__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ eq ne lt le gt ge logical_not isnan isinf "
     "nan_to_num floor ceil round trunc frac __abs__ sinh cosh atan tan asin acos"
 )
+_NORMS = frozenset({"norm", "linalg_vector_norm", "vector_norm"})
 _JOIN_WORDS = {"add": "add", "sub": "subtract", "mul": "multiply", "div": "divide"}
 # Ops that reduce or normalise along the dimensions they are given (``dim``): fine across positions that
 # hold one label, opaque across channels.
 _REDUCE = _words(
     "mean sum amax amin max min std var norm logsumexp prod all any softmax log_softmax cumsum cumprod "
-    "std_mean var_mean argmax argmin"
+    "std_mean var_mean argmax argmin linalg_vector_norm vector_norm"
 )
 # Pooling and resizing: channels stay on dim 1, every other dimension but the batch may change.
 _SPATIAL = _words(
@@ -479,7 +480,8 @@ class _LabelMode(TorchFunctionMode):
             for t in outs:
                 self._set(t, self._blank(t))
             return
-        dims = _arg(args, kwargs, 1, "dim", None)
+        at = 2 if name in _NORMS else 1  # norm(x, p, dim, keepdim): the order comes first
+        dims = _arg(args, kwargs, at, "dim", None)
         if dims is None or (name in ("max", "min") and not isinstance(dims, (int, tuple, list))):
             dims = tuple(range(x.dim()))
         dims = tuple(d % x.dim() for d in (dims if isinstance(dims, (tuple, list)) else (dims,)))
@@ -488,7 +490,7 @@ class _LabelMode(TorchFunctionMode):
             for t in outs:
                 self._set(t, self._blank(t))
             return
-        keep = bool(_arg(args, kwargs, 2, "keepdim", False)) or name in (
+        keep = bool(_arg(args, kwargs, at + 1, "keepdim", False)) or name in (
             "softmax",
             "log_softmax",
             "cumsum",
