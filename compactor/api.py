@@ -130,8 +130,12 @@ def _compact(
         )  # fails with one clear line if the inputs do not fit
         baked_model = baked(model).eval()
         generator = torch.Generator().manual_seed(0)
+        candidates = [  # made outside the watch: making them reads tensor values
+            [inputs, *(inputs.fresh(generator, integers=integers) for _ in range(FRESH_RUNS))]
+            for integers in (True, False)
+        ]
         with watch(masked) as seen:
-            runs, references, fresh_note = _references(masked, inputs, generator)
+            runs, references, fresh_note = _references(masked, candidates)
         check_finite(references)
         paths = find_paths(masked, seen, inputs)
         del masked  # the references are all that is needed of it: free its weight_orig and mask copies
@@ -374,26 +378,23 @@ def _guess_warning(inputs: ExampleInputs) -> list[str]:
 
 
 def _references(
-    masked: nn.Module, inputs: ExampleInputs, generator: torch.Generator
+    masked: nn.Module, candidates: list[list[ExampleInputs]]
 ) -> tuple[list[ExampleInputs], list[Outputs], str | None]:
-    """The runs verification compares (the example inputs and ``FRESH_RUNS`` random ones like them) and the
-    masked model's outputs on them. Where the model itself fails on random integers (token ids laid out
-    as it expects: image tokens, special ids), the fresh runs keep the example's integers; where it fails
-    even then, only the example inputs are checked, and that is said."""
+    """The runs verification compares and the masked model's outputs on them: the example inputs and
+    random ones like them (``candidates[0]``). Where the model itself fails on random integers (token ids
+    laid out as it expects: image tokens, special ids), the fresh runs keep the example's integers
+    (``candidates[1]``); where it fails even then, only the example inputs are checked, and that is said."""
     why = ""
-    for integers in (True, False):
-        runs = [inputs, *(inputs.fresh(generator, integers=integers) for _ in range(FRESH_RUNS))]
+    for i, runs in enumerate(candidates):
         try:
             references = reference_outputs(masked, runs)
         except Exception as e:  # the model's own check on its inputs, not a compaction problem
             why = first_line(e, with_type=True)
             continue
-        note = (
-            None if integers else f"fresh inputs keep the example's integer inputs: random ones fail ({why})"
-        )
+        note = f"fresh inputs keep the example's integer inputs: random ones fail ({why})" if i else None
         return runs, references, note
     note = f"verified on the example inputs only: the model fails on random inputs like them ({why})"
-    return [inputs], reference_outputs(masked, [inputs]), note
+    return candidates[0][:1], reference_outputs(masked, candidates[0][:1]), note
 
 
 def _check_layers(model: nn.Module) -> None:
