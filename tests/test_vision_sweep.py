@@ -37,9 +37,16 @@ def test_transformers_vision_model_compacts_exactly(name: str) -> None:
     assert result["check"]["ok"], result["check"]["problems"]
     assert result["check"]["max_abs_error"] <= sweep.TOLERANCE * 100  # scale: |logits| stays well under 100
     assert result["pruned_filters"] > 0
-    # something goes whenever filters were masked: channels, or whole attention heads
-    assert result["removed"] + result["heads_removed"] > 0, _explain(result)
-    assert result["params"]["after"] < result["params"]["before"]
+    # every kept channel says why (a removal that verification refused is one such reason: Perceiver's
+    # reshapes with sizes written in the code; exactness never rests on the prediction)
+    kept = sum(n for fate, n in result["fates"].items() if fate.startswith("kept") or fate == "carrier")
+    assert kept == sum(result["kept_reasons"].values())
+    # something goes unless every zeroed channel is kept for a stated reason (GroupNorm groups in BiT, GRN's
+    # mean over channels in ConvNeXt V2): the removed fractions are in benchmarks/VISION_SWEEP.md
+    if result["removed"] + result["heads_removed"] > 0:
+        assert result["params"]["after"] < result["params"]["before"]
+    else:
+        assert result["params"]["after"] == result["params"]["before"] and result["kept_reasons"]
 
 
 def test_every_mapped_class_is_a_case_once() -> None:
