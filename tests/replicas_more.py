@@ -651,15 +651,19 @@ class MaxxVitStem(nn.Module):
 
 
 class MaxVit(nn.Module):
-    """maxvit_tiny_tf in small: embed_dim (16, 32), depths (1, 1), block type 'M', window = grid = 4,
-    dim_head 8, head_hidden_size 32. Input 64 px."""
+    """maxvit_tiny_tf in small: embed_dim (16, 32), depths (1, 2), block type 'M', window = grid = 4,
+    dim_head 8, head_hidden_size 32. Input 64 px. Each stage's first block strides 2 in its depthwise conv
+    (a Conv2dSame), the others do not (a plain Conv2d with static 'SAME' padding)."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = MaxxVitStem(3, 16)
         self.stages = nn.Sequential(
             nn.Sequential(MaxxVitBlock(16, 16, stride=2, partition_size=4, dim_head=8)),
-            nn.Sequential(MaxxVitBlock(16, 32, stride=2, partition_size=4, dim_head=8)),
+            nn.Sequential(
+                MaxxVitBlock(16, 32, stride=2, partition_size=4, dim_head=8),
+                MaxxVitBlock(32, 32, stride=1, partition_size=4, dim_head=8),
+            ),
         )
         self.norm = nn.Identity()
         self.head = NormMlpClassifierHead(32, num_classes, hidden_size=32, eps=MAXVIT_ATTN_EPS)
