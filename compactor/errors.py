@@ -70,6 +70,11 @@ class CouplingUnsettled(GraphError):
     embedding). Caught by the graph stage, which keeps that root's channels with the message as reason."""
 
 
+class CouplingByRule(GraphError):
+    """Torch-Pruning's channel coupling reached an op it maps by rule (a reshape, permute, split...): its
+    groups would not be trusted, so the walk stops there and compactor's own labels answer instead."""
+
+
 class TimeLimitError(CompactorError, RuntimeError):
     """Compaction ran past its time limit (``--time-limit``); the message names the part it could not analyse."""
 

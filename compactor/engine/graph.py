@@ -28,7 +28,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import CouplingUnmapped, CouplingUnsettled, GraphError, first_line
+from ..errors import CouplingByRule, CouplingUnmapped, CouplingUnsettled, GraphError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
 from ..util import check_time, eval_mode_restored
@@ -49,9 +49,16 @@ def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False
     forward; this switches back). Batch statistics move then: pass a copy."""
     from .labels import label_groups
 
+    by_rule = False
     try:
-        groups: list[ChannelGroup] | None = _tp_groups(model, inputs, train=train)
+        groups: list[ChannelGroup] | None = _tp_groups(
+            model, inputs, train=train, stop_by_rule=ANALYSIS == "auto"
+        )
         failure: GraphError | None = None
+    except (
+        CouplingByRule
+    ):  # its groups would be suspect: the labels answer, Torch-Pruning's only if they fail
+        groups, failure, by_rule = None, None, True
     except GraphError as e:
         groups, failure = None, e
     if ANALYSIS == "torch-pruning" or (ANALYSIS == "auto" and groups is not None and not _suspect(groups)):
@@ -62,6 +69,8 @@ def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False
     try:
         return label_groups(model, inputs, train=train)
     except Exception as e:  # the label trace fails on an op it cannot replay: keep what there is
+        if by_rule:
+            groups = _tp_groups(model, inputs, train=train)
         if groups is not None and ANALYSIS == "auto":
             return groups
         raise GraphError(
@@ -88,8 +97,15 @@ def _suspect(groups: list[ChannelGroup]) -> bool:
     return False
 
 
-def _tp_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) -> list[ChannelGroup]:
-    """Torch-Pruning's groups (raises :class:`GraphError` where it cannot trace the model)."""
+def _tp_groups(
+    model: nn.Module, inputs: ExampleInputs, *, train: bool = False, stop_by_rule: bool = False
+) -> list[ChannelGroup]:
+    """Torch-Pruning's groups (raises :class:`GraphError` where it cannot trace the model).
+
+    ``stop_by_rule``: raise :class:`CouplingByRule` as soon as a walk reaches an op whose member would make
+    the groups suspect (:func:`_suspect`), rather than finish walks whose answer would be set aside: through
+    the window partitions of a MaxViT, Torch-Pruning's reshape mappings multiply the index lists into the
+    millions (issue #11: 101 s)."""
 
     def forward(m: nn.Module, x: ExampleInputs) -> Any:
         return m.train(train)(*x.args, **x.kwargs)
@@ -120,7 +136,8 @@ def _tp_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) 
                 ) from e
             unmapped = _map_indices(graph)
         unmapped = {**_functional_weights(graph, model), **unmapped}
-        groups = _collect_groups(graph, model, names, unmapped, _output_writers(graph, outputs))
+        writers = _output_writers(graph, outputs)
+        groups = _collect_groups(graph, model, names, unmapped, writers, stop_by_rule=stop_by_rule)
     return groups
 
 
@@ -267,6 +284,8 @@ def _collect_groups(
     param_names: dict[Any, str],
     unmapped: Mapping[Any, str],
     output_writers: set[nn.Module],
+    *,
+    stop_by_rule: bool = False,
 ) -> list[ChannelGroup]:
     module_names = {m: n for n, m in model.named_modules()}
     writes_output = {module_names[m] for m in output_writers if m in module_names}
@@ -285,7 +304,11 @@ def _collect_groups(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tp_group = _pruning_group(graph, module, pruner.prune_out_channels, n, unmapped=unmapped)
+                tp_group = _pruning_group(
+                    graph, module, pruner.prune_out_channels, n, unmapped=unmapped, stop_by_rule=stop_by_rule
+                )
+        except CouplingByRule:
+            raise
         except Exception as e:  # the library's mappings can raise anything: that root's channels stay
             why = (
                 str(e)
@@ -313,8 +336,14 @@ def _collect_groups(
 
 
 def _pruning_group(
-    graph: Any, module: nn.Module, prune_out: Any, n: int, *, unmapped: Mapping[Any, str] = {}
-) -> Any:  # read only
+    graph: Any,
+    module: nn.Module,
+    prune_out: Any,
+    n: int,
+    *,
+    unmapped: Mapping[Any, str] = {},  # read only
+    stop_by_rule: bool = False,
+) -> Any:
     """``graph.get_pruning_group(module, prune_out, range(n))``: the same coupled channels, found as a
     fixpoint.
 
@@ -356,6 +385,11 @@ def _pruning_group(
                     f"torch-pruning cannot map channels through {nxt.target.name} ({unmapped[nxt.target]}), "
                     f"which the channels of {graph._module2name.get(module, module)} reach: kept"
                 )
+            if stop_by_rule and _by_rule(nxt.target, graph):
+                raise CouplingByRule(
+                    f"torch-pruning maps the channels of {graph._module2name.get(module, module)} through "
+                    f"{nxt.target.name} by rule"
+                )
             mapped = new
             for mapping in nxt.index_mapping:
                 if mapping is not None:
@@ -377,6 +411,16 @@ def _pruning_group(
         group[len(group) - 1] = item
     group._DG = graph
     return group
+
+
+def _by_rule(node: Any, graph: Any) -> bool:
+    """Whether :func:`_convert` would make ``node`` a member that :func:`_suspect` sets aside: a traced op
+    (not a layer of the model or a parameter) that cuts channels at fixed sizes or moves them by rule."""
+    target = node.module
+    if isinstance(target, nn.Parameter) or target in graph._module2name:
+        return False
+    op = type(target).__name__
+    return _kind_of_op(target, node.name).fixed_sizes or any(w in node.name or w in op for w in _SUSPECT_OPS)
 
 
 def _index_limits(graph: Any) -> dict[Any, int]:

@@ -69,8 +69,19 @@ _MOVE = _words(
     "chunk split tensor_split unbind cat concat concatenate stack hstack vstack __getitem__ narrow select "
     "expand expand_as repeat tile roll flip squeeze unsqueeze pixel_shuffle pixel_unshuffle channel_shuffle "
     "native_channel_shuffle pad clone detach view_as reshape_as index_select __setitem__ unfold_copy "
-    "diagonal"
+    "diagonal Tensor.unfold"
 )
+# Methods told apart from a function of the same name: ``Tensor.unfold`` is a sliding-window view (HaloNet's
+# overlapping key/value blocks), replayed exactly; ``F.unfold`` (im2col) is not followed (its zero padding
+# would read as a channel label).
+_METHOD_NAMES: tuple[tuple[Any, str], ...] = ((torch.Tensor.unfold, "Tensor.unfold"),)
+
+
+def _op_name(func: Any) -> str:
+    named = next((name for method, name in _METHOD_NAMES if func is method), None)
+    return named if named is not None else str(getattr(func, "__name__", func))
+
+
 # Ops whose output element depends on the same element of each input (after broadcasting).
 _ELEMENTWISE = _words(
     "add sub mul div true_divide floor_divide rsub __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ "
@@ -302,7 +313,7 @@ class _LabelMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.depth > 0:
             return out
-        name = getattr(func, "__name__", str(func))
+        name = _op_name(func)
         if name in _IGNORE:
             return out
         self.trace.ops += 1

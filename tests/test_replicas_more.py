@@ -1,0 +1,179 @@
+"""The timm models of issue #11 that crashed, hung or ran for minutes (HaloNet, MaxViT, EfficientViT MIT and
+MSRA, XCiT, GC-ViT, EfficientFormer, TinyViT), replicated in ``replicas_more``: each compacts within the time
+limit, exactly (fresh inputs), with no channel found by a failed verification, and with the hidden widths
+the weights dictate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import replicas_more as R
+import torch
+from replicas_timm import pruned_count
+from torch import nn
+from zoo import ChannelsLastFlatten
+
+import compactor
+from compactor.engine.masks import baked
+from compactor.engine.plan import Fate
+
+RTOL, ATOL = 1e-4, 1e-5
+
+# name: (model, input shape, (writer, reader) suffixes whose hidden channels go: the writer's rows the mask
+# zeroes are removed or folded into the reader)
+CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[tuple[str, str], ...]]] = {
+    "halonet": (
+        R.HaloNet,
+        (1, 3, 32, 32),
+        (("conv1_1x1.conv", "self_attn.q"), ("conv1_1x1.conv", "self_attn.kv")),
+    ),
+    "maxvit": (
+        R.MaxVit,
+        (1, 3, 64, 64),
+        (("mlp.fc1", "mlp.fc2"), ("se.fc1", "se.fc2"), ("head.pre_logits.fc", "head.fc")),
+    ),
+    "efficientvit_mit_b": (R.EfficientVit, (1, 3, 64, 64), (("head.in_conv.conv", "head.classifier.0"),)),
+    "efficientvit_mit_l": (
+        R.EfficientVitLarge,
+        (1, 3, 64, 64),
+        (("head.in_conv.conv", "head.classifier.0"),),
+    ),
+    "efficientvit_msra": (
+        R.EfficientVitMsra,
+        (1, 3, 128, 128),
+        (("m.pw1.conv", "m.pw2.conv"), ("se.fc1", "se.fc2")),
+    ),
+    "xcit": (R.Xcit, (1, 3, 32, 32), (("mlp.fc1", "mlp.fc2"),)),
+    "gcvit": (R.GlobalContextVit, (1, 3, 64, 64), (("mlp.fc1", "mlp.fc2"), ("se.fc1", "se.fc2"))),
+    "efficientformer": (R.EfficientFormer, (1, 3, 64, 64), (("mlp.fc1", "mlp.fc2"),)),
+    "tinyvit": (R.TinyVit, (1, 3, 64, 64), (("mlp.fc1", "mlp.fc2"),)),
+}
+
+
+def _width(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels, m.in_channels
+    assert isinstance(m, nn.Linear)
+    return m.out_features, m.in_features
+
+
+def _zero_rows(m: nn.Module) -> int:
+    return int((m.weight.detach().flatten(1) == 0).all(1).sum())
+
+
+def _compact(name: str) -> tuple[nn.Module, nn.Module, list[dict[str, Any]]]:
+    make, shape, _ = CASES[name]
+    torch.manual_seed(0)
+    model = R.masked(make(), shape)
+    model(torch.randn(*shape))  # a user's evaluation: attention-bias caches fill, grad on
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    small, report = compactor.compact(model, x, time_limit=60)
+    with torch.no_grad():
+        for seed in (5, 6):
+            y = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(small(y), model(y), rtol=RTOL, atol=ATOL)
+    fates: list[dict[str, Any]] = report.to_dict()["zeroed"]
+    return model, small, fates
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compacts_exactly_with_every_fate_predicted(name: str) -> None:
+    """No exception, no time-out, outputs equal on fresh inputs, no channel kept by a failed verification;
+    every (writer, reader) pair loses exactly the writer's zeroed rows."""
+    model, small, fates = _compact(name)
+    assert [f for f in fates if f["fate"] == Fate.KEPT_UNVERIFIED.value] == []
+    assert any(Fate(f["fate"]).removed for f in fates)
+    dense, modules = baked(model), dict(small.named_modules())
+    names = {n for n, _ in dense.named_modules()}
+    pairs = 0
+    for writer, reader in CASES[name][2]:
+        for path, m in dense.named_modules():
+            prefix = path[: -len(writer)]
+            if not path.endswith(writer) or prefix + reader not in names:
+                continue
+            out, _ = _width(m)
+            gone = _zero_rows(m)
+            assert gone == pruned_count(out), path
+            assert _width(modules[path])[0] == out - gone, path
+            assert _width(modules[prefix + reader])[1] == out - gone, prefix + reader
+            pairs += 1
+    assert pairs >= len(CASES[name][2])
+
+
+@pytest.mark.parametrize("make", [R.EfficientFormer, R.TinyVit, R.EfficientVitMsra])
+def test_attention_bias_caches_hold_non_leaf_tensors_before_compaction(make: Callable[[], nn.Module]) -> None:
+    """What made ``deepcopy`` fail (issue #11): the eval-mode forward with grad on caches
+    ``attention_biases[:, idxs]``, a tensor with a grad_fn; compaction copies it (checked above)."""
+    model = make().eval()
+    shape = (1, 3, 128, 128) if make is R.EfficientVitMsra else (1, 3, 64, 64)
+    model(torch.randn(*shape))
+    caches = [m.attention_bias_cache for m in model.modules() if hasattr(m, "attention_bias_cache")]
+    assert caches and all(c["cpu"].grad_fn is not None for c in caches)
+
+
+def test_halonet_keeps_the_key_value_split_and_removes_the_rest() -> None:
+    """Labels follow ``Tensor.unfold`` (the halo's overlapping key/value windows): kv's channels stay only
+    because its output is split into k and v at sizes the code fixes and k meets q in a matmul; the
+    projection after the attention reads every value channel."""
+    model, small, fates = _compact("halonet")
+    dense, modules = baked(model), dict(small.named_modules())
+    for stage in ("stages.1", "stages.2"):
+        kv = dense.get_submodule(f"{stage}.self_attn.kv")
+        assert _width(modules[f"{stage}.self_attn.kv"])[0] == kv.out_channels
+        reasons = {f["reason"] for f in fates if f["layer"] == f"{stage}.self_attn.kv"}
+        assert reasons and all("unfold" not in r for r in reasons), reasons
+    # the residual stream of the last stage: a channel goes where the shortcut's and conv3's rows are zero
+    rows = [
+        dense.get_submodule(f"stages.2.{w}").weight.detach().flatten(1).eq(0).all(1)
+        for w in ("shortcut.conv", "conv3_1x1.conv")
+    ]
+    dead = int((rows[0] & rows[1]).sum())
+    assert dead > 0
+    assert _width(modules["head.fc"]) == (10, 64 - dead)
+
+
+def test_maxvit_same_padded_convs_are_kept_with_their_reason() -> None:
+    """timm's ``Conv2dSame`` (TF 'SAME' padding, computed from the input's size in the forward) is not a
+    Conv2d as the shrinker knows it: its channels stay, said so; the stride-1 depthwise conv of the next
+    block, a plain Conv2d, is planned as usual."""
+    _, _, fates = _compact("maxvit")
+    why = "Conv2dSame has a forward of its own that does not compute Conv2d's on its weights"
+    same = {f["layer"]: f["reason"].split(":")[0] for f in fates if why in f["reason"]}
+    # the groups of the convs writing into them (a depthwise conv's inputs and outputs are one group)
+    assert same == {
+        "stem.conv1": "stem.conv1",
+        "stages.0.0.conv.conv1_1x1": "stages.0.0.conv.conv2_kxk",
+        "stages.1.0.conv.conv1_1x1": "stages.1.0.conv.conv2_kxk",
+    }
+    plain = {f["reason"] for f in fates if f["layer"] == "stages.1.1.conv.conv1_1x1"}
+    assert plain and not any("Conv2dSame" in r for r in plain)
+
+
+def test_torch_pruning_walk_stops_at_an_op_it_maps_by_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MaxViT (issue #11: 101 s): the window partitions are reshapes and permutes, so Torch-Pruning's groups
+    would be set aside for the labels; its walk stops at the first one instead of multiplying index lists.
+    Where the labels then fail, Torch-Pruning's groups are finished after all and answer."""
+    from compactor.engine import graph, labels
+    from compactor.errors import CouplingByRule
+    from compactor.inputs import ExampleInputs
+
+    model = baked(R.masked(R.MaxVit(), (1, 3, 64, 64)))
+    inputs = ExampleInputs((torch.randn(1, 3, 64, 64),), {})
+    with pytest.raises(CouplingByRule, match="by rule"):
+        graph._tp_groups(model, inputs, stop_by_rule=True)
+    ours = graph.build_groups(model, inputs)
+    assert [g.root for g in ours] == [g.root for g in labels.label_groups(model, inputs)]
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("an op the labels cannot replay")
+
+    monkeypatch.setattr(labels, "label_groups", fail)
+    small = ChannelsLastFlatten().eval()  # a permute before a Linear: suspect, but a walk of a moment
+    tiny = ExampleInputs((torch.randn(1, 3, 2, 2),), {})
+    with pytest.raises(CouplingByRule):
+        graph._tp_groups(small, tiny, stop_by_rule=True)
+    theirs = graph.build_groups(small, tiny)
+    assert theirs == graph._tp_groups(small, tiny)
+    assert graph._suspect(theirs)
