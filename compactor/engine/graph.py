@@ -80,7 +80,10 @@ def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False
 
 ANALYSIS = "auto"  # "auto" | "torch-pruning" | "labels": which analysis build_groups uses (tests compare)
 
-_SUSPECT_OPS = ("Reshape", "View", "Permute", "Transpose", "Unflatten", "Roll", "Slice", "Split", "Unbind")
+# Ops Torch-Pruning maps by rule. A reshape alone (a flatten before the classifier) it maps right; with one
+# of the others in the same group (a permute to channels-last, then a flatten; a channel shuffle) it does not.
+_SUSPECT_OPS = ("Permute", "Transpose", "Unflatten", "Roll", "Slice", "Split", "Unbind")
+_RESHAPES = ("Reshape", "View")
 
 
 def _suspect(groups: list[ChannelGroup]) -> bool:
@@ -89,11 +92,12 @@ def _suspect(groups: list[ChannelGroup]) -> bool:
     for group in groups:
         if group.issues:
             return True
-        for m in group.members:
-            if m.kind is not Kind.LAYER and (
-                m.kind.fixed_sizes or any(op in m.name or op in m.op for op in _SUSPECT_OPS)
-            ):
-                return True
+        ops = [m for m in group.members if m.kind is not Kind.LAYER]
+        if any(m.kind.fixed_sizes or any(op in m.name or op in m.op for op in _SUSPECT_OPS) for m in ops):
+            return True
+        reshapes = [m for m in ops if any(op in m.name or op in m.op for op in _RESHAPES)]
+        if len(reshapes) > 1:  # a split and a merge back (view -> ... -> view): a shuffle, heads
+            return True
     return False
 
 

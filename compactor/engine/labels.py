@@ -59,7 +59,12 @@ def _unique(t: torch.Tensor) -> list[float]:
 
 
 def _unique_rows(t: torch.Tensor) -> list[list[float]]:
-    rows: list[list[float]] = torch.unique(t, dim=0).tolist()
+    """The distinct rows of ``t`` ([n, 2] of labels >= 0): each pair packed into one int64 and sorted, far
+    faster than ``unique(dim=0)`` on the millions of positions of a feature map."""
+    pairs = t.to(torch.int64)
+    base = int(pairs.max().item()) + 1 if pairs.numel() else 1
+    packed = _unique_t(pairs[:, 0] * base + pairs[:, 1])
+    rows: list[list[float]] = torch.stack([packed // base, packed % base], 1).tolist()
     return rows
 
 
@@ -247,8 +252,12 @@ class _LabelMode(TorchFunctionMode):
             if self.depth == 0:
                 x = next((a for a in args if isinstance(a, torch.Tensor)), None)
                 if x is not None:
-                    self._count_use(x, name)
-                    self._layer_input(name, module, x)
+                    self.depth += 1  # the label work below is not the model's: not traced
+                    try:
+                        self._count_use(x, name)
+                        self._layer_input(name, module, x)
+                    finally:
+                        self.depth -= 1
             self.depth += 1
 
         return hook
@@ -258,7 +267,11 @@ class _LabelMode(TorchFunctionMode):
             self.depth -= 1
             if self.depth == 0:
                 x = next((a for a in args if isinstance(a, torch.Tensor)), None)
-                self._layer_output(name, module, x, out)
+                self.depth += 1  # the label work below is not the model's: not traced
+                try:
+                    self._layer_output(name, module, x, out)
+                finally:
+                    self.depth -= 1
 
         return hook
 
@@ -725,8 +738,17 @@ def _along(t: torch.Tensor, dim: int, values: list[int]) -> Labels:
 def _per_index(lab: Labels, dim: int) -> list[set[int]]:
     """Per index along ``dim``: the labels found there (every position, every batch element)."""
     moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
-    uniq = [_unique_t(row) for row in moved]
-    return [{int(v) for v in u.tolist() if v >= 0} for u in uniq]
+    if moved.shape[1] == 0:
+        return [set() for _ in range(moved.shape[0])]
+    first = moved[:, 0]
+    constant = (moved == first[:, None]).all(1).tolist()  # the common case: one label per index
+    values = first.tolist()
+    return [
+        ({int(values[i])} if values[i] >= 0 else set())
+        if constant[i]
+        else {int(v) for v in _unique_t(moved[i]).tolist() if v >= 0}
+        for i in range(moved.shape[0])
+    ]
 
 
 def _varies(per: list[set[int]]) -> bool:
@@ -934,7 +956,9 @@ def _group(
         if c is None:
             continue
         for n, i in members_by_class.get(c, []):
-            idxs.setdefault(n, [[] for _ in roots])[r].append(i)
+            if n not in idxs:
+                idxs[n] = [[] for _ in roots]
+            idxs[n][r].append(i)
     members = []
     for n, per_root in sorted(idxs.items()):
         read = reads[n]
