@@ -81,6 +81,10 @@ class ChannelGroup:
     exact: bool = False
     opaque: tuple[tuple[int, str], ...] = ()
     at_output: tuple[int, ...] = ()  # exact groups: the root channels a model output holds
+    # exact groups: root channels that pass a reduction whose value on a constant depends on the input's
+    # size (a sum over positions, a softmax): a constant there holds at the example's size only, so such a
+    # channel goes only where its readers see exactly zero. Per root channel, the reduction.
+    sized: tuple[tuple[int, str], ...] = ()
 
     def layers(self, side: Side | None = None) -> list[Member]:
         return [m for m in self.members if m.kind is Kind.LAYER and (side is None or m.side is side)]

@@ -85,6 +85,11 @@ _ELEMENTWISE = _words(
     "nan_to_num floor ceil round trunc frac __abs__ sinh cosh atan tan asin acos"
 )
 _NORMS = frozenset({"norm", "linalg_vector_norm", "vector_norm"})
+# Reductions whose value on a constant depends on how many elements they reduce (a sum is ``k * n``, a
+# softmax ``1 / n``): a constant channel through them is a constant at the example's size only.
+_SIZED = _words(
+    "sum nansum prod norm linalg_vector_norm vector_norm logsumexp softmax log_softmax cumsum cumprod"
+)
 _JOIN_WORDS = {"add": "add", "sub": "subtract", "mul": "multiply", "div": "divide"}
 # Ops that reduce or normalise along the dimensions they are given (``dim``): fine across positions that
 # hold one label, opaque across channels.
@@ -150,6 +155,7 @@ class _Trace:
     reads: list[_Read] = field(default_factory=list)
     producers: list[tuple[str, list[int]]] = field(default_factory=list)  # mixing layer, its out labels
     opaque: dict[int, str] = field(default_factory=dict)  # label -> why its channel must stay
+    sized: dict[int, str] = field(default_factory=dict)  # label -> the reduction whose size it depends on
     outputs: set[int] = field(default_factory=set)
     uses: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # id(tensor) -> times read
     written_by: dict[int, str] = field(default_factory=dict)  # id(tensor) -> the layer that wrote it
@@ -185,6 +191,8 @@ class _LabelMode(TorchFunctionMode):
         self.labels: dict[int, tuple[torch.Tensor, Labels]] = {}  # id(tensor) -> (tensor, labels)
         self.params = {id(p): (n, p) for n, p in model.named_parameters()}
         self.depth = 0  # > 0 inside a layer compactor knows: its own ops are not traced
+        self.first_read: dict[str, list[set[int]]] = {}  # layer -> labels per input index, first call
+        self.written: dict[str, list[int]] = {}  # mixing layer -> the labels of its output channels
 
     # --- labels kept beside tensors ---------------------------------------------------------------
     def labels_of(self, t: Any) -> Labels | None:
@@ -258,8 +266,9 @@ class _LabelMode(TorchFunctionMode):
             self._opaque(lab, f"{name} reads its channels from a dimension compactor could not find")
             return
         per_index = _per_index(lab, dim)
-        for labels in per_index:  # a layer treats every copy of its input channel alike
-            _unite(self.trace.uf, labels)
+        first = self.first_read.setdefault(name, per_index)
+        for i, labels in enumerate(per_index):  # a layer treats every copy of its input channel alike,
+            _unite(self.trace.uf, labels | (first[i] if i < len(first) else set()))  # in every call
         side = Side.OUT if role is Role.CHANNELWISE else Side.IN
         self.trace.reads.append(_Read(name, type(module).__name__, side, Kind.LAYER, 0, per_index))
 
@@ -274,16 +283,20 @@ class _LabelMode(TorchFunctionMode):
             self.trace.written_by[id(t)] = name
             self.trace.feeds[name].append(id(t))
             if role is Role.MIXING and width:
-                dim = _channel_dim(t, shrinker.input_channel_dim, width)
+                out_dim = shrinker.output_channel_dim
+                dim = _channel_dim(t, shrinker.input_channel_dim if out_dim is None else out_dim, width)
                 if dim is None:
                     self._set(t, self._blank(t))
                     continue
-                fresh = [self.trace.uf.new() for _ in range(width)]
-                self.trace.owner.update({f: name for f in fresh})
-                self.trace.producers.append((name, fresh))
-                self.trace.reads.append(
-                    _Read(name, type(module).__name__, Side.OUT, Kind.LAYER, 0, [{f} for f in fresh])
-                )
+                fresh = self.written.get(name, [])  # a layer called again writes the same channels
+                if len(fresh) != width:
+                    fresh = [self.trace.uf.new() for _ in range(width)]
+                    self.written[name] = fresh
+                    self.trace.owner.update({f: name for f in fresh})
+                    self.trace.producers.append((name, fresh))
+                    self.trace.reads.append(
+                        _Read(name, type(module).__name__, Side.OUT, Kind.LAYER, 0, [{f} for f in fresh])
+                    )
                 self._set(t, _along(t, dim, fresh))
             elif (
                 xlab is not None and t.shape == xlab.shape
@@ -352,11 +365,11 @@ class _LabelMode(TorchFunctionMode):
                 self._set(t, self._blank(t))
 
     def _substitute(self, value: Any) -> Any:
-        """The op's arguments with every data tensor replaced by its labels (-1 for unlabelled data)."""
+        """The op's arguments with every tensor replaced by its labels (-1 for unlabelled data)."""
 
         def swap(a: Any) -> Any:
-            if not isinstance(a, torch.Tensor) or not (a.is_floating_point() or a.is_complex()):
-                return a  # indices, masks and shapes stay as they are
+            if not isinstance(a, torch.Tensor):
+                return a
             lab = self.labels_of(a)
             return lab if lab is not None else self._blank(a)
 
@@ -367,14 +380,22 @@ class _LabelMode(TorchFunctionMode):
     ) -> None:
         if name == "__setitem__":
             target = args[0]
-            lab = self.labels_of(target)
-            lab = lab.clone() if lab is not None else self._blank(target)
+            before = self.labels_of(target)
+            before = before if before is not None else self._blank(target)
+            lab = before.clone()
             value = args[2]
-            vlab = self._substitute(value) if isinstance(value, torch.Tensor) else -1.0
-            lab[self._substitute(args[1])] = vlab
+            vlab = self.labels_of(value) if isinstance(value, torch.Tensor) else None
+            lab[args[1]] = vlab if vlab is not None else -1.0  # the index stays as it is
             self._set(target, lab)
+            mask = self.labels_of(args[1])  # x[x < 0] = 0: a mask of x's own channels, element by element
+            elementwise = mask is not None and args[1].dtype == torch.bool and torch.equal(mask, before)
+            if target.dim() > 0 and not elementwise:  # the positions written are fixed in the code
+                self._note_index(f"{name}@{self.trace.ops}", target, before, args[1], lab)
             return
-        sargs, skwargs = self._substitute(args), self._substitute(kwargs)
+        if name in ("__getitem__", "index_select"):  # the data becomes labels, the index stays as it is
+            sargs, skwargs = (self._substitute(args[0]), *args[1:]), kwargs
+        else:
+            sargs, skwargs = self._substitute(args), self._substitute(kwargs)
         if name == "pad":
             skwargs = dict(skwargs)
             if len(sargs) > 3 or "value" in skwargs or (skwargs.get("mode", "constant") == "constant"):
@@ -388,6 +409,10 @@ class _LabelMode(TorchFunctionMode):
             x, y = self.labels_of(args[0]), self.labels_of(_tensors(out)[0]) if _tensors(out) else None
             if x is not None and y is not None:
                 _unite_split(self.trace.uf, x, y)
+        if name in ("channel_shuffle", "native_channel_shuffle"):
+            self._shuffle(args, kwargs)
+        if name == "roll":
+            self._roll(args, kwargs)
         if name in ("cat", "concat", "concatenate", "stack", "hstack", "vstack"):
             for t in _tensors(out):
                 self.trace.catted.update(
@@ -395,22 +420,65 @@ class _LabelMode(TorchFunctionMode):
                 )
         self._note_cut(name, func, args, kwargs, labelled)
 
+    def _shuffle(self, args: Any, kwargs: Any) -> None:
+        """``channel_shuffle(x, g)`` is ``view(b, g, c // g, ...) -> transpose -> reshape``: channel
+        ``a * (c // g) + j`` goes to ``j * g + a``, which stays right only if every block loses the same
+        ``j`` (see :func:`_unite_split`)."""
+        x, groups = args[0], int(_arg(args, kwargs, 1, "groups", 1))
+        lab = self.labels_of(x)
+        if lab is not None and x.dim() >= 2 and groups > 1 and x.shape[1] % groups == 0:
+            split = lab.reshape(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
+            _unite_split(self.trace.uf, lab, split)
+
+    def _roll(self, args: Any, kwargs: Any) -> None:
+        """``roll`` along channels wraps the last ``s`` (or, rolled back, the first ``s``) round: those
+        move when a channel goes, so they stay (a slice member); the others keep their places."""
+        x = args[0]
+        lab = self.labels_of(x)
+        if lab is None or x.dim() == 0:
+            return
+        shifts, dims = _arg(args, kwargs, 1, "shifts", 0), _arg(args, kwargs, 2, "dims", None)
+        shifts = list(shifts) if isinstance(shifts, (tuple, list)) else [shifts]
+        dims = list(dims) if isinstance(dims, (tuple, list)) else ([] if dims is None else [dims])
+        if not dims:  # rolled flat: every position moves with any channel that goes
+            if any(_varies(_per_index(lab, d)) for d in range(x.dim())):
+                self._opaque(lab, "roll over the flattened tensor moves them")
+            return
+        for shift, dim in zip(shifts, dims):
+            dim, n = int(dim) % x.dim(), x.shape[int(dim) % x.dim()]
+            per, k = _per_index(lab, dim), int(shift)
+            if not k or not _varies(per):
+                continue
+            if abs(k) >= n:  # wraps more than once: the wrap moves with the size
+                wrapped = per
+            else:
+                wrapped = [p if (i >= n - k if k > 0 else i < -k) else set() for i, p in enumerate(per)]
+            self._add_read(f"roll@{self.trace.ops}", "roll", Kind.SLICE, dim, wrapped, ())
+
     def _note_cut(self, name: str, func: Any, args: Any, kwargs: Any, labelled: dict[int, Labels]) -> None:
-        """A chunk, split or slice along a dimension where channels vary: a member with its pieces."""
-        if name not in ("chunk", "split", "tensor_split", "unbind", "__getitem__", "narrow", "select"):
+        """A chunk, split, slice or index along a dimension where channels vary: a member with its pieces."""
+        if name not in (
+            "chunk",
+            "split",
+            "tensor_split",
+            "unbind",
+            "__getitem__",
+            "narrow",
+            "select",
+            "index_select",
+        ):
             return
         x = args[0]
         lab = labelled.get(id(x))
         if lab is None or x.dim() == 0:
             return
         if name == "__getitem__":
-            dim, piece = _getitem_cut(x, args[1])
-            if dim is None:
-                return
-        else:
-            dim = _arg(args, kwargs, 2 if name != "unbind" else 1, "dim", 0)
-            dim = int(dim) % x.dim()
-            piece = None
+            self._note_index(f"{name}@{self.trace.ops}", x, lab, args[1], lab)
+            return
+        dim = _arg(args, kwargs, 2 if name != "unbind" else 1, "dim", 0)
+        if name == "index_select":
+            dim = _arg(args, kwargs, 1, "dim", 0)
+        dim = int(dim) % x.dim()
         per = _per_index(lab, dim)
         if not _varies(per):
             return  # the cut runs along a dimension that holds no channels
@@ -422,14 +490,21 @@ class _LabelMode(TorchFunctionMode):
             self._add_read(f"chunk@{self.trace.ops}", "chunk", Kind.CHUNK, dim, per, pieces)
             return
         what = {"unbind": Kind.UNBIND, "split": Kind.SPLIT, "tensor_split": Kind.SPLIT}.get(name, Kind.SLICE)
-        if what is Kind.SLICE and piece is not None:
-            kept = [per[i] for i in piece]
-            dropped = {v for i in range(n) if i not in set(piece) for v in per[i]}
-            for s in kept:
-                dropped -= s
-            per = [s if i in set(piece) else set() for i, s in enumerate(per)]
-            del kept, dropped  # channels cut away are read by nothing: they go like unread channels
         self._add_read(f"{name}@{self.trace.ops}", name, what, dim, per, ())
+
+    def _note_index(self, name: str, x: torch.Tensor, lab: Labels, index: Any, written: Labels) -> None:
+        """``x[index]`` read or written: per dimension it cuts where channels vary, a slice member holding
+        every channel whose position the index fixes (``written``: the labels after a ``__setitem__``)."""
+        cuts = _index_cuts(x, index)
+        if cuts is None:
+            self._opaque(lab, f"{name.split('@')[0]} indexes them in a way compactor does not follow")
+            self._opaque(written, f"{name.split('@')[0]} indexes them in a way compactor does not follow")
+            return
+        for cut in cuts:
+            per = [a | b for a, b in zip(_per_index(lab, cut.dim), _per_index(written, cut.dim))]
+            if _varies(per):
+                op = name.split("@")[0]
+                self._add_read(name, op, Kind.SLICE, cut.dim, _held_positions(per, cut), ())
 
     def _add_read(
         self, name: str, op: str, kind: Kind, dim: int, per: list[set[int]], pieces: tuple[int, ...]
@@ -440,6 +515,8 @@ class _LabelMode(TorchFunctionMode):
         self, name: str, args: Any, kwargs: Any, outs: list[torch.Tensor], labelled: dict[int, Labels]
     ) -> None:
         data = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        if name in ("to", "type_as"):
+            data = data[:1]  # the other tensor gives a dtype and device only
         labs = [self.labels_of(a) for a in data]
         shape = _broadcast([a.shape for a in data])
         full = [lab.expand(shape) if lab is not None else None for lab in labs]
@@ -452,6 +529,7 @@ class _LabelMode(TorchFunctionMode):
                 for a, b in pairs:
                     self.trace.uf.union(int(a), int(b))
             merged = torch.where(merged >= 0, merged, other)
+        self._unsliceable(name, data, full, merged, shape)
         gates = [f for a, f in zip(data, full) if f is not None and id(a) not in self.params]
         if len(gates) > 1 and name in ("mul", "__mul__", "__rmul__", "__imul__", "mul_"):
             self._gate(gates, shape)  # two activations (a squeeze-excite gate), not a LayerScale parameter
@@ -460,6 +538,29 @@ class _LabelMode(TorchFunctionMode):
             self.trace.joins.append((word, [{int(v) for v in _unique(r) if v >= 0} for r in real]))
         for t in outs:
             self._set(t, merged.expand(t.shape).clone() if merged.shape != t.shape else merged)
+
+    def _unsliceable(
+        self,
+        name: str,
+        data: list[torch.Tensor],
+        full: list[Labels | None],
+        merged: Labels,
+        shape: torch.Size,
+    ) -> None:
+        """An operand without channel labels (a buffer, a mask, ``arange``) whose values differ from one
+        channel to the next: it holds per-channel values compactor cannot slice, so those channels stay."""
+        for a, f in zip(data, full):
+            if f is not None and bool((f >= 0).any()):
+                continue
+            lead = len(shape) - a.dim()
+            for d in range(a.dim()):
+                if a.shape[d] == 1 or _constant_along(merged, lead + d):
+                    continue  # broadcast, or no channels run along it
+                if not _constant_along(a, d):
+                    self._opaque(
+                        merged, f"{name} combines them with per-channel values compactor cannot slice"
+                    )
+                    return
 
     def _gate(self, real: list[Labels], shape: torch.Size) -> None:
         """A product of two labelled tensors (squeeze-excite's gate): recorded as a multiply member."""
@@ -490,6 +591,10 @@ class _LabelMode(TorchFunctionMode):
             for t in outs:
                 self._set(t, self._blank(t))
             return
+        if name in _SIZED:
+            for v in _unique(lab):
+                if v >= 0:
+                    self.trace.sized.setdefault(int(v), f"{name} over dimensions {list(dims)}")
         keep = bool(_arg(args, kwargs, at + 1, "keepdim", False)) or name in (
             "softmax",
             "log_softmax",
@@ -681,31 +786,81 @@ def _unite(uf: _UnionFind, labels: set[int]) -> None:
         uf.union(items[0], other)
 
 
-def _getitem_cut(x: torch.Tensor, index: Any) -> tuple[int | None, list[int] | None]:
-    """For ``x[index]`` with basic slicing: the one dimension it cuts and the indices it keeps."""
+@dataclass(frozen=True)
+class _Cut:
+    """What an index does to one dimension: keeps ``kept`` (None: an index tensor or list, whose positions
+    are fixed in the code). ``safe``: the side where channels may go without moving the kept ones
+    (``"after"``: past the last kept index, for bounds counted from the start; ``"before"``: before the
+    first, for bounds counted from the end; ``""``: neither)."""
+
+    dim: int
+    kept: tuple[int, ...] | None
+    safe: str = ""
+
+
+def _index_cuts(x: torch.Tensor, index: Any) -> list[_Cut] | None:
+    """The dimensions ``x[index]`` cuts (basic slices, integers, index tensors and lists); None for an
+    index this cannot read."""
     items = index if isinstance(index, tuple) else (index,)
-    dim, cut, kept = 0, None, None
+
+    def width(item: Any) -> int:
+        if item is None or item is Ellipsis:
+            return 0
+        if isinstance(item, torch.Tensor) and item.dtype == torch.bool:
+            return max(item.dim(), 1)
+        return 1
+
+    if sum(item is Ellipsis for item in items) > 1 or any(isinstance(item, bool) for item in items):
+        return None
+    consumed = sum(width(item) for item in items)
+    if consumed > x.dim():
+        return None
+    cuts: list[_Cut] = []
+    dim = 0
     for item in items:
         if item is Ellipsis:
-            dim = x.dim() - (len(items) - 1 - items.index(Ellipsis)) - 1
-            dim += 1
+            dim += x.dim() - consumed
             continue
         if item is None:
             continue
+        n = x.shape[dim]
         if isinstance(item, slice):
-            idx = list(range(x.shape[dim]))[item]
-            if len(idx) != x.shape[dim]:
-                if cut is not None:
-                    return None, None
-                cut, kept = dim, idx
+            if not all(v is None or isinstance(v, int) for v in (item.start, item.stop, item.step)):
+                return None
+            idx = tuple(range(n)[item])
+            if len(idx) != n:
+                cuts.append(_Cut(dim, idx, _safe_side(item)))
         elif isinstance(item, int):
-            if cut is not None:
-                return None, None
-            cut, kept = dim, [item % x.shape[dim]]
+            cuts.append(_Cut(dim, (item % n,), "after" if item >= 0 else "before"))
+        elif isinstance(item, (torch.Tensor, list, range)):
+            cuts.extend(_Cut(d, None) for d in range(dim, dim + width(item)))
         else:
-            return None, None
-        dim += 1
-    return cut, kept
+            return None
+        dim += width(item)
+    return cuts
+
+
+def _safe_side(item: slice) -> str:
+    """Which channels a literal slice leaves in place when they go: past its end if both bounds count from
+    the start, before its start if both count from the end (and it takes every channel between)."""
+    start, stop, step = item.start, item.stop, item.step or 1
+    if step > 0 and (start is None or start >= 0) and (stop is None or stop >= 0):
+        return "after"
+    if step == 1 and start is not None and start < 0 and (stop is None or stop < 0):
+        return "before"
+    return ""
+
+
+def _held_positions(per: list[set[int]], cut: _Cut) -> list[set[int]]:
+    """The labels along a cut dimension whose channels cannot go: every one, but those on the safe side of
+    what the cut keeps (channels there go like unread ones)."""
+    if cut.kept is None or not cut.kept:
+        return per
+    first, last = min(cut.kept), max(cut.kept)
+    return [
+        set() if (cut.safe == "after" and i > last) or (cut.safe == "before" and i < first) else labels
+        for i, labels in enumerate(per)
+    ]
 
 
 # --- from labels to groups ----------------------------------------------------------------------------
@@ -731,6 +886,7 @@ def _groups(model: nn.Module, trace: _Trace) -> list[ChannelGroup]:
             for c in {uf.find(v) for v in labels}:
                 members_by_class[c].append((n, i))
     opaque = {uf.find(v): why for v, why in trace.opaque.items()}
+    sized = {uf.find(v): why for v, why in trace.sized.items()}
     outputs = {uf.find(v) for v in trace.outputs}
     norms = _norm_after(model, trace)
     joins = [
@@ -747,7 +903,7 @@ def _groups(model: nn.Module, trace: _Trace) -> list[ChannelGroup]:
         for c in classes:  # a class met twice (a gated MLP's two halves) is the first one's root channel
             roots.append(None if c in covered else c)
             covered.add(c)
-        group = _group(name, roots, reads, members_by_class, opaque, outputs, norms)
+        group = _group(name, roots, reads, members_by_class, opaque, outputs, norms, sized)
         groups.append(replace(group, joins=_joins_of(roots, joins, trace)))
     return groups
 
@@ -760,6 +916,7 @@ def _group(
     opaque: dict[int, str],
     outputs: set[int],
     norms: dict[str, str],
+    sized: dict[int, str],
 ) -> ChannelGroup:
     idxs: dict[int, list[list[int]]] = {}
     for r, c in enumerate(roots):
@@ -795,6 +952,7 @@ def _group(
         exact=True,
         opaque=tuple(sorted(why.items())),
         at_output=at_output,
+        sized=tuple((r, sized[c]) for r, c in enumerate(roots) if c is not None and c in sized),
     )
 
 

@@ -55,6 +55,7 @@ class Shrinker(Generic[M]):
     role: ClassVar[Role] = Role.BLOCKING
     blocking_reason: ClassVar[str] = "layer type mixes channels"
     input_channel_dim: ClassVar[int] = 1  # where a consumer's input holds channels: [N, C, ...]
+    output_channel_dim: ClassVar[int | None] = None  # where its output holds them (None: input_channel_dim)
     # Constructor attributes that fix the layer's shape, recorded in the safetensors manifest and checked
     # when a saved layer is rebuilt (io/safetensors.py).
     shape_attrs: ClassVar[tuple[str, ...]] = ()

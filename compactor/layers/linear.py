@@ -59,6 +59,7 @@ class EmbeddingShrinker(Shrinker[nn.Embedding]):
     """Embedding produces channels only (weight: [num_embeddings, dim]); a zero column emits 0."""
 
     role = Role.MIXING
+    output_channel_dim = -1  # [..., embedding_dim]
     shape_attrs = ("num_embeddings", "embedding_dim")
 
     def expected_shapes(self, m: nn.Embedding) -> dict[str, tuple[int | None, ...]]:

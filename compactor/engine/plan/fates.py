@@ -8,7 +8,7 @@ from torch import nn
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, own_forward, role_of, shrinker_for
 from ...util import check_time
-from ..graph import ChannelGroup, Kind
+from ..graph import ChannelGroup, Kind, Member
 from ..heads import head_layers
 from .base import (
     IGNORED,
@@ -142,6 +142,7 @@ def _plan_group(
     }
     all_constants: dict[int, dict[str, torch.Tensor]] = {}  # root channel -> consumer -> constants at its idx
     varying: list[int] = []  # profiled over the border patterns (see .varying)
+    sized = dict(group.sized)
     for r in zeroed:
         if r in base:
             continue
@@ -150,6 +151,10 @@ def _plan_group(
             continue
         if r in behind_gate:
             base[r] = ChannelFate(r, Fate.KEPT_VARYING, GATED)
+            continue
+        if r in sized and not _zero_at(consumers, stats, r):
+            why = f"its value depends on the input's size ({sized[r]}): no constant stands for it"
+            base[r] = ChannelFate(r, Fate.KEPT_VARYING, why)
             continue
         if maps is not None and r in maps.kept:
             base[r] = ChannelFate(r, Fate.KEPT_VARYING, maps.kept[r])
@@ -198,6 +203,16 @@ def _plan_group(
         tuple(f for r in sorted(folds) for f in folds[r]),
         tuple(merges),
     )
+
+
+def _zero_at(consumers: list[Member], stats: InputStats, r: int) -> bool:
+    """Every reader of root channel ``r`` sees exactly zero there (on every input it was run on)."""
+    for c in consumers:
+        if c.idxs[r] and c.name in stats.lo:
+            k = stats.constant(c.name, c.idxs[r])
+            if k is None or not bool((k == 0).all()):
+                return False
+    return True
 
 
 def _zeroed(group: ChannelGroup, modules: Modules, gated: set[int] | None) -> tuple[list[bool], list[bool]]:
