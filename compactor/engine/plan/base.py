@@ -107,6 +107,20 @@ class InputStats:
 
     lo: dict[str, torch.Tensor] = field(default_factory=dict)
     hi: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the same over the runs at the example's size alone, where a run at another size counts too (merged)
+    example: InputStats | None = None
+
+    def merged(self, other: InputStats) -> InputStats:
+        """These and ``other``'s (a run at another size) together, with these as ``example``."""
+        lo = {
+            **other.lo,
+            **{n: torch.minimum(v, other.lo[n]) if n in other.lo else v for n, v in self.lo.items()},
+        }
+        hi = {
+            **other.hi,
+            **{n: torch.maximum(v, other.hi[n]) if n in other.hi else v for n, v in self.hi.items()},
+        }
+        return InputStats(lo, hi, example=self)
 
     def constant(self, layer: str, idx: Iterable[int]) -> torch.Tensor | None:
         """The constants at ``idx`` (float64), or None if any of them varied."""
