@@ -239,7 +239,7 @@ def _compact(
             *untraced,
             *paths.warnings(),
             *([fresh_note] if fresh_note else []),
-            *dead_model_warnings(references, plans),
+            *dead_model_warnings(references[:same], plans),  # at one size: shapes differ at another
             *unstructured_warnings(small),
             *(_slower_warning(result) if search is not None else ()),
         ),

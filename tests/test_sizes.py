@@ -168,3 +168,17 @@ def test_resized_grows_positions_only() -> None:
     assert int(other.kwargs["ids"].min()) >= 0 and int(other.kwargs["ids"].max()) <= 8
     assert [grown(n) for n in (1, 7, 8, 12, 224, 640)] == [2, 8, 16, 16, 256, 672]
     assert ExampleInputs(args=(torch.randn(2, 6),)).resized(g) is None
+
+
+def test_a_dead_model_is_still_said() -> None:
+    """Every channel of ``a`` dead: the output differs at another size only by its shape, and the model still
+    ignores its input, which the report says."""
+    torch.manual_seed(0)
+    model = Net("plain")
+    mask_channels(model.a, list(range(8)))
+    small, report = compactor.compact(model.eval(), torch.randn(X))
+    _check(small, model, (X, OTHER))
+    assert [w for w in report.warnings if "does not depend on its input" in w] == [
+        "the model's output does not depend on its input (every channel of a is pruned); compaction kept it "
+        "exact, but check the pruning"
+    ]
