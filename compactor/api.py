@@ -414,7 +414,7 @@ def _other_size(
     the string says which happened (``report.extra["sizes"]``)."""
     other = inputs.resized(generator)
     if other is None:
-        return [], [], "checked at the example's size only: no input has positions to grow"
+        return [], [], "checked at the example's size only: no input has positions to resize"
     try:
         outputs = reference_outputs(masked, [other])
     except Exception as e:  # the model fixes its sizes: not a compaction problem

@@ -70,7 +70,7 @@ class ExampleInputs:
     def resized(self, generator: torch.Generator) -> ExampleInputs | None:
         """Random inputs like :meth:`fresh` at another size: the spatial dimensions of float images and
         signals (rank 3: the last; rank 4 and 5: from the third on) and the sequence dimension of integer
-        inputs of rank 2 (token ids, their masks) grow by :func:`grown`. None where no dimension grows."""
+        inputs of rank 2 (token ids, their masks) change by :func:`grown`. None where no dimension can."""
 
         def like(t: torch.Tensor) -> torch.Tensor:
             dims = _sized_dims(t)
@@ -176,9 +176,11 @@ def _sized_dims(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def grown(n: int) -> int:
-    """Another size for a dimension of ``n``: ``n`` plus the largest power of two dividing it, at most 32, so
-    that strides the example's size allows (a UNet's, a detector's) still fit."""
-    return n + min(n & -n, 32)
+    """Another size for a dimension of ``n``: ``n`` plus or minus the largest power of two dividing it, at
+    most 32, so that strides the example's size allows (a UNet's, a detector's) still fit. Large sizes
+    shrink (224 -> 192: the extra run costs less than the example's), small ones grow (8 -> 16)."""
+    step = min(n & -n, 32)
+    return n - step if n > 64 else n + step
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
