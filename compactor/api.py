@@ -138,6 +138,9 @@ def _compact(
             runs, references, fresh_note = _references(masked, candidates)
         check_finite(references)
         paths = find_paths(masked, seen, inputs)
+        same = len(runs)  # the runs at the example's shapes; the one at another size (if any) comes last
+        other, other_references, sizes = _other_size(masked, inputs, generator)
+        runs, references = [*runs, *other], [*references, *other_references]
         del masked  # the references are all that is needed of it: free its weight_orig and mask copies
     if strict and paths.unproven():
         raise UnverifiedPathError(f"--strict: {paths.unproven()[0]}")
@@ -174,8 +177,11 @@ def _compact(
     check_time("the plan of every channel group")
     say(f"planning {len(groups)} channel groups")
     with _timed(seconds, "plan"):
-        stats = observe_inputs(d_baked, d_runs[:2], consumer_layers(groups, d_baked))
-        planner = Planner(d_baked, groups, stats, d_runs[:2])
+        layers = consumer_layers(groups, d_baked)
+        stats = observe_inputs(d_baked, d_runs[: min(2, same)], layers)
+        if len(d_runs) > same:  # at another size too: a constant that depends on the size varies across runs
+            stats = stats.merged(observe_inputs(d_baked, d_runs[same:], layers))
+        planner = Planner(d_baked, groups, stats, d_runs[: min(2, same)])
         plans = planner.plans(round_to=step, uniform=uniform)
     check_time("the rebuilt model (verification)")
     search: WidthSearch | None = None
@@ -233,7 +239,7 @@ def _compact(
             *untraced,
             *paths.warnings(),
             *([fresh_note] if fresh_note else []),
-            *dead_model_warnings(references, plans),
+            *dead_model_warnings(references[:same], plans),  # at one size: shapes differ at another
             *unstructured_warnings(small),
             *(_slower_warning(result) if search is not None else ()),
         ),
@@ -244,6 +250,7 @@ def _compact(
             **({"rounding_floor": max(max(f, default=0.0) for f in floors)} if floors else {}),
             "sparsity": [layer.to_dict() for layer in sparsity],
             "round_to": round_to,
+            "sizes": sizes,
             "paths": paths.to_dict(),
             **auto_extra,
         },
@@ -395,6 +402,31 @@ def _references(
         return runs, references, note
     note = f"verified on the example inputs only: the model fails on random inputs like them ({why})"
     return candidates[0][:1], reference_outputs(masked, candidates[0][:1]), note
+
+
+def _other_size(
+    masked: nn.Module, inputs: ExampleInputs, generator: torch.Generator
+) -> tuple[list[ExampleInputs], list[Outputs], str]:
+    """One run at another size (:meth:`ExampleInputs.resized`) with the masked model's outputs on it, where
+    the model takes it: a channel whose constant depends on the input's size (a softmax or a sum over
+    positions) then varies across the runs and stays, and verification checks the plan there too. A model
+    with fixed sizes (position embeddings, a Linear after a flatten) is checked at the example's size only;
+    the string says which happened (``report.extra["sizes"]``)."""
+    other = inputs.resized(generator)
+    if other is None:
+        return [], [], "checked at the example's size only: no input has positions to resize"
+    try:
+        outputs = reference_outputs(masked, [other])
+    except Exception as e:  # the model fixes its sizes: not a compaction problem
+        why = first_line(e, with_type=True)
+        return [], [], f"checked at the example's size only: the model fails at [{other.describe()}] ({why})"
+    finite = all(
+        not isinstance(v, torch.Tensor) or not v.is_floating_point() or bool(torch.isfinite(v).all())
+        for _, v in outputs[0]
+    )
+    if not finite:
+        return [], [], f"checked at the example's size only: outputs at [{other.describe()}] hold NaN or Inf"
+    return [other], outputs, f"also observed and verified at [{other.describe()}]"
 
 
 def _check_layers(model: nn.Module) -> None:

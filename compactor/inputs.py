@@ -67,6 +67,27 @@ class ExampleInputs:
             kwargs={k: like(v) for k, v in self.kwargs.items()},
         )
 
+    def resized(self, generator: torch.Generator) -> ExampleInputs | None:
+        """Random inputs like :meth:`fresh` at another size: the spatial dimensions of float images and
+        signals (rank 3: the last; rank 4 and 5: from the third on) and the sequence dimension of integer
+        inputs of rank 2 (token ids, their masks) change by :func:`grown`. None where no dimension can."""
+
+        def like(t: torch.Tensor) -> torch.Tensor:
+            dims = _sized_dims(t)
+            if not dims:
+                return _like(t, generator)
+            return _like(
+                t, generator, torch.Size(grown(n) if d in dims else n for d, n in enumerate(t.shape))
+            )
+
+        tensors = [*self.args, *self.kwargs.values()]
+        if not any(_sized_dims(t) for t in tensors):
+            return None
+        return ExampleInputs(
+            args=tuple(like(t) for t in self.args),
+            kwargs={k: like(v) for k, v in self.kwargs.items()},
+        )
+
     def repeated(self, n: int) -> ExampleInputs:
         """The same inputs ``n`` times over along the first (batch) dimension."""
         return ExampleInputs(
@@ -115,23 +136,51 @@ def _describe(t: torch.Tensor) -> str:
     return f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}"
 
 
-def _like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _like(t: torch.Tensor, generator: torch.Generator, shape: torch.Size | None = None) -> torch.Tensor:
+    """Random values like ``t``'s (its mean and spread; integers in its range) of ``shape`` (``t``'s)."""
+    shape = t.shape if shape is None else shape
+    same = shape == t.shape
     if t.dtype == torch.bool:
-        return t.clone()
+        if same:
+            return t.clone()
+        return (
+            torch.full(shape, bool(t.flatten()[0]), device=t.device)
+            if bool((t == t.flatten()[0]).all())
+            else (torch.rand(shape, generator=generator) < 0.5).to(t.device)
+        )
     if t.is_complex():
-        return torch.complex(_like(t.real, generator), _like(t.imag, generator))
-    if t.is_floating_point() or t.is_complex():
+        return torch.complex(_like(t.real, generator, shape), _like(t.imag, generator, shape))
+    if t.is_floating_point():
         scale = t.float().std().item() if t.numel() > 1 else 1.0
         scale = scale if scale > 0 else 1.0
-        noise = torch.randn(t.shape, generator=generator, dtype=torch.float32) * scale
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32) * scale
         return (noise + t.float().mean()).to(device=t.device, dtype=t.dtype)
     low, high = int(t.min().item()), int(t.max().item())
     if low == high:
-        return t.clone()
+        return t.clone() if same else torch.full(shape, low, dtype=t.dtype, device=t.device)
     top = (
         high + 1 if high < torch.iinfo(t.dtype).max else high
     )  # the bound is exclusive: never past the dtype
-    return torch.randint(low, top, t.shape, generator=generator, dtype=t.dtype).to(t.device)
+    return torch.randint(low, top, shape, generator=generator, dtype=t.dtype).to(t.device)
+
+
+def _sized_dims(t: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of ``t`` that :meth:`ExampleInputs.resized` grows: positions, not channels or batch."""
+    if t.is_floating_point() and t.dim() in (4, 5):
+        return tuple(range(2, t.dim()))
+    if t.is_floating_point() and t.dim() == 3:
+        return (2,)
+    if not t.is_floating_point() and not t.is_complex() and t.dim() == 2:
+        return (1,)
+    return ()
+
+
+def grown(n: int) -> int:
+    """Another size for a dimension of ``n``: ``n`` plus or minus the largest power of two dividing it, at
+    most 32, so that strides the example's size allows (a UNet's, a detector's) still fit. Large sizes
+    shrink (224 -> 192: the extra run costs less than the example's), small ones grow (8 -> 16)."""
+    step = min(n & -n, 32)
+    return n - step if n > 64 else n + step
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -101,12 +101,34 @@ class GroupPlan:
         return GroupPlan(self.group, fates)
 
 
+SIZE_ROUNDING = 1e-5  # relative: one constant at two input sizes, apart by the rounding of a reduction only
+
+
 @dataclass
 class InputStats:
     """Per consumer layer, per input index: the smallest and largest value seen over all inputs."""
 
     lo: dict[str, torch.Tensor] = field(default_factory=dict)
     hi: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the same over the runs at the example's size alone, where a run at another size counts too (merged)
+    example: InputStats | None = None
+
+    def merged(self, other: InputStats) -> InputStats:
+        """These and ``other``'s (a run at another size) together, with these as ``example``. An index that is
+        a constant in both, equal but for rounding (a mean over more positions, in float32), stays this one:
+        a size-dependent constant (``1 / W``, ``k * H * W``) differs by far more, and verification at that
+        size still judges the fold."""
+        lo, hi = dict(other.lo), dict(other.hi)
+        for n, a in self.lo.items():
+            b = self.hi[n]
+            if n not in other.lo:
+                lo[n], hi[n] = a, b
+                continue
+            c, d = other.lo[n], other.hi[n]
+            same = (a == b) & (c == d) & ((a - c).abs() <= SIZE_ROUNDING * a.abs().clamp(min=1.0))
+            lo[n] = torch.where(same, a, torch.minimum(a, c))
+            hi[n] = torch.where(same, b, torch.maximum(b, d))
+        return InputStats(lo, hi, example=self)
 
     def constant(self, layer: str, idx: Iterable[int]) -> torch.Tensor | None:
         """The constants at ``idx`` (float64), or None if any of them varied."""

@@ -39,6 +39,7 @@ from .compensate import fold
 Hook = Callable[..., Any]
 
 GATED = "varies with the input: a live gate multiplies it (squeeze-excite)"
+SIZED = "its value depends on the input's size: one constant at the example's size, another at another size"
 # A profile within this (relative) of the basis's span merges. Profiles are measured in float64, where an
 # exact dependency leaves ~1e-13; a near one in these nets leaves ~1e-5 (the oracle's threshold is the same).
 _TOL = 1e-9
@@ -106,11 +107,15 @@ def varying_maps(
                 for r in rs
                 if any(stats.constant(c.name, c.idxs[r]) is None for c in consumers if c.idxs[r])
             ]
+            sized = [r for r in rs if _constant_at_example(stats, consumers, r)]
+            if sized:  # constant at the example's size, another constant at another: no fold stands for it
+                out[i] = Maps(False, kept={r: SIZED for r in sized})
+                rs = [r for r in rs if r not in sized]
         else:
             rs = [r for r in rs if dw.idxs[r]]
         if not rs:
             continue
-        out[i] = Maps(dw is not None)
+        out[i] = out.get(i) or Maps(dw is not None)
         plans.append((i, group, rs, dw, consumers))
         for c in consumers:
             natural.want(c.name, "in", [j for r in rs for j in c.idxs[r]])
@@ -155,6 +160,18 @@ def varying_maps(
     if probes:
         _run_probes(wide, runs[0], probes, out, modules)
     return out
+
+
+def _constant_at_example(stats: InputStats, consumers: list[Member], r: int) -> bool:
+    """Whether channel ``r`` is a constant at every consumer on the runs at the example's size (while
+    ``stats``, with a run at another size, says it varies)."""
+    at = stats.example
+    reads = [c for c in consumers if c.idxs[r]]
+    return (
+        at is not None
+        and bool(reads)
+        and all(c.name in at.lo and at.constant(c.name, c.idxs[r]) is not None for c in reads)
+    )
 
 
 def _channelwise(group: ChannelGroup, modules: Modules) -> list[Member]:
