@@ -183,10 +183,11 @@ def test_real_timer_on_a_tiny_model() -> None:
     assert set(auto["model_ms"]) == {"before", "after"} and auto["seconds"] >= 0
     assert len(timer._cache) == 6  # 2 layers x 3 candidates, the dense ones reused for the check after
     times = layer_times(model, small, ExampleInputs.of(x), FakeTimer(lambda p: float(p.out_width or 0)))
-    assert [(t["layer"], t["before_ms"], t["after_ms"]) for t in times] == [
-        ("0", 64000.0, choice["width"] * 1000.0),
-        ("2", 8000.0, 8000.0),
-    ]
+    # the real timer may find the dense width fastest: then no layer was rebuilt and none is timed
+    expected = (
+        [("0", 64000.0, choice["width"] * 1000.0), ("2", 8000.0, 8000.0)] if choice["width"] < 64 else []
+    )
+    assert [(t["layer"], t["before_ms"], t["after_ms"]) for t in times] == expected
 
 
 # --- why not faster --------------------------------------------------------------------------------------
