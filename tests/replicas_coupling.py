@@ -4,7 +4,7 @@ itself). Each follows the public source it names; only the widths are small.
 - Ultralytics ``C2f`` (YOLOv8) and ``C3k2`` (YOLO11, ``ultralytics/nn/modules/block.py``): ``cv1(x).chunk(2, 1)``,
   bottlenecks on the last piece, ``cat`` of every piece into ``cv2``.
 - timm ``GluMlp`` (``timm/layers/mlp.py``): ``fc1`` then ``chunk(2, dim=-1)``, ``x1 * act(x2)``, ``fc2``.
-- torchvision ``ShuffleNetV2`` ``InvertedResidual`` and ``channel_shuffle``
+- torchvision ``ShuffleNetV2`` (its ``InvertedResidual`` is ``replicas_walk.ShuffleUnit``)
   (``torchvision/models/shufflenetv2.py``): ``x.chunk(2, dim=1)``, ``cat``, ``view -> transpose -> view``.
 - torchvision ``ConvNeXt`` ``CNBlock`` (``torchvision/models/convnext.py``): depthwise 7x7, ``Permute`` to
   channels-last, LayerNorm, Linear -> GELU -> Linear, ``Permute`` back, layer scale, residual add.
@@ -13,6 +13,7 @@ itself). Each follows the public source it names; only the widths are small.
 from __future__ import annotations
 
 import torch
+from replicas_walk import Permute, ShuffleUnit
 from torch import nn
 
 
@@ -154,53 +155,6 @@ class GluTokens(nn.Module):
 
 
 # --- torchvision ShuffleNetV2 ------------------------------------------------------------------------
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    batchsize, num_channels, height, width = x.size()
-    channels_per_group = num_channels // groups
-    x = x.view(batchsize, groups, channels_per_group, height, width)
-    x = torch.transpose(x, 1, 2).contiguous()
-    return x.view(batchsize, num_channels, height, width)
-
-
-def _depthwise(i: int, o: int, kernel_size: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
-    return nn.Conv2d(i, o, kernel_size, stride, padding, bias=False, groups=i)
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, inp: int, oup: int, stride: int) -> None:
-        super().__init__()
-        self.stride = stride
-        branch_features = oup // 2
-        if self.stride > 1:
-            self.branch1 = nn.Sequential(
-                _depthwise(inp, inp, 3, self.stride, 1),
-                nn.BatchNorm2d(inp),
-                nn.Conv2d(inp, branch_features, 1, 1, 0, bias=False),
-                nn.BatchNorm2d(branch_features),
-                nn.ReLU(inplace=True),
-            )
-        else:
-            self.branch1 = nn.Sequential()
-        self.branch2 = nn.Sequential(
-            nn.Conv2d(inp if self.stride > 1 else branch_features, branch_features, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(branch_features),
-            nn.ReLU(inplace=True),
-            _depthwise(branch_features, branch_features, 3, self.stride, 1),
-            nn.BatchNorm2d(branch_features),
-            nn.Conv2d(branch_features, branch_features, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(branch_features),
-            nn.ReLU(inplace=True),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == 1:
-            x1, x2 = x.chunk(2, dim=1)
-            out = torch.cat((x1, self.branch2(x2)), dim=1)
-        else:
-            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
-        return channel_shuffle(out, 2)
-
-
 class ShuffleNetV2Tiny(nn.Module):
     """torchvision ShuffleNetV2's layout: conv1, maxpool, a stage (one stride-2 block, one stride-1 block),
     conv5, global mean, fc; widths 8 / 16 / 32."""
@@ -211,7 +165,7 @@ class ShuffleNetV2Tiny(nn.Module):
             nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
         )
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.stage2 = nn.Sequential(InvertedResidual(8, 16, 2), InvertedResidual(16, 16, 1))
+        self.stage2 = nn.Sequential(ShuffleUnit(8, 16, 2), ShuffleUnit(16, 16, 1))
         self.conv5 = nn.Sequential(
             nn.Conv2d(16, 32, 1, 1, 0, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)
         )
@@ -224,15 +178,6 @@ class ShuffleNetV2Tiny(nn.Module):
 
 
 # --- torchvision ConvNeXt ----------------------------------------------------------------------------
-class Permute(nn.Module):
-    def __init__(self, dims: list[int]) -> None:
-        super().__init__()
-        self.dims = dims
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.permute(x, self.dims)
-
-
 class CNBlock(nn.Module):
     def __init__(self, dim: int, layer_scale: float = 1e-6) -> None:
         super().__init__()
