@@ -41,6 +41,12 @@ def observe_inputs(
             )
         if name in layers:
             hooks.append(module.register_forward_pre_hook(_recorder(stats, name, shrinker.input_channel_dim)))
+    run_with_hooks(model, runs, hooks)
+    return stats
+
+
+def run_with_hooks(model: nn.Module, runs: list[ExampleInputs], hooks: list[Any]) -> None:
+    """Run ``model`` on each input without grad, then remove ``hooks`` (installed by the caller), even on error."""
     try:
         with torch.no_grad():
             for run in runs:
@@ -48,7 +54,6 @@ def observe_inputs(
     finally:
         for h in hooks:
             h.remove()
-    return stats
 
 
 def _recorder(stats: InputStats, name: str, dim: int) -> Hook:

@@ -35,6 +35,7 @@ from ..graph import ChannelGroup, Kind, Member
 from ..masks import clone_module
 from .base import ChannelFate, Fate, Fold, InputStats, Merge, Modules, mixing, shrinker_at
 from .compensate import fold
+from .observe import run_with_hooks
 
 Hook = Callable[..., Any]
 
@@ -230,13 +231,7 @@ class _Recorder:
                     hooks.append(_hook(module, side, self._record(name, side)))
             if edit and name in edit:
                 hooks.append(module.register_forward_hook(edit[name]))
-        try:
-            with torch.no_grad():
-                for run in runs:
-                    model(*run.args, **run.kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_with_hooks(model, runs, hooks)
 
     def _record(self, name: str, side: str) -> Hook:
         idx = torch.tensor(self.wanted[(name, side)], dtype=torch.long)
