@@ -8,7 +8,9 @@
 ``--round-to auto`` adds, for every model and sparsity of the run, one case per backend with
 ``compact(round_to="auto")`` tuned for that backend and timed on it alone. Numeric ``--round-to`` values are
 cases at 50% (``1``: the plain case). Whenever ResNet-50 at 50% and torch-cpu are in a full run, one more
-case times it with BatchNorm folded into the convs (dense and compacted alike): the ceiling of eager PyTorch.
+case times it with BatchNorm folded into the convs (dense and compacted alike): the ceiling of eager PyTorch;
+with ``auto`` too, one more compacts it at round_to 1, 8, 16 and auto and times all of them with the dense
+model in one interleaved run per backend.
 
 Each case runs in its own subprocess (``benchmarks.case``) so that its peak memory is its own.
 """
@@ -31,7 +33,7 @@ from rich.console import Console
 
 from .case import CaseSpec, supports_round_to
 from .models import FULL_DEFAULT, QUICK_DEFAULT, ZOO
-from .report import LATENCY_BACKENDS, Row, machine_info, markdown, rich_table
+from .report import LATENCY_BACKENDS, machine_info, markdown, rich_table, split_results
 
 ROOT = Path(__file__).resolve().parent
 ROUND_TO_DEFAULT = (
@@ -39,6 +41,9 @@ ROUND_TO_DEFAULT = (
     "mobilenet_v2",
     "bert_base",
 )  # the full run's round_to cases (time on 2 cores)
+
+
+SIDE_BY_SIDE = ("1", "8", "16", "auto")  # ResNet-50 at 50%: issue 13's comparison, in one interleaved run
 
 
 def _csv(text: str) -> list[str]:
@@ -121,6 +126,8 @@ def plan_cases(args: argparse.Namespace) -> list[CaseSpec]:
             ]
         if model == "resnet50" and 0.5 in sparsities and "torch-cpu" in args.backends and not quick:
             cases.append(CaseSpec(model, 0.5, **{**common, "backends": ("torch-cpu",)}, fold_bn=True))
+        if model == "resnet50" and 0.5 in sparsities and auto and not quick:
+            cases.append(CaseSpec(model, 0.5, **common, side_by_side=SIDE_BY_SIDE))
     return cases
 
 
@@ -156,7 +163,7 @@ def _write(
     load_start: str,
     argv: list[str] | None,
 ) -> None:
-    rows = [Row.of(r) for r in results]
+    rows, sides = split_results(results)
     threads = cases[0].threads if cases else 1
     meta = {
         "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -173,7 +180,7 @@ def _write(
         ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, meta))
+    args.out.write_text(markdown(rows, meta, sides))
     args.out.with_name("report.json").write_text(
         json.dumps({"meta": meta, "cases": results}, indent=1) + "\n"
     )
@@ -190,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(Console().width, 200))  # the table is wide; a CI log does not wrap
     if args.render:
         saved = json.loads(args.render.read_text())
-        rows = [Row.of(r) for r in saved["cases"]]
+        rows, sides = split_results(saved["cases"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(rows, saved["meta"]))
+        args.out.write_text(markdown(rows, saved["meta"], sides))
         console.print(rich_table(rows))
         console.print(f"wrote {args.out} from {args.render}")
         return 0
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             args, cases, results, started, load_start, argv
         )  # after every case: a long run leaves partial results
     json_path = args.out.with_name("report.json")
-    console.print(rich_table([Row.of(r) for r in results]))
+    console.print(rich_table(split_results(results)[0]))
     console.print(f"wrote {args.out} and {json_path}")
     return 1 if any("error" in r for r in results) else 0
 

@@ -50,12 +50,16 @@ class CaseSpec:
     repeats: int = 15
     target: str | None = None  # round_to="auto": the backend it times widths on (and the only one timed)
     fold_bn: bool = False  # BatchNorm folded into the convs of dense and compacted alike before timing
+    # round_to values compacted from one model and timed together, per backend, in one interleaved run (auto:
+    # tuned for the backend it is timed on); the issue-13 comparison without the noise between cases
+    side_by_side: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         suffix = f" round_to={self.round_to}" if self.round_to else ""
         suffix += f" ({self.target})" if self.target else ""
         suffix += " BN folded" if self.fold_bn else ""
+        suffix += f" round_to {'/'.join(self.side_by_side)} side by side" if self.side_by_side else ""
         return f"{self.model} @{self.sparsity:.0%}{suffix}"
 
 
@@ -69,7 +73,7 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
         result["skipped"] = "compactor.compact() has no round_to parameter yet"
         return result
     try:
-        _measure(spec, result)
+        (_side_by_side if spec.side_by_side else _measure)(spec, result)
     except Exception as e:  # a benchmark records a failing model and goes on to the next one
         result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         result["traceback"] = traceback.format_exc(limit=8)
@@ -129,6 +133,39 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
         result["why_not_faster"] = _why_not_faster(report, result)
 
 
+def _side_by_side(spec: CaseSpec, result: dict[str, Any]) -> None:
+    """One model compacted at each of ``spec.side_by_side``; per backend, dense and every variant timed in
+    one interleaved run (``round_to=auto`` compacted for that backend)."""
+    from compactor.report.probes import BackendTimer
+
+    torch.set_num_threads(spec.threads)
+    model, inputs = ZOO[spec.model].make(spec.sparsity, quick=spec.quick)
+    result["inputs"] = inputs.describe()
+    fixed: dict[str, nn.Module] = {}
+    params: dict[str, int] = {}
+    for r in (v for v in spec.side_by_side if v != "auto"):
+        small, report = compactor.compact(model, inputs, round_to=int(r))
+        fixed[r], params[r] = small.eval(), report.params["after"]
+    dense = model
+    bake_masks(dense)
+    dense.eval()
+    params["dense"] = sum(p.numel() for p in dense.parameters())
+    out: dict[str, Any] = {}
+    for backend in spec.backends:
+        if backend == "cuda" and not torch.cuda.is_available():
+            continue
+        variants = dict(fixed)
+        if "auto" in spec.side_by_side:
+            timer = BackendTimer(backend, threads=spec.threads)  # type: ignore[arg-type]
+            small, report = compactor.compact(dense, inputs, round_to="auto", timer=timer)
+            variants["auto"] = small.eval()
+            out.setdefault("auto_params", {})[backend] = report.params["after"]
+            out.setdefault("auto_whole", {})[backend] = report.extra["auto"].get("whole")
+        timing = _time_backend(backend, dense, variants, inputs, spec)
+        out[backend] = timing
+    result["side_by_side"] = {"params": params, **out}
+
+
 def _why_not_faster(report: compactor.CompactionReport, result: dict[str, Any]) -> list[str]:
     """The compactor report's "why not faster" lines for the latencies measured here (no extra timing: the
     slowest layers are listed where round_to=auto timed them)."""
@@ -150,11 +187,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _time_backend(
-    backend: str, dense: nn.Module, small: nn.Module, inputs: Any, spec: CaseSpec
+    backend: str, dense: nn.Module, small: nn.Module | dict[str, nn.Module], inputs: Any, spec: CaseSpec
 ) -> dict[str, Any]:
+    """Dense and compacted timed interleaved on ``backend`` (``small``: one model, named ``compact``, or
+    several by name)."""
     if backend == "cuda" and not torch.cuda.is_available():
         return {"skipped": "not measured: no GPU in this run"}
-    models: dict[str, Any] = {"dense": dense, "compact": small}
+    smalls = small if isinstance(small, dict) else {"compact": small}
+    models: dict[str, Any] = {"dense": dense, **smalls}
     extra: dict[str, Any] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="compactor-bench-") as tmp:
@@ -164,12 +204,14 @@ def _time_backend(
                 }
                 extra["exporter"] = {name: e.exporter for name, e in exports.items()}
                 extra["export_seconds"] = {name: round(e.seconds, 2) for name, e in exports.items()}
-                try:
-                    extra["onnx_max_abs_error"] = check_onnx(
-                        exports["compact"].path, small, inputs, ORT_TOLERANCE, threads=spec.threads
-                    )
-                except ExportError as e:  # recorded; the timing is still worth having
-                    extra["onnx_check_failed"] = str(e)
+                for name, m in smalls.items():
+                    key = "" if name == "compact" else f"_{name}"
+                    try:
+                        extra["onnx_max_abs_error" + key] = check_onnx(
+                            exports[name].path, m, inputs, ORT_TOLERANCE, threads=spec.threads
+                        )
+                    except ExportError as e:  # recorded; the timing is still worth having
+                        extra["onnx_check_failed" + key] = str(e)
                 extra["onnx_bytes"] = {name: _onnx_bytes(e.path) for name, e in exports.items()}
                 models = {name: e.path for name, e in exports.items()}
             timing = latency(

@@ -34,7 +34,7 @@ from .errors import (
 from .inputs import ExampleInputs, infer_example_inputs, run, unchecked_outputs
 from .io.sparse import sparsity_report
 from .layers import inconsistency
-from .report.autowidth import AutoWidths, GroupChoice, LayerTime, WidthSearch
+from .report.autowidth import WHOLE_STEPS, AutoWidths, GroupChoice, LayerTime, WholeChoice, WidthSearch
 from .report.filters import pruned_filters
 from .report.measure import BACKENDS, Backend, count_macs
 from .report.probes import BackendTimer, Timer
@@ -124,24 +124,24 @@ def _compact(
     inputs.check_finite()
 
     with _timed(seconds, "masks"):
-        masked = clone_module(model).eval()
-        unchecked = unchecked_outputs(
-            run(masked, inputs)
-        )  # fails with one clear line if the inputs do not fit
+        # The baked model computes what the masked one does (the hook multiplied the same two tensors on every
+        # call), so the references are taken from it: no second copy of weight_orig and the masks is made.
         baked_model = baked(model).eval()
+        unchecked = unchecked_outputs(
+            run(baked_model, inputs)
+        )  # fails with one clear line if the inputs do not fit
         generator = torch.Generator().manual_seed(0)
         candidates = [  # made outside the watch: making them reads tensor values
             [inputs, *(inputs.fresh(generator, integers=integers) for _ in range(FRESH_RUNS))]
             for integers in (True, False)
         ]
-        with watch(masked) as seen:
-            runs, references, fresh_note = _references(masked, candidates)
+        with watch(baked_model) as seen:
+            runs, references, fresh_note = _references(baked_model, candidates)
         check_finite(references)
-        paths = find_paths(masked, seen, inputs)
+        paths = find_paths(baked_model, seen, inputs)
         same = len(runs)  # the runs at the example's shapes; the one at another size (if any) comes last
-        other, other_references, sizes = _other_size(masked, inputs, generator)
+        other, other_references, sizes = _other_size(baked_model, inputs, generator)
         runs, references = [*runs, *other], [*references, *other_references]
-        del masked  # the references are all that is needed of it: free its weight_orig and mask copies
     if strict and paths.unproven():
         raise UnverifiedPathError(f"--strict: {paths.unproven()[0]}")
     original = baked_model
@@ -191,7 +191,9 @@ def _compact(
         say(f"timing candidate widths on {timer.target}")
         with _timed(seconds, "auto_widths"):
             search = WidthSearch(planner, baked_model, inputs, timer)
-            plans, choices, untimed_groups = _choose_widths(search, planner, plans, uniform)
+            plans, choices, untimed_groups, whole = _choose_widths(
+                search, planner, baked_model, inputs, plans, uniform
+            )
     chosen_plans = plans
     say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
@@ -203,14 +205,20 @@ def _compact(
         say(f"timing the layers and the whole model on {search.timer.target}, dense and compacted")
         with _timed(seconds, "auto_check"):
             exact = _restored_alike(exact_plans, chosen_plans, plans)
+            timed = whole if whole is not None and _same_plans(chosen_plans, plans) else None
             result = replace(
                 _check_widths(
-                    search, original, small, inputs, choices, untimed_groups, seconds["auto_widths"]
+                    search, original, small, inputs, choices, untimed_groups, seconds["auto_widths"], timed
                 ),
                 extra_params=search.extra_params(exact, plans),
                 layers=_layer_times(search, plans, untimed_groups),
             )
-            result = replace(result, untimed=tuple(untimed_groups))
+            result = replace(
+                result,
+                untimed=tuple(untimed_groups),
+                whole=whole,
+                padded=sum(len(f.removed) < len(e.removed) for e, f in zip(exact, plans)),
+            )
         auto_extra = {
             "auto": result.to_dict(),
             "macs": {"before": count_macs(original, inputs), "after": count_macs(small, inputs)},
@@ -259,13 +267,29 @@ def _compact(
 
 
 def _choose_widths(
-    search: WidthSearch, planner: Planner, plans: list[GroupPlan], uniform: bool
-) -> tuple[list[GroupPlan], list[GroupChoice], list[str]]:
-    """``round_to="auto"``: the plans again with each group held at the width timed fastest."""
+    search: WidthSearch,
+    planner: Planner,
+    model: nn.Module,
+    inputs: ExampleInputs,
+    plans: list[GroupPlan],
+    uniform: bool,
+) -> tuple[list[GroupPlan], list[GroupChoice], list[str], WholeChoice | None]:
+    """``round_to="auto"``: the plans again with each group held at the width timed fastest, then that
+    choice against the exact widths and uniform roundings, each timed as a whole model (``model``: the model
+    in its own precision)."""
     chosen, choices, untimed = search.choose(plans)
-    if chosen:
-        plans = planner.plans(uniform=uniform, widths=chosen)
-    return plans, choices, untimed
+    greedy = planner.plans(uniform=uniform, widths=chosen) if chosen else plans
+    candidates = {"per group": greedy, "exact": plans}
+    for step in WHOLE_STEPS:
+        candidates[f"all x{step}"] = planner.plans(uniform=uniform, widths=search.rounded(plans, step))
+    try:
+        whole = search.whole(model, inputs, candidates)
+    except (
+        Exception
+    ) as e:  # the exporters' and runtimes' failures have no common type: the greedy choice stands
+        untimed.append(f"the whole-model check ({first_line(e, with_type=True)})")
+        return greedy, choices, untimed, None
+    return candidates[whole.picked], choices, untimed, whole
 
 
 def _check_widths(
@@ -276,13 +300,19 @@ def _check_widths(
     choices: list[GroupChoice],
     untimed: list[str],
     tuning_seconds: float,
+    timed: WholeChoice | None = None,
 ) -> AutoWidths:
     """The whole model timed dense and compacted on the target (a failure to run there is said, not raised:
-    the widths stand)."""
+    the widths stand). ``timed``: the whole-model check that already timed both, where it shipped as timed."""
     model_ms: dict[str, float] | None = None
+    if timed is not None and timed.dense_ms is not None and timed.picked in timed.ms:
+        model_ms = {"before": timed.dense_ms, "after": timed.ms[timed.picked]}
+        return AutoWidths(
+            search.timer.target, tuple(choices), tuning_seconds, tuple(untimed), model_ms=model_ms
+        )
     try:
-        dense_s, small_s = search.timer.models(dense, small, inputs)
-        model_ms = {"before": dense_s * 1000, "after": small_s * 1000}
+        t = search.timer.models({"dense": dense, "small": small}, inputs)
+        model_ms = {"before": t["dense"] * 1000, "after": t["small"] * 1000}
     except Exception as e:  # the exporters' and runtimes' failures have no common type
         untimed.append(f"the whole model ({first_line(e, with_type=True)})")
     return AutoWidths(search.timer.target, tuple(choices), tuning_seconds, tuple(untimed), model_ms=model_ms)
@@ -307,6 +337,11 @@ def default_target(model: nn.Module, output_format: str | None = None) -> Backen
     if any(p.is_cuda for p in model.parameters()) and torch.cuda.is_available():
         return "cuda"
     return "torch-cpu"
+
+
+def _same_plans(a: list[GroupPlan], b: list[GroupPlan]) -> bool:
+    """The same plan objects: verification shipped what was timed."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _restored_alike(

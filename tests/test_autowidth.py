@@ -19,31 +19,47 @@ from compactor.cli import main
 from compactor.engine.plan import Fate
 from compactor.inputs import ExampleInputs
 from compactor.layers import shrinker_for
-from compactor.report.autowidth import STEPS, TIE
-from compactor.report.probes import BackendTimer, Probe, layer_times
+from compactor.report.autowidth import STEPS, TIE, WHOLE_TIE
+from compactor.report.probes import BackendTimer, Probe, _widths_of, layer_times, timed_kind
 from compactor.report.report import EFFICIENCY_FLOOR, why_not_faster
 
 
 class FakeTimer:
-    """Seconds per probe from ``cost(probe)``; whole models from ``model_s``. Records every probe."""
+    """Seconds per probe from ``cost(probe)``. Whole models: the final check's dense and compacted ones from
+    ``model_s``; the candidates auto compares whole from ``whole(model)``, by default the sum of ``cost`` over
+    the model's timed layers at their widths. Records every probe."""
 
     def __init__(
         self,
         cost: Callable[[Probe], float],
         model_s: tuple[float, float] = (2.0, 1.0),
         target: str = "torch-cpu",
+        whole: Callable[[nn.Module], float] | None = None,
     ) -> None:
         self.cost = cost
         self.model_s = model_s
         self.target = target
+        self.whole = whole or self._summed
         self.probes: list[Probe] = []
+        self.candidates: list[str] = []
+        self.calls: list[list[str]] = []
 
     def layers(self, probes: Sequence[Probe]) -> list[float]:
         self.probes += probes
         return [self.cost(p) for p in probes]
 
-    def models(self, dense: nn.Module, small: nn.Module, inputs: ExampleInputs) -> tuple[float, float]:
-        return self.model_s
+    def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, float]:
+        fixed = {"dense": self.model_s[0], "small": self.model_s[1]}
+        self.candidates += [n for n in models if n not in fixed]
+        self.calls.append(list(models))
+        return {n: fixed[n] if n in fixed else self.whole(m) for n, m in models.items()}
+
+    def _summed(self, model: nn.Module) -> float:
+        return sum(
+            self.cost(Probe(n, m, (), torch.float32, *_widths_of(m)))
+            for n, m in model.named_modules()
+            if timed_kind(m)
+        )
 
 
 def _mlp() -> tuple[nn.Module, torch.Tensor]:
@@ -96,9 +112,11 @@ def test_auto_keeps_the_width_the_timer_says_is_fastest(fastest: int, width: int
 
 def test_a_wider_width_must_be_faster_by_more_than_the_tie() -> None:
     model, x = _mlp()
-    within = FakeTimer(lambda p: 1.0 - (TIE / 2) * (_hidden(p) == 32))  # 1.5% faster: noise, not a reason
-    small, _ = compactor.compact(model, x, round_to="auto", timer=within)
-    assert small[0].out_features == 31
+    within = FakeTimer(  # 1.5% faster alone: noise, not a reason (and whole models tie: fewer parameters win)
+        lambda p: 1.0 - (TIE / 2) * (_hidden(p) == 32), whole=lambda m: 1.0
+    )
+    small, report = compactor.compact(model, x, round_to="auto", timer=within)
+    assert small[0].out_features == 31 and report.to_dict()["auto"]["choices"][0]["width"] == 31
     beyond = FakeTimer(lambda p: 1.0 - (2 * TIE) * (_hidden(p) == 32))
     small, _ = compactor.compact(model, x, round_to="auto", timer=beyond)
     assert small[0].out_features == 32
@@ -141,6 +159,31 @@ def test_candidates_are_the_exact_width_and_its_roundings_up_to_the_dense_width(
     )  # dense widths: 64 too
 
 
+@pytest.mark.parametrize(("gain", "width", "picked"), [(0.5, 32, "all x8"), (WHOLE_TIE / 2, 31, "per group")])
+def test_the_whole_model_check_overrules_layers_timed_alone(gain: float, width: int, picked: str) -> None:
+    """Layers alone say the exact width (31) is fastest; whole models say 32 is ``gain`` faster: past
+    ``WHOLE_TIE`` the rounded model wins, its padding kept as auto's; within it, fewer parameters win."""
+    model, x = _mlp()
+    timer = FakeTimer(
+        lambda p: 1.0 if _hidden(p) == 31 else 2.0,
+        whole=lambda m: 1.0 - gain * (m[0].out_features % 8 == 0),
+    )
+    small, report = compactor.compact(model, x, round_to="auto", timer=timer)
+    assert small[0].out_features == width and report.params["after"] == _params(width)
+    whole = report.to_dict()["auto"]["whole"]
+    assert whole["picked"] == picked
+    assert set(whole["ms"]) == {"per group", "all x8"}  # exact and x16 give the same widths as these two
+    assert whole["params"] == {"per group": _params(31), "all x8": _params(32)}
+    assert sorted(timer.candidates) == ["all x8", "per group"]
+    # one run timed the dense model and both candidates; what shipped was timed there, so not again
+    assert timer.calls == [["dense", "per group", "all x8"]]
+    expected = 1.0 - gain * (width == 32)
+    assert report.to_dict()["auto"]["model_ms"] == {"before": 2000.0, "after": pytest.approx(expected * 1000)}
+    kept = [z for z in report.zeroed if z.fate == Fate.KEPT_AUTO.value]
+    assert len(kept) == width - 31
+    assert all("multiple of 8" in c.reason for c in kept)
+
+
 def test_slower_than_dense_is_a_warning_naming_the_layers() -> None:
     model, x = _mlp()
 
@@ -149,12 +192,14 @@ def test_slower_than_dense_is_a_warning_naming_the_layers() -> None:
             return 3.0 if _hidden(p) < 64 else 1.0
         return 5.0 if _hidden(p) == 64 else 1.0
 
-    _, report = compactor.compact(model, x, round_to="auto", timer=FakeTimer(cost, model_s=(1.0, 1.5)))
+    slower = FakeTimer(cost, model_s=(1.0, 1.5), whole=lambda m: 1.5)  # whole models: all alike, 1.5 s
+    _, report = compactor.compact(model, x, round_to="auto", timer=slower)
     auto = report.to_dict()["auto"]
     assert auto["slower"] and auto["model_ms"] == {"before": 1000.0, "after": 1500.0}
     (warning,) = [w for w in report.warnings if "slower" in w]
     assert "torch-cpu (1500.00 ms against 1000.00 ms" in warning and "2 1000.000 → 3000.000 ms" in warning
-    _, report = compactor.compact(model, x, round_to="auto", timer=FakeTimer(cost, model_s=(1.5, 1.0)))
+    faster = FakeTimer(cost, model_s=(1.5, 1.0), whole=lambda m: 1.0)
+    _, report = compactor.compact(model, x, round_to="auto", timer=faster)
     assert not report.to_dict()["auto"]["slower"] and not [w for w in report.warnings if "slower" in w]
 
 
@@ -179,14 +224,17 @@ def test_real_timer_on_a_tiny_model() -> None:
     small, report = compactor.compact(model, x, round_to="auto", timer=timer)
     auto = report.to_dict()["auto"]
     (choice,) = auto["choices"]
-    assert small[0].out_features == choice["width"] and choice["width"] in (31, 32, 64)
+    width = small[0].out_features  # the per-group choice, or what the whole-model check preferred to it
+    assert (
+        choice["width"] in (31, 32, 64) and width in (31, 32, 64) and report.params["after"] == _params(width)
+    )
+    whole = auto["whole"]
+    assert whole["params"][whole["picked"]] == _params(width) if whole["ms"] else width == choice["width"]
     assert set(auto["model_ms"]) == {"before", "after"} and auto["seconds"] >= 0
     assert len(timer._cache) == 6  # 2 layers x 3 candidates, the dense ones reused for the check after
     times = layer_times(model, small, ExampleInputs.of(x), FakeTimer(lambda p: float(p.out_width or 0)))
     # the real timer may find the dense width fastest: then no layer was rebuilt and none is timed
-    expected = (
-        [("0", 64000.0, choice["width"] * 1000.0), ("2", 8000.0, 8000.0)] if choice["width"] < 64 else []
-    )
+    expected = [("0", 64000.0, width * 1000.0), ("2", 8000.0, 8000.0)] if width < 64 else []
     assert [(t["layer"], t["before_ms"], t["after_ms"]) for t in times] == expected
 
 
@@ -297,6 +345,7 @@ def test_a_backend_that_cannot_run_a_layer_leaves_the_exact_width_and_says_so() 
     assert not auto["choices"] and not auto["layers"]
     assert list(auto["untimed"]) == [
         "0 (RuntimeError: no kernel for this layer)",
+        "the whole-model check (RuntimeError: no kernel for this layer)",
         "the layers alone (RuntimeError: no kernel for this layer)",
     ]
     assert "not timed (groups keep their exact widths): 0 (RuntimeError" in report.table()

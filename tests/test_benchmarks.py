@@ -14,7 +14,17 @@ from torch import nn
 from benchmarks.__main__ import parse_args, plan_cases
 from benchmarks.case import fold_batchnorm
 from benchmarks.models import ZOO, MobileNetV2, dead_channels
-from benchmarks.report import COLUMNS, Row, auto_section, budget, cells, targets, why_section
+from benchmarks.report import (
+    COLUMNS,
+    Row,
+    auto_section,
+    budget,
+    cells,
+    side_by_side_section,
+    split_results,
+    targets,
+    why_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +103,9 @@ def test_plan_cases_defaults() -> None:
         (0.5, 16, None, ("torch-cpu", "onnxruntime-cpu"), False),
         *[(s, "auto", b, (b,), False) for s in (0.3, 0.5, 0.7) for b in ("torch-cpu", "onnxruntime-cpu")],
         (0.5, None, None, ("torch-cpu",), True),  # the BatchNorm-folded ceiling
+        (0.5, None, None, ("torch-cpu", "onnxruntime-cpu"), False),  # round_to 1/8/16/auto side by side
     ]
+    assert [c.side_by_side for c in full] == [()] * 12 + [("1", "8", "16", "auto")]
 
 
 def test_plan_cases_for_the_round_to_comparison() -> None:
@@ -107,8 +119,37 @@ def test_plan_cases_for_the_round_to_comparison() -> None:
         "resnet50 @50% round_to=auto (torch-cpu)",
         "resnet50 @50% round_to=auto (onnxruntime-cpu)",
         "resnet50 @50% BN folded",
+        "resnet50 @50% round_to 1/8/16/auto side by side",
     ]
     assert not any(c.round_to for c in plan_cases(parse_args([*args[:4], "--quick"])))
+
+
+def test_side_by_side_section_compares_auto_with_the_best_rounding_of_the_same_run() -> None:
+    def timing(**ms: float) -> dict:
+        return {k.replace("r", ""): {"median_ms": v} for k, v in ms.items()}
+
+    side = {
+        "spec": {"model": "resnet50", "sparsity": 0.5, "side_by_side": ["1", "8", "16", "auto"]},
+        "label": "resnet50 @50% round_to 1/8/16/auto side by side",
+        "side_by_side": {
+            "params": {"dense": 1000, "1": 480, "8": 490, "16": 500},
+            "auto_params": {"torch-cpu": 480, "onnxruntime-cpu": 495},
+            "auto_whole": {"torch-cpu": {"ms": {"per group": 5.0, "all x8": 5.2}, "picked": "per group"}},
+            "torch-cpu": {"dense": {"median_ms": 10.0}, **timing(r1=5.0, r8=5.2, r16=5.5, auto=5.0)},
+            "onnxruntime-cpu": {"dense": {"median_ms": 8.0}, **timing(r1=5.0, r8=4.0, r16=4.2, auto=4.1)},
+        },
+    }
+    rows, sides = split_results([side, _case(None, None, 6.0, 480)])
+    assert len(rows) == 1 and sides == [side]
+    text = "\n".join(side_by_side_section(sides))
+    assert "| torch-cpu | round_to=8 | 5.2 | 1.92x | 490 |" in text
+    assert "| onnxruntime-cpu | auto | 4.1 | 1.95x | 495 |" in text
+    assert (
+        "- torch-cpu: auto 2.00x against the best of round_to 1/8/16 (1: 2.00x): yes; auto keeps fewer parameters "
+        "than round_to=16 (480 vs 500): yes" in text
+    )
+    assert "- onnxruntime-cpu: auto 1.95x against the best of round_to 1/8/16 (8: 2.00x): **no**" in text
+    assert "  - auto's own whole-model check: per group 5.0 ms, all x8 5.2 ms; kept per group" in text
 
 
 def _case(round_to: object, target: str | None, ms: float, params: int, **extra: object) -> dict:
@@ -131,6 +172,12 @@ def test_report_has_auto_rows_their_cost_and_the_targets() -> None:
         "extra_params": 1234,
         "layers": [{"layer": "a", "before_ms": 1.0, "after_ms": 1.5, "widths": ""}],
         "model_ms": {"before": 10.0, "after": 5.0},
+        "whole": {
+            "ms": {"per group": 5.0, "all x8": 5.5},
+            "params": {"per group": 495, "all x8": 500},
+            "picked": "per group",
+        },
+        "padded": 1,
     }
     results = [
         _case(None, None, 6.0, 480),
@@ -165,8 +212,8 @@ def test_report_has_auto_rows_their_cost_and_the_targets() -> None:
     )
     assert "- round_to=auto on onnxruntime-cpu, no case slower than dense: yes" in text
     assert (
-        "| resnet50 | 50% | onnxruntime-cpu | 1.67x | 2.50x | +50.0% | 0.4800 → 0.4950 | 1,234 | 1 of 1 | 1.5 "
-        "| 10.0 → 5.0 | a |" in text
+        "| resnet50 | 50% | onnxruntime-cpu | 1.67x | 2.50x | +50.0% | 0.4800 → 0.4950 | 1,234 | 1 of 1 "
+        "| per group (per group 5.0; all x8 5.5) | 1.5 | 10.0 → 5.0 | a |" in text
     )
 
 
@@ -193,33 +240,36 @@ def test_row_efficiency() -> None:
 def test_rows_over_their_time_or_memory_target_are_flagged() -> None:
     mib = 1024**2
 
-    def row(model: str, seconds: float, peak_mib: int, param_mib: int) -> Row:
+    def row(model: str, seconds: float, peak_mib: int, param_mib: int, before_mib: int = 400) -> Row:
         return Row.of(
             {
                 "spec": {"model": model, "sparsity": 0.5},
                 "label": f"{model} @50%",
                 "compact_seconds": seconds,
-                "memory": {"peak_rss_during_compact": peak_mib * mib},
+                "memory": {"peak_rss_during_compact": peak_mib * mib, "rss_before_compact": before_mib * mib},
                 "param_bytes_dense": param_mib * mib,
             }
         )
 
+    # the target bounds what compaction takes (peak less what the process held before), not the process
     fine, slow_r50, heavy = (
-        row("vgg16_bn", 29.0, 2000, 528),
+        row("vgg16_bn", 29.0, 4000, 528, before_mib=2000),
         row("resnet50", 3.2, 900, 98),
-        row("m", 1.0, 1400, 100),
+        row("m", 1.0, 1800, 100),
     )
-    assert fine.over_budget() == []
+    assert fine.over_budget() == [] and fine.added_rss == 2000 * mib
     assert slow_r50.over_budget() == ["time 3.2 s >= 3 s"]
     assert heavy.memory_limit == (3 * 100 + 1024) * mib
-    assert heavy.over_budget() == ["peak RSS 1400 MiB >= 1324 MiB"]
-    assert cells(heavy)[COLUMNS.index("in budget")] == "**no**: peak RSS 1400 MiB >= 1324 MiB"
+    assert heavy.over_budget() == ["compaction memory 1400 MiB >= 1324 MiB"]
+    assert cells(heavy)[COLUMNS.index("in budget")] == "**no**: compaction memory 1400 MiB >= 1324 MiB"
+    assert cells(heavy)[COLUMNS.index("peak RSS MiB")] == "1800"
+    assert cells(heavy)[COLUMNS.index("compaction MiB")] == "1400"
     assert cells(fine)[COLUMNS.index("limit MiB")] == "2608"
     assert budget([fine, slow_r50, heavy])[2:] == [
         "**2 of 3 cases exceed a target:**",
         "",
         "- resnet50 @50%: time 3.2 s >= 3 s",
-        "- m @50%: peak RSS 1400 MiB >= 1324 MiB",
+        "- m @50%: compaction memory 1400 MiB >= 1324 MiB",
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ def has_pruning_state(model: nn.Module) -> bool:
     return False
 
 
-def clone_module(model: nn.Module) -> nn.Module:
+def clone_module(model: nn.Module, *, share_parameters: bool = False) -> nn.Module:
     """``copy.deepcopy`` that also works on masked modules and on modules that cache computed tensors.
 
     ``torch.nn.utils.prune`` keeps ``weight`` as a plain attribute computed from ``weight_orig * weight_mask``;
@@ -81,8 +82,35 @@ def clone_module(model: nn.Module) -> nn.Module:
     detached copy of it is exact. So is one of a cache filled in eval mode (LeViT's, EfficientViT's and
     TinyViT's ``attention_bias_cache``: a dict of ``attention_biases[:, idxs]``, cleared in train mode): it
     holds the value the forward would compute again.
+
+    ``share_parameters=True``: the clone holds ``model``'s own parameter tensors (buffers and the rest are
+    copied), for a forward that must not touch ``model``'s state (train mode's batch statistics) at the cost
+    of its buffers only. Nothing may write into the clone's parameters in place.
     """
     memo: dict[int, object] = {}
+    if share_parameters:
+        for p in model.parameters():
+            memo[id(p)] = p
+    return clone_module_with(model, memo)
+
+
+def wide_clone(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A clone of ``model`` with every floating-point parameter and buffer in ``dtype`` (what
+    ``clone_module(model).to(dtype)`` gives, without first copying the tensors in their own dtype)."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(_as(p.detach(), dtype), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = _as(b, dtype)
+    return clone_module_with(model, memo)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
+
+
+def clone_module_with(model: nn.Module, memo: dict[int, object]) -> nn.Module:
+    """:func:`clone_module` with ``memo`` saying what some objects become in the clone."""
     for module in model.modules():
         _memo_non_leaves(module.__dict__, memo)
     clone = copy.deepcopy(model, memo)
@@ -110,13 +138,59 @@ _CONTAINER_DEPTH = 4  # containers inside containers: deep enough for any cache 
 def baked(model: nn.Module, *, copy: bool = True) -> nn.Module:
     """A clone of ``model`` with its masks and parametrizations baked in.
 
-    ``copy=False``: ``model`` itself when there is nothing to bake (no clone is made then).
+    A pruned tensor is copied once, as ``orig * mask``: the clone never holds ``weight_orig``, the mask or the
+    hook's computed ``weight`` (the clone of a masked model would be three times the model's size before
+    baking). ``copy=False``: ``model`` itself when there is nothing to bake (no clone is made then).
     """
     if not copy and not has_pruning_state(model):
         return model
-    clone = clone_module(model)
-    bake_masks(clone)
+    memo: dict[int, object] = {}
+    pruned = _pruned_tensors(model)
+    for orig, mask, computed in pruned.values():
+        memo[id(orig)] = nn.Parameter(orig.detach() * mask, requires_grad=orig.requires_grad)
+        memo[id(mask)] = _PLACEHOLDER
+        if computed is not None:
+            memo[id(computed)] = None
+    clone = clone_module_with(model, memo)
+    for (name, tensor_name), (orig, _, _) in pruned.items():
+        _bake_copied(clone.get_submodule(name), tensor_name, cast(nn.Parameter, memo[id(orig)]))
+    bake_masks(clone)  # what is left: tied pruned tensors and parametrizations
     return clone
+
+
+_PLACEHOLDER = torch.empty(0)
+
+
+def _pruned_tensors(
+    model: nn.Module,
+) -> dict[tuple[str, str], tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]]:
+    """(layer, tensor name) -> (``*_orig``, ``*_mask``, the hook's computed tensor) of every pruned tensor
+    whose ``*_orig`` no other layer holds (a tied one is baked the slow way, keeping the other's copy)."""
+    owners = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    out: dict[tuple[str, str], tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]] = {}
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if not isinstance(hook, prune.BasePruningMethod):
+                continue
+            tensor_name = hook._tensor_name
+            orig = module._parameters.get(tensor_name + "_orig")
+            mask = module._buffers.get(tensor_name + "_mask")
+            if orig is None or mask is None or owners[id(orig)] > 1:
+                continue
+            computed = module.__dict__.get(tensor_name)
+            out[(name, tensor_name)] = (orig, mask, computed if isinstance(computed, torch.Tensor) else None)
+    return out
+
+
+def _bake_copied(module: nn.Module, tensor_name: str, value: nn.Parameter) -> None:
+    """On a clone whose ``*_orig`` already holds ``orig * mask``: what ``prune.remove`` leaves."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == tensor_name:
+            del module._forward_pre_hooks[key]
+    del module._parameters[tensor_name + "_orig"]
+    del module._buffers[tensor_name + "_mask"]
+    module.__dict__.pop(tensor_name, None)
+    module.register_parameter(tensor_name, value)
 
 
 def _own_class(module: nn.Module) -> None:

@@ -19,9 +19,16 @@ from .plan import GroupPlan, apply_compensation
 
 
 def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> nn.Module:
-    """A compacted copy of ``model`` with every plan in ``plans`` applied."""
-    new = clone_module(model)
+    """A compacted copy of ``model`` with every plan in ``plans`` applied.
+
+    The copy shares ``model``'s parameter tensors, except in the layers the compensation writes into, which
+    get copies of their own first; the layers that shrink are new ones. So a rebuild costs what changes, not
+    a second model; a write into a shared tensor would be a bug, and is refused before anything is returned.
+    """
+    new = clone_module(model, share_parameters=True)
     modules = dict(new.named_modules())
+    _own_parameters(new, _written(plans, modules))
+    versions = [(p, p._version) for p in model.parameters()]
     for plan in plans:
         apply_compensation(plan, modules)
     per_layer: dict[str, dict[Side, set[int]]] = defaultdict(dict)
@@ -33,7 +40,67 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> nn.Module:
             new = set_submodule(new, name, _shrunk(modules[name], sides))
         elif name in params:
             _replace_parameter(new, name, params[name], sides, plans)
+    _check_untouched(versions)
     return new
+
+
+def _written(plans: list[GroupPlan], modules: dict[str, nn.Module]) -> dict[str, set[str] | None]:
+    """Layer -> the names of the parameters ``plans``' compensation writes into (None: any of them)."""
+    out: dict[str, set[str] | None] = {}
+
+    def add(layer: str, names: tuple[str, ...] | None) -> None:
+        shrinker = shrinker_for(modules[layer]) if layer in modules else None
+        if shrinker is None or names is None or out.get(layer, set()) is None:
+            out[layer] = None
+        else:
+            out.setdefault(layer, set()).update(names)  # type: ignore[union-attr]  # not None: checked above
+
+    for plan in plans:
+        for f in plan.folds:
+            if f.norm and modules.get(f.norm) is not None:
+                add(f.norm, _writes(modules[f.norm], "shift"))
+            else:
+                add(f.layer, _writes(modules.get(f.layer), "fold"))
+        for m in plan.merges:
+            add(m.layer, _writes(modules.get(m.layer), "merge"))
+    return out
+
+
+def _writes(module: nn.Module | None, step: str) -> tuple[str, ...] | None:
+    shrinker = shrinker_for(module) if module is not None else None
+    if shrinker is None:
+        return None
+    written: tuple[str, ...] | None = getattr(shrinker, f"{step}_writes")
+    return written
+
+
+def _own_parameters(root: nn.Module, written: dict[str, set[str] | None]) -> None:
+    """Give the parameters ``written`` names (layer -> parameter names, None: all of the layer's) copies of
+    their own in ``root`` (ties between them kept)."""
+    copies: dict[int, nn.Parameter] = {}
+    for name, names in written.items():
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            continue
+        for key, p in module.named_parameters():
+            if names is None or key in names:
+                copies.setdefault(id(p), nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    if not copies:
+        return
+    for module in root.modules():
+        for key, held in list(module._parameters.items()):
+            if held is not None and id(held) in copies:
+                module._parameters[key] = copies[id(held)]
+
+
+def _check_untouched(versions: list[tuple[nn.Parameter, int]]) -> None:
+    """The copied model's parameters still unwritten (``Tensor._version`` counts in-place writes)."""
+    for p, version in versions:
+        if p._version != version:
+            raise AssertionError(
+                f"rebuilding wrote into a parameter of the model it copies ({tuple(p.shape)})"
+            )
 
 
 def _removals(plans: list[GroupPlan]) -> dict[tuple[str, Side], set[int]]:

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import VerificationError
 from ..inputs import ExampleInputs, Plain, flatten_values
 from ..util import check_time, eval_mode_restored
-from .masks import clone_module
+from .masks import wide_clone
 from .plan import GroupPlan, round_layers
 from .rebuild import apply_plans
 
@@ -188,8 +188,8 @@ def widened(
     if not always and not any(t.dtype in _LOW_PRECISION for t in tensors):
         return None
     wide_runs = [r.widened() for r in runs]
-    wide_baked = clone_module(baked).to(torch.float64)
-    wide_original = wide_baked if original is baked else clone_module(original).to(torch.float64)
+    wide_baked = wide_clone(baked)
+    wide_original = wide_baked if original is baked else wide_clone(original)
     return wide_baked, wide_runs, reference_outputs(wide_original, wide_runs)
 
 
@@ -241,10 +241,14 @@ def decide(
     active = [p for p in plans if p.removed]
     accepted: list[GroupPlan] = []
     rejected: dict[int, Verdict] = {}
+    first_model: nn.Module | None = None
     if wide is not None:
         pending = active
     else:
-        first = compare(apply_plans(baked, active), runs, references, tolerance) if active else None
+        first_model = apply_plans(baked, active) if active else None
+        first = compare(first_model, runs, references, tolerance) if first_model is not None else None
+        if first is None or not first.ok:
+            first_model = None  # not what ships: free it before the next rebuild
         if first is None or first.ok:
             accepted, pending = active, []
         elif math.isfinite(first.max_abs_error):
@@ -267,8 +271,13 @@ def decide(
     final = round_layers(
         baked, _restore(plans, rejected), round_to
     )  # a restored group can leave a shared layer off
-    small = apply_plans(baked, [p for p in final if p.removed])
-    verdict = compare(small, runs, references, tolerance, floors)
+    shipped = [p for p in final if p.removed]
+    if first_model is not None and first is not None and _same_plans(shipped, active):  # verified already
+        small, verdict = first_model, first
+    else:
+        first_model = None
+        small = apply_plans(baked, shipped)
+        verdict = compare(small, runs, references, tolerance, floors)
     if not verdict.ok and wide is not None:
         # Folded constants are rounded into the model's own dtype too: allow the compacted model's own
         # distance to its float64 twin (the twins themselves agreed within the tolerance).
@@ -287,6 +296,10 @@ def decide(
     if not verdict.ok:  # only possible if the unmodified model is itself not reproducible
         raise VerificationError(f"the rebuilt model does not reproduce the masked model: {verdict.summary()}")
     return final, small, verdict, floors
+
+
+def _same_plans(a: list[GroupPlan], b: list[GroupPlan]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _restore(plans: list[GroupPlan], rejected: dict[int, Verdict]) -> list[GroupPlan]:

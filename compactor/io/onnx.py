@@ -155,6 +155,8 @@ def _shapes_of(
     }
     if fallback is not None:
         return ExportShapes(not any(asked.values()), asked, dict(asked), sizes, fallback=fallback)
+    if not any(asked.values()):  # nothing to look up: do not read a file as large as the model again
+        return ExportShapes(True, asked, dict(asked), sizes)
     graph = onnx.load(str(path), load_external_data=False).graph
     fixed = {}
     for name, value in zip(input_names(example), graph.input):

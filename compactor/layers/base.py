@@ -107,6 +107,12 @@ class Shrinker(Generic[M]):
         """Linear in its inputs: ``W[:, carrier] += sum_i ratio_i * W[:, idx_i]`` (in place)."""
         raise NotImplementedError
 
+    # The parameters each in-place step writes (None: any of the layer's): a rebuild shares every other
+    # tensor with the model it copies, and refuses to return if one of those was written.
+    fold_writes: ClassVar[tuple[str, ...] | None] = ("bias",)
+    merge_writes: ClassVar[tuple[str, ...] | None] = ("weight",)
+    shift_writes: ClassVar[tuple[str, ...] | None] = None
+
     def merge_unit(self, m: M, i: int) -> int:
         """Input ``i``'s part of the layer: constants merge only into a carrier in the same part."""
         return 0
@@ -338,8 +344,17 @@ def must_take(t: torch.Tensor, dim: int, idx: Index | None) -> torch.Tensor:
 
 def zero_along(weight: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
     """For each index of ``idx`` along ``dim``: True if that slice of ``weight`` is all zero."""
-    w = weight.detach().index_select(dim, idx.to(weight.device)).movedim(dim, 0)
-    return (w.reshape(w.shape[0], -1) == 0).all(dim=1).cpu()
+    w = weight.detach().movedim(dim, 0)
+    step = max(1, _ZERO_CHUNK // max(1, w[0].numel()))  # a few slices at a time: no copy of a large weight
+    idx = idx.to(weight.device)
+    parts = [
+        (w.index_select(0, idx[i : i + step]).reshape(len(idx[i : i + step]), -1) == 0).all(dim=1)
+        for i in range(0, len(idx), step)
+    ]
+    return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.bool)
+
+
+_ZERO_CHUNK = 1 << 22  # elements compared at once
 
 
 def add_to_bias(m: Any, delta: torch.Tensor) -> None:

@@ -16,6 +16,11 @@ Later groups see earlier choices, never the other way round. A group held at a c
 carrier (it is never another group's guest), so an exact group that shared one may come out one channel off
 what was timed. Groups left when ``budget_s`` is spent, and
 groups with a layer the backend cannot run alone, keep their exact width, and are named.
+
+Layers timed alone miss what happens between them (the elementwise ops, the caches a whole forward shares),
+so the choice is checked whole: the greedy widths, the exact ones and every group rounded up to 8 and to 16
+are rebuilt and timed as whole models, interleaved (:meth:`WidthSearch.whole`). The fastest is kept; one
+with more parameters must be more than ``WHOLE_TIE`` (1%) faster than every one with fewer.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from ..engine.plan import Fate, GroupPlan, Planner, WidthTarget
+from ..engine.rebuild import apply_plans
 from ..errors import first_line
 from ..inputs import ExampleInputs
 from ..layers import Side, width
@@ -37,6 +43,9 @@ from .probes import Probe, Seen, Timer, probe, rebuilt, record_inputs, timed_kin
 STEPS = (8, 16, 32, 64)
 TIE = 0.03  # a wider candidate is chosen only when more than 3% faster than every narrower one
 BUDGET_S = 60.0  # timing time after which the remaining groups keep their exact width
+WHOLE_STEPS = (8, 16)  # uniform roundings timed against the greedy choice, whole model against whole model
+DENSE = "dense"  # the name the dense model is timed under beside the candidates
+WHOLE_TIE = 0.01  # a candidate with more parameters must be more than 1% faster (interleaved medians)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,16 @@ class LayerTime:
 
 
 @dataclass(frozen=True)
+class WholeChoice:
+    """The whole-model check: each candidate's median ms and parameter count, and the one kept."""
+
+    ms: dict[str, float]
+    params: dict[str, int]
+    picked: str
+    dense_ms: float | None = None  # the dense model, timed in the same run
+
+
+@dataclass(frozen=True)
 class AutoWidths:
     """What ``round_to="auto"`` decided and measured; ``report.extra["auto"]`` is :meth:`to_dict`."""
 
@@ -72,6 +91,8 @@ class AutoWidths:
     extra_params: int = 0  # parameters the padding keeps (chosen widths against exact ones)
     layers: tuple[LayerTime, ...] = ()
     model_ms: dict[str, float] | None = None  # whole model, dense and compacted, on the target
+    whole: WholeChoice | None = None  # the greedy widths against uniform roundings, timed whole
+    padded: int = 0  # groups kept wider than their exact width in the end
 
     @property
     def slower(self) -> bool:
@@ -84,7 +105,6 @@ class AutoWidths:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["padded"] = sum(c.width > c.exact for c in self.choices)
         d["slower"] = self.slower
         return d
 
@@ -171,6 +191,42 @@ class WidthSearch:
             widths.get((name, Side.IN)),
             widths.get((name, Side.OUT)),
         )
+
+    def rounded(self, plans: list[GroupPlan], step: int) -> dict[int, WidthTarget]:
+        """Per group index, its exact width rounded up to a multiple of ``step`` (where the dense width
+        allows): a uniform rounding, as a candidate for :meth:`whole`."""
+        out = {}
+        for i, plan in enumerate(plans):
+            size, exact = plan.group.size, plan.group.size - len(plan.removed)
+            want = math.ceil(exact / step) * step
+            if plan.removed and exact < want <= size:
+                out[i] = WidthTarget(
+                    want,
+                    Fate.KEPT_AUTO,
+                    f"kept so that {plan.group.root} keeps {want} channels: with every group rounded up to a "
+                    f"multiple of {step}, the whole model ran fastest on {self.timer.target}",
+                )
+        return out
+
+    def whole(
+        self, model: nn.Module, inputs: ExampleInputs, candidates: dict[str, list[GroupPlan]]
+    ) -> WholeChoice:
+        """Each candidate's plans applied to ``model`` (the model in its own precision) and timed as a whole
+        model, interleaved with ``model`` itself; the kept one is the fastest, or one with fewer parameters
+        within ``WHOLE_TIE``."""
+        unique: dict[tuple[int, ...], str] = {}
+        for name, plans in candidates.items():
+            unique.setdefault(tuple(len(p.removed) for p in plans), name)
+        names = list(unique.values())
+        if len(names) < 2:
+            return WholeChoice({}, {}, names[0] if names else next(iter(candidates)))
+        models = {n: apply_plans(model, [p for p in candidates[n] if p.removed]).eval() for n in names}
+        params = {n: _params(m) for n, m in models.items()}
+        seconds = self.timer.models({DENSE: model, **models}, inputs)
+        ms = {n: seconds[n] * 1000 for n in names}
+        best = min(ms.values())
+        picked = min((n for n in names if ms[n] <= best * (1 + WHOLE_TIE)), key=lambda n: (params[n], ms[n]))
+        return WholeChoice(ms, params, picked, seconds[DENSE] * 1000)
 
     # --- what it bought -------------------------------------------------------------------------------
     def layer_times(self, plans: list[GroupPlan]) -> list[LayerTime]:

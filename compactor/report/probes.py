@@ -149,7 +149,10 @@ class Timer(Protocol):
 
     def layers(self, probes: Sequence[Probe]) -> list[float]: ...
 
-    def models(self, dense: nn.Module, small: nn.Module, inputs: ExampleInputs) -> tuple[float, float]: ...
+    def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, float]: ...
+
+
+WHOLE_REPEATS = 10  # interleaved rounds when timing whole models
 
 
 class BackendTimer:
@@ -184,10 +187,10 @@ class BackendTimer:
             self._cache.update({k: min(s) for k, s in samples.items()})
         return [self._cache[p.key] for p in probes]
 
-    def models(self, dense: nn.Module, small: nn.Module, inputs: ExampleInputs) -> tuple[float, float]:
-        """Median seconds of one forward of each, interleaved (ONNX Runtime: both exported first)."""
+    def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, float]:
+        """Median seconds of one forward of each, interleaved (ONNX Runtime: all exported first)."""
         with contextlib.ExitStack() as stack:
-            models: dict[str, Any] = {"dense": dense, "small": small}
+            runnable: dict[str, Any] = dict(models)
             if self.target == "onnxruntime-cpu":
                 import tempfile
                 from pathlib import Path
@@ -195,18 +198,19 @@ class BackendTimer:
                 from ..io.onnx import export_onnx
 
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="compactor-auto-")))
-                models = {
-                    n: export_onnx(m, inputs, tmp / f"{n}.onnx", dynamo=False).path for n, m in models.items()
+                runnable = {
+                    n: export_onnx(m, inputs, tmp / f"model{i}.onnx", dynamo=False).path
+                    for i, (n, m) in enumerate(models.items())
                 }
             t = latency(
-                models,
+                runnable,
                 inputs,
                 backend=self.target,  # type: ignore[arg-type]  # checked in __init__'s caller
                 threads=self.threads,
                 warmup=1,
-                repeats=max(5, self.repeats),
+                repeats=max(WHOLE_REPEATS, self.repeats),
             )
-        return t["dense"].median_ms / 1000, t["small"].median_ms / 1000
+        return {n: t[n].median_ms / 1000 for n in models}
 
     @contextlib.contextmanager
     def _runners(self, probes: list[Probe]) -> Iterator[dict[Any, Callable[[], float]]]:

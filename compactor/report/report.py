@@ -231,16 +231,25 @@ def auto_lines(report: CompactionReport) -> list[str]:
     if not auto:
         return []
     padded = [c for c in auto["choices"] if c["width"] > c["exact"]]
+    whole = auto.get("whole") or {}
     lines = [
         f"--round-to auto on {auto['target']}: {len(auto['choices'])} channel group(s) timed in {auto['seconds']:.2f} s, "
-        f"{len(padded)} padded (+{auto['extra_params']:,} parameters kept)"
+        f"{auto.get('padded', len(padded))} padded (+{auto['extra_params']:,} parameters kept)"
         + (
             f"; whole model {auto['model_ms']['before']:.3f} → {auto['model_ms']['after']:.3f} ms"
             if auto.get("model_ms")
             else ""
         )
     ]
-    for c in padded:
+    if whole.get("ms"):
+        lines.append(
+            "  whole model: "
+            + ", ".join(
+                f"{n} {ms:.2f} ms ({whole['params'][n]:,} parameters)" for n, ms in whole["ms"].items()
+            )
+            + f"; kept: {whole['picked']}"
+        )
+    for c in padded if whole.get("picked", "per group") == "per group" else []:
         ms = {int(w): t for w, t in c["ms"].items()}
         lines.append(
             f"  {c['root']}: {c['exact']} → {c['width']} of {c['dense']} channels "

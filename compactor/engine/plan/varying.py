@@ -32,7 +32,7 @@ from torch import nn
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, role_of
 from ..graph import ChannelGroup, Kind, Member
-from ..masks import clone_module
+from ..masks import wide_clone
 from .base import ChannelFate, Fate, Fold, InputStats, Merge, Modules, mixing, shrinker_at
 from .compensate import fold
 from .observe import run_with_hooks
@@ -127,7 +127,7 @@ def varying_maps(
             natural.want(m.name, "in", [j for r in rs for j in m.idxs[r]])
     if not plans:
         return out
-    wide = model if _is_double(model) else clone_module(model).to(torch.float64)  # measured in float64
+    wide = model if _is_double(model) else wide_clone(model)  # measured in float64
     runs = [r.widened() for r in runs]
     natural.run(wide, runs)
     probes: list[_Probe] = []
