@@ -2160,3 +2160,57 @@ class TinyVit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.patch_embed(x)))
+
+
+# --- Mix-FFN: transformers' SegformerMixMLP / PvtV2ConvFeedForwardNetwork ---------------------------------
+class MixDepthWiseConv(nn.Module):
+    """``SegformerDepthWiseConv`` / ``PvtV2DepthWiseConv``: tokens ``[B, N, C]`` laid out as ``[B, C, H, W]``,
+    a zero-padded 3x3 depthwise conv, and back to tokens."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        batch_size, _, num_channels = hidden_states.shape
+        hidden_states = hidden_states.transpose(1, 2).view(batch_size, num_channels, height, width)
+        hidden_states = self.dwconv(hidden_states)
+        return hidden_states.flatten(2).transpose(1, 2)
+
+
+class MixFFN(nn.Module):
+    """``SegformerMixMLP`` (``relu=False``) and PVTv2's ``linear_attention`` variant (a ReLU after fc1):
+    fc1 → depthwise conv → GELU → fc2, the depthwise conv between two token layouts."""
+
+    def __init__(self, dim: int, hidden: int, relu: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.relu = nn.ReLU() if relu else nn.Identity()
+        self.dwconv = MixDepthWiseConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return self.fc2(self.act(self.dwconv(self.relu(self.fc1(x)), height, width)))
+
+
+class MixFFNNet(nn.Module):
+    """A SegFormer stage in small: overlapping patch embedding (7x7, stride 4), then pre-norm blocks whose MLP
+    is a Mix-FFN, a final norm, mean over tokens and a classifier."""
+
+    def __init__(self, dim: int = 16, hidden: int = 64, depth: int = 2, relu: bool = False) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 7, 4, 3)
+        self.norm0 = nn.LayerNorm(dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.mlps = nn.ModuleList(MixFFN(dim, hidden, relu) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x)
+        height, width = x.shape[2:]
+        x = self.norm0(x.flatten(2).transpose(1, 2))
+        for norm, mlp in zip(self.norms, self.mlps):
+            x = x + mlp(norm(x), height, width)
+        return self.head(self.norm(x).mean(1))

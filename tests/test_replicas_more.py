@@ -5,6 +5,7 @@ the weights dictate."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import replicas_more as R
 import torch
 from replicas_timm import pruned_count
 from torch import nn
+from torch.nn.utils import prune
 from zoo import ChannelsLastFlatten
 
 import compactor
@@ -177,3 +179,38 @@ def test_torch_pruning_walk_stops_at_an_op_it_maps_by_rule(monkeypatch: pytest.M
     theirs = graph.build_groups(small, tiny)
     assert theirs == graph._tp_groups(small, tiny)
     assert graph._suspect(theirs)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_mix_ffn_merges_position_varying_channels_across_the_token_layout(relu: bool) -> None:
+    """SegFormer's and PVTv2's Mix-FFN: a dead fc1 row is a constant, which the zero-padded depthwise conv
+    turns into a map that varies at the borders, read by fc2 in the token layout ``[B, H*W, C]``. A 3x3 kernel
+    has 16 border patterns; one direction is the bias, so per block a basis of 15 carriers stays and every other
+    varying channel merges into it. With PVTv2's ReLU after fc1, a dead row with a negative bias emits 0: only
+    the dwconv's own bias is left, the same everywhere, and it folds."""
+    torch.manual_seed(0)
+    model = R.MixFFNNet(relu=relu).eval()
+    expected: Counter[str] = Counter()
+    for mlp in model.mlps:
+        prune.ln_structured(mlp.fc1, "weight", amount=0.6, n=2, dim=0)
+        dead = mlp.fc1.weight_mask.sum(1) == 0
+        varying = int((dead & (mlp.fc1.bias > 0)).sum()) if relu else int(dead.sum())
+        expected[Fate.FOLDED.value] += int(dead.sum()) - varying
+        if varying > 15:
+            expected[Fate.CARRIER.value] += 15
+            expected[Fate.MERGED.value] += varying - 15
+        else:
+            expected[Fate.KEPT_VARYING.value] += varying
+    small, report = compactor.compact(model, torch.randn(1, 3, 64, 64), time_limit=60)
+    assert Counter(z.fate for z in report.zeroed) == +expected
+    assert sum(expected.values()) == 2 * 38
+    gone = [
+        sum(z.fate in ("folded", "merged") and z.layer == f"mlps.{i}.fc1" for z in report.zeroed)
+        for i in (0, 1)
+    ]
+    for mlp, n in zip(small.mlps, gone):
+        assert (mlp.fc1.out_features, mlp.dwconv.dwconv.out_channels, mlp.fc2.in_features) == (64 - n,) * 3
+    with torch.no_grad():  # exact at sizes the example never showed: odd, and 1 token wide
+        for shape in [(1, 3, 64, 64), (1, 3, 37, 41), (2, 3, 9, 7), (1, 3, 3, 5)]:
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+            torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)

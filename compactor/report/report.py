@@ -150,6 +150,8 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
         f"(tolerance {report.tolerance:g} × max(1, |output|))",
         markup=False,
     )
+    if report.extra.get("sizes"):  # the run at another input size, or why there was none
+        console.print(f"  {report.extra['sizes']}", markup=False)
     if report.extra.get("rounding_floor"):
         console.print(
             f"the masked model's own rounding (against float64) allows up to {report.extra['rounding_floor']:.3g} "
