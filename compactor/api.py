@@ -19,7 +19,7 @@ from torch import nn
 from .engine.coverage import Paths, check_train_mode, find_paths, hold_train_only, watch
 from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
-from .engine.masks import baked, clone_module
+from .engine.masks import baked, check_unwritten, clone_module, masked_view
 from .engine.plan import GroupPlan, Planner, consumer_layers, observe_inputs
 from .engine.verify import DEFAULT_TOLERANCE, Log, Outputs, compare, decide, reference_outputs, widened
 from .errors import (
@@ -31,7 +31,7 @@ from .errors import (
     VerificationError,
     first_line,
 )
-from .inputs import ExampleInputs, infer_example_inputs, run, unchecked_outputs
+from .inputs import ExampleInputs, flatten_values, infer_example_inputs, run, unchecked_outputs
 from .io.sparse import sparsity_report
 from .layers import inconsistency
 from .report.autowidth import WHOLE_STEPS, AutoWidths, GroupChoice, LayerTime, WholeChoice, WidthSearch
@@ -124,24 +124,33 @@ def _compact(
     inputs.check_finite()
 
     with _timed(seconds, "masks"):
-        # The baked model computes what the masked one does (the hook multiplied the same two tensors on every
-        # call), so the references are taken from it: no second copy of weight_orig and the masks is made.
-        baked_model = baked(model).eval()
-        unchecked = unchecked_outputs(
-            run(baked_model, inputs)
-        )  # fails with one clear line if the inputs do not fit
+        masked, shared = masked_view(model)  # the user's model as it is: its own pruning hooks and tensors
+        masked.eval()
         generator = torch.Generator().manual_seed(0)
         candidates = [  # made outside the watch: making them reads tensor values
             [inputs, *(inputs.fresh(generator, integers=integers) for _ in range(FRESH_RUNS))]
             for integers in (True, False)
         ]
-        with watch(baked_model) as seen:
-            runs, references, fresh_note = _references(baked_model, candidates)
+        with watch(masked) as seen:
+            with torch.no_grad():
+                first = run(masked, inputs)  # fails with one clear line if the inputs do not fit
+            unchecked = unchecked_outputs(first)
+            runs, references, fresh_note = _references(masked, candidates, flatten_values(first))
+            del first
         check_finite(references)
-        paths = find_paths(baked_model, seen, inputs)
         same = len(runs)  # the runs at the example's shapes; the one at another size (if any) comes last
-        other, other_references, sizes = _other_size(baked_model, inputs, generator)
+        other, other_references, sizes = _other_size(masked, inputs, generator)
         runs, references = [*runs, *other], [*references, *other_references]
+        del masked  # the references are all that is needed of it: free what its hooks computed
+        written = check_unwritten(shared)
+        if written is not None:
+            raise ModelStructureError(
+                f"{written}: its outputs change from one call to the next, so no compaction can be verified "
+                f"against them; make the forward leave its weights alone (data-dependent initialisation done once, "
+                f"before pruning)"
+            )
+        baked_model = baked(model).eval()
+        paths = find_paths(baked_model, seen, inputs)
     if strict and paths.unproven():
         raise UnverifiedPathError(f"--strict: {paths.unproven()[0]}")
     original = baked_model
@@ -192,7 +201,7 @@ def _compact(
         with _timed(seconds, "auto_widths"):
             search = WidthSearch(planner, baked_model, inputs, timer)
             plans, choices, untimed_groups, whole = _choose_widths(
-                search, planner, baked_model, inputs, plans, uniform
+                search, planner, baked_model, original, inputs, plans, uniform
             )
     chosen_plans = plans
     say("rebuilding and verifying")
@@ -270,23 +279,24 @@ def _choose_widths(
     search: WidthSearch,
     planner: Planner,
     model: nn.Module,
+    dense: nn.Module,
     inputs: ExampleInputs,
     plans: list[GroupPlan],
     uniform: bool,
 ) -> tuple[list[GroupPlan], list[GroupChoice], list[str], WholeChoice | None]:
     """``round_to="auto"``: the plans again with each group held at the width timed fastest, then that
     choice against the exact widths and uniform roundings, each timed as a whole model (``model``: the model
-    in its own precision)."""
+    the plans apply to, in its own precision; ``dense``: the masked model baked, before any head went)."""
     chosen, choices, untimed = search.choose(plans)
     greedy = planner.plans(uniform=uniform, widths=chosen) if chosen else plans
     candidates = {"per group": greedy, "exact": plans}
     for step in WHOLE_STEPS:
         candidates[f"all x{step}"] = planner.plans(uniform=uniform, widths=search.rounded(plans, step))
     try:
-        whole = search.whole(model, inputs, candidates)
-    except (
-        Exception
-    ) as e:  # the exporters' and runtimes' failures have no common type: the greedy choice stands
+        whole = search.whole(model, inputs, candidates, dense)
+    except AssertionError:  # compactor's own check (a rebuild wrote into the model it copies): a bug, said so
+        raise
+    except Exception as e:  # exporters' and runtimes' failures have no common type: the greedy choice stands
         untimed.append(f"the whole-model check ({first_line(e, with_type=True)})")
         return greedy, choices, untimed, None
     return candidates[whole.picked], choices, untimed, whole
@@ -420,23 +430,24 @@ def _guess_warning(inputs: ExampleInputs) -> list[str]:
 
 
 def _references(
-    masked: nn.Module, candidates: list[list[ExampleInputs]]
+    masked: nn.Module, candidates: list[list[ExampleInputs]], example: Outputs
 ) -> tuple[list[ExampleInputs], list[Outputs], str | None]:
-    """The runs verification compares and the masked model's outputs on them: the example inputs and
-    random ones like them (``candidates[0]``). Where the model itself fails on random integers (token ids
-    laid out as it expects: image tokens, special ids), the fresh runs keep the example's integers
-    (``candidates[1]``); where it fails even then, only the example inputs are checked, and that is said."""
+    """The runs verification compares and the masked model's outputs on them: the example inputs (whose
+    outputs, ``example``, are known) and random ones like them (``candidates[0]``). Where the model itself
+    fails on random integers (token ids laid out as it expects: image tokens, special ids), the fresh runs
+    keep the example's integers (``candidates[1]``); where it fails even then, only the example inputs are
+    checked, and that is said."""
     why = ""
     for i, runs in enumerate(candidates):
         try:
-            references = reference_outputs(masked, runs)
+            references = [example, *reference_outputs(masked, runs[1:])]
         except Exception as e:  # the model's own check on its inputs, not a compaction problem
             why = first_line(e, with_type=True)
             continue
         note = f"fresh inputs keep the example's integer inputs: random ones fail ({why})" if i else None
         return runs, references, note
     note = f"verified on the example inputs only: the model fails on random inputs like them ({why})"
-    return candidates[0][:1], reference_outputs(masked, candidates[0][:1]), note
+    return candidates[0][:1], [example], note
 
 
 def _other_size(

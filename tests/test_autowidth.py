@@ -16,6 +16,7 @@ from zoo import CASES, Case
 import compactor
 from compactor.api import default_target
 from compactor.cli import main
+from compactor.engine.masks import baked
 from compactor.engine.plan import Fate
 from compactor.inputs import ExampleInputs
 from compactor.layers import shrinker_for
@@ -349,3 +350,43 @@ def test_a_backend_that_cannot_run_a_layer_leaves_the_exact_width_and_says_so() 
         "the layers alone (RuntimeError: no kernel for this layer)",
     ]
     assert "not timed (groups keep their exact widths): 0 (RuntimeError" in report.table()
+
+
+def test_the_dense_time_is_the_dense_model_s_where_attention_heads_went_first() -> None:
+    """A timer that reports each whole model's parameter count as its time: ``model_ms["before"]`` is the
+    dense model's (all four heads), not the one the channel plans start from (a head already gone)."""
+    import transformers
+
+    class ParamTimer(FakeTimer):
+        def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, float]:
+            return {n: sum(p.numel() for p in m.parameters()) / 1000 for n, m in models.items()}
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=16,
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    attention = model.encoder.layer[0].attention
+    for layer, dim in ((attention.self.query, 0), (attention.self.key, 0), (attention.self.value, 0)):
+        prune.custom_from_mask(layer, "weight", torch.ones(64, 64).index_fill_(dim, torch.arange(16, 32), 0))
+    prune.custom_from_mask(
+        attention.output.dense, "weight", torch.ones(64, 64).index_fill_(1, torch.arange(16, 32), 0)
+    )
+    ffn = model.encoder.layer[0].intermediate.dense
+    prune.custom_from_mask(ffn, "weight", torch.ones(128, 64).index_fill_(0, torch.arange(40), 0))
+    with torch.no_grad():
+        ffn.bias[:40] = -5.0
+    ids = {"input_ids": torch.randint(0, 100, (2, 8))}
+    dense = sum(p.numel() for p in baked(model).parameters())
+    small, report = compactor.compact(model, ids, round_to="auto", timer=ParamTimer(lambda p: 1.0))
+    assert [h["heads_after"] for h in report.extra["heads"]] == [3]
+    auto = report.to_dict()["auto"]
+    assert auto["model_ms"] == {
+        "before": dense * 1.0,
+        "after": sum(p.numel() for p in small.parameters()) * 1.0,
+    }

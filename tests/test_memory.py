@@ -117,3 +117,104 @@ def test_a_rebuild_shares_untouched_parameters(monkeypatch: pytest.MonkeyPatch) 
 def _writes_weight(self: object, m: nn.Conv2d, idx: torch.Tensor, k: torch.Tensor) -> None:
     with torch.no_grad():
         m.weight.mul_(1.0)
+
+
+# --- what the copies must still get right (a stranger's review of the shared copies) ------------------------
+class Rescaled(prune.BasePruningMethod):
+    """A pruning method with an ``apply_mask`` of its own: the kept weights doubled."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        mask = default_mask.clone()
+        mask[::2] = 0
+        return mask
+
+    def apply_mask(self, module: nn.Module) -> torch.Tensor:
+        return super().apply_mask(module) * 2.0  # type: ignore[no-untyped-call]
+
+
+def test_the_pruning_method_s_own_apply_mask_and_mask_dtype_are_what_is_baked() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    Rescaled.apply(model[0], "weight")  # type: ignore[no-untyped-call]
+    x = torch.randn(5, 8)
+    small, _ = compactor.compact(model, x)
+    assert small[0].out_features == 8  # the even rows are zero: they go, and the odd ones are doubled
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-6)
+    assert torch.equal(small[0].weight, 2 * model[0].weight_orig[1::2])
+    half = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(torch.bfloat16).eval()
+    prune.custom_from_mask(half[0], "weight", torch.ones(16, 8).index_fill_(0, torch.tensor([3, 9]), 0))
+    half[0].weight_mask = half[0].weight_mask.float()  # a float32 mask on bfloat16 weights
+    assert baked(half)[0].weight.dtype == torch.bfloat16
+    small, _ = compactor.compact(half, x.to(torch.bfloat16))
+    assert small[0].weight.dtype == torch.bfloat16 and small[0].out_features == 14
+
+
+class MaskReader(nn.Module):
+    """Reads its pruned layer's mask through another attribute (a dict of masks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+        prune.custom_from_mask(self.fc, "weight", torch.ones(8, 8).index_fill_(0, torch.tensor([1, 5]), 0))
+        self.masks = {"fc": self.fc.weight_mask}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(x)) * self.masks["fc"].sum(1))
+
+
+class OrigAlias(nn.Module):
+    """Reads its pruned layer's unmasked weight (``weight_orig``) through a plain attribute too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+        self.alias = [self.fc.weight]
+        prune.custom_from_mask(self.fc, "weight", torch.ones(8, 8).index_fill_(0, torch.tensor([1, 5]), 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(x)) + torch.nn.functional.linear(x, self.alias[0]))
+
+
+def test_tensors_held_twice_are_copied_as_they_are() -> None:
+    torch.manual_seed(0)
+    model, x = MaskReader().eval(), torch.randn(4, 8)
+    small, _ = compactor.compact(model, x)
+    assert small.masks["fc"].shape == (8, 8)  # the alias a real mask, not an empty placeholder
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-6)
+    # baking masks the unmasked alias too (prune.remove writes orig * mask into weight_orig): refused, not
+    # shipped, because the references are the user's model's own outputs
+    with pytest.raises(compactor.errors.VerificationError):
+        compactor.compact(OrigAlias().eval(), x)
+
+
+class ActNorm(nn.Module):
+    """Glow's ActNorm: data-dependent initialisation of its parameters on the first training forward."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(n))
+        self.scale = nn.Parameter(torch.ones(n))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.initialized:
+            with torch.no_grad():
+                self.loc.copy_(-x.mean(0))
+                self.scale.copy_(1 / (x.std(0) + 1e-6))
+                self.initialized.fill_(1)
+        return (x + self.loc) * self.scale
+
+
+def test_a_train_mode_forward_that_writes_parameters_touches_no_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6), ActNorm(6), nn.Linear(6, 3)).eval()
+    prune.custom_from_mask(model[0], "weight", torch.ones(16, 8).index_fill_(0, torch.tensor([2, 7]), 0))
+    x = torch.randn(5, 8)
+    small, _ = compactor.compact(model, x)
+    assert small[0].out_features == 14
+    assert torch.equal(small[3].loc, torch.zeros(6)) and torch.equal(model[3].loc, torch.zeros(6))
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)

@@ -125,7 +125,7 @@ def uncalled_layers(model: nn.Module, called: set[str]) -> list[tuple[str, str]]
 def train_outputs(model: nn.Module, inputs: ExampleInputs) -> tuple[Any, Coverage] | str:
     """The model's outputs on ``inputs`` in train mode, run on a copy (batch statistics and dropout must not
     touch ``model``), and what the run covered; or why train mode cannot run on these inputs."""
-    copy = clone_module(model, share_parameters=True).train()  # no_grad: nothing writes the parameters
+    copy = clone_module(model).train()  # a copy of everything: a train-mode forward may write its parameters
     try:
         with watch(copy) as coverage, torch.no_grad():
             out = copy(*inputs.args, **inputs.kwargs)

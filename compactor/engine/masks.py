@@ -94,6 +94,35 @@ def clone_module(model: nn.Module, *, share_parameters: bool = False) -> nn.Modu
     return clone_module_with(model, memo)
 
 
+def masked_view(model: nn.Module) -> tuple[nn.Module, list[tuple[torch.Tensor, int]]]:
+    """A clone of ``model`` as the user holds it, for forwards in eval mode: it shares each pruned tensor's
+    ``*_orig``, mask and computed tensor with ``model`` (the pruning hook only reads the first two, and
+    replaces the third rather than writing it) and copies everything else, so it costs the tensors the hooks
+    compute, not three copies of every pruned weight. Also returns the shared tensors with their ``_version``, for
+    :func:`check_unwritten` after the forwards."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if not isinstance(hook, prune.BasePruningMethod):
+                continue
+            for key in (hook._tensor_name + "_orig", hook._tensor_name + "_mask"):
+                tensor = module._parameters.get(key, module._buffers.get(key))
+                if tensor is not None:
+                    memo[id(tensor)] = tensor
+            computed = module.__dict__.get(hook._tensor_name)
+            if isinstance(computed, torch.Tensor):  # read before the layer's call, maybe: as the user has it
+                memo[id(computed)] = computed
+    shared = [(t, t._version) for t in memo.values() if isinstance(t, torch.Tensor)]
+    return clone_module_with(model, memo), shared
+
+
+def check_unwritten(shared: list[tuple[torch.Tensor, int]]) -> str | None:
+    """Why :func:`masked_view`'s shared tensors are no longer what they were (a forward wrote into them), or
+    None."""
+    written = sum(t._version != v for t, v in shared)
+    return f"the model's forward wrote into {written} of its pruned tensors in eval mode" if written else None
+
+
 def wide_clone(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
     """A clone of ``model`` with every floating-point parameter and buffer in ``dtype`` (what
     ``clone_module(model).to(dtype)`` gives, without first copying the tensors in their own dtype)."""
@@ -138,36 +167,47 @@ _CONTAINER_DEPTH = 4  # containers inside containers: deep enough for any cache 
 def baked(model: nn.Module, *, copy: bool = True) -> nn.Module:
     """A clone of ``model`` with its masks and parametrizations baked in.
 
-    A pruned tensor is copied once, as ``orig * mask``: the clone never holds ``weight_orig``, the mask or the
-    hook's computed ``weight`` (the clone of a masked model would be three times the model's size before
-    baking). ``copy=False``: ``model`` itself when there is nothing to bake (no clone is made then).
+    A pruned tensor is copied once, as its hook computes it (``hook.apply_mask``: ``orig * mask`` in the
+    tensor's own dtype, or what a custom pruning method computes): the clone never holds ``weight_orig``, the
+    mask or the hook's computed ``weight`` (the clone of a masked model would be three times the model's size
+    before baking). Where the model holds one of those tensors anywhere else too (an alias in an attribute),
+    the clone is the plain one, baked after. ``copy=False``: ``model`` itself when there is nothing to bake (no
+    clone is made then).
     """
     if not copy and not has_pruning_state(model):
         return model
-    memo: dict[int, object] = {}
     pruned = _pruned_tensors(model)
-    for orig, mask, computed in pruned.values():
-        memo[id(orig)] = nn.Parameter(orig.detach() * mask, requires_grad=orig.requires_grad)
+    if not pruned:
+        clone = clone_module(model)
+        bake_masks(clone)
+        return clone
+    memo: dict[int, object] = {}
+    for (name, _), (hook, orig, mask, computed) in pruned.items():
+        value = hook.apply_mask(model.get_submodule(name)).detach()  # type: ignore[no-untyped-call]
+        if value.untyped_storage().data_ptr() == orig.untyped_storage().data_ptr():
+            value = value.clone()  # a pruning method that returns its input: the clone owns its copy
+        memo[id(orig)] = nn.Parameter(value, requires_grad=orig.requires_grad)
         memo[id(mask)] = _PLACEHOLDER
         if computed is not None:
             memo[id(computed)] = None
     clone = clone_module_with(model, memo)
-    for (name, tensor_name), (orig, _, _) in pruned.items():
+    for (name, tensor_name), (_, orig, _, _) in pruned.items():
         _bake_copied(clone.get_submodule(name), tensor_name, cast(nn.Parameter, memo[id(orig)]))
     bake_masks(clone)  # what is left: tied pruned tensors and parametrizations
     return clone
 
 
 _PLACEHOLDER = torch.empty(0)
+Pruned = tuple[prune.BasePruningMethod, nn.Parameter, torch.Tensor, "torch.Tensor | None"]
 
 
-def _pruned_tensors(
-    model: nn.Module,
-) -> dict[tuple[str, str], tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]]:
-    """(layer, tensor name) -> (``*_orig``, ``*_mask``, the hook's computed tensor) of every pruned tensor
-    whose ``*_orig`` no other layer holds (a tied one is baked the slow way, keeping the other's copy)."""
-    owners = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
-    out: dict[tuple[str, str], tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]] = {}
+def _pruned_tensors(model: nn.Module) -> dict[tuple[str, str], Pruned]:
+    """(layer, tensor name) -> (hook, ``*_orig``, ``*_mask``, the hook's computed tensor) of every pruned
+    tensor that can be baked without copying the rest: none, where any of those tensors is held anywhere but
+    in its own slot (an alias; a ``*_orig`` tied to another layer is baked the slow way, keeping the other's
+    copy)."""
+    held = _held(model)
+    out: dict[tuple[str, str], Pruned] = {}
     for name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             if not isinstance(hook, prune.BasePruningMethod):
@@ -175,11 +215,33 @@ def _pruned_tensors(
             tensor_name = hook._tensor_name
             orig = module._parameters.get(tensor_name + "_orig")
             mask = module._buffers.get(tensor_name + "_mask")
-            if orig is None or mask is None or owners[id(orig)] > 1:
+            if orig is None or mask is None or held[id(orig)] > 1:
                 continue
             computed = module.__dict__.get(tensor_name)
-            out[(name, tensor_name)] = (orig, mask, computed if isinstance(computed, torch.Tensor) else None)
+            computed = computed if isinstance(computed, torch.Tensor) else None
+            if held[id(mask)] > 1 or (computed is not None and held[id(computed)] > 1):
+                return {}
+            out[(name, tensor_name)] = (hook, orig, mask, computed)
     return out
+
+
+def _held(model: nn.Module) -> Counter[int]:
+    """How many times each tensor is held by the model's modules (attributes, parameters, buffers, and the
+    dicts, lists and tuples they hold), by id."""
+    counts: Counter[int] = Counter()
+
+    def visit(value: object, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            counts[id(value)] += 1
+        elif isinstance(value, (dict, list, tuple, set, frozenset)) and depth < _CONTAINER_DEPTH:
+            for item in value.values() if isinstance(value, dict) else value:
+                visit(item, depth + 1)
+
+    for module in model.modules():
+        for key, value in module.__dict__.items():
+            if key not in ("_modules", "_forward_pre_hooks", "_forward_hooks"):
+                visit(value, 0)
+    return counts
 
 
 def _bake_copied(module: nn.Module, tensor_name: str, value: nn.Parameter) -> None:

@@ -209,11 +209,15 @@ class WidthSearch:
         return out
 
     def whole(
-        self, model: nn.Module, inputs: ExampleInputs, candidates: dict[str, list[GroupPlan]]
+        self,
+        model: nn.Module,
+        inputs: ExampleInputs,
+        candidates: dict[str, list[GroupPlan]],
+        dense: nn.Module | None = None,
     ) -> WholeChoice:
         """Each candidate's plans applied to ``model`` (the model in its own precision) and timed as a whole
-        model, interleaved with ``model`` itself; the kept one is the fastest, or one with fewer parameters
-        within ``WHOLE_TIE``."""
+        model, interleaved with the dense model (``dense``; default ``model``: they differ where attention
+        heads went first); the kept one is the fastest, or one with fewer parameters within ``WHOLE_TIE``."""
         unique: dict[tuple[int, ...], str] = {}
         for name, plans in candidates.items():
             unique.setdefault(tuple(len(p.removed) for p in plans), name)
@@ -222,7 +226,7 @@ class WidthSearch:
             return WholeChoice({}, {}, names[0] if names else next(iter(candidates)))
         models = {n: apply_plans(model, [p for p in candidates[n] if p.removed]).eval() for n in names}
         params = {n: _params(m) for n, m in models.items()}
-        seconds = self.timer.models({DENSE: model, **models}, inputs)
+        seconds = self.timer.models({DENSE: model if dense is None else dense, **models}, inputs)
         ms = {n: seconds[n] * 1000 for n in names}
         best = min(ms.values())
         picked = min((n for n in names if ms[n] <= best * (1 + WHOLE_TIE)), key=lambda n: (params[n], ms[n]))
