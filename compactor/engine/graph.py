@@ -495,14 +495,11 @@ def _convert(
     param_names: dict[Any, str],
     covered: set[tuple[str, Side, int]],
 ) -> ChannelGroup:
-    merged: dict[tuple[str, Side], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    merged: dict[tuple[str, Side], list[tuple[Any, Any]]] = defaultdict(list)
     meta: dict[tuple[str, Side], tuple[str, Kind, int]] = {}
     issues: list[str] = []
     reaches_output = False
-    roots_at: dict[Any, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))  # node -> local -> roots
-    for item in tp_group.items:
-        for local, r in zip(item.idxs, item.root_idxs):
-            roots_at[item.dep.target][local].add(r)
+    roots_at = _RootsAt(tp_group.items)  # node -> local -> roots, worked out where asked
     for item in tp_group.items:
         dep, target = item.dep, item.dep.target.module
         side = Side.OUT if graph.is_out_channel_pruning_fn(dep.handler) else Side.IN
@@ -530,13 +527,11 @@ def _convert(
             # output op only where the output is not a layer's own, so a classifier's rows would look free)
         key = (name, side)
         meta[key] = (op, kind, int(getattr(dep.target, "pruning_dim", 1) or 0))
-        by_root = merged[key]
-        for local, r in zip(item.idxs, item.root_idxs):
-            by_root[r].add(local)
+        merged[key].append((item.root_idxs, item.idxs))
     members = []
-    for (name, side), by_root in merged.items():
+    for (name, side), parts in merged.items():
         op, kind, dim = meta[(name, side)]
-        idxs = tuple(tuple(sorted(by_root[r])) if r in by_root else () for r in range(size))
+        idxs = _by_root(parts, size)
         problem = _mapping_problem(name, side, op, kind, idxs, module_names, param_names, covered)
         if problem:
             issues.append(problem)
@@ -592,7 +587,46 @@ def _writers_of(start: Any, nodes: set[Any], module_names: dict[nn.Module, str])
 _ONE_BY_ONE = ": its channels cannot go one by one"
 
 
-def _self_coupled(name: str, node: Any, roots_at: dict[Any, dict[int, set[int]]]) -> str | None:
+class _RootsAt:
+    """Node -> local index -> the root indices Torch-Pruning's items map it from (computed on first ask)."""
+
+    def __init__(self, items: Any) -> None:
+        self._items: dict[Any, list[Any]] = defaultdict(list)
+        for item in items:
+            self._items[item.dep.target].append(item)
+        self._done: dict[Any, dict[int, set[int]]] = {}
+
+    def get(self, node: Any, default: Any = None) -> Any:
+        if node not in self._items:
+            return default
+        if node not in self._done:
+            roots: dict[int, set[int]] = defaultdict(set)
+            for item in self._items[node]:
+                for local, r in zip(item.idxs, item.root_idxs):
+                    roots[local].add(r)
+            self._done[node] = roots
+        return self._done[node]
+
+
+def _by_root(parts: list[tuple[Any, Any]], size: int) -> tuple[tuple[int, ...], ...]:
+    """Per root index ``0..size-1``: the sorted local indices mapped to it by ``parts`` ((root indices,
+    local indices) of Torch-Pruning's items), each once."""
+    roots = torch.tensor([int(r) for rs, _ in parts for r in rs], dtype=torch.long)
+    local = torch.tensor([int(i) for _, ls in parts for i in ls], dtype=torch.long)
+    if not len(roots):
+        return ((),) * size
+    span = int(local.max()) + 1
+    pairs = torch.unique(roots * span + local)  # sorted: by root, then local; each pair once
+    counts = torch.bincount(pairs // span, minlength=size).tolist()
+    values = (pairs % span).tolist()
+    out, at = [], 0
+    for n in counts[:size]:
+        out.append(tuple(values[at : at + n]))
+        at += n
+    return tuple(out)
+
+
+def _self_coupled(name: str, node: Any, roots_at: _RootsAt) -> str | None:
     """Why a channelwise layer's channels cannot go root by root, or None.
 
     Channel i of a channelwise layer (a depthwise conv) is channel i of its input: both must belong to the

@@ -24,6 +24,7 @@ dtype, device, training flag, ``requires_grad`` and every hyperparameter.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from enum import Enum
@@ -343,18 +344,24 @@ def must_take(t: torch.Tensor, dim: int, idx: Index | None) -> torch.Tensor:
 
 
 def zero_along(weight: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
-    """For each index of ``idx`` along ``dim``: True if that slice of ``weight`` is all zero."""
-    w = weight.detach().movedim(dim, 0)
-    step = max(1, _ZERO_CHUNK // max(1, w[0].numel()))  # a few slices at a time: no copy of a large weight
-    idx = idx.to(weight.device)
-    parts = [
-        (w.index_select(0, idx[i : i + step]).reshape(len(idx[i : i + step]), -1) == 0).all(dim=1)
-        for i in range(0, len(idx), step)
-    ]
-    return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.bool)
+    """For each index of ``idx`` along ``dim``: True if that slice of ``weight`` is all zero (worked out on a
+    boolean map of the weight, a quarter of its size: no copy of a large weight is made). The answer per
+    slice is kept while ``weight`` lives and is not written (planning and the report ask it several times)."""
+    entry = _ZERO_SLICES.get(id(weight))
+    if entry is None or entry[0]() is not weight:
+        gone = id(weight)
+        entry = (weakref.ref(weight, lambda _: _ZERO_SLICES.pop(gone, None)), {})
+        _ZERO_SLICES[gone] = entry
+    seen, key = entry[1], (dim, weight._version)
+    if key not in seen:
+        zero = weight.detach() == 0
+        others = tuple(d for d in range(zero.dim()) if d != dim)
+        seen[key] = (zero.all(dim=others) if others else zero).cpu()
+    return seen[key].index_select(0, idx.cpu())
 
 
-_ZERO_CHUNK = 1 << 22  # elements compared at once
+# id(weight) -> (a weak reference to it, (dim, version) -> which slices are zero); an entry goes with its tensor
+_ZERO_SLICES: dict[int, tuple[weakref.ref[torch.Tensor], dict[tuple[int, int], torch.Tensor]]] = {}
 
 
 def add_to_bias(m: Any, delta: torch.Tensor) -> None:
