@@ -22,6 +22,9 @@ MIB = 1024**2
 # listed beside it.
 SECONDS_TARGET = 30.0
 SECONDS_TARGET_PER_MODEL = {"resnet50": 3.0}
+# round_to="auto" asks compact() to time candidate widths on the target backend: that measuring is the user's
+# request, not analysis, so the time target applies to the rest (both are in the report)
+TIMING_STAGES = ("auto_widths", "auto_check")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Row:
     auto: dict[str, Any] | None = None  # round_to="auto": report.extra["auto"]
     params: dict[str, int] | None = None
     why: tuple[str, ...] = ()  # the compactor report's "why not faster" lines, for this case's latencies
+    timing_seconds: float = (
+        0.0  # round_to="auto": the part of compact_seconds spent timing widths on the target
+    )
 
     @property
     def plain(self) -> bool:
@@ -96,6 +102,7 @@ class Row:
             auto=r.get("auto"),
             params=r.get("params"),
             why=tuple(r.get("why_not_faster", ())),
+            timing_seconds=sum(r.get("stage_seconds", {}).get(k, 0.0) for k in TIMING_STAGES),
         )
 
     def speedup(self, backend: str) -> float | None:
@@ -110,6 +117,11 @@ class Row:
     @property
     def seconds_target(self) -> float:
         return SECONDS_TARGET_PER_MODEL.get(self.model, SECONDS_TARGET)
+
+    @property
+    def analysis_seconds(self) -> float | None:
+        """``compact_seconds`` less the time round_to="auto" spent timing widths on its target."""
+        return None if self.compact_seconds is None else self.compact_seconds - self.timing_seconds
 
     @property
     def added_rss(self) -> int | None:
@@ -128,8 +140,10 @@ class Row:
     def over_budget(self) -> list[str]:
         """What this case exceeded: compaction time, peak memory (empty: within both, or not measured)."""
         over = []
-        if self.compact_seconds is not None and self.compact_seconds >= self.seconds_target:
-            over.append(f"time {self.compact_seconds:.1f} s >= {self.seconds_target:g} s")
+        analysis = self.analysis_seconds
+        if analysis is not None and analysis >= self.seconds_target:
+            timing = f" ({self.timing_seconds:.1f} s more timing widths)" if self.timing_seconds else ""
+            over.append(f"time {analysis:.1f} s >= {self.seconds_target:g} s{timing}")
         limit, added = self.memory_limit, self.added_rss
         if added is not None and limit is not None and added >= limit:
             over.append(f"compaction memory {added / MIB:.0f} MiB >= {limit / MIB:.0f} MiB")
@@ -168,7 +182,7 @@ def cells(row: Row) -> list[str]:
         _f(row.macs_ratio),
         _f(row.file_ratio),
         *lat,
-        _f(row.compact_seconds, ".1f"),
+        _seconds_cell(row),
         f"{row.seconds_target:g}",
         "-" if row.peak_rss is None else f"{row.peak_rss / MIB:.0f}",
         "-" if row.added_rss is None else f"{row.added_rss / MIB:.0f}",
@@ -178,6 +192,12 @@ def cells(row: Row) -> list[str]:
         "-" if row.removed_fraction is None else f"{row.removed_fraction:.0%}",
         "-" if row.filters_kept is None else f"{row.filters_kept[0]} of {row.filters_kept[1]}",
     ]
+
+
+def _seconds_cell(row: Row) -> str:
+    if row.compact_seconds is None or not row.timing_seconds or row.analysis_seconds is None:
+        return _f(row.compact_seconds, ".1f")
+    return f"{row.compact_seconds:.1f} ({row.analysis_seconds:.1f} + {row.timing_seconds:.1f} timing)"
 
 
 def _budget_cell(row: Row) -> str:
@@ -608,7 +628,9 @@ HOW_TO_READ = """## How to read this
   below 1, the layers that remain do not run proportionally faster (memory-bound layers, thread overhead,
   odd channel counts; try `round_to`).
 - `compact s`: wall time of `compactor.compact()` end to end (masks, graph, plan, rebuild, verification),
-  against `target s` (30 s for any model up to 100M parameters, 3 s for ResNet-50, on 2 cores);
+  against `target s` (30 s for any model up to 100M parameters, 3 s for ResNet-50, on 2 cores); for
+  `round_to=auto` it is split into the analysis and the timing of candidate widths on the target that auto
+  asks for (`a + b timing`), and the target applies to the analysis;
   `peak RSS MiB`: the process's peak resident memory during compaction (Linux VmHWM, reset just before it;
   it includes the Python interpreter, torch and the masked model already in memory: its weights, masks and
   `weight_orig` copies, about 3x the dense size). `compaction MiB`: that peak less the resident memory just

@@ -265,6 +265,28 @@ def test_rows_over_their_time_or_memory_target_are_flagged() -> None:
     assert cells(heavy)[COLUMNS.index("peak RSS MiB")] == "1800"
     assert cells(heavy)[COLUMNS.index("compaction MiB")] == "1400"
     assert cells(fine)[COLUMNS.index("limit MiB")] == "2608"
+    # round_to=auto: the time it spends timing widths on its target is listed apart, and not held to the target
+    auto = Row.of(
+        {
+            "spec": {"model": "resnet50", "sparsity": 0.5, "round_to": "auto", "target": "torch-cpu"},
+            "label": "resnet50 @50% round_to=auto (torch-cpu)",
+            "compact_seconds": 11.0,
+            "stage_seconds": {"masks": 0.7, "auto_widths": 6.0, "auto_check": 2.5},
+            "memory": {"peak_rss_during_compact": 900 * mib, "rss_before_compact": 500 * mib},
+            "param_bytes_dense": 98 * mib,
+        }
+    )
+    assert auto.analysis_seconds == pytest.approx(2.5) and auto.over_budget() == []
+    assert cells(auto)[COLUMNS.index("compact s")] == "11.0 (2.5 + 8.5 timing)"
+    slow_auto = Row.of(
+        {
+            "spec": {"model": "resnet50", "sparsity": 0.5, "round_to": "auto"},
+            "label": "x",
+            "compact_seconds": 12.0,
+            "stage_seconds": {"auto_widths": 8.0},
+        }
+    )
+    assert slow_auto.over_budget() == ["time 4.0 s >= 3 s (8.0 s more timing widths)"]
     assert budget([fine, slow_r50, heavy])[2:] == [
         "**2 of 3 cases exceed a target:**",
         "",
