@@ -135,7 +135,7 @@ def test_side_by_side_section_compares_auto_with_the_best_rounding_of_the_same_r
             "params": {"dense": 1000, "1": 480, "8": 490, "16": 500},
             "auto_params": {"torch-cpu": 480, "onnxruntime-cpu": 495},
             "auto_whole": {"torch-cpu": {"ms": {"per group": 5.0, "all x8": 5.2}, "picked": "per group"}},
-            "torch-cpu": {"dense": {"median_ms": 10.0}, **timing(r1=5.0, r8=5.2, r16=5.5, auto=5.0)},
+            "torch-cpu": {"dense": {"median_ms": 10.0}, **timing(r1=5.0, r8=5.2, r16=5.5, auto=5.05)},
             "onnxruntime-cpu": {"dense": {"median_ms": 8.0}, **timing(r1=5.0, r8=4.0, r16=4.2, auto=4.1)},
         },
     }
@@ -145,8 +145,8 @@ def test_side_by_side_section_compares_auto_with_the_best_rounding_of_the_same_r
     assert "| torch-cpu | round_to=8 | 5.2 | 1.92x | 490 |" in text
     assert "| onnxruntime-cpu | auto | 4.1 | 1.95x | 495 |" in text
     assert (
-        "- torch-cpu: auto 2.00x against the best of round_to 1/8/16 (1: 2.00x): yes; auto keeps fewer parameters "
-        "than round_to=16 (480 vs 500): yes" in text
+        "- torch-cpu: auto 1.98x against the best of round_to 1/8/16 (1: 2.00x): yes (the same widths as "
+        "round_to=1: the gap is timing noise); auto keeps fewer parameters than round_to=16 (480 vs 500): yes" in text
     )
     assert "- onnxruntime-cpu: auto 1.95x against the best of round_to 1/8/16 (8: 2.00x): **no**" in text
     assert "  - auto's own whole-model check: per group 5.0 ms, all x8 5.2 ms; kept per group" in text

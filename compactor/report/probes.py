@@ -152,7 +152,7 @@ class Timer(Protocol):
     def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, float]: ...
 
 
-WHOLE_REPEATS = 10  # interleaved rounds when timing whole models
+WHOLE_REPEATS = 20  # interleaved rounds when timing whole models (their medians differ by ~1% between runs)
 
 
 class BackendTimer:
