@@ -470,6 +470,7 @@ def side_by_side_section(sides: list[dict[str, Any]]) -> list[str]:
             f"## {r['spec']['model']} at {r['spec']['sparsity']:.0%}: round_to side by side (one interleaved run per "
             "backend)",
             "",
+            *([f"Re-run on its own at `{r['commit']}`, after the run above.", ""] if r.get("commit") else []),
             "| backend | variant | ms | speedup | params |",
             "|---|---|---:|---:|---:|",
         ]
