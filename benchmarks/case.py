@@ -95,14 +95,17 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
         from compactor.report.probes import BackendTimer
 
         kwargs["timer"] = BackendTimer(spec.target or "torch-cpu", threads=spec.threads)  # type: ignore[arg-type]
+    stages = _StagePeaks(reset)
     start = time.perf_counter()
-    small, report = compactor.compact(model, inputs, **kwargs)
+    small, report = compactor.compact(model, inputs, log=stages, **kwargs)
     result["compact_seconds"] = time.perf_counter() - start
-    peak = _peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stages("done")
+    peak = stages.peak() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["memory"] = {
         "rss_before_compact": rss_before,
         "peak_rss_during_compact": peak,
         "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss (includes building the model)",
+        **({"stage_peaks": stages.peaks, "peak_rss_analysis": stages.peak(timing=False)} if reset else {}),
     }
     result["stage_seconds"] = report.seconds
     result["max_abs_error"] = report.max_abs_error
@@ -228,6 +231,31 @@ def _time_backend(
             **extra,
         }
     return {name: t.to_dict() for name, t in timing.items()} | extra
+
+
+class _StagePeaks:
+    """A ``compact(log=...)`` callback: the peak RSS of each stretch between two of its messages (VmHWM,
+    reset at each). The stretches that begin with auto's timing messages are the timing it asks for (its ONNX
+    Runtime sessions of every candidate), apart from the analysis."""
+
+    TIMING = ("timing candidate widths", "timing the layers and the whole model")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.current = "start"
+        self.peaks: list[tuple[str, int]] = []
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        self.peaks.append((self.current, _peak_rss_bytes()))
+        _reset_peak_rss()
+        self.current = message
+
+    def peak(self, *, timing: bool = True) -> int:
+        return max(
+            (b for m, b in self.peaks if timing or not m.startswith(self.TIMING)), default=_peak_rss_bytes()
+        )
 
 
 def _onnx_bytes(path: Path) -> int:

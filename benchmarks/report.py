@@ -52,9 +52,8 @@ class Row:
     auto: dict[str, Any] | None = None  # round_to="auto": report.extra["auto"]
     params: dict[str, int] | None = None
     why: tuple[str, ...] = ()  # the compactor report's "why not faster" lines, for this case's latencies
-    timing_seconds: float = (
-        0.0  # round_to="auto": the part of compact_seconds spent timing widths on the target
-    )
+    timing_seconds: float = 0.0  # round_to="auto": what compact() spent timing widths on its target
+    peak_rss_analysis: int | None = None  # the peak outside auto's timing stretches (None: not recorded)
 
     @property
     def plain(self) -> bool:
@@ -91,6 +90,7 @@ class Row:
             latency=lat,
             compact_seconds=r.get("compact_seconds"),
             peak_rss=r.get("memory", {}).get("peak_rss_during_compact"),
+            peak_rss_analysis=r.get("memory", {}).get("peak_rss_analysis"),
             rss_before=r.get("memory", {}).get("rss_before_compact"),
             param_bytes=r.get("param_bytes_dense"),
             max_abs_error=r.get("max_abs_error"),
@@ -125,12 +125,19 @@ class Row:
 
     @property
     def added_rss(self) -> int | None:
-        """What compaction took: the peak during ``compact()`` less the resident memory just before it."""
-        return (
-            self.peak_rss - self.rss_before
-            if self.peak_rss is not None and self.rss_before is not None
-            else None
-        )
+        """What compaction took: the peak during ``compact()`` less the resident memory just before it; for
+        round_to="auto", outside the stretches where it times widths on its target (what it asks for)."""
+        peak = self.peak_rss_analysis if self.timing_seconds and self.peak_rss_analysis else self.peak_rss
+        return peak - self.rss_before if peak is not None and self.rss_before is not None else None
+
+    @property
+    def timing_rss(self) -> int | None:
+        """round_to="auto": the peak while timing widths, less the resident memory before ``compact()``."""
+        if not self.timing_seconds or not self.peak_rss_analysis:
+            return None
+        if self.peak_rss is None or self.rss_before is None:
+            return None
+        return self.peak_rss - self.rss_before
 
     @property
     def memory_limit(self) -> int | None:
@@ -185,13 +192,18 @@ def cells(row: Row) -> list[str]:
         _seconds_cell(row),
         f"{row.seconds_target:g}",
         "-" if row.peak_rss is None else f"{row.peak_rss / MIB:.0f}",
-        "-" if row.added_rss is None else f"{row.added_rss / MIB:.0f}",
+        "-" if row.added_rss is None else f"{row.added_rss / MIB:.0f}" + _timing_mib(row),
         "-" if row.memory_limit is None else f"{row.memory_limit / MIB:.0f}",
         _budget_cell(row),
         _f(row.max_abs_error, ".1e"),
         "-" if row.removed_fraction is None else f"{row.removed_fraction:.0%}",
         "-" if row.filters_kept is None else f"{row.filters_kept[0]} of {row.filters_kept[1]}",
     ]
+
+
+def _timing_mib(row: Row) -> str:
+    timing, added = row.timing_rss, row.added_rss
+    return "" if timing is None or added is None or timing <= added else f" ({timing / MIB:.0f} timing)"
 
 
 def _seconds_cell(row: Row) -> str:
@@ -299,6 +311,7 @@ def markdown(rows: list[Row], meta: dict[str, Any], sides: list[dict[str, Any]] 
         f"{meta['warmup']} warm-up + {meta['repeats']} timed calls per model, batch 1, dense and compacted interleaved; "
         f"load average at start {meta['load_start']}, at end {meta['load_end']}",
         f"- inputs: {meta['inputs']}",
+        *(f"- re-run after it, at `{commit}`: {text}" for commit, text in meta.get("reruns", {}).items()),
         f"- {SWEEP_LINK}",
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -643,8 +656,10 @@ HOW_TO_READ = """## How to read this
   it includes the Python interpreter, torch and the masked model already in memory: its weights, masks and
   `weight_orig` copies, about 3x the dense size). `compaction MiB`: that peak less the resident memory just
   before `compact()`, what compaction itself took; it is what the target bounds, against `limit MiB` (3 x the
-  dense model's parameter bytes + 1 GiB). `in budget` says which of the two a case exceeded; each case runs in
-  its own process, so its peak is its own.
+  dense model's parameter bytes + 1 GiB); for `round_to=auto` it is the peak outside the stretches where auto
+  times widths on its target, and `(N timing)` the peak in them (ONNX Runtime holds a session of every
+  candidate it times side by side). `in budget` says which of the two a case exceeded; each case runs in its
+  own process, so its peak is its own.
 - `max abs err`: the largest difference between masked and compacted outputs over the verification runs.
   `removed`: the fraction of zeroed channels (zero in every layer that writes them) that no longer exist
   (removed, folded into a bias or merged); the rest were kept for a reason the compactor's own report gives.
