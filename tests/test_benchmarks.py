@@ -146,7 +146,8 @@ def test_side_by_side_section_compares_auto_with_the_best_rounding_of_the_same_r
     assert "| onnxruntime-cpu | auto | 4.1 | 1.95x | 495 |" in text
     assert (
         "- torch-cpu: auto 1.98x against the best of round_to 1/8/16 (1: 2.00x): yes (the same widths as "
-        "round_to=1: the gap is timing noise); auto keeps fewer parameters than round_to=16 (480 vs 500): yes" in text
+        "round_to=1: the gap is timing noise); auto keeps fewer parameters than round_to=16 (480 vs 500): yes"
+        in text
     )
     assert "- onnxruntime-cpu: auto 1.95x against the best of round_to 1/8/16 (8: 2.00x): **no**" in text
     assert "  - auto's own whole-model check: per group 5.0 ms, all x8 5.2 ms; kept per group" in text
