@@ -21,7 +21,16 @@ from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
 from .engine.masks import baked, check_unwritten, clone_module, masked_view
 from .engine.plan import GroupPlan, Planner, consumer_layers, observe_inputs
-from .engine.verify import DEFAULT_TOLERANCE, Log, Outputs, compare, decide, reference_outputs, widened
+from .engine.verify import (
+    DEFAULT_TOLERANCE,
+    Log,
+    Outputs,
+    compare,
+    decide,
+    reference_outputs,
+    same_plans,
+    widened,
+)
 from .errors import (
     ExampleInputError,
     GraphError,
@@ -214,7 +223,7 @@ def _compact(
         say(f"timing the layers and the whole model on {search.timer.target}, dense and compacted")
         with _timed(seconds, "auto_check"):
             exact = _restored_alike(exact_plans, chosen_plans, plans)
-            timed = whole if whole is not None and _same_plans(chosen_plans, plans) else None
+            timed = whole if whole is not None and same_plans(chosen_plans, plans) else None
             result = replace(
                 _check_widths(
                     search, original, small, inputs, choices, untimed_groups, seconds["auto_widths"], timed
@@ -316,14 +325,12 @@ def _check_widths(
     model_ms: dict[str, float] | None = None
     if timed is not None and timed.dense_ms is not None and timed.picked in timed.ms:
         model_ms = {"before": timed.dense_ms, "after": timed.ms[timed.picked]}
-        return AutoWidths(
-            search.timer.target, tuple(choices), tuning_seconds, tuple(untimed), model_ms=model_ms
-        )
-    try:
-        t = search.timer.models({"dense": dense, "small": small}, inputs)
-        model_ms = {"before": t["dense"] * 1000, "after": t["small"] * 1000}
-    except Exception as e:  # the exporters' and runtimes' failures have no common type
-        untimed.append(f"the whole model ({first_line(e, with_type=True)})")
+    else:
+        try:
+            t = search.timer.models({"dense": dense, "small": small}, inputs)
+            model_ms = {"before": t["dense"] * 1000, "after": t["small"] * 1000}
+        except Exception as e:  # the exporters' and runtimes' failures have no common type
+            untimed.append(f"the whole model ({first_line(e, with_type=True)})")
     return AutoWidths(search.timer.target, tuple(choices), tuning_seconds, tuple(untimed), model_ms=model_ms)
 
 
@@ -346,11 +353,6 @@ def default_target(model: nn.Module, output_format: str | None = None) -> Backen
     if any(p.is_cuda for p in model.parameters()) and torch.cuda.is_available():
         return "cuda"
     return "torch-cpu"
-
-
-def _same_plans(a: list[GroupPlan], b: list[GroupPlan]) -> bool:
-    """The same plan objects: verification shipped what was timed."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _restored_alike(

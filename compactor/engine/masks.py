@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -84,8 +85,8 @@ def clone_module(model: nn.Module, *, share_parameters: bool = False) -> nn.Modu
     holds the value the forward would compute again.
 
     ``share_parameters=True``: the clone holds ``model``'s own parameter tensors (buffers and the rest are
-    copied), for a forward that must not touch ``model``'s state (train mode's batch statistics) at the cost
-    of its buffers only. Nothing may write into the clone's parameters in place.
+    copied), at the cost of its buffers only: the rebuild stage's copies, which give the parameters they
+    write copies of their own first. Nothing may write into a shared parameter in place.
     """
     memo: dict[int, object] = {}
     if share_parameters:
@@ -149,16 +150,22 @@ def clone_module_with(model: nn.Module, memo: dict[int, object]) -> nn.Module:
     return clone
 
 
-def _memo_non_leaves(value: object, memo: dict[int, object], depth: int = 0) -> None:
-    """Put a detached copy of every non-leaf tensor in ``value`` (a module's ``__dict__``: attributes,
-    and the dicts, lists and tuples they hold) into ``deepcopy``'s ``memo``."""
+def _memo_non_leaves(value: object, memo: dict[int, object]) -> None:
+    """Put a detached copy of every non-leaf tensor in ``value`` (a module's ``__dict__``) into
+    ``deepcopy``'s ``memo``."""
+    for t in _tensors_in(value):
+        if not t.is_leaf and id(t) not in memo:
+            memo[id(t)] = t.detach().clone()
+
+
+def _tensors_in(value: object, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor in ``value`` (a module's ``__dict__``: attributes, parameters, buffers, and the dicts,
+    lists and tuples they hold), as often as it is held."""
     if isinstance(value, torch.Tensor):
-        if not value.is_leaf and id(value) not in memo:
-            memo[id(value)] = value.detach().clone()
+        yield value
     elif isinstance(value, (dict, list, tuple, set, frozenset)) and depth < _CONTAINER_DEPTH:
-        items = value.values() if isinstance(value, dict) else value
-        for item in items:
-            _memo_non_leaves(item, memo, depth + 1)
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _tensors_in(item, depth + 1)
 
 
 _CONTAINER_DEPTH = 4  # containers inside containers: deep enough for any cache seen (a dict of tensors)
@@ -226,22 +233,8 @@ def _pruned_tensors(model: nn.Module) -> dict[tuple[str, str], Pruned]:
 
 
 def _held(model: nn.Module) -> Counter[int]:
-    """How many times each tensor is held by the model's modules (attributes, parameters, buffers, and the
-    dicts, lists and tuples they hold), by id."""
-    counts: Counter[int] = Counter()
-
-    def visit(value: object, depth: int) -> None:
-        if isinstance(value, torch.Tensor):
-            counts[id(value)] += 1
-        elif isinstance(value, (dict, list, tuple, set, frozenset)) and depth < _CONTAINER_DEPTH:
-            for item in value.values() if isinstance(value, dict) else value:
-                visit(item, depth + 1)
-
-    for module in model.modules():
-        for key, value in module.__dict__.items():
-            if key not in ("_modules", "_forward_pre_hooks", "_forward_hooks"):
-                visit(value, 0)
-    return counts
+    """How many times each tensor is held by the model's modules, by id."""
+    return Counter(id(t) for module in model.modules() for t in _tensors_in(module.__dict__))
 
 
 def _bake_copied(module: nn.Module, tensor_name: str, value: nn.Parameter) -> None:

@@ -49,8 +49,7 @@ def _written(plans: list[GroupPlan], modules: dict[str, nn.Module]) -> dict[str,
     out: dict[str, set[str] | None] = {}
 
     def add(layer: str, names: tuple[str, ...] | None) -> None:
-        shrinker = shrinker_for(modules[layer]) if layer in modules else None
-        if shrinker is None or names is None or out.get(layer, set()) is None:
+        if names is None or out.get(layer, set()) is None:  # None: no shrinker, or it may write any
             out[layer] = None
         else:
             out.setdefault(layer, set()).update(names)  # type: ignore[union-attr]  # not None: checked above

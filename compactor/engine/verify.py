@@ -272,7 +272,7 @@ def decide(
         baked, _restore(plans, rejected), round_to
     )  # a restored group can leave a shared layer off
     shipped = [p for p in final if p.removed]
-    if first_model is not None and first is not None and _same_plans(shipped, active):  # verified already
+    if first_model is not None and first is not None and same_plans(shipped, active):  # verified already
         small, verdict = first_model, first
     else:
         first_model = None
@@ -298,7 +298,8 @@ def decide(
     return final, small, verdict, floors
 
 
-def _same_plans(a: list[GroupPlan], b: list[GroupPlan]) -> bool:
+def same_plans(a: list[GroupPlan], b: list[GroupPlan]) -> bool:
+    """The same plan objects, in order: what was built (or timed) from ``a`` is what ``b`` would give."""
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 

@@ -21,6 +21,7 @@ maps are proportional merge into one carrier; see ``docs/EXACTNESS.md`` for what
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,19 +203,12 @@ def _why_not(r: int, consumers: list[Member], dw: Member | None, rec: _Recorder,
     j = dw.idxs[r][0]
     if not rec.constant(dw.name, "in", j):
         return f"not a constant where it enters {dw.name}"
-    positions = _count(rec.spatial(dw.name, "out"))
+    positions = math.prod(rec.spatial(dw.name, "out"))
     for c in reads:  # a reshape between may lay the positions out anew (SegFormer's Mix-FFN: [B, C, H, W]
         # into [B, H*W, C]): the probes check that each consumer position reads one depthwise position
-        if _count(rec.spatial(c.name, "in")) != positions:
+        if math.prod(rec.spatial(c.name, "in")) != positions:
             return f"{c.name} reads it at another size than {dw.name} writes it"
     return None
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # --- recording ----------------------------------------------------------------------------------------
