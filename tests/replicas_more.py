@@ -30,7 +30,7 @@ from collections.abc import Callable
 import replicas_timm
 import torch
 import torch.nn.functional as F
-from replicas_timm import ClassAttn, Mlp
+from replicas_timm import AttentionBiasCache, ClassAttn, Mlp
 from torch import nn
 
 Act = Callable[[], nn.Module]
@@ -1066,7 +1066,7 @@ def _offset_idxs(resolution: int) -> torch.Tensor:
     return torch.tensor(idxs, dtype=torch.long).view(len(points), len(points))
 
 
-class CascadedGroupAttention(nn.Module):
+class CascadedGroupAttention(AttentionBiasCache):
     attention_bias_cache: dict[str, torch.Tensor]
 
     def __init__(
@@ -1098,21 +1098,6 @@ class CascadedGroupAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
         self.register_buffer("attention_bias_idxs", _offset_idxs(resolution), persistent=False)
         self.attention_bias_cache = {}
-
-    @torch.no_grad()
-    def train(self, mode: bool = True) -> CascadedGroupAttention:
-        super().train(mode)
-        if mode and self.attention_bias_cache:
-            self.attention_bias_cache = {}  # clear ab cache
-        return self
-
-    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
-        if torch.jit.is_tracing() or self.training:
-            return self.attention_biases[:, self.attention_bias_idxs]
-        device_key = str(device)
-        if device_key not in self.attention_bias_cache:
-            self.attention_bias_cache[device_key] = self.attention_biases[:, self.attention_bias_idxs]
-        return self.attention_bias_cache[device_key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape  # noqa: RUF059
@@ -1739,7 +1724,7 @@ class GlobalContextVit(nn.Module):
 # --- EfficientFormer (efficientformer.py) ---------------------------------------------------------------------
 
 
-class EfAttention(nn.Module):
+class EfAttention(AttentionBiasCache):
     attention_bias_cache: dict[str, torch.Tensor]
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, resolution: int) -> None:
@@ -1761,21 +1746,6 @@ class EfAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
         self.register_buffer("attention_bias_idxs", rel_pos)
         self.attention_bias_cache = {}
-
-    @torch.no_grad()
-    def train(self, mode: bool = True) -> EfAttention:
-        super().train(mode)
-        if mode and self.attention_bias_cache:
-            self.attention_bias_cache = {}  # clear ab cache
-        return self
-
-    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
-        if torch.jit.is_tracing() or self.training:
-            return self.attention_biases[:, self.attention_bias_idxs]
-        device_key = str(device)
-        if device_key not in self.attention_bias_cache:
-            self.attention_bias_cache[device_key] = self.attention_biases[:, self.attention_bias_idxs]
-        return self.attention_bias_cache[device_key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape  # noqa: RUF059
@@ -2031,7 +2001,7 @@ class NormMlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(self.norm(x))))))
 
 
-class TvAttention(nn.Module):
+class TvAttention(AttentionBiasCache):
     """``tiny_vit.py`` Attention, fused (``use_fused_attn()``): the cached bias is the SDPA mask."""
 
     attention_bias_cache: dict[str, torch.Tensor]
@@ -2053,21 +2023,6 @@ class TvAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution[0] * resolution[1]))
         self.register_buffer("attention_bias_idxs", _offset_idxs(resolution[0]), persistent=False)
         self.attention_bias_cache = {}
-
-    @torch.no_grad()
-    def train(self, mode: bool = True) -> TvAttention:
-        super().train(mode)
-        if mode and self.attention_bias_cache:
-            self.attention_bias_cache = {}  # clear ab cache
-        return self
-
-    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
-        if torch.jit.is_tracing() or self.training:
-            return self.attention_biases[:, self.attention_bias_idxs]
-        device_key = str(device)
-        if device_key not in self.attention_bias_cache:
-            self.attention_bias_cache[device_key] = self.attention_biases[:, self.attention_bias_idxs]
-        return self.attention_bias_cache[device_key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn_bias = self.get_attention_biases(x.device)

@@ -83,7 +83,32 @@ class NormLinear(nn.Module):
         return self.linear(self.drop(self.bn(x)))
 
 
-class LevitAttention(nn.Module):
+class AttentionBiasCache(nn.Module):
+    """timm's attention-bias cache, as LeViT, EfficientViT (MSRA), EfficientFormer and TinyViT each write it:
+    ``attention_biases[:, attention_bias_idxs]`` cached per device in eval mode, cleared in train mode (a
+    dict of non-leaf tensors, which ``deepcopy`` refuses)."""
+
+    attention_biases: nn.Parameter
+    attention_bias_idxs: torch.Tensor
+    attention_bias_cache: dict[str, torch.Tensor]
+
+    @torch.no_grad()
+    def train(self, mode: bool = True) -> AttentionBiasCache:
+        super().train(mode)
+        if mode and self.attention_bias_cache:
+            self.attention_bias_cache = {}  # clear ab cache
+        return self
+
+    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
+        if torch.jit.is_tracing() or self.training:
+            return self.attention_biases[:, self.attention_bias_idxs]
+        device_key = str(device)
+        if device_key not in self.attention_bias_cache:
+            self.attention_bias_cache[device_key] = self.attention_biases[:, self.attention_bias_idxs]
+        return self.attention_bias_cache[device_key]
+
+
+class LevitAttention(AttentionBiasCache):
     """levit.py ``Attention`` (use_conv=False)."""
 
     attention_bias_cache: dict[str, torch.Tensor]
@@ -108,21 +133,6 @@ class LevitAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.randn(num_heads, resolution**2) * 0.1)
         self.register_buffer("attention_bias_idxs", rel_pos, persistent=False)
         self.attention_bias_cache = {}
-
-    @torch.no_grad()
-    def train(self, mode: bool = True) -> LevitAttention:
-        super().train(mode)
-        if mode and self.attention_bias_cache:
-            self.attention_bias_cache = {}  # clear ab cache
-        return self
-
-    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
-        if torch.jit.is_tracing() or self.training:
-            return self.attention_biases[:, self.attention_bias_idxs]
-        device_key = str(device)
-        if device_key not in self.attention_bias_cache:
-            self.attention_bias_cache[device_key] = self.attention_biases[:, self.attention_bias_idxs]
-        return self.attention_bias_cache[device_key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape  # noqa: RUF059  (timm's code, as it is)
