@@ -44,6 +44,7 @@ ROUND_TO_DEFAULT = (
 
 
 SIDE_BY_SIDE = ("1", "8", "16", "auto")  # ResNet-50 at 50%: issue 13's comparison, in one interleaved run
+SIDE_BY_SIDE_ROUNDS = 60  # its rounds: gaps of a fraction of a percent are judged there, against its noise
 
 
 def _csv(text: str) -> list[str]:
@@ -127,7 +128,8 @@ def plan_cases(args: argparse.Namespace) -> list[CaseSpec]:
         if model == "resnet50" and 0.5 in sparsities and "torch-cpu" in args.backends and not quick:
             cases.append(CaseSpec(model, 0.5, **{**common, "backends": ("torch-cpu",)}, fold_bn=True))
         if model == "resnet50" and 0.5 in sparsities and auto and not quick:
-            cases.append(CaseSpec(model, 0.5, **common, side_by_side=SIDE_BY_SIDE))
+            rounds = max(common["repeats"], SIDE_BY_SIDE_ROUNDS)
+            cases.append(CaseSpec(model, 0.5, **{**common, "repeats": rounds}, side_by_side=SIDE_BY_SIDE))
     return cases
 
 

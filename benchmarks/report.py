@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from compactor.report.measure import Gap, paired_gap
+
 LATENCY_BACKENDS = ("torch-cpu", "onnxruntime-cpu", "cuda")
 GIB = 1024**3
 MIB = 1024**2
@@ -484,41 +486,36 @@ def side_by_side_section(sides: list[dict[str, Any]]) -> list[str]:
             "backend)",
             "",
             *([f"Re-run on its own at `{r['commit']}`, after the run above.", ""] if r.get("commit") else []),
-            "| backend | variant | ms | speedup | params |",
-            "|---|---|---:|---:|---:|",
+            "| backend | variant | ms | speedup | params | auto against it, paired by round |",
+            "|---|---|---:|---:|---:|---|",
         ]
         verdicts = []
         for backend in ("torch-cpu", "onnxruntime-cpu", "cuda"):
             t = s.get(backend)
             if not t or "dense" not in t:
                 if t:
-                    out.append(f"| {backend} | - | {t.get('error') or t.get('skipped')} | - | - |")
+                    out.append(f"| {backend} | - | {t.get('error') or t.get('skipped')} | - | - | - |")
                 continue
             dense = t["dense"]["median_ms"]
             counts = {**params, "auto": s.get("auto_params", {}).get(backend)}
             speed = {
                 v: dense / t[v]["median_ms"] for v in t if isinstance(t[v], dict) and "median_ms" in t[v]
             }
+            gaps = {v: _gap(t, "auto", v) for v in speed if v != "auto"} if "auto" in speed else {}
             for v in speed:
                 n = counts.get(v)
                 out.append(
                     f"| {backend} | {'round_to=' + v if v not in ('dense', 'auto') else v} | "
-                    f"{t[v]['median_ms']:.1f} | {speed[v]:.2f}x | {f'{n:,}' if n else '-'} |"
+                    f"{t[v]['median_ms']:.1f} | {speed[v]:.2f}x | {f'{n:,}' if n else '-'} | "
+                    f"{gaps[v] if gaps.get(v) else '-'} |"
                 )
             rounded = {v: x for v, x in speed.items() if v not in ("dense", "auto")}
             if "auto" in speed and rounded:
                 best = max(rounded, key=lambda v: rounded[v])
-                # auto may ship the very widths of a rounding (its whole-model check keeps "exact" or "all x8"):
-                # the same model, whose measured gap is this run's noise
-                same = counts.get("auto") is not None and counts.get("auto") == counts.get(best)
                 verdicts.append(
                     f"- {backend}: auto {speed['auto']:.2f}x against the best of round_to "
                     f"{'/'.join(rounded)} ({best}: {rounded[best]:.2f}x): "
-                    + (
-                        f"yes (the same widths as round_to={best}: the gap is timing noise)"
-                        if same and speed["auto"] < rounded[best]
-                        else _met(speed["auto"] >= rounded[best])
-                    )
+                    + _at_least(speed["auto"] >= rounded[best], counts, best, gaps.get(best))
                     + (
                         f"; auto keeps fewer parameters than round_to=16 ({counts['auto']:,} vs {counts['16']:,}): "
                         f"{_met(counts['auto'] < counts['16'])}"
@@ -535,6 +532,29 @@ def side_by_side_section(sides: list[dict[str, Any]]) -> list[str]:
                     )
         out += ["", *verdicts, ""]
     return out[:-1] if out and out[-1] == "" else out
+
+
+def _gap(timing: dict[str, Any], a: str, b: str) -> Gap | None:
+    """``a`` against ``b`` round by round, where the run kept its rounds (older results did not)."""
+    ra, rb = timing[a].get("rounds_ms"), timing[b].get("rounds_ms")
+    return paired_gap(ra, rb) if ra and rb and len(ra) == len(rb) else None
+
+
+def _at_least(faster: bool, counts: dict[str, Any], best: str, gap: Gap | None) -> str:
+    """The verdict on "auto at least as fast as the best rounding": yes where its median is; where it ships
+    the very widths of that rounding, the same model, whose gap is this run's noise; where the paired gap
+    is within two standard errors, not told apart from noise, said so with the figures; else no."""
+    if faster:
+        return "yes"
+    if counts.get("auto") is not None and counts.get("auto") == counts.get(best):
+        # auto may ship the very widths of a rounding (its whole-model check keeps "exact" or "all x8")
+        return f"yes (the same widths as round_to={best}: the gap is timing noise)"
+    if gap is not None and gap.slower <= gap.noise:
+        return (
+            f"yes within noise (auto {gap.slower:+.1%} paired by round, within this run's noise of "
+            f"±{gap.noise:.1%}: two standard errors of that median)"
+        )
+    return "**no**" + (f" (auto {gap}, past the noise)" if gap is not None else "")
 
 
 def why_section(rows: list[Row]) -> list[str]:

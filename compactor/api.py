@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from statistics import median
 from typing import Any, Literal, cast
 
 import torch
@@ -328,7 +329,7 @@ def _check_widths(
     else:
         try:
             t = search.timer.models({"dense": dense, "small": small}, inputs)
-            model_ms = {"before": t["dense"] * 1000, "after": t["small"] * 1000}
+            model_ms = {"before": median(t["dense"]) * 1000, "after": median(t["small"]) * 1000}
         except Exception as e:  # the exporters' and runtimes' failures have no common type
             untimed.append(f"the whole model ({first_line(e, with_type=True)})")
     return AutoWidths(search.timer.target, tuple(choices), tuning_seconds, tuple(untimed), model_ms=model_ms)

@@ -20,7 +20,7 @@ from compactor.engine.masks import baked
 from compactor.engine.plan import Fate
 from compactor.inputs import ExampleInputs
 from compactor.layers import shrinker_for
-from compactor.report.autowidth import STEPS, TIE, WHOLE_TIE
+from compactor.report.autowidth import RUNOFF, STEPS, TIE, WHOLE_TIE_MAX, WHOLE_TIE_MIN
 from compactor.report.probes import BackendTimer, Probe, _widths_of, layer_times, timed_kind
 from compactor.report.report import EFFICIENCY_FLOOR, why_not_faster
 
@@ -28,7 +28,8 @@ from compactor.report.report import EFFICIENCY_FLOOR, why_not_faster
 class FakeTimer:
     """Seconds per probe from ``cost(probe)``. Whole models: the final check's dense and compacted ones from
     ``model_s``; the candidates auto compares whole from ``whole(model)``, by default the sum of ``cost`` over
-    the model's timed layers at their widths. Records every probe."""
+    the model's timed layers at their widths; each run ``rounds`` rounds, round ``r`` of a model named ``n``
+    scaled by ``jitter(n, r)`` (default: none). Records every probe, and the names of each whole-model run."""
 
     def __init__(
         self,
@@ -36,11 +37,15 @@ class FakeTimer:
         model_s: tuple[float, float] = (2.0, 1.0),
         target: str = "torch-cpu",
         whole: Callable[[nn.Module], float] | None = None,
+        rounds: int = 5,
+        jitter: Callable[[str, int], float] = lambda n, r: 1.0,
     ) -> None:
         self.cost = cost
         self.model_s = model_s
         self.target = target
         self.whole = whole or self._summed
+        self.rounds = rounds
+        self.jitter = jitter
         self.probes: list[Probe] = []
         self.candidates: list[str] = []
         self.calls: list[list[str]] = []
@@ -49,11 +54,13 @@ class FakeTimer:
         self.probes += probes
         return [self.cost(p) for p in probes]
 
-    def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, float]:
+    def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, list[float]]:
         fixed = {"dense": self.model_s[0], "small": self.model_s[1]}
-        self.candidates += [n for n in models if n not in fixed]
+        self.candidates += [n for n in models if n not in fixed and n not in self.candidates]
+        first = len(self.calls) * self.rounds  # the rounds earlier runs took
         self.calls.append(list(models))
-        return {n: fixed[n] if n in fixed else self.whole(m) for n, m in models.items()}
+        seconds = {n: fixed[n] if n in fixed else self.whole(m) for n, m in models.items()}
+        return {n: [s * self.jitter(n, first + r) for r in range(self.rounds)] for n, s in seconds.items()}
 
     def _summed(self, model: nn.Module) -> float:
         return sum(
@@ -160,10 +167,18 @@ def test_candidates_are_the_exact_width_and_its_roundings_up_to_the_dense_width(
     )  # dense widths: 64 too
 
 
-@pytest.mark.parametrize(("gain", "width", "picked"), [(0.5, 32, "all x8"), (WHOLE_TIE / 2, 31, "per group")])
+@pytest.mark.parametrize(
+    ("gain", "width", "picked"),
+    [
+        (0.5, 32, "all x8"),  # past the run-off: decided by the first run
+        (WHOLE_TIE_MIN / 2, 31, "per group"),  # under the floor: fewer parameters win
+        ((WHOLE_TIE_MIN + WHOLE_TIE_MAX) / 2, 32, "all x8"),  # past the floor, and the rounds have no noise
+    ],
+)
 def test_the_whole_model_check_overrules_layers_timed_alone(gain: float, width: int, picked: str) -> None:
-    """Layers alone say the exact width (31) is fastest; whole models say 32 is ``gain`` faster: past
-    ``WHOLE_TIE`` the rounded model wins, its padding kept as auto's; within it, fewer parameters win."""
+    """Layers alone say the exact width (31) is fastest; whole models say 32 is ``gain`` faster. Past
+    ``RUNOFF`` one run decides; within it, both are timed again and the rounded model wins where its gain is
+    past ``WHOLE_TIE_MIN`` (these rounds are noiseless), its padding kept as auto's."""
     model, x = _mlp()
     timer = FakeTimer(
         lambda p: 1.0 if _hidden(p) == 31 else 2.0,
@@ -172,17 +187,60 @@ def test_the_whole_model_check_overrules_layers_timed_alone(gain: float, width: 
     small, report = compactor.compact(model, x, round_to="auto", timer=timer)
     assert small[0].out_features == width and report.params["after"] == _params(width)
     whole = report.to_dict()["auto"]["whole"]
-    assert whole["picked"] == picked
+    assert whole["picked"] == picked and whole["fastest"] == "all x8"
     assert set(whole["ms"]) == {"per group", "all x8"}  # exact and x16 give the same widths as these two
     assert whole["params"] == {"per group": _params(31), "all x8": _params(32)}
     assert sorted(timer.candidates) == ["all x8", "per group"]
-    # one run timed the dense model and both candidates; what shipped was timed there, so not again
-    assert timer.calls == [["dense", "per group", "all x8"]]
+    # the dense model and both candidates, timed again where they are within RUNOFF; what shipped was timed
+    # there, so not again
+    runs = 1 if gain > RUNOFF else 2
+    assert timer.calls == [["dense", "per group", "all x8"]] * runs
+    if runs == 2:
+        assert whole["gaps"] == {
+            "per group": {"slower": pytest.approx(1 / (1 - gain) - 1), "se": 0.0, "n": 10}
+        }
+    else:
+        assert whole["gaps"] == {}
     expected = 1.0 - gain * (width == 32)
     assert report.to_dict()["auto"]["model_ms"] == {"before": 2000.0, "after": pytest.approx(expected * 1000)}
     kept = [z for z in report.zeroed if z.fate == Fate.KEPT_AUTO.value]
     assert len(kept) == width - 31
     assert all("multiple of 8" in c.reason for c in kept)
+
+
+@pytest.mark.parametrize(
+    ("gain", "noise", "width"),
+    [
+        (0.006, 0.0, 32),  # 0.6% faster in every round: a real gain, the padding kept
+        (0.006, 0.04, 31),  # the same median gain in rounds ±4% apart: within the noise, fewer parameters win
+        (0.015, 0.04, 32),  # past WHOLE_TIE_MAX: kept however noisy the rounds
+    ],
+)
+def test_the_whole_model_check_weighs_a_gain_against_the_rounds_noise(
+    gain: float, noise: float, width: int
+) -> None:
+    """The rounds of the candidate with fewer parameters swing ``noise`` either way (one round slow, the
+    next fast), around ``gain`` slower than the padded one: its gap is told apart from noise only where the
+    swing is small against the gain."""
+    model, x = _mlp()
+
+    def jitter(name: str, r: int) -> float:
+        return 1.0 + (noise if r % 2 else -noise) * (name == "per group")
+
+    timer = FakeTimer(
+        lambda p: 1.0 if _hidden(p) == 31 else 2.0,
+        whole=lambda m: 1.0 - gain * (m[0].out_features % 8 == 0),
+        rounds=20,
+        jitter=jitter,
+    )
+    small, report = compactor.compact(model, x, round_to="auto", timer=timer)
+    assert small[0].out_features == width
+    gap = report.to_dict()["auto"]["whole"]["gaps"]["per group"]
+    assert gap["n"] == 40
+    assert gap["slower"] == pytest.approx(
+        ((1 + noise) / (1 - gain)) ** 0.5 * ((1 - noise) / (1 - gain)) ** 0.5 - 1
+    )
+    assert (gap["se"] > 0) == (noise > 0)
 
 
 def test_slower_than_dense_is_a_warning_naming_the_layers() -> None:
@@ -358,8 +416,8 @@ def test_the_dense_time_is_the_dense_model_s_where_attention_heads_went_first() 
     import transformers
 
     class ParamTimer(FakeTimer):
-        def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, float]:
-            return {n: sum(p.numel() for p in m.parameters()) / 1000 for n, m in models.items()}
+        def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, list[float]]:
+            return {n: [sum(p.numel() for p in m.parameters()) / 1000] for n, m in models.items()}
 
     torch.manual_seed(0)
     config = transformers.BertConfig(

@@ -25,6 +25,7 @@ from benchmarks.report import (
     targets,
     why_section,
 )
+from compactor.report.measure import paired_gap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,6 +152,42 @@ def test_side_by_side_section_compares_auto_with_the_best_rounding_of_the_same_r
     )
     assert "- onnxruntime-cpu: auto 1.95x against the best of round_to 1/8/16 (8: 2.00x): **no**" in text
     assert "  - auto's own whole-model check: per group 5.0 ms, all x8 5.2 ms; kept per group" in text
+
+
+@pytest.mark.parametrize(
+    ("swing", "verdict"),
+    [
+        (
+            0.05,
+            "yes within noise (auto +0.9% paired by round, within this run's noise of ±4.2%: two standard",
+        ),
+        (0.0, "**no** (auto +1.0% (noise ±0.0%, 20 rounds), past the noise)"),
+    ],
+)
+def test_side_by_side_judges_a_small_gap_against_the_run_s_noise(swing: float, verdict: str) -> None:
+    """Auto 1% slower than round_to 8 in the median of paired rounds: within noise where the rounds swing
+    ``swing`` either way, past it where every round says the same."""
+    rounds = 20
+    r8 = [4.0 + 0.01 * i for i in range(rounds)]  # drifting: pairing by round cancels it
+    auto = [x * 1.01 * (1 + (swing if i % 2 else -swing)) for i, x in enumerate(r8)]
+
+    def timing(ms: list[float]) -> dict:
+        return {"median_ms": sorted(ms)[rounds // 2], "rounds_ms": ms}
+
+    side = {
+        "spec": {"model": "resnet50", "sparsity": 0.5, "side_by_side": ["8", "auto"]},
+        "label": "x",
+        "side_by_side": {
+            "params": {"dense": 1000, "8": 490},
+            "auto_params": {"onnxruntime-cpu": 485},
+            "onnxruntime-cpu": {"dense": timing([8.0] * rounds), "8": timing(r8), "auto": timing(auto)},
+        },
+    }
+    text = "\n".join(side_by_side_section([side]))
+    assert f"(8: {8.0 / sorted(r8)[rounds // 2]:.2f}x): {verdict}" in text
+    gap = paired_gap(auto, r8)
+    assert f"| onnxruntime-cpu | round_to=8 | {sorted(r8)[rounds // 2]:.1f} | " in text
+    assert text.count(str(gap)) == 1 + ("**no**" in verdict)  # the table's column, and the verdict's figure
 
 
 def _case(round_to: object, target: str | None, ms: float, params: int, **extra: object) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from torch.nn.utils import prune
 
 import compactor
 from compactor.errors import CompactorError, ExportError
-from compactor.report.measure import Timing, count_macs, latency
+from compactor.report.measure import Timing, count_macs, latency, paired_gap
 
 # --- MACs: one tiny module per case, the expected count worked out by hand ----------------------------
 
@@ -112,6 +113,45 @@ def test_latency_cuda_refused_without_gpu() -> None:
 def test_latency_cuda() -> None:
     timings = latency({"m": nn.Linear(64, 64)}, torch.randn(8, 64), backend="cuda", warmup=2, repeats=5)
     assert timings["m"].median_ms > 0
+
+
+def test_latency_keeps_every_round_in_order() -> None:
+    class Sleepy(nn.Module):
+        """Sleeps 1 ms more each call: its rounds, in order, rise."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            import time
+
+            self.calls += 1
+            time.sleep(self.calls / 1000)
+            return x
+
+    t = latency({"m": Sleepy()}, torch.randn(1), threads=1, warmup=0, repeats=4)["m"]
+    assert t.n == len(t.rounds_ms) == 4
+    assert list(t.rounds_ms) == sorted(t.rounds_ms) and t.rounds_ms[-1] - t.rounds_ms[0] >= 2.5
+
+
+def test_paired_gap() -> None:
+    # the same ratio in every round, whatever the rounds' drift: exactly that gap, no noise
+    a, b = [1.1, 2.2, 3.3, 1.1], [1.0, 2.0, 3.0, 1.0]
+    gap = paired_gap(a, b)
+    assert gap.slower == pytest.approx(0.1) and gap.se == pytest.approx(0.0, abs=1e-12) and gap.n == 4
+    assert paired_gap(b, a).slower == pytest.approx(1 / 1.1 - 1)
+    # rounds alternately 2% either side of b: a median gap of about zero, with a noise of two standard errors
+    swing = [x * (1.02 if i % 2 else 0.98) for i, x in enumerate(b * 5)]
+    gap = paired_gap(swing, b * 5)
+    iqr = (gap.se / 1.2533 * 20**0.5) * 1.349
+    assert gap.slower == pytest.approx((1.02 * 0.98) ** 0.5 - 1)
+    assert iqr == pytest.approx(
+        math.log(1.02 / 0.98)
+    )  # the log-ratios' interquartile range: the swing put in
+    assert gap.noise == pytest.approx(2 * gap.se) and str(gap).startswith("-0.0% (noise ±")
+    with pytest.raises(ValueError, match="equally long"):
+        paired_gap([1.0], [1.0, 2.0])
 
 
 # --- ONNX ------------------------------------------------------------------------------------------------

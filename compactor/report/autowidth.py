@@ -17,18 +17,24 @@ carrier (it is never another group's guest), so an exact group that shared one m
 what was timed. Groups left when ``budget_s`` is spent, and
 groups with a layer the backend cannot run alone, keep their exact width, and are named.
 
-Layers timed alone miss what happens between them (the elementwise ops, the caches a whole forward shares),
-so the choice is checked whole: the greedy widths, the exact ones and every group rounded up to 8 and to 16
-are rebuilt and timed as whole models, interleaved (:meth:`WidthSearch.whole`). The fastest is kept; one
-with more parameters must be more than ``WHOLE_TIE`` (1%) faster than every one with fewer.
+Layers timed alone miss what happens between them (the elementwise ops, the caches a whole forward shares,
+layout changes between blocked kernels), so the choice is checked whole: the greedy widths, the exact ones
+and every group rounded up to 8 and to 16 are rebuilt and timed as whole models, interleaved with the dense
+model (:meth:`WidthSearch.whole`). Those within ``RUNOFF`` (3%) of the fastest are timed again, as many
+rounds more, so that what decides has twice the rounds. The candidate with the fewest parameters that the
+rounds do not show slower than the fastest is kept: slower means a paired gap (the median over rounds of
+their ratio, :func:`~.measure.paired_gap`) past the run's noise (two standard errors of that median), or
+past ``WHOLE_TIE_MAX`` (1%) whatever the noise; a gap under ``WHOLE_TIE_MIN`` (0.3%) is never a reason
+to keep more parameters.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
@@ -38,6 +44,7 @@ from ..engine.rebuild import apply_plans
 from ..errors import first_line
 from ..inputs import ExampleInputs
 from ..layers import Side, width
+from .measure import Gap, paired_gap
 from .probes import Probe, Seen, Timer, probe, rebuilt, record_inputs, timed_kind
 
 STEPS = (8, 16, 32, 64)
@@ -45,7 +52,9 @@ TIE = 0.03  # a wider candidate is chosen only when more than 3% faster than eve
 BUDGET_S = 60.0  # timing time after which the remaining groups keep their exact width
 WHOLE_STEPS = (8, 16)  # uniform roundings timed against the greedy choice, whole model against whole model
 DENSE = "dense"  # the name the dense model is timed under beside the candidates
-WHOLE_TIE = 0.01  # a candidate with more parameters must be more than 1% faster (interleaved medians)
+RUNOFF = 0.03  # whole models within 3% of the fastest are timed again before one is picked
+WHOLE_TIE_MIN = 0.003  # a paired gap under 0.3% never buys parameters
+WHOLE_TIE_MAX = 0.01  # a paired gap over 1% always does, however noisy the run
 
 
 @dataclass(frozen=True)
@@ -72,12 +81,15 @@ class LayerTime:
 
 @dataclass(frozen=True)
 class WholeChoice:
-    """The whole-model check: each candidate's median ms and parameter count, and the one kept."""
+    """The whole-model check: each candidate's median ms (over every round it ran) and parameter count, the
+    one kept, and each run-off finalist's paired gap to the fastest one."""
 
     ms: dict[str, float]
     params: dict[str, int]
     picked: str
-    dense_ms: float | None = None  # the dense model, timed in the same run
+    dense_ms: float | None = None  # the dense model, timed in the same rounds
+    fastest: str | None = None
+    gaps: dict[str, Gap] = field(default_factory=dict)  # the run-off's finalists against ``fastest``
 
 
 @dataclass(frozen=True)
@@ -217,7 +229,8 @@ class WidthSearch:
     ) -> WholeChoice:
         """Each candidate's plans applied to ``model`` (the model in its own precision) and timed as a whole
         model, interleaved with the dense model (``dense``; default ``model``: they differ where attention
-        heads went first); the kept one is the fastest, or one with fewer parameters within ``WHOLE_TIE``."""
+        heads went first); those within ``RUNOFF`` of the fastest timed again; the one kept is the one with
+        the fewest parameters that the rounds do not show slower than the fastest (:func:`_keeps_up`)."""
         unique: dict[tuple[int, ...], str] = {}
         for name, plans in candidates.items():
             unique.setdefault(tuple(len(p.removed) for p in plans), name)
@@ -226,11 +239,20 @@ class WidthSearch:
             return WholeChoice({}, {}, names[0] if names else next(iter(candidates)))
         models = {n: apply_plans(model, [p for p in candidates[n] if p.removed]).eval() for n in names}
         params = {n: _params(m) for n, m in models.items()}
-        seconds = self.timer.models({DENSE: model if dense is None else dense, **models}, inputs)
-        ms = {n: seconds[n] * 1000 for n in names}
-        best = min(ms.values())
-        picked = min((n for n in names if ms[n] <= best * (1 + WHOLE_TIE)), key=lambda n: (params[n], ms[n]))
-        return WholeChoice(ms, params, picked, seconds[DENSE] * 1000)
+        reference = model if dense is None else dense
+        rounds = self.timer.models({DENSE: reference, **models}, inputs)
+        best = min(statistics.median(rounds[n]) for n in names)
+        finalists = [n for n in names if statistics.median(rounds[n]) <= best * (1 + RUNOFF)]
+        if len(finalists) > 1:  # the run-off: as many rounds again, paired with the first run's
+            again = self.timer.models({DENSE: reference, **{n: models[n] for n in finalists}}, inputs)
+            rounds = {n: [*t, *again.get(n, [])] for n, t in rounds.items()}
+        ms = {n: statistics.median(rounds[n]) * 1000 for n in [DENSE, *names]}
+        fastest = min(finalists, key=lambda n: ms[n])
+        gaps = {n: paired_gap(rounds[n], rounds[fastest]) for n in finalists if n != fastest}
+        picked = min(
+            (n for n in finalists if n == fastest or _keeps_up(gaps[n])), key=lambda n: (params[n], ms[n])
+        )
+        return WholeChoice({n: ms[n] for n in names}, params, picked, ms[DENSE], fastest, gaps)
 
     # --- what it bought -------------------------------------------------------------------------------
     def layer_times(self, plans: list[GroupPlan]) -> list[LayerTime]:
@@ -264,6 +286,12 @@ class WidthSearch:
             total += _params(rebuilt(m, b.get((n, Side.IN)), b.get((n, Side.OUT))))
             total -= _params(rebuilt(m, a.get((n, Side.IN)), a.get((n, Side.OUT))))
         return total
+
+
+def _keeps_up(gap: Gap) -> bool:
+    """Whether a candidate with ``gap`` to the fastest counts as fast as it: the gap is within the run's
+    noise, or under ``WHOLE_TIE_MIN``, and never over ``WHOLE_TIE_MAX``."""
+    return gap.slower <= min(WHOLE_TIE_MAX, max(WHOLE_TIE_MIN, gap.noise))
 
 
 def _fastest(ms: dict[int, float]) -> int:

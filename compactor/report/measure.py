@@ -7,15 +7,17 @@ Elementwise ops, normalisation and pooling are not counted, by the usual convent
 
 ``latency`` times several models on the same inputs *interleaved* in one loop (A, B, A, B, ...), so that
 machine noise (frequency scaling, another process) hits every model alike and the ratio stays honest.
+``paired_gap`` compares two models of one such run round by round, and says how far its noise reaches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +85,7 @@ class Timing:
     p10_ms: float
     p90_ms: float
     n: int
+    rounds_ms: tuple[float, ...] = ()  # one call per round, in round order: what :func:`paired_gap` pairs
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -131,8 +134,40 @@ def latency(
 
 
 def _summarise(seconds: list[float]) -> Timing:
-    ms = sorted(s * 1000 for s in seconds)
-    return Timing(statistics.median(ms), _quantile(ms, 0.1), _quantile(ms, 0.9), len(ms))
+    rounds = tuple(s * 1000 for s in seconds)
+    ms = sorted(rounds)
+    return Timing(statistics.median(ms), _quantile(ms, 0.1), _quantile(ms, 0.9), len(ms), rounds)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """How much slower one model ran than another in the same interleaved run: ``slower`` is the median
+    over rounds of their ratio, less one (``0.01``: 1% slower; negative: faster), ``se`` the standard error
+    of that median, from the rounds' spread, over ``n`` rounds."""
+
+    slower: float
+    se: float
+    n: int
+
+    @property
+    def noise(self) -> float:
+        """Two standard errors: a gap within it is not told apart from two identical models'."""
+        return 2 * self.se
+
+    def __str__(self) -> str:
+        return f"{self.slower:+.1%} (noise ±{self.noise:.1%}, {self.n} rounds)"
+
+
+def paired_gap(a: Sequence[float], b: Sequence[float]) -> Gap:
+    """``a`` against ``b``: their times of the same rounds of one interleaved run (``Timing.rounds_ms``), in
+    round order. Pairing by round cancels what drifts over the run (another process, the clock); the
+    median of the per-round log-ratios ignores the rounds one of them was interrupted; its standard
+    error is 1.2533 sigma / sqrt(n), with sigma estimated robustly from the interquartile range."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_gap: need two equally long, non-empty runs, found {len(a)} and {len(b)}")
+    logs = sorted(math.log(x / y) for x, y in zip(a, b))
+    sigma = (_quantile(logs, 0.75) - _quantile(logs, 0.25)) / 1.349
+    return Gap(math.expm1(statistics.median(logs)), 1.2533 * sigma / math.sqrt(len(logs)), len(logs))
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

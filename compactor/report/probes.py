@@ -143,13 +143,14 @@ def _keep(shrinker: Any, module: Any, side: Side, n: int | None) -> torch.Tensor
 
 
 class Timer(Protocol):
-    """Seconds per call of each probe, and of two whole models, on one backend (``target``)."""
+    """On one backend (``target``): seconds per call of each probe; and of each whole model, one forward
+    per round of an interleaved run, in round order (the lists pair round by round: ``paired_gap``)."""
 
     target: str
 
     def layers(self, probes: Sequence[Probe]) -> list[float]: ...
 
-    def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, float]: ...
+    def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, list[float]]: ...
 
 
 def _give_back_memory() -> None:
@@ -169,14 +170,14 @@ def _give_back_memory() -> None:
         trim(0)
 
 
-WHOLE_REPEATS = 20  # interleaved rounds when timing whole models (their medians differ by ~1% between runs)
+WHOLE_REPEATS = 20  # interleaved rounds per whole-model run (identical models' medians differ by ~1% over 20)
 
 
 class BackendTimer:
     """Times probes interleaved (every probe once per round, the order rotating), the fastest of ``repeats``
     calls (another process on the machine only ever adds time: the minimum is the layer's own cost); a probe
     whose layer and shape were timed before is not timed again. ``threads``: intra-op threads. Whole models
-    get the median of interleaved calls, as ``--bench`` does."""
+    get every round of interleaved calls, as ``--bench`` times them."""
 
     def __init__(
         self, target: Backend = "torch-cpu", *, threads: int = 1, warmup: int = 1, repeats: int = 5
@@ -204,8 +205,8 @@ class BackendTimer:
             self._cache.update({k: min(s) for k, s in samples.items()})
         return [self._cache[p.key] for p in probes]
 
-    def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, float]:
-        """Median seconds of one forward of each, interleaved (ONNX Runtime: all exported first)."""
+    def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, list[float]]:
+        """Seconds of one forward of each per round, interleaved (ONNX Runtime: all exported first)."""
         with contextlib.ExitStack() as stack:
             runnable: dict[str, Any] = dict(models)
             if self.target == "onnxruntime-cpu":
@@ -228,7 +229,7 @@ class BackendTimer:
                 repeats=max(WHOLE_REPEATS, self.repeats),
             )
         _give_back_memory()  # the runtime's sessions are gone: hand their memory back to the system
-        return {n: t[n].median_ms / 1000 for n in models}
+        return {n: [ms / 1000 for ms in t[n].rounds_ms] for n in models}
 
     @contextlib.contextmanager
     def _runners(self, probes: list[Probe]) -> Iterator[dict[Any, Callable[[], float]]]:

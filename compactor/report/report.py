@@ -251,6 +251,14 @@ def auto_lines(report: CompactionReport) -> list[str]:
             )
             + f"; kept: {whole['picked']}"
         )
+    if whole.get("gaps"):
+        lines.append(
+            f"  run-off against the fastest ({whole['fastest']}), paired round by round: "
+            + ", ".join(
+                f"{n} {g['slower']:+.1%} (noise ±{2 * g['se']:.1%}, {g['n']} rounds)"
+                for n, g in whole["gaps"].items()
+            )
+        )
     for c in padded if whole.get("picked", "per group") == "per group" else []:
         ms = {int(w): t for w, t in c["ms"].items()}
         lines.append(
