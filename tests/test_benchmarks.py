@@ -146,11 +146,11 @@ def test_side_by_side_section_compares_auto_with_the_best_rounding_of_the_same_r
     assert "| torch-cpu | round_to=8 | 5.2 | 1.92x | 490 |" in text
     assert "| onnxruntime-cpu | auto | 4.1 | 1.95x | 495 |" in text
     assert (
-        "- torch-cpu: auto 1.98x against the best of round_to 1/8/16 (1: 2.00x): yes (the same widths as "
-        "round_to=1: the gap is timing noise); auto keeps fewer parameters than round_to=16 (480 vs 500): yes"
+        "- torch-cpu: auto 1.98x against the best of round_to 1/8/16 (1: 2.00x): yes, the same widths as "
+        "round_to=1: the gap is timing noise; auto keeps fewer parameters than round_to=16 (480 vs 500): yes"
         in text
     )
-    assert "- onnxruntime-cpu: auto 1.95x against the best of round_to 1/8/16 (8: 2.00x): **no**" in text
+    assert "- onnxruntime-cpu: auto 1.95x against the best of round_to 1/8/16 (8: 2.00x): **no**;" in text
     assert "  - auto's own whole-model check: per group 5.0 ms, all x8 5.2 ms; kept per group" in text
 
 
@@ -159,9 +159,9 @@ def test_side_by_side_section_compares_auto_with_the_best_rounding_of_the_same_r
     [
         (
             0.05,
-            "yes within noise (auto +0.9% paired by round, within this run's noise of ±4.2%: two standard",
+            "yes, within noise: auto +0.9% paired by round, within this run's noise of ±4.2% (two standard",
         ),
-        (0.0, "**no** (auto +1.0% (noise ±0.0%, 20 rounds), past the noise)"),
+        (0.0, "**no**, auto +1.0% (noise ±0.0%, 20 rounds), past the noise"),
     ],
 )
 def test_side_by_side_judges_a_small_gap_against_the_run_s_noise(swing: float, verdict: str) -> None:
@@ -188,6 +188,18 @@ def test_side_by_side_judges_a_small_gap_against_the_run_s_noise(swing: float, v
     gap = paired_gap(auto, r8)
     assert f"| onnxruntime-cpu | round_to=8 | {sorted(r8)[rounds // 2]:.1f} | " in text
     assert text.count(str(gap)) == 1 + ("**no**" in verdict)  # the table's column, and the verdict's figure
+    # the targets table judges on this run, the separate cases beside it
+    plain, r8_case = _case(None, None, 4.2, 480), _case(8, None, 4.0, 490)
+    auto_case = _case("auto", "onnxruntime-cpu", 3.9, 485)
+    rows, _ = split_results([plain, r8_case, auto_case])
+    table = "\n".join(targets(rows, [side]))
+    met = "**no**" not in verdict
+    assert (
+        f"| auto speedup >= best of round_to 1/8/16 on onnxruntime-cpu | side by side, one run: auto "
+        f"{8.0 / sorted(auto)[rounds // 2]:.2f}x against the best of round_to 8 (8: {8.0 / sorted(r8)[rounds // 2]:.2f}x); "
+        in table
+    )
+    assert f"(separate cases: 2.56x against 1: 2.38x / 8: 2.50x) | {'yes' if met else '**no**'} |" in table
 
 
 def _case(round_to: object, target: str | None, ms: float, params: int, **extra: object) -> dict:
