@@ -672,6 +672,71 @@ class MaxVit(nn.Module):
         return self.head(self.norm(self.stages(self.stem(x))))
 
 
+# --- TF EfficientNet-Lite (efficientnet.py _gen_efficientnet_lite, efficientnet_blocks.py; tf_ variants) -------
+
+BN_EPS_TF = 1e-3  # timm's BN_EPS_TF_DEFAULT: the tf_ ports keep TensorFlow's BatchNorm epsilon
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """``efficientnet_blocks.py`` DepthwiseSeparableConv (no SE, as in -Lite): depthwise kxk, BN+act,
+    pointwise, BN without act; the skip where stride 1 keeps the width."""
+
+    def __init__(self, in_chs: int, out_chs: int, k: int = 3, stride: int = 1) -> None:
+        super().__init__()
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.conv_dw = create_conv2d(in_chs, in_chs, k, stride=stride, groups=in_chs)
+        self.bn1 = BatchNormAct2d(in_chs, eps=BN_EPS_TF, act=nn.ReLU6)
+        self.conv_pw = create_conv2d(in_chs, out_chs, 1)
+        self.bn2 = BatchNormAct2d(out_chs, eps=BN_EPS_TF, act=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
+        return y + x if self.has_skip else y
+
+
+class TfInvertedResidual(nn.Module):
+    """``efficientnet_blocks.py`` InvertedResidual (no SE): pointwise expand, BN+act, depthwise kxk (a
+    ``Conv2dSame`` where it strides), BN+act, pointwise linear, BN; the skip where stride 1 keeps the width."""
+
+    def __init__(self, in_chs: int, out_chs: int, k: int, stride: int, exp_ratio: float = 6.0) -> None:
+        super().__init__()
+        mid = make_divisible(in_chs * exp_ratio)
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.conv_pw = create_conv2d(in_chs, mid, 1)
+        self.bn1 = BatchNormAct2d(mid, eps=BN_EPS_TF, act=nn.ReLU6)
+        self.conv_dw = create_conv2d(mid, mid, k, stride=stride, groups=mid)
+        self.bn2 = BatchNormAct2d(mid, eps=BN_EPS_TF, act=nn.ReLU6)
+        self.conv_pwl = create_conv2d(mid, out_chs, 1)
+        self.bn3 = BatchNormAct2d(out_chs, eps=BN_EPS_TF, act=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
+        return y + x if self.has_skip else y
+
+
+class TfEfficientNetLite(nn.Module):
+    """tf_efficientnet_lite0 in small: stem 3x3 stride 2 (a ``Conv2dSame``), ds_r1_k3_s1_c8, ir_r2_k3_s2_e6_c12,
+    ir_r1_k5_s2_e6_c16 (a 5x5 ``Conv2dSame`` depthwise: TF 'SAME' pads it 1+2 or 2+2 by the input's size),
+    head 1x1 to 64, pool, classifier. ReLU6, BatchNorm eps 1e-3, no squeeze-excite."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv_stem = create_conv2d(3, 16, 3, stride=2)
+        self.bn1 = BatchNormAct2d(16, eps=BN_EPS_TF, act=nn.ReLU6)
+        self.blocks = nn.Sequential(
+            nn.Sequential(DepthwiseSeparableConv(16, 8)),
+            nn.Sequential(TfInvertedResidual(8, 12, 3, 2), TfInvertedResidual(12, 12, 3, 1)),
+            nn.Sequential(TfInvertedResidual(12, 16, 5, 2)),
+        )
+        self.conv_head = create_conv2d(16, 64, 1)
+        self.bn2 = BatchNormAct2d(64, eps=BN_EPS_TF, act=nn.ReLU6)
+        self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
+        return self.classifier(x.mean((2, 3)))
+
+
 # --- EfficientViT, MIT (efficientvit_mit.py) ------------------------------------------------------------------
 
 

@@ -341,17 +341,40 @@ def test_border_patterns_are_every_pattern_at_any_size(k: int, stride: int, pad:
     )
 
 
+@pytest.mark.parametrize(("k", "stride", "dilation"), [(3, 1, 1), (3, 2, 1), (5, 2, 1), (4, 2, 1), (3, 2, 2)])
+def test_same_border_patterns_are_every_pattern_at_any_size(k: int, stride: int, dilation: int) -> None:
+    """TensorFlow's 'SAME' padding changes with the input's size (and turns asymmetric, the larger half
+    after): ``same_axis_patterns`` finds what ten times its bound finds."""
+    from compactor.layers.conv import same_axis_patterns, same_padding
+
+    found = set(same_axis_patterns(k, stride, dilation))
+    far: set[tuple[int, ...]] = set()
+    for n in range(1, 10 * (3 * k * dilation + 2 * stride)):
+        total = same_padding(n, k, stride, dilation)
+        before = total // 2
+        for i in range((n + total - dilation * (k - 1) - 1) // stride + 1):
+            far.add(tuple(u for u in range(k) if 0 <= i * stride - before + u * dilation < n))
+    assert found == far
+    assert len(found) == {(3, 1, 1): 4, (3, 2, 1): 4, (5, 2, 1): 6}.get((k, stride, dilation), len(far))
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["static", "tf-same"])
 @pytest.mark.parametrize(("k", "stride"), [(3, 1), (3, 2), (5, 1), (5, 2)])
-def test_border_values_are_what_the_conv_computes_at_every_size(k: int, stride: int) -> None:
+def test_border_values_are_what_the_conv_computes_at_every_size(k: int, stride: int, same: bool) -> None:
     """A zero-padded depthwise conv on constant channels, run at every size from 1x1 to 12x12: each output
-    value is one of ``border_values``, and every one of them occurs."""
+    value is one of ``border_values``, and every one of them occurs. ``tf-same``: timm's ``Conv2dSame``,
+    padded in its forward by the input's size."""
+    from replicas_more import Conv2dSame
+
     from compactor.layers import shrinker_for
 
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 4, k, stride, k // 2, groups=4).double()
+    conv = (
+        Conv2dSame(4, 4, k, stride, groups=4) if same else nn.Conv2d(4, 4, k, stride, k // 2, groups=4)
+    ).double()
     k_in = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
     shrinker = shrinker_for(conv)
-    assert shrinker is not None
+    assert shrinker is not None and not shrinker.can_fold(conv)
     values = shrinker.border_values(conv, torch.arange(4), k_in)
     per_axis = {(3, 1): 4, (3, 2): 4, (5, 1): 9, (5, 2): 6}[(k, stride)]
     assert values is not None and values.shape == (4, per_axis**2)

@@ -136,21 +136,64 @@ def test_halonet_keeps_the_key_value_split_and_removes_the_rest() -> None:
     assert _width(modules["head.fc"]) == (10, 64 - dead)
 
 
-def test_maxvit_same_padded_convs_are_kept_with_their_reason() -> None:
-    """timm's ``Conv2dSame`` (TF 'SAME' padding, computed from the input's size in the forward) is not a
-    Conv2d as the shrinker knows it: its channels stay, said so; the stride-1 depthwise conv of the next
-    block, a plain Conv2d, is planned as usual."""
-    _, _, fates = _compact("maxvit")
-    why = "Conv2dSame has a forward of its own that does not compute Conv2d's on its weights"
-    same = {f["layer"]: f["reason"].split(":")[0] for f in fates if why in f["reason"]}
-    # the groups of the convs writing into them (a depthwise conv's inputs and outputs are one group)
-    assert same == {
-        "stem.conv1": "stem.conv1",
-        "stages.0.0.conv.conv1_1x1": "stages.0.0.conv.conv2_kxk",
-        "stages.1.0.conv.conv1_1x1": "stages.1.0.conv.conv2_kxk",
-    }
-    plain = {f["reason"] for f in fates if f["layer"] == "stages.1.1.conv.conv1_1x1"}
-    assert plain and not any("Conv2dSame" in r for r in plain)
+def test_maxvit_same_padded_convs_are_planned_as_convs() -> None:
+    """timm's ``Conv2dSame`` (TF 'SAME' padding, computed from the input's size in the forward) computes a
+    conv of its weights on a zero-padded input: its channels are planned like a padded conv's, and it stays
+    a ``Conv2dSame``. The stem's constants merge into a carrier (the padding varies them at the borders); the
+    strided depthwise convs' groups stay whole for the squeeze-excite gate that multiplies them, not for the
+    padding."""
+    model, small, fates = _compact("maxvit")
+    assert not [f for f in fates if "forward of its own" in f["reason"]]
+    dense = baked(model)
+    same = [n for n, m in dense.named_modules() if isinstance(m, R.Conv2dSame)]
+    assert same == ["stem.conv1", "stages.0.0.conv.conv2_kxk", "stages.1.0.conv.conv2_kxk"]
+    assert all(type(small.get_submodule(n)) is R.Conv2dSame for n in same)
+    stem = Counter(f["fate"] for f in fates if f["layer"] == "stem.conv1")
+    assert stem == {Fate.MERGED.value: 4, Fate.CARRIER.value: 1}
+    assert small.get_submodule("stem.conv1").out_channels == 16 - 4
+    for stage, width in (("stages.0.0", 64), ("stages.1.0", 128)):
+        assert small.get_submodule(f"{stage}.conv.conv2_kxk").out_channels == width
+        reasons = {f["reason"] for f in fates if f["layer"] == f"{stage}.conv.conv1_1x1"}
+        assert "varies with the input: a live gate multiplies it (squeeze-excite)" in reasons
+
+
+def test_tf_efficientnet_lite_same_padded_convs_compact_exactly_at_every_size() -> None:
+    """tf_efficientnet_lite's strided convs are ``Conv2dSame``: dead expand filters' constants reach a
+    strided 3x3 and a 5x5 depthwise conv whose padding, 0+1 or 1+1 and 1+2 or 2+2, depends on the input's
+    size. The profiles cover the border patterns of every size, so the result is exact at sizes other than
+    the example's (odd and even, where the padding differs), and nothing is kept for the padding's sake."""
+    shape = (1, 3, 64, 64)
+    torch.manual_seed(0)
+    model = R.masked(R.TfEfficientNetLite(), shape)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    small, report = compactor.compact(model, x, time_limit=60)
+    fates = report.to_dict()["zeroed"]
+    assert not [
+        f for f in fates if "forward of its own" in f["reason"] or f["fate"] == Fate.KEPT_UNVERIFIED.value
+    ]
+    dense = baked(model)
+    same = {n: m for n, m in dense.named_modules() if isinstance(m, R.Conv2dSame)}
+    assert sorted(same) == ["blocks.1.0.conv_dw", "blocks.2.0.conv_dw", "conv_stem"]
+    assert all(type(small.get_submodule(n)) is R.Conv2dSame for n in same)
+    # dead filters of the conv writing into a depthwise conv (the stem's into a static-padded one, an expand
+    # conv's into a 'SAME' one) are constants that vary at the borders: each is zero or the same at every
+    # border pattern (removed, folded) but for a basis of the profiles (this seed's: 3, 4 and 5 channels)
+    groups = (
+        ("conv_stem", "blocks.0.0.conv_dw", "blocks.0.0.conv_pw", 3),
+        ("blocks.1.0.conv_pw", "blocks.1.0.conv_dw", "blocks.1.0.conv_pwl", 4),
+        ("blocks.2.0.conv_pw", "blocks.2.0.conv_dw", "blocks.2.0.conv_pwl", 5),
+    )
+    for root, dw, reader, kept in groups:
+        writer = dense.get_submodule(root)
+        fate = Counter(f["fate"] for f in fates if f["layer"] == root)
+        assert fate[Fate.KEPT_VARYING.value] == kept and sum(fate.values()) == _zero_rows(writer), root
+        width = writer.out_channels - _zero_rows(writer) + kept
+        assert small.get_submodule(root).out_channels == small.get_submodule(dw).out_channels == width
+        assert small.get_submodule(reader).in_channels == width
+    with torch.no_grad():
+        for size in [(64, 64), (63, 65), (37, 41), (9, 7), (2, 3)]:
+            y = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[0]))
+            torch.testing.assert_close(small(y), model(y), rtol=RTOL, atol=ATOL)
 
 
 def test_torch_pruning_walk_stops_at_an_op_it_maps_by_rule(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -284,3 +284,37 @@ def test_own_forward_tells_weight_standardisation_from_a_plain_override() -> Non
     assert own_forward(_AnnotatedLinear(4, 3)) is None
     assert own_forward(nn.Conv2d(4, 6, 3)) is None
     assert own_forward(nn.BatchNorm2d(4)) is None
+
+
+class _PadLargerHalfFirst(nn.Conv2d):
+    """'SAME' padding's amount, but the larger half before: not what TensorFlow (or timm) does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from compactor.layers.conv import same_padding
+
+        pads = []
+        for n, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = same_padding(n, k, s)
+            pads += [total - total // 2, total // 2]
+        return self._conv_forward(nn.functional.pad(x, pads), self.weight, self.bias)
+
+
+def test_own_forward_knows_tf_same_padding_and_nothing_like_it() -> None:
+    """timm's ``Conv2dSame`` is a conv on a zero-padded input (``known_variant``), planned as one; a conv that
+    pads by the same amount but the other way round at odd totals is not, and is kept whole."""
+    from replicas_more import Conv2dSame
+
+    from compactor.layers import shrinker_for
+
+    for stride in (1, 2):
+        same = Conv2dSame(4, 6, 3, stride)
+        assert own_forward(same) is None
+        shrinker = shrinker_for(same)
+        assert shrinker is not None and shrinker.known_variant(same) is not None
+        assert not shrinker.can_fold(same)
+    assert shrinker.can_fold(Conv2dSame(4, 6, 1, 2))  # a 1x1 window never reaches the padding
+    other = _PadLargerHalfFirst(4, 6, 4, 2)  # 4 taps, stride 2: the totals 2 and 3 of even and odd sizes
+    assert own_forward(other) == (
+        "_PadLargerHalfFirst has a forward of its own that does not compute Conv2d's on its weights "
+        "(weight standardisation, say): its channels are kept"
+    )

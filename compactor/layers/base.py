@@ -166,6 +166,12 @@ class Shrinker(Generic[M]):
         the registered type's (:func:`own_forward`). None: it cannot be checked, so such a subclass is kept whole."""
         return None
 
+    def known_variant(self, m: M) -> str | None:
+        """Where ``m``'s class has a forward of its own: the variant of the registered type's function it
+        computes, which this shrinker's other methods account for (a conv that pads its input in the forward
+        as TensorFlow's 'SAME' does), in a few words; None (the default) for no variant it knows."""
+        return None
+
 
 # What each role needs a shrinker to define (the rest has a safe default). ``register`` checks it.
 PROTOCOL: dict[Role, tuple[str, ...]] = {
@@ -270,13 +276,14 @@ def own_forward(m: Any) -> str | None:
     an input column changes the row's mean and variance (every other weight moves), and its ``gain`` holds
     one value per output channel that the shrinker does not know to slice. Such a layer is kept whole unless
     its forward gives the registered type's forward's output on a probe input (timm's ``Linear``, a subclass
-    that only adds a type annotation, does)."""
+    that only adds a type annotation, does), or computes a variant its shrinker knows
+    (:meth:`Shrinker.known_variant`: timm's ``Conv2dSame``)."""
     shrinker = shrinker_for(m)
     if shrinker is None or shrinker.role is not Role.MIXING or not isinstance(m, nn.Module):
         return None
     known = next(cls for cls in type(m).__mro__ if cls in _REGISTRY)
     base: Any = known
-    if type(m).forward is base.forward:
+    if type(m).forward is base.forward or shrinker.known_variant(m) is not None:
         return None
     why = (
         f"{type(m).__name__} has a forward of its own that does not compute {known.__name__}'s on its weights "

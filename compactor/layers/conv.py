@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Index, Role, Shrinker, Side, must_take, new_like, register, take, zero_along
 
 _ConvNd = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BASE_FORWARDS = tuple(t.forward for t in _ConvNd)
 _ConvTNd = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 Conv = nn.modules.conv._ConvNd
 
@@ -49,6 +56,8 @@ class ConvShrinker(Shrinker[Conv]):
 
     def can_fold(self, m: Conv) -> bool:
         # Every output position sees the whole kernel over constant values: no zero padding reaches it.
+        if same_padded(m):  # 'SAME' pads wherever a window spans more than one position
+            return all(k == 1 for k in _spans(m))
         return not _zero_padded(m) or m.padding_mode != "zeros"
 
     def fold_delta(self, m: Conv, idx: Index, k: torch.Tensor) -> torch.Tensor:
@@ -97,6 +106,9 @@ class ConvShrinker(Shrinker[Conv]):
 
     def in_channels(self, m: Conv) -> int:
         return m.in_channels
+
+    def known_variant(self, m: Conv) -> str | None:
+        return "TensorFlow 'SAME' padding computed in the forward" if same_padded(m) else None
 
     def probe_input(self, m: Conv) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
@@ -217,22 +229,48 @@ def axis_patterns(k: int, stride: int, before: int, after: int, dilation: int = 
     those cut at the end depend on ``n`` modulo ``stride`` alone. So sizes up to that bound plus two strides
     (more here, for margin) show every pattern; a test checks a bound ten times larger finds no more."""
     found: dict[tuple[int, ...], None] = {}
-    span = (k - 1) * dilation
-    for n in range(1, 2 * (span + before + after + 2 * stride) + 2):
-        out = (n + before + after - span - 1) // stride + 1
-        for i in range(max(out, 0)):
-            start = i * stride - before
-            found[tuple(u for u in range(k) if 0 <= start + u * dilation < n)] = None
+    for n in range(1, 2 * ((k - 1) * dilation + before + after + 2 * stride) + 2):
+        found.update(dict.fromkeys(_windows(n, k, stride, before, after, dilation)))
     return list(found)
+
+
+def same_axis_patterns(k: int, stride: int, dilation: int = 1) -> list[tuple[int, ...]]:
+    """:func:`axis_patterns` for TensorFlow's 'SAME' padding, whose amount depends on the input size (and is
+    at most the window's span, ``(k - 1) * dilation``, so the same bound holds)."""
+    found: dict[tuple[int, ...], None] = {}
+    span = (k - 1) * dilation
+    for n in range(1, 2 * (3 * span + 2 * stride) + 2):
+        total = same_padding(n, k, stride, dilation)
+        found.update(dict.fromkeys(_windows(n, k, stride, total // 2, total - total // 2, dilation)))
+    return list(found)
+
+
+def _windows(
+    n: int, k: int, stride: int, before: int, after: int, dilation: int
+) -> Iterator[tuple[int, ...]]:
+    """The taps inside an input of size ``n`` at each output position."""
+    out = (n + before + after - (k - 1) * dilation - 1) // stride + 1
+    for i in range(max(out, 0)):
+        start = i * stride - before
+        yield tuple(u for u in range(k) if 0 <= start + u * dilation < n)
+
+
+def same_padding(n: int, k: int, stride: int, dilation: int = 1) -> int:
+    """TensorFlow's 'SAME' padding along an axis of size ``n``, in all (the smaller half before)."""
+    return max((math.ceil(n / stride) - 1) * stride + (k - 1) * dilation + 1 - n, 0)
 
 
 def border_patterns(m: Conv) -> list[tuple[tuple[int, ...], ...]]:
     """The border patterns of conv ``m`` (one set of taps per spatial axis) at any input size: every
-    combination of :func:`axis_patterns`, since each axis can take any size independently."""
+    combination of :func:`axis_patterns` (or :func:`same_axis_patterns`), since each axis can take any size
+    independently."""
     dims = len(m.kernel_size)
     pads = m._reversed_padding_repeated_twice  # (before, after) per axis, last axis first
+    same = same_padded(m)
     axes = [
-        axis_patterns(
+        same_axis_patterns(m.kernel_size[d], _at(m.stride, d), _at(m.dilation, d))
+        if same
+        else axis_patterns(
             m.kernel_size[d],
             _at(m.stride, d),
             pads[2 * (dims - 1 - d)],
@@ -245,6 +283,52 @@ def border_patterns(m: Conv) -> list[tuple[tuple[int, ...], ...]]:
     for axis in axes:
         patterns = [(*p, a) for p in patterns for a in axis]
     return patterns
+
+
+_SAME: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def same_padded(m: Conv) -> bool:
+    """Whether conv ``m``, of a class with a forward of its own and no padding of its own, pads its input in
+    that forward as TensorFlow's 'SAME' does (timm's ``Conv2dSame``: ``F.pad`` by :func:`same_padding`, the
+    smaller half first, then the conv). Checked on two probe inputs, every axis of one size and then of the
+    next (where the padding changes, and turns asymmetric); the answer is kept per layer."""
+    if (
+        not isinstance(m, _ConvNd)
+        or type(m).forward in _BASE_FORWARDS
+        or m.padding_mode != "zeros"
+        or _zero_padded(m)
+    ):
+        return False
+    known = _SAME.get(m)
+    if known is None:
+        known = _SAME[m] = _computes_same(m)
+    return known
+
+
+def _computes_same(m: Conv) -> bool:
+    base: Any = next(cls for cls in type(m).__mro__ if cls in _ConvNd)
+    g = torch.Generator().manual_seed(0)
+    first = [k * d + s for k, d, s in zip(m.kernel_size, m.dilation, m.stride)]
+    for sizes in (first, [n + 1 for n in first]):
+        x = torch.randn(1, m.in_channels, *sizes, generator=g).to(m.weight)
+        pads: list[int] = []
+        for n, k, s, d in reversed(list(zip(sizes, m.kernel_size, m.stride, m.dilation))):  # last axis first
+            total = same_padding(n, k, s, d)
+            pads += [total // 2, total - total // 2]
+        try:
+            with torch.no_grad():
+                got, want = m(x), base.forward(m, F.pad(x, pads))
+        except Exception:  # a forward that does not take this input is no conv this module knows
+            return False
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+            return False
+    return True
+
+
+def _spans(m: Conv) -> list[int]:
+    """Each spatial axis's window span in input positions."""
+    return [(k - 1) * d + 1 for k, d in zip(m.kernel_size, m.dilation)]
 
 
 def _tap_mask(m: Conv, pattern: tuple[tuple[int, ...], ...]) -> torch.Tensor:
