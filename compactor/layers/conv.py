@@ -318,7 +318,7 @@ def _computes_same(m: Conv) -> bool:
             pads += [total // 2, total - total // 2]
         try:
             with torch.no_grad():
-                got, want = m(x), base.forward(m, F.pad(x, pads))
+                got, want = type(m).forward(m, x), base.forward(m, F.pad(x, pads))  # no hooks run
         except Exception:  # a forward that does not take this input is no conv this module knows
             return False
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
