@@ -243,6 +243,31 @@ def test_the_whole_model_check_weighs_a_gain_against_the_rounds_noise(
     assert (gap["se"] > 0) == (noise > 0)
 
 
+def test_the_fastest_whole_model_is_the_one_with_the_highest_paired_speedup() -> None:
+    """The machine runs every other round 10% slow, and the padded model and the dense one feel it (they ran
+    in those rounds' slow stretches) while the exact one does not: by unpaired medians the exact model is
+    0.5% faster; paired with the dense model round by round, as a speedup is, the padded one is. It is the
+    fastest; the exact one, no slower than it within these rounds' noise, is kept for its fewer parameters."""
+    model, x = _mlp()
+
+    def jitter(name: str, r: int) -> float:
+        return (1.1 if r % 2 else 0.9) if name in ("dense", "all x8") else 1.0
+
+    timer = FakeTimer(
+        lambda p: 1.0 if _hidden(p) == 31 else 2.0,
+        whole=lambda m: 0.995 if m[0].out_features == 31 else 1.0,
+        rounds=20,
+        jitter=jitter,
+    )
+    small, report = compactor.compact(model, x, round_to="auto", timer=timer)
+    whole = report.to_dict()["auto"]["whole"]
+    assert whole["ms"]["per group"] < whole["ms"]["all x8"]  # unpaired: the exact widths look faster
+    assert whole["fastest"] == "all x8"
+    gap = whole["gaps"]["per group"]
+    assert gap["slower"] == pytest.approx(0.995 / 0.99**0.5 - 1) and gap["slower"] < 2 * gap["se"]
+    assert whole["picked"] == "per group" and small[0].out_features == 31
+
+
 def test_slower_than_dense_is_a_warning_naming_the_layers() -> None:
     model, x = _mlp()
 

@@ -21,9 +21,10 @@ Layers timed alone miss what happens between them (the elementwise ops, the cach
 layout changes between blocked kernels), so the choice is checked whole: the greedy widths, the exact ones
 and every group rounded up to 8 and to 16 are rebuilt and timed as whole models, interleaved with the dense
 model (:meth:`WidthSearch.whole`). Those within ``RUNOFF`` (3%) of the fastest are timed again, as many
-rounds more, so that what decides has twice the rounds. The candidate with the fewest parameters that the
-rounds do not show slower than the fastest is kept: slower means a paired gap (the median over rounds of
-their ratio, :func:`~.measure.paired_gap`) past the run's noise (two standard errors of that median), or
+rounds more, so that what decides has twice the rounds. The fastest is the one with the highest speedup,
+paired by round with the dense model (the median over rounds of dense / candidate). The candidate with the
+fewest parameters that the rounds do not show slower than it is kept: slower means a paired gap (the median
+over rounds of their ratio, :func:`~.measure.paired_gap`) past the run's noise (two standard errors of it), or
 past ``WHOLE_TIE_MAX`` (1%) whatever the noise; a gap under ``WHOLE_TIE_MIN`` (0.3%) is never a reason
 to keep more parameters.
 """
@@ -247,7 +248,9 @@ class WidthSearch:
             again = self.timer.models({DENSE: reference, **{n: models[n] for n in finalists}}, inputs)
             rounds = {n: [*t, *again.get(n, [])] for n, t in rounds.items()}
         ms = {n: statistics.median(rounds[n]) * 1000 for n in [DENSE, *names]}
-        fastest = min(finalists, key=lambda n: ms[n])
+        fastest = min(
+            finalists, key=lambda n: paired_gap(rounds[n], rounds[DENSE]).slower
+        )  # paired, as speedup
         gaps = {n: paired_gap(rounds[n], rounds[fastest]) for n in finalists if n != fastest}
         picked = min(
             (n for n in finalists if n == fastest or _keeps_up(gaps[n])), key=lambda n: (params[n], ms[n])
