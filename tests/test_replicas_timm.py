@@ -318,3 +318,37 @@ def test_own_forward_knows_tf_same_padding_and_nothing_like_it() -> None:
         "_PadLargerHalfFirst has a forward of its own that does not compute Conv2d's on its weights "
         "(weight standardisation, say): its channels are kept"
     )
+
+
+class _PadByWidth(nn.Conv2d):
+    """'SAME' padding of both axes by the input's width (code written for square images): what 'SAME' does on
+    a square input only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from compactor.layers.conv import same_padding
+
+        total = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
+        pads = [total // 2, total - total // 2] * 2
+        return self._conv_forward(nn.functional.pad(x, pads), self.weight, self.bias)
+
+
+@pytest.mark.parametrize(
+    ("cls", "k", "stride"),
+    [(_PadByWidth, 5, 2), (_PadLargerHalfFirst, 2, 4), (_PadLargerHalfFirst, 5, 5)],
+    ids=["by-width-5x5-s2", "larger-first-2x2-s4", "larger-first-5x5-s5"],
+)
+def test_same_probe_sees_every_padding_amount_and_unequal_axes(
+    cls: type[nn.Conv2d], k: int, stride: int
+) -> None:
+    """Paddings that agree with 'SAME' on square inputs, or at the sizes whose totals are even (a stride past
+    the window: 2 taps at stride 4 pad 0 or 1), are told apart from it: the probe takes every size modulo the
+    stride on each axis, the axes of different sizes. Each would put windows where 'SAME' never does, where a
+    profile measured on 'SAME''s border patterns does not hold."""
+    from compactor.layers.conv import same_padded
+
+    conv = cls(4, 4, k, stride, groups=4)
+    assert not same_padded(conv)
+    assert own_forward(conv) == (
+        f"{cls.__name__} has a forward of its own that does not compute Conv2d's on its weights "
+        "(weight standardisation, say): its channels are kept"
+    )

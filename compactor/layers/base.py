@@ -161,10 +161,11 @@ class Shrinker(Generic[M]):
         """A new layer holding only ``keep_out`` output and ``keep_in`` input channels."""
         raise NotImplementedError
 
-    def probe_input(self, m: M) -> torch.Tensor | None:
-        """A small input the layer accepts, to check that a subclass with a forward of its own still computes
-        the registered type's (:func:`own_forward`). None: it cannot be checked, so such a subclass is kept whole."""
-        return None
+    def probe_inputs(self, m: M) -> list[torch.Tensor]:
+        """Small inputs the layer accepts, to check that a subclass with a forward of its own still computes
+        the registered type's (:func:`own_forward`), at every size where that could differ (a conv: every
+        size modulo its stride). None: it cannot be checked, so such a subclass is kept whole."""
+        return []
 
     def known_variant(self, m: M) -> str | None:
         """Where ``m``'s class has a forward of its own: the variant of the registered type's function it
@@ -289,12 +290,12 @@ def own_forward(m: Any) -> str | None:
         f"{type(m).__name__} has a forward of its own that does not compute {known.__name__}'s on its weights "
         f"(weight standardisation, say): its channels are kept"
     )
-    x = shrinker.probe_input(m)
-    if x is None:
+    xs = shrinker.probe_inputs(m)
+    if not xs:
         return why
     try:
         with torch.no_grad():
-            same = torch.allclose(m(x), base.forward(m, x), rtol=1e-5, atol=1e-6)
+            same = all(torch.allclose(m(x), base.forward(m, x), rtol=1e-5, atol=1e-6) for x in xs)
     except Exception:  # any failure of the probe: the subclass is not the known layer
         return why
     return None if same else why

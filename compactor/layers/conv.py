@@ -110,10 +110,9 @@ class ConvShrinker(Shrinker[Conv]):
     def known_variant(self, m: Conv) -> str | None:
         return "TensorFlow 'SAME' padding computed in the forward" if same_padded(m) else None
 
-    def probe_input(self, m: Conv) -> torch.Tensor:
+    def probe_inputs(self, m: Conv) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(0)
-        size = [k * d + s for k, d, s in zip(m.kernel_size, m.dilation, m.stride)]
-        return torch.randn(1, m.in_channels, *size, generator=g).to(m.weight)
+        return [torch.randn(1, m.in_channels, *size, generator=g).to(m.weight) for size in _probe_sizes(m)]
 
     def removable(self, m: Conv, side: Side, idx: Index) -> Index:
         if m.groups == 1 or is_depthwise(m):
@@ -291,8 +290,10 @@ _SAME: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 def same_padded(m: Conv) -> bool:
     """Whether conv ``m``, of a class with a forward of its own and no padding of its own, pads its input in
     that forward as TensorFlow's 'SAME' does (timm's ``Conv2dSame``: ``F.pad`` by :func:`same_padding`, the
-    smaller half first, then the conv). Checked on two probe inputs, every axis of one size and then of the
-    next (where the padding changes, and turns asymmetric); the answer is kept per layer."""
+    smaller half first, then the conv). Checked on probe inputs of every size modulo the stride on each axis
+    (the padding depends on nothing else, so every amount it ever takes, odd ones included, is seen), the
+    axes of different sizes (a forward that pads one axis by another's size is not taken for it); the answer
+    is kept per layer."""
     if (
         not isinstance(m, _ConvNd)
         or type(m).forward in _BASE_FORWARDS
@@ -308,10 +309,8 @@ def same_padded(m: Conv) -> bool:
 
 def _computes_same(m: Conv) -> bool:
     base: Any = next(cls for cls in type(m).__mro__ if cls in _ConvNd)
-    g = torch.Generator().manual_seed(0)
-    first = [k * d + s for k, d, s in zip(m.kernel_size, m.dilation, m.stride)]
-    for sizes in (first, [n + 1 for n in first]):
-        x = torch.randn(1, m.in_channels, *sizes, generator=g).to(m.weight)
+    for x in ConvShrinker().probe_inputs(m):
+        sizes = x.shape[2:]
         pads: list[int] = []
         for n, k, s, d in reversed(list(zip(sizes, m.kernel_size, m.stride, m.dilation))):  # last axis first
             total = same_padding(n, k, s, d)
@@ -324,6 +323,18 @@ def _computes_same(m: Conv) -> bool:
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
             return False
     return True
+
+
+def _probe_sizes(m: Conv) -> list[tuple[int, ...]]:
+    """Input sizes for :meth:`ConvShrinker.probe_inputs`: one above the window on every axis, the axes of
+    different sizes (a forward that pads one axis by another's size is not taken for 'SAME'); then each axis
+    in turn through every other size modulo its stride (two sizes at least), where 'SAME' takes every amount
+    of padding it ever does, odd ones included."""
+    first = [k * dil + s + d for d, (k, dil, s) in enumerate(zip(m.kernel_size, m.dilation, m.stride))]
+    sizes = [tuple(first)]
+    for d, s in enumerate(m.stride):
+        sizes += [tuple(n + r if a == d else n for a, n in enumerate(first)) for r in range(1, max(s, 2))]
+    return sizes
 
 
 def _spans(m: Conv) -> list[int]:

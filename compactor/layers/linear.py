@@ -42,8 +42,8 @@ class LinearShrinker(Shrinker[nn.Linear]):
     def in_channels(self, m: nn.Linear) -> int:
         return m.in_features
 
-    def probe_input(self, m: nn.Linear) -> torch.Tensor:
-        return torch.randn(2, m.in_features, generator=torch.Generator().manual_seed(0)).to(m.weight)
+    def probe_inputs(self, m: nn.Linear) -> list[torch.Tensor]:
+        return [torch.randn(2, m.in_features, generator=torch.Generator().manual_seed(0)).to(m.weight)]
 
     def shrink(self, m: nn.Linear, keep_out: Index | None, keep_in: Index | None) -> nn.Linear:
         new = new_like(
