@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from compactor.report.autowidth import WHOLE_TIE_MAX
 from compactor.report.measure import Gap, paired_gap
 
 LATENCY_BACKENDS = ("torch-cpu", "onnxruntime-cpu", "cuda")
@@ -579,7 +580,8 @@ def _side_verdicts(sides: list[dict[str, Any]]) -> dict[str, Verdict]:
 def _verdict(timing: dict[str, Any], counts: dict[str, Any]) -> Verdict | None:
     """Met where auto's median speedup is at least the best rounding's; where auto ships the very widths of
     that rounding (the same model: the gap is this run's noise); or where their paired gap is within two
-    standard errors, said with the figures. None without auto or a rounding in ``timing``."""
+    standard errors and within ``WHOLE_TIE_MAX`` (1%, what round_to=auto's own check lets pass), said with
+    the figures. None without auto or a rounding in ``timing``."""
     dense = timing["dense"]["median_ms"]
     speed = {v: dense / t["median_ms"] for v, t in timing.items() if isinstance(t, dict) and "median_ms" in t}
     rounded = {v: x for v, x in speed.items() if v not in ("dense", "auto")}
@@ -593,12 +595,18 @@ def _verdict(timing: dict[str, Any], counts: dict[str, Any]) -> Verdict | None:
     if counts.get("auto") is not None and counts.get("auto") == counts.get(best):
         # auto may ship the very widths of a rounding (its whole-model check keeps "exact" or "all x8")
         return Verdict(measured, True, f"the same widths as round_to={best}: the gap is timing noise")
-    if gap is not None and gap.slower <= gap.noise:
+    if gap is not None and gap.slower <= min(gap.noise, WHOLE_TIE_MAX):
         return Verdict(
             measured,
             True,
             f"within noise: auto {gap.slower:+.1%} paired by round, within this run's noise of "
             f"±{gap.noise:.1%} (two standard errors of that median)",
+        )
+    if gap is not None and gap.slower <= gap.noise:  # a noisy run: it cannot show a gap the tuner refuses
+        return Verdict(
+            measured,
+            False,
+            f"auto {gap}: within the noise, but a gap over {WHOLE_TIE_MAX:.0%} is never taken for noise",
         )
     return Verdict(measured, False, f"auto {gap}, past the noise" if gap is not None else "")
 
