@@ -47,7 +47,7 @@ from .layers import inconsistency
 from .report.autowidth import WHOLE_STEPS, AutoWidths, GroupChoice, LayerTime, WholeChoice, WidthSearch
 from .report.filters import pruned_filters
 from .report.measure import BACKENDS, Backend, count_macs
-from .report.probes import BackendTimer, Timer
+from .report.probes import BackendTimer, Timer, rounds_of
 from .report.report import (
     CompactionReport,
     count_params,
@@ -328,7 +328,7 @@ def _check_widths(
         model_ms = {"before": timed.dense_ms, "after": timed.ms[timed.picked]}
     else:
         try:
-            t = search.timer.models({"dense": dense, "small": small}, inputs)
+            t = rounds_of(search.timer.models({"dense": dense, "small": small}, inputs))
             model_ms = {"before": median(t["dense"]) * 1000, "after": median(t["small"]) * 1000}
         except Exception as e:  # the exporters' and runtimes' failures have no common type
             untimed.append(f"the whole model ({first_line(e, with_type=True)})")

@@ -268,6 +268,25 @@ def test_the_fastest_whole_model_is_the_one_with_the_highest_paired_speedup() ->
     assert whole["picked"] == "per group" and small[0].out_features == 31
 
 
+def test_a_timer_that_answers_one_number_per_model_is_one_round() -> None:
+    """A user's timer written to the earlier protocol (``models`` gives a median per model, not its rounds):
+    each number is one round, so both whole-model checks still run and say what they measured."""
+    model, x = _mlp()
+
+    class MedianTimer(FakeTimer):
+        def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, list[float]]:
+            rounds = super().models(models, inputs)
+            return {n: t[0] for n, t in rounds.items()}  # type: ignore[misc]  # the earlier protocol
+
+    timer = MedianTimer(
+        lambda p: 1.0 if _hidden(p) == 31 else 2.0, whole=lambda m: 1.0 - 0.5 * (m[0].out_features == 32)
+    )
+    small, report = compactor.compact(model, x, round_to="auto", timer=timer)
+    auto = report.to_dict()["auto"]
+    assert not auto["untimed"] and small[0].out_features == 32
+    assert auto["whole"]["picked"] == "all x8" and auto["model_ms"] == {"before": 2000.0, "after": 500.0}
+
+
 def test_slower_than_dense_is_a_warning_naming_the_layers() -> None:
     model, x = _mlp()
 

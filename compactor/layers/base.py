@@ -164,7 +164,7 @@ class Shrinker(Generic[M]):
     def probe_inputs(self, m: M) -> list[torch.Tensor]:
         """Small inputs the layer accepts, to check that a subclass with a forward of its own still computes
         the registered type's (:func:`own_forward`), at every size where that could differ (a conv: every
-        size modulo its stride). None: it cannot be checked, so such a subclass is kept whole."""
+        size modulo its stride). None given: it cannot be checked, so such a subclass is kept whole."""
         return []
 
     def known_variant(self, m: M) -> str | None:

@@ -46,7 +46,7 @@ from ..errors import first_line
 from ..inputs import ExampleInputs
 from ..layers import Side, width
 from .measure import Gap, paired_gap
-from .probes import Probe, Seen, Timer, probe, rebuilt, record_inputs, timed_kind
+from .probes import Probe, Seen, Timer, probe, rebuilt, record_inputs, rounds_of, timed_kind
 
 STEPS = (8, 16, 32, 64)
 TIE = 0.03  # a wider candidate is chosen only when more than 3% faster than every narrower one
@@ -241,11 +241,13 @@ class WidthSearch:
         models = {n: apply_plans(model, [p for p in candidates[n] if p.removed]).eval() for n in names}
         params = {n: _params(m) for n, m in models.items()}
         reference = model if dense is None else dense
-        rounds = self.timer.models({DENSE: reference, **models}, inputs)
+        rounds = rounds_of(self.timer.models({DENSE: reference, **models}, inputs))
         best = min(statistics.median(rounds[n]) for n in names)
         finalists = [n for n in names if statistics.median(rounds[n]) <= best * (1 + RUNOFF)]
         if len(finalists) > 1:  # the run-off: as many rounds again, paired with the first run's
-            again = self.timer.models({DENSE: reference, **{n: models[n] for n in finalists}}, inputs)
+            again = rounds_of(
+                self.timer.models({DENSE: reference, **{n: models[n] for n in finalists}}, inputs)
+            )
             rounds = {n: [*t, *again.get(n, [])] for n, t in rounds.items()}
         ms = {n: statistics.median(rounds[n]) * 1000 for n in [DENSE, *names]}
         fastest = min(

@@ -153,6 +153,12 @@ class Timer(Protocol):
     def models(self, models: dict[str, nn.Module], inputs: ExampleInputs) -> dict[str, list[float]]: ...
 
 
+def rounds_of(timed: dict[str, Any]) -> dict[str, list[float]]:
+    """A :meth:`Timer.models` answer as seconds per round; a single number per model (what a timer written
+    before rounds were kept returns) is one round."""
+    return {n: [float(v)] if isinstance(v, (int, float)) else [float(x) for x in v] for n, v in timed.items()}
+
+
 def _give_back_memory() -> None:
     """``malloc_trim`` where glibc has it: freed memory of ONNX Runtime's sessions (hundreds of MiB for a
     large model) otherwise stays resident for the rest of the run."""
