@@ -154,6 +154,23 @@ def test_side_by_side_section_compares_auto_with_the_best_rounding_of_the_same_r
     assert "  - auto's own whole-model check: per group 5.0 ms, all x8 5.2 ms; kept per group" in text
 
 
+def _side(backend: str, r8: list[float], auto: list[float]) -> dict:
+    """A side-by-side result of round_to 8 and auto against a steady 8 ms dense model, every round kept."""
+
+    def timing(ms: list[float]) -> dict:
+        return {"median_ms": sorted(ms)[len(ms) // 2], "rounds_ms": ms}
+
+    return {
+        "spec": {"model": "resnet50", "sparsity": 0.5, "side_by_side": ["8", "auto"]},
+        "label": "x",
+        "side_by_side": {
+            "params": {"dense": 1000, "8": 490},
+            "auto_params": {backend: 485},
+            backend: {"dense": timing([8.0] * len(r8)), "8": timing(r8), "auto": timing(auto)},
+        },
+    }
+
+
 @pytest.mark.parametrize(
     ("swing", "verdict"),
     [
@@ -170,19 +187,7 @@ def test_side_by_side_judges_a_small_gap_against_the_run_s_noise(swing: float, v
     rounds = 20
     r8 = [4.0 + 0.01 * i for i in range(rounds)]  # drifting: pairing by round cancels it
     auto = [x * 1.01 * (1 + (swing if i % 2 else -swing)) for i, x in enumerate(r8)]
-
-    def timing(ms: list[float]) -> dict:
-        return {"median_ms": sorted(ms)[rounds // 2], "rounds_ms": ms}
-
-    side = {
-        "spec": {"model": "resnet50", "sparsity": 0.5, "side_by_side": ["8", "auto"]},
-        "label": "x",
-        "side_by_side": {
-            "params": {"dense": 1000, "8": 490},
-            "auto_params": {"onnxruntime-cpu": 485},
-            "onnxruntime-cpu": {"dense": timing([8.0] * rounds), "8": timing(r8), "auto": timing(auto)},
-        },
-    }
+    side = _side("onnxruntime-cpu", r8, auto)
     text = "\n".join(side_by_side_section([side]))
     assert f"(8: {8.0 / sorted(r8)[rounds // 2]:.2f}x): {verdict}" in text
     gap = paired_gap(auto, r8)
@@ -404,27 +409,15 @@ def test_report_says_why_not_faster_per_case_without_the_advice() -> None:
 
 
 def test_side_by_side_never_takes_a_gap_over_one_percent_for_noise() -> None:
-    """Auto 2% slower than round_to 8 on a run whose rounds swing by 10% (one standard deviation): within two standard errors, but over
-    the 1% that round_to=auto's own check never lets pass: not met, said so."""
+    """Auto 2% slower than round_to 8 on a run whose rounds swing by 10% (one standard deviation): within two
+    standard errors, but over the 1% that round_to=auto's own check never lets pass: not met, said so."""
     rounds = 20
     r8 = [4.0 + 0.01 * i for i in range(rounds)]
     swing = torch.randn(rounds, generator=torch.Generator().manual_seed(0)).tolist()
     auto = [x * 1.02 * (1 + 0.1 * s) for x, s in zip(r8, swing)]
     gap = paired_gap(auto, r8)
     assert 0.01 < gap.slower <= gap.noise
-
-    def timing(ms: list[float]) -> dict:
-        return {"median_ms": sorted(ms)[rounds // 2], "rounds_ms": ms}
-
-    side = {
-        "spec": {"model": "resnet50", "sparsity": 0.5, "side_by_side": ["8", "auto"]},
-        "label": "x",
-        "side_by_side": {
-            "params": {"dense": 1000, "8": 490},
-            "auto_params": {"torch-cpu": 485},
-            "torch-cpu": {"dense": timing([8.0] * rounds), "8": timing(r8), "auto": timing(auto)},
-        },
-    }
+    side = _side("torch-cpu", r8, auto)
     text = "\n".join(side_by_side_section([side]))
     assert (
         f"(8: {8.0 / sorted(r8)[rounds // 2]:.2f}x): **no**, auto {gap}: within the noise, but a gap over 1% is never taken for noise"
