@@ -250,9 +250,8 @@ class WidthSearch:
             )
             rounds = {n: [*t, *again.get(n, [])] for n, t in rounds.items()}
         ms = {n: statistics.median(rounds[n]) * 1000 for n in [DENSE, *names]}
-        fastest = min(
-            finalists, key=lambda n: paired_gap(rounds[n], rounds[DENSE]).slower
-        )  # paired, as speedup
+        to_dense = {n: paired_gap(rounds[n], rounds[DENSE]).slower for n in finalists}  # 1 / speedup - 1
+        fastest = min(finalists, key=lambda n: to_dense[n])
         gaps = {n: paired_gap(rounds[n], rounds[fastest]) for n in finalists if n != fastest}
         picked = min(
             (n for n in finalists if n == fastest or _keeps_up(gaps[n])), key=lambda n: (params[n], ms[n])
