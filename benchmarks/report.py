@@ -495,7 +495,6 @@ def side_by_side_section(sides: list[dict[str, Any]]) -> list[str]:
             ]
             continue
         s = r["side_by_side"]
-        params = s["params"]
         out += [
             f"## {r['spec']['model']} at {r['spec']['sparsity']:.0%}: round_to side by side (one interleaved run per "
             "backend)",
@@ -511,11 +510,8 @@ def side_by_side_section(sides: list[dict[str, Any]]) -> list[str]:
                 if t:
                     out.append(f"| {backend} | - | {t.get('error') or t.get('skipped')} | - | - | - |")
                 continue
-            dense = t["dense"]["median_ms"]
-            counts = {**params, "auto": s.get("auto_params", {}).get(backend)}
-            speed = {
-                v: dense / t[v]["median_ms"] for v in t if isinstance(t[v], dict) and "median_ms" in t[v]
-            }
+            counts = _counts(s, backend)
+            speed = _speeds(t)
             gaps = {v: _gap(t, "auto", v) for v in speed if v != "auto"} if "auto" in speed else {}
             for v in speed:
                 n = counts.get(v)
@@ -547,6 +543,17 @@ def side_by_side_section(sides: list[dict[str, Any]]) -> list[str]:
     return out[:-1] if out and out[-1] == "" else out
 
 
+def _speeds(timing: dict[str, Any]) -> dict[str, float]:
+    """Each variant's speedup over the dense model in one backend's side-by-side timing (medians)."""
+    dense = timing["dense"]["median_ms"]
+    return {v: dense / t["median_ms"] for v, t in timing.items() if isinstance(t, dict) and "median_ms" in t}
+
+
+def _counts(side: dict[str, Any], backend: str) -> dict[str, Any]:
+    """Parameters per variant of a side-by-side result; auto's, the one tuned for ``backend``."""
+    return {**side["params"], "auto": side.get("auto_params", {}).get(backend)}
+
+
 def _gap(timing: dict[str, Any], a: str, b: str) -> Gap | None:
     """``a`` against ``b`` round by round, where the run kept its rounds (older results did not)."""
     ra, rb = timing[a].get("rounds_ms"), timing[b].get("rounds_ms")
@@ -571,7 +578,7 @@ def _side_verdicts(sides: list[dict[str, Any]]) -> dict[str, Verdict]:
         for backend in ("torch-cpu", "onnxruntime-cpu", "cuda"):
             t = s.get(backend)
             if t and "dense" in t and backend not in out:
-                verdict = _verdict(t, {**s["params"], "auto": s.get("auto_params", {}).get(backend)})
+                verdict = _verdict(t, _counts(s, backend))
                 if verdict is not None:
                     out[backend] = verdict
     return out
@@ -582,8 +589,7 @@ def _verdict(timing: dict[str, Any], counts: dict[str, Any]) -> Verdict | None:
     that rounding (the same model: the gap is this run's noise); or where their paired gap is within two
     standard errors and within ``WHOLE_TIE_MAX`` (1%, what round_to=auto's own check lets pass), said with
     the figures. None without auto or a rounding in ``timing``."""
-    dense = timing["dense"]["median_ms"]
-    speed = {v: dense / t["median_ms"] for v, t in timing.items() if isinstance(t, dict) and "median_ms" in t}
+    speed = _speeds(timing)
     rounded = {v: x for v, x in speed.items() if v not in ("dense", "auto")}
     if "auto" not in speed or not rounded:
         return None

@@ -111,8 +111,7 @@ class ConvShrinker(Shrinker[Conv]):
         return "TensorFlow 'SAME' padding computed in the forward" if same_padded(m) else None
 
     def probe_inputs(self, m: Conv) -> list[torch.Tensor]:
-        g = torch.Generator().manual_seed(0)
-        return [torch.randn(1, m.in_channels, *size, generator=g).to(m.weight) for size in _probe_sizes(m)]
+        return _probe_inputs(m)
 
     def removable(self, m: Conv, side: Side, idx: Index) -> Index:
         if m.groups == 1 or is_depthwise(m):
@@ -309,7 +308,7 @@ def same_padded(m: Conv) -> bool:
 
 def _computes_same(m: Conv) -> bool:
     base: Any = next(cls for cls in type(m).__mro__ if cls in _ConvNd)
-    for x in ConvShrinker().probe_inputs(m):
+    for x in _probe_inputs(m):
         sizes = x.shape[2:]
         pads: list[int] = []
         for n, k, s, d in reversed(list(zip(sizes, m.kernel_size, m.stride, m.dilation))):  # last axis first
@@ -325,8 +324,13 @@ def _computes_same(m: Conv) -> bool:
     return True
 
 
+def _probe_inputs(m: Conv) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, m.in_channels, *size, generator=g).to(m.weight) for size in _probe_sizes(m)]
+
+
 def _probe_sizes(m: Conv) -> list[tuple[int, ...]]:
-    """Input sizes for :meth:`ConvShrinker.probe_inputs`: one above the window on every axis, the axes of
+    """Input sizes for :func:`_probe_inputs`: one above the window on every axis, the axes of
     different sizes (a forward that pads one axis by another's size is not taken for 'SAME'); then each axis
     in turn through every other size modulo its stride (two sizes at least), where 'SAME' takes every amount
     of padding it ever does, odd ones included."""
