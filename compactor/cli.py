@@ -248,7 +248,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
     if not args.output:
         parser.error("-o/--output is required: where to write the compacted model, e.g. -o small.pt")
     out, onnx_out, report_path = _check_outputs(args)
-    model = _load(args)
+    load_notes: list[str] = []
+    model = _load(args, load_notes)
     if args.kind == "hf" and not is_hf_model(model):
         raise OutputPathError(
             f"-o {out}: a Hugging Face directory needs a transformers model (PreTrainedModel), not "
@@ -262,6 +263,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
     small, report = _compact(model, inputs, args, err)
     report = _measure(model, small, inputs, report, args, err)
     report = _write_outputs(small, inputs, out, onnx_out, report, args)
+    if load_notes:
+        report = report.with_extra(load={"path": str(args.model), "notes": load_notes})
     _finish(report.with_extra(input_file_bytes=Path(args.model).stat().st_size), report_path, args, err)
     return 0
 
@@ -333,8 +336,8 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _load(args: argparse.Namespace) -> torch.nn.Module:
-    return read_model(args.model, args.arch, trust_pickle=args.trust_pickle, prefix=args.prefix)
+def _load(args: argparse.Namespace, notes: list[str]) -> torch.nn.Module:
+    return read_model(args.model, args.arch, trust_pickle=args.trust_pickle, prefix=args.prefix, notes=notes)
 
 
 def _measure(
@@ -497,6 +500,8 @@ def _finish(
         write_atomically(report_path, lambda tmp: _write_text(tmp, text))
     for warning in report.warnings:  # on stderr, even with -q: each says what was not proven or not removed
         err.print(f"warning: {warning}", markup=False)
+    for note in report.extra.get("load", {}).get("notes", []) if not args.quiet else []:
+        err.print(f"note: {report.extra['load']['path']}: {note}", markup=False)
     for key in ("output", "onnx"):
         for note in report.extra.get(key, {}).get("export", {}).get("notes", []):
             err.print(f"note: {report.extra[key]['path']}: {note}", markup=False)

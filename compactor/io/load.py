@@ -52,8 +52,10 @@ def read_model(
     *,
     trust_pickle: bool = False,
     prefix: str | None = None,
+    notes: list[str] | None = None,
 ) -> nn.Module:
-    """A model to compact, in the mode it was saved in: :func:`load`'s files but ``.pt2``."""
+    """A model to compact, in the mode it was saved in: :func:`load`'s files but ``.pt2``. ``notes`` gets
+    a line for what the safe loader rebuilt rather than read (:func:`compactor.io.pt.read_module`)."""
     file = Path(path)
     suffix = file.suffix.lower()
     if suffix in (".pt2", ".onnx"):
@@ -75,4 +77,4 @@ def read_model(
         )
     if arch is not None:
         return load_state_dict_model(file, arch, prefix=prefix)
-    return read_module(file, trust_pickle=trust_pickle)
+    return read_module(file, trust_pickle=trust_pickle, notes=notes)

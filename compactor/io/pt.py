@@ -26,26 +26,37 @@ from ..util import picklable
 from .arch import make_cwd_importable
 from .atomic import write_atomically
 from .check import expect_same
+from .kernel_funcs import kernel_classes, reconcile_kernel_funcs
 from .safe_globals import allowed_globals, check_archive, check_calls, check_tensors
 
 
-def read_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> nn.Module:
-    """Load a module saved with ``torch.save(model)`` onto the CPU (in the mode it was saved in)."""
+def read_module(
+    path: str | os.PathLike[str], *, trust_pickle: bool = False, notes: list[str] | None = None
+) -> nn.Module:
+    """Load a module saved with ``torch.save(model)`` onto the CPU (in the mode it was saved in).
+
+    ``notes`` (where given) gets a line for each thing the safe loader rebuilt rather than read: the
+    transformers hub-kernel wrappers (:mod:`compactor.io.kernel_funcs`)."""
     file = Path(path)
     check_torch_file(file, kind="model", fix="re-save the model", save_call="torch.save(model, path)")
     make_cwd_importable()  # as with ``python -m``: the user's model class resolves (after everything else)
+    kernels: list[str] = []
     if trust_pickle:
         obj = _torch_load(file, weights_only=False)
     else:
         check_archive(file)
         allowed = allowed_globals(_globals_in(file), file)
-        check_calls(file, allowed)
-        with torch.serialization.safe_globals(list(allowed.values())):
+        kernels = check_calls(file, allowed)
+        told = [(obj, name) for name, obj in allowed.items()] + kernel_classes(kernels)
+        with torch.serialization.safe_globals(told):
             obj = _torch_load(file, weights_only=True)
     if isinstance(obj, nn.Module):
         _check_complete(obj, file)
         if not trust_pickle:
             check_tensors(obj, file)
+        dropped, added = reconcile_kernel_funcs(obj)
+        if notes is not None:
+            notes += _kernel_notes(kernels, dropped, added)
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputFileError(
@@ -61,6 +72,28 @@ def read_module(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
         f"{file} holds a {type(obj).__name__}, not an nn.Module; save the model with torch.save(model, path), "
         f"or pass --arch module:callable if it holds the model's weights"
     )
+
+
+def _kernel_notes(kernels: list[str], dropped: int, added: int) -> list[str]:
+    """What the loader did about transformers' hub-kernel wrappers (:mod:`compactor.io.kernel_funcs`)."""
+    notes = []
+    if kernels:
+        names = ", ".join(sorted({k.rpartition(".")[2] for k in kernels}))
+        how = (
+            f"left out: kernels is not installed here, so transformers calls {names} directly"
+            if dropped
+            else "rebuilt from the installed transformers and kernels"
+        )
+        notes.append(
+            f"{len(kernels)} hub-kernel wrapper(s) of {names} (transformers' use_kernel_forward_from_hub) {how}; "
+            f"nothing the file names was imported or fetched for them, and verification compares the model"
+        )
+    if added:
+        notes.append(
+            f"{added} module(s) saved without the kernels package given the hub-kernel wrappers that the installed "
+            f"transformers reads in their forward (as its constructor makes them)"
+        )
+    return notes
 
 
 def _check_complete(model: nn.Module, file: Path) -> None:

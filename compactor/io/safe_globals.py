@@ -46,6 +46,13 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import InputFileError, UnsafePickleError, first_line
+from .kernel_funcs import (
+    FIX,
+    KERNEL_REBUILD,
+    kernel_call_refusal,
+    kernelized_refusal,
+    rebuild_kernel_func,
+)
 from .pickle_calls import UNKNOWN, UNKNOWN_FUNCTION, Call, calls_in
 
 _PLAIN_CONTAINERS: tuple[type, ...] = (OrderedDict, defaultdict, dict, list, tuple, set, frozenset)
@@ -111,7 +118,16 @@ def allowed_globals(names: list[str], file: Path) -> dict[str, Any]:
             f"{file} holds a {wrapper} wrapper, which cannot be loaded outside its process group; save the "
             f"model inside it instead: torch.save(model.module, path)"
         )
-    return {name: _judge(name, file) for name in names}
+    if KERNEL_REBUILD not in names:
+        return {name: _judge(name, file) for name in names}
+    allowed: dict[str, Any] = {KERNEL_REBUILD: rebuild_kernel_func}  # rebuilt from what is imported
+    for name in names:
+        if name != KERNEL_REBUILD:
+            try:
+                allowed[name] = _judge(name, file)
+            except UnsafePickleError as e:  # a kernelize()d forward: code from a hub repository
+                raise kernelized_refusal(file, name) from e
+    return allowed
 
 
 def _judge(name: str, file: Path) -> Any:
@@ -393,11 +409,27 @@ def _absolute(node: ast.ImportFrom, package: str) -> str | None:
 _NEVER_CALLED = ("builtins.bytearray", "builtins.bytes", "__builtin__.bytearray", "__builtin__.bytes")
 
 
-def check_calls(file: Path, allowed: dict[str, Any]) -> None:
+def check_calls(file: Path, allowed: dict[str, Any]) -> list[str]:
     """Refuse a pickle that makes a call ``torch.save(model)`` never writes: a module class, a torch function,
     an allocator, an enum that runs its own code on a value, an enum built or changed other than by a lookup
-    of its value, or a ``functools.partial`` of anything but a module class or a torch operator."""
+    of its value, or a ``functools.partial`` of anything but a module class or a torch operator.
+
+    Returns the transformers kernel functions (``module.function``) whose wrappers the pickle rebuilds
+    (:mod:`compactor.io.kernel_funcs`), each checked to name a function of a module the file needs."""
+    imported = {getattr(obj, "__module__", None) for obj in allowed.values()} - {None}
+    kernels: list[str] = []
     for call in calls_in(_pickle_bytes(file)):
+        if call.target == KERNEL_REBUILD and call.how == "call":
+            refusal = kernel_call_refusal(call.arguments(), {str(m) for m in imported})
+            if refusal is None:
+                module_name, func_name = (str(v) for _, v in call.arguments() or [])
+                kernels.append(f"{module_name}.{func_name}")
+                continue
+            what, why = refusal
+            raise UnsafePickleError(
+                f"{file} {what} while loading, which torch.save of a transformers model never does ({why}); "
+                f"refusing to load it: {FIX}"
+            )
         refusal = _refusal(call, allowed)
         if refusal is not None:
             what, why = refusal
@@ -405,6 +437,7 @@ def check_calls(file: Path, allowed: dict[str, Any]) -> None:
                 f"{file} {what} while loading, which torch.save(model) never does ({why}); refusing to run it. "
                 f"Re-save the model with torch.save(model, path)"
             )
+    return kernels
 
 
 def _refusal(call: Call, allowed: dict[str, Any]) -> tuple[str, str] | None:
