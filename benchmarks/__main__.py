@@ -157,6 +157,15 @@ def run_in_subprocess(spec: CaseSpec, timeout: float) -> dict:
         }
 
 
+def _shown(arg: str) -> str:
+    """A command-line argument as the report records it: a path relative to the working directory, or if
+    that climbs out of it, the file's name (no report names a directory of the machine it ran on)."""
+    if not os.path.isabs(arg):
+        return arg
+    relative = os.path.relpath(arg)
+    return Path(arg).name if relative.startswith("..") else relative
+
+
 def _write(
     args: argparse.Namespace,
     cases: list[CaseSpec],
@@ -168,7 +177,7 @@ def _write(
     rows, sides = split_results(results)
     threads = cases[0].threads if cases else 1
     meta = {
-        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks " + " ".join(map(_shown, sys.argv[1:] if argv is None else argv)),
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
         "wall_seconds": (datetime.now(timezone.utc) - started).total_seconds(),
         "cases_done": f"{len(results)} of {len(cases)}",

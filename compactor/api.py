@@ -17,7 +17,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from .engine.coverage import Paths, check_train_mode, find_paths, hold_train_only, watch
+from .engine.coverage import Coverage, Paths, check_train_mode, find_paths, hold_train_only, watch
 from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
 from .engine.masks import baked, check_unwritten, clone_module, masked_view
@@ -30,6 +30,7 @@ from .engine.verify import (
     decide,
     reference_outputs,
     same_plans,
+    sliced_note,
     widened,
 )
 from .errors import (
@@ -41,7 +42,7 @@ from .errors import (
     VerificationError,
     first_line,
 )
-from .inputs import ExampleInputs, flatten_values, infer_example_inputs, run, unchecked_outputs
+from .inputs import ExampleInputs, flatten_values, infer_example_inputs, padded, run, unchecked_outputs
 from .io.sparse import sparsity_report
 from .layers import inconsistency
 from .report.autowidth import WHOLE_STEPS, AutoWidths, GroupChoice, LayerTime, WholeChoice, WidthSearch
@@ -138,14 +139,14 @@ def _compact(
         masked.eval()
         generator = torch.Generator().manual_seed(0)
         candidates = [  # made outside the watch: making them reads tensor values
-            [inputs, *(inputs.fresh(generator, integers=integers) for _ in range(FRESH_RUNS))]
+            [inputs, *padded([inputs.fresh(generator, integers=integers) for _ in range(FRESH_RUNS)])]
             for integers in (True, False)
         ]
         with watch(masked) as seen:
             with torch.no_grad():
                 first = run(masked, inputs)  # fails with one clear line if the inputs do not fit
             unchecked = unchecked_outputs(first)
-            runs, references, fresh_note = _references(masked, candidates, flatten_values(first))
+            runs, references, fresh_note = _references(masked, candidates, flatten_values(first), seen)
             del first
         check_finite(references)
         same = len(runs)  # the runs at the example's shapes; the one at another size (if any) comes last
@@ -277,7 +278,9 @@ def _compact(
             "sparsity": [layer.to_dict() for layer in sparsity],
             "round_to": round_to,
             "sizes": sizes,
+            **({"cache": note} if (note := sliced_note(verdict)) else {}),
             "paths": paths.to_dict(),
+            **({"path_notes": paths.notes()} if paths.notes() else {}),
             **auto_extra,
         },
     )
@@ -432,19 +435,21 @@ def _guess_warning(inputs: ExampleInputs) -> list[str]:
 
 
 def _references(
-    masked: nn.Module, candidates: list[list[ExampleInputs]], example: Outputs
+    masked: nn.Module, candidates: list[list[ExampleInputs]], example: Outputs, seen: Coverage
 ) -> tuple[list[ExampleInputs], list[Outputs], str | None]:
     """The runs verification compares and the masked model's outputs on them: the example inputs (whose
     outputs, ``example``, are known) and random ones like them (``candidates[0]``). Where the model itself
     fails on random integers (token ids laid out as it expects: image tokens, special ids), the fresh runs
     keep the example's integers (``candidates[1]``); where it fails even then, only the example inputs are
-    checked, and that is said."""
+    checked, and that is said. ``seen`` keeps the branch outcomes of the runs that are verified only."""
     why = ""
     for i, runs in enumerate(candidates):
+        before = seen.snapshot()
         try:
             references = [example, *reference_outputs(masked, runs[1:])]
         except Exception as e:  # the model's own check on its inputs, not a compaction problem
             why = first_line(e, with_type=True)
+            seen.restore(before)
             continue
         note = f"fresh inputs keep the example's integer inputs: random ones fail ({why})" if i else None
         return runs, references, note

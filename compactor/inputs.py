@@ -222,6 +222,27 @@ def infer_example_inputs(model: nn.Module) -> ExampleInputs | None:
     return None
 
 
+def padded(runs: list[ExampleInputs]) -> list[ExampleInputs]:
+    """``runs`` with the first one's ``attention_mask`` (a Hugging Face padding mask of all ones) padding the
+    last position of its first sequence: transformers then builds the explicit mask, where on all ones it
+    takes a fast path (SDPA's ``is_causal``), so verification covers both sides of that branch."""
+    if not runs:
+        return runs
+    mask = runs[0].kwargs.get("attention_mask")
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.dim() != 2
+        or mask.shape[1] < 2
+        or mask.is_floating_point()
+        or mask.is_complex()
+        or not bool((mask == 1).all())
+    ):
+        return runs
+    mask = mask.clone()
+    mask[0, -1] = 0
+    return [replace(runs[0], kwargs={**runs[0].kwargs, "attention_mask": mask}), *runs[1:]]
+
+
 def run(model: nn.Module, inputs: ExampleInputs) -> Any:
     """Call ``model`` with the example inputs; wrap its failure in one clear line."""
     try:
@@ -235,11 +256,22 @@ def run(model: nn.Module, inputs: ExampleInputs) -> Any:
 
 
 def flatten_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
-    """Every tensor in nested tuples, lists, dicts and Hugging Face ``ModelOutput``s, with a path name."""
-    return [(name, v) for name, v in flatten_values(output, prefix) if isinstance(v, torch.Tensor)]
+    """Every tensor in nested tuples, lists, dicts and Hugging Face ``ModelOutput``s, with a path name; a KV
+    cache's tensors are left out (what a traced or exported graph returns: a cache is state, not output)."""
+    return [
+        (name, v) for name, v in flatten_values(output, prefix, caches=False) if isinstance(v, torch.Tensor)
+    ]
 
 
 Plain = int | float | bool | complex | str | bytes | None  # a non-tensor output compared by value
+
+
+class CachePath(str):
+    """The path name of a tensor inside a Hugging Face KV cache (``output.past_key_values.layers[0].keys``).
+
+    Verification compares it as any output, except that where the compacted model lost attention heads its
+    cache holds only the kept heads: :func:`compactor.engine.verify.compare_outputs` then matches it against
+    the masked model's cache head by head."""
 
 
 def _is_leaf(value: Any) -> bool:
@@ -251,33 +283,91 @@ def _is_leaf(value: Any) -> bool:
     )
 
 
-def flatten_values(output: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor | Plain]]:
-    """:func:`flatten_outputs` with the plain values too (ints, floats, strings, None, ...): verification
-    compares every leaf a model returns, not only its tensors. Other objects are left out."""
+def is_hf_cache(value: Any) -> bool:
+    """A transformers ``Cache`` (``DynamicCache``, ``EncoderDecoderCache``, ...), known by its class's bases so
+    that transformers need not be imported here."""
+    return any(
+        c.__name__ == "Cache" and c.__module__ == "transformers.cache_utils" for c in type(value).__mro__
+    )
+
+
+_SUB_CACHES = ("self_attention_cache", "cross_attention_cache")  # EncoderDecoderCache
+_OLD_LISTS = ("key_cache", "value_cache")  # transformers 4.x DynamicCache
+
+
+def cache_tensors(cache: Any, prefix: str) -> list[tuple[str, torch.Tensor]] | None:
+    """The tensors a transformers cache holds, each with a :class:`CachePath`; None for a cache whose layout
+    is not known here (it is then reported as not compared). Per layer, every public tensor attribute
+    (``keys``, ``values``, linear attention's ``conv_states``/``recurrent_states`` by index, ...) in name order."""
+    subs = [name for name in _SUB_CACHES if is_hf_cache(getattr(cache, name, None))]
+    if subs:
+        found: list[tuple[str, torch.Tensor]] = []
+        for name in subs:
+            inner = cache_tensors(getattr(cache, name), f"{prefix}.{name}")
+            if inner is None:
+                return None
+            found += inner
+        return found
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        return [
+            item for i, layer in enumerate(layers) for item in _layer_tensors(layer, f"{prefix}.layers[{i}]")
+        ]
+    lists = [v for v in (getattr(cache, name, None) for name in _OLD_LISTS) if isinstance(v, list)]
+    if len(lists) == len(_OLD_LISTS):
+        return [
+            (CachePath(f"{prefix}.{name}[{i}]"), t)
+            for name, values in zip(_OLD_LISTS, lists)
+            for i, t in enumerate(values)
+            if isinstance(t, torch.Tensor)
+        ]
+    return None
+
+
+def _layer_tensors(layer: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    found: list[tuple[str, torch.Tensor]] = []
+    for name, value in sorted(vars(layer).items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(value, torch.Tensor):
+            found.append((CachePath(f"{prefix}.{name}"), value))
+        elif isinstance(value, dict):
+            found += [
+                (CachePath(f"{prefix}.{name}[{k}]"), v)
+                for k, v in value.items()
+                if isinstance(v, torch.Tensor)
+            ]
+    return found
+
+
+def flatten_values(
+    output: Any, prefix: str = "output", *, caches: bool = True
+) -> list[tuple[str, torch.Tensor | Plain]]:
+    """:func:`flatten_outputs` with the plain values too (ints, floats, strings, None, ...) and the tensors of
+    Hugging Face KV caches (``caches``; names are :class:`CachePath`): verification compares every leaf a
+    model returns, not only its tensors. Other objects are left out."""
     if _is_leaf(output):
         return [(prefix, output)]
+    if is_hf_cache(output):
+        return [*(cache_tensors(output, prefix) or [])] if caches else []
+    items: list[tuple[str, torch.Tensor | Plain]] = []
     if isinstance(output, Mapping):  # ModelOutput is an OrderedDict
-        items: list[tuple[str, torch.Tensor | Plain]] = []
         for k, v in output.items():
-            items += flatten_values(v, f"{prefix}.{k}")
-        return items
-    if isinstance(output, (tuple, list)):
-        items = []
+            items += flatten_values(v, f"{prefix}.{k}", caches=caches)
+    elif isinstance(output, (tuple, list)):
         for i, v in enumerate(output):
-            items += flatten_values(v, f"{prefix}[{i}]")
-        return items
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        items = []
+            items += flatten_values(v, f"{prefix}[{i}]", caches=caches)
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
         for f in dataclasses.fields(output):
-            items += flatten_values(getattr(output, f.name), f"{prefix}.{f.name}")
-        return items
-    return []
+            items += flatten_values(getattr(output, f.name), f"{prefix}.{f.name}", caches=caches)
+    return items
 
 
 def unchecked_outputs(output: Any, prefix: str = "output") -> list[str]:
     """The leaves of ``output`` that :func:`flatten_values` leaves out (objects that are neither tensors nor
-    plain values): ``"output[1] (Cache)"``. Verification cannot compare them."""
-    if _is_leaf(output):
+    plain values, nor a cache whose tensors it knows): ``"output[1] (MambaCache)"``. Verification cannot
+    compare them."""
+    if _is_leaf(output) or (is_hf_cache(output) and cache_tensors(output, prefix) is not None):
         return []
     if isinstance(output, Mapping):
         return [u for k, v in output.items() for u in unchecked_outputs(v, f"{prefix}.{k}")]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import site
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,3 +108,17 @@ def _capturing(hook: object) -> bool:
     return getattr(hook, "__module__", None) == _CAPTURE_MODULE and "<locals>" in getattr(
         hook, "__qualname__", ""
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def shown_path(filename: str) -> str:
+    """``filename`` as a report shows it: an installed package's file by its import path
+    (``transformers/masking_utils.py``), one under the working directory relative to it, else as it is; so that
+    no report names the directories of the machine it ran on."""
+    path = os.path.abspath(filename)
+    roots = {*site.getsitepackages(), site.getusersitepackages(), *(p for p in sys.path if p)}
+    installed = [r for r in map(os.path.abspath, roots) if "-packages" in r and path.startswith(r + os.sep)]
+    if installed:
+        return os.path.relpath(path, max(installed, key=len))
+    cwd = os.getcwd()
+    return os.path.relpath(path, cwd) if path.startswith(cwd + os.sep) else filename

@@ -231,3 +231,27 @@ def _rows_off(weight: torch.Tensor, rows: list[int]) -> torch.Tensor:
     mask = torch.ones_like(weight)
     mask[rows] = 0.0
     return mask
+
+
+def test_no_committed_file_names_a_directory_of_the_machine_it_ran_on() -> None:
+    """Reports and notes name installed files by package (``transformers/masking_utils.py``), the repo's by
+    relative path: an absolute path such as ``/root/.pyenv/.../site-packages/...`` is another machine's."""
+    import re
+    import subprocess
+    import sys
+
+    root = PACKAGE.parent
+    listed = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    machine = [re.escape(p) for p in {sys.prefix, sys.base_prefix, str(root)} if len(p) > 1]
+    pattern = re.compile("|".join([r"site-packages/", r"/root/", r"/home/[a-z]", *machine]))
+    this = Path(__file__).relative_to(root).as_posix()
+    found = []
+    for name in listed.stdout.split():
+        path = root / name
+        if name in (this, "benchmarks/vision_sweep.py") or not path.is_file() or path.stat().st_size > 20_000_000:
+            continue
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        found += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)][:1]
+    assert found == []

@@ -29,8 +29,14 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import first_line
 from ..inputs import ExampleInputs, flatten_values
+from ..util import shown_path
 from .graph import ChannelGroup
 from .masks import clone_module
+
+# transformers' attention-mask construction: its branches (``_ignore_causal_mask_sdpa``: "is the padding mask
+# all ones?") choose how the mask is built from the inputs' padding mask and positions, which compaction does
+# not touch; the same input takes the same side in the masked and the compacted model. Said, not warned of.
+MASK_CODE = ("transformers/masking_utils.py:", "transformers/modeling_attn_mask_utils.py:")
 
 # Tensor methods that hand a tensor's value to Python, and how a reader knows them.
 _CONVERSIONS = {
@@ -59,16 +65,29 @@ class Coverage:
 
     conversions: dict[str, set[str]] = field(default_factory=dict)  # "file.py:12" -> {"bool", ...}
     called: set[str] = field(default_factory=set)  # module names
+    outcomes: dict[str, set[bool]] = field(default_factory=dict)  # "file.py:12" -> the bools it gave
 
     def branches(self) -> list[str]:
-        """``"file.py:12 (bool)"`` per place, in order of file and line."""
-        return [f"{where} ({', '.join(sorted(kinds))})" for where, kinds in sorted(self.conversions.items())]
+        """``"file.py:12 (bool)"`` per place, in order of file and line; a place that only converts to bool
+        and gave both True and False is left out: the runs took both sides of its branch."""
+        return [
+            f"{where} ({', '.join(sorted(kinds))})"
+            for where, kinds in sorted(self.conversions.items())
+            if not (kinds == {"bool"} and self.outcomes.get(where) == {True, False})
+        ]
+
+    def snapshot(self) -> dict[str, set[bool]]:
+        """The outcomes so far, to :meth:`restore` where runs turn out not to be verified."""
+        return {where: set(seen) for where, seen in self.outcomes.items()}
+
+    def restore(self, outcomes: dict[str, set[bool]]) -> None:
+        self.outcomes = outcomes
 
 
 class _Conversions(TorchFunctionMode):
-    def __init__(self, found: dict[str, set[str]]) -> None:
+    def __init__(self, coverage: Coverage) -> None:
         super().__init__()
-        self.found = found
+        self.coverage = coverage
 
     def __torch_function__(
         self,
@@ -78,11 +97,13 @@ class _Conversions(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kind = _CONVERSIONS.get(getattr(func, "__name__", ""))
-        if kind is not None:
-            where = _model_code()
-            if where is not None:
-                self.found.setdefault(where, set()).add(kind)
-        return func(*args, **(kwargs or {}))
+        where = _model_code() if kind is not None else None
+        if kind is not None and where is not None:
+            self.coverage.conversions.setdefault(where, set()).add(kind)
+        result = func(*args, **(kwargs or {}))
+        if kind == "bool" and where is not None and isinstance(result, bool):
+            self.coverage.outcomes.setdefault(where, set()).add(result)
+        return result
 
 
 def _model_code() -> str | None:
@@ -92,7 +113,7 @@ def _model_code() -> str | None:
         frame = frame.f_back  # type: ignore[assignment]  # f_back is None only past the outermost frame
     if frame is None or frame.f_code.co_filename.startswith(_TORCH_DIR):
         return None
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    return f"{shown_path(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 
 @contextmanager
@@ -106,7 +127,7 @@ def watch(model: nn.Module) -> Iterator[Coverage]:
 
     hooks = [m.register_forward_pre_hook(called) for m in names]
     try:
-        with _Conversions(coverage.conversions):
+        with _Conversions(coverage):
             yield coverage
     finally:
         for h in hooks:
@@ -147,7 +168,7 @@ def structure(outputs: Any) -> list[tuple[str, tuple[int, ...] | str]]:
     """Every output's path and shape (tensors) or type (plain values): what train mode must keep."""
     return [
         (n, tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__)
-        for n, v in flatten_values(outputs)
+        for n, v in flatten_values(outputs, caches=False)
     ]
 
 
@@ -183,6 +204,7 @@ class Paths:
         tuple[tuple[str, tuple[int, ...] | str], ...] | str
     )  # train-mode output structure, or why it did not run
     train_inputs: ExampleInputs | None = None  # what train mode ran on
+    mask_branches: tuple[str, ...] = ()  # the same in transformers' attention-mask code (MASK_CODE)
 
     def unproven(self) -> list[str]:
         """One line per kind of path that verification cannot prove (``--strict`` refuses each)."""
@@ -210,10 +232,21 @@ class Paths:
             )
         return lines
 
+    def notes(self) -> list[str]:
+        """What the report says about the branches that are not warned of (:data:`MASK_CODE`)."""
+        if not self.mask_branches:
+            return []
+        return [
+            f"transformers' attention-mask code branches on the padding mask and positions at "
+            f"{', '.join(self.mask_branches)}: they read the inputs only, never an activation, so compaction "
+            f"cannot change which way they go"
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         train = self.train if isinstance(self.train, str) else "outputs' structure and shapes checked"
         return {
             "value_branches": list(self.branches),
+            "mask_branches": list(self.mask_branches),
             "uncalled_layers": _named(self.uncalled),
             "train_only_layers": sorted(self.train_only),
             "train_mode": train,
@@ -241,8 +274,11 @@ def find_paths(masked: nn.Module, seen: Coverage, inputs: ExampleInputs) -> Path
         called |= coverage.called
         for where, kinds in coverage.conversions.items():
             conversions.setdefault(where, set()).update(kinds)
+    # both sides of a branch count where the verified (eval-mode) runs took them
+    branches = Coverage(conversions, outcomes=seen.outcomes).branches()
     return Paths(
-        branches=tuple(Coverage(conversions).branches()),
+        branches=tuple(b for b in branches if not b.startswith(MASK_CODE)),
+        mask_branches=tuple(b for b in branches if b.startswith(MASK_CODE)),
         uncalled=tuple(uncalled_layers(masked, called)),
         train_only=frozenset(train_only),
         train=trained if isinstance(trained, str) else tuple(structure(trained[0])),

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import VerificationError
-from ..inputs import ExampleInputs, Plain, flatten_values
+from ..inputs import CachePath, ExampleInputs, Plain, flatten_values
 from ..util import check_time, eval_mode_restored
 from .masks import wide_clone
 from .plan import GroupPlan, round_layers
@@ -46,6 +46,7 @@ class Verdict:
     ok: bool
     max_abs_error: float  # over every output and run (inf where shapes differ or the forward fails)
     problems: tuple[str, ...]
+    sliced: tuple[tuple[str, str], ...] = ()  # KV cache tensors compared head by head: (name, shape change)
 
     def summary(self) -> str:
         return "; ".join(self.problems[:3]) + (
@@ -83,6 +84,7 @@ def compare(
     """Run ``candidate`` (in eval mode) on ``runs`` and compare with the reference outputs."""
     problems: list[str] = []
     worst = 0.0
+    sliced: dict[str, str] = {}
     with eval_mode_restored(candidate):
         for i, (run, expected) in enumerate(zip(runs, references)):
             try:
@@ -90,10 +92,12 @@ def compare(
                     got = flatten_values(candidate(*run.args, **run.kwargs))
             except Exception as e:  # a rebuilt layer that no longer fits: a failed verification, not a crash
                 return Verdict(False, float("inf"), (f"run {i}: forward failed: {type(e).__name__}: {e}",))
-            error, found = compare_outputs(expected, got, tolerance, floors[i] if floors else None)
+            error, found = compare_outputs(
+                expected, got, tolerance, floors[i] if floors else None, sliced=sliced
+            )
             worst = max(worst, error)
             problems += [f"run {i}: {p}" for p in found]
-    return Verdict(not problems, worst, tuple(problems))
+    return Verdict(not problems, worst, tuple(problems), tuple(sorted(sliced.items())))
 
 
 def compare_outputs(
@@ -102,40 +106,97 @@ def compare_outputs(
     tolerance: float,
     floors: list[float] | None = None,
     sep: str = " ",
+    sliced: dict[str, str] | None = None,
 ) -> tuple[float, list[str]]:
     """The largest absolute error and one problem per output that differs: another name, shape or
     dtype, an integer that changed, or a float beyond ``max(tolerance, ULPS eps) * max(1, |expected|)``
     (and beyond ``floors``, where given). Verification and the export checks (ONNX Runtime) share it;
-    ``sep`` goes between an output's name and its error ("output max abs error ...")."""
+    ``sep`` goes between an output's name and its error ("output max abs error ...").
+
+    A KV cache tensor (:class:`~compactor.inputs.CachePath`) with fewer heads than the masked model's (one
+    dimension smaller) is compared head by head: each of its heads must match one of the masked model's, in
+    order (:func:`_kept_slices`); ``sliced`` then records its name and how its shape changed."""
     if [n for n, _ in expected] != [n for n, _ in got]:
         return float("inf"), [f"outputs {[n for n, _ in got]} instead of {[n for n, _ in expected]}"]
     worst, problems = 0.0, []
     for j, ((name, a), (_, b)) in enumerate(zip(expected, got)):
+        floor = floors[j] if floors else 0.0
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             error = _plain_error(a, b)
             scale = max(1.0, abs(a)) if isinstance(a, float) else 1.0
             if not error <= tolerance * scale:
                 problems.append(f"{name} is {b!r}, expected {a!r}")
-            worst = max(worst, error)
-            continue
-        if a.shape != b.shape or a.dtype != b.dtype:
+        elif a.shape == b.shape and a.dtype == b.dtype:
+            error, problem = _tensor_error(a, b, tolerance, floor)
+            if problem:
+                problems.append(f"{name}{sep}{problem}")
+        elif isinstance(name, CachePath) and a.dtype == b.dtype and _fewer_heads(a, b) is not None:
+            error, problem = _kept_slices(a, b, _fewer_heads(a, b) or 0, tolerance, floor)
+            if problem:
+                problems.append(f"{name}{sep}{problem}")
+            elif sliced is not None:
+                sliced[str(name)] = f"{tuple(a.shape)} -> {tuple(b.shape)}"
+        else:
             problems.append(f"{name} is {tuple(b.shape)}:{b.dtype}, expected {tuple(a.shape)}:{a.dtype}")
-            worst = float("inf")
-            continue
-        if a.numel() == 0:
-            continue
-        if not a.is_floating_point():
-            if not torch.equal(a, b):
-                problems.append(f"{name} differs (integer output)")
-                worst = float("inf")
-            continue
-        error = (a.double() - b.double().to(a.device)).abs().max().item()
-        scale = max(1.0, a.double().abs().max().item())
-        allowed = max(max(tolerance, ULPS * torch.finfo(a.dtype).eps) * scale, floors[j] if floors else 0.0)
-        if not error <= allowed:  # also catches NaN
-            problems.append(f"{name}{sep}max abs error {error:.3g} > {allowed:.3g}")
+            error = float("inf")
         worst = max(worst, error)
     return worst, problems
+
+
+def _tensor_error(a: torch.Tensor, b: torch.Tensor, tolerance: float, floor: float) -> tuple[float, str]:
+    """The error of ``b`` against ``a`` (same shape and dtype) and the problem, "" if within tolerance."""
+    if a.numel() == 0:
+        return 0.0, ""
+    if not a.is_floating_point():
+        return (0.0, "") if torch.equal(a, b) else (float("inf"), "differs (integer output)")
+    error = (a.double() - b.double().to(a.device)).abs().max().item()
+    scale = max(1.0, a.double().abs().max().item())
+    allowed = max(max(tolerance, ULPS * torch.finfo(a.dtype).eps) * scale, floor)
+    if not error <= allowed:  # also catches NaN
+        return error, f"max abs error {error:.3g} > {allowed:.3g}"
+    return error, ""
+
+
+def _fewer_heads(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """1 where ``b`` has fewer heads than ``a`` (dimension 1 of a cache tensor: batch, heads, positions,
+    head size) and every other dimension equal; else None."""
+    if a.dim() != b.dim() or a.dim() < 3 or b.shape[1] >= a.shape[1]:
+        return None
+    return 1 if all(a.shape[d] == b.shape[d] for d in range(a.dim()) if d != 1) else None
+
+
+def _kept_slices(
+    a: torch.Tensor, b: torch.Tensor, dim: int, tolerance: float, floor: float
+) -> tuple[float, str]:
+    """``b`` against the slices of ``a`` along ``dim`` it kept: each slice of ``b`` must match a slice of
+    ``a`` after the one the previous slice matched (heads keep their order when some go). Matching the
+    earliest fitting slice is right for exact copies; the error is that of the matches."""
+    worst, start = 0.0, 0
+    for k in range(b.shape[dim]):
+        kept = b.select(dim, k)
+        for i in range(start, a.shape[dim]):
+            error, problem = _tensor_error(a.select(dim, i), kept, tolerance, floor)
+            if not problem:
+                worst, start = max(worst, error), i + 1
+                break
+        else:
+            return float("inf"), (
+                f"holds {b.shape[dim]} of {a.shape[dim]} slices of dimension {dim} (heads) and its slice {k} is "
+                f"none of the masked model's after slice {start - 1}"
+            )
+    return worst, ""
+
+
+def sliced_note(verdict: Verdict) -> str | None:
+    """One line for the report where KV cache tensors were compared head by head (:func:`_kept_slices`)."""
+    if not verdict.sliced:
+        return None
+    shown = ", ".join(f"{name} {change}" for name, change in verdict.sliced[:2])
+    more = f" and {len(verdict.sliced) - 2} more" if len(verdict.sliced) > 2 else ""
+    return (
+        f"KV cache: {len(verdict.sliced)} cache tensor(s) hold only the kept attention heads ({shown}{more}); "
+        f"each kept head was compared with the masked model's, in order"
+    )
 
 
 def depends_on_input(outs: list[Outputs]) -> bool:

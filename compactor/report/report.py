@@ -152,6 +152,10 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
     )
     if report.extra.get("sizes"):  # the run at another input size, or why there was none
         console.print(f"  {report.extra['sizes']}", markup=False)
+    if report.extra.get("cache"):  # KV cache tensors compared head by head
+        console.print(f"  {report.extra['cache']}", markup=False)
+    for note in report.extra.get("path_notes", []):  # branches that are said, not warned of
+        console.print(f"  {note}", markup=False)
     if report.extra.get("rounding_floor"):
         console.print(
             f"the masked model's own rounding (against float64) allows up to {report.extra['rounding_floor']:.3g} "
