@@ -250,7 +250,11 @@ def test_no_committed_file_names_a_directory_of_the_machine_it_ran_on() -> None:
     found = []
     for name in listed.stdout.split():
         path = root / name
-        if name in (this, "benchmarks/vision_sweep.py") or not path.is_file() or path.stat().st_size > 20_000_000:
+        if (
+            name in (this, "benchmarks/vision_sweep.py")
+            or not path.is_file()
+            or path.stat().st_size > 20_000_000
+        ):
             continue
         text = path.read_bytes().decode("utf-8", errors="ignore")
         found += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)][:1]
