@@ -20,6 +20,10 @@ class UnsafePickleError(InputFileError):
     """The pickle needs a global that the safe loader does not allow."""
 
 
+class UnsafeCodeError(InputFileError):
+    """Loading the input would run code it ships (a Hugging Face directory's ``auto_map``) untrusted."""
+
+
 class ExampleInputError(CompactorError, ValueError):
     """Example inputs are missing, malformed, or do not fit the model."""
 

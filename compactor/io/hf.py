@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..engine.verify import Outputs, compare
-from ..errors import InputFileError, OutputPathError, first_line
+from ..errors import InputFileError, OutputPathError, UnsafeCodeError, first_line
 from ..inputs import ExampleInputs
 from .atomic import umask
 from .safetensors import MANIFEST_KEY, read_metadata, write_safetensors
@@ -134,7 +134,7 @@ def _write_uniform(
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated; no progress bars on a CLI's stderr
     try:
         clone.save_pretrained(str(tmp), safe_serialization=True)
-        reloaded = clone.from_pretrained(str(tmp)).eval()
+        reloaded = clone.from_pretrained(str(tmp), trust_remote_code=False).eval()
     except Exception:  # transformers raises many types; the manifest layout still works
         return None
     finally:
@@ -196,16 +196,28 @@ def _move(tmp: Path, folder: Path) -> None:
 
 
 # --- loading -------------------------------------------------------------------------------------------
-def load_hf(folder: Path) -> nn.Module:
-    """A directory ``write_hf`` wrote (or any Hugging Face model directory), in the mode it loads in."""
+def load_hf(folder: Path, *, trust_remote_code: bool = False) -> nn.Module:
+    """A directory ``write_hf`` wrote (or any Hugging Face model directory), in the mode it loads in.
+
+    The model class comes from ``config.json``'s ``architectures``, a class transformers itself defines. A
+    config with ``auto_map`` (model code in the directory) is refused unless ``trust_remote_code``: then
+    transformers imports that code. transformers is always told which (``trust_remote_code=``), so it never
+    asks on standard input."""
+    config = _config_json(folder)
+    if config.get("auto_map") is not None and not trust_remote_code:
+        raise UnsafeCodeError(
+            f"{folder}/config.json has auto_map ({_auto_map_names(config)}): the model's code is in the directory, "
+            f"and loading it would run that code; refusing: pass trust_remote_code=True only if you trust the "
+            f"directory"
+        )
     weights = folder / WEIGHTS
     if weights.is_file() and MANIFEST_KEY in read_metadata(weights):
         from .safetensors import load_safetensors
 
-        return load_safetensors(weights, lambda: _build(folder))
-    cls = _model_class(folder)
+        return load_safetensors(weights, lambda: _build(folder, trust_remote_code))
+    cls = _model_class(folder, config, trust_remote_code)
     try:
-        model: nn.Module = cls.from_pretrained(str(folder))
+        model: nn.Module = cls.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types
         raise InputFileError(
             f"{folder} could not be loaded with {cls.__name__}.from_pretrained ({first_line(e)})"
@@ -213,31 +225,62 @@ def load_hf(folder: Path) -> nn.Module:
     return model
 
 
-def _build(folder: Path) -> nn.Module:
+def _build(folder: Path, trust_remote_code: bool = False) -> nn.Module:
     """The dense model of ``folder``'s config, randomly initialised (its weights are loaded next)."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(str(folder))
-    model: nn.Module = _model_class(folder)(config)
+    cls = _model_class(folder, _config_json(folder), trust_remote_code)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        model: nn.Module = cls(config)
+    except (
+        Exception
+    ) as e:  # an unknown model_type, a config its class rejects: transformers raises many types
+        raise InputFileError(
+            f"{folder}/config.json does not build {cls.__name__} ({first_line(e, with_type=True)}); write the "
+            f"directory again with save_pretrained"
+        ) from e
     return model
 
 
-def _model_class(folder: Path) -> Any:
-    import transformers
-
+def _config_json(folder: Path) -> dict[str, Any]:
     try:
-        names = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputFileError(
             f"{folder}/config.json is not readable JSON ({e}); write the directory again"
         ) from e
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise InputFileError(
-            f"{folder}/config.json names no transformers model class ('architectures': {names}); load it with "
-            f"the class that wrote it"
-        )
-    return cls
+    if not isinstance(config, dict):
+        raise InputFileError(f"{folder}/config.json is not a JSON object; write the directory again")
+    return config
+
+
+def _auto_map_names(config: dict[str, Any]) -> str:
+    auto_map = config["auto_map"]
+    if isinstance(auto_map, dict):
+        return ", ".join(f"{k}: {v}" for k, v in list(auto_map.items())[:3])
+    return repr(auto_map)[:120]
+
+
+def _model_class(folder: Path, config: dict[str, Any], trust_remote_code: bool) -> Any:
+    """The class named by ``architectures``: transformers' own, or where trusted, the ``auto_map`` entry
+    that names it (transformers imports it from the directory)."""
+    import transformers
+
+    names = config.get("architectures") or []
+    name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+    cls = getattr(transformers, name, None) if name else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    auto_map = config.get("auto_map")
+    if trust_remote_code and name and isinstance(auto_map, dict):
+        for auto, target in auto_map.items():
+            if isinstance(target, str) and target.rpartition(".")[2] == name and auto.startswith("AutoModel"):
+                return getattr(transformers, auto)
+    raise InputFileError(
+        f"{folder}/config.json names no transformers model class ('architectures': {names!r}); load it with "
+        f"the class that wrote it"
+    )
 
 
 __all__ = ["WEIGHTS", "is_hf_dir", "is_hf_model", "load_hf", "uniform_config", "write_hf"]

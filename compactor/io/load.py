@@ -28,6 +28,7 @@ def load(
     *,
     trust_pickle: bool = False,
     prefix: str | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a model file, in eval mode.
 
@@ -37,12 +38,14 @@ def load(
     ``arch``: what builds the DENSE model: a class or function of no arguments, a ``"module:callable"``
     string, or a module to load into. ``trust_pickle``: unpickle ``.pt`` files with full pickle (runs code
     from the file; only for files you trust). ``prefix``: the key prefix of a checkpoint to strip.
+    ``trust_remote_code``: let a Hugging Face directory whose ``config.json`` has ``auto_map`` run its own
+    code (refused otherwise).
     """
     file = Path(path)
     if file.suffix.lower() == ".pt2":
-        return read_pt2(file).eval()
+        return read_pt2(file, trust_pickle=trust_pickle).eval()
     if is_hf_dir(file):
-        return load_hf(file).eval()
+        return load_hf(file, trust_remote_code=trust_remote_code).eval()
     return read_model(file, arch, trust_pickle=trust_pickle, prefix=prefix).eval()
 
 

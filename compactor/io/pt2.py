@@ -16,6 +16,7 @@ from ..engine.verify import Outputs, reference_outputs
 from ..errors import ExportError, InputFileError, first_line
 from ..inputs import ExampleInputs
 from .check import CallableModule, expect_same
+from .pt2_members import check_members
 from .shapes import (
     ExportShapes,
     PlainOutputs,
@@ -98,13 +99,18 @@ def _failed(model: nn.Module, e: Exception) -> ExportError:
     )
 
 
-def read_pt2(path: str | os.PathLike[str]) -> nn.Module:
-    """The module of a ``.pt2`` program, callable like the model it was exported from."""
+def read_pt2(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> nn.Module:
+    """The module of a ``.pt2`` program, callable like the model it was exported from. Members the
+    archive would unpickle must be tensors only (:func:`~compactor.io.pt2_members.check_members`) unless
+    ``trust_pickle``."""
     file = Path(path)
     if not file.is_file():
         raise InputFileError(f"{file} does not exist or is not a file; check the path")
+    data = file.read_bytes()  # read once: the bytes checked are the bytes loaded
+    if not trust_pickle:
+        check_members(file, data)
     try:
-        module = torch.export.load(io.BytesIO(file.read_bytes())).module()
+        module = torch.export.load(io.BytesIO(data)).module()
     except Exception as e:  # torch.export raises many types for files it cannot read
         raise InputFileError(
             f"{file} is not a torch.export program ({first_line(e, with_type=True)}); give a .pt2 written by compact"

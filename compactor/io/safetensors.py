@@ -32,6 +32,7 @@ from ..layers import Side, shrinker_for
 from ..util import set_submodule
 from .arch import Arch, build_arch
 from .check import expect_same
+from .manifest import LayerEntry, Shape, parse_manifest
 
 MANIFEST_KEY = "compactor.manifest"
 MANIFEST_VERSION = 1
@@ -138,37 +139,64 @@ def load_safetensors(path: str | os.PathLike[str], arch: Arch) -> nn.Module:
     """
     file = Path(path)
     spec = read_manifest(file)
-    model = fit_to_manifest(build_arch(arch), spec, str(file))
+    model = fit_to_manifest(build_arch(arch), spec, str(file), stored_shapes(file))
     _load_weights(model, file)
     return model
 
 
-def fit_to_manifest(model: nn.Module, spec: dict[str, Any], where: str = "the file") -> nn.Module:
-    """Rebuild the layers and bare tensors of the dense ``model`` to the shapes in ``spec``; return the root."""
-    for name, entry in spec.get("layers", {}).items():
-        model = _fit_layer(model, name, entry, where)
-    for name, shape in spec.get("tensors", {}).items():
-        _fit_tensor(model, name, shape, where)
+def stored_shapes(file: Path) -> dict[str, Shape]:
+    """The shape of every tensor the file holds, from its header (nothing is read into memory)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118  (safe_open is not iterable)
+    except (SafetensorError, OSError) as e:
+        raise InputFileError(f"{file} is not a safetensors file ({first_line(e)}); write it again") from e
+
+
+def fit_to_manifest(
+    model: nn.Module, spec: dict[str, Any], where: str, stored: dict[str, Shape]
+) -> nn.Module:
+    """Rebuild the layers and bare tensors of the dense ``model`` to the shapes in ``spec``; return the root.
+    ``stored``: the shapes the file holds, which bound every tensor made here (a manifest cannot ask for
+    more than the file has)."""
+    manifest = parse_manifest(spec, where)
+    for name, entry in manifest.layers.items():
+        model = _fit_layer(model, name, entry, where, stored)
+    for name, shape in manifest.tensors.items():
+        _fit_tensor(model, name, shape, where, stored)
     return model
 
 
-def _fit_layer(root: nn.Module, name: str, entry: dict[str, Any], where: str) -> nn.Module:
+def _held(stored: dict[str, Shape], name: str, shape: Shape, where: str) -> Shape:
+    if stored.get(name) != shape:
+        raise InputFileError(
+            f"{where}: the manifest gives {name!r} the shape {list(shape)} but the file holds "
+            f"{list(stored[name]) if name in stored else 'no such tensor'}; the file is damaged: write it again"
+        )
+    return shape
+
+
+def _fit_layer(
+    root: nn.Module, name: str, entry: LayerEntry, where: str, stored: dict[str, Shape]
+) -> nn.Module:
     try:
         module = root.get_submodule(name)
     except AttributeError as e:
         raise StateDictError(
-            f"{where} has layer {name!r} ({entry['type']}) but the architecture has none; build the model "
+            f"{where} has layer {name!r} ({entry.type}) but the architecture has none; build the model "
             f"the file was written from"
         ) from e
     shrinker = shrinker_for(module)
-    if type(module).__name__ != entry["type"] or shrinker is None:
+    if type(module).__name__ != entry.type or shrinker is None:
         raise StateDictError(
-            f"{where}: layer {name!r} is {entry['type']} in the file but {type(module).__name__} in the "
+            f"{where}: layer {name!r} is {entry.type} in the file but {type(module).__name__} in the "
             f"architecture; build the model the file was written from"
         )
     try:
-        keep_out = _keep(module, shrinker.out_channels(module), entry["out"], name, Side.OUT, where)
-        keep_in = _keep(module, shrinker.in_channels(module), entry["in"], name, Side.IN, where)
+        keep_out = _keep(module, shrinker.out_channels(module), entry.out, name, Side.OUT, where)
+        keep_in = _keep(module, shrinker.in_channels(module), entry.in_, name, Side.IN, where)
         new = module if keep_out is None and keep_in is None else shrinker.shrink(module, keep_out, keep_in)
     except StateDictError:
         raise
@@ -176,8 +204,9 @@ def _fit_layer(root: nn.Module, name: str, entry: dict[str, Any], where: str) ->
         raise StateDictError(
             f"{where}: layer {name!r} cannot be rebuilt to its saved shape ({e}); build the model the file was written from"
         ) from e
-    _fit_bias(new, entry["bias"])
-    for attr, value in entry["attrs"].items():
+    bias = entry.bias if entry.bias is None else _held(stored, _join(name, "bias"), entry.bias, where)
+    _fit_bias(new, bias)
+    for attr, value in entry.attrs.items():
         if getattr(new, attr, None) != value:
             raise StateDictError(
                 f"{where}: layer {name!r} has {attr}={getattr(new, attr, None)} after rebuilding but the file "
@@ -202,7 +231,7 @@ def _keep(
     return shrinker.layout(module, side, want)
 
 
-def _fit_bias(module: nn.Module, shape: list[int] | None) -> None:
+def _fit_bias(module: nn.Module, shape: Shape | None) -> None:
     """A folded constant can give a layer a bias it was built without (see ``layers.add_to_bias``)."""
     bias = getattr(module, "bias", None)
     if shape is None and isinstance(bias, torch.Tensor):
@@ -215,7 +244,9 @@ def _fit_bias(module: nn.Module, shape: list[int] | None) -> None:
         )
 
 
-def _fit_tensor(root: nn.Module, name: str, shape: list[int], where: str) -> None:
+def _fit_tensor(root: nn.Module, name: str, shape: Shape, where: str, stored: dict[str, Shape]) -> None:
+    """Give the tensor ``name`` the manifest's shape: the shape the file holds for it (a buffer the file
+    does not hold, such as a non-persistent one, must already have it)."""
     parent_name, _, attr = name.rpartition(".")
     try:
         owner: nn.Module | None = root.get_submodule(parent_name) if parent_name else root
@@ -226,8 +257,9 @@ def _fit_tensor(root: nn.Module, name: str, shape: list[int], where: str) -> Non
             f"{where} has tensor {name!r} but the architecture has none; build the right model"
         )
     old = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
-    if old is None or list(old.shape) == shape:
+    if old is None or tuple(old.shape) == shape:
         return
+    _held(stored, name, shape, where)
     fresh = torch.zeros(shape, dtype=old.dtype, device=old.device)
     if attr in owner._parameters:
         owner._parameters[attr] = nn.Parameter(fresh, requires_grad=old.requires_grad)

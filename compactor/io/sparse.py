@@ -41,6 +41,7 @@ from ..engine.masks import baked
 from ..errors import ExportError, InputFileError, StateDictError, first_line
 from .arch import Arch, build_arch
 from .atomic import write_atomically
+from .manifest import check_sparse_parts, parse_sparse_index
 from .safetensors import (
     MANIFEST_KEY,
     fit_to_manifest,
@@ -174,8 +175,9 @@ def load_sparse(path: str | os.PathLike[str], arch: Arch) -> nn.Module:
     """
     file = Path(path)
     spec = read_manifest(file)
-    model = fit_to_manifest(build_arch(arch), spec, str(file))
-    state = decode_file(file)
+    state = decode_file(file)  # checked against its index first: sizes bounded by the file's bytes
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    model = fit_to_manifest(build_arch(arch), spec, str(file), shapes)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -311,7 +313,15 @@ def decode_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise InputFileError(
             f"{file} is not a safetensors file ({e}); give a file written by save_sparse"
         ) from e
-    return decode(tensors, json.loads(metadata[SPARSE_KEY]))
+    try:
+        raw = json.loads(metadata[SPARSE_KEY])
+    except json.JSONDecodeError as e:
+        raise InputFileError(f"{file}: the sparse index is not valid JSON ({e}); write the file again") from e
+    index = parse_sparse_index(raw, str(file))
+    check_sparse_parts(index, tensors, (VALUES, MASK, ZERO_SIGNS), str(file))
+    return decode(
+        tensors, {"sparse": index.sparse, "zero_signs": sorted(index.zero_signs), "tied": index.tied}
+    )
 
 
 def is_sparse(metadata: dict[str, str]) -> bool:
