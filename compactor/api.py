@@ -58,7 +58,7 @@ from .report.report import (
     zeroed_channels,
 )
 from .report.sparsity import unstructured_warnings
-from .util import check_time, deadline
+from .util import check_time, deadline, module_depth, run_deep
 
 FRESH_RUNS = 2  # random inputs checked besides the example inputs
 DEFAULT_TIME_LIMIT = (
@@ -111,8 +111,12 @@ def compact(
         raise ValueError(f"round_to must be a positive integer or 'auto', found {round_to!r}")
     if target is not None and target not in BACKENDS:
         raise ValueError(f"target must be one of {', '.join(BACKENDS)}, found {target!r}")
-    with deadline(time_limit):
-        return _compact(model, example_inputs, tolerance, log, round_to, strict, uniform, target, timer)
+
+    def work() -> tuple[nn.Module, CompactionReport]:
+        with deadline(time_limit):
+            return _compact(model, example_inputs, tolerance, log, round_to, strict, uniform, target, timer)
+
+    return run_deep(work, module_depth(model))
 
 
 def _compact(
@@ -262,6 +266,7 @@ def _compact(
         ),
         warnings=(
             *_guess_warning(inputs),
+            *_quantized_warning(original),
             *_unchecked_warning(unchecked),
             *untraced,
             *paths.warnings(),
@@ -480,6 +485,30 @@ def _other_size(
     if not finite:
         return [], [], f"checked at the example's size only: outputs at [{other.describe()}] hold NaN or Inf"
     return [other], outputs, f"also observed and verified at [{other.describe()}]"
+
+
+_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
+
+def _quantized_warning(model: nn.Module) -> list[str]:
+    """Quantized layers (``quantize_dynamic``, eager-mode ``convert``) hold packed integer weights that no
+    shrinker rebuilds: they stay whole, and so do the channels they write or read."""
+    found: list[str] = []
+    outer: list[str] = []  # a quantized layer's own parts (its packed params) are not named again
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith(_QUANTIZED) and not any(name.startswith(f"{o}.") for o in outer):
+            outer.append(name)
+            kind = f"{type(m).__module__}.{type(m).__name__}".removeprefix("torch.ao.nn.").removeprefix(
+                "torch.nn."
+            )
+            found.append(f"{name or '(the model itself)'} ({kind})")
+    if not found:
+        return []
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return [
+        f"{len(found)} quantized layer(s) left whole ({', '.join(found[:3])}{more}): compactor rebuilds float "
+        f"layers only, so the channels they write or read stay; compact the float model, then quantize"
+    ]
 
 
 def _check_layers(model: nn.Module) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import traceback
@@ -39,6 +40,7 @@ from .io.hf import is_hf_model
 from .io.load import read_model
 from .io.save import format_for, save_output
 from .report.report import CompactionReport, render
+from .util import module_depth, run_deep
 
 EXAMPLES = """\
 examples:
@@ -249,6 +251,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
         parser.error("-o/--output is required: where to write the compacted model, e.g. -o small.pt")
     out, onnx_out, report_path = _check_outputs(args)
     load_notes: list[str] = []
+    input_bytes = _input_bytes(Path(args.model))  # held now: the file may be gone by the end
     model = _load(args, load_notes)
     if args.kind == "hf" and not is_hf_model(model):
         raise OutputPathError(
@@ -260,13 +263,37 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
             "--uniform evens out the widths a Hugging Face config states: it needs a transformers model"
         )
     inputs = resolve_example_inputs(model, _example_inputs(args))
-    small, report = _compact(model, inputs, args, err)
-    report = _measure(model, small, inputs, report, args, err)
-    report = _write_outputs(small, inputs, out, onnx_out, report, args)
-    if load_notes:
-        report = report.with_extra(load={"path": str(args.model), "notes": load_notes})
-    _finish(report.with_extra(input_file_bytes=Path(args.model).stat().st_size), report_path, args, err)
+    new = [p for p in (out, onnx_out) if p is not None and not p.exists()]
+
+    def work() -> CompactionReport:  # on a big stack where the model nests deeply (util.run_deep)
+        small, report = _compact(model, inputs, args, err)
+        report = _measure(model, small, inputs, report, args, err)
+        return _write_outputs(small, inputs, out, onnx_out, report, args)
+
+    report = run_deep(work, module_depth(model))
+    try:
+        if load_notes:
+            report = report.with_extra(load={"path": str(args.model), "notes": load_notes})
+        _finish(report.with_extra(input_file_bytes=input_bytes), report_path, args, err)
+    except BaseException:  # a failed run leaves -o and --onnx as they were
+        for path in new:
+            _remove(path)
+        raise
     return 0
+
+
+def _input_bytes(model: Path) -> int | None:
+    try:
+        return model.stat().st_size if model.is_file() else None
+    except OSError:
+        return None  # the loader says what is wrong with it
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import site
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TypeVar
 
 from torch import nn
 
@@ -122,3 +125,57 @@ def shown_path(filename: str) -> str:
         return os.path.relpath(path, max(installed, key=len))
     cwd = os.getcwd()
     return os.path.relpath(path, cwd) if path.startswith(cwd + os.sep) else filename
+
+
+T = TypeVar("T")
+DEEP = 48  # module nesting beyond which work runs on a thread with a big stack (see run_deep)
+_FRAMES_PER_LEVEL = 48  # Python frames one level of nesting can take (deepcopy, hooks, tracing, pickle)
+_STACK_PER_LEVEL = 1 << 20  # bytes of C stack per level, generously (the C pickler and deepcopy recurse)
+
+
+def module_depth(model: nn.Module) -> int:
+    """How deep ``model``'s submodules nest (a leaf: 0), walked without recursion."""
+    deepest, todo, seen = 0, [(model, 0)], set()
+    while todo:
+        module, depth = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        deepest = max(deepest, depth)
+        todo += [(child, depth + 1) for child in module._modules.values() if child is not None]
+    return deepest
+
+
+_DEEP_THREAD = "compactor-deep-model"
+
+
+def run_deep(fn: Callable[[], T], depth: int) -> T:
+    """``fn()``; for a model nested deeper than :data:`DEEP` (300 ``Sequential``s in one another), on a worker
+    thread whose stack and the recursion limit fit that depth: ``copy.deepcopy``, ``torch.save`` and the
+    model's own forward all recurse once per level. The caller's context (the time limit) goes with it."""
+    if depth <= DEEP or threading.current_thread().name == _DEEP_THREAD:
+        return fn()
+    result: dict[str, object] = {}
+    context = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            result["value"] = context.run(fn)
+        except BaseException as e:  # handed to the caller's thread as it is
+            result["error"] = e
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 1000 + _FRAMES_PER_LEVEL * depth))
+    old = threading.stack_size(min(2**31 - 2**20, 64 * 2**20 + _STACK_PER_LEVEL * depth))
+    try:
+        worker = threading.Thread(target=target, name=_DEEP_THREAD, daemon=True)
+        worker.start()
+    finally:
+        threading.stack_size(old)
+    try:
+        worker.join()
+    finally:
+        sys.setrecursionlimit(limit)
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["value"]  # type: ignore[return-value]

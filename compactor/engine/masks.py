@@ -41,12 +41,59 @@ def bake_masks(model: nn.Module) -> list[BakedMask]:
                 _remove_untied(
                     module, tensor_name, tied=owners[id(module._parameters[tensor_name + "_orig"])] > 1
                 )
+        for tensor_name in fold_norm_hooks(module):
+            value = getattr(module, tensor_name)
+            baked.append(BakedMask(name, tensor_name, int((value == 0).sum()), value.numel()))
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
                 value = getattr(module, tensor_name)
                 baked.append(BakedMask(name, tensor_name, int((value == 0).sum()), value.numel()))
+            _drop_compat_hooks(module)
     return baked
+
+
+def norm_hooks(module: nn.Module) -> list[str]:
+    """The old-style re-parametrisations of ``module`` (forward pre-hooks ``torch.nn.utils.weight_norm`` and
+    ``spectral_norm`` attach), as ``"weight_norm(weight)"``."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return [
+        f"{'weight_norm' if isinstance(h, WeightNorm) else 'spectral_norm'}({h.name})"
+        for h in module._forward_pre_hooks.values()
+        if isinstance(h, (WeightNorm, SpectralNorm))
+    ]
+
+
+def fold_norm_hooks(module: nn.Module) -> list[str]:
+    """Replace ``weight_norm``/``spectral_norm`` hooks by the plain weight they compute in eval mode (torch's
+    own ``remove_weight_norm``/``remove_spectral_norm``: ``g * v / ||v||``; ``W / sigma`` from the stored
+    ``u``, ``v``, without a power iteration); return the names of the weights folded. Verification then
+    proves the folded model equal to the one with its hooks."""
+    from torch.nn.utils.spectral_norm import SpectralNorm, remove_spectral_norm
+    from torch.nn.utils.weight_norm import WeightNorm, remove_weight_norm
+
+    folded = []
+    for hook in list(module._forward_pre_hooks.values()):
+        if isinstance(hook, WeightNorm):
+            remove_weight_norm(module, hook.name)
+            folded.append(hook.name)
+        elif isinstance(hook, SpectralNorm):
+            remove_spectral_norm(module, hook.name)
+            folded.append(hook.name)
+    return folded
+
+
+def _drop_compat_hooks(module: nn.Module) -> None:
+    """The state-dict hook ``parametrizations.weight_norm`` leaves behind (a local function: it makes the
+    module unpicklable, and it reads ``weight_g``/``weight_v`` keys a baked module no longer has)."""
+    for key, hook in list(module._load_state_dict_pre_hooks.items()):
+        if (
+            getattr(getattr(hook, "hook", None), "__qualname__", "")
+            == "weight_norm.<locals>._weight_norm_compat_hook"
+        ):
+            del module._load_state_dict_pre_hooks[key]
 
 
 def _remove_untied(module: nn.Module, tensor_name: str, *, tied: bool) -> None:
@@ -68,7 +115,7 @@ def has_pruning_state(model: nn.Module) -> bool:
     for module in model.modules():
         if any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
             return True
-        if parametrize.is_parametrized(module):
+        if parametrize.is_parametrized(module) or norm_hooks(module):
             return True
         if any(n.endswith("_orig") for n, _ in module.named_parameters(recurse=False)):
             return True

@@ -78,6 +78,12 @@ def read_model(
             f"{file} holds weights only; say which architecture they belong to: --arch module:callable "
             f"(Python: compactor.load(path, arch=MyModel)), the function that builds the dense model"
         )
-    if arch is not None:
-        return load_state_dict_model(file, arch, prefix=prefix)
-    return read_module(file, trust_pickle=trust_pickle, notes=notes)
+    try:
+        if arch is not None:
+            return load_state_dict_model(file, arch, prefix=prefix)
+        return read_module(file, trust_pickle=trust_pickle, notes=notes)
+    except OSError as e:  # the file went away or became unreadable while it was read
+        raise InputFileError(
+            f"{file} could not be read ({e.strerror or e}); check that it exists and stays in place while "
+            f"compact runs"
+        ) from e

@@ -82,7 +82,9 @@ def sparsity_report(model: nn.Module) -> tuple[LayerSparsity, ...]:
     """Per weight tensor (masks baked): zeros, total, and whole zero output rows (``compact`` removes those)."""
     rows = []
     for name, tensor in baked(model, copy=False).state_dict().items():
-        if tensor.dim() < 2 or not (tensor.is_floating_point() or tensor.is_complex()):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2 or tensor.is_quantized:
+            continue  # quantized modules' packed params hold dtypes and packed weights
+        if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
         flat = tensor.detach().reshape(tensor.shape[0], -1)
         rows.append(
