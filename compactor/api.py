@@ -20,7 +20,7 @@ from torch import nn
 from .engine.coverage import Coverage, Paths, check_train_mode, find_paths, hold_train_only, watch
 from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
-from .engine.masks import baked, check_unwritten, clone_module, masked_view
+from .engine.masks import baked, check_unwritten, clone_module, masked_view, reparametrized
 from .engine.plan import GroupPlan, Planner, consumer_layers, observe_inputs
 from .engine.verify import (
     DEFAULT_TOLERANCE,
@@ -164,6 +164,7 @@ def _compact(
                 f"against them; make the forward leave its weights alone (data-dependent initialisation done once, "
                 f"before pruning)"
             )
+        folded = reparametrized(model)
         baked_model = baked(model).eval()
         paths = find_paths(baked_model, seen, inputs)
     if strict and paths.unproven():
@@ -281,6 +282,7 @@ def _compact(
             **({"heads": [h.to_dict() for h in heads]} if heads else {}),
             **({"rounding_floor": max(max(f, default=0.0) for f in floors)} if floors else {}),
             "sparsity": [layer.to_dict() for layer in sparsity],
+            **({"reparametrizations": folded} if folded else {}),
             "round_to": round_to,
             "sizes": sizes,
             **({"cache": note} if (note := sliced_note(verdict)) else {}),

@@ -66,6 +66,20 @@ def norm_hooks(module: nn.Module) -> list[str]:
     ]
 
 
+def reparametrized(model: nn.Module) -> list[str]:
+    """Every weight re-parametrisation that baking folds into a plain weight: ``"conv1: weight_norm(weight)"``
+    (old-style hooks) and ``"conv1: parametrizations(weight: _WeightNorm)"``; prune masks are not listed."""
+    found = []
+    for name, module in model.named_modules():
+        label = name or "(the model itself)"
+        found += [f"{label}: {hook}" for hook in norm_hooks(module)]
+        if parametrize.is_parametrized(module):
+            for tensor_name, chain in module.parametrizations.items():
+                kinds = ", ".join(type(p).__name__ for p in chain)
+                found.append(f"{label}: parametrizations({tensor_name}: {kinds})")
+    return found
+
+
 def fold_norm_hooks(module: nn.Module) -> list[str]:
     """Replace ``weight_norm``/``spectral_norm`` hooks by the plain weight they compute in eval mode (torch's
     own ``remove_weight_norm``/``remove_spectral_norm``: ``g * v / ||v||``; ``W / sigma`` from the stored

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -70,28 +71,25 @@ def pickled_members(file: Path, archive: zipfile.ZipFile, names: set[str]) -> se
 def _pickled_entries(file: Path, member: str, raw: bytes) -> list[str]:
     """The payload files of one weights/constants config that are pickled; custom objects are refused."""
     try:
-        config = json.loads(raw)
-        entries = config["config"]
+        entries = json.loads(raw)["config"]
         if not isinstance(entries, dict):
             raise TypeError("config is not an object")
-        found = []
-        for name, meta in entries.items():
-            path = meta["path_name"]
-            if not isinstance(path, str):
-                raise TypeError(f"path_name of {name} is not a string")
-            if path.startswith(_OBJECT_PREFIXES):
-                raise UnsafePickleError(
-                    f"{file} holds a custom object {name} ({member}), which torch.export.load unpickles and "
-                    f"rebuilds with its class's own code; refusing to load it: {FIX}"
-                )
-            if meta.get("use_pickle") is True or path.endswith(".pt"):
-                found.append(path)
-        return found
+        paths = {name: meta["path_name"] for name, meta in entries.items()}
+        if not all(isinstance(p, str) for p in paths.values()):
+            raise TypeError("a path_name is not a string")
+        pickled = [paths[n] for n, meta in entries.items() if meta.get("use_pickle") is True]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputFileError(
             f"{file}: {member} is not a torch.export payload config ({first_line(e, with_type=True)}); "
             f"give a .pt2 written by torch.export.save"
         ) from e
+    custom = next((n for n, p in paths.items() if p.startswith(_OBJECT_PREFIXES)), None)
+    if custom is not None:
+        raise UnsafePickleError(
+            f"{file} holds a custom object {custom} ({member}), which torch.export.load unpickles and "
+            f"rebuilds with its class's own code; refusing to load it: {FIX}"
+        )
+    return pickled + [p for p in paths.values() if p.endswith(".pt")]
 
 
 def _check_pickle(file: Path, member: str, raw: bytes) -> None:
@@ -109,7 +107,10 @@ def _check_pickle(file: Path, member: str, raw: bytes) -> None:
 
 
 def _why(e: Exception) -> str:
-    """The line of torch's weights-only refusal that names what it refused (``Unsupported global: ...``)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    named = [line for line in lines if "Unsupported" in line or "GLOBAL" in line]
-    return (named or lines or [type(e).__name__])[0][:200]
+    """What torch's weights-only refusal refused (``unsupported global posix.system``), in a few words."""
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"unsupported global {found.group(1)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines or [type(e).__name__])[0][:160]

@@ -156,6 +156,14 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
         console.print(f"  {report.extra['cache']}", markup=False)
     for note in report.extra.get("path_notes", []):  # branches that are said, not warned of
         console.print(f"  {note}", markup=False)
+    if report.extra.get("reparametrizations"):
+        folded = report.extra["reparametrizations"]
+        more = f" and {len(folded) - 3} more" if len(folded) > 3 else ""
+        console.print(
+            f"re-parametrisations folded into plain weights ({', '.join(folded[:3])}{more}): the compacted layers "
+            f"hold the weight they computed; verified against the model with them",
+            markup=False,
+        )
     if report.extra.get("rounding_floor"):
         console.print(
             f"the masked model's own rounding (against float64) allows up to {report.extra['rounding_floor']:.3g} "
