@@ -253,19 +253,19 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
     load_notes: list[str] = []
     input_bytes = _input_bytes(Path(args.model))  # held now: the file may be gone by the end
     model = _load(args, load_notes)
-    if args.kind == "hf" and not is_hf_model(model):
-        raise OutputPathError(
-            f"-o {out}: a Hugging Face directory needs a transformers model (PreTrainedModel), not "
-            f"{type(model).__name__}; give a file name such as {out.with_suffix('.pt')}"
-        )
-    if args.uniform and not is_hf_model(model):
-        raise ExampleInputError(
-            "--uniform evens out the widths a Hugging Face config states: it needs a transformers model"
-        )
-    inputs = resolve_example_inputs(model, _example_inputs(args))
     new = [p for p in (out, onnx_out) if p is not None and not p.exists()]
 
     def work() -> CompactionReport:  # on a big stack where the model nests deeply (util.run_deep)
+        if args.kind == "hf" and not is_hf_model(model):
+            raise OutputPathError(
+                f"-o {out}: a Hugging Face directory needs a transformers model (PreTrainedModel), not "
+                f"{type(model).__name__}; give a file name such as {out.with_suffix('.pt')}"
+            )
+        if args.uniform and not is_hf_model(model):
+            raise ExampleInputError(
+                "--uniform evens out the widths a Hugging Face config states: it needs a transformers model"
+            )
+        inputs = resolve_example_inputs(model, _example_inputs(args))
         small, report = _compact(model, inputs, args, err)
         report = _measure(model, small, inputs, report, args, err)
         return _write_outputs(small, inputs, out, onnx_out, report, args)

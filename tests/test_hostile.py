@@ -494,3 +494,33 @@ def test_the_cli_refuses_a_hostile_manifest_in_one_line(tmp_path: Path) -> None:
     r = _cli(bad.name, "--arch", "scaled:Scaled", "-o", "out.pt", "--input-shape", "2,8", cwd=tmp_path)
     assert "has a mask of 8 bytes" in _one_error_line(r)
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_pickle_nested_past_the_recursion_limit_loads_and_compacts(tmp_path: Path) -> None:
+    """1200 nested Sequentials: torch.save needs a big stack to write it; compact reads and shrinks it."""
+    code = textwrap.dedent(
+        """
+        import sys, threading, torch
+        from torch import nn
+
+        def make():
+            inner = nn.Linear(4, 4)
+            for _ in range(1200):
+                inner = nn.Sequential(inner)
+            model = nn.Sequential(inner, nn.ReLU(), nn.Linear(4, 2))
+            with torch.no_grad():
+                model[2].weight[:, 1] = 0
+            torch.save(model, "deep.pt")
+
+        sys.setrecursionlimit(100000)
+        threading.stack_size(512 * 2**20)
+        worker = threading.Thread(target=make)
+        worker.start()
+        worker.join()
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=300)
+    r = _cli("deep.pt", "-o", "small.pt", "--input-shape", "2,4", "--report", "r.json", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["params"] == {"before": 30, "after": 23}  # one hidden unit gone: 5 + 2 parameters

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import InputFileError
+from ..util import run_deep
 from .arch import Arch
 from .hf import is_hf_dir, load_hf
 from .pt import read_module
@@ -49,6 +50,9 @@ def load(
     return read_model(file, arch, trust_pickle=trust_pickle, prefix=prefix).eval()
 
 
+DEEP_RETRY = 2000  # the nesting a load retried after a RecursionError is given room for (util.run_deep)
+
+
 def read_model(
     path: str | os.PathLike[str],
     arch: Arch | None = None,
@@ -78,10 +82,17 @@ def read_model(
             f"{file} holds weights only; say which architecture they belong to: --arch module:callable "
             f"(Python: compactor.load(path, arch=MyModel)), the function that builds the dense model"
         )
-    try:
+
+    def read() -> nn.Module:
         if arch is not None:
             return load_state_dict_model(file, arch, prefix=prefix)
         return read_module(file, trust_pickle=trust_pickle, notes=notes)
+
+    try:
+        try:
+            return read()
+        except RecursionError:  # a model nested deeper than the interpreter's limit: again, on a big stack
+            return run_deep(read, DEEP_RETRY)
     except OSError as e:  # the file went away or became unreadable while it was read
         raise InputFileError(
             f"{file} could not be read ({e.strerror or e}); check that it exists and stays in place while "
