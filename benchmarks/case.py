@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 import compactor
-from compactor.engine.masks import bake_masks
 from compactor.errors import ExportError
 from compactor.io.onnx import check_onnx, export_onnx
+from compactor.modules import bake_masks
 from compactor.report.measure import count_macs, latency
 from compactor.report.report import why_not_faster
 

@@ -20,19 +20,9 @@ from torch import nn
 from .engine.coverage import Coverage, Paths, check_train_mode, find_paths, hold_train_only, watch
 from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
-from .engine.masks import baked, check_unwritten, clone_module, masked_view, reparametrized
+from .engine.masks import check_unwritten, masked_view
 from .engine.plan import GroupPlan, Planner, consumer_layers, observe_inputs
-from .engine.verify import (
-    DEFAULT_TOLERANCE,
-    Log,
-    Outputs,
-    compare,
-    decide,
-    reference_outputs,
-    same_plans,
-    sliced_note,
-    widened,
-)
+from .engine.verify import Log, decide, same_plans
 from .errors import (
     ExampleInputError,
     GraphError,
@@ -45,6 +35,8 @@ from .errors import (
 from .inputs import ExampleInputs, flatten_values, infer_example_inputs, padded, run, unchecked_outputs
 from .io.sparse import sparsity_report
 from .layers import inconsistency
+from .modules import baked, clone_module, reparametrized
+from .outputs import DEFAULT_TOLERANCE, Outputs, compare, reference_outputs, sliced_note, widened
 from .report.autowidth import WHOLE_STEPS, AutoWidths, GroupChoice, LayerTime, WholeChoice, WidthSearch
 from .report.filters import pruned_filters
 from .report.measure import BACKENDS, Backend, count_macs

@@ -20,7 +20,6 @@ from rich.console import Console
 
 from . import __version__
 from .api import DEFAULT_TIME_LIMIT, compact, default_target, resolve_example_inputs
-from .engine.verify import DEFAULT_TOLERANCE
 from .errors import (
     CompactorError,
     ExampleInputError,
@@ -39,6 +38,7 @@ from .io.atomic import check_output_path, write_atomically
 from .io.hf import is_hf_model
 from .io.load import read_model
 from .io.save import format_for, save_output
+from .outputs import DEFAULT_TOLERANCE
 from .report.report import CompactionReport, render
 from .util import module_depth, run_deep
 
@@ -399,7 +399,7 @@ def _explain(
 ) -> CompactionReport:
     """Where a backend's speedup falls short of the MACs removed, time each rebuilt layer there, dense and
     compacted, for the report's "why not faster" lines (``--round-to auto`` timed its target's already)."""
-    from .engine.masks import baked
+    from .modules import baked
     from .report.probes import BackendTimer, layer_times
     from .report.report import EFFICIENCY_FLOOR, efficiencies
 

@@ -16,10 +16,10 @@ from zoo import CASES, Case
 import compactor
 from compactor.api import default_target
 from compactor.cli import main
-from compactor.engine.masks import baked
 from compactor.engine.plan import Fate
 from compactor.inputs import ExampleInputs
 from compactor.layers import shrinker_for
+from compactor.modules import baked
 from compactor.report.autowidth import RUNOFF, STEPS, TIE, WHOLE_TIE_MAX, WHOLE_TIE_MIN
 from compactor.report.probes import BackendTimer, Probe, _widths_of, layer_times, timed_kind
 from compactor.report.report import EFFICIENCY_FLOOR, why_not_faster

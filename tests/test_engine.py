@@ -432,7 +432,7 @@ def test_fixpoint_walk_matches_torch_pruning(case: Case) -> None:
     from compactor.engine.graph import _is_producer, _pruning_group, _tracing_state
 
     model = case.model()
-    compactor.engine.masks.bake_masks(model)
+    compactor.modules.bake_masks(model)
     x = case.inputs(1)
     with _tracing_state(model):
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)

@@ -239,9 +239,9 @@ class _Cancelling(torch.nn.Module):
 
 
 def test_onnx_check_allows_runtime_rounding_only_as_large_as_torchs_own() -> None:
-    from compactor.engine.verify import NOISE_FACTOR
-    from compactor.engine.verify import runtime_tolerance as _runtime_tolerance
     from compactor.inputs import ExampleInputs
+    from compactor.outputs import NOISE_FACTOR
+    from compactor.outputs import runtime_tolerance as _runtime_tolerance
 
     x = ExampleInputs.of(torch.randn(4, 16, generator=torch.Generator().manual_seed(0)))
     shallow = torch.nn.Sequential(torch.nn.Linear(16, 4)).eval()

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import compactor
-from compactor.engine.verify import Verdict, compare_outputs, sliced_note
 from compactor.inputs import (
     CachePath,
     ExampleInputs,
@@ -23,6 +22,7 @@ from compactor.inputs import (
     padded,
     unchecked_outputs,
 )
+from compactor.outputs import Verdict, compare_outputs, sliced_note
 from compactor.util import shown_path
 
 transformers = pytest.importorskip("transformers")

@@ -75,8 +75,10 @@ def test_no_import_cycle() -> None:
             visit(node)
 
 
-# Each part imports only the parts before it (the base modules errors, inputs, util: anyone).
-LAYERS = ["layers", "engine", "io", "report", "api", "training", "demo", "compactor", "cli"]
+# Each part imports only the parts before it (the base modules errors, inputs, util, outputs, modules: anyone).
+# io and engine are side by side: neither imports the other (cli/api -> engine -> layers; io -> outputs/modules).
+LAYERS = ["layers", "io", "engine", "report", "api", "training", "demo", "compactor", "cli"]
+BASE = ("errors", "inputs", "util", "outputs", "modules")
 
 
 def test_parts_import_only_the_parts_before_them() -> None:
@@ -86,9 +88,19 @@ def test_parts_import_only_the_parts_before_them() -> None:
     for source, targets in _graph().items():
         for target in targets:
             a, b = part(source), part(target)
-            if a == b or b in ("errors", "inputs", "util"):
+            if a == b or b in BASE:
                 continue
             assert a in LAYERS and LAYERS.index(b) < LAYERS.index(a), f"{source} imports {target}"
+
+
+def test_io_is_below_the_engine() -> None:
+    """The writers and loaders compare outputs and clone modules through the base modules, never the engine."""
+    for source, targets in _graph().items():
+        if source.startswith("compactor.io"):
+            assert not any(t.startswith("compactor.engine") for t in targets), f"{source} imports the engine"
+    base = {m for m in _graph() if m.split(".")[-1] in BASE}
+    for module in base:
+        assert all(t.split(".")[1] in BASE for t in _graph()[module] if t.count(".")), module
 
 
 def test_the_tree_shows_the_pipeline() -> None:

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
-from compactor.engine.masks import bake_masks, clone_module, has_pruning_state
+from compactor.modules import bake_masks, clone_module, has_pruning_state
 
 
 class TiedCodec(nn.Module):

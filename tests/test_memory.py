@@ -12,9 +12,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
-from compactor.engine.masks import baked, clone_module, has_pruning_state, wide_clone
 from compactor.engine.rebuild import apply_plans
 from compactor.layers.conv import ConvShrinker
+from compactor.modules import baked, clone_module, has_pruning_state, wide_clone
 
 
 class Net(nn.Module):

@@ -18,8 +18,8 @@ from torch.nn.utils import prune
 from zoo import ChannelsLastFlatten
 
 import compactor
-from compactor.engine.masks import baked
 from compactor.engine.plan import Fate
+from compactor.modules import baked
 
 RTOL, ATOL = 1e-4, 1e-5
 

@@ -13,9 +13,9 @@ from torch import nn
 
 import compactor
 from compactor.engine import graph
-from compactor.engine.masks import baked, clone_module
 from compactor.engine.plan import Fate
 from compactor.layers import own_forward
+from compactor.modules import baked, clone_module
 from compactor.report.measure import count_macs
 
 

@@ -12,11 +12,11 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
-from compactor.engine.masks import bake_masks, clone_module
 from compactor.errors import ExportError, InputFileError, StateDictError
 from compactor.io import save as formats
 from compactor.io import sparse
 from compactor.io.sparse import sparsity_report
+from compactor.modules import bake_masks, clone_module
 
 X = example_input()
 

@@ -69,7 +69,7 @@ def test_walks_settle_where_branches_split_and_join(name: str) -> None:
     reason), and the compacted model computes the masked model's outputs."""
     build, shape = SPLIT_AND_JOIN[name]
     model = _masked(build, shape)
-    groups = build_groups(compactor.engine.masks.baked(model), ExampleInputs((torch.randn(*shape),), {}))
+    groups = build_groups(compactor.modules.baked(model), ExampleInputs((torch.randn(*shape),), {}))
     assert groups and not [g.root for g in groups if any(UNSETTLED in i for i in g.issues)]
     _compact(model, shape)
 

@@ -48,8 +48,8 @@ from torch import nn
 
 from ..inputs import ExampleInputs, run
 from ..layers import Side, shrinker_for
+from ..modules import baked
 from ..util import eval_mode_restored
-from .masks import baked
 
 
 class HeadFate(str, Enum):

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..layers import Side, shrinker_for
+from ..modules import clone_module
 from ..util import set_submodule
-from .masks import clone_module
 from .plan import GroupPlan, apply_compensation
 
 

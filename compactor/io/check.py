@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from ..engine.verify import Outputs, compare
 from ..errors import ExportError
 from ..inputs import ExampleInputs
+from ..outputs import Outputs, compare
 
 
 def expect_same(

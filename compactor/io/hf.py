@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.verify import Outputs, compare
 from ..errors import InputFileError, OutputPathError, UnsafeCodeError, first_line
 from ..inputs import ExampleInputs
+from ..outputs import Outputs, compare
 from .atomic import umask
 from .safetensors import MANIFEST_KEY, read_metadata, write_safetensors
 
@@ -125,7 +125,7 @@ def _write_uniform(
     give the outputs back (then the manifest layout is written instead)."""
     import transformers
 
-    from ..engine.masks import clone_module
+    from ..modules import clone_module
 
     clone: Any = clone_module(model)
     clone.config = config

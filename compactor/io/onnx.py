@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.verify import DEFAULT_TOLERANCE, compare_outputs, runtime_tolerance
 from ..errors import ExportError, first_line
 from ..inputs import ExampleInputs, flatten_outputs
+from ..outputs import DEFAULT_TOLERANCE, compare_outputs, runtime_tolerance
 from .shapes import (
     ExportShapes,
     asked_dims,

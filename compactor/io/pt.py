@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.verify import Outputs
 from ..errors import InputFileError, UnsafePickleError, first_line
 from ..inputs import ExampleInputs
+from ..outputs import Outputs
 from ..util import picklable
 from .arch import make_cwd_importable
 from .atomic import write_atomically

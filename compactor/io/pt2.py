@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.verify import Outputs, reference_outputs
 from ..errors import ExportError, InputFileError, first_line
 from ..inputs import ExampleInputs
+from ..outputs import Outputs, reference_outputs
 from .check import CallableModule, expect_same
 from .pt2_members import check_members
 from .shapes import (

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.verify import Outputs
 from ..errors import ExportError, InputFileError, StateDictError, first_line
 from ..inputs import ExampleInputs
 from ..layers import Side, shrinker_for
+from ..outputs import Outputs
 from ..util import set_submodule
 from .arch import Arch, build_arch
 from .check import expect_same
@@ -56,7 +56,7 @@ def write_safetensors(
 
 
 def _same_model(model: nn.Module) -> Arch:
-    from ..engine.masks import clone_module
+    from ..modules import clone_module
 
     return lambda: clone_module(model)
 

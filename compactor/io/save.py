@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.masks import baked
-from ..engine.verify import DEFAULT_TOLERANCE, reference_outputs
 from ..errors import UnsupportedFormatError
 from ..inputs import ExampleInputs
+from ..modules import baked
+from ..outputs import DEFAULT_TOLERANCE, reference_outputs
 from ..util import eval_mode_restored
 from .arch import Arch
 from .atomic import write_atomically

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.masks import baked
 from ..errors import ExportError, InputFileError, StateDictError, first_line
+from ..modules import baked
 from .arch import Arch, build_arch
 from .atomic import write_atomically
 from .manifest import check_sparse_parts, parse_sparse_index

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..engine.masks import baked, clone_module
 from ..errors import CompactorError
 from ..inputs import ExampleInputs
+from ..modules import baked, clone_module
 from ..util import eval_mode_restored
 
 Backend = Literal["torch-cpu", "onnxruntime-cpu", "cuda"]

@@ -15,8 +15,8 @@ from rich.table import Table
 from torch import nn
 
 from ..engine.plan import IGNORED, Fate, GroupPlan
-from ..engine.verify import Outputs, depends_on_input
 from ..layers import Role, shrinker_for
+from ..outputs import Outputs, depends_on_input
 from ..util import picklable
 from .filters import PrunedFilter, kept_by_layer, spans, summary
 

@@ -24,9 +24,9 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
     ) from e
 
 from ..api import compact, resolve_example_inputs
-from ..engine.verify import DEFAULT_TOLERANCE
 from ..io.atomic import check_output_path
 from ..io.save import save_output
+from ..outputs import DEFAULT_TOLERANCE
 from ..report.report import CompactionReport
 from ..util import set_submodule
 from .finetune import KeepPruned, keep_pruned

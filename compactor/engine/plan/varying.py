@@ -32,8 +32,8 @@ from torch import nn
 
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, role_of
+from ...modules import wide_clone
 from ..graph import ChannelGroup, Kind, Member
-from ..masks import wide_clone
 from .base import ChannelFate, Fate, Fold, InputStats, Merge, Modules, mixing, shrinker_at
 from .compensate import fold
 from .observe import run_with_hooks
