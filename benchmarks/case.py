@@ -27,8 +27,8 @@ from torch import nn
 import compactor
 from compactor.errors import ExportError
 from compactor.io.onnx import check_onnx, export_onnx
+from compactor.measure.timing import count_macs, latency
 from compactor.modules import bake_masks
-from compactor.report.measure import count_macs, latency
 from compactor.report.report import why_not_faster
 
 from .models import ZOO
@@ -92,7 +92,7 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
     reset = _reset_peak_rss()
     kwargs: dict[str, Any] = {"round_to": spec.round_to} if spec.round_to else {}
     if spec.round_to == "auto":
-        from compactor.report.probes import BackendTimer
+        from compactor.measure.probes import BackendTimer
 
         kwargs["timer"] = BackendTimer(spec.target or "torch-cpu", threads=spec.threads)  # type: ignore[arg-type]
     stages = _StagePeaks(reset)
@@ -139,7 +139,7 @@ def _measure(spec: CaseSpec, result: dict[str, Any]) -> None:
 def _side_by_side(spec: CaseSpec, result: dict[str, Any]) -> None:
     """One model compacted at each of ``spec.side_by_side``; per backend, dense and every variant timed in
     one interleaved run (``round_to=auto`` compacted for that backend)."""
-    from compactor.report.probes import BackendTimer
+    from compactor.measure.probes import BackendTimer
 
     torch.set_num_threads(spec.threads)
     model, inputs = ZOO[spec.model].make(spec.sparsity, quick=spec.quick)

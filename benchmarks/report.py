@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from compactor.report.autowidth import WHOLE_TIE_MAX
-from compactor.report.measure import Gap, paired_gap
+from compactor.engine.plan.autowidth import WHOLE_TIE_MAX
+from compactor.measure.timing import Gap, paired_gap
 
 LATENCY_BACKENDS = ("torch-cpu", "onnxruntime-cpu", "cuda")
 GIB = 1024**3

@@ -22,6 +22,7 @@ from .engine.graph import build_groups
 from .engine.heads import HeadChange, compact_heads, head_layers
 from .engine.masks import check_unwritten, masked_view
 from .engine.plan import GroupPlan, Planner, consumer_layers, observe_inputs
+from .engine.plan.autowidth import WHOLE_STEPS, AutoWidths, GroupChoice, LayerTime, WholeChoice, WidthSearch
 from .engine.verify import Log, decide, same_plans
 from .errors import (
     ExampleInputError,
@@ -35,12 +36,11 @@ from .errors import (
 from .inputs import ExampleInputs, flatten_values, infer_example_inputs, padded, run, unchecked_outputs
 from .io.sparse import sparsity_report
 from .layers import inconsistency
+from .measure.probes import BackendTimer, Timer, rounds_of
+from .measure.timing import BACKENDS, Backend, count_macs
 from .modules import baked, clone_module, reparametrized
 from .outputs import DEFAULT_TOLERANCE, Outputs, compare, reference_outputs, sliced_note, widened
-from .report.autowidth import WHOLE_STEPS, AutoWidths, GroupChoice, LayerTime, WholeChoice, WidthSearch
 from .report.filters import pruned_filters
-from .report.measure import BACKENDS, Backend, count_macs
-from .report.probes import BackendTimer, Timer, rounds_of
 from .report.report import (
     CompactionReport,
     count_params,
@@ -82,7 +82,7 @@ def compact(
     ``"onnxruntime-cpu"``, ``"cuda"``; default: ``"cuda"`` for a model on a GPU, else ``"torch-cpu"``) and
     keep the fastest (``report.extra["auto"]``: the candidates, the time spent, the whole model timed dense
     and compacted, and a warning naming the layers responsible if it is still slower). ``timer``: a
-    :class:`~compactor.report.probes.Timer` to measure with instead (one thread by default). ``uniform``: every layer of a kind (the same name but
+    :class:`~compactor.measure.probes.Timer` to measure with instead (one thread by default). ``uniform``: every layer of a kind (the same name but
     for block numbers) keeps the same width, the largest, so that a Hugging Face config can state it.
 
     Outputs are compared with the masked model on the example inputs and fresh ones; a group whose removal

@@ -375,7 +375,7 @@ def _measure(
     args: argparse.Namespace,
     err: Console,
 ) -> CompactionReport:
-    from .report.measure import bench, count_macs
+    from .measure.timing import bench, count_macs
 
     if not args.bench:
         return report.with_extra(
@@ -399,8 +399,8 @@ def _explain(
 ) -> CompactionReport:
     """Where a backend's speedup falls short of the MACs removed, time each rebuilt layer there, dense and
     compacted, for the report's "why not faster" lines (``--round-to auto`` timed its target's already)."""
+    from .measure.probes import BackendTimer, layer_times
     from .modules import baked
-    from .report.probes import BackendTimer, layer_times
     from .report.report import EFFICIENCY_FLOOR, efficiencies
 
     auto_target = report.extra.get("auto", {}).get("target")
@@ -413,7 +413,7 @@ def _explain(
 
 
 def _backends(args: argparse.Namespace) -> tuple[str, ...]:
-    from .report.measure import BACKENDS
+    from .measure.timing import BACKENDS
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in BACKENDS]
@@ -509,7 +509,7 @@ def _compact(
         "time_limit": args.time_limit or None,
     }
     if args.round_to == "auto":
-        from .report.probes import BackendTimer
+        from .measure.probes import BackendTimer
 
         target = args.target or default_target(model, args.kind)
         options["timer"] = BackendTimer(target, threads=args.threads)

@@ -17,11 +17,11 @@ import compactor
 from compactor.api import default_target
 from compactor.cli import main
 from compactor.engine.plan import Fate
+from compactor.engine.plan.autowidth import RUNOFF, STEPS, TIE, WHOLE_TIE_MAX, WHOLE_TIE_MIN
 from compactor.inputs import ExampleInputs
 from compactor.layers import shrinker_for
+from compactor.measure.probes import BackendTimer, Probe, _widths_of, layer_times, timed_kind
 from compactor.modules import baked
-from compactor.report.autowidth import RUNOFF, STEPS, TIE, WHOLE_TIE_MAX, WHOLE_TIE_MIN
-from compactor.report.probes import BackendTimer, Probe, _widths_of, layer_times, timed_kind
 from compactor.report.report import EFFICIENCY_FLOOR, why_not_faster
 
 

@@ -25,7 +25,7 @@ from benchmarks.report import (
     targets,
     why_section,
 )
-from compactor.report.measure import paired_gap
+from compactor.measure.timing import paired_gap
 
 ROOT = Path(__file__).resolve().parents[1]
 

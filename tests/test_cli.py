@@ -355,7 +355,7 @@ def test_trust_pickle_is_explicit(workdir: Path) -> None:
 
 
 def test_counting_macs_leaves_a_training_model_unchanged() -> None:
-    from compactor.report.measure import count_macs
+    from compactor.measure.timing import count_macs
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -76,8 +76,9 @@ def test_no_import_cycle() -> None:
 
 
 # Each part imports only the parts before it (the base modules errors, inputs, util, outputs, modules: anyone).
-# io and engine are side by side: neither imports the other (cli/api -> engine -> layers; io -> outputs/modules).
-LAYERS = ["layers", "io", "engine", "report", "api", "training", "demo", "compactor", "cli"]
+# io and engine are side by side: the engine never imports io, io never the engine (cli/api -> engine -> layers;
+# io -> outputs/modules); measure (timing on each backend, ONNX Runtime among them) sits between them.
+LAYERS = ["layers", "io", "measure", "engine", "report", "api", "training", "demo", "compactor", "cli"]
 BASE = ("errors", "inputs", "util", "outputs", "modules")
 
 
@@ -94,10 +95,13 @@ def test_parts_import_only_the_parts_before_them() -> None:
 
 
 def test_io_is_below_the_engine() -> None:
-    """The writers and loaders compare outputs and clone modules through the base modules, never the engine."""
+    """The writers and loaders compare outputs and clone modules through the base modules, never the engine;
+    the engine reads and writes no file."""
     for source, targets in _graph().items():
         if source.startswith("compactor.io"):
             assert not any(t.startswith("compactor.engine") for t in targets), f"{source} imports the engine"
+        if source.startswith("compactor.engine"):
+            assert not any(t.startswith("compactor.io") for t in targets), f"{source} imports io"
     base = {m for m in _graph() if m.split(".")[-1] in BASE}
     for module in base:
         assert all(t.split(".")[1] in BASE for t in _graph()[module] if t.count(".")), module
@@ -105,11 +109,18 @@ def test_io_is_below_the_engine() -> None:
 
 def test_the_tree_shows_the_pipeline() -> None:
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
-    assert folders == ["engine", "io", "layers", "report", "training"]
+    assert folders == ["engine", "io", "layers", "measure", "report", "training"]
     stages = sorted(p.stem for p in (PACKAGE / "engine").iterdir() if not p.name.startswith("__"))
     assert stages == ["coverage", "graph", "groups", "heads", "labels", "masks", "plan", "rebuild", "verify"]
     plan = sorted(p.stem for p in (PACKAGE / "engine" / "plan").iterdir() if not p.name.startswith("__"))
-    assert plan == ["base", "compensate", "fates", "observe", "varying", "widths"]
+    assert plan == ["autowidth", "base", "compensate", "fates", "observe", "varying", "widths"]
+    measure = sorted(p.stem for p in (PACKAGE / "measure").iterdir() if not p.name.startswith("__"))
+    assert measure == ["probes", "timing"]
+    assert sorted(p.stem for p in (PACKAGE / "report").iterdir() if not p.name.startswith("__")) == [
+        "filters",
+        "report",
+        "sparsity",
+    ]
 
 
 def test_only_the_graph_adapter_knows_torch_pruning() -> None:

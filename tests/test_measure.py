@@ -13,7 +13,7 @@ from torch.nn.utils import prune
 
 import compactor
 from compactor.errors import CompactorError, ExportError
-from compactor.report.measure import Timing, count_macs, latency, paired_gap
+from compactor.measure.timing import Timing, count_macs, latency, paired_gap
 
 # --- MACs: one tiny module per case, the expected count worked out by hand ----------------------------
 
@@ -249,7 +249,7 @@ def _perturbed(model: nn.Module) -> nn.Module:
 
 
 def test_bench_feeds_the_report(compacted_cnn: tuple[nn.Module, nn.Module, torch.Tensor]) -> None:
-    from compactor.report.measure import bench
+    from compactor.measure.timing import bench
 
     masked, small, x = compacted_cnn
     _, report = compactor.compact(masked, x)

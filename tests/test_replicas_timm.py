@@ -15,8 +15,8 @@ import compactor
 from compactor.engine import graph
 from compactor.engine.plan import Fate
 from compactor.layers import own_forward
+from compactor.measure.timing import count_macs
 from compactor.modules import baked, clone_module
-from compactor.report.measure import count_macs
 
 
 def _compact(

@@ -26,7 +26,8 @@ A GroupNorm loses whole groups only, a grouped conv as many channels from each o
 See ``docs/EXACTNESS.md`` for the math. The plan is data: the rebuild stage applies it to a copy, and
 the verify stage decides whether it ships.
 
-Modules: ``base`` (the plan's data), ``observe`` (run the model, record what each consumer reads),
+Modules: ``base`` (the plan's data), ``autowidth`` (``round_to="auto"``: each group's width chosen by timing
+its candidates with :mod:`compactor.measure`), ``observe`` (run the model, record what each consumer reads),
 ``fates`` (decide each channel's fate), ``compensate`` (fold and merge constants: plan and apply),
 ``varying`` (position-varying constants: profile over border patterns, basis and merges),
 ``widths`` (what widths a layer can take: GroupNorm groups, grouped convs, ``round_to``).

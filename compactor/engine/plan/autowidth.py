@@ -40,13 +40,14 @@ from typing import Any
 
 from torch import nn
 
-from ..engine.plan import Fate, GroupPlan, Planner, WidthTarget
-from ..engine.rebuild import apply_plans
-from ..errors import first_line
-from ..inputs import ExampleInputs
-from ..layers import Side, width
-from .measure import Gap, paired_gap
-from .probes import Probe, Seen, Timer, probe, rebuilt, record_inputs, rounds_of, timed_kind
+from ...errors import first_line
+from ...inputs import ExampleInputs
+from ...layers import Side, width
+from ...measure.probes import Probe, Seen, Timer, probe, rebuilt, record_inputs, rounds_of, timed_kind
+from ...measure.timing import Gap, paired_gap
+from ..rebuild import apply_plans
+from .base import Fate, GroupPlan, WidthTarget
+from .fates import Planner
 
 STEPS = (8, 16, 32, 64)
 TIE = 0.03  # a wider candidate is chosen only when more than 3% faster than every narrower one

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..inputs import ExampleInputs
 from ..layers import Role, Side, shrinker_for
-from .measure import Backend, latency
+from .timing import Backend, latency
 
 
 @dataclass(frozen=True)
