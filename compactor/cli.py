@@ -9,7 +9,6 @@ import shutil
 import sys
 import tempfile
 import traceback
-import zipfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,10 +32,10 @@ from .errors import (
     UnverifiedPathError,
     VerificationError,
 )
-from .inputs import ExampleInputs, parse_shape
+from .inputs import ExampleInputs, from_shape_specs
 from .io.atomic import check_output_path, write_atomically
 from .io.hf import is_hf_model
-from .io.load import read_model
+from .io.load import read_example_inputs, read_model
 from .io.save import format_for, save_output
 from .outputs import DEFAULT_TOLERANCE
 from .report.report import CompactionReport, render
@@ -564,61 +563,10 @@ def _example_inputs(args: argparse.Namespace) -> ExampleInputs | None:
     if args.example_inputs and args.input_shape:
         raise ExampleInputError("give either --example-inputs or --input-shape, not both")
     if args.example_inputs:
-        return _load_example_inputs(Path(args.example_inputs))
+        return read_example_inputs(Path(args.example_inputs))
     if args.input_shape:
-        return _inputs_from_shapes(args.input_shape)
+        return from_shape_specs(args.input_shape)
     return None  # compact() infers a shape where the first layer fixes it, or says which flag to add
-
-
-def _load_example_inputs(path: Path) -> ExampleInputs:
-    if not path.is_file():
-        raise ExampleInputError(
-            f"--example-inputs {path} does not exist; save one with torch.save(x, '{path}')"
-        )
-    from .io.safe_globals import check_archive, check_calls, check_tensors
-
-    try:
-        if zipfile.is_zipfile(
-            path
-        ):  # the same checks as a model file: no bombs, no calls torch.save never makes
-            check_archive(path)
-            check_calls(path, {})
-        value = torch.load(path, map_location="cpu", weights_only=True)
-        check_tensors(value, path)
-    except CompactorError:
-        raise
-    except Exception as e:  # torch raises many types for non-torch files
-        raise ExampleInputError(
-            f"--example-inputs {path} is not a torch.save'd tensor, tuple/list or dict of tensors ({type(e).__name__})"
-        ) from e
-    return ExampleInputs.of(value)
-
-
-def _inputs_from_shapes(specs: list[str]) -> ExampleInputs:
-    generator = torch.Generator().manual_seed(0)
-    tensors = []
-    for spec in specs:
-        shape_text, _, dtype_text = spec.partition(":")
-        shape = parse_shape(shape_text)
-        dtype = _dtype(dtype_text or "float32")
-        if math.prod(shape) * max(dtype.itemsize, 4) > 2**33:  # 8 GiB: more than any example needs
-            raise ExampleInputError(
-                f"--input-shape {spec}: {math.prod(shape):,} values is too large for an example input"
-            )
-        if dtype.is_floating_point or dtype.is_complex:
-            tensors.append(torch.randn(shape, generator=generator).to(dtype))
-        elif dtype == torch.bool:
-            tensors.append(torch.randint(0, 2, shape, generator=generator).bool())
-        else:
-            tensors.append(torch.randint(0, 10, shape, generator=generator, dtype=dtype))
-    return ExampleInputs(args=tuple(tensors))
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.strip(), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ExampleInputError(f"unknown dtype {name!r} in --input-shape; use e.g. float32, float16, int64")
-    return dtype
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -196,9 +197,34 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def from_shapes(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype = torch.float32) -> ExampleInputs:
+def from_shape_specs(specs: Sequence[str]) -> ExampleInputs:
+    """Random example inputs from ``--input-shape`` specs (``"1,3,224,224"``, ``"1,128:int64"``): floats from a
+    normal distribution, integers in ``[0, 10)``, bools; seeded, so runs repeat. The one random-input builder
+    (:func:`infer_example_inputs` uses it too)."""
     generator = torch.Generator().manual_seed(0)
-    return ExampleInputs(args=tuple(torch.randn(s, generator=generator, dtype=dtype) for s in shapes))
+    tensors = []
+    for spec in specs:
+        shape_text, _, dtype_text = spec.partition(":")
+        shape = parse_shape(shape_text)
+        dtype = _spec_dtype(dtype_text or "float32")
+        if math.prod(shape) * max(dtype.itemsize, 4) > 2**33:  # 8 GiB: more than any example needs
+            raise ExampleInputError(
+                f"--input-shape {spec}: {math.prod(shape):,} values is too large for an example input"
+            )
+        if dtype.is_floating_point or dtype.is_complex:
+            tensors.append(torch.randn(shape, generator=generator).to(dtype))
+        elif dtype == torch.bool:
+            tensors.append(torch.randint(0, 2, shape, generator=generator).bool())
+        else:
+            tensors.append(torch.randint(0, 10, shape, generator=generator, dtype=dtype))
+    return ExampleInputs(args=tuple(tensors))
+
+
+def _spec_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.strip(), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ExampleInputError(f"unknown dtype {name!r} in --input-shape; use e.g. float32, float16, int64")
+    return dtype
 
 
 def infer_example_inputs(model: nn.Module) -> ExampleInputs | None:
@@ -214,7 +240,9 @@ def infer_example_inputs(model: nn.Module) -> ExampleInputs | None:
             shape = (1, module.in_features)
         if shape is not None:
             why = f"{name or 'the model'} ({type(module).__name__}) reads {shape[1]} channels"
-            return replace(from_shapes([shape]), guess=f"{','.join(map(str, shape))} ({why})")
+            return replace(
+                from_shape_specs([",".join(map(str, shape))]), guess=f"{','.join(map(str, shape))} ({why})"
+            )
         if isinstance(
             module, (nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention, nn.TransformerEncoderLayer)
         ):

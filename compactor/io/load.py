@@ -10,16 +10,20 @@ state_dict or Lightning checkpoint given the architecture), and returns the mode
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from ..errors import InputFileError
+from ..errors import CompactorError, ExampleInputError, InputFileError
+from ..inputs import ExampleInputs
 from ..util import run_deep
 from .arch import Arch
 from .hf import is_hf_dir, load_hf
 from .pt import read_module
 from .pt2 import read_pt2
+from .safe_globals import check_archive, check_calls, check_tensors
 from .state_dict import load_state_dict_model
 
 
@@ -98,3 +102,30 @@ def read_model(
             f"{file} could not be read ({e.strerror or e}); check that it exists and stays in place while "
             f"compact runs"
         ) from e
+
+
+def read_example_inputs(path: str | os.PathLike[str]) -> ExampleInputs:
+    """Example inputs saved with ``torch.save`` (a tensor, a tuple/list, or a dict of keyword tensors), read
+    with the same checks as a model file (no archive bombs, no calls ``torch.save`` never makes) and
+    ``weights_only`` unpickling: ``--example-inputs`` and anything else that takes them from a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExampleInputError(
+            f"--example-inputs {path} does not exist; save one with torch.save(x, '{path}')"
+        )
+
+    try:
+        if zipfile.is_zipfile(
+            path
+        ):  # the same checks as a model file: no bombs, no calls torch.save never makes
+            check_archive(path)
+            check_calls(path, {})
+        value = torch.load(path, map_location="cpu", weights_only=True)
+        check_tensors(value, path)
+    except CompactorError:
+        raise
+    except Exception as e:  # torch raises many types for non-torch files
+        raise ExampleInputError(
+            f"--example-inputs {path} is not a torch.save'd tensor, tuple/list or dict of tensors ({type(e).__name__})"
+        ) from e
+    return ExampleInputs.of(value)
