@@ -19,6 +19,7 @@ from torch import nn
 
 from .engine.coverage import Coverage, Paths, check_train_mode, find_paths, hold_train_only, watch
 from .engine.graph import build_groups
+from .engine.groups import ANALYSES, Analysis
 from .engine.heads import HeadChange, compact_heads, head_layers
 from .engine.masks import check_unwritten, masked_view
 from .engine.plan import GroupPlan, Planner, consumer_layers, observe_inputs
@@ -70,6 +71,7 @@ def compact(
     time_limit: float | None = DEFAULT_TIME_LIMIT,
     target: Backend | None = None,
     timer: Timer | None = None,
+    analysis: Analysis = "auto",
 ) -> tuple[nn.Module, CompactionReport]:
     """Return a physically smaller copy of ``model`` that computes the same function, and a report.
 
@@ -95,6 +97,10 @@ def compact(
     (:class:`~compactor.errors.UnverifiedPathError`). Layers that run only in train mode keep the channels
     they read, and the compacted model's train-mode outputs are checked for structure and shape.
 
+    ``analysis``: which channel analysis couples the layers: ``"auto"`` (Torch-Pruning's graph where it can
+    be trusted, compactor's own channel labels where it cannot), or ``"torch-pruning"`` / ``"labels"`` alone,
+    to compare them; the verification judges every one.
+
     ``time_limit``: seconds (None: no limit); past it, :class:`~compactor.errors.TimeLimitError` names the
     part that could not be analysed, and nothing is returned.
     """
@@ -103,10 +109,14 @@ def compact(
         raise ValueError(f"round_to must be a positive integer or 'auto', found {round_to!r}")
     if target is not None and target not in BACKENDS:
         raise ValueError(f"target must be one of {', '.join(BACKENDS)}, found {target!r}")
+    if analysis not in ANALYSES:
+        raise ValueError(f"analysis must be one of {', '.join(ANALYSES)}, found {analysis!r}")
 
     def work() -> tuple[nn.Module, CompactionReport]:
         with deadline(time_limit):
-            return _compact(model, example_inputs, tolerance, log, round_to, strict, uniform, target, timer)
+            return _compact(
+                model, example_inputs, tolerance, log, round_to, strict, uniform, target, timer, analysis
+            )
 
     return run_deep(work, module_depth(model))
 
@@ -121,6 +131,7 @@ def _compact(
     uniform: bool,
     target: Backend | None,
     timer: Timer | None,
+    analysis: Analysis,
 ) -> tuple[nn.Module, CompactionReport]:
     auto = round_to == "auto"
     step = 1 if auto else cast(int, round_to)
@@ -178,7 +189,7 @@ def _compact(
     untraced: list[str] = []
     with _timed(seconds, "graph"):
         try:
-            groups = build_groups(d_baked, d_runs[0])
+            groups = build_groups(d_baked, d_runs[0], analysis=analysis)
         except GraphError as e:  # a tracer failure never ends the run: every channel is kept, and said so
             groups, untraced = [], [f"{e}: no channel was removed (attention heads may still go)"]
         if (
@@ -186,7 +197,7 @@ def _compact(
         ):  # couple what runs only in train mode too, and keep the channels it reads
             say("tracing train-mode channel dependencies")
             try:
-                train_groups = build_groups(clone_module(d_baked), d_runs[0], train=True)
+                train_groups = build_groups(clone_module(d_baked), d_runs[0], train=True, analysis=analysis)
                 groups = hold_train_only(groups, train_groups, set(paths.train_only))
             except GraphError as e:  # what the train-mode paths read is unknown: every group stays whole
                 why = f"the train-mode forward could not be traced ({e})"

@@ -16,6 +16,7 @@ from zoo import mask_channels, perturb_norms, zero_bn
 
 import compactor
 from compactor.engine import graph
+from compactor.engine.groups import Analysis
 from compactor.engine.labels import label_groups
 from compactor.inputs import ExampleInputs
 
@@ -224,15 +225,14 @@ def test_both_analyses_agree_on_a_plain_residual_net(analysis: str, monkeypatch:
     from zoo import CASES
 
     case = next(c for c in CASES if c.name == "residual_block")
-    monkeypatch.setattr(graph, "ANALYSIS", analysis)
     model = case.model()
-    groups = graph.build_groups(model, ExampleInputs.of(case.inputs()))
+    groups = graph.build_groups(model, ExampleInputs.of(case.inputs()), analysis=analysis)
     found = {
         g.root: sorted((m.name, m.side.value, m.idxs) for m in g.layers())
         for g in groups
         if any(m.idxs and any(m.idxs) for m in g.layers())
     }
-    monkeypatch.setattr(graph, "ANALYSIS", "torch-pruning" if analysis == "labels" else "labels")
-    other = graph.build_groups(model, ExampleInputs.of(case.inputs()))
+    other_analysis: Analysis = "torch-pruning" if analysis == "labels" else "labels"
+    other = graph.build_groups(model, ExampleInputs.of(case.inputs()), analysis=other_analysis)
     other_sets = {frozenset((m.name, m.side.value, m.idxs) for m in g.layers()) for g in other}
     assert {frozenset(v) for v in found.values()} == other_sets

@@ -250,10 +250,7 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
         return SimpleNamespace(items=items)
 
     monkeypatch.setattr(compactor.engine.graph, "_pruning_group", corrupt)
-    monkeypatch.setattr(
-        compactor.engine.graph, "ANALYSIS", "torch-pruning"
-    )  # its own answer, not the labels'
-    model, small, report = _compact(case)
+    model, small, report = _compact(case, analysis="torch-pruning")  # its own answer, not the labels'
     _check_outputs(model, small, case, report)
     assert any("b3.0" in issue for issue in report.extra["graph_issues"]), report.extra
     b0 = [z for z in report.zeroed if z.layer == "b0.0"]
@@ -346,7 +343,6 @@ def test_rounding_does_not_restore_exact_groups() -> None:
 def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """``Conv2d(32, 16, groups=16)``: Torch-Pruning couples its 16 outputs with the first 16 channels of its
     32 inputs, as if depthwise. That coupling is wrong, so those groups keep every channel, with the reason."""
-    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", "torch-pruning")
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 16, 3, 1, 1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
@@ -362,7 +358,7 @@ def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole(monkeypatch: pytes
     model.eval()
     x = torch.randn(2, 3, 8, 8)
 
-    small, report = compactor.compact(model, x)
+    small, report = compactor.compact(model, x, analysis="torch-pruning")
 
     assert [(m.in_channels, m.out_channels) for m in (small[0], small[2], small[5])] == [
         (3, 32),

@@ -17,7 +17,6 @@ from torch import nn
 from zoo import mask_channels
 
 import compactor
-from compactor.engine import graph
 from compactor.engine.labels import label_groups
 from compactor.inputs import ExampleInputs
 
@@ -105,8 +104,7 @@ def _net(kind: str, zero: dict[str, list[int]], bias: dict[int, float] | None = 
 def _compact(
     model: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[nn.Module, dict[tuple[str, int], tuple[str, str]]]:
-    monkeypatch.setattr(graph, "ANALYSIS", "labels")
-    small, report = compactor.compact(model, torch.randn(X))
+    small, report = compactor.compact(model, torch.randn(X), analysis="labels")
     with torch.no_grad():
         for shape in (X, OTHER):
             for seed in (3, 4):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import compactor
-from compactor.engine import graph
+from compactor.engine.groups import Analysis
 from compactor.engine.plan import Fate
 from compactor.layers import own_forward
 from compactor.measure.timing import count_macs
@@ -20,12 +20,12 @@ from compactor.modules import baked, clone_module
 
 
 def _compact(
-    make: Callable[[], nn.Module], shape: tuple[int, ...]
+    make: Callable[[], nn.Module], shape: tuple[int, ...], analysis: Analysis = "auto"
 ) -> tuple[nn.Module, nn.Module, Any, torch.Tensor]:
     torch.manual_seed(0)
     model = R.masked(make(), shape)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
-    small, report = compactor.compact(model, x)
+    small, report = compactor.compact(model, x, analysis=analysis)
     torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
     fates = report.to_dict()["zeroed"]
     assert [
@@ -171,8 +171,7 @@ def test_count_macs_leaves_requires_grad_as_it_was() -> None:
 
 def test_ghostnet_cat_of_a_depthwise_conv_is_kept_by_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
     """Torch-Pruning's answer, checked by the adapter (``auto`` answers with compactor's labels here: below)."""
-    monkeypatch.setattr(graph, "ANALYSIS", "torch-pruning")
-    model, small, fates, _ = _compact(R.GhostNet, (1, 3, 32, 32))
+    model, small, fates, _ = _compact(R.GhostNet, (1, 3, 32, 32), "torch-pruning")
     dense, widths = baked(model), _widths(small)
     # the cat of a depthwise conv's input and output: no channel of it is listed as removable
     for root in ("blocks.1.se.conv_expand", "blocks.1.shortcut.2", "conv_stem"):
@@ -193,8 +192,7 @@ def test_ghostnet_cat_of_a_depthwise_conv_is_kept_by_prediction(monkeypatch: pyt
 
 def test_sk_resnet_split_attention_is_kept_by_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
     """Torch-Pruning's answer, checked by the adapter (``auto`` answers with compactor's labels here: below)."""
-    monkeypatch.setattr(graph, "ANALYSIS", "torch-pruning")
-    model, small, fates, _ = _compact(R.SKResNet, (1, 3, 16, 16))
+    model, small, fates, _ = _compact(R.SKResNet, (1, 3, 16, 16), "torch-pruning")
     dense, widths = baked(model), _widths(small)
     for b in range(2):
         sk = f"layer1.{b}.conv2"
@@ -244,8 +242,7 @@ def test_the_labels_predict_the_same_widths_as_torch_pruning(
     answer): every width equals Torch-Pruning's, nothing is found by failed verification, and the channels
     of the literal slice or split stay with that reason."""
     _, small_labels, fates, _ = _compact(make, shape)
-    monkeypatch.setattr(graph, "ANALYSIS", "torch-pruning")
-    _, small_tp, _, _ = _compact(make, shape)
+    _, small_tp, _, _ = _compact(make, shape, "torch-pruning")
     assert _widths(small_labels) == _widths(small_tp)
     assert all(reason in r for r in _reasons(fates, cut)) and _reasons(fates, cut)
 

@@ -13,7 +13,6 @@ from torch import nn
 from zoo import mask_channels
 
 import compactor
-from compactor.engine import graph
 from compactor.inputs import ExampleInputs, grown
 
 X = (2, 3, 8, 8)
@@ -79,9 +78,8 @@ def test_a_constant_that_depends_on_the_size_stays(
 ) -> None:
     """``softmax`` over positions makes the dead channel ``1 / W``, a sum ``k * H * W``: one constant at the
     example's size, another at 6x10. Kept (with the reason), the compacted model is exact at both."""
-    monkeypatch.setattr(graph, "ANALYSIS", analysis)
     model = _fresh(Net(kind))
-    small, report = compactor.compact(model, torch.randn(X))
+    small, report = compactor.compact(model, torch.randn(X), analysis=analysis)
     _check(small, model, (X, OTHER))
     fates = {(z.layer, z.channel): (z.fate, z.reason) for z in report.zeroed}
     fate, why = fates[("a", 1)]
@@ -98,9 +96,8 @@ def test_a_zero_padded_pool_constant_at_a_tiny_size_stays(
 ) -> None:
     """At 1x1 a zero-padded 3x3 average pool makes the dead channel ``k / 9``, at 2x2 ``4k / 9``, and it
     varies with position beyond: kept, exact at 6x10."""
-    monkeypatch.setattr(graph, "ANALYSIS", analysis)
     model = _fresh(Net("pool"))
-    small, report = compactor.compact(model, torch.randn(2, 3, 1, 1))
+    small, report = compactor.compact(model, torch.randn(2, 3, 1, 1), analysis=analysis)
     _check(small, model, ((2, 3, 1, 1), OTHER))
     fate, why = next((z.fate, z.reason) for z in report.zeroed if (z.layer, z.channel) == ("a", 1))
     assert fate == "kept: varies with position" and "depends on the input's size" in why
@@ -111,9 +108,8 @@ def test_a_zero_padded_pool_constant_at_a_tiny_size_stays(
 @pytest.mark.parametrize("analysis", ANALYSES)
 def test_a_plain_constant_is_still_folded(analysis: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``relu(0.7)`` into a 1x1 conv is 0.7 at every size: folded into ``b``'s bias, exact at 6x10 too."""
-    monkeypatch.setattr(graph, "ANALYSIS", analysis)
     model = _fresh(Net("plain"))
-    small, report = compactor.compact(model, torch.randn(X))
+    small, report = compactor.compact(model, torch.randn(X), analysis=analysis)
     _check(small, model, (X, OTHER))
     fates = {(z.layer, z.channel): z.fate for z in report.zeroed}
     assert fates == {("a", 1): "folded"}
@@ -124,11 +120,10 @@ def test_a_plain_constant_is_still_folded(analysis: str, monkeypatch: pytest.Mon
 def test_a_model_with_fixed_sizes_compacts_as_before(analysis: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Linear after a flatten fails at another size: that run is left out (and said), and the plan is the
     one made at the example's size alone."""
-    monkeypatch.setattr(graph, "ANALYSIS", analysis)
     model = _fresh(Flat())
-    small, report = compactor.compact(model, torch.randn(X))
+    small, report = compactor.compact(model, torch.randn(X), analysis=analysis)
     monkeypatch.setattr(ExampleInputs, "resized", lambda self, generator: None)
-    before, before_report = compactor.compact(model, torch.randn(X))
+    before, before_report = compactor.compact(model, torch.randn(X), analysis=analysis)
     _check(small, model, (X,))
     widths = {n: tuple(p.shape) for n, p in small.named_parameters()}
     assert widths == {n: tuple(p.shape) for n, p in before.named_parameters()}

@@ -803,11 +803,8 @@ def test_a_concatenation_torch_pruning_cannot_size_keeps_the_channels_that_reach
         model.transformer.h[0].mlp.c_fc, "weight", _columns_off(model.transformer.h[0].mlp.c_fc.weight, 8)
     )
     ids = torch.randint(0, 50, (1, 12))
-    compactor.engine.graph.ANALYSIS = "torch-pruning"  # the adapter's own answer (auto: the labels answer)
-    try:
-        small, report = compactor.compact(model, {"input_ids": ids})
-    finally:
-        compactor.engine.graph.ANALYSIS = "auto"
+    # the adapter's own answer (auto: the labels answer)
+    small, report = compactor.compact(model, {"input_ids": ids}, analysis="torch-pruning")
     assert report.params["after"] == report.params["before"]
     issues = report.extra["graph_issues"]
     assert [i.split("which the channels of ")[1] for i in issues] == [

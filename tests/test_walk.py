@@ -23,6 +23,7 @@ from zoo import CASES, mask_channels, mask_ln, perturb_norms
 import compactor
 from compactor.cli import main
 from compactor.engine.graph import build_groups
+from compactor.engine.groups import Analysis
 from compactor.inputs import ExampleInputs
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -40,9 +41,11 @@ def _masked(build: Callable[[], nn.Module], shape: tuple[int, ...]) -> nn.Module
     return perturb_norms(model, shape).eval()
 
 
-def _compact(model: nn.Module, shape: tuple[int, ...]) -> tuple[nn.Module, compactor.CompactionReport]:
+def _compact(
+    model: nn.Module, shape: tuple[int, ...], analysis: Analysis = "auto"
+) -> tuple[nn.Module, compactor.CompactionReport]:
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    small, report = compactor.compact(model, x)
+    small, report = compactor.compact(model, x, analysis=analysis)
     with torch.no_grad():
         for seed in (5, 6):
             y = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -95,10 +98,9 @@ def test_swin_projections_called_functionally_stop_the_walk(
     """torchvision's Swin runs ``F.linear(x, self.qkv.weight, ...)``: Torch-Pruning takes that for a
     channel-preserving op (and its walk through the attention did not end: 19.5 GiB). The walk stops
     there and the residual stream keeps its channels, saying why; the MLP hidden neurons still go."""
-    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", analysis)
     shape = (1, 3, 32, 32)
     model = _masked(R.SwinTransformer, shape)
-    small, report = _compact(model, shape)
+    small, report = _compact(model, shape, analysis)
     issues = report.extra["graph_issues"]
     if analysis == "torch-pruning":
         assert issues and not [i for i in issues if UNSETTLED in i]
@@ -127,15 +129,14 @@ def test_a_failing_index_mapping_keeps_only_the_roots_that_reach_it(monkeypatch:
     """The library's index-mapping pass fails on one op (ShuffleNetV2's channel shuffle divides by zero,
     a concatenation it cannot size adds None): the roots whose channels reach that op keep them, with the
     error; the others compact as before; no crash."""
-    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", "torch-pruning")  # the adapter alone
     model, x = _dense()
-    _, before = compactor.compact(model, x)
+    _, before = compactor.compact(model, x, analysis="torch-pruning")
 
     def fails(graph: Any, node: Any) -> None:
         raise ZeroDivisionError("integer division or modulo by zero")
 
     monkeypatch.setattr(tp.dependency.index_mapping, "update_concat_index_mapping", fails)
-    small, report = compactor.compact(model, x)
+    small, report = compactor.compact(model, x, analysis="torch-pruning")
     kept = {z.layer for z in report.zeroed if z.fate.startswith("kept")}
     reasons = {z.reason for z in report.zeroed if z.layer in kept}
     assert kept == {"b0.0", "b1.0", "b2.0"}  # the three branches the concatenation joins
@@ -156,14 +157,13 @@ def test_any_exception_in_a_walk_keeps_that_root(monkeypatch: pytest.MonkeyPatch
     5-D expand, in Hiera and GC-ViT) keeps that root's channels with the error; nothing crashes."""
     from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
 
-    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", "torch-pruning")  # the adapter alone
     model, x = _dense()
 
     def raises(self: Any, idxs: Any) -> Any:
         raise error("injected")
 
     monkeypatch.setattr(_ConcatIndexMapping, "__call__", raises)
-    small, report = compactor.compact(model, x)
+    small, report = compactor.compact(model, x, analysis="torch-pruning")
     kept = [z for z in report.zeroed if z.fate.startswith("kept")]
     assert {z.layer for z in kept} == {"b0.0", "b1.0", "b2.0"}
     assert all(
@@ -174,14 +174,13 @@ def test_any_exception_in_a_walk_keeps_that_root(monkeypatch: pytest.MonkeyPatch
 
 
 def test_a_model_the_tracer_cannot_trace_is_kept_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compactor.engine.graph, "ANALYSIS", "torch-pruning")  # the adapter alone
     model, x = _dense()
 
     def fails(*args: Any, **kwargs: Any) -> Any:
         raise RecursionError("maximum recursion depth exceeded")
 
     monkeypatch.setattr(tp.DependencyGraph, "_trace", fails)
-    small, report = compactor.compact(model, x)
+    small, report = compactor.compact(model, x, analysis="torch-pruning")
     assert report.params["after"] == report.params["before"]
     assert (
         "torch-pruning could not trace the model (RecursionError: maximum recursion depth exceeded): no channel "

@@ -32,12 +32,14 @@ from ..errors import CouplingByRule, CouplingUnmapped, CouplingUnsettled, GraphE
 from ..inputs import ExampleInputs, flatten_outputs
 from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
 from ..util import check_time, eval_mode_restored
-from .groups import ChannelGroup, Join, Kind, Member
+from .groups import ANALYSES, Analysis, ChannelGroup, Join, Kind, Member
 
 __all__ = ["ChannelGroup", "Join", "Kind", "Member", "build_groups"]
 
 
-def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False) -> list[ChannelGroup]:
+def build_groups(
+    model: nn.Module, inputs: ExampleInputs, *, train: bool = False, analysis: Analysis = "auto"
+) -> list[ChannelGroup]:
     """Trace ``model`` on ``inputs`` and return one group per set of coupled channels.
 
     Torch-Pruning's answer is taken where it can be trusted. Where it fails to trace, or its groups hold
@@ -46,13 +48,18 @@ def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False
     (:mod:`.labels`) answer for the whole model instead; if those fail too, Torch-Pruning's error stands.
 
     ``train``: trace the train-mode forward (Torch-Pruning switches to eval mode before it calls the
-    forward; this switches back). Batch statistics move then: pass a copy."""
+    forward; this switches back). Batch statistics move then: pass a copy.
+
+    ``analysis``: ``"auto"`` as above; ``"torch-pruning"`` or ``"labels"``: that analysis alone (to compare
+    them, or to rule one out)."""
+    if analysis not in ANALYSES:
+        raise ValueError(f"analysis must be one of {', '.join(ANALYSES)}, found {analysis!r}")
     from .labels import label_groups
 
     by_rule = False
     try:
         groups: list[ChannelGroup] | None = _tp_groups(
-            model, inputs, train=train, stop_by_rule=ANALYSIS == "auto"
+            model, inputs, train=train, stop_by_rule=analysis == "auto"
         )
         failure: GraphError | None = None
     except (
@@ -61,7 +68,7 @@ def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False
         groups, failure, by_rule = None, None, True
     except GraphError as e:
         groups, failure = None, e
-    if ANALYSIS == "torch-pruning" or (ANALYSIS == "auto" and groups is not None and not _suspect(groups)):
+    if analysis == "torch-pruning" or (analysis == "auto" and groups is not None and not _suspect(groups)):
         if failure is not None:
             raise failure
         assert groups is not None
@@ -71,14 +78,12 @@ def build_groups(model: nn.Module, inputs: ExampleInputs, *, train: bool = False
     except Exception as e:  # the label trace fails on an op it cannot replay: keep what there is
         if by_rule:
             groups = _tp_groups(model, inputs, train=train)
-        if groups is not None and ANALYSIS == "auto":
+        if groups is not None and analysis == "auto":
             return groups
         raise GraphError(
             f"compactor could not follow the channels ({type(e).__name__}: {first_line(e)})"
         ) from (failure or e)
 
-
-ANALYSIS = "auto"  # "auto" | "torch-pruning" | "labels": which analysis build_groups uses (tests compare)
 
 # Ops Torch-Pruning maps by rule. A reshape alone (a flatten before the classifier) it maps right; with one
 # of the others in the same group (a permute to channels-last, then a flatten; a channel shuffle) it does not.

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal, get_args
 
 from ..layers import Side
+
+Analysis = Literal["auto", "torch-pruning", "labels"]  # which channel analysis finds the groups
+ANALYSES: tuple[str, ...] = get_args(Analysis)
 
 
 class Kind(str, Enum):
