@@ -17,9 +17,8 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from .engine.coupling import ANALYSES, Analysis, build_groups
 from .engine.coverage import Coverage, Paths, check_train_mode, find_paths, hold_train_only, watch
-from .engine.graph import build_groups
-from .engine.groups import ANALYSES, Analysis
 from .engine.heads import HeadChange, compact_heads, head_layers
 from .engine.masks import check_unwritten, masked_view
 from .engine.plan import GroupPlan, Planner, consumer_layers, observe_inputs

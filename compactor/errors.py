@@ -89,6 +89,13 @@ class CouplingUnmapped(GraphError):
     that root's channels with the message as reason."""
 
 
+class CouplingUnfollowed(GraphError):
+    """compactor's channel labels cannot follow an op: replaying it on the label tensors fails (the tracer
+    keeps the channels that reach it, the op's name as reason, and goes on), or the model's own op fails
+    under the label trace (the coupling stage falls back on Torch-Pruning's groups). Any other exception
+    from the label trace is compactor's own bug, and is raised as it is."""
+
+
 def first_line(e: BaseException, *, with_type: bool = False) -> str:
     """The first line of an exception's message, for one-line errors (its type name if it has none).
 

@@ -15,7 +15,7 @@ from zoo import ResNet, mask_ln
 
 import compactor
 from compactor import util
-from compactor.engine.graph import build_groups
+from compactor.engine.coupling import build_groups
 from compactor.errors import TimeLimitError
 from compactor.inputs import ExampleInputs
 

@@ -1,4 +1,4 @@
-"""Channel coupling compactor decides itself (its own channel labels, ``engine/labels.py``): chunks, splits,
+"""Channel coupling compactor decides itself (its own channel labels, ``engine/coupling/labels.py``): chunks, splits,
 channel shuffles and channels-last permutes, on faithful replicas of the blocks users have.
 
 Every test masks exact channels, predicts by hand which go and which stay (and why), and checks the
@@ -15,9 +15,7 @@ from torch import nn
 from zoo import mask_channels, perturb_norms, zero_bn
 
 import compactor
-from compactor.engine import graph
-from compactor.engine.groups import Analysis
-from compactor.engine.labels import label_groups
+from compactor.engine.coupling import Analysis, build_groups, label_groups
 from compactor.inputs import ExampleInputs
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -226,13 +224,110 @@ def test_both_analyses_agree_on_a_plain_residual_net(analysis: str, monkeypatch:
 
     case = next(c for c in CASES if c.name == "residual_block")
     model = case.model()
-    groups = graph.build_groups(model, ExampleInputs.of(case.inputs()), analysis=analysis)
+    groups = build_groups(model, ExampleInputs.of(case.inputs()), analysis=analysis)
     found = {
         g.root: sorted((m.name, m.side.value, m.idxs) for m in g.layers())
         for g in groups
         if any(m.idxs and any(m.idxs) for m in g.layers())
     }
     other_analysis: Analysis = "torch-pruning" if analysis == "labels" else "labels"
-    other = graph.build_groups(model, ExampleInputs.of(case.inputs()), analysis=other_analysis)
+    other = build_groups(model, ExampleInputs.of(case.inputs()), analysis=other_analysis)
     other_sets = {frozenset((m.name, m.side.value, m.idxs) for m in g.layers()) for g in other}
     assert {frozenset(v) for v in found.values()} == other_sets
+
+
+# --- what the label tracer catches, and what it lets through ------------------------------------------------
+class _PermuteFlatten(nn.Module):
+    """conv -> ReLU -> permute to channels-last -> reshape -> Linear: a permute Torch-Pruning maps by rule,
+    so under ``auto`` the labels answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x)).permute(0, 2, 3, 1)
+        out: torch.Tensor = self.fc(y.reshape(y.shape[0], -1))
+        return out
+
+
+@pytest.mark.parametrize("helper", ["tracer._broadcast", "moves._unite_split"])
+@pytest.mark.parametrize("analysis", ["labels", "auto"])
+def test_a_bug_in_the_label_tracer_is_raised_not_taken_for_an_op_it_cannot_follow(
+    helper: str, analysis: Analysis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tracer catches only what an op raises on the labels (:class:`CouplingUnfollowed`): an error of its
+    own bookkeeping after an op (here one injected into a helper of the elementwise handler, and of the
+    reshape handler) is raised as it is, neither turned into opaque channels nor into a fallback on
+    Torch-Pruning's groups."""
+    from compactor.engine import coupling
+
+    module, name = helper.split(".")
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(getattr(coupling, module), name, bug)
+    model, inputs = _PermuteFlatten().eval(), ExampleInputs.of(torch.randn(2, 3, 2, 2))
+    with pytest.raises(KeyError, match="bug"):
+        label_groups(model, inputs)
+    with pytest.raises(KeyError, match="bug"):
+        build_groups(model, inputs, analysis=analysis)
+
+
+class _GroupedQueryAttention(nn.Module):
+    """Four query heads share two key/value heads (``enable_gqa``): the attention's output has more heads than
+    its values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, 4, 2).transpose(1, 2)
+        k = self.k(x).view(b, n, 2, 2).transpose(1, 2)
+        v = self.v(x).view(b, n, 2, 2).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        out: torch.Tensor = self.out(y.transpose(1, 2).reshape(b, n, 8))
+        return out
+
+
+def test_an_op_the_labels_cannot_take_keeps_its_channels_and_the_trace_goes_on() -> None:
+    """What an op raises on the label tensors (the values' labels cannot be shaped as the grouped-query
+    output) is the op's: the channels that reach it stay, with its name and the error's type, and the other
+    groups are found as before."""
+    model = _GroupedQueryAttention().eval()
+    groups = {g.root: g for g in label_groups(model, ExampleInputs.of(torch.randn(2, 5, 8)))}
+    assert set(groups) == {"q", "k", "v", "out"}
+    assert {why for _, why in groups["v"].opaque} == {
+        "scaled_dot_product_attention (could not follow its channels: RuntimeError)"
+    }
+    assert {why for _, why in groups["q"].opaque} == {
+        "scaled_dot_product_attention reads across them (queries and keys)"
+    }
+    assert groups["out"].opaque == ()
+
+
+class _FailsWithoutGrad(_PermuteFlatten):
+    """A model's own op that fails under the label trace (which runs without grad) and nowhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            torch.zeros(2, 3) @ torch.zeros(4, 5)
+        return super().forward(x)
+
+
+def test_an_op_of_the_model_that_fails_under_the_label_trace_falls_back_on_torch_pruning() -> None:
+    """The model's op failing is not compactor's bug: the label trace names it (a :class:`GraphError`), and
+    ``auto`` answers with Torch-Pruning's groups; the labels alone cannot answer."""
+    from compactor.errors import CouplingUnfollowed, GraphError
+
+    model, inputs = _FailsWithoutGrad().eval(), ExampleInputs.of(torch.randn(2, 3, 2, 2))
+    with pytest.raises(CouplingUnfollowed, match=r"^matmul fails under the label trace \(RuntimeError: "):
+        label_groups(model, inputs)
+    assert sorted(g.root for g in build_groups(model, inputs)) == ["conv", "fc"]
+    with pytest.raises(GraphError, match=r"^compactor could not follow the channels \(RuntimeError: "):
+        build_groups(model, inputs, analysis="labels")

@@ -231,7 +231,7 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
     conv, in some versions). Simulate it on the group of ``b0`` of the dense block: that group is kept
     whole with the mapping problem as its reason, the other groups are still compacted, outputs exact."""
     case = next(c for c in CASES if c.name == "dense_concat")
-    original = compactor.engine.graph._pruning_group
+    original = compactor.engine.coupling.tp_adapter._pruning_group
 
     def corrupt(self: Any, module: nn.Module, fn: Any, n: int, **kw: Any) -> Any:
         group = original(self, module, fn, n, **kw)
@@ -249,7 +249,7 @@ def test_mis_mapped_member_blocks_its_group_only(monkeypatch: pytest.MonkeyPatch
             items.append(SimpleNamespace(dep=item.dep, idxs=shifted, root_idxs=list(item.root_idxs)))
         return SimpleNamespace(items=items)
 
-    monkeypatch.setattr(compactor.engine.graph, "_pruning_group", corrupt)
+    monkeypatch.setattr(compactor.engine.coupling.tp_adapter, "_pruning_group", corrupt)
     model, small, report = _compact(case, analysis="torch-pruning")  # its own answer, not the labels'
     _check_outputs(model, small, case, report)
     assert any("b3.0" in issue for issue in report.extra["graph_issues"]), report.extra
@@ -425,7 +425,8 @@ def test_fixpoint_walk_matches_torch_pruning(case: Case) -> None:
     roots map onto it; compactor keeps both (and flags that member), so its pairs include the library's."""
     import torch_pruning as tp
 
-    from compactor.engine.graph import _is_producer, _pruning_group, _tracing_state
+    from compactor.engine.coupling.tp_adapter import _pruning_group, _tracing_state
+    from compactor.engine.coupling.tp_groups import _is_producer
 
     model = case.model()
     compactor.modules.bake_masks(model)

@@ -1,4 +1,4 @@
-"""Adversarial models for compactor's own channel labels (``engine/labels.py``): indexing, in-place writes,
+"""Adversarial models for compactor's own channel labels (``engine/coupling/labels.py``): indexing, in-place writes,
 shared layers, per-channel tensors the analysis cannot slice, rolls and shuffles along channels, and
 reductions whose value depends on the input's size.
 
@@ -17,7 +17,7 @@ from torch import nn
 from zoo import mask_channels
 
 import compactor
-from compactor.engine.labels import label_groups
+from compactor.engine.coupling import label_groups
 from compactor.inputs import ExampleInputs
 
 Forward = Callable[["Net", torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]

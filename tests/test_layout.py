@@ -111,7 +111,7 @@ def test_the_tree_shows_the_pipeline() -> None:
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
     assert folders == ["engine", "io", "layers", "measure", "report", "training"]
     stages = sorted(p.stem for p in (PACKAGE / "engine").iterdir() if not p.name.startswith("__"))
-    assert stages == ["coverage", "graph", "groups", "heads", "labels", "masks", "plan", "rebuild", "verify"]
+    assert stages == ["coupling", "coverage", "heads", "masks", "plan", "rebuild", "verify"]
     plan = sorted(p.stem for p in (PACKAGE / "engine" / "plan").iterdir() if not p.name.startswith("__"))
     assert plan == ["autowidth", "base", "compensate", "fates", "observe", "varying", "widths"]
     measure = sorted(p.stem for p in (PACKAGE / "measure").iterdir() if not p.name.startswith("__"))
@@ -123,11 +123,34 @@ def test_the_tree_shows_the_pipeline() -> None:
     ]
 
 
-def test_only_the_graph_adapter_knows_torch_pruning() -> None:
+COUPLING = PACKAGE / "engine" / "coupling"
+
+
+def test_only_the_adapter_knows_torch_pruning() -> None:
+    """One module imports the library (``tp_adapter``); it and the module that reads the library's groups
+    in compactor's terms (``tp_groups``) are the only ones that name its op types."""
+    adapter = {COUPLING / "tp_adapter.py", COUPLING / "tp_groups.py"}
+    importers = set()
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
-        uses = "torch_pruning" in text or "MulBackward" in text or "_SplitOp" in text or "_SliceOp" in text
-        assert not uses or path == PACKAGE / "engine" / "graph.py", path
+        for node in ast.walk(ast.parse(text)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n.split(".")[0] == "torch_pruning" for n in names):
+                importers.add(path)
+        uses = "torch_pruning" in text or any(op in text for op in ("MulBackward", "_SplitOp", "_SliceOp"))
+        assert not uses or path in adapter, path
+    assert importers == {COUPLING / "tp_adapter.py"}
+
+
+def test_the_coupling_stage_is_one_package_of_small_modules() -> None:
+    """Both analyses (Torch-Pruning's adapter, compactor's own channel labels) and the types they answer
+    with, one module per concern, each small enough to read."""
+    modules = {p.stem: len(p.read_text().splitlines()) for p in COUPLING.glob("*.py")}
+    assert {"__init__", "groups", "labels", "ops", "tracer", "tp_adapter", "tp_groups"} <= set(modules)
+    assert not [(name, n) for name, n in modules.items() if n >= 550]
+    assert not any((PACKAGE / "engine" / f"{old}.py").exists() for old in ("graph", "groups", "labels"))
 
 
 def test_every_exception_class_lives_in_errors() -> None:

@@ -92,7 +92,7 @@ def test_a_rebuild_shares_what_it_does_not_change_and_never_writes_the_model() -
 
 
 def test_a_rebuild_shares_untouched_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
-    from compactor.engine.graph import build_groups
+    from compactor.engine.coupling import build_groups
     from compactor.engine.plan import Planner, consumer_layers, observe_inputs
     from compactor.inputs import ExampleInputs
 

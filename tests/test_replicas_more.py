@@ -200,28 +200,28 @@ def test_torch_pruning_walk_stops_at_an_op_it_maps_by_rule(monkeypatch: pytest.M
     """MaxViT (issue #11: 101 s): the window partitions are reshapes and permutes, so Torch-Pruning's groups
     would be set aside for the labels; its walk stops at the first one instead of multiplying index lists.
     Where the labels then fail, Torch-Pruning's groups are finished after all and answer."""
-    from compactor.engine import graph, labels
-    from compactor.errors import CouplingByRule
+    from compactor.engine.coupling import build_groups, labels, tp_adapter, tp_groups
+    from compactor.errors import CouplingByRule, CouplingUnfollowed
     from compactor.inputs import ExampleInputs
 
     model = baked(R.masked(R.MaxVit(), (1, 3, 64, 64)))
     inputs = ExampleInputs((torch.randn(1, 3, 64, 64),), {})
     with pytest.raises(CouplingByRule, match="by rule"):
-        graph._tp_groups(model, inputs, stop_by_rule=True)
-    ours = graph.build_groups(model, inputs)
+        tp_adapter._tp_groups(model, inputs, stop_by_rule=True)
+    ours = build_groups(model, inputs)
     assert [g.root for g in ours] == [g.root for g in labels.label_groups(model, inputs)]
 
     def fail(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("an op the labels cannot replay")
+        raise CouplingUnfollowed("an op the labels cannot replay")
 
     monkeypatch.setattr(labels, "label_groups", fail)
     small = ChannelsLastFlatten().eval()  # a permute before a Linear: suspect, but a walk of a moment
     tiny = ExampleInputs((torch.randn(1, 3, 2, 2),), {})
     with pytest.raises(CouplingByRule):
-        graph._tp_groups(small, tiny, stop_by_rule=True)
-    theirs = graph.build_groups(small, tiny)
-    assert theirs == graph._tp_groups(small, tiny)
-    assert graph._suspect(theirs)
+        tp_adapter._tp_groups(small, tiny, stop_by_rule=True)
+    theirs = build_groups(small, tiny)
+    assert theirs == tp_adapter._tp_groups(small, tiny)
+    assert tp_groups._suspect(theirs)
 
 
 @pytest.mark.parametrize("relu", [False, True])

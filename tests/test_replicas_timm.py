@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import compactor
-from compactor.engine.groups import Analysis
+from compactor.engine.coupling import Analysis
 from compactor.engine.plan import Fate
 from compactor.layers import own_forward
 from compactor.measure.timing import count_macs

@@ -15,7 +15,7 @@ from torch.nn.utils import prune
 from zoo import BY_NAME, CASES, CAT_RESIDUAL_SHAPE, ZooResults, bake, cat_residual_masked
 
 import compactor
-from compactor.engine.graph import Join, build_groups
+from compactor.engine.coupling import Join, build_groups
 from compactor.engine.plan import Fate
 from compactor.errors import GraphError
 from compactor.inputs import ExampleInputs

@@ -22,8 +22,7 @@ from zoo import CASES, mask_channels, mask_ln, perturb_norms
 
 import compactor
 from compactor.cli import main
-from compactor.engine.graph import build_groups
-from compactor.engine.groups import Analysis
+from compactor.engine.coupling import Analysis, build_groups
 from compactor.inputs import ExampleInputs
 
 RTOL, ATOL = 1e-4, 1e-5

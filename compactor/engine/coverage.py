@@ -31,7 +31,7 @@ from ..errors import first_line
 from ..inputs import ExampleInputs, flatten_values
 from ..modules import clone_module
 from ..util import shown_path
-from .graph import ChannelGroup
+from .coupling import ChannelGroup
 
 # transformers' attention-mask construction: its branches (``_ignore_causal_mask_sdpa``: "is the padding mask
 # all ones?") choose how the mask is built from the inputs' padding mask and positions, which compaction does

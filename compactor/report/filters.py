@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.graph import ChannelGroup, Join
+from ..engine.coupling import ChannelGroup, Join
 from ..engine.plan import Fate, GroupPlan
 from ..layers import Role, Side, shrinker_for
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ...layers import Role, Shrinker, role_of, shrinker_for
-from ..graph import ChannelGroup, Member
+from ..coupling import ChannelGroup, Member
 
 Modules = dict[str, Any]  # name -> module, or bare parameter (LayerScale)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ...layers import Side
-from ..graph import ChannelGroup, Member
+from ..coupling import ChannelGroup, Member
 from .base import ChannelFate, Fate, Fold, GroupPlan, InputStats, Merge, Modules, mixing, nonzero, shrinker_at
 from .widths import unremovable
 

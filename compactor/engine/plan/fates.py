@@ -8,7 +8,7 @@ from torch import nn
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, own_forward, role_of, shrinker_for
 from ...util import check_time
-from ..graph import ChannelGroup, Kind, Member
+from ..coupling import ChannelGroup, Kind, Member
 from ..heads import head_layers
 from .base import (
     IGNORED,

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...inputs import ExampleInputs
 from ...layers import Side, shrinker_for
-from ..graph import ChannelGroup, Kind, Member
+from ..coupling import ChannelGroup, Kind, Member
 from .base import InputStats, Modules, all_zero, mixing, rows_zero
 
 Hook = Callable[..., Any]

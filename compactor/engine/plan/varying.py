@@ -33,7 +33,7 @@ from torch import nn
 from ...inputs import ExampleInputs
 from ...layers import Role, Side, role_of
 from ...modules import wide_clone
-from ..graph import ChannelGroup, Kind, Member
+from ..coupling import ChannelGroup, Kind, Member
 from .base import ChannelFate, Fate, Fold, InputStats, Merge, Modules, mixing, shrinker_at
 from .compensate import fold
 from .observe import run_with_hooks

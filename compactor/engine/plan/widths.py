@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...layers import Side, width
-from ..graph import ChannelGroup, Kind
+from ..coupling import ChannelGroup, Kind
 from .base import ChannelFate, Fate, GroupPlan, Modules, WidthTarget, shrinker_at
 
 

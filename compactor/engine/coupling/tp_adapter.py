@@ -1,6 +1,7 @@
-"""Stage 3, graph: channel coupling from Torch-Pruning's ``DependencyGraph``, behind one adapter.
+"""Stage 3, coupling: channel coupling from Torch-Pruning's ``DependencyGraph``, behind one adapter.
 
-This is the only module that imports ``torch_pruning`` or knows its op names: it tells the tracer about
+This is the only module that imports ``torch_pruning`` (:mod:`.tp_groups` reads its groups by their
+attributes and names its op types): it tells the tracer about
 every registered layer type it does not know (a pruner made from the layer's shrinker), and describes what
 it found in compactor's own terms (:class:`Member` with a :class:`Kind` and a :class:`Side`). It checks the library's preconditions (grad mode
 on, every parameter requiring grad while tracing, train/eval mode restored), turns its groups into our
@@ -16,9 +17,8 @@ that makes new indices forever) only the roots it touches keep their channels, w
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -28,82 +28,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import CouplingByRule, CouplingUnmapped, CouplingUnsettled, GraphError, first_line
-from ..inputs import ExampleInputs, flatten_outputs
-from ..layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
-from ..util import check_time, eval_mode_restored
-from .groups import ANALYSES, Analysis, ChannelGroup, Join, Kind, Member
-
-__all__ = ["ChannelGroup", "Join", "Kind", "Member", "build_groups"]
-
-
-def build_groups(
-    model: nn.Module, inputs: ExampleInputs, *, train: bool = False, analysis: Analysis = "auto"
-) -> list[ChannelGroup]:
-    """Trace ``model`` on ``inputs`` and return one group per set of coupled channels.
-
-    Torch-Pruning's answer is taken where it can be trusted. Where it fails to trace, or its groups hold
-    what it maps wrongly (a split or chunk, a slice of channels, a reshape or permute that moves them, an
-    index mapping that cannot be right, a walk that does not settle), compactor's own channel labels
-    (:mod:`.labels`) answer for the whole model instead; if those fail too, Torch-Pruning's error stands.
-
-    ``train``: trace the train-mode forward (Torch-Pruning switches to eval mode before it calls the
-    forward; this switches back). Batch statistics move then: pass a copy.
-
-    ``analysis``: ``"auto"`` as above; ``"torch-pruning"`` or ``"labels"``: that analysis alone (to compare
-    them, or to rule one out)."""
-    if analysis not in ANALYSES:
-        raise ValueError(f"analysis must be one of {', '.join(ANALYSES)}, found {analysis!r}")
-    from .labels import label_groups
-
-    by_rule = False
-    try:
-        groups: list[ChannelGroup] | None = _tp_groups(
-            model, inputs, train=train, stop_by_rule=analysis == "auto"
-        )
-        failure: GraphError | None = None
-    except (
-        CouplingByRule
-    ):  # its groups would be suspect: the labels answer, Torch-Pruning's only if they fail
-        groups, failure, by_rule = None, None, True
-    except GraphError as e:
-        groups, failure = None, e
-    if analysis == "torch-pruning" or (analysis == "auto" and groups is not None and not _suspect(groups)):
-        if failure is not None:
-            raise failure
-        assert groups is not None
-        return groups
-    try:
-        return label_groups(model, inputs, train=train)
-    except Exception as e:  # the label trace fails on an op it cannot replay: keep what there is
-        if by_rule:
-            groups = _tp_groups(model, inputs, train=train)
-        if groups is not None and analysis == "auto":
-            return groups
-        raise GraphError(
-            f"compactor could not follow the channels ({type(e).__name__}: {first_line(e)})"
-        ) from (failure or e)
-
-
-# Ops Torch-Pruning maps by rule. A reshape alone (a flatten before the classifier) it maps right; with one
-# of the others in the same group (a permute to channels-last, then a flatten; a channel shuffle) it does not.
-_SUSPECT_OPS = ("Permute", "Transpose", "Unflatten", "Roll", "Slice", "Split", "Unbind")
-_RESHAPES = ("Reshape", "View")
-
-
-def _suspect(groups: list[ChannelGroup]) -> bool:
-    """Groups Torch-Pruning may have mapped wrongly: it dropped a member, a walk did not settle, or the
-    channels pass an op it maps by rule rather than by what the op does."""
-    for group in groups:
-        if group.issues:
-            return True
-        ops = [m for m in group.members if m.kind is not Kind.LAYER]
-        if any(m.kind.fixed_sizes or any(op in m.name or op in m.op for op in _SUSPECT_OPS) for m in ops):
-            return True
-        reshapes = [m for m in ops if any(op in m.name or op in m.op for op in _RESHAPES)]
-        if len(reshapes) > 1:  # a split and a merge back (view -> ... -> view): a shuffle, heads
-            return True
-    return False
+from ...errors import CouplingByRule, CouplingUnmapped, CouplingUnsettled, GraphError, first_line
+from ...inputs import ExampleInputs, flatten_outputs
+from ...layers import Role, Shrinker, Side, registered_types, shrinker_for, shrinker_of_type
+from ...util import check_time, eval_mode_restored
+from .groups import ChannelGroup, Kind, Member, norm_after
+from .tp_groups import _SUSPECT_OPS, _convert, _is_producer, _kind_of_op, _role, _tp_depthwise
 
 
 def _tp_groups(
@@ -299,7 +229,7 @@ def _collect_groups(
     module_names = {m: n for n, m in model.named_modules()}
     writes_output = {module_names[m] for m in output_writers if m in module_names}
     covered: set[tuple[str, Side, int]] = set()  # (layer, side, index) already in a group
-    norms = _norm_after(graph, module_names)
+    norms = norm_after(model, _single_outputs(graph, module_names))
     groups: list[ChannelGroup] = []
     for module in list(graph.module2node.keys()):
         if not isinstance(module, nn.Module) or not _is_producer(module):
@@ -457,279 +387,12 @@ def _index_limits(graph: Any) -> dict[Any, int]:
     return limits
 
 
-def _norm_after(graph: Any, module_names: dict[nn.Module, str]) -> dict[str, str]:
-    """Mixing layers whose output goes to exactly one place, a layer of the same width that can absorb a
-    constant shift of its input (a BatchNorm: see ``Shrinker.absorb_shift``)."""
-    found = {}
+def _single_outputs(graph: Any, module_names: dict[nn.Module, str]) -> Iterator[tuple[str, str]]:
+    """(layer, the layer its node's one output node is) for each layer of the graph with one output node:
+    the edges :func:`~.groups.norm_after` looks at."""
     for module, node in graph.module2node.items():
         if not isinstance(module, nn.Module) or module not in module_names or len(node.outputs) != 1:
             continue
         after = node.outputs[0].module
-        shrinker, norm = shrinker_for(module), shrinker_for(after)
-        if (
-            norm is not None
-            and after in module_names
-            and norm.role_of(after) is Role.CHANNELWISE
-            and norm.can_absorb_shift(after)
-            and shrinker is not None
-            and shrinker.role_of(module) is Role.MIXING
-            and shrinker.out_channels(module) == norm.in_channels(after)
-        ):
-            found[module_names[module]] = module_names[after]
-    return found
-
-
-def _is_producer(module: nn.Module) -> bool:
-    """A layer that writes channels from mixed inputs: Conv (grouped too), Linear... and grouped transposed
-    convs, whose groups are kept whole but whose zeroed filters the report should still account for."""
-    shrinker = shrinker_for(module)
-    return (
-        shrinker is not None
-        and shrinker.role is Role.MIXING
-        and shrinker.role_of(module) is not Role.CHANNELWISE
-        and bool(shrinker.out_channels(module))
-    )
-
-
-def _convert(
-    tp_group: Any,
-    graph: Any,
-    root: str,
-    size: int,
-    module_names: dict[nn.Module, str],
-    param_names: dict[Any, str],
-    covered: set[tuple[str, Side, int]],
-) -> ChannelGroup:
-    merged: dict[tuple[str, Side], list[tuple[Any, Any]]] = defaultdict(list)
-    meta: dict[tuple[str, Side], tuple[str, Kind, int]] = {}
-    issues: list[str] = []
-    reaches_output = False
-    roots_at = _RootsAt(tp_group.items)  # node -> local -> roots, worked out where asked
-    for item in tp_group.items:
-        dep, target = item.dep, item.dep.target.module
-        side = Side.OUT if graph.is_out_channel_pruning_fn(dep.handler) else Side.IN
-        if isinstance(target, nn.Parameter):
-            name, op, kind = param_names.get(target, dep.target.name), "Parameter", Kind.LAYER
-        elif target in module_names:
-            name, op, kind = module_names[target], type(target).__name__, Kind.LAYER
-        else:
-            name, op, kind = dep.target.name, type(target).__name__, _kind_of_op(target, dep.target.name)
-        if kind is Kind.OUTPUT:
-            reaches_output = True
-        if _false_depthwise(target):
-            why = f"torch-pruning couples the inputs and outputs of {name} as if depthwise (groups == out_channels), which it is not"
-            if why not in issues:
-                issues.append(why)
-        if kind is Kind.LAYER and _role(target) is Role.CHANNELWISE:
-            side = Side.OUT  # a channelwise layer's input and output are the same channels
-            coupled = _self_coupled(name, dep.target, roots_at)
-            if coupled and not any(i.endswith(_ONE_BY_ONE) for i in issues):
-                issues.append(coupled)
-        if kind is Kind.LAYER and side is Side.OUT and not dep.target.outputs:
-            reaches_output = (
-                True  # nothing traced reads what it writes: a model output (Torch-Pruning adds an
-            )
-            # output op only where the output is not a layer's own, so a classifier's rows would look free)
-        key = (name, side)
-        meta[key] = (op, kind, int(getattr(dep.target, "pruning_dim", 1) or 0))
-        merged[key].append((item.root_idxs, item.idxs))
-    members = []
-    for (name, side), parts in merged.items():
-        op, kind, dim = meta[(name, side)]
-        idxs = _by_root(parts, size)
-        problem = _mapping_problem(name, side, op, kind, idxs, module_names, param_names, covered)
-        if problem:
-            issues.append(problem)
-            continue
-        members.append(Member(name, op, side, kind, dim, idxs))
-    joins = _joins(tp_group, module_names)
-    return ChannelGroup(root, size, tuple(members), reaches_output, tuple(issues), joins=joins)
-
-
-_JOIN_OPS = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide"}
-
-
-def _joins(tp_group: Any, module_names: dict[nn.Module, str]) -> tuple[Join, ...]:
-    """The elementwise ops of the group with two or more operands in it, each operand traced back to the
-    group's writing layers (the walk stops at any mixing layer and at nodes outside the group)."""
-    nodes = {item.dep.target for item in tp_group.items}
-    joins = []
-    for node in nodes:
-        operands = list(dict.fromkeys(n for n in node.inputs if n in nodes))
-        if type(node.module).__name__ != "_ElementWiseOp" or len(operands) < 2:
-            continue
-        traced = [_writers_of(n, nodes, module_names) for n in operands]
-        grad = type(node.grad_fn).__name__ if node.grad_fn is not None else "op"
-        word = re.sub(r"Backward\d*$", "", grad)
-        joins.append(
-            Join(
-                _JOIN_OPS.get(word, word.lower()),
-                tuple(tuple(sorted(w)) for w in traced),
-                tuple(sorted({name for w in traced for name, cat in w.items() if cat})),
-            )
-        )
-    return tuple(sorted(joins, key=lambda j: (sum(map(len, j.operands)), j.operands)))
-
-
-def _writers_of(start: Any, nodes: set[Any], module_names: dict[nn.Module, str]) -> dict[str, bool]:
-    """The mixing layers upstream of ``start`` within the group: name -> reached through a concatenation."""
-    found: dict[str, bool] = {}
-    stack, seen = [(start, False)], set()
-    while stack:
-        node, cat = stack.pop()
-        if (node, cat) in seen or node not in nodes:
-            continue
-        seen.add((node, cat))
-        module = node.module
-        if isinstance(module, nn.Module) and module in module_names and _is_producer(module):
-            found[module_names[module]] = found.get(module_names[module], False) or cat
-            continue
-        cat = cat or type(module).__name__ == "_ConcatOp"
-        stack.extend((n, cat) for n in node.inputs)
-    return found
-
-
-_ONE_BY_ONE = ": its channels cannot go one by one"
-
-
-class _RootsAt:
-    """Node -> local index -> the root indices Torch-Pruning's items map it from (computed on first ask)."""
-
-    def __init__(self, items: Any) -> None:
-        self._items: dict[Any, list[Any]] = defaultdict(list)
-        for item in items:
-            self._items[item.dep.target].append(item)
-        self._done: dict[Any, dict[int, set[int]]] = {}
-
-    def get(self, node: Any, default: Any = None) -> Any:
-        if node not in self._items:
-            return default
-        if node not in self._done:
-            roots: dict[int, set[int]] = defaultdict(set)
-            for item in self._items[node]:
-                for local, r in zip(item.idxs, item.root_idxs):
-                    roots[local].add(r)
-            self._done[node] = roots
-        return self._done[node]
-
-
-def _by_root(parts: list[tuple[Any, Any]], size: int) -> tuple[tuple[int, ...], ...]:
-    """Per root index ``0..size-1``: the sorted local indices mapped to it by ``parts`` ((root indices,
-    local indices) of Torch-Pruning's items), each once."""
-    roots = torch.tensor([int(r) for rs, _ in parts for r in rs], dtype=torch.long)
-    local = torch.tensor([int(i) for _, ls in parts for i in ls], dtype=torch.long)
-    if not len(roots):
-        return ((),) * size
-    span = int(local.max()) + 1
-    pairs = torch.unique(roots * span + local)  # sorted: by root, then local; each pair once
-    counts = torch.bincount(pairs // span, minlength=size).tolist()
-    values = (pairs % span).tolist()
-    out, at = [], 0
-    for n in counts[:size]:
-        out.append(tuple(values[at : at + n]))
-        at += n
-    return tuple(out)
-
-
-def _self_coupled(name: str, node: Any, roots_at: _RootsAt) -> str | None:
-    """Why a channelwise layer's channels cannot go root by root, or None.
-
-    Channel i of a channelwise layer (a depthwise conv) is channel i of its input: both must belong to the
-    same root channels. GhostNet concatenates a conv's output with a depthwise conv of it (``cat([x1,
-    cheap(x1)])``): Torch-Pruning gives ``cheap``'s channel i the root of concatenated channel ``n + i``
-    and its input the root of ``i``, so removing one root would take a channel from one and not the other."""
-    mine = roots_at.get(node, {})
-    for source in getattr(node, "inputs", ()):
-        theirs = roots_at.get(source)
-        if theirs is None:
-            continue
-        for local, roots in mine.items():
-            if local in theirs and theirs[local] != roots:
-                return (
-                    f"{name} reads and writes channels of one group under different indices (a concatenation of "
-                    f"a layer's output with a depthwise conv of it){_ONE_BY_ONE}"
-                )
-    return None
-
-
-def _tp_depthwise(module: Any) -> bool:
-    """What Torch-Pruning treats as a depthwise conv (its input and output channels coupled)."""
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
-
-
-def _false_depthwise(module: Any) -> bool:
-    """A conv Torch-Pruning takes for depthwise (``groups == out_channels``) with another input width."""
-    return _tp_depthwise(module) and not module.transposed and module.in_channels != module.out_channels
-
-
-def _role(target: Any) -> Role | None:
-    shrinker = shrinker_for(target)
-    return shrinker.role_of(target) if shrinker is not None else None
-
-
-_OP_KINDS = {
-    "_SplitOp": Kind.SPLIT,
-    "_UnbindOp": Kind.UNBIND,
-    "_SliceOp": Kind.SLICE,
-    "_OutputOp": Kind.OUTPUT,
-}
-
-
-def _kind_of_op(op: Any, traced_name: str | None) -> Kind:
-    """Torch-Pruning's op object in compactor's terms."""
-    kind = _OP_KINDS.get(type(op).__name__, Kind.OTHER)
-    if kind is Kind.SLICE and not _slices_channels(op):
-        return Kind.OTHER  # e.g. circular padding: channels pass through whole
-    if kind is Kind.OTHER and "MulBackward" in (traced_name or ""):
-        return Kind.MULTIPLY
-    return kind
-
-
-def _slices_channels(op: Any) -> bool:
-    """Whether a traced slice may cut the channel dimension (dim 1 of a 4-D/5-D tensor; dim 1 or 2 of a
-    3-D one). Mirrors Torch-Pruning, which ignores the other slices."""
-    sizes = getattr(op.grad_fn, "_saved_self_sym_sizes", None)
-    if sizes is None:
-        return True
-    rank, dim = len(sizes), int(op.dim) % max(1, len(sizes))
-    return dim in ((1, 2) if rank == 3 else (1,))
-
-
-def _mapping_problem(
-    name: str,
-    side: Side,
-    op: str,
-    kind: Kind,
-    idxs: tuple[tuple[int, ...], ...],
-    module_names: dict[nn.Module, str],
-    param_names: dict[Any, str],
-    covered: set[tuple[str, Side, int]],
-) -> str | None:
-    """Why this member's index mapping cannot be right, or None."""
-    if kind is not Kind.LAYER:
-        return None
-    target = _find(name, module_names, param_names)
-    shrinker = shrinker_for(target)
-    if shrinker is None:
-        return None
-    width = shrinker.out_channels(target) if side == Side.OUT else shrinker.in_channels(target)
-    if op == "Parameter":
-        width = target.shape[0]
-    flat = [i for idx in idxs for i in idx]
-    if width is not None and any(i >= width for i in flat):
-        return f"torch-pruning mapped {max(flat) + 1} channels onto {name} ({side.value}), which has {width}"
-    if len(set(flat)) != len(flat):
-        return f"torch-pruning mapped two channels onto one index of {name} ({side.value})"
-    if any((name, side, i) in covered for i in flat):
-        return f"{name} ({side.value}) is already coupled to another group"
-    return None
-
-
-def _find(name: str, module_names: dict[nn.Module, str], param_names: dict[Any, str]) -> Any:
-    for obj, n in module_names.items():
-        if n == name:
-            return obj
-    for obj, n in param_names.items():
-        if n == name:
-            return obj
-    return None
+        if after in module_names:
+            yield module_names[module], module_names[after]

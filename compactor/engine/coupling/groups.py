@@ -1,16 +1,19 @@
-"""The graph stage's answer in compactor's own terms: groups of coupled channels and where they meet.
+"""The coupling stage's answer in compactor's own terms: groups of coupled channels and where they meet.
 
-Both analyses return these: Torch-Pruning's (``graph.py``) and compactor's own channel labels
-(``labels.py``).
+Both analyses return these: Torch-Pruning's (``tp_adapter.py``) and compactor's own channel labels
+(``labels.py``), and both find the norm layer a producer alone feeds with :func:`norm_after`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal, get_args
 
-from ..layers import Side
+from torch import nn
+
+from ...layers import Role, Side, shrinker_for
 
 Analysis = Literal["auto", "torch-pruning", "labels"]  # which channel analysis finds the groups
 ANALYSES: tuple[str, ...] = get_args(Analysis)
@@ -92,3 +95,27 @@ class ChannelGroup:
 
     def layers(self, side: Side | None = None) -> list[Member]:
         return [m for m in self.members if m.kind is Kind.LAYER and (side is None or m.side is side)]
+
+
+def norm_after(model: nn.Module, edges: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Mixing layers whose output goes to exactly one place, a layer of the same width that can absorb a
+    constant shift of its input (a BatchNorm: see ``Shrinker.absorb_shift``): layer -> that layer.
+
+    ``edges``: (layer, the one layer its output goes to), for each layer of ``model`` whose output goes to
+    exactly one place, as the analysis sees it (a node of Torch-Pruning's graph with one output node; a
+    tensor the label trace saw read once, by a layer)."""
+    modules = dict(model.named_modules())
+    found = {}
+    for name, after in edges:
+        module, norm_module = modules.get(name), modules.get(after)
+        shrinker, norm = shrinker_for(module), shrinker_for(norm_module)
+        if (
+            shrinker is not None
+            and norm is not None
+            and shrinker.role_of(module) is Role.MIXING
+            and norm.role_of(norm_module) is Role.CHANNELWISE
+            and norm.can_absorb_shift(norm_module)
+            and shrinker.out_channels(module) == norm.in_channels(norm_module)
+        ):
+            found[name] = after
+    return found
