@@ -4,9 +4,10 @@
 >>> small = compactor.load("small.pt")          # .pt, .pt2, .safetensors (with arch=): in eval mode
 
 The package follows the pipeline: ``io`` (load, save: every file format), ``engine`` (masks, heads,
-graph, plan, rebuild, verify), ``layers`` (the shrinker registry: one module per layer family),
-``report`` (report, measure), ``training`` (keep_pruned, Lightning callbacks); ``api`` strings the stages
-together and ``cli`` is the ``compact`` command.
+coupling, plan, rebuild, verify: one stage function each, one frozen ``Options``), ``layers`` (the shrinker
+registry: one module per layer family), ``measure`` (timing, MACs), ``report`` (the report and its
+rendering), ``training`` (keep_pruned, Lightning callbacks); ``api`` calls the stages in order and ``cli`` is
+the ``compact`` command.
 """
 
 from .api import compact

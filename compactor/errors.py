@@ -32,6 +32,11 @@ class ModelStructureError(CompactorError, ValueError):
     """A layer's attributes and tensors disagree (built or edited inconsistently), or it has no channels."""
 
 
+class SharedWriteError(ModelStructureError):
+    """A forward tried to write in place into a parameter compactor shares with the user's model (refused
+    before the write: the user's model stays as it was)."""
+
+
 class ModelForwardError(CompactorError, RuntimeError):
     """The model fails its own forward pass on the example inputs."""
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExampleInputError, ModelForwardError, first_line
+from .errors import CompactorError, ExampleInputError, ModelForwardError, first_line
 
 
 @dataclass(frozen=True)
@@ -275,6 +275,8 @@ def run(model: nn.Module, inputs: ExampleInputs) -> Any:
     """Call ``model`` with the example inputs; wrap its failure in one clear line."""
     try:
         return model(*inputs.args, **inputs.kwargs)
+    except CompactorError:  # compactor's own refusal from inside the forward (a write into a shared tensor)
+        raise
     except Exception as e:  # the model's own code: any failure is the user's to see
         raise ModelForwardError(
             f"the model fails its own forward pass on inputs [{inputs.describe()}]"

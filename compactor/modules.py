@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import SharedWriteError
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,97 @@ def _tensors_in(value: object, depth: int = 0) -> Iterator[torch.Tensor]:
 _CONTAINER_DEPTH = 4  # containers inside containers: deep enough for any cache seen (a dict of tensors)
 
 
-def baked(model: nn.Module, *, copy: bool = True) -> nn.Module:
+# --- sharing the user's tensors, never writing them ------------------------------------------------------
+def plain_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a clone of ``model`` may share with it while baking: those of layers with no forward
+    pre-hook (prune masks, old-style weight/spectral norm) and no parametrization, held by no other layer.
+    Baking replaces the others' data (``prune.remove`` sets ``*_orig.data``, removing a parametrization
+    ``set_``s its original), so they are never shared."""
+    held: dict[int, nn.Parameter] = {}
+    unsafe: set[int] = set()
+    for module in model.modules():
+        hooked = bool(module._forward_pre_hooks) or parametrize.is_parametrized(module)
+        for p in module.parameters(recurse=hooked):  # a parametrization's original lives in a child
+            if hooked:
+                unsafe.add(id(p))
+            else:
+                held.setdefault(id(p), p)
+    return [p for key, p in held.items() if key not in unsafe]
+
+
+class _WriteGuard(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped torch base
+    """Refuses, before it happens, any in-place write (an op whose schema marks an argument written: ``add_``,
+    ``copy_``, ``out=``) into the storages it guards."""
+
+    def __init__(self, storages: set[int], what: str) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.storages, self.what = storages, what
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        for i, argument in enumerate(func._schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor) and _storage(t) in self.storages:
+                    raise SharedWriteError(
+                        f"{self.what} writes in place into one of the model's parameters ({func.overloadpacket.__name__} on a "
+                        f"{tuple(t.shape)} tensor); nothing was written: make the forward leave its parameters "
+                        f"alone (data-dependent initialisation done once, before pruning)"
+                    )
+        return func(*args, **kwargs)
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage().data_ptr()) or None
+    except (RuntimeError, NotImplementedError):  # sparse, meta or wrapper tensors: no plain storage
+        return None
+
+
+@contextmanager
+def write_guard(tensors: Iterable[torch.Tensor], what: str) -> Iterator[None]:
+    """While inside, an in-place write into any of ``tensors`` raises :class:`SharedWriteError` instead of
+    happening: forwards run on clones that share the user's parameters (no copy of the model)."""
+    storages = {s for t in tensors if (s := _storage(t)) is not None}
+    if not storages:
+        yield
+        return
+    with _WriteGuard(storages, what):
+        yield
+
+
+def own_parameters(module: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Give ``module``'s own parameters ``names`` (None: all of them) copies of their own, before an in-place
+    step writes them in a clone that shares its tensors."""
+    for key, p in list(module._parameters.items()):
+        if p is not None and (names is None or key in names):
+            module._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+
+
+def owned_copy(model: nn.Module, source: nn.Module) -> nn.Module:
+    """``model`` with every parameter and buffer it shares with ``source`` replaced by a copy (ties kept):
+    what compaction returns owes the user's model nothing, so training it leaves theirs alone."""
+    storages = {s for t in [*source.parameters(), *source.buffers()] if (s := _storage(t)) is not None}
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in list(table.items()):
+                if t is None or _storage(t) not in storages:
+                    continue
+                if id(t) not in copies:
+                    value = t.detach().clone()
+                    copies[id(t)] = (
+                        nn.Parameter(value, t.requires_grad) if isinstance(t, nn.Parameter) else value
+                    )
+                table[key] = copies[id(t)]  # type: ignore[assignment]  # a Parameter where one was
+    return model
+
+
+def baked(model: nn.Module, *, copy: bool = True, share: bool = False) -> nn.Module:
     """A clone of ``model`` with its masks and parametrizations baked in.
 
     A pruned tensor is copied once, as its hook computes it (``hook.apply_mask``: ``orig * mask`` in the
@@ -213,17 +307,20 @@ def baked(model: nn.Module, *, copy: bool = True) -> nn.Module:
     mask or the hook's computed ``weight`` (the clone of a masked model would be three times the model's size
     before baking). Where the model holds one of those tensors anywhere else too (an alias in an attribute),
     the clone is the plain one, baked after. ``copy=False``: ``model`` itself when there is nothing to bake (no
-    clone is made then).
+    clone is made then). ``share=True``: the clone holds ``model``'s own :func:`plain_parameters` (it costs
+    the baked tensors only); nothing may write into them then (the rebuild never does, and checks it).
     """
     if not copy and not has_pruning_state(model):
         return model
+    shared: dict[int, object] = {id(p): p for p in plain_parameters(model)} if share else {}
     pruned = _pruned_tensors(model)
     if not pruned:
-        clone = clone_module(model)
+        clone = clone_module_with(model, shared)
         bake_masks(clone)
         return clone
-    memo: dict[int, object] = {}
+    memo: dict[int, object] = dict(shared)
     for (name, _), (hook, orig, mask, computed) in pruned.items():
+        memo.update((id(v), v) for v in vars(hook).values() if isinstance(v, torch.Tensor))  # the hook goes
         value = hook.apply_mask(model.get_submodule(name)).detach()  # type: ignore[no-untyped-call]
         if value.untyped_storage().data_ptr() == orig.untyped_storage().data_ptr():
             value = value.clone()  # a pruning method that returns its input: the clone owns its copy

@@ -111,12 +111,13 @@ def test_the_tree_shows_the_pipeline() -> None:
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
     assert folders == ["engine", "io", "layers", "measure", "report", "training"]
     stages = sorted(p.stem for p in (PACKAGE / "engine").iterdir() if not p.name.startswith("__"))
-    assert stages == ["coupling", "coverage", "heads", "masks", "plan", "rebuild", "verify"]
+    assert stages == ["coupling", "coverage", "heads", "masks", "options", "plan", "rebuild", "verify"]
     plan = sorted(p.stem for p in (PACKAGE / "engine" / "plan").iterdir() if not p.name.startswith("__"))
-    assert plan == ["autowidth", "base", "compensate", "fates", "observe", "varying", "widths"]
+    assert plan == ["autowidth", "base", "compensate", "fates", "observe", "stage", "varying", "widths"]
     measure = sorted(p.stem for p in (PACKAGE / "measure").iterdir() if not p.name.startswith("__"))
     assert measure == ["probes", "timing"]
     assert sorted(p.stem for p in (PACKAGE / "report").iterdir() if not p.name.startswith("__")) == [
+        "build",
         "filters",
         "report",
         "sparsity",
@@ -305,3 +306,27 @@ def test_no_committed_file_names_a_directory_of_the_machine_it_ran_on() -> None:
         text = path.read_bytes().decode("utf-8", errors="ignore")
         found += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)][:1]
     assert found == []
+
+
+def test_the_api_is_a_sequence_of_stage_calls() -> None:
+    """``api._compact`` calls one function per stage, in the pipeline's order, and does no stage work itself:
+    it stays short, and every helper that did stage work lives in its stage."""
+    import ast
+
+    tree = ast.parse((PACKAGE / "api.py").read_text())
+    body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_compact")
+    assert body.end_lineno is not None and body.end_lineno - body.lineno < 80
+    calls = [n for n in ast.walk(body) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    called = [c.func.id for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]  # type: ignore[attr-defined]
+    order = ["observe", "remove_heads", "couple", "make_plans", "choose_widths", "decide", "checked_widths"]
+    order += ["check_train_mode", "build_report"]
+    assert [c for c in called if c in order] == order
+    helpers = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert helpers == {
+        "compact",
+        "_compact",
+        "default_target",
+        "resolve_example_inputs",
+        "_check_layers",
+        "_timed",
+    }

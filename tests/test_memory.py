@@ -218,3 +218,121 @@ def test_a_train_mode_forward_that_writes_parameters_touches_no_model() -> None:
     assert small[0].out_features == 14
     assert torch.equal(small[3].loc, torch.zeros(6)) and torch.equal(model[3].loc, torch.zeros(6))
     torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# --- how many copies compaction holds at its peak ----------------------------------------------------------
+PEAK_SCRIPT = """
+import json, resource, sys
+import torch
+from torch import nn
+from torch.nn.utils import prune
+import compactor
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+warm = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()  # lazy imports and first-call caches
+with torch.no_grad():
+    warm[0].weight[0] = 0
+compactor.compact(warm, torch.randn(2, 8))
+torch.manual_seed(0)
+width, masks = int(sys.argv[1]), sys.argv[2] == "masks"
+model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(width, width), nn.ReLU())]).eval()
+size = sum(p.numel() * p.element_size() for p in model.parameters())
+for layer in model[::2]:
+    rows = torch.ones_like(layer.weight)
+    rows[::4] = 0
+    if masks:
+        prune.custom_from_mask(layer, "weight", rows)
+    else:
+        with torch.no_grad():
+            layer.weight.mul_(rows)
+x = torch.randn(2, width)
+model(x)
+before = rss()
+small, report = compactor.compact(model, x, time_limit=None)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+small_bytes = sum(p.numel() * p.element_size() for p in small.parameters())
+print(json.dumps({"size": size, "extra": peak - before, "small": small_bytes, "after": report.params["after"]}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["zeros", "masks"])
+def test_compaction_holds_one_copy_besides_the_user_s_model(kind: str) -> None:
+    """Six 1536x1536 Linear layers (56.6 MB of float32), a quarter of every layer's rows pruned. Besides the
+    user's model, compaction's peak holds one model's worth: the stages share the user's parameters (never
+    writing them: a write is refused before it happens) and the rebuild the parameters it does not change;
+    what is returned owns its tensors. Masked, the baked weights (``orig * mask``, what ``prune.remove``
+    would leave) come on top of the rebuilt layers: still less than the ``weight_orig``, mask and computed
+    weight the user's model holds itself. Peak RSS in a fresh process; large allocations mapped one by one
+    (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the count."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, "1536", kind], capture_output=True, text=True, env=env, check=True
+    )
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    size = found["size"]
+    assert size == 6 * (1536 * 1536 + 1536) * 4
+    # rows 0, 4, 8, ... of each layer go with the next layer's columns (the last keeps its outputs: the model's)
+    first, middle, last = 1152 * 1536 + 1152, 4 * (1152 * 1152 + 1152), 1536 * 1152 + 1536
+    assert found["after"] == first + middle + last
+    copies = found["extra"] / size
+    if kind == "zeros":
+        assert copies < 1.2, f"{copies:.2f} copies of the model besides the user's"
+    else:
+        assert copies < 2.2, f"{copies:.2f} copies of the model besides the user's"
+
+
+class Drifts(nn.Module):
+    """A forward that writes its own parameter in place in eval mode (a running estimate kept in a Parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.scale.mul_(1.01)
+        return self.fc(x) * self.scale
+
+
+def test_a_forward_that_writes_a_shared_parameter_is_stopped_before_it_writes() -> None:
+    """The masked model's forwards run on a clone that shares the user's parameters: the write is refused
+    before it happens (the user's model is exactly as it was), in one line that says what to change."""
+    torch.manual_seed(0)
+    model = Drifts().eval()
+    prune.custom_from_mask(model.fc, "weight", torch.ones(8, 8).index_fill_(0, torch.tensor([3]), 0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(compactor.errors.SharedWriteError) as caught:
+        compactor.compact(model, torch.randn(2, 8))
+    assert str(caught.value) == (
+        "the model's eval-mode forward writes in place into one of the model's parameters (mul_ on a "
+        "(8,) tensor); nothing was written: make the forward leave its parameters alone (data-dependent "
+        "initialisation done once, before pruning)"
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_returned_model_owns_its_tensors_and_the_stages_shared_the_user_s() -> None:
+    """Nothing of what compaction returns aliases the user's model (training it leaves theirs alone), though
+    the stages shared the user's parameters on the way: untouched layers come back as equal copies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[[2, 5]] = 0
+        model[0].bias[[2, 5]] = 0
+    x = torch.randn(3, 8)
+    small, _ = compactor.compact(model, x)
+    assert small[0].out_features == 14 and small[2].in_features == 14
+    assert torch.equal(small[4].weight, model[4].weight)  # untouched: equal, and a copy
+    assert not _storages(small) & _storages(model)
+    with torch.no_grad():
+        small[4].weight.add_(1.0)
+    assert not torch.equal(small[4].weight, model[4].weight)

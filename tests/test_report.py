@@ -311,7 +311,7 @@ def test_when_the_tracer_fails_every_pruned_filter_stays_and_says_so(monkeypatch
     def fail(*_args: object, **_kwargs: object) -> None:
         raise GraphError("torch-pruning could not trace the model (KeyError: x)")
 
-    monkeypatch.setattr(compactor.api, "build_groups", fail)
+    monkeypatch.setattr(compactor.engine.coupling.stage, "build_groups", fail)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
     prune.custom_from_mask(model[0], "weight", torch.ones(6, 8).index_fill_(0, torch.tensor([1]), 0.0))

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import first_line
+from ..errors import SharedWriteError, first_line
 from ..inputs import ExampleInputs, flatten_values
-from ..modules import clone_module
+from ..modules import clone_module, write_guard
 from ..util import shown_path
 from .coupling import ChannelGroup
 
@@ -146,12 +146,19 @@ def uncalled_layers(model: nn.Module, called: set[str]) -> list[tuple[str, str]]
 def train_outputs(model: nn.Module, inputs: ExampleInputs) -> tuple[Any, Coverage] | str:
     """The model's outputs on ``inputs`` in train mode, run on a copy (batch statistics and dropout must not
     touch ``model``), and what the run covered; or why train mode cannot run on these inputs."""
-    copy = clone_module(model).train()  # a copy of everything: a train-mode forward may write its parameters
     try:
-        with watch(copy) as coverage, torch.no_grad():
-            out = copy(*inputs.args, **inputs.kwargs)
+        try:  # on a clone that shares the parameters (buffers copied), refusing writes into them
+            return _train_run(clone_module(model, share_parameters=True), inputs, list(model.parameters()))
+        except SharedWriteError:  # it writes its parameters (data-dependent init): on a copy of everything
+            return _train_run(clone_module(model), inputs, [])
     except Exception as e:  # the model's own train-mode code (BatchNorm on one value per channel...)
         return f"{type(e).__name__}: {first_line(e)}"
+
+
+def _train_run(copy: nn.Module, inputs: ExampleInputs, guarded: list[nn.Parameter]) -> tuple[Any, Coverage]:
+    copy.train()
+    with write_guard(guarded, "the train-mode forward"), watch(copy) as coverage, torch.no_grad():
+        out = copy(*inputs.args, **inputs.kwargs)
     return out, coverage
 
 

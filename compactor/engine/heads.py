@@ -48,7 +48,8 @@ from torch import nn
 
 from ..inputs import ExampleInputs, run
 from ..layers import Side, shrinker_for
-from ..modules import baked
+from ..modules import baked, own_parameters
+from ..outputs import Outputs, compare
 from ..util import eval_mode_restored
 
 
@@ -165,7 +166,8 @@ def compact_heads(
 ) -> tuple[nn.Module, list[HeadChange]]:
     """A copy of ``model`` without the attention heads that provably contribute nothing or a constant.
 
-    ``model`` is not modified: it is cloned and its ``torch.nn.utils.prune`` masks are baked into the copy.
+    ``model`` is not modified: it is cloned and its ``torch.nn.utils.prune`` masks are baked into the copy,
+    which shares the parameters it does not rebuild with ``model``.
     With ``example_inputs`` (anything :func:`compactor.compact` accepts), each BERT-style pairing of an
     attention module with its parent's ``output.dense`` is confirmed by tracing one forward pass; without
     them the pairing rests on module structure and shapes. Returns the copy and one :class:`HeadChange` per
@@ -194,7 +196,7 @@ def compact_heads(
 def _compact_heads_once(
     model: nn.Module, example_inputs: Any, fold: bool, skip: frozenset[str] = frozenset()
 ) -> tuple[nn.Module, list[HeadChange]]:
-    new = baked(model)
+    new = baked(model, share=True)  # what is not rebuilt stays shared with ``model``
     sites, unpaired = _find_sites(new)
     sites = [s for s in sites if s.name not in skip]  # attention no forward called: left as it was
     if example_inputs is not None:
@@ -428,6 +430,7 @@ def _apply(site: AttentionSite, gone: list[int], folded: list[int]) -> None:
         v_bias = site.linear("v").bias
         assert v_bias is not None  # a folded head has a non-zero value bias
         idx = torch.tensor([h * d + i for h in folded for i in range(d)], dtype=torch.long)
+        own_parameters(o, o_shrinker.fold_writes)  # the copy may share o's tensors with the model
         o_shrinker.fold_constant(o, idx, v_bias.detach()[idx].double())
     keep = torch.tensor(
         [h * d + i for h in range(site.num_heads) if h not in gone for i in range(d)], dtype=torch.long
@@ -469,3 +472,22 @@ def _summary(decisions: list[HeadDecision]) -> str:
                 yield f"{fate.value} {heads} ({why})"
 
     return "; ".join(parts())
+
+
+def remove_heads(
+    model: nn.Module,
+    inputs: ExampleInputs,
+    runs: list[ExampleInputs],
+    references: list[Outputs],
+    tolerance: float,
+    uncalled: frozenset[str] = frozenset(),
+) -> tuple[nn.Module, list[HeadChange]]:
+    """The heads stage: :func:`compact_heads` verified against the masked model's outputs (``references`` on
+    ``runs``); attention modules no forward called (``uncalled``) are left as they are."""
+
+    def check(candidate: nn.Module) -> str | None:
+        verdict = compare(candidate, runs, references, tolerance)
+        return None if verdict.ok else verdict.summary()
+
+    new, heads = compact_heads(model, inputs, verify=check, skip=uncalled)
+    return new.eval(), heads

@@ -1,25 +1,95 @@
 """Stage 2, masks: the user's masked model as the reference, and its masks baked into plain weights.
 
-:func:`masked_view` clones the model as the user holds it (sharing the pruned tensors, not copying them);
+:func:`observe` is the stage: the masked model's outputs on the example inputs and fresh ones (the
+references every later stage is held to), what those runs did not cover, and the model with its masks baked
+in. :func:`masked_view` clones the model as the user holds it (sharing its tensors, not copying them);
 :func:`compactor.modules.baked` bakes its masks and re-parametrisations into plain weights.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..modules import clone_module_with
+from ..errors import CompactorError, ModelForwardError, ModelStructureError, first_line
+from ..inputs import ExampleInputs, flatten_values, padded, run, unchecked_outputs
+from ..modules import baked, clone_module_with, reparametrized, write_guard
+from ..outputs import Outputs, reference_outputs
+from .coverage import Coverage, Paths, find_paths, watch
+
+FRESH_RUNS = 2  # random inputs checked besides the example inputs
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the masks stage hands on: the baked model, the runs and the masked model's outputs on them."""
+
+    baked: nn.Module  # the masks baked in; shares the user's plain parameters (never written)
+    runs: list[ExampleInputs]  # the example inputs, fresh ones like them, then one at another size (if any)
+    references: list[Outputs]  # the masked model's outputs on each run
+    same: int  # how many runs have the example's shapes (the run at another size comes last)
+    sizes: str  # which sizes were checked, in words (``report.extra["sizes"]``)
+    paths: Paths  # what the runs did not cover: value branches, uncalled layers, train-mode paths
+    unchecked: list[str]  # outputs that are neither tensors nor plain values (not compared)
+    fresh_note: str | None  # why the fresh runs are not the default ones, where they are not
+    folded: list[str]  # the re-parametrisations baked (weight_norm, spectral_norm, parametrizations)
+
+
+def observe(model: nn.Module, inputs: ExampleInputs) -> Observed:
+    """The masks stage: run the masked model (as the user holds it) on ``inputs`` and on fresh inputs drawn
+    like them, check its outputs are finite and its forward leaves its tensors alone, and bake its masks."""
+    masked, shared = masked_view(model)  # the user's model as it is: its own pruning hooks and tensors
+    masked.eval()
+    generator = torch.Generator().manual_seed(0)
+    candidates = [  # made outside the watch: making them reads tensor values
+        [inputs, *padded([inputs.fresh(generator, integers=integers) for _ in range(FRESH_RUNS)])]
+        for integers in (True, False)
+    ]
+    with write_guard((t for t, _ in shared), "the model's eval-mode forward"):
+        with watch(masked) as seen:
+            with torch.no_grad():
+                first = run(masked, inputs)  # fails with one clear line if the inputs do not fit
+            unchecked = unchecked_outputs(first)
+            runs, references, fresh_note = _references(masked, candidates, flatten_values(first), seen)
+            del first
+        check_finite(references)
+        same = len(runs)
+        other, other_references, sizes = _other_size(masked, inputs, generator)
+    del masked  # the references are all that is needed of it: free what its hooks computed
+    written = check_unwritten(shared)
+    if written is not None:
+        raise ModelStructureError(
+            f"{written}: its outputs change from one call to the next, so no compaction can be verified "
+            f"against them; make the forward leave its weights alone (data-dependent initialisation done once, "
+            f"before pruning)"
+        )
+    folded = reparametrized(model)
+    plain = baked(model, share=True).eval()  # shares the user's plain parameters: never written
+    paths = find_paths(plain, seen, inputs)
+    return Observed(
+        plain,
+        [*runs, *other],
+        [*references, *other_references],
+        same,
+        sizes,
+        paths,
+        unchecked,
+        fresh_note,
+        folded,
+    )
 
 
 def masked_view(model: nn.Module) -> tuple[nn.Module, list[tuple[torch.Tensor, int]]]:
-    """A clone of ``model`` as the user holds it, for forwards in eval mode: it shares each pruned tensor's
-    ``*_orig``, mask and computed tensor with ``model`` (the pruning hook only reads the first two, and
-    replaces the third rather than writing it) and copies everything else, so it costs the tensors the hooks
-    compute, not three copies of every pruned weight. Also returns the shared tensors with their ``_version``, for
-    :func:`check_unwritten` after the forwards."""
-    memo: dict[int, object] = {}
+    """A clone of ``model`` as the user holds it, for forwards in eval mode: it shares every parameter and
+    each pruned tensor's ``*_orig``, mask and computed tensor with ``model`` (the pruning hook only reads the
+    first two, and replaces the third rather than writing it) and copies the buffers, so it costs the tensors
+    the hooks compute, not a second model. Also returns the shared tensors with their ``_version``, for
+    :func:`check_unwritten` after the forwards; run them under :func:`compactor.modules.write_guard` of those
+    tensors, so that a forward that writes one is stopped before it does."""
+    memo: dict[int, object] = {id(p): p for p in model.parameters()}
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():
             if not isinstance(hook, prune.BasePruningMethod):
@@ -28,6 +98,9 @@ def masked_view(model: nn.Module) -> tuple[nn.Module, list[tuple[torch.Tensor, i
                 tensor = module._parameters.get(key, module._buffers.get(key))
                 if tensor is not None:
                     memo[id(tensor)] = tensor
+            for value in vars(hook).values():  # custom_from_mask's hook holds the mask it was given
+                if isinstance(value, torch.Tensor):
+                    memo[id(value)] = value
             computed = module.__dict__.get(hook._tensor_name)
             if isinstance(computed, torch.Tensor):  # read before the layer's call, maybe: as the user has it
                 memo[id(computed)] = computed
@@ -39,4 +112,74 @@ def check_unwritten(shared: list[tuple[torch.Tensor, int]]) -> str | None:
     """Why :func:`masked_view`'s shared tensors are no longer what they were (a forward wrote into them), or
     None."""
     written = sum(t._version != v for t, v in shared)
-    return f"the model's forward wrote into {written} of its pruned tensors in eval mode" if written else None
+    return f"the model's forward wrote into {written} of its tensors in eval mode" if written else None
+
+
+def check_finite(references: list[Outputs]) -> None:
+    """The masked model's outputs must be finite: NaN or Inf cannot be compared (NaN is never equal)."""
+    for i, outputs in enumerate(references):
+        for name, value in outputs:
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and not bool(torch.isfinite(value).all())
+            ):
+                on = "the example inputs" if i == 0 else "random inputs drawn like the example inputs"
+                raise ModelForwardError(
+                    f"the model's output {name} holds NaN or Inf on {on}, so compaction cannot be verified there; "
+                    f"give example inputs on which the model's outputs are finite"
+                )
+
+
+def _references(
+    masked: nn.Module, candidates: list[list[ExampleInputs]], example: Outputs, seen: Coverage
+) -> tuple[list[ExampleInputs], list[Outputs], str | None]:
+    """The runs verification compares and the masked model's outputs on them: the example inputs (whose
+    outputs, ``example``, are known) and random ones like them (``candidates[0]``). Where the model itself
+    fails on random integers (token ids laid out as it expects: image tokens, special ids), the fresh runs
+    keep the example's integers (``candidates[1]``); where it fails even then, only the example inputs are
+    checked, and that is said. ``seen`` keeps the branch outcomes of the runs that are verified only."""
+    why = ""
+    for i, runs in enumerate(candidates):
+        before = seen.snapshot()
+        try:
+            references = [example, *reference_outputs(masked, runs[1:])]
+        except (
+            CompactorError
+        ):  # compactor's own refusal (a write into a shared tensor): not the inputs' fault
+            raise
+        except Exception as e:  # the model's own check on its inputs, not a compaction problem
+            why = first_line(e, with_type=True)
+            seen.restore(before)
+            continue
+        note = f"fresh inputs keep the example's integer inputs: random ones fail ({why})" if i else None
+        return runs, references, note
+    note = f"verified on the example inputs only: the model fails on random inputs like them ({why})"
+    return candidates[0][:1], [example], note
+
+
+def _other_size(
+    masked: nn.Module, inputs: ExampleInputs, generator: torch.Generator
+) -> tuple[list[ExampleInputs], list[Outputs], str]:
+    """One run at another size (:meth:`ExampleInputs.resized`) with the masked model's outputs on it, where
+    the model takes it: a channel whose constant depends on the input's size (a softmax or a sum over
+    positions) then varies across the runs and stays, and verification checks the plan there too. A model
+    with fixed sizes (position embeddings, a Linear after a flatten) is checked at the example's size only;
+    the string says which happened (``report.extra["sizes"]``)."""
+    other = inputs.resized(generator)
+    if other is None:
+        return [], [], "checked at the example's size only: no input has positions to resize"
+    try:
+        outputs = reference_outputs(masked, [other])
+    except CompactorError:
+        raise
+    except Exception as e:  # the model fixes its sizes: not a compaction problem
+        why = first_line(e, with_type=True)
+        return [], [], f"checked at the example's size only: the model fails at [{other.describe()}] ({why})"
+    finite = all(
+        not isinstance(v, torch.Tensor) or not v.is_floating_point() or bool(torch.isfinite(v).all())
+        for _, v in outputs[0]
+    )
+    if not finite:
+        return [], [], f"checked at the example's size only: outputs at [{other.describe()}] hold NaN or Inf"
+    return [other], outputs, f"also observed and verified at [{other.describe()}]"

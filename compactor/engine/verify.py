@@ -7,7 +7,7 @@ plan whose removal breaks that is restored (:func:`decide`), judged in float64 w
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -15,10 +15,19 @@ from ..errors import VerificationError
 from ..inputs import ExampleInputs
 from ..outputs import Floors, Outputs, Verdict, Wide, compare, noise_floors, reference_outputs, widened
 from ..util import check_time
-from .plan import GroupPlan, round_layers
+from .options import Log
+from .plan import GroupPlan, round_layers, same_plans
 from .rebuild import apply_plans
 
-Log = Callable[[str], None]
+
+@dataclass(frozen=True)
+class Decided:
+    """What verification shipped: the plans, the compacted model, its verdict and the rounding floors used."""
+
+    plans: list[GroupPlan]
+    small: nn.Module
+    verdict: Verdict
+    floors: Floors | None
 
 
 # --- which plans ship -------------------------------------------------------------------------------
@@ -32,7 +41,7 @@ def decide(
     say: Log,
     round_to: int,
     wide: Wide | None,
-) -> tuple[list[GroupPlan], nn.Module, Verdict, Floors | None]:
+) -> Decided:
     """Which plans ship: the final plans, the compacted model, its verdict, and the rounding floors used.
 
     Every plan at once first. If that fails by a finite margin, it may be rounding (a deep float32
@@ -99,12 +108,7 @@ def decide(
         verdict = compare(small, runs, references, tolerance, floors)
     if not verdict.ok:  # only possible if the unmodified model is itself not reproducible
         raise VerificationError(f"the rebuilt model does not reproduce the masked model: {verdict.summary()}")
-    return final, small, verdict, floors
-
-
-def same_plans(a: list[GroupPlan], b: list[GroupPlan]) -> bool:
-    """The same plan objects, in order: what was built (or timed) from ``a`` is what ``b`` would give."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return Decided(final, small, verdict, floors)
 
 
 def _restore(plans: list[GroupPlan], rejected: dict[int, Verdict]) -> list[GroupPlan]:

@@ -33,7 +33,7 @@ its candidates with :mod:`compactor.measure`), ``observe`` (run the model, recor
 ``widths`` (what widths a layer can take: GroupNorm groups, grouped convs, ``round_to``).
 """
 
-from .base import IGNORED, ChannelFate, Fate, Fold, GroupPlan, InputStats, Merge, WidthTarget
+from .base import IGNORED, ChannelFate, Fate, Fold, GroupPlan, InputStats, Merge, WidthTarget, same_plans
 from .compensate import apply_compensation
 from .fates import Planner, plan_groups
 from .observe import consumer_layers, observe_inputs
@@ -54,4 +54,5 @@ __all__ = [
     "observe_inputs",
     "plan_groups",
     "round_layers",
+    "same_plans",
 ]

@@ -35,7 +35,8 @@ import math
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from statistics import median
 from typing import Any
 
 from torch import nn
@@ -46,7 +47,7 @@ from ...layers import Side, width
 from ...measure.probes import Probe, Seen, Timer, probe, rebuilt, record_inputs, rounds_of, timed_kind
 from ...measure.timing import Gap, paired_gap
 from ..rebuild import apply_plans
-from .base import Fate, GroupPlan, WidthTarget
+from .base import Fate, GroupPlan, WidthTarget, same_plans
 from .fates import Planner
 
 STEPS = (8, 16, 32, 64)
@@ -330,3 +331,98 @@ def _widths(plans: list[GroupPlan], modules: dict[str, Any]) -> dict[tuple[str, 
 
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# --- the stage: choose before verification, check after ------------------------------------------------------
+@dataclass
+class Chosen:
+    """What the timing chose, before verification: the plans at the exact widths and as chosen."""
+
+    search: WidthSearch
+    exact: list[GroupPlan]
+    chosen: list[GroupPlan]
+    choices: list[GroupChoice]
+    untimed: list[str]
+    whole: WholeChoice | None
+    seconds: float
+
+
+def choose_widths(
+    planner: Planner,
+    model: nn.Module,
+    dense: nn.Module,
+    inputs: ExampleInputs,
+    plans: list[GroupPlan],
+    timer: Timer,
+    uniform: bool,
+) -> Chosen:
+    """``round_to="auto"``: the plans again with each group held at the width timed fastest, then that
+    choice against the exact widths and uniform roundings, each timed as a whole model (``model``: the model
+    the plans apply to, in its own precision; ``dense``: the masked model baked, before any head went)."""
+    start = time.perf_counter()
+    search = WidthSearch(planner, model, inputs, timer)
+    widths, choices, untimed = search.choose(plans)
+    greedy = planner.plans(uniform=uniform, widths=widths) if widths else plans
+    candidates = {"per group": greedy, "exact": plans}
+    for step in WHOLE_STEPS:
+        candidates[f"all x{step}"] = planner.plans(uniform=uniform, widths=search.rounded(plans, step))
+    try:
+        whole: WholeChoice | None = search.whole(model, inputs, candidates, dense)
+    except AssertionError:  # compactor's own check (a rebuild wrote into the model it copies): a bug, said so
+        raise
+    except Exception as e:  # exporters' and runtimes' failures have no common type: the greedy choice stands
+        untimed.append(f"the whole-model check ({first_line(e, with_type=True)})")
+        whole = None
+    chosen = candidates[whole.picked] if whole is not None else greedy
+    return Chosen(search, plans, chosen, choices, untimed, whole, round(time.perf_counter() - start, 4))
+
+
+def checked_widths(
+    chosen: Chosen, dense: nn.Module, small: nn.Module, inputs: ExampleInputs, final: list[GroupPlan]
+) -> AutoWidths:
+    """After verification (``final``: the plans that ship): the whole model timed dense and compacted on the
+    target (a failure to run there is said, not raised: the widths stand), the layers timed alone, and the
+    parameters the chosen widths keep beyond the exact ones."""
+    search, untimed = chosen.search, chosen.untimed
+    exact = [  # the exact plans, less the groups verification restored (so the padding alone is counted)
+        f if c.removed and not f.removed else e for e, c, f in zip(chosen.exact, chosen.chosen, final)
+    ]
+    timed = chosen.whole if chosen.whole is not None and same_plans(chosen.chosen, final) else None
+    model_ms: dict[str, float] | None = None
+    if timed is not None and timed.dense_ms is not None and timed.picked in timed.ms:
+        model_ms = {"before": timed.dense_ms, "after": timed.ms[timed.picked]}
+    else:
+        try:
+            t = rounds_of(search.timer.models({"dense": dense, "small": small}, inputs))
+            model_ms = {"before": median(t["dense"]) * 1000, "after": median(t["small"]) * 1000}
+        except Exception as e:  # the exporters' and runtimes' failures have no common type
+            untimed.append(f"the whole model ({first_line(e, with_type=True)})")
+    try:
+        layers = tuple(search.layer_times(final))
+    except Exception as e:  # as above: a layer the backend cannot run alone
+        untimed.append(f"the layers alone ({first_line(e, with_type=True)})")
+        layers = ()
+    result = AutoWidths(search.timer.target, tuple(chosen.choices), chosen.seconds, (), model_ms=model_ms)
+    return replace(
+        result,
+        extra_params=search.extra_params(exact, final),
+        layers=layers,
+        untimed=tuple(untimed),
+        whole=chosen.whole,
+        padded=sum(len(f.removed) < len(e.removed) for e, f in zip(exact, final)),
+    )
+
+
+def slower_warning(result: AutoWidths) -> list[str]:
+    """The report's warning where the compacted model ran slower than the dense one, naming the layers."""
+    if not result.slower or result.model_ms is None:
+        return []
+    worst = (
+        ", ".join(f"{t.layer} {t.before_ms:.3f} → {t.after_ms:.3f} ms" for t in result.responsible()[:5])
+        or "no single layer (the time goes between layers)"
+    )
+    return [
+        f"the compacted model ran slower than the dense one on {result.target} ({result.model_ms['after']:.2f} ms "
+        f"against {result.model_ms['before']:.2f} ms, with --round-to auto); layers slower compacted than dense: "
+        f"{worst}"
+    ]

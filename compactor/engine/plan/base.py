@@ -183,3 +183,8 @@ def all_zero(members: list[Member], modules: Modules, size: int, test: ZeroTest)
 
 def nonzero(k: torch.Tensor | None) -> bool:
     return k is not None and bool((k != 0).any())
+
+
+def same_plans(a: list[GroupPlan], b: list[GroupPlan]) -> bool:
+    """The same plan objects, in order: what was built (or timed) from ``a`` is what ``b`` would give."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))

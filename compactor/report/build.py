@@ -1,0 +1,129 @@
+"""The report stage: one :class:`~.report.CompactionReport` from what every stage handed on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..engine.coupling.stage import Coupled
+from ..engine.heads import HeadChange
+from ..engine.masks import Observed
+from ..engine.plan.autowidth import AutoWidths, slower_warning
+from ..engine.verify import Decided
+from ..inputs import ExampleInputs
+from ..io.sparse import sparsity_report
+from ..outputs import sliced_note
+from .filters import pruned_filters
+from .report import (
+    CompactionReport,
+    count_params,
+    dead_model_warnings,
+    layer_changes,
+    serialized_bytes,
+    zeroed_channels,
+)
+from .sparsity import unstructured_warnings
+
+
+def build_report(
+    dense: nn.Module,
+    planned: nn.Module,
+    inputs: ExampleInputs,
+    observed: Observed,
+    heads: list[HeadChange],
+    coupled: Coupled,
+    decided: Decided,
+    *,
+    tolerance: float,
+    round_to: int | str,
+    seconds: dict[str, float],
+    auto: AutoWidths | None = None,
+    macs: dict[str, int] | None = None,
+) -> CompactionReport:
+    """``dense``: the masked model baked (before any head went); ``planned``: the model the plans were made on
+    (in float64 where decisions were); ``decided.small``: what ships."""
+    small, plans, paths = decided.small, decided.plans, observed.paths
+    sparsity = [layer for layer in sparsity_report(small) if layer.zeros]
+    uncalled = frozenset(name for name, _ in paths.uncalled)
+    floors = decided.floors
+    extra: dict[str, Any] = {
+        "graph_issues": sorted({i for g in coupled.groups for i in g.issues}),
+        **({"heads": [h.to_dict() for h in heads]} if heads else {}),
+        **({"rounding_floor": max(max(f, default=0.0) for f in floors)} if floors else {}),
+        "sparsity": [layer.to_dict() for layer in sparsity],
+        **({"reparametrizations": observed.folded} if observed.folded else {}),
+        "round_to": round_to,
+        "sizes": observed.sizes,
+        **({"cache": note} if (note := sliced_note(decided.verdict)) else {}),
+        "paths": paths.to_dict(),
+        **({"path_notes": paths.notes()} if paths.notes() else {}),
+        **({"auto": auto.to_dict(), "macs": macs} if auto is not None else {}),
+    }
+    return CompactionReport(
+        params={"before": count_params(dense), "after": count_params(small)},
+        file_bytes={"before": serialized_bytes(dense), "after": serialized_bytes(small)},
+        max_abs_error=decided.verdict.max_abs_error,
+        tolerance=tolerance,
+        verified_runs=len(observed.runs),
+        inputs=inputs.describe(),
+        layers=layer_changes(dense, small),
+        zeroed=zeroed_channels(plans),
+        filters=pruned_filters(planned, plans, uncalled=uncalled, traced=not coupled.untraced),
+        warnings=(
+            *_guess_warning(inputs),
+            *_quantized_warning(dense),
+            *_unchecked_warning(observed.unchecked),
+            *coupled.untraced,
+            *paths.warnings(),
+            *([observed.fresh_note] if observed.fresh_note else []),
+            *dead_model_warnings(observed.references[: observed.same], plans),  # at one size: shapes differ
+            *unstructured_warnings(small),
+            *(slower_warning(auto) if auto is not None else ()),
+        ),
+        seconds=seconds,
+        extra=extra,
+    )
+
+
+def _unchecked_warning(unchecked: list[str]) -> list[str]:
+    if not unchecked:
+        return []
+    more = f" and {len(unchecked) - 3} more" if len(unchecked) > 3 else ""
+    return [
+        f"the model returns objects that are neither tensors nor plain values ({', '.join(unchecked[:3])}{more}): "
+        f"they were not compared; return tensors, numbers or dataclasses of them to have them verified"
+    ]
+
+
+def _guess_warning(inputs: ExampleInputs) -> list[str]:
+    if inputs.guess is None:
+        return []
+    return [
+        f"no example inputs were given: compacted and verified on a guessed input of shape {inputs.guess}; pass "
+        f"--input-shape (Python: example_inputs) with the real size, which exports also take"
+    ]
+
+
+_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
+
+def _quantized_warning(model: nn.Module) -> list[str]:
+    """Quantized layers (``quantize_dynamic``, eager-mode ``convert``) hold packed integer weights that no
+    shrinker rebuilds: they stay whole, and so do the channels they write or read."""
+    found: list[str] = []
+    outer: list[str] = []  # a quantized layer's own parts (its packed params) are not named again
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith(_QUANTIZED) and not any(name.startswith(f"{o}.") for o in outer):
+            outer.append(name)
+            kind = f"{type(m).__module__}.{type(m).__name__}".removeprefix("torch.ao.nn.").removeprefix(
+                "torch.nn."
+            )
+            found.append(f"{name or '(the model itself)'} ({kind})")
+    if not found:
+        return []
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return [
+        f"{len(found)} quantized layer(s) left whole ({', '.join(found[:3])}{more}): compactor rebuilds float "
+        f"layers only, so the channels they write or read stay; compact the float model, then quantize"
+    ]
