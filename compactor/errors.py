@@ -76,7 +76,7 @@ class UnverifiedPathError(CompactorError, ValueError):
 
 class CouplingUnsettled(GraphError):
     """Torch-Pruning's channel coupling from one root never settles (it cycles, as through a rotary
-    embedding). Caught by the graph stage, which keeps that root's channels with the message as reason."""
+    embedding). Caught by the coupling stage, which keeps that root's channels with the message as reason."""
 
 
 class CouplingByRule(GraphError):
@@ -90,7 +90,7 @@ class TimeLimitError(CompactorError, RuntimeError):
 
 class CouplingUnmapped(GraphError):
     """Torch-Pruning could not compute the index mapping of an op (a concatenation it cannot size, a
-    reshape it divides by zero on) that one root's channels reach. Caught by the graph stage, which keeps
+    reshape it divides by zero on) that one root's channels reach. Caught by the coupling stage, which keeps
     that root's channels with the message as reason."""
 
 

@@ -206,15 +206,6 @@ def _same(a: torch.Tensor | Plain, b: torch.Tensor | Plain) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _float_tensors(a: torch.Tensor | Plain, b: torch.Tensor | Plain) -> bool:
-    return (
-        isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and a.is_floating_point()
-        and a.numel() > 0
-    )
-
-
 def _plain_error(a: torch.Tensor | Plain, b: torch.Tensor | Plain) -> float:
     """How far a plain output moved: 0 when equal; the difference of two floats (or an int beside a
     float); inf for anything else that differs (another type, another int or string, a tensor)."""

@@ -331,3 +331,38 @@ def test_an_op_of_the_model_that_fails_under_the_label_trace_falls_back_on_torch
     assert sorted(g.root for g in build_groups(model, inputs)) == ["conv", "fc"]
     with pytest.raises(GraphError, match=r"^compactor could not follow the channels \(RuntimeError: "):
         build_groups(model, inputs, analysis="labels")
+
+
+class _Narrowed(nn.Module):
+    """``narrow(1, 0, 6)`` / ``select(1, i)`` of a conv's 8 channels: the positions they keep are fixed."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.a, self.b, self.op = nn.Conv2d(3, 8, 1), nn.Conv2d(6, 4, 1), op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        if self.op == "narrow":
+            return self.b(y.narrow(1, 0, 6))
+        return self.b(torch.stack([y.select(1, i) for i in range(6)], 1))
+
+
+@pytest.mark.parametrize("op", ["narrow", "select"])
+@pytest.mark.parametrize("analysis", ["labels", "auto"])
+def test_narrow_and_select_take_their_dimension_second(op: str, analysis: Analysis) -> None:
+    """``narrow(x, dim, start, length)`` and ``select(x, dim, index)`` name the dimension second (read as the
+    third, the start: a cut along the batch, and the plan then failed verification): the cut channels are
+    kept by prediction, with the reason, never by a failed verification."""
+    torch.manual_seed(0)
+    model = _Narrowed(op).eval()
+    with torch.no_grad():
+        for c in (2, 7):
+            model.a.weight[c], model.a.bias[c] = 0.0, -1.0
+    x = torch.randn(2, 3, 5, 5)
+    small, report = compactor.compact(model, x, analysis=analysis)
+    assert [(z.channel, z.fate) for z in report.zeroed] == [
+        (2, "kept: read elsewhere"),
+        (7, "kept: read elsewhere"),
+    ]
+    assert small.a.out_channels == 8
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)

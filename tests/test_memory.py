@@ -272,7 +272,9 @@ def test_compaction_holds_one_copy_besides_the_user_s_model(kind: str) -> None:
     import subprocess
     import sys
 
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    keep = ("PATH", "HOME", "VIRTUAL_ENV", "TMPDIR")  # nothing an earlier test or the caller set besides
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env |= {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, "1536", kind], capture_output=True, text=True, env=env, check=True
     )

@@ -34,7 +34,7 @@ class ParameterShrinker(Shrinker[Any]):
     """A bare parameter multiplied into a channel stream (LayerScale): channelwise along its pruning dim.
 
     Its width and its smaller copy depend on the dimension Torch-Pruning found the channels on, so the
-    graph stage measures it and the rebuild stage slices it (``rebuild._replace_parameter``)."""
+    coupling stage measures it and the rebuild stage slices it (``rebuild._replace_parameter``)."""
 
     role = Role.CHANNELWISE
 

@@ -130,9 +130,8 @@ class _Moves(_LabelStore):
         if name == "__getitem__":
             self._note_index(f"{name}@{self.trace.ops}", x, lab, args[1], lab)
             return
-        dim = _arg(args, kwargs, 2 if name != "unbind" else 1, "dim", 0)
-        if name == "index_select":
-            dim = _arg(args, kwargs, 1, "dim", 0)
+        # chunk(x, chunks, dim), split(x, size, dim), tensor_split(x, at, dim); the others take dim second
+        dim = _arg(args, kwargs, 2 if name in ("chunk", "split", "tensor_split") else 1, "dim", 0)
         dim = int(dim) % x.dim()
         per = _per_index(lab, dim)
         if not _varies(per):

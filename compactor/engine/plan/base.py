@@ -140,7 +140,7 @@ class InputStats:
 
 
 def shrinker_at(modules: Modules, name: str) -> Shrinker[Any]:
-    """The shrinker of a group member (members are known layers: the graph stage checked)."""
+    """The shrinker of a group member (members are known layers: the coupling stage checked)."""
     shrinker = shrinker_for(modules[name])
     if shrinker is None:
         raise KeyError(f"{name} has no shrinker")
