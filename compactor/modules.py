@@ -272,12 +272,24 @@ def write_guard(tensors: Iterable[torch.Tensor], what: str) -> Iterator[None]:
         yield
 
 
-def own_parameters(module: nn.Module, names: Iterable[str] | None = None) -> None:
-    """Give ``module``'s own parameters ``names`` (None: all of them) copies of their own, before an in-place
-    step writes them in a clone that shares its tensors."""
-    for key, p in list(module._parameters.items()):
-        if p is not None and (names is None or key in names):
-            module._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+def own_parameters(root: nn.Module, written: dict[str, set[str] | None]) -> None:
+    """Give the parameters ``written`` names (layer -> parameter names, None: all of the layer's) copies of
+    their own in ``root`` (ties between them kept)."""
+    copies: dict[int, nn.Parameter] = {}
+    for name, names in written.items():
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            continue
+        for key, p in module.named_parameters():
+            if names is None or key in names:
+                copies.setdefault(id(p), nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    if not copies:
+        return
+    for module in root.modules():
+        for key, held in list(module._parameters.items()):
+            if held is not None and id(held) in copies:
+                module._parameters[key] = copies[id(held)]
 
 
 def owned_copy(model: nn.Module, source: nn.Module) -> nn.Module:

@@ -430,7 +430,8 @@ def _apply(site: AttentionSite, gone: list[int], folded: list[int]) -> None:
         v_bias = site.linear("v").bias
         assert v_bias is not None  # a folded head has a non-zero value bias
         idx = torch.tensor([h * d + i for h in folded for i in range(d)], dtype=torch.long)
-        own_parameters(o, o_shrinker.fold_writes)  # the copy may share o's tensors with the model
+        writes = o_shrinker.fold_writes
+        own_parameters(o, {"": None if writes is None else set(writes)})  # o's tensors may be the model's
         o_shrinker.fold_constant(o, idx, v_bias.detach()[idx].double())
     keep = torch.tensor(
         [h * d + i for h in range(site.num_heads) if h not in gone for i in range(d)], dtype=torch.long

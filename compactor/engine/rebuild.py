@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..layers import Side, shrinker_for
-from ..modules import clone_module
+from ..modules import clone_module, own_parameters
 from ..util import set_submodule
 from .plan import GroupPlan, apply_compensation
 
@@ -27,7 +27,7 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> nn.Module:
     """
     new = clone_module(model, share_parameters=True)
     modules = dict(new.named_modules())
-    _own_parameters(new, _written(plans, modules))
+    own_parameters(new, _written(plans, modules))
     versions = [(p, p._version) for p in model.parameters()]
     for plan in plans:
         apply_compensation(plan, modules)
@@ -71,26 +71,6 @@ def _writes(module: nn.Module | None, step: str) -> tuple[str, ...] | None:
         return None
     written: tuple[str, ...] | None = getattr(shrinker, f"{step}_writes")
     return written
-
-
-def _own_parameters(root: nn.Module, written: dict[str, set[str] | None]) -> None:
-    """Give the parameters ``written`` names (layer -> parameter names, None: all of the layer's) copies of
-    their own in ``root`` (ties between them kept)."""
-    copies: dict[int, nn.Parameter] = {}
-    for name, names in written.items():
-        try:
-            module = root.get_submodule(name)
-        except AttributeError:
-            continue
-        for key, p in module.named_parameters():
-            if names is None or key in names:
-                copies.setdefault(id(p), nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-    if not copies:
-        return
-    for module in root.modules():
-        for key, held in list(module._parameters.items()):
-            if held is not None and id(held) in copies:
-                module._parameters[key] = copies[id(held)]
 
 
 def _check_untouched(versions: list[tuple[nn.Parameter, int]]) -> None:

@@ -89,9 +89,8 @@ def build_report(
 def _unchecked_warning(unchecked: list[str]) -> list[str]:
     if not unchecked:
         return []
-    more = f" and {len(unchecked) - 3} more" if len(unchecked) > 3 else ""
     return [
-        f"the model returns objects that are neither tensors nor plain values ({', '.join(unchecked[:3])}{more}): "
+        f"the model returns objects that are neither tensors nor plain values ({_first_three(unchecked)}): "
         f"they were not compared; return tensors, numbers or dataclasses of them to have them verified"
     ]
 
@@ -122,8 +121,13 @@ def _quantized_warning(model: nn.Module) -> list[str]:
             found.append(f"{name or '(the model itself)'} ({kind})")
     if not found:
         return []
-    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
     return [
-        f"{len(found)} quantized layer(s) left whole ({', '.join(found[:3])}{more}): compactor rebuilds float "
+        f"{len(found)} quantized layer(s) left whole ({_first_three(found)}): compactor rebuilds float "
         f"layers only, so the channels they write or read stay; compact the float model, then quantize"
     ]
+
+
+def _first_three(names: list[str]) -> str:
+    """``"a, b, c and 4 more"``: a warning names a few, and counts the rest."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{', '.join(names[:3])}{more}"
