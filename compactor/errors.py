@@ -109,3 +109,8 @@ def first_line(e: BaseException, *, with_type: bool = False) -> str:
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
     return f"{type(e).__name__}: {line}" if with_type and text else line
+
+
+class BlocksCaptured(Exception):
+    """Not an error: raised by the last block's stand-in once every block's arguments are captured, so that
+    nothing after the blocks runs (their weights are not loaded yet); caught by :mod:`compactor.stream.capture`."""

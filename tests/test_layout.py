@@ -78,7 +78,19 @@ def test_no_import_cycle() -> None:
 # Each part imports only the parts before it (the base modules errors, inputs, util, outputs, modules: anyone).
 # io and engine are side by side: the engine never imports io, io never the engine (cli/api -> engine -> layers;
 # io -> outputs/modules); measure (timing on each backend, ONNX Runtime among them) sits between them.
-LAYERS = ["layers", "io", "measure", "engine", "report", "api", "training", "demo", "compactor", "cli"]
+LAYERS = [
+    "layers",
+    "io",
+    "measure",
+    "engine",
+    "report",
+    "api",
+    "stream",
+    "training",
+    "demo",
+    "compactor",
+    "cli",
+]
 BASE = ("errors", "inputs", "util", "outputs", "modules")
 
 
@@ -109,7 +121,7 @@ def test_io_is_below_the_engine() -> None:
 
 def test_the_tree_shows_the_pipeline() -> None:
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
-    assert folders == ["engine", "io", "layers", "measure", "report", "training"]
+    assert folders == ["engine", "io", "layers", "measure", "report", "stream", "training"]
     stages = sorted(p.stem for p in (PACKAGE / "engine").iterdir() if not p.name.startswith("__"))
     assert stages == ["coupling", "coverage", "heads", "masks", "options", "plan", "rebuild", "verify"]
     plan = sorted(p.stem for p in (PACKAGE / "engine" / "plan").iterdir() if not p.name.startswith("__"))

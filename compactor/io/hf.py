@@ -31,6 +31,7 @@ from .atomic import umask
 from .safetensors import MANIFEST_KEY, read_metadata, write_safetensors
 
 WEIGHTS = "model.safetensors"
+STREAMED_MANIFEST = "compactor_manifest.json"  # the layer shapes of a streamed compaction's output
 _MAX_TRIES = 64  # config candidates built on the meta device
 
 
@@ -101,7 +102,7 @@ def write_hf(
             f"{type(model).__name__}; give a file name such as {folder.with_suffix('.pt')}"
         )
     config, why = uniform_config(model)
-    tmp = _temporary(folder)
+    tmp = temporary_dir(folder)
     try:
         info = _write_uniform(model, config, tmp, runs, references) if config is not None else None
         if info is None:
@@ -110,7 +111,7 @@ def write_hf(
             info = _write_manifest(model, tmp, runs, references, why)
         else:
             info["fields"] = why
-        _move(tmp, folder)
+        move_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,7 +154,7 @@ def _write_manifest(
     config: Any = copy.deepcopy(getattr(model, "config"))  # noqa: B009
     config.architectures = [type(model).__name__]
     config.save_pretrained(str(tmp))
-    write_safetensors(model, tmp / WEIGHTS, runs, references, lambda: _build(tmp))
+    write_safetensors(model, tmp / WEIGHTS, runs, references, lambda: build_model(tmp))
     return {"layout": "manifest", "why": why, "load": "compactor.load(dir)"}
 
 
@@ -173,7 +174,7 @@ def _auto_class(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def _temporary(folder: Path) -> Path:
+def temporary_dir(folder: Path) -> Path:
     import tempfile
 
     parent = folder.parent if str(folder.parent) else Path(".")
@@ -182,7 +183,7 @@ def _temporary(folder: Path) -> Path:
     )
 
 
-def _move(tmp: Path, folder: Path) -> None:
+def move_into_place(tmp: Path, folder: Path) -> None:
     """Rename the finished temporary folder into place, with the usual modes (mkdtemp makes it 0700)."""
     mask = umask()
     tmp.chmod(0o777 & ~mask)
@@ -203,18 +204,14 @@ def load_hf(folder: Path, *, trust_remote_code: bool = False) -> nn.Module:
     config with ``auto_map`` (model code in the directory) is refused unless ``trust_remote_code``: then
     transformers imports that code. transformers is always told which (``trust_remote_code=``), so it never
     asks on standard input."""
-    config = _config_json(folder)
-    if config.get("auto_map") is not None and not trust_remote_code:
-        raise UnsafeCodeError(
-            f"{folder}/config.json has auto_map ({_auto_map_names(config)}): the model's code is in the directory, "
-            f"and loading it would run that code; refusing: pass trust_remote_code=True only if you trust the "
-            f"directory"
-        )
+    config = checked_config(folder, trust_remote_code)
+    if (folder / STREAMED_MANIFEST).is_file():
+        return load_streamed(folder, trust_remote_code)
     weights = folder / WEIGHTS
     if weights.is_file() and MANIFEST_KEY in read_metadata(weights):
         from .safetensors import load_safetensors
 
-        return load_safetensors(weights, lambda: _build(folder, trust_remote_code))
+        return load_safetensors(weights, lambda: build_model(folder, trust_remote_code))
     cls = _model_class(folder, config, trust_remote_code)
     try:
         model: nn.Module = cls.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
@@ -225,11 +222,57 @@ def load_hf(folder: Path, *, trust_remote_code: bool = False) -> nn.Module:
     return model
 
 
-def _build(folder: Path, trust_remote_code: bool = False) -> nn.Module:
+def checked_config(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
+    """``config.json``, refused in one line where it names code of the directory (``auto_map``) and the
+    caller did not say they trust it."""
+    config = read_config(folder)
+    if config.get("auto_map") is not None and not trust_remote_code:
+        raise UnsafeCodeError(
+            f"{folder}/config.json has auto_map ({_auto_map_names(config)}): the model's code is in the directory, "
+            f"and loading it would run that code; refusing: pass trust_remote_code=True (CLI: --trust-remote-code) "
+            f"only if you trust the directory"
+        )
+    return config
+
+
+def load_streamed(folder: Path, trust_remote_code: bool = False) -> nn.Module:
+    """A directory a streamed compaction wrote: the config's model built on the meta device, each layer
+    resized to the manifest (``compactor_manifest.json``), then every tensor loaded from the shards; the dense
+    model is never materialised."""
+    from .checkpoint import Checkpoint
+    from .safetensors import fit_to_manifest
+    from .skeleton import aliases, fill, tensor_names
+
+    where = str(folder / STREAMED_MANIFEST)
+    try:
+        spec = json.loads((folder / STREAMED_MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputFileError(
+            f"{where} is not readable JSON ({first_line(e)}); write the directory again"
+        ) from e
+    if not isinstance(spec, dict):
+        raise InputFileError(f"{where} is not a JSON object; write the directory again")
+    checkpoint = Checkpoint.open(folder)
+    stored = {name: checkpoint.shape(name) for name in checkpoint.names}
+    model = fit_to_manifest(build_skeleton(folder, trust_remote_code), spec, where, stored)
+    fill(model, tensor_names(model, ""), checkpoint, aliases(model))
+    return model
+
+
+def build_skeleton(folder: Path, trust_remote_code: bool = False) -> nn.Module:
+    """The dense model of ``folder``'s config, parameters on the meta device, in eval mode."""
+    from .skeleton import parameters_on_meta
+
+    with parameters_on_meta():
+        model = build_model(folder, trust_remote_code)
+    return model.eval()
+
+
+def build_model(folder: Path, trust_remote_code: bool = False) -> nn.Module:
     """The dense model of ``folder``'s config, randomly initialised (its weights are loaded next)."""
     import transformers
 
-    cls = _model_class(folder, _config_json(folder), trust_remote_code)
+    cls = _model_class(folder, read_config(folder), trust_remote_code)
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
         model: nn.Module = cls(config)
@@ -243,7 +286,7 @@ def _build(folder: Path, trust_remote_code: bool = False) -> nn.Module:
     return model
 
 
-def _config_json(folder: Path) -> dict[str, Any]:
+def read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -283,4 +326,18 @@ def _model_class(folder: Path, config: dict[str, Any], trust_remote_code: bool) 
     )
 
 
-__all__ = ["WEIGHTS", "is_hf_dir", "is_hf_model", "load_hf", "uniform_config", "write_hf"]
+__all__ = [
+    "STREAMED_MANIFEST",
+    "WEIGHTS",
+    "build_model",
+    "checked_config",
+    "is_hf_dir",
+    "is_hf_model",
+    "load_hf",
+    "load_streamed",
+    "move_into_place",
+    "read_config",
+    "temporary_dir",
+    "uniform_config",
+    "write_hf",
+]

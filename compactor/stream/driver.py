@@ -1,0 +1,239 @@
+"""A Hugging Face checkpoint compacted block by block: at most one block's weights in memory at a time.
+
+:func:`compact_checkpoint` builds the config's model on the meta device, reads the parts outside the
+decoder blocks and captures what every block is called with (:mod:`.capture`); then, for each block in
+order, reads only its tensors, compacts it with :func:`compactor.compact` (the one engine: masks, coupling,
+plans, rebuild, verification of the compacted block against the dense one on the same hidden states), saves
+it and frees it. The dense and the compacted hidden states are both carried forward, and the final logits of
+the two are compared, so that error accumulating over blocks is caught. Nothing is moved into place before
+every check has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import compact
+from ..errors import InputFileError, ModelStructureError, OutputPathError, VerificationError
+from ..inputs import ExampleInputs
+from ..io.checkpoint import Checkpoint
+from ..io.hf import STREAMED_MANIFEST, build_skeleton, checked_config, move_into_place, temporary_dir
+from ..io.safetensors import MANIFEST_VERSION, manifest
+from ..io.skeleton import aliases, decoder_blocks, fill, release, tensor_names
+from ..outputs import DEFAULT_TOLERANCE, compare_outputs
+from .capture import Block, capture, hidden_of, logits
+from .report import BlockResult, StreamReport
+from .shards import assemble, copy_side_files, save_part
+
+Progress = Callable[[BlockResult, int, int, int, float], None]  # block, done, total, bytes read, seconds
+DEFAULT_TOKENS = (2, 32)  # random token sequences when no example inputs are given: batch, length
+
+
+def compact_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    *,
+    example_inputs: Any = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_shard_size: int | None = None,
+    progress: Progress | None = None,
+    trust_remote_code: bool = False,
+) -> StreamReport:
+    """Compact the checkpoint directory ``source`` into the new directory ``output``, block by block.
+
+    ``example_inputs``: keyword tensors for the model (``{"input_ids": ..., "attention_mask": ...}``) or a
+    tensor of token ids; default: two random sequences of 32 tokens from the config's vocabulary.
+    ``max_shard_size``: bytes per output shard (default: the input's largest weight file).
+    """
+    start = time.perf_counter()
+    source, output = Path(source), Path(output)
+    checked_config(source, trust_remote_code)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise OutputPathError(f"-o {output} exists and is not an empty directory; choose a new directory")
+    checkpoint = Checkpoint.open(source)
+    model = build_skeleton(source, trust_remote_code)
+    inputs = _inputs(model, example_inputs)
+    tmp = temporary_dir(output)
+    try:
+        report = _stream(model, checkpoint, inputs, tmp, tolerance, max_shard_size, progress, start)
+        copy_side_files(source, tmp)
+        move_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _inputs(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
+    if example_inputs is None:
+        vocab = _vocabulary(model)
+        generator = torch.Generator().manual_seed(0)
+        return {"input_ids": torch.randint(0, vocab, DEFAULT_TOKENS, generator=generator)}
+    given = ExampleInputs.of(example_inputs)
+    if given.args:
+        return {"input_ids": given.args[0], **given.kwargs}
+    return dict(given.kwargs)
+
+
+def _vocabulary(model: nn.Module) -> int:
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    count = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(count, int):
+        raise ModelStructureError(
+            f"{type(model).__name__} has no token embedding to draw example inputs from; pass example inputs"
+        )
+    return count
+
+
+def _stream(
+    model: Any,
+    checkpoint: Checkpoint,
+    inputs: dict[str, torch.Tensor],
+    tmp: Path,
+    tolerance: float,
+    max_shard_size: int | None,
+    progress: Progress | None,
+    start: float,
+) -> StreamReport:
+    ties = aliases(model)
+    prefix, blocks = decoder_blocks(model)
+    _check_keys(model, checkpoint, ties)
+    every = tensor_names(model, "")
+    in_blocks = {n for i in range(len(blocks)) for n in tensor_names(model, f"{prefix}.{i}")}
+    head = _head_names(model)
+    outside = [n for n in every if n not in in_blocks]
+    early = [n for n in outside if n not in head]
+    read = fill(model, early, checkpoint, ties)
+    hidden, calls = capture(model, blocks, inputs)
+    stored = set(checkpoint.names)
+    parts = [save_part(tmp, 0, _stored(model, [n for n in early if n in stored]))]
+    embedding = [n for n in early if n.startswith(_module_name(model, model.get_input_embeddings()) + ".")]
+    release(model, embedding, ties)
+    dense, small = hidden, hidden
+    results: list[BlockResult] = []
+    spec: dict[str, Any] = {"version": MANIFEST_VERSION, "layers": {}, "tensors": {}}
+    dtype = hidden.dtype
+    for i in range(len(blocks)):
+        began = time.perf_counter()
+        name = f"{prefix}.{i}"
+        names = tensor_names(model, name)
+        read += fill(model, names, checkpoint, ties)
+        result, dense, small, compacted = _one_block(name, blocks[i], calls[i], dense, small, tolerance)
+        tensors = {f"{name}.{k}": v for k, v in compacted.state_dict().items()}
+        parts.append(save_part(tmp, i + 1, tensors))
+        _add_manifest(spec, name, compacted)
+        release(model, names, ties)
+        del compacted, tensors
+        result = BlockResult(**{**result.__dict__, "seconds": round(time.perf_counter() - began, 3)})
+        results.append(result)
+        if progress is not None:
+            progress(result, i + 1, len(blocks), read, time.perf_counter() - start)
+    late = [n for n in head if n not in early]
+    read += fill(model, head, checkpoint, ties)
+    expected, got = logits(model, blocks, inputs, dense), logits(model, blocks, inputs, small)
+    error, problems = compare_outputs([("logits", expected)], [("logits", got)], tolerance)
+    if problems:
+        raise VerificationError(
+            f"the compacted model's logits differ from the dense model's: {problems[0]} (every block was within "
+            f"its tolerance; their errors add up); nothing was written: report this"
+        )
+    if any(n in stored for n in late):
+        parts.append(save_part(tmp, len(blocks) + 1, _stored(model, [n for n in late if n in stored])))
+    limit = max_shard_size or checkpoint.shard_bytes
+    assemble(tmp, parts, limit)
+    _write_config(model, tmp)
+    (tmp / STREAMED_MANIFEST).write_text(json.dumps(spec, indent=1) + "\n")
+    return StreamReport(
+        source=str(checkpoint.folder), blocks=tuple(results), dtype=str(dtype).removeprefix("torch."),
+        inputs=", ".join(f"{k}={tuple(v.shape)}" for k, v in inputs.items()), logits_error=error,
+        tolerance=tolerance, read_bytes=read, written_bytes=sum(p.stat().st_size for p in tmp.iterdir()),
+        params_outside=sum(_numel(checkpoint.shape(n)) for n in outside if n in stored),
+        seconds=round(time.perf_counter() - start, 3),
+    )  # fmt: skip
+
+
+def _one_block(
+    name: str, block: nn.Module, call: Any, dense: torch.Tensor, small: torch.Tensor, tolerance: float
+) -> tuple[BlockResult, torch.Tensor, torch.Tensor, nn.Module]:
+    """One block compacted and verified on the dense hidden states; both streams carried one block on."""
+    wrapped = Block(block, call)
+    compacted, report = compact(wrapped, dense, tolerance=tolerance, time_limit=None)
+    with torch.no_grad():
+        next_dense = hidden_of(wrapped(dense))
+        next_small = hidden_of(compacted(small))
+    inner = compacted.block
+    assert isinstance(inner, nn.Module)
+    changed = {
+        c.name.removeprefix("block."): (c.out_after, c.in_after)
+        for c in report.layers
+        if (c.out_before, c.in_before) != (c.out_after, c.in_after)
+    }
+    result = BlockResult(
+        name=name,
+        params_before=report.params["before"],
+        params_after=report.params["after"],
+        max_abs_error=report.max_abs_error,
+        rounding_floor=report.extra.get("rounding_floor"),
+        widths=changed,
+        warnings=tuple(report.warnings),
+        seconds=0.0,
+    )
+    return result, next_dense, next_small, inner
+
+
+def _check_keys(model: nn.Module, checkpoint: Checkpoint, ties: dict[str, list[str]]) -> None:
+    known = {alias for names in ties.values() for alias in names}
+    extra = [n for n in checkpoint.names if n not in known]
+    if extra:
+        raise InputFileError(
+            f"{checkpoint.folder} holds {extra[0]!r} ({len(extra)} such tensors), which the model config.json "
+            f"builds has no place for; give the config the weights were saved with"
+        )
+
+
+def _head_names(model: Any) -> list[str]:
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None:
+        return []
+    return tensor_names(model, _module_name(model, head))
+
+
+def _module_name(root: nn.Module, module: nn.Module) -> str:
+    return next(str(n) for n, m in root.named_modules() if m is module)
+
+
+def _stored(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    state = model.state_dict(keep_vars=True)
+    return {n: state[n].detach() for n in names}
+
+
+def _add_manifest(spec: dict[str, Any], name: str, block: nn.Module) -> None:
+    part = manifest(block)
+    spec["layers"].update({f"{name}.{k}": v for k, v in part["layers"].items()})
+    spec["tensors"].update({f"{name}.{k}": v for k, v in part["tensors"].items()})
+
+
+def _write_config(model: Any, folder: Path) -> None:
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(folder))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+__all__ = ["compact_checkpoint"]
