@@ -9,7 +9,7 @@ import shutil
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ examples:
   compact model.pt -o small.onnx --input-shape 1,3,224,224 --strict     (refuse paths the inputs cannot show)
   compact model.pt -o small.onnx --input-shape 1,3,224,224 --round-to auto   (widths timed in ONNX Runtime)
   compact model.pt -o small.pt --input-shape 1,3,224,224 --round-to auto --target torch-cpu --threads 4 --bench
+  compact pruned-llama/ -o small-llama/        (a Hugging Face directory, streamed block by block)
+  compact pruned-llama/ -o small-llama/ --uniform --max-shard-size 2GB   (from_pretrained loads the output)
 
 output formats (by the suffix of -o, or --format): .pt/.pth pickled module; .pt2 torch.export program that runs
 without your class (dynamic batch and sequence length unless --static-shapes); .onnx checked with onnx.checker
@@ -64,7 +66,11 @@ config.json + model.safetensors (from_pretrained loads it when the config can st
 is reloaded and checked before it lands; compactor.load(path, arch=None) reads .pt, .pt2, .safetensors and
 directories back in Python (.safetensors needs arch, the function that builds the dense model).
 
-MODEL is a file written by torch.save(model), masks attached (torch.nn.utils.prune) or baked in.
+MODEL is a Hugging Face directory (config.json and model.safetensors, shards with an index, or pytorch_model*.bin;
+zeros or torch.nn.utils.prune's weight_orig/weight_mask keys): each decoder block is read, compacted, verified on
+the hidden states the model's own forward gives it, written and freed in turn (peak memory: a few blocks), and
+the final logits of the dense and the compacted model are compared; without --example-inputs (a dict with
+input_ids), two random sequences of 32 tokens. Or MODEL is a file written by torch.save(model), masks attached (torch.nn.utils.prune) or baked in.
 It is loaded without running code from the file: only module classes, pruning methods, Hugging Face configs,
 enums, containers, torch's pure operators and functools.partial of a module class or operator may appear in
 it, each judged by name and source before anything is imported (never torch.load, os.system, getattr); the
@@ -211,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trust-pickle", action="store_true", help="load MODEL with full pickle (runs code from it)"
     )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a Hugging Face directory whose config.json has auto_map run its own code (refused otherwise)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="a checkpoint directory's output shards: at most SIZE each (5GB, 500MB, 2GiB; default: the input's)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"compactor {__version__}")
@@ -248,6 +264,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
         parser.error("MODEL is required (or use --demo)")
     if not args.output:
         parser.error("-o/--output is required: where to write the compacted model, e.g. -o small.pt")
+    if Path(args.model).is_dir():
+        return _run_checkpoint(args, err)
     out, onnx_out, report_path = _check_outputs(args)
     load_notes: list[str] = []
     input_bytes = _input_bytes(Path(args.model))  # held now: the file may be gone by the end
@@ -279,6 +297,81 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console
             _remove(path)
         raise
     return 0
+
+
+def _run_checkpoint(args: argparse.Namespace, err: Console) -> int:
+    """MODEL is a Hugging Face directory: compacted block by block into the directory -o."""
+    from .stream import compact_checkpoint
+
+    source, out = Path(args.model), Path(args.output)
+    unsupported = [
+        flag
+        for flag, given in (
+            ("--arch", args.arch), ("--onnx", args.onnx), ("--sparse-storage", args.sparse_storage),
+            ("--round-to", args.round_to != 1), ("--input-shape", args.input_shape), ("--bench", args.bench),
+            ("--format", args.format not in (None, "hf")), ("--strict", args.strict),
+        )
+        if given
+    ]  # fmt: skip
+    if unsupported:
+        raise ExampleInputError(
+            f"{unsupported[0]} does not apply to a checkpoint directory, which is compacted block by block; "
+            f"leave it out (or give a file written by torch.save(model))"
+        )
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise OutputPathError(f"-o {out} is the input directory or inside it; choose a new directory")
+    if not math.isfinite(args.tolerance) or args.tolerance < 0:
+        raise ExampleInputError(
+            f"--tolerance {args.tolerance}: give a finite, non-negative number such as 1e-4"
+        )
+    report_path = check_output_path(args.report, args.model, force=False) if args.report else None
+    inputs = read_example_inputs(args.example_inputs) if args.example_inputs else None
+    report = compact_checkpoint(
+        source, out, example_inputs=inputs, tolerance=args.tolerance, uniform=args.uniform,
+        max_shard_size=_size(args.max_shard_size), trust_remote_code=args.trust_remote_code,
+        progress=None if args.quiet else _progress(err),
+    )  # fmt: skip
+    if report_path is not None:
+        text = json.dumps(report.to_dict(), indent=2, default=str)
+        write_atomically(report_path, lambda tmp: _write_text(tmp, text))
+    for warning in sorted({w for b in report.blocks for w in b.warnings}):
+        err.print(f"warning: {warning}", markup=False)
+    if not args.quiet:
+        print(report.render())
+        err.print(f"note: {out}: {report.layout}; load it with {report.load}", markup=False)
+    return 0
+
+
+def _progress(err: Console) -> Callable[..., None]:
+    def show(block: Any, done: int, total: int, read: int, seconds: float) -> None:
+        bar = "#" * round(20 * done / total)
+        left = seconds / done * (total - done)
+        err.print(
+            f"[{bar:<20}] {done}/{total} blocks, {read / 2**30:.2f} GiB read, {seconds:.0f} s, ~{left:.0f} s left: "
+            f"{block.name} {block.params_before:,} -> {block.params_after:,} parameters",
+            markup=False,
+        )
+
+    return show
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _size(text: str | None) -> int | None:
+    """``--max-shard-size``: bytes, or a count with KB/MB/GB (powers of 10) or KiB/MiB/GiB."""
+    if text is None:
+        return None
+    number = text.strip().upper().rstrip("B") + ("B" if text.strip().upper().endswith("B") else "")
+    digits = number.rstrip("KMGIB")
+    unit = number[len(digits) :]
+    try:
+        value = float(digits) * _UNITS[unit]
+    except (KeyError, ValueError):
+        value = -1.0
+    if not value >= 1:
+        raise ExampleInputError(f"--max-shard-size {text}: give a size such as 5GB, 500MB or 2GiB")
+    return int(value)
 
 
 def _input_bytes(model: Path) -> int | None:

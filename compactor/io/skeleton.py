@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
@@ -93,8 +92,9 @@ def fill(root: nn.Module, names: list[str], checkpoint: Checkpoint, ties: dict[s
                 f"{checkpoint.folder}: {key} has shape {list(got.shape)} but config.json builds "
                 f"{list(want)}; the config and the weights disagree: give the config the weights were saved with"
             )
+        shared = nn.Parameter(got, requires_grad=False) if _is_parameter(root, name) else got
         for alias in ties.get(name, [name]):
-            _assign(root, alias, got)
+            _assign(root, alias, shared)  # one tensor object for every tied name: the tie survives
     return sum(t.numel() * t.element_size() for t in values.values())
 
 
@@ -121,13 +121,16 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent) if parent else root), attr
 
 
+def _is_parameter(root: nn.Module, name: str) -> bool:
+    owner, attr = _owner(root, name)
+    return attr in owner._parameters
+
+
 def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
     owner, attr = _owner(root, name)
     if attr in owner._parameters:
-        current: Any = owner._parameters[attr]
-        if current is not None and current.device != META and current.data_ptr() == value.data_ptr():
-            return
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        assert isinstance(value, nn.Parameter)
+        owner._parameters[attr] = value
     else:
         owner._buffers[attr] = value
 

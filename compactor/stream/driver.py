@@ -11,6 +11,7 @@ every check has passed.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -24,14 +25,15 @@ from torch import nn
 from ..api import compact
 from ..errors import InputFileError, ModelStructureError, OutputPathError, VerificationError
 from ..inputs import ExampleInputs
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, _safetensors_header
 from ..io.hf import STREAMED_MANIFEST, build_skeleton, checked_config, move_into_place, temporary_dir
-from ..io.safetensors import MANIFEST_VERSION, manifest
+from ..io.safetensors import MANIFEST_VERSION, fit_to_manifest, manifest
 from ..io.skeleton import aliases, decoder_blocks, fill, release, tensor_names
 from ..outputs import DEFAULT_TOLERANCE, compare_outputs
 from .capture import Block, capture, hidden_of, logits
 from .report import BlockResult, StreamReport
-from .shards import assemble, copy_side_files, save_part
+from .shards import assemble, copy_side_files, read_part, save_part
+from .uniform import config_layout, pad, padded_spec
 
 Progress = Callable[[BlockResult, int, int, int, float], None]  # block, done, total, bytes read, seconds
 DEFAULT_TOKENS = (2, 32)  # random token sequences when no example inputs are given: batch, length
@@ -43,6 +45,7 @@ def compact_checkpoint(
     *,
     example_inputs: Any = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    uniform: bool = False,
     max_shard_size: int | None = None,
     progress: Progress | None = None,
     trust_remote_code: bool = False,
@@ -51,6 +54,10 @@ def compact_checkpoint(
 
     ``example_inputs``: keyword tensors for the model (``{"input_ids": ..., "attention_mask": ...}``) or a
     tensor of token ids; default: two random sequences of 32 tokens from the config's vocabulary.
+    ``uniform``: every layer of a kind gets the largest width any block keeps (zero channels added back,
+    each padded block checked again), so that ``config.json`` states the widths and stock ``from_pretrained``
+    loads the directory. Without it, the directory holds the dense config and ``compactor_manifest.json``
+    (``compactor.load`` reads it) unless the widths happen to be even.
     ``max_shard_size``: bytes per output shard (default: the input's largest weight file).
     """
     start = time.perf_counter()
@@ -63,7 +70,7 @@ def compact_checkpoint(
     inputs = _inputs(model, example_inputs)
     tmp = temporary_dir(output)
     try:
-        report = _stream(model, checkpoint, inputs, tmp, tolerance, max_shard_size, progress, start)
+        report = _stream(model, checkpoint, inputs, tmp, tolerance, uniform, max_shard_size, progress, start)
         copy_side_files(source, tmp)
         move_into_place(tmp, output)
     except BaseException:
@@ -99,12 +106,14 @@ def _stream(
     inputs: dict[str, torch.Tensor],
     tmp: Path,
     tolerance: float,
+    uniform: bool,
     max_shard_size: int | None,
     progress: Progress | None,
     start: float,
 ) -> StreamReport:
     ties = aliases(model)
     prefix, blocks = decoder_blocks(model)
+    _refuse_experts(blocks)
     _check_keys(model, checkpoint, ties)
     every = tensor_names(model, "")
     in_blocks = {n for i in range(len(blocks)) for n in tensor_names(model, f"{prefix}.{i}")}
@@ -118,6 +127,7 @@ def _stream(
     embedding = [n for n in early if n.startswith(_module_name(model, model.get_input_embeddings()) + ".")]
     release(model, embedding, ties)
     dense, small = hidden, hidden
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # each block's compacted input and output
     results: list[BlockResult] = []
     spec: dict[str, Any] = {"version": MANIFEST_VERSION, "layers": {}, "tensors": {}}
     dtype = hidden.dtype
@@ -126,7 +136,9 @@ def _stream(
         name = f"{prefix}.{i}"
         names = tensor_names(model, name)
         read += fill(model, names, checkpoint, ties)
+        block_input = small
         result, dense, small, compacted = _one_block(name, blocks[i], calls[i], dense, small, tolerance)
+        seen.append((block_input, small))
         tensors = {f"{name}.{k}": v for k, v in compacted.state_dict().items()}
         parts.append(save_part(tmp, i + 1, tensors))
         _add_manifest(spec, name, compacted)
@@ -147,17 +159,82 @@ def _stream(
         )
     if any(n in stored for n in late):
         parts.append(save_part(tmp, len(blocks) + 1, _stored(model, [n for n in late if n in stored])))
-    limit = max_shard_size or checkpoint.shard_bytes
-    assemble(tmp, parts, limit)
-    _write_config(model, tmp)
-    (tmp / STREAMED_MANIFEST).write_text(json.dumps(spec, indent=1) + "\n")
+    shapes: dict[str, tuple[int, ...]] = {}
+    if uniform:
+        spec, shapes = padded_spec(spec)
+        _check_padded(model, blocks, prefix, calls, seen, parts, spec, shapes, tolerance)
+    fitted = fit_to_manifest(
+        build_skeleton(checkpoint.folder), spec, "the compacted model", _shapes(parts, shapes)
+    )
+    config, why = config_layout(fitted)
+    assemble(tmp, parts, max_shard_size or checkpoint.shard_bytes, _padder(shapes), shapes)
+    if config is not None:
+        config.save_pretrained(str(tmp))
+        layout, load = (
+            f"config.json states the widths ({why})",
+            f"transformers.{type(model).__name__}.from_pretrained(dir)",
+        )
+    else:
+        _write_config(model, tmp)
+        (tmp / STREAMED_MANIFEST).write_text(json.dumps(spec, indent=1) + "\n")
+        layout, load = f"uneven widths in {STREAMED_MANIFEST} ({why})", "compactor.load(dir)"
     return StreamReport(
         source=str(checkpoint.folder), blocks=tuple(results), dtype=str(dtype).removeprefix("torch."),
         inputs=", ".join(f"{k}={tuple(v.shape)}" for k, v in inputs.items()), logits_error=error,
         tolerance=tolerance, read_bytes=read, written_bytes=sum(p.stat().st_size for p in tmp.iterdir()),
         params_outside=sum(_numel(checkpoint.shape(n)) for n in outside if n in stored),
-        seconds=round(time.perf_counter() - start, 3),
+        seconds=round(time.perf_counter() - start, 3), layout=layout, load=load,
     )  # fmt: skip
+
+
+def _shapes(parts: list[Path], changed: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Every tensor the output will hold, and its shape (after padding)."""
+    return {k: changed.get(k, s.shape) for p in parts for k, s in _safetensors_header(p).items()}
+
+
+def _padder(shapes: dict[str, tuple[int, ...]]) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    return lambda name, t: pad(t, shapes[name]) if name in shapes else t
+
+
+def _check_padded(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    prefix: str,
+    calls: list[Any],
+    seen: list[tuple[torch.Tensor, torch.Tensor]],
+    parts: list[Path],
+    spec: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    tolerance: float,
+) -> None:
+    """Each block that ``--uniform`` padded, rebuilt from its part and run again on the hidden states it was
+    verified on: the zero channels must leave its output as it was."""
+    for i, part in enumerate(parts[1 : len(blocks) + 1]):
+        name = f"{prefix}.{i}"
+        if not any(k.startswith(name + ".") for k in shapes):
+            continue
+        block_spec = {
+            **spec,
+            "layers": {k[len(name) + 1 :]: v for k, v in spec["layers"].items() if k.startswith(name + ".")},
+            "tensors": {
+                k[len(name) + 1 :]: v for k, v in spec["tensors"].items() if k.startswith(name + ".")
+            },
+        }
+        stored = {k[len(name) + 1 :]: shapes.get(k, s.shape) for k, s in _safetensors_header(part).items()}
+        block = fit_to_manifest(copy.deepcopy(blocks[i]), block_spec, name, stored)
+        values = read_part(part)
+        block.load_state_dict(
+            {k[len(name) + 1 :]: pad(v, shapes.get(k, tuple(v.shape))) for k, v in values.items()},
+            assign=True,
+        )
+        with torch.no_grad():
+            got = hidden_of(Block(block, calls[i])(seen[i][0]))
+        _, problems = compare_outputs([("hidden", seen[i][1])], [("hidden", got)], tolerance)
+        if problems:
+            raise VerificationError(
+                f"--uniform: {name} padded with zero channels changes its output ({problems[0]}); nothing was "
+                f"written: leave --uniform out"
+            )
 
 
 def _one_block(
@@ -187,6 +264,23 @@ def _one_block(
         seconds=0.0,
     )
     return result, next_dense, next_small, inner
+
+
+def _refuse_experts(blocks: nn.ModuleList) -> None:
+    experts = next(
+        (
+            type(m).__name__
+            for m in blocks[0].modules()
+            if "expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower()
+        ),
+        None,
+    )
+    if experts is not None:
+        raise ModelStructureError(
+            f"the decoder blocks hold a Mixture-of-Experts layer ({experts}): transformers stores experts one by one "
+            f"and fuses them at load, and routing decides which expert a token reads, so a block's zero neurons "
+            f"are not streamed yet; load the model with compactor.load and compact it whole"
+        )
 
 
 def _check_keys(model: nn.Module, checkpoint: Checkpoint, ties: dict[str, list[str]]) -> None:
@@ -222,8 +316,6 @@ def _add_manifest(spec: dict[str, Any], name: str, block: nn.Module) -> None:
 
 
 def _write_config(model: Any, folder: Path) -> None:
-    import copy
-
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.save_pretrained(str(folder))

@@ -35,6 +35,8 @@ class StreamReport:
     written_bytes: int
     params_outside: int  # embeddings, final norm, head: kept as they are
     seconds: float
+    layout: str = ""  # how the output states its widths
+    load: str = ""  # how to load it
 
     @property
     def params(self) -> dict[str, int]:

@@ -111,6 +111,13 @@ def assemble(
     return weight_map
 
 
+def read_part(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one part file."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
 def _read_one(stored: Stored) -> torch.Tensor:
     from safetensors import safe_open
 
@@ -129,4 +136,4 @@ def copy_side_files(source: Path, folder: Path) -> list[str]:
     return copied
 
 
-__all__ = ["PART", "SIDE_FILES", "assemble", "copy_side_files", "save_part", "write_shard"]
+__all__ = ["PART", "SIDE_FILES", "assemble", "copy_side_files", "read_part", "save_part", "write_shard"]

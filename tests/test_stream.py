@@ -1,0 +1,315 @@
+"""Hugging Face checkpoints compacted block by block (issue 23): every decoder architecture it names, from a
+small config with uneven zeros per block, given to the real CLI as a sharded bf16 directory; the output
+reloaded (in a fresh process for Llama) with logits equal to the pruned model's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import compactor  # noqa: E402
+from compactor.cli import main  # noqa: E402
+from compactor.io.checkpoint import Checkpoint  # noqa: E402
+from compactor.stream import compact_checkpoint  # noqa: E402
+
+COMMON = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16,
+)  # fmt: skip
+ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),  # q/k norms
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 8}),  # sliding layers, soft-capping
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 8}),  # two rotary tables
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),  # fused gate_up_proj
+}
+# neurons zeroed in block i: i::3 for i = 0, 1, 2 of 96: 32 each; widths 64 in every block
+KEPT = 64
+
+
+def _pruned(arch: str, *, uneven: bool = True, seed: int = 0) -> Any:
+    config_name, model_name, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**COMMON, **extra)
+    model = getattr(transformers, model_name)(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for i, block in enumerate(model.model.layers):
+            mlp = block.mlp
+            step = 3 if not uneven else 3 + i  # block i: 96 - ceil((96 - i) / (3 + i)) neurons kept
+            if hasattr(mlp, "gate_up_proj"):
+                mlp.down_proj.weight[:, i::step] = 0  # nothing reads them: the fused rows go too
+            else:
+                mlp.gate_proj.weight[i::step] = 0  # silu(0) * up = 0
+    return model
+
+
+def _widths(uneven: bool) -> list[int]:
+    return [96 - len(range(i, 96, 3 + i if uneven else 3)) for i in range(3)]
+
+
+def _save(model: Any, folder: Path, shard: str = "60KB") -> Path:
+    model.save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out: torch.Tensor = model(input_ids=ids).logits
+    return out
+
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_architecture_streams_and_reloads_with_its_logits(arch: str, tmp_path: Path) -> None:
+    model = _pruned(arch)
+    src = _save(model, tmp_path / "src")
+    assert len(list(src.glob("*.safetensors"))) > 1  # sharded, with an index
+    out = tmp_path / "out"
+    report = compact_checkpoint(src, out)
+    widths = _widths(True)
+    assert [b.widths["mlp.down_proj"][1] for b in report.blocks] == widths
+    small = compactor.load(out)
+    for i, block in enumerate(small.model.layers):
+        assert block.mlp.down_proj.in_features == widths[i]
+        assert next(small.parameters()).dtype == torch.bfloat16
+    assert (out / "compactor_manifest.json").is_file()  # uneven: the manifest states them
+    expected, got = _logits(model, IDS), _logits(small, IDS)
+    scale = float(expected.float().abs().max())
+    assert float((expected.float() - got.float()).abs().max()) <= 4 * 2**-7 * max(1.0, scale)
+    dense = sum(p.numel() for p in model.parameters())
+    gone = sum(96 - w for w in widths) * 3 * 64
+    assert sum(p.numel() for p in small.parameters()) == dense - gone
+    assert report.params == {"before": dense, "after": dense - gone}
+
+
+def test_the_cli_streams_a_directory_and_a_fresh_process_loads_it(tmp_path: Path, capsys: Any) -> None:
+    model = _pruned("llama")
+    src = _save(model, tmp_path / "src")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                str(src),
+                "-o",
+                str(out) + "/",
+                "--max-shard-size",
+                "100KB",
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr()
+    assert "3/3 blocks" in printed.err and "model.layers.2" in printed.out
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert all(os.path.getsize(out / s) <= 100_000 + 64 * 1024 for s in shards)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(Checkpoint.open(out).stored)
+    assert sum(p.stat().st_size for p in out.glob("*.safetensors")) < sum(
+        p.stat().st_size for p in src.glob("*.safetensors")
+    )
+    assert json.loads((tmp_path / "r.json").read_text())["params"]["after"] < sum(
+        p.numel() for p in model.parameters()
+    )
+    torch.save(_logits(model, IDS), tmp_path / "expected.pt")
+    torch.save(IDS, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch, compactor\n"
+        "m = compactor.load(sys.argv[1])\n"
+        "ids, want = torch.load(sys.argv[2]), torch.load(sys.argv[3])\n"
+        "got = m(input_ids=ids).logits\n"
+        "widths = [b.mlp.gate_proj.out_features for b in m.model.layers]\n"
+        "print(widths, float((got.float() - want.float()).abs().max()), float(want.float().abs().max()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "expected.pt")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    widths, error, scale = done.stdout.strip().splitlines()[-1].rsplit(" ", 2)
+    assert json.loads(widths) == _widths(True)
+    assert float(error) <= 4 * 2**-7 * max(1.0, float(scale))
+
+
+def test_uniform_pads_to_the_widest_block_and_stock_from_pretrained_loads_it(
+    tmp_path: Path, capsys: Any
+) -> None:
+    model = _pruned("qwen2")
+    src = _save(model, tmp_path / "src")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main([str(src), "-o", str(out), "--uniform", "-q"]) == 0, capsys.readouterr().err
+    assert not (out / "compactor_manifest.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == max(_widths(True))
+    small = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert [b.mlp.up_proj.out_features for b in small.model.layers] == [max(_widths(True))] * 3
+    expected, got = _logits(model, IDS), _logits(small.to(torch.bfloat16), IDS)
+    scale = float(expected.float().abs().max())
+    assert float((expected.float() - got.float()).abs().max()) <= 4 * 2**-7 * max(1.0, scale)
+
+
+def test_even_widths_load_with_stock_from_pretrained_without_uniform(tmp_path: Path) -> None:
+    model = _pruned("llama", uneven=False)
+    out = tmp_path / "out"
+    report = compact_checkpoint(_save(model, tmp_path / "src"), out)
+    assert "intermediate_size=64" in report.layout and not (out / "compactor_manifest.json").exists()
+    small = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert small.config.intermediate_size == KEPT
+
+
+def test_prune_keys_and_pytorch_bin_shards_are_read(tmp_path: Path) -> None:
+    """``weight_orig`` + ``weight_mask`` pairs baked as they are read; ``pytorch_model*.bin`` shards read
+    ``weights_only``; tied embeddings."""
+    model = _pruned("llama", uneven=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    w = state.pop("model.layers.1.mlp.up_proj.weight")
+    mask = torch.ones_like(w)
+    mask[5:20] = 0  # block 1 loses neurons 5..19 besides its zeroed gate rows
+    state["model.layers.1.mlp.up_proj.weight_orig"] = w + (1 - mask)  # nonzero where masked: the mask counts
+    state["model.layers.1.mlp.up_proj.weight_mask"] = mask
+    src = tmp_path / "src"
+    src.mkdir()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(src)
+    keys = sorted(state)
+    half = len(keys) // 2
+    shards = {
+        "pytorch_model-00001-of-00002.bin": keys[:half],
+        "pytorch_model-00002-of-00002.bin": keys[half:],
+    }
+    for name, part in shards.items():
+        torch.save({k: state[k] for k in part}, src / name)
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    report = compact_checkpoint(src, tmp_path / "out")
+    gone = len({j for j in range(5, 20)} - set(range(1, 96, 3)))
+    assert [b.widths["mlp.down_proj"][1] for b in report.blocks] == [KEPT, KEPT - gone, KEPT]
+    small = compactor.load(tmp_path / "out")
+    assert small.model.layers[1].mlp.up_proj.out_features == KEPT - gone
+
+
+def _error(capsys: Any, argv: list[str]) -> str:
+    capsys.readouterr()  # what saving the checkpoint printed
+    assert main(argv) == 2
+    err: str = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def _corrupt(src: Path, how: str) -> None:
+    index = src / "model.safetensors.index.json"
+    spec = json.loads(index.read_text())
+    first = sorted(set(spec["weight_map"].values()))[0]
+    if how == "missing shard":
+        (src / first).unlink()
+    elif how == "index names a file not there":
+        spec["weight_map"]["model.norm.weight"] = "model-00099-of-00099.safetensors"
+        index.write_text(json.dumps(spec))
+    elif how == "truncated shard":
+        data = (src / first).read_bytes()
+        (src / first).write_bytes(data[: len(data) - 100])
+    elif how == "shape disagrees with config":
+        config = json.loads((src / "config.json").read_text())
+        config["intermediate_size"] = 80
+        (src / "config.json").write_text(json.dumps(config))
+    elif how == "no config.json":
+        (src / "config.json").unlink()
+    elif how == "auto_map":
+        config = json.loads((src / "config.json").read_text())
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+        (src / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("missing shard", "a missing shard"),
+        ("index names a file not there", "which is not in"),
+        ("truncated shard", "a truncated copy"),
+        ("shape disagrees with config", "config.json builds"),
+        ("no config.json", "config.json"),
+        ("auto_map", "auto_map"),
+    ],
+)
+def test_bad_checkpoints_get_one_line_and_nothing_is_written(
+    how: str, said: str, tmp_path: Path, capsys: Any
+) -> None:
+    src = _save(_pruned("llama"), tmp_path / "src")
+    _corrupt(src, how)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    err = _error(capsys, [str(src), "-o", str(tmp_path / "out")])
+    assert said in err, err
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name != "src"] == []
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_an_output_directory_that_is_not_empty_is_refused(tmp_path: Path, capsys: Any) -> None:
+    src = _save(_pruned("llama"), tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err = _error(capsys, [str(src), "-o", str(out)])
+    assert "not an empty directory" in err and [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_mixture_of_experts_checkpoint_is_refused_in_one_line(tmp_path: Path, capsys: Any) -> None:
+    config = transformers.Qwen3MoeConfig(
+        **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
+    )
+    model = transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
+    src = _save(model, tmp_path / "src", "1MB")
+    err = _error(capsys, [str(src), "-o", str(tmp_path / "out")])
+    assert "Mixture-of-Experts" in err and not (tmp_path / "out").exists()
+
+
+def test_a_model_that_changes_hidden_states_between_blocks_is_refused(tmp_path: Path) -> None:
+    from compactor.io.hf import build_skeleton
+    from compactor.stream.capture import capture
+
+    model = build_skeleton(_save(_pruned("llama"), tmp_path / "src"))
+    model.model.embed_tokens.weight = torch.nn.Parameter(torch.zeros(256, 64, dtype=torch.bfloat16))
+    blocks = model.model.layers
+    forward = type(model.model).forward
+
+    def changing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        originals = list(self.layers)
+        self.layers = torch.nn.ModuleList([_Doubling(b) for b in originals])
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            self.layers = torch.nn.ModuleList(originals)
+
+    del changing, blocks  # the check itself: a block handed other hidden states than the last returned
+    from compactor.errors import ModelStructureError
+    from compactor.stream.capture import _Recorder
+
+    calls: dict[int, Any] = {}
+    passed: list[Any] = [torch.zeros(1)]
+    with pytest.raises(ModelStructureError, match="changes them between blocks"):
+        _Recorder(1, calls, passed, False)(torch.ones(1))
+    hidden, found = capture(model, model.model.layers, {"input_ids": IDS})
+    assert hidden.shape == (2, 24, 64) and len(found) == 3
+
+
+class _Doubling(torch.nn.Module):
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden * 2
