@@ -121,7 +121,7 @@ def _compact(model: nn.Module, example_inputs: Any, options: Options) -> tuple[n
     with _timed(seconds, "float64"):
         # Decide in float64 where the model holds 16-bit floats: their rounding (8 bits of mantissa in
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
-        wide = widened(dense, current, runs)
+        wide = widened(current, runs)
         planned, planned_runs = (wide[0], wide[1]) if wide is not None else (current, runs)
     check_time("the channel dependencies (torch-pruning's trace)")
     options.say("tracing channel dependencies (torch-pruning)")
@@ -141,9 +141,7 @@ def _compact(model: nn.Module, example_inputs: Any, options: Options) -> tuple[n
             plans = chosen.chosen
     options.say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
-        decided = decide(
-            dense, current, plans, runs, references, options.tolerance, options.say, options.step, wide
-        )
+        decided = decide(current, plans, runs, references, options.tolerance, options.say, options.step, wide)
     auto, macs = None, None
     if chosen is not None:
         options.say(

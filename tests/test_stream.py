@@ -38,7 +38,7 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
 KEPT = 64
 
 
-def _pruned(arch: str, *, uneven: bool = True, seed: int = 0) -> Any:
+def _pruned(arch: str, *, uneven: bool = True, seed: int = 0, kv_group: bool = False) -> Any:
     config_name, model_name, extra = ARCHS[arch]
     torch.manual_seed(seed)
     config = getattr(transformers, config_name)(**COMMON, **extra)
@@ -51,6 +51,11 @@ def _pruned(arch: str, *, uneven: bool = True, seed: int = 0) -> Any:
                 mlp.down_proj.weight[:, i::step] = 0  # nothing reads them: the fused rows go too
             else:
                 mlp.gate_proj.weight[i::step] = 0  # silu(0) * up = 0
+        attention = model.model.layers[0].self_attn
+        if kv_group and hasattr(attention, "v_proj"):  # block 0: key/value head 1 outputs zero (or its bias)
+            attention.v_proj.weight[16:32] = 0
+            if attention.v_proj.bias is not None:
+                attention.v_proj.bias[16:32] = 0.25  # every query of the group reads this constant
     return model
 
 
@@ -74,7 +79,10 @@ IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_architecture_streams_and_reloads_with_its_logits(arch: str, tmp_path: Path) -> None:
-    model = _pruned(arch)
+    """Uneven FFN widths in every block, and in block 0 a whole key/value group (its value rows zero: the
+    group's 2 query heads output zero, or Qwen2's value bias, folded into o_proj's new bias) but Phi-3's,
+    whose fused qkv_proj is split by the config's head counts."""
+    model = _pruned(arch, kv_group=True)
     src = _save(model, tmp_path / "src")
     assert len(list(src.glob("*.safetensors"))) > 1  # sharded, with an index
     out = tmp_path / "out"
@@ -85,12 +93,19 @@ def test_every_architecture_streams_and_reloads_with_its_logits(arch: str, tmp_p
     for i, block in enumerate(small.model.layers):
         assert block.mlp.down_proj.in_features == widths[i]
         assert next(small.parameters()).dtype == torch.bfloat16
+    grouped = arch != "phi3"
+    attention = [b.self_attn for b in small.model.layers]
+    if grouped:
+        assert [a.k_proj.out_features for a in attention] == [16, 32, 32]
+        assert [a.q_proj.out_features for a in attention] == [32, 64, 64]
+        assert [a.o_proj.in_features for a in attention] == [32, 64, 64]
+        assert (attention[0].o_proj.bias is not None) == (arch == "qwen2")
     assert (out / "compactor_manifest.json").is_file()  # uneven: the manifest states them
     expected, got = _logits(model, IDS), _logits(small, IDS)
     scale = float(expected.float().abs().max())
     assert float((expected.float() - got.float()).abs().max()) <= 4 * 2**-7 * max(1.0, scale)
     dense = sum(p.numel() for p in model.parameters())
-    gone = sum(96 - w for w in widths) * 3 * 64
+    gone = sum(96 - w for w in widths) * 3 * 64 + (32 * 64 + 16 * 64 * 2 + 64 * 32 if grouped else 0)
     assert sum(p.numel() for p in small.parameters()) == dense - gone
     assert report.params == {"before": dense, "after": dense - gone}
 

@@ -25,8 +25,12 @@ Two layouts are recognised (:data:`LAYOUTS`), both read through attributes that 
   ``num_attention_heads``/``attention_head_size``/``all_head_size`` on the attention module, and the output
   projection ``output.dense`` on its parent (``BertAttention``: ``self.output(self.self(...)[0], ...)``).
 * ViT/CLIP family: ``q_proj``/``k_proj``/``v_proj`` and ``o_proj`` or ``out_proj`` on one module, with
-  ``head_dim`` and ``num_attention_heads`` or ``num_heads``. Grouped-query attention (fewer key/value heads)
-  is left alone.
+  ``head_dim`` and ``num_attention_heads`` or ``num_heads``.
+* Decoders with grouped-query attention (Llama, Mistral, Qwen2/3, Gemma 2/3): ``q_proj``/``k_proj``/
+  ``v_proj``/``o_proj`` with ``head_dim`` and ``num_key_value_groups`` (query heads per key/value head).
+  The unit is a whole KV group: a key/value head with its query heads, removed where its value rows are zero
+  (every query head of the group outputs zero, or the constant value bias, folded) or ``o_proj`` ignores
+  all of its query heads. ``num_key_value_groups`` stays; the forwards reshape with ``-1`` heads.
 
 Transformers 5 reshapes with ``-1`` heads and never reads ``config.num_attention_heads`` in these forwards, so
 the shared config is left unchanged (it describes the dense model; transformers 5 has no ``pruned_heads``).
@@ -103,6 +107,7 @@ class Layout:
     dim_attr: str  # the per-head size
     o_attrs: tuple[str, ...]  # output projection on the module itself; empty: ``output.dense`` on the parent
     size_attrs: tuple[str, ...] = ()  # other attributes equal to heads * head_dim, kept in step
+    grouped: bool = False  # heads_attrs names the query heads per key/value head; the unit is a KV group
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -125,6 +130,16 @@ LAYOUTS: tuple[Layout, ...] = (
         dim_attr="head_dim",
         o_attrs=("o_proj", "out_proj"),
     ),
+    Layout(
+        name="decoder",
+        q="q_proj",
+        k="k_proj",
+        v="v_proj",
+        heads_attrs=("num_key_value_groups",),
+        dim_attr="head_dim",
+        o_attrs=("o_proj",),
+        grouped=True,
+    ),
 )
 
 
@@ -140,7 +155,13 @@ class AttentionSite:
     o_name: str  # the output projection's full name, for reports
     heads_attr: str
     head_dim: int
-    num_heads: int
+    num_heads: int  # units: heads, or for grouped-query attention key/value heads
+    group: int = 1  # query heads per unit (grouped-query attention: num_key_value_groups)
+
+    def rows(self, which: str, unit: int) -> list[int]:
+        """The rows of q/k/v (columns of o) that unit ``unit`` holds: a KV group's query heads for q and o."""
+        width = self.head_dim * (self.group if which in ("q", "o") else 1)
+        return list(range(unit * width, (unit + 1) * width))
 
     def attr(self, which: str) -> str:
         """The attribute name of projection ``which`` ('q', 'k', 'v' on the module, 'o' on ``o_owner``)."""
@@ -253,18 +274,19 @@ def _find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[str, 
             unpaired.append((name, module, shape))
             continue
         heads_attr, num_heads, head_dim = shape
+        group = getattr(module, heads_attr) if layout.grouped else 1
         owner, o_attr, o_name = _output_projection(name, module, layout, parents)
         if owner is None:
             unpaired.append((name, module, o_name))
             continue
         o = getattr(owner, o_attr)
-        if o.in_features != num_heads * head_dim:
+        if o.in_features != num_heads * group * head_dim:
             unpaired.append(
-                (name, module, f"{o_name} reads {o.in_features} features, not {num_heads * head_dim}")
+                (name, module, f"{o_name} reads {o.in_features} features, not {num_heads * group * head_dim}")
             )
             continue
         sites.append(
-            AttentionSite(name, module, layout, owner, o_attr, o_name, heads_attr, head_dim, num_heads)
+            AttentionSite(name, module, layout, owner, o_attr, o_name, heads_attr, head_dim, num_heads, group)
         )
     return sites, unpaired
 
@@ -288,6 +310,8 @@ def _layout_of(module: nn.Module) -> Layout | None:
 def _head_shape(module: nn.Module, layout: Layout) -> tuple[str, int, int] | str:
     """(head-count attribute, heads, head size), or why the module's shapes do not split into heads."""
     heads_attr = next(a for a in layout.heads_attrs if isinstance(getattr(module, a, None), int))
+    if layout.grouped:
+        return _grouped_shape(module, layout, heads_attr)
     num_heads, head_dim = getattr(module, heads_attr), getattr(module, layout.dim_attr)
     widths = {a: getattr(module, a).out_features for a in (layout.q, layout.k, layout.v)}
     if len(set(widths.values())) != 1:
@@ -297,6 +321,16 @@ def _head_shape(module: nn.Module, layout: Layout) -> tuple[str, int, int] | str
     if getattr(module, "num_key_value_groups", 1) != 1:
         return "grouped-query attention (num_key_value_groups > 1) is not compacted"
     return heads_attr, num_heads, head_dim
+
+
+def _grouped_shape(module: nn.Module, layout: Layout, groups_attr: str) -> tuple[str, int, int] | str:
+    """Grouped-query attention (Llama, Mistral, Qwen, Gemma): key/value heads from the key width, each
+    read by ``num_key_value_groups`` query heads."""
+    group, head_dim = getattr(module, groups_attr), getattr(module, layout.dim_attr)
+    q, k, v = (getattr(module, a).out_features for a in (layout.q, layout.k, layout.v))
+    if group < 1 or head_dim < 1 or k != v or k % head_dim or q != k * group:
+        return f"query/key/value widths {q}/{k}/{v} do not split into {groups_attr}={group} groups of {layout.dim_attr}={head_dim}"
+    return groups_attr, k // head_dim, head_dim
 
 
 def _output_projection(
@@ -362,13 +396,13 @@ def _decide(site: AttentionSite, fold: bool) -> list[HeadDecision]:
     q, k, v, o = (site.linear(w) for w in ("q", "k", "v", "o"))
     decisions = []
     for h in range(site.num_heads):
-        rows = slice(h * site.head_dim, (h + 1) * site.head_dim)
+        rows, q_rows = site.rows("v", h), site.rows("q", h)
         v_zero = bool((v.weight[rows] == 0).all())
         v_bias = v.bias[rows] if v.bias is not None else None
         v_bias_zero = v_bias is None or bool((v_bias == 0).all())
-        q_zero = bool((q.weight[rows] == 0).all()) and (q.bias is None or bool((q.bias[rows] == 0).all()))
+        q_zero = bool((q.weight[q_rows] == 0).all()) and (q.bias is None or bool((q.bias[q_rows] == 0).all()))
         uniform = bool((k.weight[rows] == 0).all()) or q_zero  # every key gets the same score
-        if bool((o.weight[:, rows] == 0).all()):
+        if bool((o.weight[:, q_rows] == 0).all()):
             decisions.append(HeadDecision(h, HeadFate.REMOVED, f"{site.o_name} ignores it (zero columns)"))
         elif v_zero and v_bias_zero:
             decisions.append(
@@ -410,43 +444,47 @@ def _compact_site(site: AttentionSite, fold: bool) -> HeadChange | None:
     gone = [d.head for d in decisions if d.fate.removed]
     if gone:
         _apply(site, gone, [d.head for d in decisions if d.fate is HeadFate.FOLDED])
+    unit = f"key/value heads, each with its {site.group} query heads: " if site.group > 1 else ""
     return HeadChange(
         layer=site.name,
         heads_before=site.num_heads,
         heads_after=site.num_heads - len(gone),
         removed=tuple(gone),
-        reason=_summary(decisions),
+        reason=unit + _summary(decisions),
         decisions=tuple(decisions),
     )
 
 
 def _apply(site: AttentionSite, gone: list[int], folded: list[int]) -> None:
     """Fold the constant heads into the output bias, then rebuild q/k/v (rows) and o (columns)."""
-    d = site.head_dim
     o = site.linear("o")
     o_shrinker = shrinker_for(o)
     assert o_shrinker is not None
     if folded:
         v_bias = site.linear("v").bias
         assert v_bias is not None  # a folded head has a non-zero value bias
-        idx = torch.tensor([h * d + i for h in folded for i in range(d)], dtype=torch.long)
+        idx = torch.tensor([r for h in folded for r in site.rows("o", h)], dtype=torch.long)
+        # each query head of a folded unit reads its key/value head's constant value bias
+        values = torch.cat([v_bias.detach()[site.rows("v", h)].repeat(site.group) for h in folded])
         writes = o_shrinker.fold_writes
         own_parameters(o, {"": None if writes is None else set(writes)})  # o's tensors may be the model's
-        o_shrinker.fold_constant(o, idx, v_bias.detach()[idx].double())
-    keep = torch.tensor(
-        [h * d + i for h in range(site.num_heads) if h not in gone for i in range(d)], dtype=torch.long
-    )
+        o_shrinker.fold_constant(o, idx, values.double())
+    kept = [h for h in range(site.num_heads) if h not in gone]
     for which in ("q", "k", "v"):
         layer = site.linear(which)
         shrinker = shrinker_for(layer)
         assert shrinker is not None  # a Linear, or a subclass of it
+        keep = torch.tensor([r for h in kept for r in site.rows(which, h)], dtype=torch.long)
         setattr(site.module, site.attr(which), shrinker.shrink(layer, keep, None))
-    setattr(site.o_owner, site.o, o_shrinker.shrink(o, None, keep))
+    keep_o = torch.tensor([r for h in kept for r in site.rows("o", h)], dtype=torch.long)
+    setattr(site.o_owner, site.o, o_shrinker.shrink(o, None, keep_o))
+    if site.layout.grouped:
+        return  # the query heads per group stay as they are; the forwards reshape with -1 heads
     heads = site.num_heads - len(gone)
     setattr(site.module, site.heads_attr, heads)
     for attr in site.layout.size_attrs:
         if isinstance(getattr(site.module, attr, None), int):
-            setattr(site.module, attr, heads * d)
+            setattr(site.module, attr, heads * site.head_dim)
 
 
 def _unpaired(name: str, module: nn.Module, why: str) -> HeadChange | None:

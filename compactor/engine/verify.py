@@ -32,7 +32,6 @@ class Decided:
 
 # --- which plans ship -------------------------------------------------------------------------------
 def decide(
-    original: nn.Module,
     baked: nn.Module,
     plans: list[GroupPlan],
     runs: list[ExampleInputs],
@@ -73,7 +72,7 @@ def decide(
             ]
         if pending:
             say(f"judging {len(pending)} groups in float64 (float32 rounding or a wrong plan)")
-            wide = widened(original, baked, runs, always=True)
+            wide = widened(baked, runs, always=True)
     if pending:
         assert wide is not None
         pending_ids = {id(p) for p in pending}

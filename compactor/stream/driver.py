@@ -262,6 +262,10 @@ def _one_block(
         widths=changed,
         warnings=tuple(report.warnings),
         seconds=0.0,
+        kept={fate: n for fate, n in report.fates.items() if n and fate.startswith("kept")},
+        heads=tuple(
+            f"{h['layer'].removeprefix('block.')}: {h['reason']}" for h in report.extra.get("heads", [])
+        ),
     )
     return result, next_dense, next_small, inner
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -19,6 +19,8 @@ class BlockResult:
     widths: dict[str, tuple[int | None, int | None]]
     warnings: tuple[str, ...]
     seconds: float
+    kept: dict[str, int] = field(default_factory=dict)  # zeroed channels that stay, by reason
+    heads: tuple[str, ...] = ()  # per attention module: which heads (KV groups) went or stayed, and why
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,14 @@ class StreamReport:
             widths = ", ".join(
                 f"{n.rpartition('.')[2]} {o if o is not None else ''}x{i if i is not None else ''}"
                 for n, (o, i) in list(b.widths.items())[:4]
-            )
+            ) + (f" (+{len(b.widths) - 4} more)" if len(b.widths) > 4 else "")
             rows.append(
                 f"{b.name:<22} {b.params_before:>14,} {b.params_after:>12,} {b.max_abs_error:>10.3g}  {widths or '-'}"
             )
+        for b in self.blocks:
+            reasons = [f"{n} {fate}" for fate, n in b.kept.items()] + [h for h in b.heads if "kept" in h]
+            if reasons:
+                rows.append(f"  {b.name} keeps: {'; '.join(reasons)}")
         before, after = self.params["before"], self.params["after"]
         rows.append(
             f"parameters {before:,} -> {after:,} ({after / before:.1%}); {self.dtype}; logits max abs error "
