@@ -64,8 +64,24 @@ def noise_floors(references: list[Outputs], exact: list[Outputs]) -> Floors:
 def _float_gap(a: torch.Tensor | Plain, b: torch.Tensor | Plain) -> float:
     """``max|a - b|`` of two float tensors; 0 for anything else."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point() and a.numel():
+        if a.shape != b.shape:  # a KV cache with fewer heads (removed ones): each kept head against its match
+            return _sliced_gap(a, b)
         return float((a.double() - b.double()).abs().max().item())
     return 0.0
+
+
+def _sliced_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max`` over ``b``'s slices along the one dimension where the shapes differ of the gap to the
+    closest slice of ``a``; 0 where the shapes differ otherwise (such outputs fail their comparison)."""
+    differ = [d for d, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+    if a.dim() != b.dim() or len(differ) != 1:
+        return 0.0
+    d = differ[0]
+    gaps = [
+        min(float((a.select(d, i).double() - b.select(d, j).double()).abs().max()) for i in range(a.shape[d]))
+        for j in range(b.shape[d])
+    ]
+    return max(gaps, default=0.0)
 
 
 def compare(

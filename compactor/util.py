@@ -179,3 +179,26 @@ def run_deep(fn: Callable[[], T], depth: int) -> T:
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
     return result["value"]  # type: ignore[return-value]
+
+
+MMAP_THRESHOLD = 8 * 2**20  # bytes: tensors this large get pages of their own, returned when freed
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc's malloc map every allocation of ``threshold`` bytes or more on its own (``mallopt``), so
+    that a freed tensor returns its memory to the system instead of staying in the heap. glibc raises the
+    threshold by itself after the first large free (up to 32 MiB), after which one block's freed weights
+    would stay resident while the next block is read. False where the C library is not glibc. It sets the
+    whole process's allocator, as ``MALLOC_MMAP_THRESHOLD_`` would."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return False
+    if mallopt is None:
+        return False
+    return bool(mallopt(-3, threshold))  # M_MMAP_THRESHOLD

@@ -328,3 +328,31 @@ class _Doubling(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden * 2
+
+
+def test_a_whole_decoder_loses_kv_groups_and_its_cache_is_compared_head_by_head() -> None:
+    """Not streamed: the whole model, with 2 of the 4 key/value groups of block 0 zeroed (each with its 4
+    query heads). The 16-bit model is judged in float64 against its head-compacted self, and the masked
+    model's KV cache (4 heads) is compared with the compacted one (2) head by head."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=16,
+        num_key_value_heads=4,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    hd, group = 8, 4
+    with torch.no_grad():
+        attention = model.model.layers[0].self_attn
+        for k in (1, 3):
+            attention.v_proj.weight[k * hd : (k + 1) * hd] = 0
+            attention.o_proj.weight[:, k * group * hd : (k + 1) * group * hd] = 0
+        model.model.layers[1].mlp.gate_proj.weight[::2] = 0
+    small, report = compactor.compact(model, {"input_ids": IDS})
+    a = small.model.layers[0].self_attn
+    assert (a.q_proj.out_features, a.k_proj.out_features, a.o_proj.in_features) == (64, 16, 64)
+    assert small.model.layers[1].mlp.down_proj.in_features == 48  # channel groups after the heads still go
+    expected, got = _logits(model, IDS), _logits(small, IDS)
+    assert float((expected.float() - got.float()).abs().max()) <= 4 * 2**-7 * max(
+        1.0, float(expected.float().abs().max())
+    )
+    assert report.extra["heads"][0]["heads_after"] == 2

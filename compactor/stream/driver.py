@@ -30,6 +30,7 @@ from ..io.hf import STREAMED_MANIFEST, build_skeleton, checked_config, move_into
 from ..io.safetensors import MANIFEST_VERSION, fit_to_manifest, manifest
 from ..io.skeleton import aliases, decoder_blocks, fill, release, tensor_names
 from ..outputs import DEFAULT_TOLERANCE, compare_outputs
+from ..util import map_large_allocations
 from .capture import Block, capture, hidden_of, logits
 from .report import BlockResult, StreamReport
 from .shards import assemble, copy_side_files, read_part, save_part
@@ -61,6 +62,7 @@ def compact_checkpoint(
     ``max_shard_size``: bytes per output shard (default: the input's largest weight file).
     """
     start = time.perf_counter()
+    map_large_allocations()  # each block's freed tensors leave the process before the next is read
     source, output = Path(source), Path(output)
     checked_config(source, trust_remote_code)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):

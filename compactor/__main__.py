@@ -1,0 +1,5 @@
+"""``python -m compactor``: the ``compact`` command."""
+
+from .cli import main
+
+raise SystemExit(main())
