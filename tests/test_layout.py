@@ -90,6 +90,7 @@ LAYERS = [
     "demo",
     "compactor",
     "cli",
+    "__main__",
 ]
 BASE = ("errors", "inputs", "util", "outputs", "modules")
 
