@@ -105,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", nargs="?", metavar="MODEL", help="model file written by torch.save(model)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="model file written by torch.save(model), or a Hugging Face directory",
+    )
     p.add_argument(
         "-o",
         "--output",
