@@ -50,7 +50,12 @@ class Stored:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return nbytes_of(self.shape, self.dtype)
+
+
+def nbytes_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The bytes a tensor of ``shape`` and ``dtype`` holds."""
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class Checkpoint:
         files, fmt = _weight_files(folder)
         stored: dict[str, Stored] = {}
         for file, keys in files.items():
-            found = _safetensors_header(file) if fmt == "safetensors" else _bin_header(file)
+            found = read_header(file) if fmt == "safetensors" else _bin_header(file)
             if keys is not None:
                 missing = sorted(set(keys) - set(found))
                 if missing:
@@ -99,10 +104,14 @@ class Checkpoint:
         return [k for k in self.stored if k not in hidden] + list(self.pruned)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.stored[self.pruned[name][0] if name in self.pruned else name].shape
+        return self._first(name).shape
 
     def nbytes(self, names: Iterable[str]) -> int:
-        return sum(self.stored[self.pruned[n][0] if n in self.pruned else n].nbytes for n in names)
+        return sum(self._first(n).nbytes for n in names)
+
+    def _first(self, name: str) -> Stored:
+        """The stored tensor a name reads (a prune pair's ``weight_orig``, which its mask matches)."""
+        return self.stored[self.pruned[name][0] if name in self.pruned else name]
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names`` (prune pairs multiplied out), each shard opened once and closed again."""
@@ -163,7 +172,7 @@ def _indexed(folder: Path, index: Path) -> dict[Path, set[str] | None]:
     return files
 
 
-def _safetensors_header(file: Path) -> dict[str, Stored]:
+def read_header(file: Path) -> dict[str, Stored]:
     """Names, shapes and dtypes from the header, checked against the file's size (truncated, damaged)."""
     size = file.stat().st_size
     with file.open("rb") as f:
@@ -242,4 +251,13 @@ def _damaged(file: Path, why: str) -> InputFileError:
     return InputFileError(f"{file} cannot be read as model weights: {why}; copy or write it again")
 
 
-__all__ = ["BIN_INDEX", "BIN_SINGLE", "SAFE_INDEX", "SAFE_SINGLE", "Checkpoint", "Stored"]
+__all__ = [
+    "BIN_INDEX",
+    "BIN_SINGLE",
+    "SAFE_INDEX",
+    "SAFE_SINGLE",
+    "Checkpoint",
+    "Stored",
+    "nbytes_of",
+    "read_header",
+]

@@ -244,14 +244,7 @@ def load_streamed(folder: Path, trust_remote_code: bool = False) -> nn.Module:
     from .skeleton import aliases, fill, tensor_names
 
     where = str(folder / STREAMED_MANIFEST)
-    try:
-        spec = json.loads((folder / STREAMED_MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputFileError(
-            f"{where} is not readable JSON ({first_line(e)}); write the directory again"
-        ) from e
-    if not isinstance(spec, dict):
-        raise InputFileError(f"{where} is not a JSON object; write the directory again")
+    spec = _json_object(folder / STREAMED_MANIFEST)
     checkpoint = Checkpoint.open(folder)
     stored = {name: checkpoint.shape(name) for name in checkpoint.names}
     model = fit_to_manifest(build_skeleton(folder, trust_remote_code), spec, where, stored)
@@ -287,15 +280,18 @@ def build_model(folder: Path, trust_remote_code: bool = False) -> nn.Module:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
+    return _json_object(folder / "config.json")
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a file of the directory, or one line saying why it is not one."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputFileError(
-            f"{folder}/config.json is not readable JSON ({e}); write the directory again"
-        ) from e
-    if not isinstance(config, dict):
-        raise InputFileError(f"{folder}/config.json is not a JSON object; write the directory again")
-    return config
+        raise InputFileError(f"{path} is not readable JSON ({e}); write the directory again") from e
+    if not isinstance(value, dict):
+        raise InputFileError(f"{path} is not a JSON object; write the directory again")
+    return value
 
 
 def _auto_map_names(config: dict[str, Any]) -> str:

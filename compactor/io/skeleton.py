@@ -53,6 +53,16 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: len(item[1]))
 
 
+def module_name(root: nn.Module, module: nn.Module) -> str:
+    """The name ``root`` gives ``module`` (one line where it is not one of its modules)."""
+    found = next((str(n) for n, m in root.named_modules() if m is module), None)
+    if found is None:
+        raise ModelStructureError(
+            f"{type(module).__name__} is not one of the model's modules; it cannot be streamed"
+        )
+    return found
+
+
 def tensor_names(root: nn.Module, prefix: str) -> list[str]:
     """The state_dict names of the part at ``prefix`` ("" for everything), as the root names them."""
     module = root.get_submodule(prefix) if prefix else root
@@ -139,6 +149,7 @@ __all__ = [
     "aliases",
     "decoder_blocks",
     "fill",
+    "module_name",
     "parameters_on_meta",
     "release",
     "tensor_names",

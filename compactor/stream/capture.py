@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import BlocksCaptured, ModelStructureError
+from ..io.skeleton import module_name
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ def logits(
     """The model's logits when its blocks leave ``final`` as the last hidden states."""
     real = list(blocks)
     embeddings = model.get_input_embeddings()
-    holder, attr = _parent(model, embeddings)
+    parent, _, attr = module_name(model, embeddings).rpartition(".")
+    holder = model.get_submodule(parent) if parent else model
     setattr(holder, attr, _Zeros(final.shape[-1], final.dtype))
     for i in range(len(real)):
         blocks[i] = _Pass(final if i == len(real) - 1 else None)
@@ -131,14 +133,6 @@ def logits(
             blocks[i] = b
     result: torch.Tensor = out.logits if hasattr(out, "logits") else hidden_of(out)
     return result
-
-
-def _parent(root: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
-    for name, m in root.named_modules():
-        if m is module:
-            parent, _, attr = name.rpartition(".")
-            return (root.get_submodule(parent) if parent else root), attr
-    raise ModelStructureError("the model's input embedding is not one of its modules; it cannot be streamed")
 
 
 __all__ = ["Block", "BlockCall", "capture", "hidden_of", "logits"]

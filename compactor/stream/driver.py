@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -25,10 +26,10 @@ from torch import nn
 from ..api import compact
 from ..errors import InputFileError, ModelStructureError, OutputPathError, VerificationError
 from ..inputs import ExampleInputs
-from ..io.checkpoint import Checkpoint, _safetensors_header
+from ..io.checkpoint import Checkpoint, read_header
 from ..io.hf import STREAMED_MANIFEST, build_skeleton, checked_config, move_into_place, temporary_dir
 from ..io.safetensors import MANIFEST_VERSION, fit_to_manifest, manifest
-from ..io.skeleton import aliases, decoder_blocks, fill, release, tensor_names
+from ..io.skeleton import aliases, decoder_blocks, fill, module_name, release, tensor_names
 from ..outputs import DEFAULT_TOLERANCE, compare_outputs
 from ..util import map_large_allocations
 from .capture import Block, capture, hidden_of, logits
@@ -126,7 +127,7 @@ def _stream(
     hidden, calls = capture(model, blocks, inputs)
     stored = set(checkpoint.names)
     parts = [save_part(tmp, 0, _stored(model, [n for n in early if n in stored]))]
-    embedding = [n for n in early if n.startswith(_module_name(model, model.get_input_embeddings()) + ".")]
+    embedding = [n for n in early if n.startswith(module_name(model, model.get_input_embeddings()) + ".")]
     release(model, embedding, ties)
     dense, small = hidden, hidden
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # each block's compacted input and output
@@ -184,14 +185,14 @@ def _stream(
         source=str(checkpoint.folder), blocks=tuple(results), dtype=str(dtype).removeprefix("torch."),
         inputs=", ".join(f"{k}={tuple(v.shape)}" for k, v in inputs.items()), logits_error=error,
         tolerance=tolerance, read_bytes=read, written_bytes=sum(p.stat().st_size for p in tmp.iterdir()),
-        params_outside=sum(_numel(checkpoint.shape(n)) for n in outside if n in stored),
+        params_outside=sum(math.prod(checkpoint.shape(n)) for n in outside if n in stored),
         seconds=round(time.perf_counter() - start, 3), layout=layout, load=load,
     )  # fmt: skip
 
 
 def _shapes(parts: list[Path], changed: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Every tensor the output will hold, and its shape (after padding)."""
-    return {k: changed.get(k, s.shape) for p in parts for k, s in _safetensors_header(p).items()}
+    return {k: changed.get(k, s.shape) for p in parts for k, s in read_header(p).items()}
 
 
 def _padder(shapes: dict[str, tuple[int, ...]]) -> Callable[[str, torch.Tensor], torch.Tensor]:
@@ -222,7 +223,7 @@ def _check_padded(
                 k[len(name) + 1 :]: v for k, v in spec["tensors"].items() if k.startswith(name + ".")
             },
         }
-        stored = {k[len(name) + 1 :]: shapes.get(k, s.shape) for k, s in _safetensors_header(part).items()}
+        stored = {k[len(name) + 1 :]: shapes.get(k, s.shape) for k, s in read_header(part).items()}
         block = fit_to_manifest(copy.deepcopy(blocks[i]), block_spec, name, stored)
         values = read_part(part)
         block.load_state_dict(
@@ -303,11 +304,7 @@ def _head_names(model: Any) -> list[str]:
     head = getattr(model, "get_output_embeddings", lambda: None)()
     if head is None:
         return []
-    return tensor_names(model, _module_name(model, head))
-
-
-def _module_name(root: nn.Module, module: nn.Module) -> str:
-    return next(str(n) for n, m in root.named_modules() if m is module)
+    return tensor_names(model, module_name(model, head))
 
 
 def _stored(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -325,13 +322,6 @@ def _write_config(model: Any, folder: Path) -> None:
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.save_pretrained(str(folder))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 __all__ = ["compact_checkpoint"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.checkpoint import DTYPES, SAFE_INDEX, SAFE_SINGLE, Stored, _safetensors_header
+from ..io.checkpoint import DTYPES, SAFE_INDEX, SAFE_SINGLE, Stored, nbytes_of, read_header
 
 PART = "part-{:05d}.compactor-part"
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -44,7 +44,7 @@ def write_shard(
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, dtype, shape in layout:
-        size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        size = nbytes_of(shape, dtype)
         header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -59,13 +59,6 @@ def write_shard(
     return 8 + len(text) + offset
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def assemble(
     folder: Path,
     parts: list[Path],
@@ -75,11 +68,11 @@ def assemble(
 ) -> dict[str, str]:
     """Join the part files into shards of at most ``max_bytes``; returns the index's weight map.
     ``reshape``/``shapes``: a tensor's final form and shape where it changes (``--uniform``'s padding)."""
-    entries: list[Stored] = [s for p in parts for s in _safetensors_header(p).values()]
+    entries: list[Stored] = [s for p in parts for s in read_header(p).values()]
     final = shapes or {}
 
     def nbytes(s: Stored) -> int:
-        return _numel(final.get(s.key, s.shape)) * torch.empty((), dtype=s.dtype).element_size()
+        return nbytes_of(final.get(s.key, s.shape), s.dtype)
 
     shards: list[list[Stored]] = [[]]
     size = 0
