@@ -106,9 +106,6 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._first(name).shape
 
-    def nbytes(self, names: Iterable[str]) -> int:
-        return sum(self._first(n).nbytes for n in names)
-
     def _first(self, name: str) -> Stored:
         """The stored tensor a name reads (a prune pair's ``weight_orig``, which its mask matches)."""
         return self.stored[self.pruned[name][0] if name in self.pruned else name]
