@@ -348,3 +348,17 @@ def test_a_whole_decoder_loses_kv_groups_and_its_cache_is_compared_head_by_head(
         1.0, float(expected.float().abs().max())
     )
     assert report.extra["heads"][0]["heads_after"] == 2
+
+
+def test_a_block_with_dropout_is_compacted_and_carried_in_eval_mode(tmp_path: Path) -> None:
+    """GPT-2's blocks (``transformer.h``, dropout 0.1 in its config, position embeddings added before the
+    first block): nothing zeroed, so the stream must come back as it went in. A compacted block left in
+    train mode would drop activations and the final logits check would refuse it."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    assert config.resid_pdrop > 0
+    model = transformers.GPT2LMHeadModel(config).to(torch.bfloat16).eval()
+    report = compact_checkpoint(_save(model, tmp_path / "src"), tmp_path / "out")
+    assert report.logits_error == 0.0 and report.params["after"] == report.params["before"]
+    small = compactor.load(tmp_path / "out")
+    assert torch.equal(_logits(model, IDS), _logits(small, IDS))

@@ -231,7 +231,7 @@ def _check_padded(
             assign=True,
         )
         with torch.no_grad():
-            got = hidden_of(Block(block, calls[i])(seen[i][0]))
+            got = hidden_of(Block(block, calls[i]).eval()(seen[i][0]))
         _, problems = compare_outputs([("hidden", seen[i][1])], [("hidden", got)], tolerance)
         if problems:
             raise VerificationError(
@@ -244,7 +244,7 @@ def _one_block(
     name: str, block: nn.Module, call: Any, dense: torch.Tensor, small: torch.Tensor, tolerance: float
 ) -> tuple[BlockResult, torch.Tensor, torch.Tensor, nn.Module]:
     """One block compacted and verified on the dense hidden states; both streams carried one block on."""
-    wrapped = Block(block, call)
+    wrapped = Block(block, call).eval()  # a new module trains by default: compact() returns it in its mode
     compacted, report = compact(wrapped, dense, tolerance=tolerance, time_limit=None)
     with torch.no_grad():
         next_dense = hidden_of(wrapped(dense))
