@@ -71,7 +71,8 @@ def compact(
 
     Outputs are compared with the masked model on the example inputs and fresh ones; a group whose removal
     breaks equality is restored. Where float rounding itself exceeds ``tolerance`` (a deep float32
-    network, any float16/bfloat16 model) the decisions are made on float64 copies and the result is held
+    network, any float16/bfloat16 model) the decisions are made on wider copies (float64; float32 first for a
+    16-bit model, then float64 for what fails there) and the result is held
     to the masked model's own rounding (``report.extra["rounding_floor"]``).
 
     What the example inputs cannot show is said in ``report.warnings`` (``report.extra["paths"]``): a
@@ -118,8 +119,8 @@ def _compact(model: nn.Module, example_inputs: Any, options: Options) -> tuple[n
         with _timed(seconds, "heads"):
             uncalled = frozenset(name for name, _ in observed.paths.uncalled)
             current, heads = remove_heads(current, inputs, runs, references, options.tolerance, uncalled)
-    with _timed(seconds, "float64"):
-        # Decide in float64 where the model holds 16-bit floats: their rounding (8 bits of mantissa in
+    with _timed(seconds, "widen"):
+        # Decide on a float32 twin where the model holds 16-bit floats: their rounding (8 bits of mantissa in
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
         wide = widened(current, runs)
         planned, planned_runs = (wide[0], wide[1]) if wide is not None else (current, runs)

@@ -48,11 +48,11 @@ class ExampleInputs:
             guess=self.guess,
         )
 
-    def widened(self) -> ExampleInputs:
-        """The same inputs with every floating tensor in float64 (integers, token ids, stay as they are)."""
+    def widened(self, dtype: torch.dtype = torch.float64) -> ExampleInputs:
+        """The same inputs with every floating tensor in ``dtype`` (integers, token ids, stay as they are)."""
         return ExampleInputs(
-            args=tuple(_double(t) for t in self.args),
-            kwargs={k: _double(v) for k, v in self.kwargs.items()},
+            args=tuple(_as_float(t, dtype) for t in self.args),
+            kwargs={k: _as_float(v, dtype) for k, v in self.kwargs.items()},
         )
 
     def fresh(self, generator: torch.Generator, *, integers: bool = True) -> ExampleInputs:
@@ -129,8 +129,8 @@ def _check_not_empty(t: torch.Tensor) -> None:
         )
 
 
-def _double(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float64) if t.is_floating_point() else t
+def _as_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 def _describe(t: torch.Tensor) -> str:

@@ -236,22 +236,37 @@ def _plain_error(a: torch.Tensor | Plain, b: torch.Tensor | Plain) -> float:
 Wide = tuple[nn.Module, list[ExampleInputs], list[Outputs]]  # float64 model, inputs, reference outputs
 
 
-def widened(baked: nn.Module, runs: list[ExampleInputs], *, always: bool = False) -> Wide | None:
-    """float64 copies of the baked model, the inputs and its outputs on them, if the model holds 16-bit
-    floats (or ``always``); None otherwise.
+def widened(
+    baked: nn.Module, runs: list[ExampleInputs], *, always: bool = False, dtype: torch.dtype | None = None
+) -> Wide | None:
+    """Copies of the baked model, the inputs and its outputs on them in a wider float type, if the model holds
+    16-bit floats (or ``always``); None otherwise.
 
-    ``baked``: the model the channel plans apply to (masks baked in: ``orig * mask`` is exact in float64;
-    attention heads already removed). Its own float64 outputs are what a plan is judged against: a head
-    whose constant was folded in the model's dtype (a rounded bias) is not held against every plan after it;
-    the heads stage checked that change against the masked model, and the final check compares with the
-    masked model's outputs again.
+    The type: ``dtype`` if given; else float32 for a model with 16-bit floats (float32 rounds 2**16 times
+    finer than bfloat16, and its twin of a 16-bit LLM block is half the size of a float64 one:
+    :func:`compactor.engine.verify.decide` takes what fails there to float64), float64 otherwise.
+
+    ``baked``: the model the channel plans apply to (masks baked in: ``orig * mask`` is exact in a wider type;
+    attention heads already removed). Its own wide outputs are what a plan is judged against: a head whose
+    constant was folded in the model's dtype (a rounded bias) is not held against every plan after it; the
+    heads stage checked that change against the masked model, and the final check compares with the masked
+    model's outputs again.
     """
     tensors = [*baked.parameters(), *baked.buffers()]
-    if not always and not any(t.dtype in _LOW_PRECISION for t in tensors):
+    low = any(t.dtype in _LOW_PRECISION for t in tensors)
+    if not always and not low:
         return None
-    wide_runs = [r.widened() for r in runs]
-    wide_baked = wide_clone(baked)
+    wide_type = dtype or (torch.float32 if low and not always else torch.float64)
+    wide_runs = [r.widened(wide_type) for r in runs]
+    wide_baked = wide_clone(baked, wide_type)
     return wide_baked, wide_runs, reference_outputs(wide_baked, wide_runs)
+
+
+def wide_dtype(wide: Wide) -> torch.dtype:
+    """The float type of a twin from :func:`widened`."""
+    return next(
+        (t.dtype for t in [*wide[0].parameters(), *wide[0].buffers()] if t.is_floating_point()), torch.float64
+    )
 
 
 def runtime_tolerance(model: nn.Module, example: ExampleInputs, tolerance: float) -> float:

@@ -1,7 +1,7 @@
 """Stage 6, verify: the loop that decides which plans ship, on the comparison of :mod:`compactor.outputs`.
 
 The compacted model must reproduce every output of the masked model (:func:`compactor.outputs.compare`); a
-plan whose removal breaks that is restored (:func:`decide`), judged in float64 where rounding could hide it.
+plan whose removal breaks that is restored (:func:`decide`), judged in float32 or float64 where rounding could hide it.
 """
 
 from __future__ import annotations
@@ -9,11 +9,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import VerificationError
 from ..inputs import ExampleInputs
-from ..outputs import Floors, Outputs, Verdict, Wide, compare, noise_floors, reference_outputs, widened
+from ..outputs import (
+    Floors,
+    Outputs,
+    Verdict,
+    Wide,
+    compare,
+    noise_floors,
+    reference_outputs,
+    wide_dtype,
+    widened,
+)
 from ..util import check_time
 from .options import Log
 from .plan import GroupPlan, round_layers, same_plans
@@ -28,6 +39,7 @@ class Decided:
     small: nn.Module
     verdict: Verdict
     floors: Floors | None
+    judged_in: str | None = None  # the twin's float type where one judged the plans ("float32", "float64")
 
 
 # --- which plans ship -------------------------------------------------------------------------------
@@ -47,7 +59,8 @@ def decide(
     network is ~1e-3 from exact arithmetic) or a wrong plan: the plans are judged in float64, where an
     exact plan is exact to 1e-12. If it crashes or changes a shape, the culprits are bisected out in the
     model's own precision first, and only the groups that then fail by a finite margin go to float64.
-    16-bit models are judged in float64 from the start (``wide``). The compacted model is finally checked
+    16-bit models are judged on a wider twin from the start (``wide``: float32, and what fails there by a
+    finite margin again in float64). The compacted model is finally checked
     in its own precision: as far from the masked model as both models' own rounding explains.
     """
     active = [p for p in plans if p.removed]
@@ -78,6 +91,13 @@ def decide(
         pending_ids = {id(p) for p in pending}
         accepted, again = _search(wide[0], pending, wide[1], wide[2], tolerance, say, accepted)
         rejected = {k: v for k, v in rejected.items() if k not in pending_ids} | again
+        retry = [p for p in pending if id(p) in again and math.isfinite(again[id(p)].max_abs_error)]
+        if retry and wide_dtype(wide) != torch.float64:  # a 16-bit model's float32 twin: one rung more
+            say(f"judging {len(retry)} groups again in float64 (float32 rounding or a wrong plan)")
+            wide = widened(baked, runs, always=True)
+            assert wide is not None
+            accepted, again = _search(wide[0], retry, wide[1], wide[2], tolerance, say, accepted)
+            rejected = {k: v for k, v in rejected.items() if k not in {id(p) for p in retry}} | again
 
     floors = noise_floors(references, wide[2]) if wide is not None else None
     final = round_layers(
@@ -107,7 +127,8 @@ def decide(
         verdict = compare(small, runs, references, tolerance, floors)
     if not verdict.ok:  # only possible if the unmodified model is itself not reproducible
         raise VerificationError(f"the rebuilt model does not reproduce the masked model: {verdict.summary()}")
-    return Decided(final, small, verdict, floors)
+    judged = str(wide_dtype(wide)).removeprefix("torch.") if wide is not None else None
+    return Decided(final, small, verdict, floors, judged)
 
 
 def _restore(plans: list[GroupPlan], rejected: dict[int, Verdict]) -> list[GroupPlan]:

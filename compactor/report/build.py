@@ -51,6 +51,7 @@ def build_report(
         "graph_issues": sorted({i for g in coupled.groups for i in g.issues}),
         **({"heads": [h.to_dict() for h in heads]} if heads else {}),
         **({"rounding_floor": max(max(f, default=0.0) for f in floors)} if floors else {}),
+        **({"judged_in": decided.judged_in} if floors and decided.judged_in else {}),
         "sparsity": [layer.to_dict() for layer in sparsity],
         **({"reparametrizations": observed.folded} if observed.folded else {}),
         "round_to": round_to,

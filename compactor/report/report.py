@@ -166,8 +166,9 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
         )
     if report.extra.get("rounding_floor"):
         console.print(
-            f"the masked model's own rounding (against float64) allows up to {report.extra['rounding_floor']:.3g} "
-            f"of difference; every removal was decided in float64",
+            f"the masked model's own rounding (against {report.extra.get('judged_in', 'float64')}) allows up to "
+            f"{report.extra['rounding_floor']:.3g} of difference; every removal was decided in "
+            f"{report.extra.get('judged_in', 'float64')}",
             markup=False,
         )
     for w in report.warnings if warnings else ():
