@@ -43,18 +43,26 @@ def bake_masks(model: nn.Module) -> list[BakedMask]:
             if isinstance(hook, prune.BasePruningMethod):
                 tensor_name = hook._tensor_name
                 mask = getattr(module, tensor_name + "_mask")
-                baked.append(BakedMask(name, tensor_name, int((mask == 0).sum()), mask.numel()))
+                baked.append(
+                    BakedMask(name, tensor_name, mask.numel() - int(torch.count_nonzero(mask)), mask.numel())
+                )
                 _remove_untied(
                     module, tensor_name, tied=owners[id(module._parameters[tensor_name + "_orig"])] > 1
                 )
         for tensor_name in fold_norm_hooks(module):
             value = getattr(module, tensor_name)
-            baked.append(BakedMask(name, tensor_name, int((value == 0).sum()), value.numel()))
+            baked.append(
+                BakedMask(name, tensor_name, value.numel() - int(torch.count_nonzero(value)), value.numel())
+            )
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
                 value = getattr(module, tensor_name)
-                baked.append(BakedMask(name, tensor_name, int((value == 0).sum()), value.numel()))
+                baked.append(
+                    BakedMask(
+                        name, tensor_name, value.numel() - int(torch.count_nonzero(value)), value.numel()
+                    )
+                )
             _drop_compat_hooks(module)
     return baked
 

@@ -86,14 +86,14 @@ def sparsity_report(model: nn.Module) -> tuple[LayerSparsity, ...]:
             continue  # quantized modules' packed params hold dtypes and packed weights
         if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
-        flat = tensor.detach().reshape(tensor.shape[0], -1)
+        zero = tensor.detach() == 0
         rows.append(
             LayerSparsity(
                 name=name,
                 shape=tuple(tensor.shape),
-                zeros=int((tensor == 0).sum()),
+                zeros=int(torch.count_nonzero(zero)),
                 total=tensor.numel(),
-                zero_rows=int((flat == 0).all(dim=1).sum()),
+                zero_rows=int(zero.reshape(tensor.shape[0], -1).all(dim=1).sum()),
             )
         )
     return tuple(rows)

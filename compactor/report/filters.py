@@ -74,9 +74,12 @@ def pruned_filters(
     place: dict[tuple[str, int], tuple[GroupPlan, int]] = {}
     for plan in plans:
         for member in plan.group.layers(Side.OUT):
-            if member.name in zero:
+            rows = zero.get(member.name)
+            if rows:
                 for r, idx in enumerate(member.idxs):
-                    place.update(((member.name, i), (plan, r)) for i in idx)
+                    for i in rows.intersection(idx):
+                        place[(member.name, i)] = (plan, r)
+    fates = {id(plan): {f.channel: f for f in plan.fates} for plan in plans}
     found = []
     for layer, rows in zero.items():
         for row in sorted(rows):
@@ -85,7 +88,7 @@ def pruned_filters(
                 found.append(PrunedFilter(layer, row, UNTRACED, _untraced(layer, uncalled, traced)))
                 continue
             plan, r = where
-            fate = next((f for f in plan.fates if f.channel == r), None)
+            fate = fates[id(plan)].get(r)
             if fate is not None:
                 found.append(PrunedFilter(layer, row, fate.fate.value, fate.reason))
             else:

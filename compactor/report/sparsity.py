@@ -29,6 +29,10 @@ def unstructured_warnings(model: nn.Module) -> Iterator[str]:
 def _scattered_zeros(w: torch.Tensor) -> int:
     """Zero entries of ``w`` that lie in no all-zero slice along dim 0 or dim 1."""
     zero = w == 0
-    rows = zero.flatten(1).all(1).view(-1, *([1] * (w.dim() - 1)))
-    cols = zero.movedim(1, 0).flatten(1).all(1).view(1, -1, *([1] * (w.dim() - 2)))
-    return int((zero & ~rows & ~cols).sum())
+    count = int(torch.count_nonzero(zero))
+    if not count:
+        return 0
+    rows = int(zero.flatten(1).all(1).sum())  # each holds numel / shape[0] zeros
+    cols = int(zero.movedim(1, 0).flatten(1).all(1).sum())  # each numel / shape[1]
+    n, d0, d1 = w.numel(), w.shape[0], w.shape[1]
+    return count - rows * (n // d0) - cols * (n // d1) + rows * cols * (n // (d0 * d1))
