@@ -88,6 +88,16 @@ class HeadChange:
     removed: tuple[int, ...]  # head indices of the dense model, removed or folded
     reason: str  # one line: what was removed and kept, and why
     decisions: tuple[HeadDecision, ...] = ()  # every head that had a zero pattern
+    query_heads: tuple[int, int] | None = (
+        None  # grouped-query attention: query heads per group, before, after
+    )
+
+    @property
+    def changed(self) -> bool:
+        """Whether the layer lost heads: whole units, or query heads within their groups."""
+        return bool(self.removed) or (
+            self.query_heads is not None and self.query_heads[1] < self.query_heads[0]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -205,7 +215,7 @@ def compact_heads(
     problems: list[str] = []
     for fold in folds:
         new, changes = _compact_heads_once(model, example_inputs, fold, skip)
-        if verify is None or not any(c.removed for c in changes):
+        if verify is None or not any(c.changed for c in changes):
             return new, changes
         problem = verify(new)
         if problem is None:
@@ -236,7 +246,13 @@ def _unverified(change: HeadChange, problem: str) -> HeadChange:
         for d in change.decisions
     )
     return HeadChange(
-        change.layer, change.heads_before, change.heads_before, (), _summary(list(decisions)), decisions
+        change.layer,
+        change.heads_before,
+        change.heads_before,
+        (),
+        _summary(list(decisions)) or f"query heads kept (verification failed: {problem})",
+        decisions,
+        None if change.query_heads is None else (change.query_heads[0], change.query_heads[0]),
     )
 
 
@@ -437,26 +453,83 @@ def _keep_one(site: AttentionSite, decisions: list[HeadDecision]) -> list[HeadDe
     return [kept if d is keep else d for d in decisions]
 
 
+@dataclass(frozen=True)
+class QueryCut:
+    """Grouped-query attention: the query heads (0 .. group-1 within their group) that the output projection
+    ignores in each key/value group that stays, and how many go from every such group. The forwards split
+    the query heads evenly over the groups (``num_key_value_groups``), so every group must keep as many:
+    ``cut`` is the fewest any kept group has, and never the whole group (its key/value head would be unread).
+    """
+
+    ignored: dict[int, list[int]]  # kept unit -> its ignored query heads
+    cut: int
+
+    def dropped(self, unit: int) -> list[int]:
+        return self.ignored.get(unit, [])[: self.cut]
+
+
+def _query_cut(site: AttentionSite, gone: list[int]) -> QueryCut:
+    """Which query heads of the kept key/value groups ``site``'s output projection ignores (zero columns)."""
+    kept = [u for u in range(site.num_heads) if u not in gone]
+    if site.group < 2 or not kept:
+        return QueryCut({}, 0)
+    o = site.linear("o").weight.detach()
+    ignored_at = (o.reshape(o.shape[0], site.num_heads, site.group, site.head_dim) == 0).all(3).all(0)
+    ignored = {u: [j for j in range(site.group) if bool(ignored_at[u, j])] for u in kept}
+    ignored = {u: heads for u, heads in ignored.items() if heads}
+    cut = min(len(ignored.get(u, [])) for u in kept)
+    return QueryCut(ignored, min(cut, site.group - 1))
+
+
+def _query_summary(site: AttentionSite, cut: QueryCut) -> str:
+    """One line on the ignored query heads of kept groups: removed, and kept where a group lacked them."""
+    every = [u * site.group + j for u, heads in sorted(cut.ignored.items()) for j in heads]
+    removed = [u * site.group + j for u in sorted(cut.ignored) for j in cut.dropped(u)]
+    kept = [h for h in every if h not in removed]
+    parts = []
+    if removed:
+        parts.append(
+            f"query heads {removed} removed ({site.o_name} ignores them; every key/value group keeps "
+            f"{site.group - cut.cut} of its {site.group} query heads)"
+        )
+    if kept:
+        parts.append(
+            f"query heads {kept} kept ({site.o_name} ignores them, but every key/value group keeps as many "
+            f"query heads as the one with the fewest ignored: {cut.cut} go from each)"
+        )
+    return "; ".join(parts)
+
+
 def _compact_site(site: AttentionSite, fold: bool) -> HeadChange | None:
     decisions = _decide(site, fold)
-    if not decisions:
-        return None
     gone = [d.head for d in decisions if d.fate.removed]
-    if gone:
-        _apply(site, gone, [d.head for d in decisions if d.fate is HeadFate.FOLDED])
+    queries = _query_cut(site, gone) if site.layout.grouped else QueryCut({}, 0)
+    if not decisions and not queries.ignored:
+        return None
+    if gone or queries.cut:
+        _apply(site, gone, [d.head for d in decisions if d.fate is HeadFate.FOLDED], queries)
     unit = f"key/value heads, each with its {site.group} query heads: " if site.group > 1 else ""
+    reason = "; ".join(
+        part
+        for part in (unit + _summary(decisions) if decisions else "", _query_summary(site, queries))
+        if part
+    )
     return HeadChange(
         layer=site.name,
         heads_before=site.num_heads,
         heads_after=site.num_heads - len(gone),
         removed=tuple(gone),
-        reason=unit + _summary(decisions),
+        reason=reason,
         decisions=tuple(decisions),
+        query_heads=(site.group, site.group - queries.cut)
+        if site.layout.grouped and site.group > 1
+        else None,
     )
 
 
-def _apply(site: AttentionSite, gone: list[int], folded: list[int]) -> None:
-    """Fold the constant heads into the output bias, then rebuild q/k/v (rows) and o (columns)."""
+def _apply(site: AttentionSite, gone: list[int], folded: list[int], queries: QueryCut) -> None:
+    """Fold the constant heads into the output bias, then rebuild q/k/v (rows) and o (columns): without the
+    ``gone`` units, and in grouped-query attention without the query heads ``queries`` drops."""
     o = site.linear("o")
     o_shrinker = shrinker_for(o)
     assert o_shrinker is not None
@@ -474,17 +547,29 @@ def _apply(site: AttentionSite, gone: list[int], folded: list[int]) -> None:
         layer = site.linear(which)
         shrinker = shrinker_for(layer)
         assert shrinker is not None  # a Linear, or a subclass of it
-        keep = torch.tensor([r for h in kept for r in site.rows(which, h)], dtype=torch.long)
+        keep = torch.tensor([r for h in kept for r in _kept_rows(site, which, h, queries)], dtype=torch.long)
         setattr(site.module, site.attr(which), shrinker.shrink(layer, keep, None))
-    keep_o = torch.tensor([r for h in kept for r in site.rows("o", h)], dtype=torch.long)
+    keep_o = torch.tensor([r for h in kept for r in _kept_rows(site, "o", h, queries)], dtype=torch.long)
     setattr(site.o_owner, site.o, o_shrinker.shrink(o, None, keep_o))
     if site.layout.grouped:
-        return  # the query heads per group stay as they are; the forwards reshape with -1 heads
+        # the forwards reshape with -1 heads and repeat each key/value head num_key_value_groups times
+        setattr(site.module, site.heads_attr, site.group - queries.cut)
+        return
     heads = site.num_heads - len(gone)
     setattr(site.module, site.heads_attr, heads)
     for attr in site.layout.size_attrs:
         if isinstance(getattr(site.module, attr, None), int):
             setattr(site.module, attr, heads * site.head_dim)
+
+
+def _kept_rows(site: AttentionSite, which: str, unit: int, queries: QueryCut) -> list[int]:
+    """The rows of q/k/v (columns of o) that unit ``unit`` keeps: all but its dropped query heads."""
+    rows = site.rows(which, unit)
+    if which not in ("q", "o") or not queries.dropped(unit):
+        return rows
+    dropped = set(queries.dropped(unit))
+    hd = site.head_dim
+    return [r for j in range(site.group) if j not in dropped for r in rows[j * hd : (j + 1) * hd]]
 
 
 def _unpaired(name: str, module: nn.Module, why: str) -> HeadChange | None:

@@ -68,6 +68,7 @@ def uniform_config(model: nn.Module) -> tuple[Any | None, str]:
         for name, value in config.to_dict().items()
         if isinstance(value, int) and not isinstance(value, bool) and value in sizes and hasattr(config, name)
     }
+    fields.update(_head_fields(model, config))
     if any(len(options) > 1 for options in fields.values()):
         uneven = next(n for n, o in fields.items() if len(o) > 1)
         return (
@@ -75,14 +76,43 @@ def uniform_config(model: nn.Module) -> tuple[Any | None, str]:
             f"{uneven} differs across layers ({', '.join(map(str, fields[uneven]))}); --uniform evens it out",
         )
     names = list(fields)
+    refused = ""
     for count in range(1, len(names) + 1):
         for chosen in itertools.islice(itertools.combinations(names, count), _MAX_TRIES):
+            stated = ", ".join(f"{n}={fields[n][0]}" for n in chosen)
             candidate = copy.deepcopy(config)
-            for name in chosen:
-                setattr(candidate, name, fields[name][0])
-            if _shapes(model, candidate) == target:
-                return candidate, ", ".join(f"{n}={fields[n][0]}" for n in chosen)
-    return None, "no config field states the compacted widths (attention heads of this layout, for one)"
+            try:  # a config class may validate its fields (LlamaConfig: hidden_size % num_attention_heads)
+                for name in chosen:
+                    setattr(candidate, name, fields[name][0])
+                getattr(candidate, "validate", lambda: None)()  # what save_pretrained checks
+                if _shapes(model, candidate) == target:
+                    return candidate, stated
+            except Exception as e:  # the config or the model refuses these values
+                refused = (
+                    refused or f"; {type(config).__name__} refuses {stated}: {first_line(e.__cause__ or e)}"
+                )
+    return (
+        None,
+        "no config field states the compacted widths (attention heads of this layout, for one)" + refused,
+    )
+
+
+def _head_fields(model: nn.Module, config: Any) -> dict[str, list[int]]:
+    """Head counts as config fields: the query and key/value heads that grouped-query attention modules
+    (``q_proj``/``k_proj`` of ``head_dim`` rows per head, ``num_key_value_groups``) hold, where they changed."""
+    heads: dict[str, set[int]] = {"num_attention_heads": set(), "num_key_value_heads": set()}
+    for module in model.modules():
+        q, k, hd = (getattr(module, a, None) for a in ("q_proj", "k_proj", "head_dim"))
+        if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(hd, int) and hd > 0):
+            continue
+        if isinstance(getattr(module, "num_key_value_groups", None), int):
+            heads["num_attention_heads"].add(q.out_features // hd)
+            heads["num_key_value_heads"].add(k.out_features // hd)
+    return {
+        name: sorted(found)
+        for name, found in heads.items()
+        if found and isinstance(getattr(config, name, None), int) and found != {getattr(config, name)}
+    }
 
 
 def _shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:

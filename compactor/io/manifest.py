@@ -12,7 +12,7 @@ bounded by the bytes the file really holds (:func:`check_sparse_parts`), so that
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,9 @@ from ..errors import InputFileError
 
 Shape = tuple[int, ...]
 MAX_DIMS = 16
+# Module attributes the forwards read as head counts, recorded where present and set again on loading (the only
+# attributes a manifest may set): grouped-query attention's query heads per key/value head
+HEAD_COUNTS = ("num_key_value_groups",)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class LayerEntry:
 class Manifest:
     layers: dict[str, LayerEntry]
     tensors: dict[str, Shape]
+    modules: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> head counts (HEAD_COUNTS)
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,20 @@ def parse_manifest(spec: dict[str, Any], where: str) -> Manifest:
         name: _shape(shape, where, f"tensor {name!r}")
         for name, shape in _object(spec.get("tensors", {}), where, "the manifest's tensors").items()
     }
-    return Manifest(layers, tensors)
+    modules = {
+        name: {
+            k: _count(v, where, f"module {name!r} attribute {k}") or 0
+            for k, v in _object(raw, where, f"module {name!r}").items()
+        }
+        for name, raw in _object(spec.get("modules", {}), where, "the manifest's modules").items()
+    }
+    for name, attrs in modules.items():
+        unknown = sorted(set(attrs) - set(HEAD_COUNTS))
+        if unknown:
+            raise _fail(
+                where, f"module {name!r} sets {unknown[0]!r}, which is not a head count compactor records"
+            )
+    return Manifest(layers, tensors, modules)
 
 
 def parse_sparse_index(raw: Any, where: str) -> SparseIndex:

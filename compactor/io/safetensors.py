@@ -32,7 +32,7 @@ from ..outputs import Outputs
 from ..util import set_submodule
 from .arch import Arch, build_arch
 from .check import expect_same
-from .manifest import LayerEntry, Shape, parse_manifest
+from .manifest import HEAD_COUNTS, LayerEntry, Shape, parse_manifest
 
 MANIFEST_KEY = "compactor.manifest"
 MANIFEST_VERSION = 1
@@ -88,7 +88,17 @@ def manifest(model: nn.Module) -> dict[str, Any]:
         for name, t in [*model.named_parameters(), *model.named_buffers()]
         if name not in owned
     }
-    return {"version": MANIFEST_VERSION, "layers": layers, "tensors": tensors}
+    modules = {
+        name: {a: getattr(module, a) for a in HEAD_COUNTS if _is_count(getattr(module, a, None))}
+        for name, module in model.named_modules()
+    }
+    modules = {name: attrs for name, attrs in modules.items() if attrs}
+    spec = {"version": MANIFEST_VERSION, "layers": layers, "tensors": tensors}
+    return {**spec, "modules": modules} if modules else spec
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -166,7 +176,27 @@ def fit_to_manifest(
         model = _fit_layer(model, name, entry, where, stored)
     for name, shape in manifest.tensors.items():
         _fit_tensor(model, name, shape, where, stored)
+    for name, attrs in manifest.modules.items():
+        _fit_counts(model, name, attrs, where)
     return model
+
+
+def _fit_counts(root: nn.Module, name: str, attrs: dict[str, int], where: str) -> None:
+    """Set the head counts the manifest records (:data:`HEAD_COUNTS`): never above the dense model's."""
+    try:
+        module = root.get_submodule(name)
+    except AttributeError as e:
+        raise StateDictError(
+            f"{where} has module {name!r} but the architecture has none; build the model the file was written from"
+        ) from e
+    for attr, value in attrs.items():
+        dense = getattr(module, attr, None)
+        if not isinstance(dense, int) or isinstance(dense, bool) or not 1 <= value <= dense:
+            raise StateDictError(
+                f"{where}: module {name!r} has {attr}={value} in the file but {dense} in the architecture; build the "
+                f"model the file was written from"
+            )
+        setattr(module, attr, value)
 
 
 def _held(stored: dict[str, Shape], name: str, shape: Shape, where: str) -> Shape:

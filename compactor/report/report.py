@@ -142,7 +142,13 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
     _filter_lines(report, console)
     for h in report.extra.get("heads", []):
         console.print(
-            f"attention heads of {h['layer']}: {_arrow(h['heads_before'], h['heads_after'])} ({h['reason']})",
+            f"attention heads of {h['layer']}: {_arrow(h['heads_before'], h['heads_after'])}"
+            + (
+                f", query heads per group {_arrow(*h['query_heads'])}"
+                if h.get("query_heads") and h["query_heads"][0] != h["query_heads"][1]
+                else ""
+            )
+            + f" ({h['reason']})",
             markup=False,
         )
     console.print(

@@ -39,6 +39,8 @@ class StreamReport:
     seconds: float
     layout: str = ""  # how the output states its widths
     load: str = ""  # how to load it
+    logits_floor: float | None = None  # 16-bit: what the dense model's own rounding allows (NOISE_FACTOR x
+    # its distance to the float32 stream of the same blocks)
 
     @property
     def params(self) -> dict[str, int]:
@@ -68,7 +70,13 @@ class StreamReport:
         before, after = self.params["before"], self.params["after"]
         rows.append(
             f"parameters {before:,} -> {after:,} ({after / before:.1%}); {self.dtype}; logits max abs error "
-            f"{self.logits_error:.3g} (dense and compacted run block by block on {self.inputs}); "
+            f"{self.logits_error:.3g} (dense and compacted run block by block on {self.inputs}"
+            + (
+                f"; the dense model's own bf16/fp16 rounding allows {self.logits_floor:.3g}"
+                if self.logits_floor
+                else ""
+            )
+            + "); "
             f"read {self.read_bytes / 2**30:.2f} GiB, wrote {self.written_bytes / 2**30:.2f} GiB in {self.seconds:.1f} s"
         )
         warned = sorted({w for b in self.blocks for w in b.warnings})

@@ -41,9 +41,16 @@ def _max(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else max(a, b)
 
 
-def padded_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """The manifest with every layer at its kind's width, and the tensors whose shapes change."""
+Placed = dict[str, tuple[int, list[int]]]  # tensor -> (dimension, where each of its slices lands)
+
+
+def padded_spec(
+    spec: dict[str, Any], head_dims: dict[str, int] | None = None
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], Placed]:
+    """The manifest with every layer at its kind's width, the tensors whose shapes change, and those whose
+    slices do not simply come first (:func:`_grouped`: query heads of grouped-query attention)."""
     widest = targets(spec)
+    modules, placed = _grouped(spec, widest, head_dims or {})
     layers: dict[str, Any] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, entry in spec["layers"].items():
@@ -78,15 +85,60 @@ def padded_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[i
                 f"--uniform cannot even out {name} (shape {shape}, another block's {next(s for s in peers if s != shape)}); "
                 f"leave --uniform out (compactor.load reads uneven widths)"
             )
-    return {**spec, "layers": layers}, shapes
+    padded = {**spec, "layers": layers}
+    if modules:
+        padded["modules"] = modules
+    return padded, shapes, placed
 
 
-def pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """``t`` at the top-left of a zero tensor of ``shape``."""
+def _grouped(
+    spec: dict[str, Any], widest: dict[str, tuple[int | None, int | None]], head_dims: dict[str, int]
+) -> tuple[dict[str, Any], Placed]:
+    """Grouped-query attention whose blocks kept different numbers of query heads per key/value group: every
+    block gets the most any kept (``num_key_value_groups``) and the most key/value heads, and each group's
+    query heads (rows of ``q_proj``, columns of ``o_proj``) move to the start of their group's slot; the
+    added query heads are zero rows (uniform attention times a zero ``o_proj`` column: nothing).
+    ``widest`` is updated in place for ``q_proj`` and ``o_proj``. Returns the modules' counts and the moves."""
+    counts = spec.get("modules", {})
+    most: dict[str, int] = {}
+    for name, attrs in counts.items():
+        most[kind(name)] = max(most.get(kind(name), 0), attrs["num_key_value_groups"])
+    placed: Placed = {}
+    for name, attrs in counts.items():
+        layers = {w: spec["layers"].get(f"{name}.{w}_proj") for w in "qko"}
+        if any(v is None for v in layers.values()) or name not in head_dims:
+            raise ExampleInputError(
+                f"--uniform cannot even out the query heads of {name} (no q/k/o projections of a known head size "
+                f"there); leave --uniform out (compactor.load reads uneven widths)"
+            )
+        hd, groups, target = head_dims[name], attrs["num_key_value_groups"], most[kind(name)]
+        units = widest[kind(f"{name}.k_proj")][0]
+        assert units is not None
+        width = units // hd * target * hd
+        q, o = kind(f"{name}.q_proj"), kind(f"{name}.o_proj")
+        widest[q] = (width, widest[q][1])
+        widest[o] = (widest[o][0], width)
+        if groups != target:
+            own = layers["q"]["out"]
+            at = [r // (groups * hd) * target * hd + r % (groups * hd) for r in range(own)]
+            placed[f"{name}.q_proj.weight"] = (0, at)
+            placed[f"{name}.q_proj.bias"] = (0, at)
+            placed[f"{name}.o_proj.weight"] = (1, at)
+    return {name: {"num_key_value_groups": most[kind(name)]} for name in counts}, placed
+
+
+def pad(t: torch.Tensor, shape: tuple[int, ...], placed: tuple[int, list[int]] | None = None) -> torch.Tensor:
+    """``t`` at the top-left of a zero tensor of ``shape``; along ``placed``'s dimension, its slices at the
+    given positions instead."""
     if tuple(t.shape) == shape:
         return t
     out = torch.zeros(shape, dtype=t.dtype)
-    out[tuple(slice(0, n) for n in t.shape)] = t
+    if placed is None:
+        out[tuple(slice(0, n) for n in t.shape)] = t
+        return out
+    dim, at = placed
+    region = tuple(slice(None) if d == dim else slice(0, n) for d, n in enumerate(t.shape))
+    out[region].index_copy_(dim, torch.tensor(at, dtype=torch.long), t)
     return out
 
 
@@ -101,4 +153,4 @@ def config_layout(model: nn.Module) -> tuple[Any | None, str]:
     return config, why
 
 
-__all__ = ["config_layout", "kind", "pad", "padded_spec", "targets"]
+__all__ = ["Placed", "config_layout", "kind", "pad", "padded_spec", "targets"]
