@@ -298,7 +298,7 @@ _HALF = [(c.name, torch.bfloat16) for c in CASES] + [
 
 @pytest.mark.parametrize(("name", "dtype"), _HALF, ids=[f"{n}-{str(d)[6:]}" for n, d in _HALF])
 def test_half_precision_compacts_like_float32(name: str, dtype: torch.dtype, zoo_results: ZooResults) -> None:
-    """16-bit models: plans are decided in float64 (bfloat16 rounding, ~4e-3, would hide the wrong
+    """16-bit models: plans are decided on a float32 twin (bfloat16 rounding, ~4e-3, would hide the wrong
     ``torch.roll`` plan, whose error is ~3e-2), then checked in the model's own precision within a few
     ulps. The same channels go as in float32, and the result keeps the model's dtype.
 
@@ -322,6 +322,40 @@ def test_half_precision_compacts_like_float32(name: str, dtype: torch.dtype, zoo
     assert all(p.dtype == dtype for p in small.parameters())
     x = case.inputs(11).to(dtype)
     eps = torch.finfo(dtype).eps
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=4 * eps, atol=4 * eps)
+
+
+def test_16_bit_plans_are_judged_on_a_float32_twin_and_what_fails_there_in_float64(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bf16 model's plans are judged on a float32 twin (half the memory of a float64 one); groups that the
+    float32 twin rejects by a finite margin (here: every one, forced) are judged again in float64, where
+    these exact plans hold, and ship."""
+    from compactor.engine import verify
+    from compactor.outputs import Verdict
+
+    case = next(c for c in CASES if c.name == "mlp")
+    model, x = case.model().to(torch.bfloat16), case.inputs(1).to(torch.bfloat16)
+    _, plain = compactor.compact(model, x)
+    assert plain.extra["judged_in"] == "float32"
+    real = verify.compare
+
+    def float32_says_no(candidate: nn.Module, *args: Any, **kwargs: Any) -> Verdict:
+        if {p.dtype for p in candidate.parameters()} == {torch.float32}:
+            return Verdict(False, 1e-3, ("float32 says no",))
+        return real(candidate, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "compare", float32_says_no)
+    said: list[str] = []
+    small, report = compactor.compact(model, x, log=said.append)
+    assert any("again in float64" in line for line in said)
+    assert report.extra["judged_in"] == "float64"
+    assert [(c.name, c.out_after, c.in_after) for c in report.layers] == [
+        (c.name, c.out_after, c.in_after) for c in plain.layers
+    ]
+    assert any(c.out_after != c.out_before for c in report.layers)
+    eps = torch.finfo(torch.bfloat16).eps
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=4 * eps, atol=4 * eps)
 

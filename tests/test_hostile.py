@@ -22,7 +22,13 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
-from compactor.errors import CompactorError, InputFileError, UnsafeCodeError, UnsafePickleError
+from compactor.errors import (
+    CompactorError,
+    InputFileError,
+    StateDictError,
+    UnsafeCodeError,
+    UnsafePickleError,
+)
 
 
 def _cli(*args: str, cwd: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -276,11 +282,30 @@ def _set(path: list[str], value: object) -> object:
         (_set(["layers", "fc", "bias"], [2**46]), "the manifest gives 'fc.bias' the shape [70368744177664]"),
         (_set(["layers"], "all"), "the manifest's layers is not a JSON object"),
         ("{not json", "the compactor manifest is not valid JSON"),
+        (
+            _set(["modules"], {"fc": {"__class__": 1}}),
+            "module 'fc' sets '__class__', which is not a head count compactor records",
+        ),
+        (
+            _set(["modules"], {"fc": {"num_key_value_groups": "2"}}),
+            "module 'fc' attribute num_key_value_groups is '2', not a count",
+        ),
     ],
 )
 def test_a_hostile_dense_manifest_is_one_error(tmp_path: Path, edit: object, message: str) -> None:
     bad = _tamper(_saved(tmp_path, sparse=False), "compactor.manifest", edit)
     with pytest.raises(InputFileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        compactor.load(bad, arch=_Scaled)
+
+
+def test_a_manifest_head_count_the_architecture_lacks_is_one_error(tmp_path: Path) -> None:
+    """Head counts (``modules``) are set only where the architecture has them, and never above its own."""
+    bad = _tamper(
+        _saved(tmp_path, sparse=False),
+        "compactor.manifest",
+        _set(["modules"], {"fc": {"num_key_value_groups": 2}}),
+    )
+    with pytest.raises(StateDictError, match="module 'fc' has num_key_value_groups=2 in the file but None"):
         compactor.load(bad, arch=_Scaled)
 
 

@@ -362,3 +362,94 @@ def test_a_block_with_dropout_is_compacted_and_carried_in_eval_mode(tmp_path: Pa
     assert report.logits_error == 0.0 and report.params["after"] == report.params["before"]
     small = compactor.load(tmp_path / "out")
     assert torch.equal(_logits(model, IDS), _logits(small, IDS))
+
+
+def _ignored_query_heads(arch: str, cuts: tuple[tuple[int, ...], ...]) -> Any:
+    """8 query heads over 2 key/value heads (head_dim 8); block i's o_proj ignores the query heads cuts[i]
+    (() : none; "kv": block's key/value head 1 outputs zero instead)."""
+    config_name, model_name, extra = ARCHS[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(
+        **{**COMMON, "num_attention_heads": 8, "head_dim": 8, "num_hidden_layers": len(cuts)}, **extra
+    )
+    model = getattr(transformers, model_name)(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for block, heads in zip(model.model.layers, cuts):
+            attention = block.self_attn
+            if heads == ("kv",):
+                attention.v_proj.weight[8:16] = 0
+                if attention.v_proj.bias is not None:
+                    attention.v_proj.bias[8:16] = 0
+                continue
+            for h in heads:
+                attention.o_proj.weight[:, h * 8 : (h + 1) * 8] = 0
+    return model
+
+
+def _close(model: Any, small: Any) -> None:
+    expected, got = _logits(model, IDS), _logits(small.to(torch.bfloat16), IDS)
+    scale = float(expected.float().abs().max())
+    assert float((expected.float() - got.float()).abs().max()) <= 4 * 2**-7 * max(1.0, scale)
+
+
+def test_query_heads_within_groups_stream_reload_and_uniform_places_them(tmp_path: Path) -> None:
+    """Block 0 loses one query head from each group (group 0 had two ignored), block 1 two, block 2 a whole
+    key/value group; compactor.load restores num_key_value_groups per block, and --uniform pads every block
+    to 4 query heads per group with each group's heads in its own slot, loaded by stock from_pretrained."""
+    model = _ignored_query_heads("qwen2", ((1, 2, 5), (0, 1, 6, 7), ("kv",)))
+    src = _save(model, tmp_path / "src")
+    report = compact_checkpoint(src, tmp_path / "out")
+    small = compactor.load(tmp_path / "out")
+    shapes = [
+        (b.self_attn.q_proj.out_features, b.self_attn.k_proj.out_features, b.self_attn.num_key_value_groups)
+        for b in small.model.layers
+    ]
+    assert shapes == [(48, 16, 3), (32, 16, 2), (32, 8, 4)]
+    assert "query heads [1, 5] removed" in report.blocks[0].heads[0]
+    assert "model.layers.0.self_attn.o_proj ignores them" in report.blocks[0].heads[0]
+    assert report.logits_floor is not None and report.logits_floor > 0  # bf16: the dense model's own rounding
+    _close(model, small)
+    compact_checkpoint(src, tmp_path / "uniform", uniform=True)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "uniform")
+    assert {b.self_attn.q_proj.out_features for b in stock.model.layers} == {64}
+    _close(model, stock)
+
+
+@pytest.mark.parametrize(("arch", "stated"), [("qwen3", True), ("llama", False)])
+def test_even_query_heads_are_stated_where_the_config_class_accepts_them(
+    arch: str, stated: bool, tmp_path: Path
+) -> None:
+    """Every block keeps 3 of 4 query heads per group: num_attention_heads=6. Qwen3Config accepts it;
+    LlamaConfig refuses 6 heads for hidden size 64, so the manifest states them and the report says why."""
+    model = _ignored_query_heads(arch, ((1, 5), (1, 5), (1, 5)))
+    report = compact_checkpoint(_save(model, tmp_path / "src"), tmp_path / "out")
+    if stated:
+        assert "num_attention_heads=6" in report.layout
+        small = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+        assert (
+            small.config.num_attention_heads == 6
+            and small.model.layers[0].self_attn.num_key_value_groups == 3
+        )
+    else:
+        assert (
+            "LlamaConfig refuses num_attention_heads=6: The hidden size (64) is not a multiple"
+            in report.layout
+        )
+        small = compactor.load(tmp_path / "out")
+        assert [b.self_attn.num_key_value_groups for b in small.model.layers] == [3, 3, 3]
+    _close(model, small)
+
+
+def test_compactor_compact_takes_a_checkpoint_directory(tmp_path: Path) -> None:
+    """``compactor.compact("DIR")`` streams it (a temporary output, loaded back and removed) or writes
+    ``output=``; the report is the streamed one."""
+    model = _pruned("llama")
+    src = _save(model, tmp_path / "src")
+    small, report = compactor.compact(str(src))
+    assert isinstance(report, compactor.StreamReport)
+    assert [b.mlp.down_proj.in_features for b in small.model.layers] == _widths(True)
+    _close(model, small)
+    again, _ = compactor.compact(src, output=tmp_path / "out", uniform=True)
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert [b.mlp.down_proj.in_features for b in again.model.layers] == [max(_widths(True))] * 3
+    _close(model, again)

@@ -12,6 +12,7 @@ import copy
 import io
 from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from torch.nn.utils import prune
 import compactor
 from benchmarks.models import prune_per_group
 from compactor.engine.heads import HeadChange, HeadFate, compact_heads, head_layers
+from compactor.io.save import save_output
 
 transformers = pytest.importorskip("transformers")
 
@@ -744,6 +746,58 @@ def test_llama_mlp_neurons_go_and_rotary_coupling_is_kept() -> None:
         torch.testing.assert_close(
             small(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state, **CLOSE
         )
+
+
+def _llama_ignored_query_heads() -> Any:
+    """Llama with 2 key/value heads of 4 query heads each (head_dim 8): o_proj ignores query heads 1, 2 and 5
+    in layer 0 (group 0 has two, group 1 one: one goes from each) and 0, 1, 6, 7 in layer 1 (two from each)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer, heads in zip(model.model.layers, ((1, 2, 5), (0, 1, 6, 7))):
+            for h in heads:
+                layer.self_attn.o_proj.weight[:, h * 8 : (h + 1) * 8] = 0
+    return model
+
+
+def test_query_heads_within_kept_key_value_groups_go_evenly(tmp_path: Path) -> None:
+    """Grouped-query attention: every key/value group keeps as many query heads as the group with the fewest
+    ignored ones leaves; ``num_key_value_groups`` follows, also through safetensors and a directory."""
+    model = _llama_ignored_query_heads()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    small, report = compactor.compact(model, {"input_ids": ids})
+    attention = [layer.self_attn for layer in small.model.layers]
+    assert [(a.q_proj.out_features, a.o_proj.in_features, a.num_key_value_groups) for a in attention] == [
+        (48, 48, 3),
+        (32, 32, 2),
+    ]
+    assert [a.k_proj.out_features for a in attention] == [16, 16]
+    heads = {h["layer"]: h for h in report.extra["heads"]}
+    assert heads["model.layers.0.self_attn"]["query_heads"] == (4, 3)
+    assert "query heads [1, 5] removed" in heads["model.layers.0.self_attn"]["reason"]
+    assert "query heads [2] kept" in heads["model.layers.0.self_attn"]["reason"]
+    assert heads["model.layers.1.self_attn"]["query_heads"] == (4, 2)
+    assert "query heads per group 4 → 2" in report.table()
+    other = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=other).logits, model(input_ids=other).logits, **CLOSE)
+        assert torch.equal(
+            small.generate(other[:, :5], max_new_tokens=8, do_sample=False),
+            model.generate(other[:, :5], max_new_tokens=8, do_sample=False),
+        )
+    for out in ("small.safetensors", "small"):
+        save_output(small, tmp_path / out, {"input_ids": ids}, format="safetensors" if "." in out else "hf")
+        back = compactor.load(
+            tmp_path / out,
+            **({"arch": lambda: transformers.LlamaForCausalLM(model.config)} if "." in out else {}),
+        )
+        assert [layer.self_attn.num_key_value_groups for layer in back.model.layers] == [3, 2]
+        with torch.no_grad():
+            torch.testing.assert_close(back(input_ids=other).logits, model(input_ids=other).logits, **CLOSE)
 
 
 def test_models_are_left_untouched() -> None:
