@@ -453,3 +453,43 @@ def test_compactor_compact_takes_a_checkpoint_directory(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "config.json").is_file()
     assert [b.mlp.down_proj.in_features for b in again.model.layers] == [max(_widths(True))] * 3
     _close(model, again)
+
+
+class _ReadsChildWeight(torch.nn.Module):
+    """A block whose forward reads a child's weight without calling the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.proj.weight) + x
+
+
+def test_the_float32_reference_stream_casts_one_module_at_a_time() -> None:
+    """The dense block in float32, each module's tensors cast for its own forward only, equals a float32
+    twin of the block; a forward that reads a weight outside its module's call gets the twin itself. The
+    block keeps its bf16 tensors either way."""
+    from compactor.modules import wide_clone
+    from compactor.stream.capture import Block, capture, hidden_of
+    from compactor.stream.driver import _wide_step
+
+    model = _pruned("llama")
+    hidden, calls = capture(model, model.model.layers, {"input_ids": IDS})
+    block = model.model.layers[1]
+    with torch.no_grad():
+        twin = hidden_of(Block(wide_clone(block, torch.float32), calls[1]).eval()(hidden.float()))
+    assert torch.equal(_wide_step(block, calls[1], hidden.float()), twin)
+    assert {p.dtype for p in block.parameters()} == {torch.bfloat16}
+    odd = _ReadsChildWeight().to(torch.bfloat16)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = hidden_of(Block(wide_clone(odd, torch.float32), _call()).eval()(x))
+    assert torch.equal(_wide_step(odd, _call(), x), expected)
+    assert odd.proj.weight.dtype == torch.bfloat16
+
+
+def _call() -> Any:
+    from compactor.stream.capture import BlockCall
+
+    return BlockCall((), {})
