@@ -194,8 +194,10 @@ def run(shape: str, work: Path, pickled: bool, do_speed: bool, repeats: int) -> 
     details = json.loads(report.read_text())
     result["params_after"] = details["params"]["after"]
     result["logits_error"] = details["logits_error"]
+    result["logits_floor"] = details.get("logits_floor")
     result["bytes_after"] = dir_bytes(out)
     result["blocks"] = len(details["blocks"])
+    result["block_s_median"] = round(statistics.median(b["seconds"] for b in details["blocks"]), 2)
     result["kv_groups_removed"] = sum(
         1 for b in details["blocks"] if "self_attn.k_proj" in b["widths"]
     ) * len(KV_ZEROED)
@@ -237,8 +239,8 @@ def render(results: list[dict[str, Any]], commit: str) -> str:
         f"torch {torch.__version__}. Random bf16 weights; every block loses {', '.join(f'{int(f * 100)}' for f in FFN_ZEROED)}% "
         f"of its FFN neurons in turn, every other block {len(KV_ZEROED)} of its 8 key/value groups.",
         "",
-        "| shape | params | shards | cp -r s | compact s | x copy | peak RSS GiB | params after | size after | logits error | targets |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | params | shards | cp -r s | compact s | s per block (median) | x copy | peak RSS GiB | params after | size after | logits error | targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         targets = TARGETS[r["shape"]]
@@ -255,11 +257,12 @@ def render(results: list[dict[str, Any]], commit: str) -> str:
             met.append(
                 f"< {targets['copy_ratio']:.0f}x copy: {'yes' if r['copy_ratio'] < targets['copy_ratio'] else 'no'}"
             )
+        allowed = f" (allowed {r['logits_floor']:.2g})" if r.get("logits_floor") else ""
         lines.append(
             f"| {r['shape']} | {r['checkpoint']['params'] / 1e6:,.0f}M | {r['checkpoint']['shards']} | {r['copy_s']} | "
-            f"{r['compact']['seconds']} | {r['copy_ratio']} | {r['compact']['rss_gib']} | "
+            f"{r['compact']['seconds']} | {r.get('block_s_median', '-')} | {r['copy_ratio']} | {r['compact']['rss_gib']} | "
             f"{r['params_after'] / r['checkpoint']['params']:.3f} | {r['bytes_after'] / r['checkpoint']['bytes']:.3f} | "
-            f"{r['logits_error']:.2g} | {'; '.join(met)} |"
+            f"{r['logits_error']:.2g}{allowed} | {'; '.join(met)} |"
         )
     for r in results:
         if "pickled" in r:

@@ -914,3 +914,65 @@ def test_a_backbone_with_transformers_capturing_hooks_compacts_and_saves(tmp_pat
     assert len(got) == len(expected) == 2
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(b, a, **CLOSE)
+
+
+def _head_zeroed(family: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A small model of ``family`` with value head 1 (of 4, head_dim 8) zeroed in every attention module
+    that q/k/v/o layouts name, and inputs for it."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    size = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "num_hidden_layers": 2}
+    if family == "opt":
+        config = transformers.OPTConfig(
+            vocab_size=100, hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=2,
+            word_embed_proj_dim=32, max_position_embeddings=64,
+        )  # fmt: skip
+        model, inputs = transformers.OPTForCausalLM(config), {"input_ids": ids}
+    elif family == "bart":
+        config = transformers.BartConfig(
+            vocab_size=100, d_model=32, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, encoder_layers=1, decoder_layers=1, max_position_embeddings=64,
+        )  # fmt: skip
+        model, inputs = transformers.BartModel(config), {"input_ids": ids, "decoder_input_ids": ids}
+    elif family == "bert":
+        model, inputs = (
+            transformers.BertModel(transformers.BertConfig(vocab_size=100, **size)),
+            {"input_ids": ids},
+        )
+    else:
+        model = transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=4, **size))
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+    model = randomise(model).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            value = getattr(m, "v_proj", None) or getattr(m, "value", None)
+            if isinstance(value, nn.Linear):
+                value.weight[8:16] = 0
+                if value.bias is not None:
+                    value.bias[8:16] = 0
+    return model, inputs
+
+
+@pytest.mark.parametrize("family", ["opt", "bart", "bert", "vit"])
+def test_a_head_removed_is_written_as_a_directory_and_reloaded(family: str, tmp_path: Path) -> None:
+    """The head counts the forwards read (OPT and BART view with ``self.num_heads``) travel in the manifest:
+    a directory of a model that lost a head reloads with the same outputs."""
+    model, inputs = _head_zeroed(family)
+    small, report = compactor.compact(model, inputs)
+    assert report.extra["heads"] and all(h["heads_after"] == 3 for h in report.extra["heads"])
+    save_output(small, tmp_path / "small", inputs, format="hf")
+    back = compactor.load(tmp_path / "small")
+    for new, old in zip(back.modules(), small.modules()):
+        for attr in ("num_heads", "num_attention_heads", "all_head_size"):
+            assert getattr(new, attr, None) == getattr(old, attr, None)
+    with torch.no_grad():
+        expected, got = model(**inputs), back(**inputs)
+    key = "logits" if family == "opt" else "last_hidden_state"
+    torch.testing.assert_close(got[key], expected[key], **CLOSE)
+
+
+def test_every_head_count_the_heads_stage_sets_is_one_a_manifest_records() -> None:
+    from compactor.engine.heads import LAYOUTS
+    from compactor.io.manifest import HEAD_COUNTS
+
+    assert {a for layout in LAYOUTS for a in (*layout.heads_attrs, *layout.size_attrs)} <= set(HEAD_COUNTS)

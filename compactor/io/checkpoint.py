@@ -47,6 +47,7 @@ class Stored:
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = 0  # safetensors: where its bytes start in the file
 
     @property
     def nbytes(self) -> int:
@@ -193,7 +194,7 @@ def read_header(file: Path) -> dict[str, Stored]:
             start, stop = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise _damaged(file, f"tensor {key!r} has no dtype, shape and offsets it can read") from e
-        stored = Stored(file, key, shape, dtype)
+        stored = Stored(file, key, shape, dtype, 8 + n + start)
         if min(shape, default=1) < 0 or stop - start != stored.nbytes:
             raise _damaged(file, f"tensor {key!r} of shape {list(shape)} spans {stop - start} bytes")
         found[key], end = stored, max(end, stop)
@@ -235,13 +236,32 @@ def _read_file(file: Path, keys: list[str], fmt: str) -> dict[str, torch.Tensor]
     if fmt == "bin":
         state = _load_bin(file)
         return {k: state[k].clone() for k in keys}
-    from safetensors import SafetensorError, safe_open
+    header = read_header(file)
+    missing = [k for k in keys if k not in header]
+    if missing:
+        raise _damaged(file, f"its header has no tensor {missing[0]!r}")
+    return {k: read_stored(header[k]) for k in keys}
 
+
+def read_stored(stored: Stored) -> torch.Tensor:
+    """One safetensors tensor, read with plain file reads into memory of its own.
+
+    Not through ``safe_open``'s memory map: a mapped tensor keeps the whole mapping alive, and with it every
+    page another tensor of the same read touched (a final norm read with the embeddings held the 1 GB of an
+    8B-shape embedding matrix resident through every block)."""
+    size = stored.nbytes
+    buffer = bytearray(size)
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in keys}
-    except (SafetensorError, OSError) as e:
-        raise _damaged(file, first_line(e)) from e
+        with stored.file.open("rb") as f:
+            f.seek(stored.offset)
+            got = f.readinto(buffer)
+    except OSError as e:
+        raise _damaged(stored.file, first_line(e)) from e
+    if got != size:
+        raise _damaged(stored.file, f"tensor {stored.key!r} ends after {got} of its {size} bytes")
+    if not size:
+        return torch.empty(stored.shape, dtype=stored.dtype)
+    return torch.frombuffer(buffer, dtype=stored.dtype).reshape(stored.shape)
 
 
 def _damaged(file: Path, why: str) -> InputFileError:
@@ -257,4 +277,5 @@ __all__ = [
     "Stored",
     "nbytes_of",
     "read_header",
+    "read_stored",
 ]

@@ -22,8 +22,10 @@ from ..errors import InputFileError
 Shape = tuple[int, ...]
 MAX_DIMS = 16
 # Module attributes the forwards read as head counts, recorded where present and set again on loading (the only
-# attributes a manifest may set): grouped-query attention's query heads per key/value head
-HEAD_COUNTS = ("num_key_value_groups",)
+# attributes a manifest may set, never above the dense model's): grouped-query attention's query heads per
+# key/value head; the head counts and head widths that removing attention heads changes (OPT's forward
+# views its projections with ``self.num_heads``: left dense, a smaller projection folds into the sequence)
+HEAD_COUNTS = ("num_key_value_groups", "num_heads", "num_attention_heads", "all_head_size")
 
 
 @dataclass(frozen=True)
