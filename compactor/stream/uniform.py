@@ -94,24 +94,40 @@ def padded_spec(
 def _grouped(
     spec: dict[str, Any], widest: dict[str, tuple[int | None, int | None]], head_dims: dict[str, int]
 ) -> tuple[dict[str, Any], Placed]:
-    """Grouped-query attention whose blocks kept different numbers of query heads per key/value group: every
-    block gets the most any kept (``num_key_value_groups``) and the most key/value heads, and each group's
-    query heads (rows of ``q_proj``, columns of ``o_proj``) move to the start of their group's slot; the
-    added query heads are zero rows (uniform attention times a zero ``o_proj`` column: nothing).
-    ``widest`` is updated in place for ``q_proj`` and ``o_proj``. Returns the modules' counts and the moves."""
+    """Head counts for padded blocks: every module's counts (``modules``: heads, query heads per key/value
+    head) at the most its kind keeps in any block, so that each block reads all the heads it is padded to
+    (added heads are zero rows of q/k/v and zero columns of the output projection: nothing). Padded heads
+    come after the kept ones, except in grouped-query attention whose blocks kept different numbers of query
+    heads per key/value group: there each group's query heads (rows of ``q_proj``, columns of ``o_proj``)
+    move to the start of their group's slot, and ``widest`` is updated in place for ``q_proj`` and
+    ``o_proj``. Returns the modules' counts and the moves."""
     counts = spec.get("modules", {})
-    most: dict[str, int] = {}
+    most: dict[str, dict[str, int]] = {}
     for name, attrs in counts.items():
-        most[kind(name)] = max(most.get(kind(name), 0), attrs["num_key_value_groups"])
+        peak = most.setdefault(kind(name), {})
+        for attr, value in attrs.items():
+            peak[attr] = max(peak.get(attr, 0), value)
+    even = {name: {attr: most[kind(name)][attr] for attr in attrs} for name, attrs in counts.items()}
+    uneven = {
+        kind(name)
+        for name, attrs in counts.items()
+        if attrs.get("num_key_value_groups", 0) != most[kind(name)].get("num_key_value_groups", 0)
+    }
     placed: Placed = {}
     for name, attrs in counts.items():
+        if kind(name) not in uneven:
+            continue
         layers = {w: spec["layers"].get(f"{name}.{w}_proj") for w in "qko"}
         if any(v is None for v in layers.values()) or name not in head_dims:
             raise ExampleInputError(
                 f"--uniform cannot even out the query heads of {name} (no q/k/o projections of a known head size "
                 f"there); leave --uniform out (compactor.load reads uneven widths)"
             )
-        hd, groups, target = head_dims[name], attrs["num_key_value_groups"], most[kind(name)]
+        hd, groups, target = (
+            head_dims[name],
+            attrs["num_key_value_groups"],
+            most[kind(name)]["num_key_value_groups"],
+        )
         units = widest[kind(f"{name}.k_proj")][0]
         assert units is not None
         width = units // hd * target * hd
@@ -124,7 +140,7 @@ def _grouped(
             placed[f"{name}.q_proj.weight"] = (0, at)
             placed[f"{name}.q_proj.bias"] = (0, at)
             placed[f"{name}.o_proj.weight"] = (1, at)
-    return {name: {"num_key_value_groups": most[kind(name)]} for name in counts}, placed
+    return even, placed
 
 
 def pad(t: torch.Tensor, shape: tuple[int, ...], placed: tuple[int, list[int]] | None = None) -> torch.Tensor:
