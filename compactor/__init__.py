@@ -53,15 +53,14 @@ def compact(
     if not Path(model).is_dir():
         return compact_module(load(model), example_inputs, **options)
     output = options.pop("output", None)
-    if output is not None:
-        report = compact_checkpoint(Path(model), output, example_inputs=example_inputs, **options)
-        return load(output, trust_remote_code=options.get("trust_remote_code", False)), report
-    folder = Path(tempfile.mkdtemp(prefix="compactor-"))
+    scratch = None if output is not None else Path(tempfile.mkdtemp(prefix="compactor-"))
+    target = Path(output) if scratch is None else scratch / "out"
     try:
-        report = compact_checkpoint(Path(model), folder / "out", example_inputs=example_inputs, **options)
-        return load(folder / "out", trust_remote_code=options.get("trust_remote_code", False)), report
+        report = compact_checkpoint(Path(model), target, example_inputs=example_inputs, **options)
+        return load(target, trust_remote_code=options.get("trust_remote_code", False)), report
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 __all__ = [

@@ -43,28 +43,24 @@ def bake_masks(model: nn.Module) -> list[BakedMask]:
             if isinstance(hook, prune.BasePruningMethod):
                 tensor_name = hook._tensor_name
                 mask = getattr(module, tensor_name + "_mask")
-                baked.append(
-                    BakedMask(name, tensor_name, mask.numel() - int(torch.count_nonzero(mask)), mask.numel())
-                )
+                baked.append(BakedMask(name, tensor_name, _zeros(mask), mask.numel()))
                 _remove_untied(
                     module, tensor_name, tied=owners[id(module._parameters[tensor_name + "_orig"])] > 1
                 )
         for tensor_name in fold_norm_hooks(module):
             value = getattr(module, tensor_name)
-            baked.append(
-                BakedMask(name, tensor_name, value.numel() - int(torch.count_nonzero(value)), value.numel())
-            )
+            baked.append(BakedMask(name, tensor_name, _zeros(value), value.numel()))
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
                 value = getattr(module, tensor_name)
-                baked.append(
-                    BakedMask(
-                        name, tensor_name, value.numel() - int(torch.count_nonzero(value)), value.numel()
-                    )
-                )
+                baked.append(BakedMask(name, tensor_name, _zeros(value), value.numel()))
             _drop_compat_hooks(module)
     return baked
+
+
+def _zeros(t: torch.Tensor) -> int:
+    return t.numel() - int(torch.count_nonzero(t))
 
 
 def norm_hooks(module: nn.Module) -> list[str]:

@@ -96,8 +96,9 @@ def decide(
             say(f"judging {len(retry)} groups again in float64 (float32 rounding or a wrong plan)")
             wide = widened(baked, runs, always=True)
             assert wide is not None
+            retry_ids = {id(p) for p in retry}
             accepted, again = _search(wide[0], retry, wide[1], wide[2], tolerance, say, accepted)
-            rejected = {k: v for k, v in rejected.items() if k not in {id(p) for p in retry}} | again
+            rejected = {k: v for k, v in rejected.items() if k not in retry_ids} | again
 
     floors = noise_floors(references, wide[2]) if wide is not None else None
     final = round_layers(

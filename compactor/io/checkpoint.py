@@ -112,15 +112,15 @@ class Checkpoint:
         return self.stored[self.pruned[name][0] if name in self.pruned else name]
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``names`` (prune pairs multiplied out), each shard opened once and closed again."""
+        """The tensors ``names`` (prune pairs multiplied out), each read from its shard into memory of its own."""
         wanted = list(names)
         keys = [k for n in wanted for k in self.pruned.get(n, (n,))]
-        by_file: dict[Path, list[str]] = {}
+        by_file: dict[Path, list[Stored]] = {}
         for key in keys:
-            by_file.setdefault(self.stored[key].file, []).append(key)
+            by_file.setdefault(self.stored[key].file, []).append(self.stored[key])
         raw: dict[str, torch.Tensor] = {}
-        for file, file_keys in by_file.items():
-            raw.update(_read_file(file, file_keys, self.format))
+        for entries in by_file.values():
+            raw.update(_read_file(entries, self.format))
         out = {}
         for name in wanted:
             if name in self.pruned:
@@ -232,15 +232,12 @@ def _load_bin(file: Path) -> dict[str, Any]:
     return state
 
 
-def _read_file(file: Path, keys: list[str], fmt: str) -> dict[str, torch.Tensor]:
+def _read_file(entries: list[Stored], fmt: str) -> dict[str, torch.Tensor]:
+    """The tensors ``entries`` (all of one file, as its header gave them when the checkpoint was opened)."""
     if fmt == "bin":
-        state = _load_bin(file)
-        return {k: state[k].clone() for k in keys}
-    header = read_header(file)
-    missing = [k for k in keys if k not in header]
-    if missing:
-        raise _damaged(file, f"its header has no tensor {missing[0]!r}")
-    return {k: read_stored(header[k]) for k in keys}
+        state = _load_bin(entries[0].file)
+        return {s.key: state[s.key].clone() for s in entries}
+    return {s.key: read_stored(s) for s in entries}
 
 
 def read_stored(stored: Stored) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ def manifest(model: nn.Module) -> dict[str, Any]:
     return {**spec, "modules": modules} if modules else spec
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -191,7 +191,7 @@ def _fit_counts(root: nn.Module, name: str, attrs: dict[str, int], where: str) -
         ) from e
     for attr, value in attrs.items():
         dense = getattr(module, attr, None)
-        if not isinstance(dense, int) or isinstance(dense, bool) or not 1 <= value <= dense:
+        if not _is_count(dense) or not 1 <= value <= dense:
             raise StateDictError(
                 f"{where}: module {name!r} has {attr}={value} in the file but {dense} in the architecture; build the "
                 f"model the file was written from"
