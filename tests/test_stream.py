@@ -505,3 +505,18 @@ def test_uniform_padding_that_would_misplace_fused_halves_is_refused(tmp_path: P
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "padded with zero channels changes its output" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_directory_compactor_wrote_with_uneven_widths_is_refused_as_input(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Its config.json builds the dense shapes, not the ones stored: one line naming the manifest, nothing
+    written; the report of the first run names the uneven head count."""
+    model = _ignored_query_heads("llama", ((1, 2, 5), (0, 1, 6, 7), ("kv",)))
+    report = compact_checkpoint(_save(model, tmp_path / "src"), tmp_path / "out")
+    assert "num_attention_heads differs across layers (4, 6)" in report.layout  # 6, 4, and 1 group of 4
+    capsys.readouterr()
+    assert main([str(tmp_path / "out"), "-o", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds compactor_manifest.json" in err[0]
+    assert not (tmp_path / "again").exists()

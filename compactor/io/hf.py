@@ -68,7 +68,7 @@ def uniform_config(model: nn.Module) -> tuple[Any | None, str]:
         for name, value in config.to_dict().items()
         if isinstance(value, int) and not isinstance(value, bool) and value in sizes and hasattr(config, name)
     }
-    fields.update(_head_fields(model, config))
+    fields = {**_head_fields(model, config), **fields}  # an uneven head count is what to name first
     if any(len(options) > 1 for options in fields.values()):
         uneven = next(n for n, o in fields.items() if len(o) > 1)
         return (

@@ -68,6 +68,12 @@ def compact_checkpoint(
     map_large_allocations()  # each block's freed tensors leave the process before the next is read
     source, output = Path(source), Path(output)
     checked_config(source, trust_remote_code)
+    if (source / STREAMED_MANIFEST).is_file():
+        raise InputFileError(
+            f"{source} holds {STREAMED_MANIFEST}: compactor wrote it with uneven widths that its config.json does "
+            f"not state, and streaming reads checkpoints their config builds; compact the directory it came from, "
+            f"or load it with compactor.load and compact the model"
+        )
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise OutputPathError(f"-o {output} exists and is not an empty directory; choose a new directory")
     checkpoint = Checkpoint.open(source)
