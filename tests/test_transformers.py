@@ -846,8 +846,8 @@ def test_channels_of_a_head_are_kept_with_a_head_reason() -> None:
 
 def test_a_concatenation_torch_pruning_cannot_size_keeps_the_channels_that_reach_it() -> None:
     """GPT-2: Torch-Pruning cannot size one concatenation (``int + None`` in its index mapping). That ends
-    no run and keeps no more than it must: the roots whose channels reach it (the embeddings) keep them,
-    with the library's error as reason."""
+    no run and keeps no more than it must: the roots whose channels reach it (the fused ``c_attn``) keep them,
+    with the library's error as reason, and the 8 masked neurons of ``c_fc`` (a ``Conv1D``) go."""
     from torch.nn.utils import prune
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -859,11 +859,12 @@ def test_a_concatenation_torch_pruning_cannot_size_keeps_the_channels_that_reach
     ids = torch.randint(0, 50, (1, 12))
     # the adapter's own answer (auto: the labels answer)
     small, report = compactor.compact(model, {"input_ids": ids}, analysis="torch-pruning")
-    assert report.params["after"] == report.params["before"]
+    assert report.params["before"] - report.params["after"] == 8 * (32 + 1) + 8 * 32  # c_fc and c_proj
+    assert (small.transformer.h[0].mlp.c_fc.nf, small.transformer.h[0].mlp.c_proj.nx) == (120, 120)
     issues = report.extra["graph_issues"]
     assert [i.split("which the channels of ")[1] for i in issues] == [
-        "transformer.wpe reach: kept",
-        "transformer.wte reach: kept",
+        "transformer.h.0.attn.c_attn reach: kept",
+        "transformer.h.1.attn.c_attn reach: kept",
     ]
     assert all(
         i.startswith("torch-pruning cannot map channels through _ConcatOp_")
@@ -975,4 +976,126 @@ def test_every_head_count_the_heads_stage_sets_is_one_a_manifest_records() -> No
     from compactor.engine.heads import LAYOUTS
     from compactor.io.manifest import HEAD_COUNTS
 
-    assert {a for layout in LAYOUTS for a in (*layout.heads_attrs, *layout.size_attrs)} <= set(HEAD_COUNTS)
+    assert {a for layout in LAYOUTS for a in layout.count_attrs()} <= set(HEAD_COUNTS)
+
+
+def _neox_widths(model: Any) -> list[Any]:
+    return [b.attention.query_key_value.out_features for b in model.gpt_neox.layers]
+
+
+def _falcon_counts(model: Any) -> list[Any]:
+    return [(b.self_attention.num_heads, b.self_attention.num_kv_heads) for b in model.transformer.h]
+
+
+def _fused_head_zeroed(
+    family: str,
+) -> tuple[Any, dict[str, torch.Tensor], Callable[[Any], list[Any]], list[Any]]:
+    """A small decoder of ``family`` (hidden 32, 4 query heads of 8) whose fused or differently named
+    projections lose one head in both layers; the inputs; what counts its heads; and that count after."""
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    falcon = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+        model: Any = randomise(transformers.GPT2LMHeadModel(config))
+        attentions = [b.attn for b in model.transformer.h]
+        value = (2 * 32 + 8, 2 * 32 + 16)  # c_attn holds [queries | keys | values]: value head 1
+        for a in attentions:
+            with torch.no_grad():
+                a.c_attn.weight[:, value[0] : value[1]] = 0  # Conv1D: [in, out]
+                a.c_attn.bias[value[0] : value[1]] = 0
+        return (
+            model,
+            {"input_ids": ids},
+            lambda m: [(b.attn.num_heads, b.attn.split_size) for b in m.transformer.h],
+            [(3, 24)] * 2,
+        )
+    if family == "distilbert":
+        config = transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=100)
+        model = randomise(transformers.DistilBertModel(config))
+        for layer in model.transformer.layer:
+            with torch.no_grad():
+                layer.attention.v_lin.weight[8:16] = 0
+                layer.attention.v_lin.bias[8:16] = 0
+        return model, {"input_ids": ids}, lambda m: [b.attention.n_heads for b in m.transformer.layer], [3, 3]
+    if family == "neox":
+        config = transformers.GPTNeoXConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100
+        )
+        model = randomise(transformers.GPTNeoXForCausalLM(config))
+        fused, rows = (
+            [b.attention.query_key_value for b in model.gpt_neox.layers],
+            (40, 48),
+        )  # [q k v] per head
+        count: Callable[[Any], list[Any]] = _neox_widths
+        expected: list[Any] = [72, 72]
+    else:
+        extra = {
+            "falcon-new": {"new_decoder_architecture": True, "num_kv_heads": 2},
+            "falcon-mq": {"multi_query": True},
+            "falcon": {"multi_query": False},
+        }[family]
+        model = randomise(transformers.FalconForCausalLM(transformers.FalconConfig(**falcon, **extra)))
+        fused = [b.self_attention.query_key_value for b in model.transformer.h]
+        # new architecture: per key/value head [its 2 queries, key, value]; per head: [query, key, value]
+        rows = {"falcon-new": (56, 64), "falcon-mq": (0, 0), "falcon": (40, 48)}[family]
+        count = _falcon_counts
+        expected = {"falcon-new": [(2, 1)] * 2, "falcon-mq": [(3, 1)] * 2, "falcon": [(3, 4)] * 2}[family]
+        if family == "falcon-mq":  # one key/value head for all: the output projection ignores query head 2
+            for b in model.transformer.h:
+                with torch.no_grad():
+                    b.self_attention.dense.weight[:, 16:24] = 0
+    for layer in fused:
+        with torch.no_grad():
+            layer.weight[rows[0] : rows[1]] = 0
+            if layer.bias is not None:
+                layer.bias[rows[0] : rows[1]] = 0
+    return model, {"input_ids": ids}, count, expected
+
+
+@pytest.mark.parametrize("family", ["gpt2", "distilbert", "neox", "falcon-new", "falcon-mq", "falcon"])
+def test_heads_of_fused_and_other_layouts_go_and_reload_from_a_directory(family: str, tmp_path: Path) -> None:
+    """GPT-2's ``c_attn`` (a Conv1D, [q | k | v]), Falcon's three packings of ``query_key_value`` (per key/value
+    head, multi-query, per head), GPT-NeoX's (per head) and DistilBERT's ``q_lin``..``out_lin``: the zeroed
+    head goes, the counts its forward reads follow, and the written directory reloads with the same outputs,
+    also at another sequence length."""
+    model, inputs, count, expected = _fused_head_zeroed(family)
+    model.eval()
+    small, report = compactor.compact(model, inputs)
+    assert count(model) != expected and count(small) == expected
+    assert len(report.extra["heads"]) == 2
+    save_output(small, tmp_path / "small", inputs, format="hf")
+    back = compactor.load(tmp_path / "small")
+    assert count(back) == expected
+    longer = {"input_ids": torch.randint(3, 100, (1, 13), generator=torch.Generator().manual_seed(1))}
+    key = "last_hidden_state" if family == "distilbert" else "logits"
+    for x in (inputs, longer):
+        with torch.no_grad():
+            torch.testing.assert_close(back(**x)[key], model(**x)[key], **CLOSE)
+            torch.testing.assert_close(small(**x)[key], model(**x)[key], **CLOSE)
+
+
+@pytest.mark.parametrize("family", ["phi3", "t5"])
+def test_heads_a_layout_ties_across_layers_are_kept_with_the_reason(family: str) -> None:
+    """Phi-3 splits its fused ``qkv_proj`` at ``config.num_attention_heads`` (one config for every layer) and
+    T5 shares one per-head position bias over a stack: a zeroed head is kept, and the report says why."""
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    if family == "phi3":
+        config = transformers.Phi3Config(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=100, pad_token_id=0,
+        )  # fmt: skip
+        model: Any = randomise(transformers.Phi3ForCausalLM(config)).eval()
+        layer, rows, inputs = model.model.layers[0].self_attn.qkv_proj, (48 + 8, 64), {"input_ids": ids}
+        why = "config.num_attention_heads"
+    else:
+        config = transformers.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=1, d_ff=64, vocab_size=100)
+        model = randomise(transformers.T5Model(config)).eval()
+        layer, rows = model.encoder.block[0].layer[0].SelfAttention.v, (8, 16)
+        inputs, why = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}, "relative position bias"
+    with torch.no_grad():
+        layer.weight[rows[0] : rows[1]] = 0
+    _, report = compactor.compact(model, inputs)
+    (change,) = report.extra["heads"]
+    assert change["heads_after"] == change["heads_before"] and not change["removed"]
+    assert [d["fate"] for d in change["decisions"]] == ["kept: heads tied across layers"]
+    assert why in change["reason"]

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..inputs import ExampleInputs, run
-from ..layers import Side, shrinker_for
+from ..layers import Role, Side, role_of, shrinker_for, width
 from ..modules import baked, own_parameters
 from ..outputs import Outputs, compare
 from ..util import eval_mode_restored
@@ -65,6 +65,7 @@ class HeadFate(str, Enum):
     KEPT_NO_PAIRING = "kept: no output projection found"
     KEPT_FOLDING_OFF = "kept: fold_constant_heads=False"
     KEPT_UNVERIFIED = "kept: verification failed"
+    KEPT_LAYOUT = "kept: heads tied across layers"
 
     @property
     def removed(self) -> bool:
@@ -105,19 +106,156 @@ class HeadChange:
         return d
 
 
+class Packing(str, Enum):
+    """Where each head's rows lie in the projections that write queries, keys and values."""
+
+    SEPARATE = "separate"  # one layer each for q, k and v
+    BLOCKS = "blocks"  # one fused layer: all query heads, then all key heads, then all value heads
+    PER_UNIT = "per unit"  # one fused layer: per key/value head, its query heads, its key, its value
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one attention module splits into heads: ``units`` key/value heads (without grouped-query
+    attention: the heads), each read by ``group`` query heads of ``head_dim`` features."""
+
+    units: int
+    group: int
+    head_dim: int
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Attribute names of one family of attention modules."""
+    """One family of attention modules: the attributes its ``forward`` reads, how its heads are packed, and
+    which of its attributes count heads (kept in step when heads go)."""
 
     name: str
     q: str
     k: str
-    v: str
-    heads_attrs: tuple[str, ...]  # the first present is the head count
-    dim_attr: str  # the per-head size
+    v: str  # the same attribute for a fused projection
     o_attrs: tuple[str, ...]  # output projection on the module itself; empty: ``output.dense`` on the parent
-    size_attrs: tuple[str, ...] = ()  # other attributes equal to heads * head_dim, kept in step
-    grouped: bool = False  # heads_attrs names the query heads per key/value head; the unit is a KV group
+    shape: Callable[[nn.Module, int, int], Shape | str]  # (module, q rows, k rows) -> its heads, or why not
+    counts: Callable[[Shape], dict[str, int]]  # the attributes that count heads, for a shape
+    packing: Packing = Packing.SEPARATE
+    requires: tuple[str, ...] = ()  # further int attributes the module must have
+    refuse: Callable[[nn.Module], str | None] = lambda m: None  # why its heads cannot go, if they cannot
+
+    @property
+    def grouped(self) -> bool:
+        """Whether a unit is a key/value head with its query heads (query heads may go within it)."""
+        return self.name in _GROUPED
+
+    def count_attrs(self) -> tuple[str, ...]:
+        """Every attribute :attr:`counts` may set."""
+        return tuple(self.counts(Shape(2, 2, 2)))
+
+
+_GROUPED = frozenset({"decoder", "falcon", "falcon-mq", "phi3"})
+
+
+def _ints(module: nn.Module, *attrs: str) -> tuple[int, ...] | None:
+    values = tuple(getattr(module, a, None) for a in attrs)
+    return values if all(isinstance(v, int) and not isinstance(v, bool) for v in values) else None  # type: ignore[return-value]
+
+
+def _plain(heads_attr: str, dim_attr: str) -> Callable[[nn.Module, int, int], Shape | str]:
+    """Multi-head attention without key/value groups: ``heads_attr`` heads of ``dim_attr`` features."""
+
+    def shape(module: nn.Module, q: int, k: int) -> Shape | str:
+        found = _ints(module, heads_attr, dim_attr)
+        assert found is not None
+        heads, head_dim = found
+        if getattr(module, "num_key_value_groups", 1) != 1:
+            return "grouped-query attention (num_key_value_groups > 1) is not compacted"
+        if heads * head_dim != q or k != q:
+            return f"{heads_attr}={heads} x {dim_attr}={head_dim} does not give its {q} query and {k} key features"
+        return Shape(heads, 1, head_dim)
+
+    return shape
+
+
+def _grouped(module: nn.Module, q: int, k: int) -> Shape | str:
+    """Grouped-query attention (Llama, Mistral, Qwen, Gemma): key/value heads from the key width, each read by
+    ``num_key_value_groups`` query heads."""
+    found = _ints(module, "num_key_value_groups", "head_dim")
+    assert found is not None
+    group, head_dim = found
+    if group < 1 or head_dim < 1 or k % head_dim or q != k * group:
+        return f"query/key widths {q}/{k} do not split into num_key_value_groups={group} groups of head_dim={head_dim}"
+    return Shape(k // head_dim, group, head_dim)
+
+
+def _packed(per_head: int) -> Callable[[nn.Module, int, int], Shape | str]:
+    """GPT-NeoX: one fused projection of ``per_head`` x ``head_size`` rows per head (query, key, value)."""
+
+    def shape(module: nn.Module, q: int, k: int) -> Shape | str:
+        found = _ints(module, "head_size")
+        assert found is not None
+        (head_dim,) = found
+        if head_dim < 1 or q % (per_head * head_dim):
+            return f"query_key_value's {q} rows do not split into heads of 3 x head_size={head_dim}"
+        return Shape(q // (per_head * head_dim), 1, head_dim)
+
+    return shape
+
+
+def _fused_grouped(module: nn.Module, q: int, k: int) -> Shape | str:
+    """Phi-3: one fused projection of all query heads, then ``num_key_value_heads`` keys and as many values."""
+    found = _ints(module, "num_key_value_groups", "num_key_value_heads", "head_dim")
+    assert found is not None
+    group, kv, head_dim = found
+    if group < 1 or kv < 1 or q != (kv * group + 2 * kv) * head_dim:
+        return f"qkv_proj's {q} rows do not split into num_key_value_heads={kv} groups of {group} query heads"
+    return Shape(kv, group, head_dim)
+
+
+def _gpt2(module: nn.Module, q: int, k: int) -> Shape | str:
+    found = _ints(module, "num_heads", "head_dim", "split_size")
+    assert found is not None
+    heads, head_dim, split = found
+    if hasattr(module, "q_attn") or getattr(module, "is_cross_attention", False):
+        return "cross-attention (q_attn) is not compacted"
+    if heads * head_dim != split or q != 3 * split:
+        return (
+            f"c_attn's {q} rows are not 3 x split_size={split} = 3 x num_heads={heads} x head_dim={head_dim}"
+        )
+    return Shape(heads, 1, head_dim)
+
+
+def _falcon(module: nn.Module, q: int, k: int) -> Shape | str:
+    """Falcon's three packings (``new_decoder_architecture``, ``multi_query``, per head), told apart in
+    :func:`_falcon_layout`; ``q`` is the fused projection's width."""
+    found = _ints(module, "num_heads", "num_kv_heads", "head_dim")
+    assert found is not None
+    heads, kv, head_dim = found
+    if kv < 1 or heads % kv or q != (heads + 2 * kv) * head_dim:
+        return f"query_key_value's {q} rows do not split into num_heads={heads}, num_kv_heads={kv} of head_dim={head_dim}"
+    if getattr(module, "new_decoder_architecture", False) or getattr(module, "multi_query", False):
+        return Shape(kv, heads // kv, head_dim)
+    return Shape(heads, 1, head_dim)
+
+
+def _falcon_refuse(module: nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    if getattr(config, "alibi", False):
+        return (
+            "ALiBi gives each head a slope from config.num_attention_heads, shared by every layer: heads kept"
+        )
+    return None
+
+
+def _phi3_refuse(module: nn.Module) -> str | None:
+    return (
+        "Phi3Attention splits qkv_proj at config.num_attention_heads x head_dim, one config shared by every "
+        "layer: heads kept"
+    )
+
+
+def _t5_refuse(module: nn.Module) -> str | None:
+    return (
+        "T5 adds one relative position bias per head, computed in the first layer of the stack and shared by "
+        "every layer: heads kept"
+    )
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -126,36 +264,170 @@ LAYOUTS: tuple[Layout, ...] = (
         q="query",
         k="key",
         v="value",
-        heads_attrs=("num_attention_heads",),
-        dim_attr="attention_head_size",
         o_attrs=(),
-        size_attrs=("all_head_size",),
+        shape=_plain("num_attention_heads", "attention_head_size"),
+        counts=lambda s: {"num_attention_heads": s.units, "all_head_size": s.units * s.head_dim},
+        requires=("num_attention_heads", "attention_head_size"),
     ),
     Layout(
-        name="proj",
-        q="q_proj",
-        k="k_proj",
-        v="v_proj",
-        heads_attrs=("num_attention_heads", "num_heads"),
-        dim_attr="head_dim",
-        o_attrs=("o_proj", "out_proj"),
+        name="distilbert",
+        q="q_lin",
+        k="k_lin",
+        v="v_lin",
+        o_attrs=("out_lin",),
+        shape=_plain("n_heads", "attention_head_size"),
+        counts=lambda s: {"n_heads": s.units},
+        requires=("n_heads", "attention_head_size"),
     ),
     Layout(
         name="decoder",
         q="q_proj",
         k="k_proj",
         v="v_proj",
-        heads_attrs=("num_key_value_groups",),
-        dim_attr="head_dim",
         o_attrs=("o_proj",),
-        grouped=True,
+        shape=_grouped,
+        counts=lambda s: {"num_key_value_groups": s.group},
+        requires=("num_key_value_groups", "head_dim"),
+    ),
+    Layout(
+        name="proj",
+        q="q_proj",
+        k="k_proj",
+        v="v_proj",
+        o_attrs=("o_proj", "out_proj"),
+        shape=_plain("num_heads", "head_dim"),
+        counts=lambda s: {"num_heads": s.units},
+        requires=("num_heads", "head_dim"),
+    ),
+    Layout(
+        name="proj",
+        q="q_proj",
+        k="k_proj",
+        v="v_proj",
+        o_attrs=("o_proj", "out_proj"),
+        shape=_plain("num_attention_heads", "head_dim"),
+        counts=lambda s: {"num_attention_heads": s.units},
+        requires=("num_attention_heads", "head_dim"),
+    ),
+    Layout(
+        name="gpt2",
+        q="c_attn",
+        k="c_attn",
+        v="c_attn",
+        o_attrs=("c_proj",),
+        shape=_gpt2,
+        counts=lambda s: {"num_heads": s.units, "split_size": s.units * s.head_dim},
+        packing=Packing.BLOCKS,
+        requires=("num_heads", "head_dim", "split_size"),
+    ),
+    Layout(
+        name="falcon",
+        q="query_key_value",
+        k="query_key_value",
+        v="query_key_value",
+        o_attrs=("dense",),
+        shape=_falcon,
+        counts=lambda s: {
+            "num_heads": s.units * s.group,
+            "num_kv_heads": s.units,
+            "num_key_value_groups": s.group,
+        },
+        packing=Packing.PER_UNIT,
+        requires=("num_heads", "num_kv_heads", "head_dim", "new_decoder_architecture"),
+        refuse=_falcon_refuse,
+    ),
+    Layout(
+        name="falcon-mq",
+        q="query_key_value",
+        k="query_key_value",
+        v="query_key_value",
+        o_attrs=("dense",),
+        shape=_falcon,
+        counts=lambda s: {"num_heads": s.units * s.group, "num_key_value_groups": s.group},
+        packing=Packing.BLOCKS,
+        requires=("num_heads", "num_kv_heads", "head_dim", "multi_query"),
+        refuse=_falcon_refuse,
+    ),
+    Layout(
+        name="falcon-per-head",
+        q="query_key_value",
+        k="query_key_value",
+        v="query_key_value",
+        o_attrs=("dense",),
+        shape=_falcon,
+        counts=lambda s: {"num_heads": s.units},
+        packing=Packing.PER_UNIT,
+        requires=("num_heads", "num_kv_heads", "head_dim"),
+        refuse=_falcon_refuse,
+    ),
+    Layout(
+        name="neox",
+        q="query_key_value",
+        k="query_key_value",
+        v="query_key_value",
+        o_attrs=("dense",),
+        shape=_packed(3),
+        counts=lambda s: {},
+        packing=Packing.PER_UNIT,
+        requires=("head_size",),
+    ),
+    Layout(
+        name="phi3",
+        q="qkv_proj",
+        k="qkv_proj",
+        v="qkv_proj",
+        o_attrs=("o_proj",),
+        shape=_fused_grouped,
+        counts=lambda s: {},
+        packing=Packing.BLOCKS,
+        requires=("num_key_value_groups", "num_key_value_heads", "head_dim"),
+        refuse=_phi3_refuse,
+    ),
+    Layout(
+        name="t5",
+        q="q",
+        k="k",
+        v="v",
+        o_attrs=("o",),
+        shape=_plain("n_heads", "key_value_proj_dim"),
+        counts=lambda s: {"n_heads": s.units, "inner_dim": s.units * s.head_dim},
+        requires=("n_heads", "key_value_proj_dim"),
+        refuse=_t5_refuse,
     ),
 )
 
 
+def _layout_matches(module: nn.Module, layout: Layout) -> bool:
+    """Whether ``module`` has what ``layout`` reads: its projections (layers compactor can shrink) and ints."""
+    if not all(role_of(getattr(module, a, None)) is Role.MIXING for a in (layout.q, layout.k, layout.v)):
+        return False
+    if layout.name == "falcon" and not getattr(module, "new_decoder_architecture", False):
+        return False
+    if layout.name == "falcon-mq" and (
+        getattr(module, "new_decoder_architecture", False) or not getattr(module, "multi_query", False)
+    ):
+        return False
+    if layout.name == "falcon-per-head" and (
+        not hasattr(module, "multi_query")
+        or getattr(module, "new_decoder_architecture", False)
+        or getattr(module, "multi_query", False)
+    ):
+        return False
+    if layout.name == "neox" and hasattr(module, "num_heads"):
+        return False  # Falcon's fused projection is read with its head counts
+    if _ints(module, *layout.requires) is None and layout.name not in ("falcon", "falcon-mq"):
+        return False
+    if (
+        layout.name in ("falcon", "falcon-mq")
+        and _ints(module, "num_heads", "num_kv_heads", "head_dim") is None
+    ):
+        return False
+    return not layout.o_attrs or any(role_of(getattr(module, a, None)) is Role.MIXING for a in layout.o_attrs)
+
+
 @dataclass(frozen=True)
 class AttentionSite:
-    """One attention module and the Linear layers that hold its heads."""
+    """One attention module and the layers that hold its heads."""
 
     name: str
     module: nn.Module
@@ -163,24 +435,43 @@ class AttentionSite:
     o_owner: nn.Module  # the module holding the output projection as attribute ``o``
     o: str
     o_name: str  # the output projection's full name, for reports
-    heads_attr: str
     head_dim: int
     num_heads: int  # units: heads, or for grouped-query attention key/value heads
     group: int = 1  # query heads per unit (grouped-query attention: num_key_value_groups)
 
+    @property
+    def heads_attr(self) -> str:
+        counts = self.layout.count_attrs()
+        return counts[0] if counts else ""
+
+    def _start(self, which: str, unit: int, j: int = 0) -> int:
+        """The first row of unit ``unit``'s ``which`` head (query heads: its ``j``-th) in ``which``'s layer."""
+        hd, g, n = self.head_dim, self.group, self.num_heads
+        if which == "o" or self.layout.packing is Packing.SEPARATE:
+            return (unit * g + j) * hd if which in ("q", "o") else unit * hd
+        if self.layout.packing is Packing.BLOCKS:
+            offset = {"q": 0, "k": n * g * hd, "v": n * g * hd + n * hd}[which]
+            return offset + ((unit * g + j) * hd if which == "q" else unit * hd)
+        block = unit * (g + 2) * hd  # PER_UNIT: the unit's query heads, then its key, then its value
+        return block + {"q": j * hd, "k": g * hd, "v": (g + 1) * hd}[which]
+
     def rows(self, which: str, unit: int) -> list[int]:
         """The rows of q/k/v (columns of o) that unit ``unit`` holds: a KV group's query heads for q and o."""
-        width = self.head_dim * (self.group if which in ("q", "o") else 1)
-        return list(range(unit * width, (unit + 1) * width))
+        heads = range(self.group) if which in ("q", "o") else range(1)
+        return [
+            r
+            for j in heads
+            for r in range(self._start(which, unit, j), self._start(which, unit, j) + self.head_dim)
+        ]
 
     def attr(self, which: str) -> str:
         """The attribute name of projection ``which`` ('q', 'k', 'v' on the module, 'o' on ``o_owner``)."""
         name: str = self.o if which == "o" else getattr(self.layout, which)
         return name
 
-    def linear(self, which: str) -> nn.Linear:
+    def linear(self, which: str) -> nn.Module:
         owner = self.o_owner if which == "o" else self.module
-        layer: nn.Linear = getattr(owner, self.attr(which))
+        layer: nn.Module = getattr(owner, self.attr(which))
         return layer
 
 
@@ -282,71 +573,42 @@ def _find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[str, 
         id(child): (name, parent) for name, parent in model.named_modules() for child in parent.children()
     }
     for name, module in model.named_modules():
-        layout = _layout_of(module)
-        if layout is None:
+        found = _layout_of(module)
+        if found is None:
             continue
-        shape = _head_shape(module, layout)
+        layout, shape = found
         if isinstance(shape, str):
             unpaired.append((name, module, shape))
             continue
-        heads_attr, num_heads, head_dim = shape
-        group = getattr(module, heads_attr) if layout.grouped else 1
         owner, o_attr, o_name = _output_projection(name, module, layout, parents)
         if owner is None:
             unpaired.append((name, module, o_name))
             continue
-        o = getattr(owner, o_attr)
-        if o.in_features != num_heads * group * head_dim:
-            unpaired.append(
-                (name, module, f"{o_name} reads {o.in_features} features, not {num_heads * group * head_dim}")
-            )
+        reads, wanted = width(getattr(owner, o_attr), Side.IN), shape.units * shape.group * shape.head_dim
+        if reads != wanted:
+            unpaired.append((name, module, f"{o_name} reads {reads} features, not {wanted}"))
             continue
         sites.append(
-            AttentionSite(name, module, layout, owner, o_attr, o_name, heads_attr, head_dim, num_heads, group)
+            AttentionSite(
+                name, module, layout, owner, o_attr, o_name, shape.head_dim, shape.units, shape.group
+            )
         )
     return sites, unpaired
 
 
-def _layout_of(module: nn.Module) -> Layout | None:
+def _layout_of(module: nn.Module) -> tuple[Layout, Shape | str] | None:
+    """The first layout whose attributes ``module`` has and whose shape its widths fit (else the first
+    matching layout with why its widths do not fit); None where no layout matches."""
+    first: tuple[Layout, Shape | str] | None = None
     for layout in LAYOUTS:
-        if not all(isinstance(getattr(module, a, None), nn.Linear) for a in (layout.q, layout.k, layout.v)):
+        if not _layout_matches(module, layout):
             continue
-        if not isinstance(getattr(module, layout.dim_attr, None), int):
-            continue
-        if not any(isinstance(getattr(module, a, None), int) for a in layout.heads_attrs):
-            continue
-        if layout.o_attrs and not any(
-            isinstance(getattr(module, a, None), nn.Linear) for a in layout.o_attrs
-        ):
-            continue
-        return layout
-    return None
-
-
-def _head_shape(module: nn.Module, layout: Layout) -> tuple[str, int, int] | str:
-    """(head-count attribute, heads, head size), or why the module's shapes do not split into heads."""
-    heads_attr = next(a for a in layout.heads_attrs if isinstance(getattr(module, a, None), int))
-    if layout.grouped:
-        return _grouped_shape(module, layout, heads_attr)
-    num_heads, head_dim = getattr(module, heads_attr), getattr(module, layout.dim_attr)
-    widths = {a: getattr(module, a).out_features for a in (layout.q, layout.k, layout.v)}
-    if len(set(widths.values())) != 1:
-        return f"query/key/value widths differ ({widths}): grouped-query attention is not compacted"
-    if num_heads * head_dim != widths[layout.q]:
-        return f"{heads_attr}={num_heads} x {layout.dim_attr}={head_dim} != {widths[layout.q]} query features"
-    if getattr(module, "num_key_value_groups", 1) != 1:
-        return "grouped-query attention (num_key_value_groups > 1) is not compacted"
-    return heads_attr, num_heads, head_dim
-
-
-def _grouped_shape(module: nn.Module, layout: Layout, groups_attr: str) -> tuple[str, int, int] | str:
-    """Grouped-query attention (Llama, Mistral, Qwen, Gemma): key/value heads from the key width, each
-    read by ``num_key_value_groups`` query heads."""
-    group, head_dim = getattr(module, groups_attr), getattr(module, layout.dim_attr)
-    q, k, v = (getattr(module, a).out_features for a in (layout.q, layout.k, layout.v))
-    if group < 1 or head_dim < 1 or k != v or k % head_dim or q != k * group:
-        return f"query/key/value widths {q}/{k}/{v} do not split into {groups_attr}={group} groups of {layout.dim_attr}={head_dim}"
-    return groups_attr, k // head_dim, head_dim
+        q, k = (width(getattr(module, a), Side.OUT) for a in (layout.q, layout.k))
+        shape = layout.shape(module, q or 0, k or 0)
+        if isinstance(shape, Shape):
+            return layout, shape
+        first = first or (layout, shape)
+    return first
 
 
 def _output_projection(
@@ -354,7 +616,7 @@ def _output_projection(
 ) -> tuple[nn.Module | None, str, str]:
     """(owner, attribute, full name) of the output projection, or (None, "", why not found)."""
     for attr in layout.o_attrs:
-        if isinstance(getattr(module, attr, None), nn.Linear):
+        if role_of(getattr(module, attr, None)) is Role.MIXING:
             return module, attr, f"{name}.{attr}"
     if layout.o_attrs:
         return None, "", f"{name} has none of {layout.o_attrs}"
@@ -362,7 +624,7 @@ def _output_projection(
         return None, "", f"{name} has no parent module holding output.dense"
     parent_name, parent = parents[id(module)]
     output = getattr(parent, "output", None)
-    if output is None or output is module or not isinstance(getattr(output, "dense", None), nn.Linear):
+    if output is None or output is module or role_of(getattr(output, "dense", None)) is not Role.MIXING:
         return None, "", f"its parent {parent_name or 'model'} has no output.dense Linear"
     prefix = f"{parent_name}.output" if parent_name else "output"
     return output, "dense", f"{prefix}.dense"
@@ -408,19 +670,36 @@ def _confirm_pairing(
 
 
 # --- deciding and applying -------------------------------------------------------------------------
+def _rows_zero(layer: nn.Module, rows: list[int]) -> bool:
+    """Whether the layer's output rows ``rows`` are all zero (weights; the bias apart)."""
+    shrinker = shrinker_for(layer)
+    assert shrinker is not None
+    return bool(shrinker.out_rows_zero(layer, torch.tensor(rows, dtype=torch.long)).all())
+
+
+def _cols_zero(layer: nn.Module, cols: list[int]) -> bool:
+    """Whether no output of the layer reads its input columns ``cols``."""
+    shrinker = shrinker_for(layer)
+    assert shrinker is not None
+    return bool(shrinker.in_cols_zero(layer, torch.tensor(cols, dtype=torch.long)).all())
+
+
+def _bias_zero(layer: nn.Module, rows: list[int]) -> bool:
+    bias = getattr(layer, "bias", None)
+    return not isinstance(bias, torch.Tensor) or bool((bias.detach()[rows] == 0).all())
+
+
 def _decide(site: AttentionSite, fold: bool) -> list[HeadDecision]:
     q, k, v, o = (site.linear(w) for w in ("q", "k", "v", "o"))
     decisions = []
     for h in range(site.num_heads):
-        rows, q_rows = site.rows("v", h), site.rows("q", h)
-        v_zero = bool((v.weight[rows] == 0).all())
-        v_bias = v.bias[rows] if v.bias is not None else None
-        v_bias_zero = v_bias is None or bool((v_bias == 0).all())
-        q_zero = bool((q.weight[q_rows] == 0).all()) and (q.bias is None or bool((q.bias[q_rows] == 0).all()))
-        uniform = bool((k.weight[rows] == 0).all()) or q_zero  # every key gets the same score
-        if bool((o.weight[:, q_rows] == 0).all()):
+        q_rows, k_rows, v_rows = site.rows("q", h), site.rows("k", h), site.rows("v", h)
+        v_zero = _rows_zero(v, v_rows)
+        q_zero = _rows_zero(q, q_rows) and _bias_zero(q, q_rows)
+        uniform = _rows_zero(k, k_rows) or q_zero  # every key gets the same score
+        if _cols_zero(o, site.rows("o", h)):
             decisions.append(HeadDecision(h, HeadFate.REMOVED, f"{site.o_name} ignores it (zero columns)"))
-        elif v_zero and v_bias_zero:
+        elif v_zero and _bias_zero(v, v_rows):
             decisions.append(
                 HeadDecision(h, HeadFate.REMOVED, "outputs exactly zero (value rows and bias zero)")
             )
@@ -473,8 +752,11 @@ def _query_cut(site: AttentionSite, gone: list[int]) -> QueryCut:
     kept = [u for u in range(site.num_heads) if u not in gone]
     if site.group < 2 or not kept:
         return QueryCut({}, 0)
-    o = site.linear("o").weight.detach()
-    ignored_at = (o.reshape(o.shape[0], site.num_heads, site.group, site.head_dim) == 0).all(3).all(0)
+    o = site.linear("o")
+    shrinker = shrinker_for(o)
+    assert shrinker is not None
+    columns = torch.arange(site.num_heads * site.group * site.head_dim)
+    ignored_at = shrinker.in_cols_zero(o, columns).reshape(site.num_heads, site.group, site.head_dim).all(2)
     ignored = {u: [j for j in range(site.group) if bool(ignored_at[u, j])] for u in kept}
     ignored = {u: heads for u, heads in ignored.items() if heads}
     cut = min(len(ignored.get(u, [])) for u in kept)
@@ -502,8 +784,14 @@ def _query_summary(site: AttentionSite, cut: QueryCut) -> str:
 
 def _compact_site(site: AttentionSite, fold: bool) -> HeadChange | None:
     decisions = _decide(site, fold)
+    refused = site.layout.refuse(site.module)
+    if refused is not None:
+        decisions = [
+            HeadDecision(d.head, HeadFate.KEPT_LAYOUT, refused) if d.fate.removed else d for d in decisions
+        ]
     gone = [d.head for d in decisions if d.fate.removed]
-    queries = _query_cut(site, gone) if site.layout.grouped else QueryCut({}, 0)
+    grouped = site.layout.grouped and site.group > 1 and refused is None
+    queries = _query_cut(site, gone) if grouped else QueryCut({}, 0)
     if not decisions and not queries.ignored:
         return None
     if gone or queries.cut:
@@ -521,21 +809,20 @@ def _compact_site(site: AttentionSite, fold: bool) -> HeadChange | None:
         removed=tuple(gone),
         reason=reason,
         decisions=tuple(decisions),
-        query_heads=(site.group, site.group - queries.cut)
-        if site.layout.grouped and site.group > 1
-        else None,
+        query_heads=(site.group, site.group - queries.cut) if grouped else None,
     )
 
 
 def _apply(site: AttentionSite, gone: list[int], folded: list[int], queries: QueryCut) -> None:
-    """Fold the constant heads into the output bias, then rebuild q/k/v (rows) and o (columns): without the
-    ``gone`` units, and in grouped-query attention without the query heads ``queries`` drops."""
+    """Fold the constant heads into the output bias, then rebuild q/k/v (rows; a fused projection once, with
+    the kept rows of each part in their order) and o (columns): without the ``gone`` units, and in
+    grouped-query attention without the query heads ``queries`` drops; then the head counts."""
     o = site.linear("o")
     o_shrinker = shrinker_for(o)
     assert o_shrinker is not None
     if folded:
-        v_bias = site.linear("v").bias
-        assert v_bias is not None  # a folded head has a non-zero value bias
+        v_bias = getattr(site.linear("v"), "bias", None)
+        assert isinstance(v_bias, torch.Tensor)  # a folded head has a non-zero value bias
         idx = torch.tensor([r for h in folded for r in site.rows("o", h)], dtype=torch.long)
         # each query head of a folded unit reads its key/value head's constant value bias
         values = torch.cat([v_bias.detach()[site.rows("v", h)].repeat(site.group) for h in folded])
@@ -543,23 +830,22 @@ def _apply(site: AttentionSite, gone: list[int], folded: list[int], queries: Que
         own_parameters(o, {"": None if writes is None else set(writes)})  # o's tensors may be the model's
         o_shrinker.fold_constant(o, idx, values.double())
     kept = [h for h in range(site.num_heads) if h not in gone]
+    rows: dict[str, list[int]] = {}
     for which in ("q", "k", "v"):
-        layer = site.linear(which)
+        rows.setdefault(site.attr(which), []).extend(
+            r for h in kept for r in _kept_rows(site, which, h, queries)
+        )
+    for attr, keep in rows.items():
+        layer = getattr(site.module, attr)
         shrinker = shrinker_for(layer)
-        assert shrinker is not None  # a Linear, or a subclass of it
-        keep = torch.tensor([r for h in kept for r in _kept_rows(site, which, h, queries)], dtype=torch.long)
-        setattr(site.module, site.attr(which), shrinker.shrink(layer, keep, None))
+        assert shrinker is not None  # a layer compactor shrinks (_layout_matches)
+        setattr(site.module, attr, shrinker.shrink(layer, torch.tensor(sorted(keep), dtype=torch.long), None))
     keep_o = torch.tensor([r for h in kept for r in _kept_rows(site, "o", h, queries)], dtype=torch.long)
     setattr(site.o_owner, site.o, o_shrinker.shrink(o, None, keep_o))
-    if site.layout.grouped:
-        # the forwards reshape with -1 heads and repeat each key/value head num_key_value_groups times
-        setattr(site.module, site.heads_attr, site.group - queries.cut)
-        return
-    heads = site.num_heads - len(gone)
-    setattr(site.module, site.heads_attr, heads)
-    for attr in site.layout.size_attrs:
+    after = Shape(site.num_heads - len(gone), site.group - queries.cut, site.head_dim)
+    for attr, value in site.layout.counts(after).items():
         if isinstance(getattr(site.module, attr, None), int):
-            setattr(site.module, attr, heads * site.head_dim)
+            setattr(site.module, attr, value)
 
 
 def _kept_rows(site: AttentionSite, which: str, unit: int, queries: QueryCut) -> list[int]:
@@ -574,17 +860,18 @@ def _kept_rows(site: AttentionSite, which: str, unit: int, queries: QueryCut) ->
 
 def _unpaired(name: str, module: nn.Module, why: str) -> HeadChange | None:
     """Report an attention module we could not pair, if it had heads that looked removable."""
-    layout = _layout_of(module)
-    shape = _head_shape(module, layout) if layout else why
-    if layout is None or isinstance(shape, str):
+    found = _layout_of(module)
+    if found is None or isinstance(found[1], str):
         return None  # shapes we do not understand: nothing to claim about heads
-    _, num_heads, head_dim = shape
-    v = getattr(module, layout.v)
-    zero = [h for h in range(num_heads) if bool((v.weight[h * head_dim : (h + 1) * head_dim] == 0).all())]
+    layout, shape = found
+    assert isinstance(shape, Shape)
+    site = AttentionSite(name, module, layout, module, "", "", shape.head_dim, shape.units, shape.group)
+    v = site.linear("v")
+    zero = [h for h in range(shape.units) if _rows_zero(v, site.rows("v", h))]
     if not zero:
         return None
     decisions = tuple(HeadDecision(h, HeadFate.KEPT_NO_PAIRING, why) for h in zero)
-    return HeadChange(name, num_heads, num_heads, (), _summary(list(decisions)), decisions)
+    return HeadChange(name, shape.units, shape.units, (), _summary(list(decisions)), decisions)
 
 
 def _summary(decisions: list[HeadDecision]) -> str:

@@ -25,7 +25,16 @@ MAX_DIMS = 16
 # attributes a manifest may set, never above the dense model's): grouped-query attention's query heads per
 # key/value head; the head counts and head widths that removing attention heads changes (OPT's forward
 # views its projections with ``self.num_heads``: left dense, a smaller projection folds into the sequence)
-HEAD_COUNTS = ("num_key_value_groups", "num_heads", "num_attention_heads", "all_head_size")
+HEAD_COUNTS = (
+    "num_key_value_groups",
+    "num_heads",
+    "num_attention_heads",
+    "all_head_size",
+    "n_heads",
+    "split_size",
+    "num_kv_heads",
+    "inner_dim",
+)
 
 
 @dataclass(frozen=True)

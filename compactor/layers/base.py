@@ -24,6 +24,7 @@ dtype, device, training flag, ``requires_grad`` and every hyperparameter.
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -226,9 +227,44 @@ def register(*types: type) -> Callable[[type[Shrinker[Any]]], type[Shrinker[Any]
     return wrap
 
 
+# Layer types of packages compactor does not import (importing transformers takes seconds), by module and
+# qualified name: each is registered the first time its class is met, once its module is imported anyway.
+_BY_NAME: dict[tuple[str, str], type[Shrinker[Any]]] = {}
+
+
+def register_by_name(module: str, qualname: str) -> Callable[[type[Shrinker[Any]]], type[Shrinker[Any]]]:
+    """Class decorator: like :func:`register` for the class ``module.qualname``, without importing
+    ``module``. The shrinker is checked now and serves the class once something else has imported it."""
+
+    def wrap(cls: type[Shrinker[Any]]) -> type[Shrinker[Any]]:
+        register(_Unloaded)(cls)  # checks the protocol; the placeholder type is never met
+        del _REGISTRY[_Unloaded]
+        _BY_NAME[(module, qualname)] = cls
+        return cls
+
+    return wrap
+
+
+class _Unloaded:
+    """The placeholder a by-name shrinker is checked against."""
+
+
+def _resolve_by_name() -> None:
+    """Register every by-name layer type whose module is imported by now."""
+    for (module, qualname), cls in list(_BY_NAME.items()):
+        loaded = sys.modules.get(module)
+        t = getattr(loaded, qualname, None) if loaded is not None else None
+        if isinstance(t, type):
+            del _BY_NAME[(module, qualname)]
+            register(t)(cls)
+
+
 def shrinker_for(m: Any) -> Shrinker[Any] | None:
     """The shrinker of ``m``'s class or its nearest registered base class; None if unknown."""
-    for cls in type(m).__mro__:
+    mro = type(m).__mro__
+    if _BY_NAME and any((c.__module__, c.__qualname__) in _BY_NAME for c in mro):
+        _resolve_by_name()
+    for cls in mro:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
     return None
@@ -236,11 +272,13 @@ def shrinker_for(m: Any) -> Shrinker[Any] | None:
 
 def shrinker_of_type(t: type) -> Shrinker[Any]:
     """The shrinker registered for ``t`` itself (``KeyError`` if none)."""
+    _resolve_by_name()
     return _REGISTRY[t]
 
 
 def registered_types() -> tuple[type, ...]:
-    """Every layer type with a shrinker, in registration order."""
+    """Every layer type with a shrinker, in registration order (by-name types once their module is imported)."""
+    _resolve_by_name()
     return tuple(_REGISTRY)
 
 

@@ -1,11 +1,23 @@
-"""Linear and Embedding."""
+"""Linear, transformers' Conv1D (a Linear with its weight transposed) and Embedding."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import Index, Role, Shrinker, must_take, new_like, register, take, zero_along
+from .base import (
+    Index,
+    Role,
+    Shrinker,
+    must_take,
+    new_like,
+    register,
+    register_by_name,
+    take,
+    zero_along,
+)
 
 
 @register(nn.Linear)
@@ -51,6 +63,53 @@ class LinearShrinker(Shrinker[nn.Linear]):
         )
         new.out_features = len(keep_out) if keep_out is not None else m.out_features
         new.in_features = len(keep_in) if keep_in is not None else m.in_features
+        return new
+
+
+@register_by_name("transformers.pytorch_utils", "Conv1D")
+class Conv1DShrinker(Shrinker[Any]):
+    """transformers' ``Conv1D`` (GPT-2, GPT, ImageGPT): ``y = x @ W + b`` with weight ``[nx, nf]`` (inputs,
+    outputs): a Linear whose weight is stored transposed. Registered by name: compactor does not import
+    transformers for it."""
+
+    role = Role.MIXING
+    input_channel_dim = -1
+    shape_attrs = ("nf", "nx")
+
+    def expected_shapes(self, m: Any) -> dict[str, tuple[int | None, ...]]:
+        return {"weight": (m.nx, m.nf), "bias": (m.nf,)}
+
+    def out_rows_zero(self, m: Any, idx: Index) -> torch.Tensor:
+        return zero_along(m.weight, 1, idx)
+
+    def in_cols_zero(self, m: Any, idx: Index) -> torch.Tensor:
+        return zero_along(m.weight, 0, idx)
+
+    def can_fold(self, m: Any) -> bool:
+        return True
+
+    def fold_delta(self, m: Any, idx: Index, k: torch.Tensor) -> torch.Tensor:
+        w: torch.Tensor = m.weight.detach()
+        return (w[idx, :] * k.to(w)[:, None]).sum(0)
+
+    def merge_into(self, m: Any, carrier: int, idx: Index, ratio: torch.Tensor) -> None:
+        with torch.no_grad():
+            m.weight[carrier, :] += (m.weight[idx, :] * ratio.to(m.weight)[:, None]).sum(0)
+
+    def out_channels(self, m: Any) -> int:
+        return int(m.nf)
+
+    def in_channels(self, m: Any) -> int:
+        return int(m.nx)
+
+    def probe_inputs(self, m: Any) -> list[torch.Tensor]:
+        return [torch.randn(2, m.nx, generator=torch.Generator().manual_seed(0)).to(m.weight)]
+
+    def shrink(self, m: Any, keep_out: Index | None, keep_in: Index | None) -> Any:
+        weight = must_take(must_take(m.weight, 1, keep_out), 0, keep_in)
+        new = new_like(m, weight=weight, bias=take(m.bias, 0, keep_out))
+        new.nf = len(keep_out) if keep_out is not None else m.nf
+        new.nx = len(keep_in) if keep_in is not None else m.nx
         return new
 
 
