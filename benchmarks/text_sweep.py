@@ -811,6 +811,7 @@ def prepared(arch: Arch) -> tuple[nn.Module, list[HeadUnit], list[FfnUnit]]:
 def run_one(arch: Arch) -> dict[str, Any]:
     """Build, zero, save, compact with the CLI, check; a failure is recorded in the result, never raised."""
     result: dict[str, Any] = {"case": arch.name, "class": arch.model, "decoder": arch.decoder}
+    result["compactor_digest"] = compactor_digest()
     try:
         model, heads, ffns = prepared(arch)
         inputs = {"example": example(arch), "fresh": fresh(arch)}
@@ -955,7 +956,7 @@ COLUMNS = (
 
 def _exact(part: dict[str, Any] | None) -> str:
     if not part or "checks" not in part:
-        return "" if not part else "no"
+        return "" if not part else "-"
     checks = part["checks"].values()
     worst = max(c["max_abs_error"] or 0.0 for c in checks)
     return f"{'yes' if all(c['ok'] for c in checks) else 'no'} ({worst:.1e})"
@@ -1067,7 +1068,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{TOLERANCE:g} × max(1, max|reference|), the KV cache left out. Removed counts come from the compacted "
         "parameter shapes. `python -m benchmarks.text_sweep` writes this file.",
         "",
-        f"Ran on commit `{meta['commit']}` ({meta['date']}, torch {meta['torch']}).",
+        f"Ran on commit `{meta['commit']}` ({meta['date']}, torch {meta['torch']}), compactor sources "
+        f"`{meta['compactor_digest']}`{_changed(results, meta)}.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "| " + " | ".join("---" for _ in COLUMNS) + " |",
@@ -1077,6 +1079,26 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in results:
         lines += details(r)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def compactor_digest() -> str:
+    """A digest of compactor's sources as they are now (the tree may be edited while a sweep runs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((ROOT.parent / "compactor").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT.parent)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _changed(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Which cases ran on compactor sources other than those the sweep started on."""
+    other = [
+        r["case"]
+        for r in results
+        if r.get("compactor_digest", meta["compactor_digest"]) != meta["compactor_digest"]
+    ]
+    return f" (edited during the sweep: {', '.join(other)} ran on other sources)" if other else ""
 
 
 def metadata() -> dict[str, Any]:
@@ -1092,6 +1114,7 @@ def metadata() -> dict[str, Any]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "compactor_digest": compactor_digest(),
     }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from .engine.coupling import Analysis
 from .engine.coupling.stage import couple
 from .engine.coverage import check_train_mode
+from .engine.experts import ExpertChange, expert_stacks, remove_expert_neurons
 from .engine.heads import HeadChange, head_layers, remove_heads
 from .engine.masks import observe
 from .engine.options import Log, Options
@@ -119,6 +120,12 @@ def _compact(model: nn.Module, example_inputs: Any, options: Options) -> tuple[n
         with _timed(seconds, "heads"):
             uncalled = frozenset(name for name, _ in observed.paths.uncalled)
             current, heads = remove_heads(current, inputs, runs, references, options.tolerance, uncalled)
+    experts: list[ExpertChange] = []
+    if expert_stacks(current):  # fused 3-D experts: each expert's neurons in an order of its own
+        options.say("removing the neurons no expert uses")
+        with _timed(seconds, "experts"):
+            uncalled = frozenset(name for name, _ in observed.paths.uncalled)
+            current, experts = remove_expert_neurons(current, runs, references, options.tolerance, uncalled)
     with _timed(seconds, "widen"):
         # Decide on a float32 twin where the model holds 16-bit floats: their rounding (8 bits of mantissa in
         # bfloat16) would hide a wrong plan under the tolerance that an exact one needs.
@@ -158,7 +165,7 @@ def _compact(model: nn.Module, example_inputs: Any, options: Options) -> tuple[n
     decided.small.train(model.training)
     report = build_report(
         dense, planned, inputs, observed, heads, coupled, decided, tolerance=options.tolerance,
-        round_to=options.round_to, seconds=seconds, auto=auto, macs=macs,
+        round_to=options.round_to, seconds=seconds, auto=auto, macs=macs, experts=experts,
     )  # fmt: skip
     return decided.small, report
 

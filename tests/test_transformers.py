@@ -1099,3 +1099,99 @@ def test_heads_a_layout_ties_across_layers_are_kept_with_the_reason(family: str)
     assert change["heads_after"] == change["heads_before"] and not change["removed"]
     assert [d["fate"] for d in change["decisions"]] == ["kept: heads tied across layers"]
     assert why in change["reason"]
+
+
+def _moe(family: str) -> tuple[Any, list[list[int]]]:
+    """A small Qwen3-MoE or Mixtral (2 layers of 4 experts of 64 neurons) whose experts each lose a different
+    number of neurons (8 + 2e + layer, some through a zero down column, some through zero gate and up rows),
+    and the live count per layer and expert."""
+    torch.manual_seed(0)
+    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    size |= {"head_dim": 8, "vocab_size": 100, "num_experts_per_tok": 2, "pad_token_id": 0}
+    if family == "qwen3_moe":
+        config: Any = transformers.Qwen3MoeConfig(
+            **size, moe_intermediate_size=64, intermediate_size=64, num_experts=4
+        )
+        model: Any = transformers.Qwen3MoeForCausalLM(config)
+    else:
+        config = transformers.MixtralConfig(**size, intermediate_size=64, num_local_experts=4)
+        model = transformers.MixtralForCausalLM(config)
+    model = randomise(model).eval()
+    live = []
+    for li, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        counts = []
+        for e in range(4):
+            dead = torch.randperm(64, generator=torch.Generator().manual_seed(10 * li + e))[: 8 + 2 * e + li]
+            with torch.no_grad():
+                if e % 2:
+                    experts.down_proj[e][:, dead] = 0
+                else:
+                    experts.gate_up_proj[e, dead] = 0
+                    experts.gate_up_proj[e, 64 + dead] = 0
+            counts.append(64 - len(dead))
+        live.append(counts)
+    return model, live
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_expert_neurons_sorted_per_expert_and_cut_to_the_widest(family: str, tmp_path: Path) -> None:
+    """transformers 5's fused 3-D experts: each expert's dead neurons are sorted last and the layer is cut to
+    the most live neurons any expert has (rounded up to 16 bytes for the grouped_mm kernel: 4 in float32), so
+    every expert keeps its live neurons; the router is untouched; the report names what
+    per-expert widths would save and no zero is called unstructured; a directory reloads the same."""
+    model, live = _moe(family)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    small, report = compactor.compact(model, {"input_ids": ids})
+    widths = [-(-max(counts) // 4) * 4 for counts in live]  # 56 and 56: the fewest dead are 8 and 9
+    assert widths == [56, 56]
+    for layer, width, counts in zip(small.model.layers, widths, live):
+        experts = layer.mlp.experts
+        assert tuple(experts.gate_up_proj.shape) == (4, 2 * width, 32)
+        assert tuple(experts.down_proj.shape) == (4, 32, width)
+        assert experts.intermediate_dim == width
+        assert [int((~compactor.engine.experts.dead_neurons(experts)).sum(1)[e]) for e in range(4)] == counts
+    changes = report.extra["experts"]
+    assert [c["width_after"] for c in changes] == widths and [list(c["live"]) for c in changes] == live
+    assert [c["per_expert_saving"] for c in changes] == [
+        sum(w - n for n in counts) * 3 * 32 for w, counts in zip(widths, live)
+    ]
+    assert not any("unstructured" in w for w in report.warnings), report.warnings
+    save_output(small, tmp_path / "small", {"input_ids": ids}, format="hf")
+    back = compactor.load(tmp_path / "small")
+    assert back.model.layers[1].mlp.experts.intermediate_dim == widths[1]
+    longer = torch.randint(3, 100, (1, 13), generator=torch.Generator().manual_seed(1))
+    for x in (ids, longer):
+        with torch.no_grad():
+            expected = model(input_ids=x).logits
+            torch.testing.assert_close(small(input_ids=x).logits, expected, **CLOSE)
+            torch.testing.assert_close(back(input_ids=x).logits, expected, **CLOSE)
+
+
+def test_experts_a_failed_verification_or_another_layout_keep_whole() -> None:
+    """A cut that the check rejects is given back with the reason; a transposed layout is not cut."""
+    from compactor.engine.experts import compact_experts
+
+    model, _ = _moe("mixtral")
+    again, changes = compact_experts(copy.deepcopy(model), verify=lambda m: "run 0: off by 1")
+    assert all(layer.mlp.experts.down_proj.shape[-1] == 64 for layer in again.model.layers)
+    assert [c.reason for c in changes] == ["kept: run 0: off by 1"] * 2
+    model.model.layers[0].mlp.experts.is_transposed = True
+    _, changes = compact_experts(model)
+    assert changes[0].width_after == changes[0].width_before and "is_transposed=True" in changes[0].reason
+    assert changes[1].width_after == 56
+
+
+def test_a_layer_type_registered_by_name_needs_no_import_of_its_package() -> None:
+    """``register_by_name``: compactor's import does not import transformers, and Conv1D's shrinker serves the
+    class once it is met."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, compactor; assert 'transformers' not in sys.modules, 'imported';"
+        "from transformers.pytorch_utils import Conv1D; from compactor.layers import shrinker_for;"
+        "print(type(shrinker_for(Conv1D(4, 3))).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "Conv1DShrinker"

@@ -34,6 +34,7 @@ HEAD_COUNTS = (
     "split_size",
     "num_kv_heads",
     "inner_dim",
+    "intermediate_dim",
 )
 
 

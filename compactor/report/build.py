@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from ..engine.coupling.stage import Coupled
+from ..engine.experts import ExpertChange, expert_stacks
 from ..engine.heads import HeadChange
 from ..engine.masks import Observed
 from ..engine.plan.autowidth import AutoWidths, slower_warning
@@ -40,6 +41,7 @@ def build_report(
     seconds: dict[str, float],
     auto: AutoWidths | None = None,
     macs: dict[str, int] | None = None,
+    experts: list[ExpertChange] | None = None,
 ) -> CompactionReport:
     """``dense``: the masked model baked (before any head went); ``planned``: the model the plans were made on
     (in float64 where decisions were); ``decided.small``: what ships."""
@@ -50,6 +52,7 @@ def build_report(
     extra: dict[str, Any] = {
         "graph_issues": sorted({i for g in coupled.groups for i in g.issues}),
         **({"heads": [h.to_dict() for h in heads]} if heads else {}),
+        **({"experts": [e.to_dict() for e in experts]} if experts else {}),
         **({"rounding_floor": max(max(f, default=0.0) for f in floors)} if floors else {}),
         **({"judged_in": decided.judged_in} if floors and decided.judged_in else {}),
         "sparsity": [layer.to_dict() for layer in sparsity],
@@ -79,7 +82,7 @@ def build_report(
             *paths.warnings(),
             *([observed.fresh_note] if observed.fresh_note else []),
             *dead_model_warnings(observed.references[: observed.same], plans),  # at one size: shapes differ
-            *unstructured_warnings(small),
+            *unstructured_warnings(small, stacks=frozenset(expert_stacks(small))),
             *(slower_warning(auto) if auto is not None else ()),
         ),
         seconds=seconds,

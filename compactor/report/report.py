@@ -55,7 +55,8 @@ class CompactionReport:
     warnings: tuple[str, ...] = ()
     filters: tuple[PrunedFilter, ...] = ()  # every all-zero output row of a mixing layer, and its fate
     seconds: dict[str, float] = field(default_factory=dict)
-    # graph_issues (Torch-Pruning mappings dropped), heads (attention heads removed or kept),
+    # graph_issues (Torch-Pruning mappings dropped), heads (attention heads removed or kept), experts (the
+    # neurons of fused Mixture-of-Experts layers),
     # rounding_floor (when float rounding exceeded the tolerance); later stages add latency, macs...
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -149,6 +150,12 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
                 else ""
             )
             + f" ({h['reason']})",
+            markup=False,
+        )
+    for e in report.extra.get("experts", []):
+        console.print(
+            f"experts of {e['layer']}: neurons per expert {_arrow(e['width_before'], e['width_after'])} "
+            f"({e['experts']} experts; {e['reason']})",
             markup=False,
         )
     console.print(

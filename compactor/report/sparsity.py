@@ -10,9 +10,15 @@ from torch import nn
 UNSTRUCTURED_WARNING_AT = 0.05  # fraction of the compacted model's weights still zero
 
 
-def unstructured_warnings(model: nn.Module) -> Iterator[str]:
-    """Zeros outside whole zero slices (a kept carrier or channel is one) cannot shrink any layer."""
-    scattered = {name: _scattered_zeros(p.detach()) for name, p in model.named_parameters() if p.dim() >= 2}
+def unstructured_warnings(model: nn.Module, stacks: frozenset[str] = frozenset()) -> Iterator[str]:
+    """Zeros outside whole zero slices (a kept carrier or channel is one) cannot shrink any layer. ``stacks``:
+    parameters whose ``[e]`` slices are matrices of their own (fused experts): zero rows and columns of each
+    count as whole slices."""
+    scattered = {
+        name: sum(_scattered_zeros(w) for w in p.detach()) if name in stacks else _scattered_zeros(p.detach())
+        for name, p in model.named_parameters()
+        if p.dim() >= 2
+    }
     sizes = {name: p.numel() for name, p in model.named_parameters() if p.dim() >= 2}
     zeros, total = sum(scattered.values()), sum(sizes.values())
     if not total or zeros / total < UNSTRUCTURED_WARNING_AT:
