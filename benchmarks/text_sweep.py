@@ -783,8 +783,14 @@ def digest(report: dict[str, Any]) -> dict[str, Any]:
         + f" ({h['reason']})"
         for h in report.get("heads", [])
     ]
+    experts = [
+        f"{e['layer']}: neurons per expert {e['width_before']} -> {e['width_after']}, live {list(e['live'])} "
+        f"({e['reason']})"
+        for e in report.get("experts", [])
+    ]
     return {
         "params": report.get("params"),
+        "experts": experts,
         "max_abs_error": report.get("max_abs_error"),
         "pruned_filters": {k: filters.get(k) for k in ("total", "removed", "kept", "kept_by_reason")},
         "fates": {k: v for k, v in report.get("channels", {}).get("fates", {}).items() if v},
@@ -1041,6 +1047,7 @@ def _part_lines(key: str, part: dict[str, Any]) -> list[str]:
     report = cli.get("report", {})
     lines += [f"  - report kept: {k}" for k in report.get("kept", [])]
     lines += [f"  - report heads: {h}" for h in report.get("heads", [])]
+    lines += [f"  - report experts: {e}" for e in report.get("experts", [])]
     if report.get("paths"):
         lines += [f"  - report paths: `{json.dumps(report['paths'])[:400]}`"]
     lines += [f"  - printed: `{w}`" for w in cli.get("warnings", [])]

@@ -27,6 +27,7 @@ from .io.load import load
 from .report.report import CompactionReport
 from .stream import StreamReport, compact_checkpoint
 from .training.finetune import KeepPruned, keep_pruned
+from .training.prune import PrunePlan, prune_channels
 
 
 @overload
@@ -67,9 +68,11 @@ __all__ = [
     "CompactionReport",
     "CompactorError",
     "KeepPruned",
+    "PrunePlan",
     "StreamReport",
     "compact",
     "keep_pruned",
     "load",
+    "prune_channels",
 ]
 __version__ = "0.1.0"

@@ -154,6 +154,13 @@ class Shrinker(Generic[M]):
         out), in words; "" where there is nothing short to say."""
         return ""
 
+    def channel_params(self, m: M, side: Side) -> dict[str, int]:
+        """The layer's own parameters that hold a channel of ``side`` (a channelwise layer: either side), each
+        with the dimension that holds it: one channel there holds ``numel // width`` entries of each.
+        ``compactor.prune_channels`` masks a writer's (``Side.OUT``) and counts what a removal saves. Empty
+        (the default): the layer's channels cannot be masked, and its groups are left whole."""
+        return {}
+
     def layout(self, m: M, side: Side, n: int) -> Index:
         """Some ``n`` channels of ``side`` that the layer can keep (to rebuild a saved shape, values loaded after)."""
         return torch.arange(n)

@@ -150,6 +150,11 @@ class ConvShrinker(Shrinker[Conv]):
             [g * per + i for g in range(m.groups) for i in range(n // m.groups)], dtype=torch.long
         )
 
+    def channel_params(self, m: Conv, side: Side) -> dict[str, int]:
+        if side is Side.OUT or is_depthwise(m):
+            return {"weight": 0, "bias": 0}
+        return {"weight": 1}  # a grouped conv's column c serves the rows of its group only: numel // in
+
     def shrink(self, m: Conv, keep_out: Index | None, keep_in: Index | None) -> Conv:
         if is_depthwise(m):
             keep = keep_out if keep_out is not None else keep_in
@@ -407,6 +412,11 @@ class ConvTransposeShrinker(Shrinker[Conv]):
 
     def in_channels(self, m: Conv) -> int:
         return m.in_channels
+
+    def channel_params(self, m: Conv, side: Side) -> dict[str, int]:
+        if m.groups != 1:
+            return {}
+        return {"weight": 1, "bias": 0} if side is Side.OUT else {"weight": 0}
 
     def shrink(self, m: Conv, keep_out: Index | None, keep_in: Index | None) -> Conv:
         new = new_like(

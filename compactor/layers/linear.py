@@ -11,6 +11,7 @@ from .base import (
     Index,
     Role,
     Shrinker,
+    Side,
     must_take,
     new_like,
     register,
@@ -56,6 +57,9 @@ class LinearShrinker(Shrinker[nn.Linear]):
 
     def probe_inputs(self, m: nn.Linear) -> list[torch.Tensor]:
         return [torch.randn(2, m.in_features, generator=torch.Generator().manual_seed(0)).to(m.weight)]
+
+    def channel_params(self, m: nn.Linear, side: Side) -> dict[str, int]:
+        return {"weight": 0, "bias": 0} if side is Side.OUT else {"weight": 1}
 
     def shrink(self, m: nn.Linear, keep_out: Index | None, keep_in: Index | None) -> nn.Linear:
         new = new_like(
@@ -105,6 +109,9 @@ class Conv1DShrinker(Shrinker[Any]):
     def probe_inputs(self, m: Any) -> list[torch.Tensor]:
         return [torch.randn(2, m.nx, generator=torch.Generator().manual_seed(0)).to(m.weight)]
 
+    def channel_params(self, m: Any, side: Side) -> dict[str, int]:
+        return {"weight": 1, "bias": 0} if side is Side.OUT else {"weight": 0}
+
     def shrink(self, m: Any, keep_out: Index | None, keep_in: Index | None) -> Any:
         weight = must_take(must_take(m.weight, 1, keep_out), 0, keep_in)
         new = new_like(m, weight=weight, bias=take(m.bias, 0, keep_out))
@@ -141,6 +148,9 @@ class EmbeddingShrinker(Shrinker[nn.Embedding]):
 
     def in_channels(self, m: nn.Embedding) -> None:
         return None  # token ids, not channels
+
+    def channel_params(self, m: nn.Embedding, side: Side) -> dict[str, int]:
+        return {"weight": 1} if side is Side.OUT else {}
 
     def shrink(self, m: nn.Embedding, keep_out: Index | None, keep_in: Index | None) -> nn.Embedding:
         new = new_like(m, weight=must_take(m.weight, 1, keep_out))

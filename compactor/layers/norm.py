@@ -48,6 +48,9 @@ class BatchNormShrinker(Shrinker[Any]):
         with torch.no_grad():
             m.running_mean -= delta.to(m.running_mean)
 
+    def channel_params(self, m: Any, side: Side) -> dict[str, int]:
+        return {"weight": 0, "bias": 0} if getattr(m, "affine", True) else {}
+
     def shrink(self, m: Any, keep_out: Index | None, keep_in: Index | None) -> Any:
         keep = keep_out if keep_out is not None else keep_in
         new = new_like(
@@ -97,6 +100,9 @@ class GroupNormShrinker(Shrinker[nn.GroupNorm]):
         whole = [g for g in range(m.num_groups) if all(c in chosen for c in range(g * size, (g + 1) * size))]
         keep = [c for g in whole for c in range(g * size, (g + 1) * size)]
         return torch.tensor(sorted(keep), dtype=torch.long)
+
+    def channel_params(self, m: nn.GroupNorm, side: Side) -> dict[str, int]:
+        return {"weight": 0, "bias": 0} if m.affine else {}
 
     def shrink(self, m: nn.GroupNorm, keep_out: Index | None, keep_in: Index | None) -> nn.GroupNorm:
         keep = keep_out if keep_out is not None else keep_in

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import Index, Role, Shrinker, must_take, new_like, register
+from .base import Index, Role, Shrinker, Side, must_take, new_like, register
 
 
 @register(nn.PReLU)
@@ -19,6 +19,9 @@ class PReLUShrinker(Shrinker[nn.PReLU]):
 
     def in_channels(self, m: nn.PReLU) -> int | None:
         return self.out_channels(m)
+
+    def channel_params(self, m: nn.PReLU, side: Side) -> dict[str, int]:
+        return {"weight": 0} if m.num_parameters > 1 else {}
 
     def shrink(self, m: nn.PReLU, keep_out: Index | None, keep_in: Index | None) -> nn.PReLU:
         if m.num_parameters == 1:
