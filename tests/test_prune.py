@@ -142,7 +142,7 @@ def test_masks_are_torch_prune_masks_on_writers_and_the_norms_after_them() -> No
     stream = next(g for g in plan.groups if "conv2" in g.layers)  # the residual stream: 3 writers, 3 norms
     assert {"conv2", "bn2", "down.0", "down.1"} <= set(stream.layers) and len(stream.masked) == 8
     for name in ("conv2", "down.0"):
-        rows = (getattr(model.get_submodule(name), "weight_mask").flatten(1) == 0).all(1)
+        rows = (model.get_submodule(name).weight_mask.flatten(1) == 0).all(1)
         assert rows.nonzero().flatten().tolist() == list(stream.masked)
     for name in ("bn2", "down.1"):
         norm = model.get_submodule(name)
@@ -169,7 +169,7 @@ def test_a_stream_layernorm_reads_is_left_whole_with_the_reason() -> None:
 
 
 def test_round_to_global_and_a_score_of_ones_own() -> None:
-    _, small, _, plan, _ = _run("mobilenet_v2", amount=0.3, round_to=8)
+    _, _, _, plan, _ = _run("mobilenet_v2", amount=0.3, round_to=8)
     assert all((g.size - len(g.masked)) % 8 == 0 for g in plan.groups)
 
     calls: list[GroupView] = []
