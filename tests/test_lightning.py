@@ -155,3 +155,29 @@ def test_compact_on_fit_end_refuses_an_unwritable_output_before_training(tmp_pat
 def test_importing_compactor_does_not_import_lightning() -> None:
     code = "import sys, compactor, compactor.training.finetune; assert 'lightning' not in sys.modules, 'lightning imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_keep_pruned_callback_makes_coupled_masks_and_compaction_removes_every_one() -> None:
+    """``KeepPrunedCallback(amount=...)``: ``prune_channels`` when fitting starts (after the optimizers are
+    made: they keep the ``weight_orig`` parameters), the masks held through the epoch, every masked row gone
+    at the end."""
+    torch.manual_seed(0)
+    net = _net()
+    module = Classifier(net)
+    example = torch.randn(2, 3, 12, 12)
+    keep_cb = KeepPrunedCallback(attr="model", amount=0.5, example_inputs=example)
+    compact_cb = CompactOnFitEnd(example)
+    _fit(module, [keep_cb, compact_cb])
+    plan = keep_cb.plan
+    assert plan is not None and plan.channels == 8  # half of each conv's 8 channels
+    assert (
+        isinstance(net[0].weight_orig, nn.Parameter)
+        and int((net[0].weight_mask.flatten(1) == 0).all(1).sum()) == 4
+    )
+    report = compact_cb.report
+    assert report is not None and report.params["before"] - report.params["after"] == plan.params
+    assert (module.model[0].out_channels, module.model[3].out_channels) == (4, 4)
+    net.eval()
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(example), net(example), rtol=1e-4, atol=1e-5)

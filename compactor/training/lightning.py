@@ -5,6 +5,9 @@ this module; import it explicitly:
 
 >>> from compactor.training.lightning import CompactOnFitEnd, KeepPrunedCallback
 >>> trainer = Trainer(callbacks=[KeepPrunedCallback(), CompactOnFitEnd(torch.randn(1, 3, 32, 32), "small.pt")])
+
+``KeepPrunedCallback(amount=0.3, example_inputs=x)`` also makes the masks when fitting starts
+(:func:`compactor.prune_channels`), so that the channels it masks are the ones compaction removes whole.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ..outputs import DEFAULT_TOLERANCE
 from ..report.report import CompactionReport
 from ..util import set_submodule
 from .finetune import KeepPruned, keep_pruned
+from .prune import Importance, PrunePlan, prune_channels
 
 __all__ = ["CompactOnFitEnd", "KeepPrunedCallback"]
 
@@ -116,15 +120,37 @@ class KeepPrunedCallback(Callback):
 
     The masks are taken when fitting starts, once the optimizers exist, from ``pl_module.<attr>`` (``None``:
     the whole LightningModule); the hooks are removed when fitting ends or fails. The handle is ``self.handle``.
+
+    ``amount``: first mask that share of every group of coupled channels with :func:`compactor.prune_channels`
+    (on ``example_inputs``, scored by ``importance``, widths kept multiples of ``round_to``), so that
+    :class:`CompactOnFitEnd` removes them whole; its plan is ``self.plan``. The optimizers keep their
+    parameters: a pruned tensor's ``*_orig`` is the parameter they hold.
     """
 
-    def __init__(self, attr: str | None = None, *, min_dim: int = 2) -> None:
+    def __init__(
+        self,
+        attr: str | None = None,
+        *,
+        min_dim: int = 2,
+        amount: float | None = None,
+        example_inputs: Any = None,
+        importance: Importance = "l1",
+        round_to: int | None = None,
+    ) -> None:
         self.attr = attr
         self.min_dim = min_dim
+        self.amount, self.example_inputs = amount, example_inputs
+        self.importance, self.round_to = importance, round_to
         self.handle: KeepPruned | None = None
+        self.plan: PrunePlan | None = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         target = _target(pl_module, self.attr, type(self).__name__)
+        if self.amount is not None:  # every rank makes the same masks: the analysis is deterministic
+            self.plan = prune_channels(
+                target, self.example_inputs, self.amount, self.importance, self.round_to
+            )
+            rank_zero_info(f"compactor: {self.plan.summary()}")
         self.handle = keep_pruned(target, list(trainer.optimizers), min_dim=self.min_dim)
         rank_zero_info(f"compactor: holding {self.handle.zeros:,} pruned weights at zero while fitting")
 
