@@ -124,7 +124,17 @@ def test_the_tree_shows_the_pipeline() -> None:
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
     assert folders == ["engine", "io", "layers", "measure", "report", "stream", "training"]
     stages = sorted(p.stem for p in (PACKAGE / "engine").iterdir() if not p.name.startswith("__"))
-    assert stages == ["coupling", "coverage", "experts", "heads", "masks", "options", "plan", "rebuild", "verify"]
+    assert stages == [
+        "coupling",
+        "coverage",
+        "experts",
+        "heads",
+        "masks",
+        "options",
+        "plan",
+        "rebuild",
+        "verify",
+    ]
     plan = sorted(p.stem for p in (PACKAGE / "engine" / "plan").iterdir() if not p.name.startswith("__"))
     assert plan == ["autowidth", "base", "compensate", "fates", "observe", "stage", "varying", "widths"]
     measure = sorted(p.stem for p in (PACKAGE / "measure").iterdir() if not p.name.startswith("__"))

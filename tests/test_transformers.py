@@ -1099,6 +1099,10 @@ def test_heads_a_layout_ties_across_layers_are_kept_with_the_reason(family: str)
     assert change["heads_after"] == change["heads_before"] and not change["removed"]
     assert [d["fate"] for d in change["decisions"]] == ["kept: heads tied across layers"]
     assert why in change["reason"]
+    # the head's rows carry its reason, not a row-level "coupled to a live channel" alone
+    rows = [f for f in report.filters if f.layer.endswith(("qkv_proj", "SelfAttention.v"))]
+    assert len(rows) == 8 and all(why in f.reason and "attention head (1)" in f.reason for f in rows)
+    assert not report.warnings, report.warnings  # T5's tied `shared` embedding is read: no "not called"
 
 
 def _moe(family: str) -> tuple[Any, list[list[int]]]:
@@ -1195,3 +1199,49 @@ def test_a_layer_type_registered_by_name_needs_no_import_of_its_package() -> Non
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "Conv1DShrinker"
+
+
+class _SelfAttended(nn.Module):
+    """``nn.MultiheadAttention`` (which reads ``out_proj.weight`` without calling ``out_proj``) and a layer no
+    forward reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.unused = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_weights_read_without_calling_their_module_are_not_reported_uncalled() -> None:
+    """A tied embedding (BART's ``shared``: its weight is the called ``embed_tokens``') and
+    ``nn.MultiheadAttention``'s ``out_proj`` (its weight read by the functional attention) are used: no
+    "not called by any forward" warning. A module no forward reads at all still gets one."""
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    _, report = compactor.compact(_SelfAttended().eval(), x)
+    assert report.extra["paths"]["uncalled_layers"] == ["unused (Linear)"]
+    model, inputs = _head_zeroed("bart")
+    _, report = compactor.compact(model, inputs)
+    assert report.extra["paths"]["uncalled_layers"] == [] and not report.warnings, report.warnings
+
+
+def test_the_uneven_field_is_named_by_the_tensors_it_shapes_not_by_its_value() -> None:
+    """``vocab_size`` and ``intermediate_size`` both 64: the uneven FFN widths are named intermediate_size
+    (the config field that shapes the changed tensors), not the first field that holds the value."""
+    from compactor.io.hf import uniform_config
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0,
+    )  # fmt: skip
+    model = randomise(transformers.LlamaForCausalLM(config)).eval()
+    with torch.no_grad():
+        for layer, n in zip(model.model.layers, (8, 16)):
+            layer.mlp.down_proj.weight[:, :n] = 0
+    small, _ = compactor.compact(model, {"input_ids": torch.randint(1, 64, (2, 6))})
+    assert uniform_config(small) == (
+        None,
+        "intermediate_size differs across layers (48, 56); --uniform evens it out",
+    )

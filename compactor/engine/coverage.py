@@ -17,7 +17,7 @@ can lie outside them, and each is detected while the masked model runs, then sai
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -66,6 +66,9 @@ class Coverage:
     conversions: dict[str, set[str]] = field(default_factory=dict)  # "file.py:12" -> {"bool", ...}
     called: set[str] = field(default_factory=set)  # module names
     outcomes: dict[str, set[bool]] = field(default_factory=dict)  # "file.py:12" -> the bools it gave
+    # ids of the parameters torch functions were given: a module's weights may be read without calling it
+    # (tied embeddings, ``nn.MultiheadAttention``'s ``out_proj`` read by the functional attention)
+    read: set[int] = field(default_factory=set)
 
     def branches(self) -> list[str]:
         """``"file.py:12 (bool)"`` per place, in order of file and line; a place that only converts to bool
@@ -96,6 +99,11 @@ class _Conversions(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        for a in (*args, *(kwargs or {}).values()):
+            if isinstance(a, nn.Parameter):
+                self.coverage.read.add(id(a))
+            elif isinstance(a, (list, tuple)):
+                self.coverage.read.update(id(t) for t in a if isinstance(t, nn.Parameter))
         kind = _CONVERSIONS.get(getattr(func, "__name__", ""))
         where = _model_code() if kind is not None else None
         if kind is not None and where is not None:
@@ -134,12 +142,16 @@ def watch(model: nn.Module) -> Iterator[Coverage]:
             h.remove()
 
 
-def uncalled_layers(model: nn.Module, called: set[str]) -> list[tuple[str, str]]:
-    """Modules holding parameters of their own that no forward called: (name, type name)."""
+def uncalled_layers(model: nn.Module, called: set[str], read: Collection[int] = ()) -> list[tuple[str, str]]:
+    """Modules holding parameters of their own that no forward called and whose parameters no forward read
+    (``read``: ids of parameters given to torch functions; a tied embedding's weight is read through the
+    embedding that is called): (name, type name)."""
     return [
         (name, type(m).__name__)
         for name, m in model.named_modules()
-        if name not in called and any(True for _ in m.parameters(recurse=False))
+        if name not in called
+        and any(True for _ in m.parameters(recurse=False))
+        and not all(id(p) in read for p in m.parameters(recurse=False))
     ]
 
 
@@ -273,12 +285,13 @@ def find_paths(masked: nn.Module, seen: Coverage, inputs: ExampleInputs) -> Path
         if not isinstance(trained, str):
             inputs = candidate
             break
-    called, conversions = set(seen.called), dict(seen.conversions)
+    called, conversions, read = set(seen.called), dict(seen.conversions), set(seen.read)
     train_only: set[str] = set()
     if not isinstance(trained, str):
         _, coverage = trained
         train_only = coverage.called - seen.called
         called |= coverage.called
+        read |= coverage.read
         for where, kinds in coverage.conversions.items():
             conversions.setdefault(where, set()).update(kinds)
     # both sides of a branch count where the verified (eval-mode) runs took them
@@ -286,7 +299,7 @@ def find_paths(masked: nn.Module, seen: Coverage, inputs: ExampleInputs) -> Path
     return Paths(
         branches=tuple(b for b in branches if not b.startswith(MASK_CODE)),
         mask_branches=tuple(b for b in branches if b.startswith(MASK_CODE)),
-        uncalled=tuple(uncalled_layers(masked, called)),
+        uncalled=tuple(uncalled_layers(masked, called, read)),
         train_only=frozenset(train_only),
         train=trained if isinstance(trained, str) else tuple(structure(trained[0])),
         train_inputs=inputs,

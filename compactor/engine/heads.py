@@ -564,6 +564,27 @@ def head_layers(model: nn.Module) -> dict[tuple[str, Side], str]:
     return found
 
 
+def kept_head_rows(model: nn.Module, changes: list[HeadChange]) -> dict[tuple[str, int], str]:
+    """``(q/k/v layer, row) -> why`` for the rows of every zeroed head the heads stage kept: a row-level
+    reason (coupled to a live channel) says less than the head's own (the layout ties heads across layers)."""
+    sites = {s.name: s for s in _find_sites(model)[0]}
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[tuple[str, int], str] = {}
+    for change in changes:
+        site = sites.get(change.layer)
+        if site is None:
+            continue
+        for d in change.decisions:
+            if d.fate.removed:
+                continue
+            why = f"its attention head ({d.head}) is {d.fate.value}: {d.reason}"
+            for which in ("q", "k", "v"):
+                layer = names[id(site.linear(which))]
+                for row in site.rows(which, d.head):
+                    found.setdefault((layer, row), why)
+    return found
+
+
 # --- finding attention modules ---------------------------------------------------------------------
 def _find_sites(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[str, nn.Module, str]]]:
     """Every recognised attention module, paired with its output projection; and those left unpaired."""

@@ -68,6 +68,9 @@ def uniform_config(model: nn.Module) -> tuple[Any | None, str]:
         for name, value in config.to_dict().items()
         if isinstance(value, int) and not isinstance(value, bool) and value in sizes and hasattr(config, name)
     }
+    if len(fields) > 1:  # fields that share a dense value: keep those that shape a changed tensor
+        governing = {n: o for n, o in fields.items() if _governs(model, config, n, dense, changed)}
+        fields = governing or fields
     fields = {**_head_fields(model, config), **fields}  # an uneven head count is what to name first
     if any(len(options) > 1 for options in fields.values()):
         uneven = next(n for n, o in fields.items() if len(o) > 1)
@@ -113,6 +116,24 @@ def _head_fields(model: nn.Module, config: Any) -> dict[str, list[int]]:
         for name, found in heads.items()
         if found and isinstance(getattr(config, name, None), int) and found != {getattr(config, name)}
     }
+
+
+def _governs(
+    model: nn.Module,
+    config: Any,
+    name: str,
+    dense: dict[str, tuple[int, ...]],
+    changed: list[tuple[str, int, int, int]],
+) -> bool:
+    """Whether config field ``name`` shapes one of the ``changed`` tensor dimensions: the model built with it
+    doubled differs there (True where the config refuses the probe: it cannot be ruled out)."""
+    probe = copy.deepcopy(config)
+    try:
+        setattr(probe, name, 2 * getattr(config, name))
+        shapes = _shapes(model, probe)
+    except Exception:  # the config or the model refuses the doubled value
+        return True
+    return any(shapes.get(key, ())[i : i + 1] != dense[key][i : i + 1] for key, i, _, _ in changed)
 
 
 def _shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:

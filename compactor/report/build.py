@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from torch import nn
 
 from ..engine.coupling.stage import Coupled
 from ..engine.experts import ExpertChange, expert_stacks
-from ..engine.heads import HeadChange
+from ..engine.heads import HeadChange, kept_head_rows
 from ..engine.masks import Observed
 from ..engine.plan.autowidth import AutoWidths, slower_warning
+from ..engine.plan.base import Fate
 from ..engine.verify import Decided
 from ..inputs import ExampleInputs
 from ..io.sparse import sparsity_report
 from ..outputs import sliced_note
-from .filters import pruned_filters
+from .filters import PrunedFilter, pruned_filters
 from .report import (
     CompactionReport,
+    ZeroedChannel,
     count_params,
     dead_model_warnings,
     layer_changes,
@@ -64,6 +67,7 @@ def build_report(
         **({"path_notes": paths.notes()} if paths.notes() else {}),
         **({"auto": auto.to_dict(), "macs": macs} if auto is not None else {}),
     }
+    rows = kept_head_rows(dense, heads) if heads else {}
     return CompactionReport(
         params={"before": count_params(dense), "after": count_params(small)},
         file_bytes={"before": serialized_bytes(dense), "after": serialized_bytes(small)},
@@ -72,8 +76,11 @@ def build_report(
         verified_runs=len(observed.runs),
         inputs=inputs.describe(),
         layers=layer_changes(dense, small),
-        zeroed=zeroed_channels(plans),
-        filters=pruned_filters(planned, plans, uncalled=uncalled, traced=not coupled.untraced),
+        zeroed=tuple(_head_reason(z, rows) for z in zeroed_channels(plans)),
+        filters=tuple(
+            _head_reason(f, rows)
+            for f in pruned_filters(planned, plans, uncalled=uncalled, traced=not coupled.untraced)
+        ),
         warnings=(
             *_guess_warning(inputs),
             *_quantized_warning(dense),
@@ -88,6 +95,17 @@ def build_report(
         seconds=seconds,
         extra=extra,
     )
+
+
+Row = TypeVar("Row", ZeroedChannel, PrunedFilter)
+_REMOVED = frozenset(f.value for f in Fate if f.removed)
+
+
+def _head_reason(row: Row, kept: dict[tuple[str, int], str]) -> Row:
+    """A kept row of a kept attention head: the head's reason (said once for the head) over the row's."""
+    index = row.channel if isinstance(row, ZeroedChannel) else row.row
+    why = kept.get((row.layer, index))
+    return row if why is None or row.fate in _REMOVED else replace(row, reason=why)
 
 
 def _unchecked_warning(unchecked: list[str]) -> list[str]:
