@@ -77,6 +77,7 @@ SOURCE = textwrap.dedent(
             self.bn1 = nn.BatchNorm2d(8)
             self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
             self.head = nn.Linear(8, 5)
+            self.aux_bn = nn.BatchNorm1d(8)  # one value per channel at a batch of one: train mode fails there
             self.aux = nn.Linear(8, 5)
             _prune(self.conv1, [2, 6])
             with torch.no_grad():
@@ -88,7 +89,7 @@ SOURCE = textwrap.dedent(
             x = torch.relu(self.bn1(self.conv1(x)))
             out = self.head(torch.relu(self.conv2(x)).mean((2, 3)))
             if self.training:
-                return out, self.aux(x.mean((2, 3)))
+                return out, self.aux(self.aux_bn(x.mean((2, 3))))
             return out
 
 
@@ -310,19 +311,21 @@ def test_a_layer_no_forward_called_is_left_as_it_was(work: Path, monkeypatch: py
     assert not (work / "twoheads_strict.pt").exists()
 
 
+@pytest.mark.parametrize("batch", [2, 1])
 def test_a_train_mode_only_layer_keeps_what_it_reads_and_trains_after_compaction(
-    work: Path, monkeypatch: pytest.MonkeyPatch
+    work: Path, monkeypatch: pytest.MonkeyPatch, batch: int
 ) -> None:
+    """Also with a batch of one (what users give), where BatchNorm cannot run in train mode: train mode runs
+    and is traced on the example twice over (it was: every channel kept, "could not be traced")."""
     monkeypatch.chdir(work)
-    r = cli(
-        "withaux.pt", "-o", "withaux_small.pt", "--input-shape", "2,3,8,8", "--report", "aux.json", cwd=work
-    )
+    shape = f"{batch},3,8,8"
+    r = cli("withaux.pt", "-o", "withaux_small.pt", "--input-shape", shape, "--report", "aux.json", cwd=work)
     assert r.returncode == 0, r.stderr
     report = json.loads((work / "aux.json").read_text())
-    assert report["paths"]["train_only_layers"] == ["aux"]
+    assert report["paths"]["train_only_layers"] == ["aux", "aux_bn"]
     kept = [z for z in report["zeroed"] if z["layer"] == "conv1"]
     assert [z["channel"] for z in kept] == [2, 6]
-    assert {z["reason"] for z in kept} == {"aux reads these channels and runs only in train mode"}
+    assert {z["reason"] for z in kept} == {"aux, aux_bn reads these channels and runs only in train mode"}
     small = compactor.load(work / "withaux_small.pt")
     assert small.conv1.out_channels == 8 and small.conv2.out_channels == 6 and small.head.in_features == 6
     small.train()

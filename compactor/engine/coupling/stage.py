@@ -33,8 +33,12 @@ def couple(model: nn.Module, inputs: ExampleInputs, paths: Paths, options: Optio
         return Coupled([], [f"{e}: no channel was removed (attention heads may still go)"])
     if paths.train_only and groups:
         options.say("tracing train-mode channel dependencies")
+        # on what train mode ran on: the example twice over where BatchNorm needs more than one value
+        train_inputs = paths.train_inputs or inputs
         try:
-            groups = hold_train_only(groups, _train_groups(model, inputs, options), set(paths.train_only))
+            groups = hold_train_only(
+                groups, _train_groups(model, train_inputs, options), set(paths.train_only)
+            )
         except GraphError as e:  # what the train-mode paths read is unknown: every group stays whole
             why = f"the train-mode forward could not be traced ({e})"
             groups = [replace(g, held=(*g.held, why)) for g in groups]
