@@ -12,6 +12,7 @@ import pytest
 import torch
 from replicas_coupling import C2f, ConvNeXtTiny, GluTokens, ShuffleNetV2Tiny, YoloTiny
 from torch import nn
+from torch.nn import functional as F
 from zoo import mask_channels, perturb_norms, zero_bn
 
 import compactor
@@ -366,3 +367,32 @@ def test_narrow_and_select_take_their_dimension_second(op: str, analysis: Analys
     ]
     assert small.a.out_channels == 8
     torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
+
+
+class _PadPool(nn.Module):
+    """YOLO's downsampling: ``ZeroPad2d`` then ``MaxPool2d``; channel 1 zero, channel 5 a negative constant
+    (zero weights, bias -1: max-pooled with the zero border it becomes 0 there, -1 inside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.c1.weight[[1, 5]] = 0
+            self.c1.bias[1], self.c1.bias[5] = 0.0, -1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.max_pool2d(F.pad(self.c1(x), (0, 1, 0, 1)), 2, 2)
+        return self.fc(self.c2(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("analysis", ["labels", "torch-pruning"])
+def test_a_zero_channel_through_zero_padding_and_max_pooling_is_still_zero(analysis: str) -> None:
+    """Pooling is per channel, and a border the pad fills holds no other channel: the zero channel goes; the
+    negative constant varies at the border and stays, for that reason (not "max_pool2d reads across them")."""
+    model, x = _PadPool().eval(), torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    small, report = compactor.compact(model, x, analysis=analysis)  # type: ignore[arg-type]
+    fates = {z.channel: (z.fate, z.reason) for z in report.zeroed}
+    assert fates[1] == ("removed", "emits exactly zero")
+    assert small.c1.out_channels == 7 and "reads across" not in fates[5][1]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)

@@ -322,19 +322,25 @@ class _LabelMode(_Moves, TorchFunctionMode):
                 self._set(t, self._blank(t))
 
     def _spatial(self, name: str, args: Any, outs: list[torch.Tensor], labelled: dict[int, Labels]) -> None:
+        """Pooling and resizing act on each channel alone: the output channel is the input's, where every
+        position of an input channel holds that channel's label or none (a border ``F.pad`` filled with a
+        constant: a zero channel padded with zeros and max-pooled is still zero)."""
         x = args[0]
         lab = labelled.get(id(x))
-        if lab is None or x.dim() < 3 or any(not _constant_along(lab, d) for d in range(2, x.dim())):
+        per_channel = _one_per_channel(lab) if lab is not None and x.dim() >= 3 else None
+        if per_channel is None:
             for other in labelled.values():
                 self._opaque(other, f"{name} reads across them")
             for t in outs:
                 self._set(t, self._blank(t))
             return
-        per_channel = lab.reshape(*lab.shape[:2], -1)[..., :1]
         for t in outs:
             if t.dim() == x.dim() and t.shape[:2] == x.shape[:2]:
                 self._set(
-                    t, per_channel.reshape(*lab.shape[:2], *([1] * (t.dim() - 2))).expand(t.shape).clone()
+                    t,
+                    per_channel.reshape(*per_channel.shape[:2], *([1] * (t.dim() - 2)))
+                    .expand(t.shape)
+                    .clone(),
                 )
             else:
                 self._set(t, self._blank(t))
@@ -385,3 +391,15 @@ class _LabelMode(_Moves, TorchFunctionMode):
                 if lv is not None:
                     self._opaque(lv, "scaled_dot_product_attention reads across them")
                 self._set(out, self._blank(out))
+
+
+def _one_per_channel(lab: Labels) -> Labels | None:
+    """``[N, C, 1]``: each (sample, channel)'s one label over the positions (-1 where it holds none), or None
+    where a channel's positions hold two labels (the op would mix channels)."""
+    flat = lab.reshape(*lab.shape[:2], -1)
+    blank = flat < 0
+    high = flat.masked_fill(blank, -1.0).amax(-1, keepdim=True)
+    low = flat.masked_fill(blank, float("inf")).amin(-1, keepdim=True)
+    if not bool(((low == high) | blank.all(-1, keepdim=True)).all()):
+        return None
+    return high
