@@ -139,18 +139,16 @@ class Layout:
     packing: Packing = Packing.SEPARATE
     requires: tuple[str, ...] = ()  # further int attributes the module must have
     refuse: Callable[[nn.Module], str | None] = lambda m: None  # why its heads cannot go, if they cannot
-
-    @property
-    def grouped(self) -> bool:
-        """Whether a unit is a key/value head with its query heads (query heads may go within it)."""
-        return self.name in _GROUPED
+    when: Callable[[nn.Module], bool] = lambda m: True  # the module's flags choose this packing
+    grouped: bool = False  # a unit is a key/value head with its query heads (query heads may go within it)
 
     def count_attrs(self) -> tuple[str, ...]:
         """Every attribute :attr:`counts` may set."""
         return tuple(self.counts(Shape(2, 2, 2)))
 
 
-_GROUPED = frozenset({"decoder", "falcon", "falcon-mq", "phi3"})
+def _flag(module: nn.Module, name: str) -> bool:
+    return bool(getattr(module, name, False))
 
 
 def _ints(module: nn.Module, *attrs: str) -> tuple[int, ...] | None:
@@ -288,6 +286,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shape=_grouped,
         counts=lambda s: {"num_key_value_groups": s.group},
         requires=("num_key_value_groups", "head_dim"),
+        grouped=True,
     ),
     Layout(
         name="proj",
@@ -333,8 +332,10 @@ LAYOUTS: tuple[Layout, ...] = (
             "num_key_value_groups": s.group,
         },
         packing=Packing.PER_UNIT,
-        requires=("num_heads", "num_kv_heads", "head_dim", "new_decoder_architecture"),
+        requires=("num_heads", "num_kv_heads", "head_dim"),
         refuse=_falcon_refuse,
+        when=lambda m: _flag(m, "new_decoder_architecture"),
+        grouped=True,
     ),
     Layout(
         name="falcon-mq",
@@ -345,8 +346,10 @@ LAYOUTS: tuple[Layout, ...] = (
         shape=_falcon,
         counts=lambda s: {"num_heads": s.units * s.group, "num_key_value_groups": s.group},
         packing=Packing.BLOCKS,
-        requires=("num_heads", "num_kv_heads", "head_dim", "multi_query"),
+        requires=("num_heads", "num_kv_heads", "head_dim"),
         refuse=_falcon_refuse,
+        when=lambda m: _flag(m, "multi_query") and not _flag(m, "new_decoder_architecture"),
+        grouped=True,
     ),
     Layout(
         name="falcon-per-head",
@@ -359,6 +362,11 @@ LAYOUTS: tuple[Layout, ...] = (
         packing=Packing.PER_UNIT,
         requires=("num_heads", "num_kv_heads", "head_dim"),
         refuse=_falcon_refuse,
+        when=lambda m: (
+            hasattr(m, "multi_query")
+            and not _flag(m, "multi_query")
+            and not _flag(m, "new_decoder_architecture")
+        ),
     ),
     Layout(
         name="neox",
@@ -370,6 +378,7 @@ LAYOUTS: tuple[Layout, ...] = (
         counts=lambda s: {},
         packing=Packing.PER_UNIT,
         requires=("head_size",),
+        when=lambda m: not hasattr(m, "num_heads"),  # Falcon's fused projection is read with its head counts
     ),
     Layout(
         name="phi3",
@@ -382,6 +391,7 @@ LAYOUTS: tuple[Layout, ...] = (
         packing=Packing.BLOCKS,
         requires=("num_key_value_groups", "num_key_value_heads", "head_dim"),
         refuse=_phi3_refuse,
+        grouped=True,
     ),
     Layout(
         name="t5",
@@ -398,29 +408,11 @@ LAYOUTS: tuple[Layout, ...] = (
 
 
 def _layout_matches(module: nn.Module, layout: Layout) -> bool:
-    """Whether ``module`` has what ``layout`` reads: its projections (layers compactor can shrink) and ints."""
+    """Whether ``module`` has what ``layout`` reads: its projections (layers compactor can shrink), its int
+    attributes, and the flags that choose the layout's packing."""
     if not all(role_of(getattr(module, a, None)) is Role.MIXING for a in (layout.q, layout.k, layout.v)):
         return False
-    if layout.name == "falcon" and not getattr(module, "new_decoder_architecture", False):
-        return False
-    if layout.name == "falcon-mq" and (
-        getattr(module, "new_decoder_architecture", False) or not getattr(module, "multi_query", False)
-    ):
-        return False
-    if layout.name == "falcon-per-head" and (
-        not hasattr(module, "multi_query")
-        or getattr(module, "new_decoder_architecture", False)
-        or getattr(module, "multi_query", False)
-    ):
-        return False
-    if layout.name == "neox" and hasattr(module, "num_heads"):
-        return False  # Falcon's fused projection is read with its head counts
-    if _ints(module, *layout.requires) is None and layout.name not in ("falcon", "falcon-mq"):
-        return False
-    if (
-        layout.name in ("falcon", "falcon-mq")
-        and _ints(module, "num_heads", "num_kv_heads", "head_dim") is None
-    ):
+    if _ints(module, *layout.requires) is None or not layout.when(module):
         return False
     return not layout.o_attrs or any(role_of(getattr(module, a, None)) is Role.MIXING for a in layout.o_attrs)
 
