@@ -33,6 +33,7 @@ from torch import nn
 from ..inputs import ExampleInputs
 from ..modules import clone_module
 from ..outputs import Outputs, compare
+from ..util import set_submodule
 
 # The width is kept a multiple of this many bytes' worth of elements: transformers' default experts kernel
 # (``torch.nn.functional.grouped_mm``) refuses rows that are not (4 elements in float32, 8 in bfloat16).
@@ -155,14 +156,6 @@ def _cut(module: nn.Module, dead: torch.Tensor, keep: int) -> nn.Module:
     return new
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    if not name:
-        return module
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-    return model
-
-
 Check = Callable[[nn.Module], str | None]
 
 
@@ -207,14 +200,14 @@ def compact_experts(
         changes.append(ExpertChange(name, experts, width, keep, live, saving, reason))
         if keep < width:
             originals[name] = module
-            model = _set(model, name, _cut(module, dead, keep))
+            model = set_submodule(model, name, _cut(module, dead, keep))
     if verify is None or not originals:
         return model, changes
     problem = verify(model)
     if problem is None:
         return model, changes
     for name, module in originals.items():
-        model = _set(model, name, module)
+        model = set_submodule(model, name, module)
     return model, [
         ExpertChange(c.layer, c.experts, c.width_before, c.width_before, c.live, 0, f"kept: {problem}")
         if c.changed

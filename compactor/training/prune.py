@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -371,12 +371,16 @@ def _lowest(scores: torch.Tensor, n: int, units: list[int] | None) -> list[int]:
 
 
 # --- zeroing, masking and counting ------------------------------------------------------------------
+def _local(slot: _Slot, channels: Sequence[int]) -> torch.Tensor:
+    """The slot's own indices of root ``channels``."""
+    return torch.tensor([j for c in channels for j in slot.idxs[c]], dtype=torch.long)
+
+
 def _zero(modules: dict[str, nn.Module], slots: list[_Slot], channels: list[int]) -> None:
     with torch.no_grad():
         for slot in slots:
             tensor = getattr(modules[slot.owner], slot.param)
-            idx = torch.tensor([j for c in channels for j in slot.idxs[c]], dtype=torch.long)
-            tensor.index_fill_(slot.dim, idx.to(tensor.device), 0)
+            tensor.index_fill_(slot.dim, _local(slot, channels).to(tensor.device), 0)
 
 
 def _mask(
@@ -389,8 +393,7 @@ def _mask(
     key = (slot.owner, slot.param)
     if key not in masks:
         masks[key] = torch.ones(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-    idx = torch.tensor([j for c in channels for j in slot.idxs[c]], dtype=torch.long)
-    masks[key].index_fill_(slot.dim, idx.to(tensor.device), 0)
+    masks[key].index_fill_(slot.dim, _local(slot, channels).to(tensor.device), 0)
 
 
 def _apply(model: nn.Module, masks: dict[tuple[str, str], torch.Tensor]) -> None:
