@@ -25,7 +25,7 @@ from .engine.masks import observe
 from .engine.options import Log, Options
 from .engine.plan.autowidth import Chosen, checked_widths, choose_widths
 from .engine.plan.stage import make_plans
-from .engine.verify import decide
+from .engine.verify import check_baked, decide
 from .errors import ExampleInputError, ModelStructureError, UnverifiedPathError, VerificationError
 from .inputs import ExampleInputs, infer_example_inputs
 from .layers import inconsistency
@@ -150,6 +150,8 @@ def _compact(model: nn.Module, example_inputs: Any, options: Options) -> tuple[n
     options.say("rebuilding and verifying")
     with _timed(seconds, "rebuild_verify"):
         decided = decide(current, plans, runs, references, options.tolerance, options.say, options.step, wide)
+        if decided.proof is not None:  # the float64 proof holds for the baked model: it must be the user's
+            check_baked(dense, runs, references, options.tolerance)
     auto, macs = None, None
     if chosen is not None:
         options.say(

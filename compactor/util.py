@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import os
 import site
@@ -43,6 +44,31 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module | nn.Parameter) -> 
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, new)
     return root
+
+
+# --- head counts a forward reads ----------------------------------------------------------------------------
+OWN_CONFIG = "config."  # a count the forward reads from the module's config: set on a copy of its own
+
+
+def get_count(module: nn.Module, attr: str) -> object:
+    """The module's attribute ``attr``, or for ``"config.x"`` its config's ``x`` (None where absent)."""
+    if attr.startswith(OWN_CONFIG):
+        return getattr(getattr(module, "config", None), attr.removeprefix(OWN_CONFIG), None)
+    return getattr(module, attr, None)
+
+
+def set_count(module: nn.Module, attr: str, value: int) -> None:
+    """Set what :func:`get_count` reads. A config is shared by every layer of a model (Phi-3's attention
+    reads ``self.config.num_attention_heads``): the module gets a shallow copy of its own first, so the other
+    layers and the model's config keep their value."""
+    if not attr.startswith(OWN_CONFIG):
+        setattr(module, attr, value)
+        return
+    if get_count(module, attr) == value:
+        return
+    own = copy.copy(module.config)
+    setattr(own, attr.removeprefix(OWN_CONFIG), value)
+    module.config = own
 
 
 # --- the time budget ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -370,8 +371,55 @@ def test_rounding_does_not_restore_exact_groups() -> None:
     assert actual_widths(small, list(expected)) == expected
     assert report.max_abs_error > report.tolerance  # rounding, beyond the relative tolerance
     assert report.max_abs_error <= report.extra["rounding_floor"]
-    assert "own rounding" in report.table()
+    assert report.extra["float64_error"] <= report.tolerance  # and float64 copies agree, plainly
+    assert "own rounding" in report.table() and "float64 copies" in report.table()
     _check_outputs(model, small, case, report)
+
+
+class TiedScores(nn.Module):
+    """A detector's choice in miniature: two scores equal but for ``1e-9 * tilt(x)``, the larger picks the
+    output. float32 rounding (~1e-6 here) decides which is larger, float64 does not. The score layers read
+    16 constant channels of ``lin1`` (zero rows: ``relu(bias)``), folded into their biases on removal,
+    which rounds otherwise; the layers reach the output only through ``topk``'s integer indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(8, 64), nn.Linear(64, 1)
+        self.half1, self.half2 = nn.Linear(64, 1), nn.Linear(64, 1, bias=False)
+        self.tilt, self.values = nn.Linear(8, 1, bias=False), nn.Linear(8, 2)
+        with torch.no_grad():
+            self.lin1.weight[::4] = 0
+            self.tilt.weight.mul_(1e-9)
+            self.lin2.weight.mul_(8)
+            self.half1.weight.copy_(self.lin2.weight * 0.5)  # half1 + half2 = lin2, exactly
+            self.half1.bias.copy_(self.lin2.bias)
+            self.half2.weight.copy_(self.lin2.weight - self.half1.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin1(x))
+        scores = torch.cat([self.lin2(h) + self.tilt(x), self.half1(h) + self.half2(h)], 1)
+        return self.values(x).gather(1, scores.topk(1, dim=1).indices)
+
+
+def test_tied_scores_are_verified_on_float64_copies() -> None:
+    """Where the masked model's own float32 rounding flips its choices (outputs move by ~1), the rounding
+    floor lets the float32 comparison pass, which proves little: the float64 copies of the masked and
+    compacted models are compared with the plain tolerance, and the report gives that figure."""
+    torch.manual_seed(0)
+    model = TiedScores().eval()
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    small, report = compactor.compact(model, x)
+    assert [(c.name, c.out_after, c.in_after) for c in report.layers if c.in_after != c.in_before] == [
+        ("lin2", 1, 48),
+        ("half1", 1, 48),
+        ("half2", 1, 48),
+    ]
+    assert report.max_abs_error > 0.1  # 256 rows of coin flips: some choice flips in float32
+    assert report.extra["judged_in"] == "float64" and report.extra["float64_error"] == 0.0
+    assert "float64 copies of the masked and compacted models" in report.table()
+    wide, wide_small = copy.deepcopy(model).double(), copy.deepcopy(small).double()
+    with torch.no_grad():
+        assert torch.equal(wide(x.double()), wide_small(x.double()))
 
 
 def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole(monkeypatch: pytest.MonkeyPatch) -> None:

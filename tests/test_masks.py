@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 import compactor
+from compactor.errors import VerificationError
 from compactor.modules import bake_masks, clone_module, has_pruning_state
 
 
@@ -54,3 +56,65 @@ def test_compacting_a_model_with_a_pruned_tied_weight_verifies() -> None:
     assert small.hidden.out_features == 4
     torch.testing.assert_close(small(ids), model(ids), rtol=1e-4, atol=1e-5)
     assert report.max_abs_error <= 1e-5
+
+
+class Attending(nn.Module):
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``: a pruning hook on
+    ``out_proj`` never runs, so its ``weight`` stays what it was when the mask was applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.mid = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(torch.relu(self.mid(self.att(h, h, h)[0])))
+
+
+def _fine_tuned_attending() -> Attending:
+    torch.manual_seed(0)
+    model = Attending().eval()
+    prune.ln_structured(model.inp, "weight", 0.25, n=1, dim=0)
+    prune.ln_structured(model.att.out_proj, "weight", 0.25, n=1, dim=0)
+    prune.ln_structured(model.mid, "weight", 0.25, n=1, dim=0)
+    with torch.no_grad():  # a fine-tuning step: weight_orig moves, the hook-less weight does not
+        model.att.out_proj.weight_orig.add_(torch.randn_like(model.att.out_proj.weight_orig) * 0.5)
+    return model
+
+
+def test_a_pruned_weight_read_without_its_hook_is_compacted_as_its_masks_define() -> None:
+    """The stale ``out_proj.weight`` is said; the compacted model gives what ``prune.remove`` gives (not the
+    stale value, which verification used to absorb into a rounding floor of 1.9 on outputs of about 1)."""
+    model = _fine_tuned_attending()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    held = model(x).detach()
+    small, report = compactor.compact(model, x)
+    (stale,) = [w for w in report.warnings if "pruning hook never recomputes" in w]
+    assert stale.startswith("att.out_proj.weight: ")
+    assert "rounding_floor" not in report.extra and report.max_abs_error <= report.tolerance
+    assert [(c.name, c.out_after, c.in_after) for c in report.layers if c.name in ("mid", "out")] == [
+        ("mid", 24, 32),
+        ("out", 8, 24),
+    ]
+    prune.remove(model.inp, "weight")
+    prune.remove(model.att.out_proj, "weight")
+    prune.remove(model.mid, "weight")
+    with torch.no_grad():
+        removed, got = model(x), small(x)
+    torch.testing.assert_close(got, removed, rtol=1e-5, atol=1e-5)
+    assert float((got - held).abs().max()) > 0.1  # the stale weight gave something else
+
+
+def test_a_baked_model_that_is_not_the_held_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the refresh, the stale weight makes the float32 comparison fail by 0.5, float64 copies of the
+    baked and compacted models agree, and the rounding floor (masked against the baked twin) would pass it:
+    the check that the baked model gives the held model's outputs stops that, before anything is written."""
+    from compactor.engine import masks
+
+    monkeypatch.setattr(masks, "_refresh", lambda clone, hooked: [])
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(VerificationError, match="masks baked in does not give the outputs"):
+        compactor.compact(_fine_tuned_attending(), x)

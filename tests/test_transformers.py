@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -983,6 +984,16 @@ def _neox_widths(model: Any) -> list[Any]:
     return [b.attention.query_key_value.out_features for b in model.gpt_neox.layers]
 
 
+def _phi3_counts(model: Any) -> list[Any]:
+    """Per layer: key/value heads, the count its forward splits qkv_proj by (its own config's query heads),
+    ... and qkv_proj's rows; the model's config keeps its 4 query heads."""
+    assert model.config.num_attention_heads == 4
+    return [
+        (a.num_key_value_heads, a.num_key_value_groups, a.config.num_attention_heads, a.qkv_proj.out_features)
+        for a in (b.self_attn for b in model.model.layers)
+    ]
+
+
 def _falcon_counts(model: Any) -> list[Any]:
     return [(b.self_attention.num_heads, b.self_attention.num_kv_heads) for b in model.transformer.h]
 
@@ -1017,7 +1028,15 @@ def _fused_head_zeroed(
                 layer.attention.v_lin.weight[8:16] = 0
                 layer.attention.v_lin.bias[8:16] = 0
         return model, {"input_ids": ids}, lambda m: [b.attention.n_heads for b in m.transformer.layer], [3, 3]
-    if family == "neox":
+    if family == "phi3":  # qkv_proj: [4 query heads | 2 keys | 2 values]; value head 1 goes with its group
+        config = transformers.Phi3Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=100, pad_token_id=0,
+        )  # fmt: skip
+        model = randomise(transformers.Phi3ForCausalLM(config))
+        fused, rows, count = [b.self_attn.qkv_proj for b in model.model.layers], (56, 64), _phi3_counts
+        expected = [(1, 2, 2, 32)] * 2
+    elif family == "neox":
         config = transformers.GPTNeoXConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100
         )
@@ -1052,12 +1071,15 @@ def _fused_head_zeroed(
     return model, {"input_ids": ids}, count, expected
 
 
-@pytest.mark.parametrize("family", ["gpt2", "distilbert", "neox", "falcon-new", "falcon-mq", "falcon"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "distilbert", "neox", "falcon-new", "falcon-mq", "falcon", "phi3"]
+)
 def test_heads_of_fused_and_other_layouts_go_and_reload_from_a_directory(family: str, tmp_path: Path) -> None:
     """GPT-2's ``c_attn`` (a Conv1D, [q | k | v]), Falcon's three packings of ``query_key_value`` (per key/value
-    head, multi-query, per head), GPT-NeoX's (per head) and DistilBERT's ``q_lin``..``out_lin``: the zeroed
-    head goes, the counts its forward reads follow, and the written directory reloads with the same outputs,
-    also at another sequence length."""
+    head, multi-query, per head), GPT-NeoX's (per head), DistilBERT's ``q_lin``..``out_lin`` and Phi-3's
+    ``qkv_proj`` (a key/value head with its query heads; its forward splits at its config's head count, so
+    the layer gets a config of its own): the zeroed head goes, the counts its forward reads follow, and the
+    written directory reloads with the same outputs, also at another sequence length."""
     model, inputs, count, expected = _fused_head_zeroed(family)
     model.eval()
     small, report = compactor.compact(model, inputs)
@@ -1068,41 +1090,66 @@ def test_heads_of_fused_and_other_layouts_go_and_reload_from_a_directory(family:
     assert count(back) == expected
     longer = {"input_ids": torch.randint(3, 100, (1, 13), generator=torch.Generator().manual_seed(1))}
     key = "last_hidden_state" if family == "distilbert" else "logits"
+    if family == "phi3":  # the manifest gives each layer its own config's count; config.json keeps 4
+        assert json.loads((tmp_path / "small" / "config.json").read_text())["num_attention_heads"] == 4
     for x in (inputs, longer):
         with torch.no_grad():
             torch.testing.assert_close(back(**x)[key], model(**x)[key], **CLOSE)
             torch.testing.assert_close(small(**x)[key], model(**x)[key], **CLOSE)
 
 
-@pytest.mark.parametrize("family", ["phi3", "t5"])
-def test_heads_a_layout_ties_across_layers_are_kept_with_the_reason(family: str) -> None:
-    """Phi-3 splits its fused ``qkv_proj`` at ``config.num_attention_heads`` (one config for every layer) and
-    T5 shares one per-head position bias over a stack: a zeroed head is kept, and the report says why."""
+def _t5(zeroed: dict[str, list[int]]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A two-layer T5 (4 heads of 8) whose attention ``zeroed`` names (a path under the model, its blocks as
+    ``{}``) outputs zero from the value head of each listed block."""
+    config = transformers.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, vocab_size=100)
+    model: Any = randomise(transformers.T5Model(config)).eval()
+    for path, blocks in zeroed.items():
+        for b in blocks:
+            with torch.no_grad():
+                model.get_submodule(path.format(b)).v.weight[8:16] = 0  # head 1
     ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
-    if family == "phi3":
-        config = transformers.Phi3Config(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, vocab_size=100, pad_token_id=0,
-        )  # fmt: skip
-        model: Any = randomise(transformers.Phi3ForCausalLM(config)).eval()
-        layer, rows, inputs = model.model.layers[0].self_attn.qkv_proj, (48 + 8, 64), {"input_ids": ids}
-        why = "config.num_attention_heads"
-    else:
-        config = transformers.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=1, d_ff=64, vocab_size=100)
-        model = randomise(transformers.T5Model(config)).eval()
-        layer, rows = model.encoder.block[0].layer[0].SelfAttention.v, (8, 16)
-        inputs, why = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}, "relative position bias"
-    with torch.no_grad():
-        layer.weight[rows[0] : rows[1]] = 0
+    return model, {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+
+
+ENCODER, CROSS = "encoder.block.{}.layer.0.SelfAttention", "decoder.block.{}.layer.1.EncDecAttention"
+
+
+def test_t5_heads_go_where_the_whole_stack_loses_them_and_reload(tmp_path: Path) -> None:
+    """T5's first layer of a stack computes one position bias per head and every layer adds it: a head zeroed
+    in every layer of the encoder (and in every cross-attention of the decoder) goes from all of them, with
+    its column of ``relative_attention_bias``; the directory reloads, exact at another length too."""
+    model, inputs = _t5({ENCODER: [0, 1], CROSS: [0, 1]})
+    small, report = compactor.compact(model, inputs)
+    assert {h["layer"]: (h["heads_after"], list(h["removed"])) for h in report.extra["heads"]} == {
+        ENCODER.format(b): (3, [1]) for b in (0, 1)
+    } | {CROSS.format(b): (3, [1]) for b in (0, 1)}
+    first = small.encoder.block[0].layer[0].SelfAttention
+    assert (first.n_heads, first.inner_dim, first.relative_attention_bias.weight.shape) == (3, 24, (32, 3))
+    assert small.decoder.block[0].layer[0].SelfAttention.n_heads == 4  # its heads are all live
+    assert not report.warnings, report.warnings  # T5's tied `shared` embedding is read: no "not called"
+    save_output(small, tmp_path / "small", inputs, format="hf")
+    back = compactor.load(tmp_path / "small")
+    ids = torch.randint(3, 100, (1, 13), generator=torch.Generator().manual_seed(1))
+    for x in (inputs, {"input_ids": ids, "decoder_input_ids": ids[:, :7]}):
+        with torch.no_grad():
+            expected = model(**x).last_hidden_state
+            torch.testing.assert_close(small(**x).last_hidden_state, expected, **CLOSE)
+            torch.testing.assert_close(back(**x).last_hidden_state, expected, **CLOSE)
+
+
+def test_t5_heads_one_layer_of_a_stack_keeps_are_kept_in_all_with_the_reason() -> None:
+    """A head zeroed in one encoder layer only is kept there, saying which layer keeps it; the rows of the
+    kept head carry that reason rather than a row-level "coupled to a live channel" alone."""
+    model, inputs = _t5({ENCODER: [0]})
     _, report = compactor.compact(model, inputs)
     (change,) = report.extra["heads"]
-    assert change["heads_after"] == change["heads_before"] and not change["removed"]
+    assert change["layer"] == ENCODER.format(0) and change["heads_after"] == 4 and not change["removed"]
     assert [d["fate"] for d in change["decisions"]] == ["kept: heads tied across layers"]
-    assert why in change["reason"]
-    # the head's rows carry its reason, not a row-level "coupled to a live channel" alone
-    rows = [f for f in report.filters if f.layer.endswith(("qkv_proj", "SelfAttention.v"))]
+    why = change["decisions"][0]["reason"]
+    assert "every layer of the stack" in why and why.endswith(f"{ENCODER.format(1)} keeps head 1")
+    rows = [f for f in report.filters if f.layer.endswith("SelfAttention.v")]
     assert len(rows) == 8 and all(why in f.reason and "attention head (1)" in f.reason for f in rows)
-    assert not report.warnings, report.warnings  # T5's tied `shared` embedding is read: no "not called"
+    assert not report.warnings, report.warnings
 
 
 def _moe(family: str) -> tuple[Any, list[list[int]]]:

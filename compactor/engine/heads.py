@@ -19,29 +19,27 @@ its scores are the same for every key, so it attends uniformly, and a uniform av
 depends on the input. It is kept, and reported with that reason.
 Every layer keeps at least one head (``view(..., -1, head_size)`` cannot split an empty tensor).
 
-Two layouts are recognised (:data:`LAYOUTS`), both read through attributes that their ``forward`` uses:
+The layouts (:data:`LAYOUTS`) are read through the attributes their ``forward`` uses: separate
+``query``/``key``/``value`` with the output projection ``output.dense`` on the parent (BERT family);
+``q_proj``/``k_proj``/``v_proj`` with ``o_proj``/``out_proj`` (ViT, CLIP, OPT, BART; with
+``num_key_value_groups``: grouped-query decoders, Llama to Gemma, where the unit is a whole key/value group
+with its query heads); DistilBERT's ``q_lin``; T5's ``q``/``k``/``v``/``o``; and fused projections: GPT-2's
+``c_attn`` (a Conv1D), Falcon's three packings and GPT-NeoX's ``query_key_value``, Phi-3's ``qkv_proj``
+(:class:`Packing`). The counts each forward reads follow (:attr:`Layout.counts`); Phi-3 reads
+``self.config.num_attention_heads``, so a layer that loses heads gets a config of its own
+(:func:`compactor.util.set_count`). T5's layers of a stack add one position bias that the first computes:
+they lose only the heads all of them lose (:attr:`Layout.tie`), with its ``relative_attention_bias`` column.
 
-* BERT family (``BertSelfAttention``, RoBERTa, ELECTRA, ...): ``query``/``key``/``value`` Linear and
-  ``num_attention_heads``/``attention_head_size``/``all_head_size`` on the attention module, and the output
-  projection ``output.dense`` on its parent (``BertAttention``: ``self.output(self.self(...)[0], ...)``).
-* ViT/CLIP family: ``q_proj``/``k_proj``/``v_proj`` and ``o_proj`` or ``out_proj`` on one module, with
-  ``head_dim`` and ``num_attention_heads`` or ``num_heads``.
-* Decoders with grouped-query attention (Llama, Mistral, Qwen2/3, Gemma 2/3): ``q_proj``/``k_proj``/
-  ``v_proj``/``o_proj`` with ``head_dim`` and ``num_key_value_groups`` (query heads per key/value head).
-  The unit is a whole KV group: a key/value head with its query heads, removed where its value rows are zero
-  (every query head of the group outputs zero, or the constant value bias, folded) or ``o_proj`` ignores
-  all of its query heads. ``num_key_value_groups`` stays; the forwards reshape with ``-1`` heads.
-
-Transformers 5 reshapes with ``-1`` heads and never reads ``config.num_attention_heads`` in these forwards, so
-the shared config is left unchanged (it describes the dense model; transformers 5 has no ``pruned_heads``).
 Consequences for callers: ``output_attentions=True`` returns maps for the remaining heads only; a
 ``StaticCache`` (decoders), which preallocates from the config, does not fit; and the result reloads with
-``torch.load`` of the whole module, not ``from_pretrained``. Verification stays the judge:
-run the model's outputs against the masked model after :func:`compact_heads`, as ``compact`` does.
+``torch.load`` of the whole module or :func:`compactor.load` of a written directory, not ``from_pretrained``
+(its manifest records the counts). Verification stays the judge: run the model's outputs against the
+masked model after :func:`compact_heads`, as ``compact`` does.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -54,7 +52,7 @@ from ..inputs import ExampleInputs, run
 from ..layers import Role, Side, role_of, shrinker_for, width
 from ..modules import baked, own_parameters
 from ..outputs import Outputs, compare
-from ..util import eval_mode_restored
+from ..util import eval_mode_restored, get_count, set_count
 
 
 class HeadFate(str, Enum):
@@ -141,6 +139,9 @@ class Layout:
     refuse: Callable[[nn.Module], str | None] = lambda m: None  # why its heads cannot go, if they cannot
     when: Callable[[nn.Module], bool] = lambda m: True  # the module's flags choose this packing
     grouped: bool = False  # a unit is a key/value head with its query heads (query heads may go within it)
+    tie: Callable[[str], str] | None = None  # site name -> key: sites of one key lose the same heads
+    tie_reason: str = ""  # why they must (said for a head some of them keep)
+    per_head: tuple[str, ...] = ()  # layers on the module with one output column per head (a position bias)
 
     def count_attrs(self) -> tuple[str, ...]:
         """Every attribute :attr:`counts` may set."""
@@ -242,18 +243,9 @@ def _falcon_refuse(module: nn.Module) -> str | None:
     return None
 
 
-def _phi3_refuse(module: nn.Module) -> str | None:
-    return (
-        "Phi3Attention splits qkv_proj at config.num_attention_heads x head_dim, one config shared by every "
-        "layer: heads kept"
-    )
-
-
-def _t5_refuse(module: nn.Module) -> str | None:
-    return (
-        "T5 adds one relative position bias per head, computed in the first layer of the stack and shared by "
-        "every layer: heads kept"
-    )
+def _t5_stack(name: str) -> str:
+    """T5's sites of one stack and kind: ``encoder.block.*.layer.0.SelfAttention``."""
+    return re.sub(r"\.block\.\d+\.", ".block.*.", name)
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -387,10 +379,14 @@ LAYOUTS: tuple[Layout, ...] = (
         v="qkv_proj",
         o_attrs=("o_proj",),
         shape=_fused_grouped,
-        counts=lambda s: {},
+        # its forward splits qkv_proj at self.config.num_attention_heads: a config of its own (set_count)
+        counts=lambda s: {
+            "num_key_value_heads": s.units,
+            "num_key_value_groups": s.group,
+            "config.num_attention_heads": s.units * s.group,
+        },
         packing=Packing.BLOCKS,
         requires=("num_key_value_groups", "num_key_value_heads", "head_dim"),
-        refuse=_phi3_refuse,
         grouped=True,
     ),
     Layout(
@@ -402,7 +398,13 @@ LAYOUTS: tuple[Layout, ...] = (
         shape=_plain("n_heads", "key_value_proj_dim"),
         counts=lambda s: {"n_heads": s.units, "inner_dim": s.units * s.head_dim},
         requires=("n_heads", "key_value_proj_dim"),
-        refuse=_t5_refuse,
+        tie=_t5_stack,
+        tie_reason=(
+            "T5's first layer of a stack computes one position bias per head (relative_attention_bias; zeros "
+            "in cross-attention) and every layer of the stack adds it: a head goes only where every layer "
+            "of the stack loses it"
+        ),
+        per_head=("relative_attention_bias",),
     ),
 )
 
@@ -430,11 +432,6 @@ class AttentionSite:
     head_dim: int
     num_heads: int  # units: heads, or for grouped-query attention key/value heads
     group: int = 1  # query heads per unit (grouped-query attention: num_key_value_groups)
-
-    @property
-    def heads_attr(self) -> str:
-        counts = self.layout.count_attrs()
-        return counts[0] if counts else ""
 
     def _start(self, which: str, unit: int, j: int = 0) -> int:
         """The first row of unit ``unit``'s ``which`` head (query heads: its ``j``-th) in ``which``'s layer."""
@@ -516,7 +513,8 @@ def _compact_heads_once(
     if example_inputs is not None:
         sites, mismatched = _confirm_pairing(new, sites, ExampleInputs.of(example_inputs))
         unpaired += mismatched
-    changes = [change for site in sites if (change := _compact_site(site, fold)) is not None]
+    decided = _tied(sites, [_site_decisions(site, fold) for site in sites])
+    changes = [change for site, d in zip(sites, decided) if (change := _compact_site(site, d)) is not None]
     changes += [
         change for name, module, why in unpaired if (change := _unpaired(name, module, why)) is not None
     ]
@@ -795,13 +793,45 @@ def _query_summary(site: AttentionSite, cut: QueryCut) -> str:
     return "; ".join(parts)
 
 
-def _compact_site(site: AttentionSite, fold: bool) -> HeadChange | None:
+def _site_decisions(site: AttentionSite, fold: bool) -> list[HeadDecision]:
+    """What each zeroed head of ``site`` would become, its layout's refusal applied."""
     decisions = _decide(site, fold)
     refused = site.layout.refuse(site.module)
-    if refused is not None:
-        decisions = [
-            HeadDecision(d.head, HeadFate.KEPT_LAYOUT, refused) if d.fate.removed else d for d in decisions
-        ]
+    if refused is None:
+        return decisions
+    return [HeadDecision(d.head, HeadFate.KEPT_LAYOUT, refused) if d.fate.removed else d for d in decisions]
+
+
+def _tied(sites: list[AttentionSite], decided: list[list[HeadDecision]]) -> list[list[HeadDecision]]:
+    """Sites whose layout ties them (:attr:`Layout.tie`: T5's layers of one stack) lose only the heads every
+    one of them loses; a head that some keep is kept in all, with the layout's reason and who keeps it."""
+    keys = [s.layout.tie(s.name) if s.layout.tie is not None else None for s in sites]
+    out = list(decided)
+    for key in {k for k in keys if k is not None}:
+        members = [i for i, k in enumerate(keys) if k == key]
+        gone = {i: {d.head for d in decided[i] if d.fate.removed} for i in members}
+        common = set.intersection(*gone.values())
+        keepers = {
+            h: [sites[i].name for i in members if h not in gone[i]] for h in set().union(*gone.values())
+        }
+        for i in members:
+            why = sites[i].layout.tie_reason
+            out[i] = [
+                d
+                if not d.fate.removed or d.head in common
+                else HeadDecision(d.head, HeadFate.KEPT_LAYOUT, _kept_by(why, d.head, keepers[d.head]))
+                for d in decided[i]
+            ]
+    return out
+
+
+def _kept_by(why: str, head: int, names: list[str]) -> str:
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return f"{why}; {names[0]}{more} keep{'s' if len(names) == 1 else ''} head {head}"
+
+
+def _compact_site(site: AttentionSite, decisions: list[HeadDecision]) -> HeadChange | None:
+    refused = site.layout.refuse(site.module)
     gone = [d.head for d in decisions if d.fate.removed]
     grouped = site.layout.grouped and site.group > 1 and refused is None
     queries = _query_cut(site, gone) if grouped else QueryCut({}, 0)
@@ -855,10 +885,16 @@ def _apply(site: AttentionSite, gone: list[int], folded: list[int], queries: Que
         setattr(site.module, attr, shrinker.shrink(layer, torch.tensor(sorted(keep), dtype=torch.long), None))
     keep_o = torch.tensor([r for h in kept for r in _kept_rows(site, "o", h, queries)], dtype=torch.long)
     setattr(site.o_owner, site.o, o_shrinker.shrink(o, None, keep_o))
+    for attr in site.layout.per_head:  # one output column per head: the kept heads' columns, in order
+        layer = getattr(site.module, attr, None)
+        shrinker = shrinker_for(layer) if isinstance(layer, nn.Module) else None
+        if shrinker is not None:
+            assert not queries.cut  # per-head layers belong to layouts without key/value groups
+            setattr(site.module, attr, shrinker.shrink(layer, torch.tensor(kept, dtype=torch.long), None))
     after = Shape(site.num_heads - len(gone), site.group - queries.cut, site.head_dim)
     for attr, value in site.layout.counts(after).items():
-        if isinstance(getattr(site.module, attr, None), int):
-            setattr(site.module, attr, value)
+        if isinstance(get_count(site.module, attr), int):
+            set_count(site.module, attr, value)
 
 
 def _kept_rows(site: AttentionSite, which: str, unit: int, queries: QueryCut) -> list[int]:

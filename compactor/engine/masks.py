@@ -8,7 +8,7 @@ in. :func:`masked_view` clones the model as the user holds it (sharing its tenso
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,12 +36,13 @@ class Observed:
     unchecked: list[str]  # outputs that are neither tensors nor plain values (not compared)
     fresh_note: str | None  # why the fresh runs are not the default ones, where they are not
     folded: list[str]  # the re-parametrisations baked (weight_norm, spectral_norm, parametrizations)
+    stale: list[str] = field(default_factory=list)  # pruned tensors the forward read without their hook
 
 
 def observe(model: nn.Module, inputs: ExampleInputs) -> Observed:
     """The masks stage: run the masked model (as the user holds it) on ``inputs`` and on fresh inputs drawn
     like them, check its outputs are finite and its forward leaves its tensors alone, and bake its masks."""
-    masked, shared = masked_view(model)  # the user's model as it is: its own pruning hooks and tensors
+    masked, shared, refreshed = masked_view(model)  # the user's model: its own pruning hooks and tensors
     masked.eval()
     generator = torch.Generator().manual_seed(0)
     candidates = [  # made outside the watch: making them reads tensor values
@@ -58,7 +59,8 @@ def observe(model: nn.Module, inputs: ExampleInputs) -> Observed:
         check_finite(references)
         same = len(runs)
         other, other_references, sizes = _other_size(masked, inputs, generator)
-    del masked  # the references are all that is needed of it: free what its hooks computed
+    stale = never_recomputed(refreshed)
+    del masked, refreshed  # the references are all that is needed of it: free what its hooks computed
     written = check_unwritten(shared)
     if written is not None:
         raise ModelStructureError(
@@ -79,21 +81,33 @@ def observe(model: nn.Module, inputs: ExampleInputs) -> Observed:
         unchecked,
         fresh_note,
         folded,
+        stale,
     )
 
 
-def masked_view(model: nn.Module) -> tuple[nn.Module, list[tuple[torch.Tensor, int]]]:
+Refreshed = list[tuple[str, nn.Module, str, torch.Tensor]]  # (name, the clone's layer, tensor name, tensor)
+
+
+def masked_view(model: nn.Module) -> tuple[nn.Module, list[tuple[torch.Tensor, int]], Refreshed]:
     """A clone of ``model`` as the user holds it, for forwards in eval mode: it shares every parameter and
-    each pruned tensor's ``*_orig``, mask and computed tensor with ``model`` (the pruning hook only reads the
-    first two, and replaces the third rather than writing it) and copies the buffers, so it costs the tensors
+    each pruned tensor's ``*_orig`` and mask with ``model`` and copies the buffers, so it costs the tensors
     the hooks compute, not a second model. Also returns the shared tensors with their ``_version``, for
     :func:`check_unwritten` after the forwards; run them under :func:`compactor.modules.write_guard` of those
-    tensors, so that a forward that writes one is stopped before it does."""
+    tensors, so that a forward that writes one is stopped before it does.
+
+    Each pruned tensor of the clone is set to ``orig * mask`` before any forward, as its pruning hook sets it
+    when its layer is called. A forward that reads a layer's weight without calling the layer
+    (``nn.MultiheadAttention`` reads ``out_proj.weight``) never runs that hook, so the user's layer holds the
+    value from when the mask was applied, stale once fine-tuning moved ``*_orig``; the clone runs what the
+    masks define, which is what ``prune.remove`` gives and what compaction bakes. The third value names
+    those tensors where they were stale, for :func:`never_recomputed` after the forwards."""
     memo: dict[int, object] = {id(p): p for p in model.parameters()}
-    for module in model.modules():
+    hooked: list[tuple[str, nn.Module, prune.BasePruningMethod]] = []
+    for name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             if not isinstance(hook, prune.BasePruningMethod):
                 continue
+            hooked.append((name, module, hook))
             for key in (hook._tensor_name + "_orig", hook._tensor_name + "_mask"):
                 tensor = module._parameters.get(key, module._buffers.get(key))
                 if tensor is not None:
@@ -102,10 +116,37 @@ def masked_view(model: nn.Module) -> tuple[nn.Module, list[tuple[torch.Tensor, i
                 if isinstance(value, torch.Tensor):
                     memo[id(value)] = value
             computed = module.__dict__.get(hook._tensor_name)
-            if isinstance(computed, torch.Tensor):  # read before the layer's call, maybe: as the user has it
+            if isinstance(computed, torch.Tensor):  # shared, not copied: _refresh replaces it in the clone
                 memo[id(computed)] = computed
     shared = [(t, t._version) for t in memo.values() if isinstance(t, torch.Tensor)]
-    return clone_module_with(model, memo), shared
+    clone = clone_module_with(model, memo)
+    return clone, shared, _refresh(clone, hooked)
+
+
+def _refresh(clone: nn.Module, hooked: list[tuple[str, nn.Module, prune.BasePruningMethod]]) -> Refreshed:
+    """Set each pruned tensor of ``clone`` to ``orig * mask`` (see :func:`masked_view`); return those whose
+    value in the user's model differed, with the tensor set."""
+    stale: Refreshed = []
+    for name, module, hook in hooked:
+        tensor_name = hook._tensor_name
+        layer = clone.get_submodule(name)
+        with torch.no_grad():
+            fresh = (getattr(module, tensor_name + "_orig") * getattr(module, tensor_name + "_mask")).detach()
+        held = module.__dict__.get(tensor_name)
+        setattr(layer, tensor_name, fresh)
+        if not (isinstance(held, torch.Tensor) and held.shape == fresh.shape and torch.equal(held, fresh)):
+            stale.append((name, layer, tensor_name, fresh))
+    return stale
+
+
+def never_recomputed(refreshed: Refreshed) -> list[str]:
+    """The pruned tensors, among the stale ones :func:`masked_view` refreshed, that no forward recomputed:
+    the forwards read them (or not) without calling their layer, so the user's model runs the stale value."""
+    return [
+        f"{name}.{tensor_name}" if name else tensor_name
+        for name, layer, tensor_name, fresh in refreshed
+        if layer.__dict__.get(tensor_name) is fresh
+    ]
 
 
 def check_unwritten(shared: list[tuple[torch.Tensor, int]]) -> str | None:

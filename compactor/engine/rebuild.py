@@ -15,6 +15,7 @@ from torch import nn
 from ..layers import Side, shrinker_for
 from ..modules import clone_module, own_parameters
 from ..util import set_submodule
+from .coupling import Kind
 from .plan import GroupPlan, apply_compensation
 
 
@@ -40,8 +41,44 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> nn.Module:
             new = set_submodule(new, name, _shrunk(modules[name], sides))
         elif name in params:
             _replace_parameter(new, name, params[name], sides, plans)
+    for (module, attr), (_, after) in split_sizes(model, plans).items():
+        setattr(new.get_submodule(module), attr, after)
     _check_untouched(versions)
     return new
+
+
+SplitSizes = int | tuple[int, ...] | list[int]
+
+
+def split_sizes(
+    model: nn.Module, plans: list[GroupPlan]
+) -> dict[tuple[str, str], tuple[SplitSizes, SplitSizes]]:
+    """(module, attribute) -> its split sizes before and after ``plans``, for each split whose sizes are a
+    module attribute (:attr:`~compactor.engine.coupling.Member.source`) that loses channels: each piece
+    keeps what its channels keep. A tuple stays a tuple, a list a list; an int (``split(x, self.width)``:
+    equal pieces) stays an int where the pieces stay equal, else becomes the list of their sizes."""
+    removed: dict[tuple[str, str], tuple[tuple[int, ...], set[int]]] = {}
+    for plan in plans:
+        for member in plan.group.members:
+            if member.kind is not Kind.SPLIT or member.source is None or not plan.removed:
+                continue
+            pieces, gone = removed.setdefault(member.source, (member.pieces, set()))
+            gone.update(i for r in plan.removed for i in member.idxs[r])
+    out: dict[tuple[str, str], tuple[SplitSizes, SplitSizes]] = {}
+    for (module, attr), (pieces, gone) in removed.items():
+        if not gone:
+            continue
+        before = getattr(model.get_submodule(module), attr)
+        starts = [sum(pieces[:p]) for p in range(len(pieces))]
+        counts = [size - sum(1 for i in gone if s <= i < s + size) for s, size in zip(starts, pieces)]
+        after: SplitSizes
+        if isinstance(before, int):
+            even = tuple(min(counts[0], sum(counts) - s) for s in range(0, sum(counts), counts[0]))
+            after = counts[0] if tuple(counts) == even else counts
+        else:
+            after = type(before)(counts)
+        out[(module, attr)] = (before, after)
+    return out
 
 
 def _written(plans: list[GroupPlan], modules: dict[str, nn.Module]) -> dict[str, set[str] | None]:

@@ -35,6 +35,8 @@ HEAD_COUNTS = (
     "num_kv_heads",
     "inner_dim",
     "intermediate_dim",
+    "num_key_value_heads",
+    "config.num_attention_heads",  # Phi-3's attention reads its config's: recorded where a layer has its own
 )
 
 

@@ -29,7 +29,7 @@ from ..errors import ExportError, InputFileError, StateDictError, first_line
 from ..inputs import ExampleInputs
 from ..layers import Side, shrinker_for
 from ..outputs import Outputs
-from ..util import set_submodule
+from ..util import OWN_CONFIG, get_count, set_count, set_submodule
 from .arch import Arch, build_arch
 from .check import expect_same
 from .manifest import HEAD_COUNTS, LayerEntry, Shape, parse_manifest
@@ -88,13 +88,21 @@ def manifest(model: nn.Module) -> dict[str, Any]:
         for name, t in [*model.named_parameters(), *model.named_buffers()]
         if name not in owned
     }
-    modules = {
-        name: {a: getattr(module, a) for a in HEAD_COUNTS if _is_count(getattr(module, a, None))}
-        for name, module in model.named_modules()
-    }
+    modules = {name: _counts(module, model) for name, module in model.named_modules()}
     modules = {name: attrs for name, attrs in modules.items() if attrs}
     spec = {"version": MANIFEST_VERSION, "layers": layers, "tensors": tensors}
     return {**spec, "modules": modules} if modules else spec
+
+
+def _counts(module: nn.Module, model: nn.Module) -> dict[str, int]:
+    """The head counts of ``module`` (:data:`HEAD_COUNTS`); a config's only where it has a config of its own
+    (the model's config, and every layer's that shares it, is the one ``config.json`` holds)."""
+    shared = getattr(module, "config", None) is getattr(model, "config", None)
+    return {
+        a: value
+        for a in HEAD_COUNTS
+        if _is_count(value := get_count(module, a)) and not (shared and a.startswith(OWN_CONFIG))
+    }
 
 
 def _is_count(value: object) -> TypeGuard[int]:
@@ -190,13 +198,13 @@ def _fit_counts(root: nn.Module, name: str, attrs: dict[str, int], where: str) -
             f"{where} has module {name!r} but the architecture has none; build the model the file was written from"
         ) from e
     for attr, value in attrs.items():
-        dense = getattr(module, attr, None)
+        dense = get_count(module, attr)
         if not _is_count(dense) or not 1 <= value <= dense:
             raise StateDictError(
                 f"{where}: module {name!r} has {attr}={value} in the file but {dense} in the architecture; build the "
                 f"model the file was written from"
             )
-        setattr(module, attr, value)
+        set_count(module, attr, value)
 
 
 def _held(stored: dict[str, Shape], name: str, shape: Shape, where: str) -> Shape:

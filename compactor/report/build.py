@@ -12,7 +12,8 @@ from ..engine.experts import ExpertChange, expert_stacks
 from ..engine.heads import HeadChange, kept_head_rows
 from ..engine.masks import Observed
 from ..engine.plan.autowidth import AutoWidths, slower_warning
-from ..engine.plan.base import Fate
+from ..engine.plan.base import Fate, GroupPlan
+from ..engine.rebuild import split_sizes
 from ..engine.verify import Decided
 from ..inputs import ExampleInputs
 from ..io.sparse import sparsity_report
@@ -56,8 +57,10 @@ def build_report(
         "graph_issues": sorted({i for g in coupled.groups for i in g.issues}),
         **({"heads": [h.to_dict() for h in heads]} if heads else {}),
         **({"experts": [e.to_dict() for e in experts]} if experts else {}),
+        **({"split_sizes": splits} if (splits := _split_sizes(planned, plans)) else {}),
         **({"rounding_floor": max(max(f, default=0.0) for f in floors)} if floors else {}),
         **({"judged_in": decided.judged_in} if floors and decided.judged_in else {}),
+        **({"float64_error": decided.proof.max_abs_error} if decided.proof is not None else {}),
         "sparsity": [layer.to_dict() for layer in sparsity],
         **({"reparametrizations": observed.folded} if observed.folded else {}),
         "round_to": round_to,
@@ -85,6 +88,7 @@ def build_report(
             *_guess_warning(inputs),
             *_quantized_warning(dense),
             *_unchecked_warning(observed.unchecked),
+            *_stale_warning(observed.stale),
             *coupled.untraced,
             *paths.warnings(),
             *([observed.fresh_note] if observed.fresh_note else []),
@@ -114,6 +118,29 @@ def _unchecked_warning(unchecked: list[str]) -> list[str]:
     return [
         f"the model returns objects that are neither tensors nor plain values ({_first_three(unchecked)}): "
         f"they were not compared; return tensors, numbers or dataclasses of them to have them verified"
+    ]
+
+
+def _split_sizes(planned: nn.Module, plans: list[GroupPlan]) -> dict[str, list[Any]]:
+    """The split sizes the rebuild rewrote: ``module.attribute`` -> [before, after]."""
+    return {
+        f"{module}.{attr}" if module else attr: [_listed(before), _listed(after)]
+        for (module, attr), (before, after) in split_sizes(planned, [p for p in plans if p.removed]).items()
+    }
+
+
+def _listed(sizes: int | tuple[int, ...] | list[int]) -> int | list[int]:
+    return sizes if isinstance(sizes, int) else list(sizes)
+
+
+def _stale_warning(stale: list[str]) -> list[str]:
+    if not stale:
+        return []
+    return [
+        f"{_first_three(stale)}: the forward reads {'it' if len(stale) == 1 else 'them'} without calling the "
+        f"layer, so torch's pruning hook never recomputes {'it' if len(stale) == 1 else 'them'}, and the model "
+        f"as you hold it runs the value from when the mask was applied, not *_orig x mask; compacted and verified "
+        f"against *_orig x mask (what prune.remove gives): call prune.remove before saving to run that yourself"
     ]
 
 

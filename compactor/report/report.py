@@ -184,6 +184,17 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
             f"{report.extra.get('judged_in', 'float64')}",
             markup=False,
         )
+    if report.extra.get("split_sizes"):
+        splits = list(report.extra["split_sizes"].items())
+        shown = ", ".join(f"{name} {before} -> {after}" for name, (before, after) in splits[:3])
+        more = f" and {len(splits) - 3} more" if len(splits) > 3 else ""
+        console.print(f"split sizes rewritten with the kept channels: {shown}{more}", markup=False)
+    if "float64_error" in report.extra:
+        console.print(
+            f"that rounding exceeds the tolerance: float64 copies of the masked and compacted models were "
+            f"compared as well, max abs error {report.extra['float64_error']:.3g}",
+            markup=False,
+        )
     for w in report.warnings if warnings else ():
         console.print(f"warning: {w}", markup=False)
     for line in why_not_faster(report):

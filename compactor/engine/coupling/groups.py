@@ -47,7 +47,10 @@ class Member:
     kind: Kind
     pruning_dim: int  # for bare parameters: the dimension that holds the channels
     idxs: tuple[tuple[int, ...], ...]  # per root channel: the layer-local indices it maps to
-    pieces: tuple[int, ...] = ()  # a chunk's piece sizes along its dimension (Kind.CHUNK)
+    pieces: tuple[int, ...] = ()  # a chunk's or split's piece sizes along its dimension
+    # a split whose sizes are a module's attribute (``self.split_indices``, Res2Net's ``self.width``):
+    # (module, attribute); the rebuild rewrites it with the kept channels of each piece
+    source: tuple[str, str] | None = None
 
     def piece_of(self, i: int) -> int:
         """Which piece of a chunk local index ``i`` falls in."""

@@ -131,6 +131,7 @@ def _group(
                 read.dim,
                 tuple(tuple(sorted(set(p))) for p in per_root),
                 read.pieces,
+                read.source,
             )
         )
     why = {r: opaque[c] for r, c in enumerate(roots) if c is not None and c in opaque}
@@ -186,7 +187,7 @@ def _merge_sides(members: list[Member]) -> list[Member]:
         if key in merged:
             old = merged[key]
             idxs = tuple(tuple(sorted(set(a) | set(b))) for a, b in zip(old.idxs, m.idxs))
-            merged[key] = Member(old.name, old.op, old.side, old.kind, old.pruning_dim, idxs, old.pieces)
+            merged[key] = replace(old, idxs=idxs)
         else:
             merged[key] = m
     return list(merged.values())

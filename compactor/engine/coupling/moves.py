@@ -5,7 +5,12 @@ pieces, holding the channels whose positions the forward code fixes."""
 
 from __future__ import annotations
 
+import linecache
+import os
+import re
+import sys
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
@@ -144,7 +149,36 @@ class _Moves(_LabelStore):
             self._add_read(f"chunk@{self.trace.ops}", "chunk", Kind.CHUNK, dim, per, pieces)
             return
         what = {"unbind": Kind.UNBIND, "split": Kind.SPLIT, "tensor_split": Kind.SPLIT}.get(name, Kind.SLICE)
+        if name == "split":
+            sizes = _arg(args, kwargs, 1, "split_size_or_sections", None)
+            if sizes is None:
+                sizes = kwargs.get("split_size")
+            pieces = _pieces(sizes, n)
+            source = self._size_source(sizes) if pieces else None
+            where = (
+                f"split at {source[0] or 'the model'}.{source[1]}" if source else f"split ({_caller()[0]})"
+            )
+            self._add_read(f"{name}@{self.trace.ops}", where, what, dim, per, pieces, source)
+            return
         self._add_read(f"{name}@{self.trace.ops}", name, what, dim, per, ())
+
+    def _size_source(self, sizes: Any) -> tuple[str, str] | None:
+        """The attribute of the module whose forward runs the split that holds its sizes: the very object
+        (a tuple or list), or for an int the int attribute of that value (where several have it, the one the
+        line of code names: ``torch.split(out, self.width, 1)``); None where there is none."""
+        if not self.calls:
+            return None
+        module = self.calls[-1]
+        found = [
+            a
+            for a, v in vars(module).items()
+            if not a.startswith("_")
+            and (v is sizes if isinstance(sizes, (tuple, list)) else type(v) is int and v == sizes)
+        ]
+        if len(found) > 1:
+            line = _caller()[1]
+            found = [a for a in found if re.search(rf"\.{re.escape(a)}\b", line)]
+        return (self.names[id(module)], found[0]) if len(found) == 1 else None
 
     def _note_index(self, name: str, x: torch.Tensor, lab: Labels, index: Any, written: Labels) -> None:
         """``x[index]`` read or written: per dimension it cuts where channels vary, a slice member holding
@@ -159,6 +193,33 @@ class _Moves(_LabelStore):
             if _varies(per):
                 op = name.split("@")[0]
                 self._add_read(name, op, Kind.SLICE, cut.dim, _held_positions(per, cut), ())
+
+
+def _pieces(sizes: Any, n: int) -> tuple[int, ...]:
+    """The piece sizes of ``split(x, sizes)`` along a dimension of ``n``; () for sizes this cannot read."""
+    if type(sizes) is int and sizes > 0:
+        return tuple(min(sizes, n - s) for s in range(0, n, sizes))
+    if isinstance(sizes, (tuple, list)) and all(type(v) is int for v in sizes) and sum(sizes) == n:
+        return tuple(sizes)
+    return ()
+
+
+_LIBRARIES = (  # torch's package and compactor's: frames there are not the model's code
+    os.path.dirname(torch.__file__) + os.sep,
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep,
+)
+
+
+def _caller() -> tuple[str, str]:
+    """Where in the model's code the op runs (the innermost frame outside torch and compactor): ``file:line``
+    and the line's text."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if not file.startswith(_LIBRARIES):
+            return f"{os.path.basename(file)}:{frame.f_lineno}", linecache.getline(file, frame.f_lineno)
+        frame = frame.f_back
+    return "the forward code", ""
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,14 @@ def _tp_groups(
     the window partitions of a MaxViT, Torch-Pruning's reshape mappings multiply the index lists into the
     millions (issue #11: 101 s)."""
 
+    called: set[int] = set()
+
     def forward(m: nn.Module, x: ExampleInputs) -> Any:
-        return m.train(train)(*x.args, **x.kwargs)
+        hook = nn.modules.module.register_module_forward_hook(lambda layer, a, o: called.add(id(layer)))
+        try:
+            return m.train(train)(*x.args, **x.kwargs)
+        finally:
+            hook.remove()
 
     names = {p: n for n, p in model.named_parameters()}
     outputs: list[torch.Tensor] = []
@@ -75,9 +81,24 @@ def _tp_groups(
                 ) from e
             unmapped = _map_indices(graph)
         unmapped = {**_functional_weights(graph, model), **unmapped}
+        if stop_by_rule:
+            _check_reached(graph, model, called)
         writers = _output_writers(graph, outputs)
         groups = _collect_groups(graph, model, names, unmapped, writers, stop_by_rule=stop_by_rule)
     return groups
+
+
+def _check_reached(graph: Any, model: nn.Module, called: set[int]) -> None:
+    """Torch-Pruning walks back from the outputs' ``grad_fn``: a layer that the forward calls but whose
+    output reaches the outputs only through integer tensors (scores picked by ``topk`` indices, an
+    ``argmax`` that gathers) has no node, and its channels no group. Raise :class:`CouplingByRule` there, so
+    that compactor's labels, which follow every tensor the forward makes, answer for the model."""
+    for name, layer in model.named_modules():
+        if id(layer) in called and _is_producer(layer) and layer not in graph.module2node:
+            raise CouplingByRule(
+                f"torch-pruning's graph does not reach {name}: its output reaches the outputs only through "
+                f"integer tensors (indices)"
+            )
 
 
 def _output_writers(graph: Any, outputs: list[torch.Tensor]) -> set[nn.Module]:

@@ -28,6 +28,7 @@ class _Read:
     labels: list[set[int]]
     pieces: tuple[int, ...] = ()
     why: str = ""
+    source: tuple[str, str] | None = None  # a split's sizes: (module, attribute) they came from
 
 
 @dataclass
@@ -69,6 +70,8 @@ class _LabelStore:
         self.trace = _Trace()
         self.labels: dict[int, tuple[torch.Tensor, Labels]] = {}  # id(tensor) -> (tensor, labels)
         self.params = {id(p): (n, p) for n, p in model.named_parameters()}
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.calls: list[nn.Module] = []  # the model's modules whose forward is running, innermost last
 
     def labels_of(self, t: Any) -> Labels | None:
         if not isinstance(t, torch.Tensor):
@@ -92,9 +95,16 @@ class _LabelStore:
         return torch.full(t.shape, -1.0, dtype=torch.float64)
 
     def _add_read(
-        self, name: str, op: str, kind: Kind, dim: int, per: list[set[int]], pieces: tuple[int, ...]
+        self,
+        name: str,
+        op: str,
+        kind: Kind,
+        dim: int,
+        per: list[set[int]],
+        pieces: tuple[int, ...],
+        source: tuple[str, str] | None = None,
     ) -> None:
-        self.trace.reads.append(_Read(name, op, Side.IN, kind, dim, per, pieces))
+        self.trace.reads.append(_Read(name, op, Side.IN, kind, dim, per, pieces, source=source))
 
     def _opaque(self, lab: Labels, why: str) -> None:
         for v in _unique(lab):

@@ -59,7 +59,10 @@ class _LabelMode(_Moves, TorchFunctionMode):
     # --- layers compactor knows: hooks ------------------------------------------------------------
     @contextmanager
     def hooks(self) -> Iterator[None]:
-        handles = []
+        handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._called),
+            nn.modules.module.register_module_forward_hook(self._returned),
+        ]
         for name, module in self.model.named_modules():
             if shrinker_for(module) is None or name == "":
                 continue
@@ -70,6 +73,14 @@ class _LabelMode(_Moves, TorchFunctionMode):
         finally:
             for h in handles:
                 h.remove()
+
+    def _called(self, module: nn.Module, args: Any) -> None:
+        if id(module) in self.names:
+            self.calls.append(module)
+
+    def _returned(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self.calls and self.calls[-1] is module:
+            self.calls.pop()
 
     def _enter(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:

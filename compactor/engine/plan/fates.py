@@ -307,7 +307,7 @@ def _held_channels(group: ChannelGroup) -> dict[int, str]:
     for r in group.at_output:
         held.setdefault(r, "the channel is part of a model output")
     for member in group.members:
-        if member.kind.fixed_sizes:
+        if member.kind.fixed_sizes and member.source is None:  # a source: the rebuild rewrites the sizes
             why = f"the channel passes through a {member.kind.value} whose sizes are fixed in the forward code ({member.op})"
             for r, idx in enumerate(member.idxs):
                 if idx:

@@ -21,7 +21,7 @@ def unremovable(
     of a grouped conv than from another (checked on this group's channels alone, which is stricter than
     needed where several groups feed one layer, and so safe)."""
     removed = [r for r, f in fates.items() if f.fate.removed]
-    pins: dict[int, ChannelFate] = _uneven_chunks(group, removed)
+    pins: dict[int, ChannelFate] = _uneven_chunks(group, removed) | _emptied_pieces(group, removed)
     for member in group.layers():
         obj = modules[member.name]
         local = [i for r in removed for i in member.idxs[r]]
@@ -67,6 +67,31 @@ def _uneven_chunks(group: ChannelGroup, removed: list[int]) -> dict[int, Channel
                         Fate.KEPT_LAYOUT,
                         f"a chunk into {len(member.pieces)} pieces (sizes {list(member.pieces)}) stays right only "
                         f"if each piece loses as many channels: {low} can go from each",
+                    ),
+                )
+    return pins
+
+
+def _emptied_pieces(group: ChannelGroup, removed: list[int]) -> dict[int, ChannelFate]:
+    """A split whose sizes the rebuild rewrites (:attr:`Member.source`) keeps one channel in every piece:
+    an empty piece would leave the layers that read it with none."""
+    pins: dict[int, ChannelFate] = {}
+    for member in group.members:
+        if member.kind is not Kind.SPLIT or member.source is None:
+            continue
+        per_piece: dict[int, set[int]] = defaultdict(set)
+        for r in removed:
+            for i in member.idxs[r]:
+                per_piece[member.piece_of(i)].add(r)
+        for p, rs in per_piece.items():
+            local = {i for r in rs for i in member.idxs[r] if member.piece_of(i) == p}
+            if len(local) >= member.pieces[p]:
+                pins.setdefault(
+                    max(rs),
+                    ChannelFate(
+                        max(rs),
+                        Fate.KEPT_LAYOUT,
+                        f"piece {p} of the {member.op} would lose every channel: one stays",
                     ),
                 )
     return pins
