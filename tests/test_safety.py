@@ -312,22 +312,28 @@ def test_a_layer_no_forward_called_is_left_as_it_was(work: Path, monkeypatch: py
 
 
 @pytest.mark.parametrize("batch", [2, 1])
-def test_a_train_mode_only_layer_keeps_what_it_reads_and_trains_after_compaction(
+def test_a_train_mode_only_layer_loses_what_goes_and_trains_after_compaction(
     work: Path, monkeypatch: pytest.MonkeyPatch, batch: int
 ) -> None:
-    """Also with a batch of one (what users give), where BatchNorm cannot run in train mode: train mode runs
-    and is traced on the example twice over (it was: every channel kept, "could not be traced")."""
+    """An auxiliary classifier (and its BatchNorm) that only train mode runs does not pin the channels it
+    reads: it rides along, losing them too, so that fine-tuning still runs it; the report says its
+    train-mode outputs are not what they were. Also with a batch of one (what users give), where BatchNorm
+    cannot run in train mode: train mode runs and is traced on the example twice over."""
     monkeypatch.chdir(work)
     shape = f"{batch},3,8,8"
     r = cli("withaux.pt", "-o", "withaux_small.pt", "--input-shape", shape, "--report", "aux.json", cwd=work)
     assert r.returncode == 0, r.stderr
     report = json.loads((work / "aux.json").read_text())
     assert report["paths"]["train_only_layers"] == ["aux", "aux_bn"]
-    kept = [z for z in report["zeroed"] if z["layer"] == "conv1"]
-    assert [z["channel"] for z in kept] == [2, 6]
-    assert {z["reason"] for z in kept} == {"aux, aux_bn reads these channels and runs only in train mode"}
+    assert [(z["channel"], z["fate"]) for z in report["zeroed"] if z["layer"] == "conv1"] == [
+        (2, "removed"),
+        (6, "removed"),
+    ]
+    (warning,) = [w for w in report["warnings"] if "run only in train mode" in w]
+    assert warning.startswith("aux, aux_bn run only in train mode: they lost the input channels that went")
     small = compactor.load(work / "withaux_small.pt")
-    assert small.conv1.out_channels == 8 and small.conv2.out_channels == 6 and small.head.in_features == 6
+    assert small.conv1.out_channels == 6 and small.conv2.out_channels == 6 and small.head.in_features == 6
+    assert small.aux_bn.num_features == 6 and small.aux.in_features == 6
     small.train()
     out, aux = small(torch.randn(2, 3, 8, 8))  # fine-tuning runs the auxiliary classifier: it must still fit
     assert out.shape == (2, 5) and aux.shape == (2, 5)

@@ -138,3 +138,33 @@ def test_a_literal_split_keeps_its_channels_and_names_the_line() -> None:
     reasons = {z.reason for z in report.zeroed}
     (why,) = reasons
     assert "split whose sizes are fixed in the forward code (split (test_split_sizes.py:" in why
+
+
+class CrossStage(nn.Module):
+    """timm's CSPNet ``CrossStage``, narrow: ``conv_exp`` writes ``self.expand_chs`` channels, cut in halves by
+    ``x.split(self.expand_chs // 2, dim=1)``; one half passes a block, both meet in ``conv_transition``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand_chs = 12
+        self.conv_exp = nn.Conv2d(4, self.expand_chs, 1)
+        self.block = nn.Conv2d(6, 6, 3, padding=1)
+        self.conv_transition = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs, xb = self.conv_exp(x).split(self.expand_chs // 2, dim=1)
+        return self.conv_transition(torch.cat([xs, torch.relu(self.block(xb))], dim=1))
+
+
+def test_halves_of_an_attribute_lose_as_many_each_and_the_attribute_follows() -> None:
+    """Three channels zeroed in the first half, one in the second (with the block reading none of it): one
+    goes from each half, the attribute becomes the kept total, and the two kept in the first half say why."""
+    torch.manual_seed(0)
+    model = CrossStage().eval()
+    _zero_rows(model.conv_exp, [0, 1, 2, 7])
+    small, report = _check(model, torch.randn(2, 4, 6, 6))
+    assert small.expand_chs == 10 and small.conv_exp.out_channels == 10 and small.block.in_channels == 5
+    assert report.extra["split_sizes"] == {"expand_chs": [12, 10]}
+    kept = [z for z in report.zeroed if not z.fate.startswith("removed")]
+    assert [z.channel for z in kept] == [1, 2]
+    assert all("a split at expand_chs // 2 into 2 pieces (sizes [6, 6])" in z.reason for z in kept)

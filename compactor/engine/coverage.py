@@ -29,9 +29,10 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import SharedWriteError, first_line
 from ..inputs import ExampleInputs, flatten_values
+from ..layers import Role, Side, role_of
 from ..modules import clone_module, write_guard
 from ..util import shown_path
-from .coupling import ChannelGroup
+from .coupling import ChannelGroup, Kind, Member
 
 # transformers' attention-mask construction: its branches (``_ignore_causal_mask_sdpa``: "is the padding mask
 # all ones?") choose how the mask is built from the inputs' padding mask and positions, which compaction does
@@ -192,24 +193,52 @@ def structure(outputs: Any) -> list[tuple[str, tuple[int, ...] | str]]:
 
 
 def hold_train_only(
-    groups: list[ChannelGroup], train_groups: list[ChannelGroup], train_only: set[str]
+    model: nn.Module, groups: list[ChannelGroup], train_groups: list[ChannelGroup], train_only: set[str]
 ) -> list[ChannelGroup]:
-    """``groups`` (traced in eval mode), each held whole where the same layers, traced in train mode, are
-    coupled to a module that runs only in train mode: removing those channels would change what it reads."""
+    """``groups`` (traced in eval mode), where the same layers, traced in train mode, are coupled to a module
+    that runs only in train mode. A train-only layer that only reads the group's channels (an auxiliary
+    classifier, its BatchNorm) rides along (:attr:`Kind.PASSENGER`): it loses the channels that go, so the train-mode forward
+    still fits, and eval mode, which never runs it, is unchanged. A group whose channels a train-only module
+    writes, or that the train-mode trace couples otherwise, is held whole."""
+    by_root = {(g.root, g.size): g for g in train_groups}
     readers: dict[tuple[str, Any], set[str]] = {}
     for g in train_groups:
         extra = {m.name for m in g.layers() if m.name in train_only}
         if extra:
             for m in g.layers():
                 readers.setdefault((m.name, m.side), set()).update(extra)
-    held = []
+    out = []
     for g in groups:
         found = sorted({r for m in g.layers() for r in readers.get((m.name, m.side), ())})
         if found:
-            why = f"{', '.join(found[:3])} reads these channels and runs only in train mode"
-            g = replace(g, held=(*g.held, why))
-        held.append(g)
-    return held
+            riders = _passengers(model, g, by_root.get((g.root, g.size)), set(found))
+            if riders is None:
+                why = f"{', '.join(found[:3])} reads these channels and runs only in train mode"
+                g = replace(g, held=(*g.held, why))
+            else:
+                g = replace(g, members=(*g.members, *riders))
+        out.append(g)
+    return out
+
+
+def _passengers(
+    model: nn.Module, group: ChannelGroup, train: ChannelGroup | None, found: set[str]
+) -> tuple[Member, ...] | None:
+    """The train-only members of ``train`` (the same root traced in train mode) as passengers of ``group``,
+    or None where they cannot ride: no such train group, a train-only layer that writes the channels, or
+    train mode coupling the group's layers otherwise."""
+    if train is None:
+        return None
+    eval_layers = {(m.name, m.side, m.idxs) for m in group.layers()}
+    riders = []
+    for m in train.layers():
+        if m.name in found:
+            if m.side is not Side.IN and role_of(model.get_submodule(m.name)) is not Role.CHANNELWISE:
+                return None  # it writes the channels: removing them changes what train mode computes
+            riders.append(replace(m, kind=Kind.PASSENGER))
+        elif (m.name, m.side, m.idxs) not in eval_layers:
+            return None
+    return tuple(riders) if {m.name for m in riders} == found else None
 
 
 @dataclass(frozen=True)

@@ -56,23 +56,27 @@ def split_sizes(
     """(module, attribute) -> its split sizes before and after ``plans``, for each split whose sizes are a
     module attribute (:attr:`~compactor.engine.coupling.Member.source`) that loses channels: each piece
     keeps what its channels keep. A tuple stays a tuple, a list a list; an int (``split(x, self.width)``:
-    equal pieces) stays an int where the pieces stay equal, else becomes the list of their sizes."""
-    removed: dict[tuple[str, str], tuple[tuple[int, ...], set[int]]] = {}
+    equal pieces) stays an int where the pieces stay equal, else becomes the list of their sizes; for
+    ``split(x, self.attr // k)`` (k pieces that each lose as many) the attribute becomes the kept total."""
+    removed: dict[tuple[str, str], tuple[tuple[int, ...], int, set[int]]] = {}
     for plan in plans:
         for member in plan.group.members:
-            if member.kind is not Kind.SPLIT or member.source is None or not plan.removed:
+            if member.kind not in (Kind.SPLIT, Kind.CHUNK) or member.source is None or not plan.removed:
                 continue
-            pieces, gone = removed.setdefault(member.source, (member.pieces, set()))
+            key, per = (member.source[0], member.source[1]), (member.source[2:] or (0,))[0]
+            pieces, _, gone = removed.setdefault(key, (member.pieces, per, set()))
             gone.update(i for r in plan.removed for i in member.idxs[r])
     out: dict[tuple[str, str], tuple[SplitSizes, SplitSizes]] = {}
-    for (module, attr), (pieces, gone) in removed.items():
+    for (module, attr), (pieces, per, gone) in removed.items():
         if not gone:
             continue
         before = getattr(model.get_submodule(module), attr)
         starts = [sum(pieces[:p]) for p in range(len(pieces))]
         counts = [size - sum(1 for i in gone if s <= i < s + size) for s, size in zip(starts, pieces)]
         after: SplitSizes
-        if isinstance(before, int):
+        if per:  # attr // per is each piece's size: the pieces lost as many each (Kind.CHUNK)
+            after = sum(counts)
+        elif isinstance(before, int):
             even = tuple(min(counts[0], sum(counts) - s) for s in range(0, sum(counts), counts[0]))
             after = counts[0] if tuple(counts) == even else counts
         else:
@@ -120,13 +124,16 @@ def _check_untouched(versions: list[tuple[nn.Parameter, int]]) -> None:
 
 
 def _removals(plans: list[GroupPlan]) -> dict[tuple[str, Side], set[int]]:
-    """(layer, side) -> local indices to remove, over every plan."""
+    """(layer, side) -> local indices to remove, over every plan (passengers, layers that run only in train
+    mode, lose theirs too)."""
     out: dict[tuple[str, Side], set[int]] = defaultdict(set)
     for plan in plans:
         removed = plan.removed
         if not removed:
             continue
-        for member in plan.group.layers():
+        for member in plan.group.members:
+            if member.kind not in (Kind.LAYER, Kind.PASSENGER):
+                continue
             for r in removed:
                 out[(member.name, member.side)].update(member.idxs[r])
     return {k: v for k, v in out.items() if v}

@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ..engine.coupling import Kind
 from ..engine.coupling.stage import Coupled
 from ..engine.experts import ExpertChange, expert_stacks
 from ..engine.heads import HeadChange, kept_head_rows
@@ -82,7 +83,9 @@ def build_report(
         zeroed=tuple(_head_reason(z, rows) for z in zeroed_channels(plans)),
         filters=tuple(
             _head_reason(f, rows)
-            for f in pruned_filters(planned, plans, uncalled=uncalled, traced=not coupled.untraced)
+            for f in pruned_filters(
+                planned, plans, uncalled=uncalled, traced=not coupled.untraced, train_only=paths.train_only
+            )
         ),
         warnings=(
             *_guess_warning(inputs),
@@ -91,6 +94,7 @@ def build_report(
             *_stale_warning(observed.stale),
             *coupled.untraced,
             *paths.warnings(),
+            *_passenger_warning(plans),
             *([observed.fresh_note] if observed.fresh_note else []),
             *dead_model_warnings(observed.references[: observed.same], plans),  # at one size: shapes differ
             *unstructured_warnings(small, stacks=frozenset(expert_stacks(small))),
@@ -131,6 +135,17 @@ def _split_sizes(planned: nn.Module, plans: list[GroupPlan]) -> dict[str, list[A
 
 def _listed(sizes: int | tuple[int, ...] | list[int]) -> int | list[int]:
     return sizes if isinstance(sizes, int) else list(sizes)
+
+
+def _passenger_warning(plans: list[GroupPlan]) -> list[str]:
+    riders = sorted({m.name for p in plans if p.removed for m in p.group.members if m.kind is Kind.PASSENGER})
+    if not riders:
+        return []
+    return [
+        f"{_first_three(riders)} run only in train mode: they lost the input channels that went, with nothing "
+        f"folded into them, so their train-mode outputs (auxiliary losses) change where those channels were "
+        f"constants; eval mode, which verification covers, never runs them"
+    ]
 
 
 def _stale_warning(stale: list[str]) -> list[str]:

@@ -65,7 +65,12 @@ class KeptFilters:
 
 
 def pruned_filters(
-    model: nn.Module, plans: list[GroupPlan], *, uncalled: frozenset[str] = frozenset(), traced: bool = True
+    model: nn.Module,
+    plans: list[GroupPlan],
+    *,
+    uncalled: frozenset[str] = frozenset(),
+    traced: bool = True,
+    train_only: frozenset[str] = frozenset(),
 ) -> tuple[PrunedFilter, ...]:
     """Every all-zero output row of the model's mixing layers, with its fate under ``plans`` (made on this
     model: the same layer names and widths). A row no group holds is :data:`UNTRACED`: its layer is in
@@ -85,7 +90,9 @@ def pruned_filters(
         for row in sorted(rows):
             where = place.get((layer, row))
             if where is None:
-                found.append(PrunedFilter(layer, row, UNTRACED, _untraced(layer, uncalled, traced)))
+                found.append(
+                    PrunedFilter(layer, row, UNTRACED, _untraced(layer, uncalled, traced, train_only))
+                )
                 continue
             plan, r = where
             fate = fates[id(plan)].get(r)
@@ -96,7 +103,9 @@ def pruned_filters(
     return tuple(found)
 
 
-def _untraced(layer: str, uncalled: frozenset[str], traced: bool) -> str:
+def _untraced(layer: str, uncalled: frozenset[str], traced: bool, train_only: frozenset[str]) -> str:
+    if layer in train_only:
+        return "the layer runs only in train mode: its own channels are not compacted"
     if layer in uncalled:
         return "no forward on the example inputs called the layer"
     if not traced:

@@ -29,6 +29,9 @@ class Kind(str, Enum):
     UNBIND = "unbind"
     SLICE = "slice"  # a slice that may cut the channel dimension
     OUTPUT = "output"  # a model output
+    # a layer only train mode runs (GoogLeNet's and Inception's auxiliary heads) reading the group: it loses
+    # the channels that go, with no compensation, and plays no part in planning (eval mode never reads it)
+    PASSENGER = "passenger"
     OTHER = "other"  # any other op (add, concat, reshape, a slice of another dimension...)
 
     @property
@@ -49,8 +52,9 @@ class Member:
     idxs: tuple[tuple[int, ...], ...]  # per root channel: the layer-local indices it maps to
     pieces: tuple[int, ...] = ()  # a chunk's or split's piece sizes along its dimension
     # a split whose sizes are a module's attribute (``self.split_indices``, Res2Net's ``self.width``):
-    # (module, attribute); the rebuild rewrites it with the kept channels of each piece
-    source: tuple[str, str] | None = None
+    # (module, attribute); or (module, attribute, k) for ``split(x, self.attr // k)`` into k equal pieces
+    # (a Kind.CHUNK: each loses as many). The rebuild rewrites the attribute with the kept channels
+    source: tuple[str, str] | tuple[str, str, int] | None = None
 
     def piece_of(self, i: int) -> int:
         """Which piece of a chunk local index ``i`` falls in."""

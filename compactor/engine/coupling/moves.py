@@ -155,12 +155,28 @@ class _Moves(_LabelStore):
                 sizes = kwargs.get("split_size")
             pieces = _pieces(sizes, n)
             source = self._size_source(sizes) if pieces else None
-            where = (
-                f"split at {source[0] or 'the model'}.{source[1]}" if source else f"split ({_caller()[0]})"
-            )
+            halves = self._halved_source(sizes, n) if pieces and source is None else None
+            if halves is not None:  # split(x, self.expand_chs // 2): equal pieces, as many from each
+                where = f"split at {_dotted(halves[0], halves[1])} // {halves[2]}"
+                self._add_read(f"{name}@{self.trace.ops}", where, Kind.CHUNK, dim, per, pieces, halves)
+                return
+            where = f"split at {_dotted(*source)}" if source else f"split ({_caller()[0]})"
             self._add_read(f"{name}@{self.trace.ops}", where, what, dim, per, pieces, source)
             return
         self._add_read(f"{name}@{self.trace.ops}", name, what, dim, per, ())
+
+    def _halved_source(self, sizes: Any, n: int) -> tuple[str, str, int] | None:
+        """For ``split(x, self.attr // k)`` cutting ``n`` channels into ``k`` equal pieces (CSPNet's
+        ``self.expand_chs // 2``, read from the line of code): (module, attribute, k); else None."""
+        if not self.calls or type(sizes) is not int or sizes < 1:
+            return None
+        module = self.calls[-1]
+        found = [
+            (a, int(k))
+            for a, k in re.findall(r"self\.(\w+)\s*//\s*(\d+)", _caller()[1])
+            if type(getattr(module, a, None)) is int and getattr(module, a) == n == sizes * int(k)
+        ]
+        return (self.names[id(module)], *found[0]) if len(found) == 1 else None
 
     def _size_source(self, sizes: Any) -> tuple[str, str] | None:
         """The attribute of the module whose forward runs the split that holds its sizes: the very object
@@ -193,6 +209,10 @@ class _Moves(_LabelStore):
             if _varies(per):
                 op = name.split("@")[0]
                 self._add_read(name, op, Kind.SLICE, cut.dim, _held_positions(per, cut), ())
+
+
+def _dotted(module: str, attr: str) -> str:
+    return f"{module}.{attr}" if module else attr
 
 
 def _pieces(sizes: Any, n: int) -> tuple[int, ...]:

@@ -37,7 +37,7 @@ def couple(model: nn.Module, inputs: ExampleInputs, paths: Paths, options: Optio
         train_inputs = paths.train_inputs or inputs
         try:
             groups = hold_train_only(
-                groups, _train_groups(model, train_inputs, options), set(paths.train_only)
+                model, groups, _train_groups(model, train_inputs, options), set(paths.train_only)
             )
         except GraphError as e:  # what the train-mode paths read is unknown: every group stays whole
             why = f"the train-mode forward could not be traced ({e})"

@@ -28,7 +28,9 @@ class _Read:
     labels: list[set[int]]
     pieces: tuple[int, ...] = ()
     why: str = ""
-    source: tuple[str, str] | None = None  # a split's sizes: (module, attribute) they came from
+    source: tuple[str, str] | tuple[str, str, int] | None = (
+        None  # a split's sizes: (module, attribute) they came from
+    )
 
 
 @dataclass
@@ -102,7 +104,7 @@ class _LabelStore:
         dim: int,
         per: list[set[int]],
         pieces: tuple[int, ...],
-        source: tuple[str, str] | None = None,
+        source: tuple[str, str] | tuple[str, str, int] | None = None,
     ) -> None:
         self.trace.reads.append(_Read(name, op, Side.IN, kind, dim, per, pieces, source=source))
 

@@ -65,7 +65,8 @@ def _uneven_chunks(group: ChannelGroup, removed: list[int]) -> dict[int, Channel
                     ChannelFate(
                         r,
                         Fate.KEPT_LAYOUT,
-                        f"a chunk into {len(member.pieces)} pieces (sizes {list(member.pieces)}) stays right only "
+                        f"a {member.op if member.source else 'chunk'} into {len(member.pieces)} pieces (sizes "
+                        f"{list(member.pieces)}) stays right only "
                         f"if each piece loses as many channels: {low} can go from each",
                     ),
                 )
