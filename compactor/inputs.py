@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -87,6 +87,16 @@ class ExampleInputs:
         return ExampleInputs(
             args=tuple(like(t) for t in self.args),
             kwargs={k: like(v) for k, v in self.kwargs.items()},
+        )
+
+    def transformed(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExampleInputs:
+        """The same inputs with ``fn`` applied to every float tensor (integers, token ids, stay as they are)."""
+
+        def apply(t: torch.Tensor) -> torch.Tensor:
+            return fn(t) if t.is_floating_point() else t
+
+        return ExampleInputs(
+            args=tuple(apply(t) for t in self.args), kwargs={k: apply(v) for k, v in self.kwargs.items()}
         )
 
     def repeated(self, n: int) -> ExampleInputs:

@@ -147,6 +147,14 @@ SOURCE = textwrap.dedent(
             open("init_ran.txt", "w").write("ran")
 
 
+    class FarFlip(Plain):
+        def forward(self, x):
+            y = torch.relu(self.conv1(x))
+            if x.std() > 1000:  # FAR BRANCH: no scaling by 10 or shift of the example reaches it
+                y = y.flip(1)
+            return self.conv2(y)
+
+
     class NumpyFlip(Plain):
         def forward(self, x):
             y = torch.relu(self.conv1(x))
@@ -220,7 +228,7 @@ MAKE = textwrap.dedent(
 
     torch.save(models.View(), "view.pt")
     torch.save(models.Views(), "views.pt")
-    for name in ("NumpyFlip", "NonzeroFlip", "ReturnsObject"):
+    for name in ("NumpyFlip", "NonzeroFlip", "ReturnsObject", "FarFlip"):
         torch.save(getattr(models, name)().eval(), name.lower() + ".pt")
 
     big = models.Plain()
@@ -274,22 +282,50 @@ def files(d: Path) -> list[str]:
 
 # --- paths the example inputs do not take -----------------------------------------------------------------
 def test_a_branch_on_tensor_values_is_named_and_strict_refuses_it(work: Path) -> None:
-    line = next(i for i, text in enumerate(SOURCE.splitlines(), 1) if "# BRANCH" in text)
-    r = cli("flip.pt", "-o", "flip_small.pt", "--input-shape", "2,3,8,8", "--report", "flip.json", cwd=work)
+    """A branch none of the changed example inputs reaches (``x.std() > 1000``) stays a warning."""
+    line = next(i for i, text in enumerate(SOURCE.splitlines(), 1) if "# FAR BRANCH" in text)
+    r = cli("farflip.pt", "-o", "far_small.pt", "--input-shape", "2,3,8,8", "--report", "far.json", cwd=work)
     assert r.returncode == 0, r.stderr
     expected = f"safety_models.py:{line} (bool)"
     assert f"warning: the forward converts tensors to Python values at {expected}" in r.stderr
-    report = json.loads((work / "flip.json").read_text())
+    report = json.loads((work / "far.json").read_text())
     assert report["paths"]["value_branches"] == [f"{expected}"]
     assert any(expected in w and "--strict refuses this" in w for w in report["warnings"])
+    assert "explored" not in report
 
     before = files(work)
-    r = cli("flip.pt", "-o", "flip_strict.pt", "--input-shape", "2,3,8,8", "--strict", cwd=work)
+    r = cli("farflip.pt", "-o", "far_strict.pt", "--input-shape", "2,3,8,8", "--strict", cwd=work)
     assert r.returncode == 2
     assert error_line(r).startswith(
         f"error: --strict: the forward converts tensors to Python values at {expected}"
     )
     assert files(work) == before
+
+
+def test_a_branch_the_changed_inputs_reach_is_verified_on_both_sides(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``if x.mean() > 10: y = y.flip(1)``: the example shifted by 30 times its largest value takes the
+    other side, so it joins the verified runs. There the channel order is reversed, which the trace on the
+    example did not see: the plan that removes conv1's zero channels 1, 2 and 5 from conv2's columns 1, 2
+    and 5 fails on it (conv2's column 2 reads channel 5 there... and so on), and the groups are restored
+    until both sides agree. No warning, and --strict accepts it."""
+    r = cli("flip.pt", "-o", "flip_small.pt", "--input-shape", "2,3,8,8", "--report", "flip.json", cwd=work)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((work / "flip.json").read_text())
+    assert report["paths"]["value_branches"] == []
+    assert not any("converts tensors" in w for w in report["warnings"])
+    assert report["explored"].startswith("also verified on the example inputs shifted by +")
+    assert report["verified_runs"] == 5  # the example, 2 fresh, 1 explored, 1 at another size
+    monkeypatch.chdir(work)  # compactor.load resolves safety_models.py from here, as the CLI does
+    dense = compactor.load(work / "flip.pt", trust_pickle=True)
+    small = compactor.load(work / "flip_small.pt")
+    for shift in (0.0, 40.0):  # both sides of the branch
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) + shift
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), dense(x), rtol=1e-4, atol=1e-4)
+    r = cli("flip.pt", "-o", "flip_strict.pt", "--input-shape", "2,3,8,8", "--strict", cwd=work)
+    assert r.returncode == 0, r.stderr
 
 
 def test_a_layer_no_forward_called_is_left_as_it_was(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,6 +80,14 @@ class Coverage:
             if not (kinds == {"bool"} and self.outcomes.get(where) == {True, False})
         ]
 
+    def one_sided(self) -> set[str]:
+        """The places that only convert to bool and gave one outcome so far (their other side unverified)."""
+        return {
+            where
+            for where, kinds in self.conversions.items()
+            if kinds == {"bool"} and len(self.outcomes.get(where, ())) == 1
+        }
+
     def snapshot(self) -> dict[str, set[bool]]:
         """The outcomes so far, to :meth:`restore` where runs turn out not to be verified."""
         return {where: set(seen) for where, seen in self.outcomes.items()}
@@ -116,12 +124,12 @@ class _Conversions(TorchFunctionMode):
 
 
 def _model_code() -> str | None:
-    """``file:line`` of the code that asked for the conversion, or None when torch itself did."""
+    """``file:line`` of the code that asked for the conversion, or None when torch or compactor did."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+    while frame is not None and frame.f_code.co_filename == __file__:
         frame = frame.f_back  # type: ignore[assignment]  # f_back is None only past the outermost frame
-    if frame is None or frame.f_code.co_filename.startswith(_TORCH_DIR):
-        return None
+    if frame is None or frame.f_code.co_filename.startswith((_TORCH_DIR, _OWN_DIR)):
+        return None  # torch's own, or compactor's (a finiteness check between the forwards)
     return f"{shown_path(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 

@@ -8,6 +8,7 @@ in. :func:`masked_view` clones the model as the user holds it (sharing its tenso
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,30 @@ from ..outputs import Outputs, reference_outputs
 from .coverage import Coverage, Paths, find_paths, watch
 
 FRESH_RUNS = 2  # random inputs checked besides the example inputs
+EXPLORED_RUNS = 3  # at most: inputs kept because they take a side of a value branch no run took before
+
+
+def _explorations(inputs: ExampleInputs) -> list[tuple[str, ExampleInputs]]:
+    """The example inputs changed so that a condition on their values (``x.sum() > 0``, ``x.abs().max() >
+    10``, ``x.mean() < -1``) may flip: negated, scaled up and down, shifted by 3 and 30 times their largest value
+    either way. Float inputs only; made outside the watch (making them reads values)."""
+    floats = [t for t in (*inputs.args, *inputs.kwargs.values()) if t.is_floating_point()]
+    if not floats:
+        return []
+    big = max(float(t.abs().max()) for t in floats) or 1.0
+    return [
+        ("negated", inputs.transformed(lambda t: -t)),
+        ("scaled by 10", inputs.transformed(lambda t: t * 10)),
+        ("scaled by 0.1", inputs.transformed(lambda t: t * 0.1)),
+        *(
+            (f"shifted by {d:+.3g}", inputs.transformed(_shifted(d)))
+            for d in (3 * big, -3 * big, 30 * big, -30 * big)
+        ),
+    ]
+
+
+def _shifted(d: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: t + d
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,7 @@ class Observed:
     fresh_note: str | None  # why the fresh runs are not the default ones, where they are not
     folded: list[str]  # the re-parametrisations baked (weight_norm, spectral_norm, parametrizations)
     stale: list[str] = field(default_factory=list)  # pruned tensors the forward read without their hook
+    explored: str | None = None  # the inputs verified because they take another side of a value branch
 
 
 def observe(model: nn.Module, inputs: ExampleInputs) -> Observed:
@@ -49,6 +75,7 @@ def observe(model: nn.Module, inputs: ExampleInputs) -> Observed:
         [inputs, *padded([inputs.fresh(generator, integers=integers) for _ in range(FRESH_RUNS)])]
         for integers in (True, False)
     ]
+    explorations = _explorations(inputs)
     with write_guard((t for t, _ in shared), "the model's eval-mode forward"):
         with watch(masked) as seen:
             with torch.no_grad():
@@ -56,6 +83,8 @@ def observe(model: nn.Module, inputs: ExampleInputs) -> Observed:
             unchecked = unchecked_outputs(first)
             runs, references, fresh_note = _references(masked, candidates, flatten_values(first), seen)
             del first
+            explored, explored_references, explored_note = _explore(masked, explorations, seen)
+        runs, references = [*runs, *explored], [*references, *explored_references]
         check_finite(references)
         same = len(runs)
         other, other_references, sizes = _other_size(masked, inputs, generator)
@@ -82,6 +111,7 @@ def observe(model: nn.Module, inputs: ExampleInputs) -> Observed:
         fresh_note,
         folded,
         stale,
+        explored_note,
     )
 
 
@@ -197,6 +227,44 @@ def _references(
         return runs, references, note
     note = f"verified on the example inputs only: the model fails on random inputs like them ({why})"
     return candidates[0][:1], [example], note
+
+
+def _explore(
+    masked: nn.Module, explorations: list[tuple[str, ExampleInputs]], seen: Coverage
+) -> tuple[list[ExampleInputs], list[Outputs], str | None]:
+    """Where a value branch took one side only (:meth:`Coverage.one_sided`), the changed example inputs
+    (:func:`_explorations`) that take its other side, with the masked model's outputs on them: they join
+    the verified runs, so both sides of that branch are verified. One that takes no new side, fails or gives
+    NaN is dropped, its outcomes forgotten; a branch no change reaches stays warned of."""
+    runs: list[ExampleInputs] = []
+    references: list[Outputs] = []
+    names: list[str] = []
+    for name, candidate in explorations:
+        open_sides = seen.one_sided()
+        if not open_sides or len(runs) >= EXPLORED_RUNS:
+            break
+        before = seen.snapshot()
+        try:
+            outputs = reference_outputs(masked, [candidate])
+            check_finite(outputs)
+        except CompactorError as e:
+            if not isinstance(e, ModelForwardError):
+                raise
+            seen.restore(before)
+            continue
+        except Exception:  # the model refuses such inputs: not a compaction problem
+            seen.restore(before)
+            continue
+        if open_sides - seen.one_sided():  # a branch took its other side
+            runs.append(candidate)
+            references += outputs
+            names.append(name)
+        else:
+            seen.restore(before)
+    note = (
+        f"also verified on the example inputs {', '.join(names)}: they take the other side of a value branch"
+    )
+    return runs, references, note if names else None
 
 
 def _other_size(

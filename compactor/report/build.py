@@ -66,6 +66,7 @@ def build_report(
         **({"reparametrizations": observed.folded} if observed.folded else {}),
         "round_to": round_to,
         "sizes": observed.sizes,
+        **({"explored": observed.explored} if observed.explored else {}),
         **({"cache": note} if (note := sliced_note(decided.verdict)) else {}),
         "paths": paths.to_dict(),
         **({"path_notes": paths.notes()} if paths.notes() else {}),

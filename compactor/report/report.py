@@ -165,6 +165,8 @@ def render(report: CompactionReport, console: Console, *, warnings: bool = True)
     )
     if report.extra.get("sizes"):  # the run at another input size, or why there was none
         console.print(f"  {report.extra['sizes']}", markup=False)
+    if report.extra.get("explored"):  # changed example inputs that took another side of a value branch
+        console.print(f"  {report.extra['explored']}", markup=False)
     if report.extra.get("cache"):  # KV cache tensors compared head by head
         console.print(f"  {report.extra['cache']}", markup=False)
     for note in report.extra.get("path_notes", []):  # branches that are said, not warned of
