@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from .errors import TimeLimitError
@@ -44,6 +45,13 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module | nn.Parameter) -> 
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, new)
     return root
+
+
+# --- whose code a frame runs ---------------------------------------------------------------------------------
+TORCH_DIR = (
+    os.path.dirname(torch.__file__) + os.sep
+)  # the separator: torchmetrics, torchvision are model code
+COMPACTOR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 # --- head counts a forward reads ----------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import sys
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from ..errors import SharedWriteError, first_line
 from ..inputs import ExampleInputs, flatten_values
 from ..layers import Role, Side, role_of
 from ..modules import clone_module, write_guard
-from ..util import shown_path
+from ..util import COMPACTOR_DIR, TORCH_DIR, shown_path
 from .coupling import ChannelGroup, Kind, Member
 
 # transformers' attention-mask construction: its branches (``_ignore_causal_mask_sdpa``: "is the padding mask
@@ -56,8 +55,6 @@ _CONVERSIONS = {
     "tolist": ".tolist()",
     "__contains__": "in",
 }
-_TORCH_DIR = str(Path(torch.__file__).parent) + "/"  # the slash: torchmetrics, torchvision are model code
-_OWN_DIR = str(Path(__file__).parent.parent) + "/"
 
 
 @dataclass
@@ -128,7 +125,7 @@ def _model_code() -> str | None:
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename == __file__:
         frame = frame.f_back  # type: ignore[assignment]  # f_back is None only past the outermost frame
-    if frame is None or frame.f_code.co_filename.startswith((_TORCH_DIR, _OWN_DIR)):
+    if frame is None or frame.f_code.co_filename.startswith((TORCH_DIR, COMPACTOR_DIR)):
         return None  # torch's own, or compactor's (a finiteness check between the forwards)
     return f"{shown_path(frame.f_code.co_filename)}:{frame.f_lineno}"
 
@@ -205,9 +202,9 @@ def hold_train_only(
 ) -> list[ChannelGroup]:
     """``groups`` (traced in eval mode), where the same layers, traced in train mode, are coupled to a module
     that runs only in train mode. A train-only layer that only reads the group's channels (an auxiliary
-    classifier, its BatchNorm) rides along (:attr:`Kind.PASSENGER`): it loses the channels that go, so the train-mode forward
-    still fits, and eval mode, which never runs it, is unchanged. A group whose channels a train-only module
-    writes, or that the train-mode trace couples otherwise, is held whole."""
+    classifier, its BatchNorm) rides along (:attr:`Kind.PASSENGER`): it loses the channels that go, so the
+    train-mode forward still fits, and eval mode, which never runs it, is unchanged. A group whose channels
+    a train-only module writes, or that the train-mode trace couples otherwise, is held whole."""
     by_root = {(g.root, g.size): g for g in train_groups}
     readers: dict[tuple[str, Any], set[str]] = {}
     for g in train_groups:

@@ -25,26 +25,27 @@ FRESH_RUNS = 2  # random inputs checked besides the example inputs
 EXPLORED_RUNS = 3  # at most: inputs kept because they take a side of a value branch no run took before
 
 
-def _explorations(inputs: ExampleInputs) -> list[tuple[str, ExampleInputs]]:
-    """The example inputs changed so that a condition on their values (``x.sum() > 0``, ``x.abs().max() >
-    10``, ``x.mean() < -1``) may flip: negated, scaled up and down, shifted by 3 and 30 times their largest value
-    either way. Float inputs only; made outside the watch (making them reads values)."""
+Change = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _explorations(inputs: ExampleInputs) -> list[tuple[str, Change]]:
+    """The changes to the example's float inputs that may flip a condition on their values (``x.sum() > 0``,
+    ``x.abs().max() > 10``, ``x.mean() < -1``): negate, scale up and down, shift by 3 and 30 times their
+    largest value either way. Their largest value is read here, outside the watch; the changed inputs are
+    made only where a branch needs them (:func:`_explore`)."""
     floats = [t for t in (*inputs.args, *inputs.kwargs.values()) if t.is_floating_point()]
     if not floats:
         return []
     big = max(float(t.abs().max()) for t in floats) or 1.0
     return [
-        ("negated", inputs.transformed(lambda t: -t)),
-        ("scaled by 10", inputs.transformed(lambda t: t * 10)),
-        ("scaled by 0.1", inputs.transformed(lambda t: t * 0.1)),
-        *(
-            (f"shifted by {d:+.3g}", inputs.transformed(_shifted(d)))
-            for d in (3 * big, -3 * big, 30 * big, -30 * big)
-        ),
+        ("negated", lambda t: -t),
+        ("scaled by 10", lambda t: t * 10),
+        ("scaled by 0.1", lambda t: t * 0.1),
+        *((f"shifted by {d:+.3g}", _shifted(d)) for d in (3 * big, -3 * big, 30 * big, -30 * big)),
     ]
 
 
-def _shifted(d: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def _shifted(d: float) -> Change:
     return lambda t: t + d
 
 
@@ -83,7 +84,7 @@ def observe(model: nn.Module, inputs: ExampleInputs) -> Observed:
             unchecked = unchecked_outputs(first)
             runs, references, fresh_note = _references(masked, candidates, flatten_values(first), seen)
             del first
-            explored, explored_references, explored_note = _explore(masked, explorations, seen)
+            explored, explored_references, explored_note = _explore(masked, inputs, explorations, seen)
         runs, references = [*runs, *explored], [*references, *explored_references]
         check_finite(references)
         same = len(runs)
@@ -230,7 +231,7 @@ def _references(
 
 
 def _explore(
-    masked: nn.Module, explorations: list[tuple[str, ExampleInputs]], seen: Coverage
+    masked: nn.Module, inputs: ExampleInputs, explorations: list[tuple[str, Change]], seen: Coverage
 ) -> tuple[list[ExampleInputs], list[Outputs], str | None]:
     """Where a value branch took one side only (:meth:`Coverage.one_sided`), the changed example inputs
     (:func:`_explorations`) that take its other side, with the masked model's outputs on them: they join
@@ -239,19 +240,20 @@ def _explore(
     runs: list[ExampleInputs] = []
     references: list[Outputs] = []
     names: list[str] = []
-    for name, candidate in explorations:
+    for name, change in explorations:
         open_sides = seen.one_sided()
         if not open_sides or len(runs) >= EXPLORED_RUNS:
             break
+        candidate = inputs.transformed(change)
         before = seen.snapshot()
         try:
             outputs = reference_outputs(masked, [candidate])
             check_finite(outputs)
-        except CompactorError as e:
-            if not isinstance(e, ModelForwardError):
-                raise
+        except ModelForwardError:  # NaN or Inf there: not comparable
             seen.restore(before)
             continue
+        except CompactorError:  # compactor's own refusal (a write into a shared tensor)
+            raise
         except Exception:  # the model refuses such inputs: not a compaction problem
             seen.restore(before)
             continue

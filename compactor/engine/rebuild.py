@@ -15,7 +15,7 @@ from torch import nn
 from ..layers import Side, shrinker_for
 from ..modules import clone_module, own_parameters
 from ..util import set_submodule
-from .coupling import Kind
+from .coupling.groups import Kind, SizeSource, equal_pieces
 from .plan import GroupPlan, apply_compensation
 
 
@@ -58,30 +58,28 @@ def split_sizes(
     keeps what its channels keep. A tuple stays a tuple, a list a list; an int (``split(x, self.width)``:
     equal pieces) stays an int where the pieces stay equal, else becomes the list of their sizes; for
     ``split(x, self.attr // k)`` (k pieces that each lose as many) the attribute becomes the kept total."""
-    removed: dict[tuple[str, str], tuple[tuple[int, ...], int, set[int]]] = {}
+    removed: dict[SizeSource, tuple[tuple[int, ...], set[int]]] = {}
     for plan in plans:
         for member in plan.group.members:
             if member.kind not in (Kind.SPLIT, Kind.CHUNK) or member.source is None or not plan.removed:
                 continue
-            key, per = (member.source[0], member.source[1]), (member.source[2:] or (0,))[0]
-            pieces, _, gone = removed.setdefault(key, (member.pieces, per, set()))
+            _, gone = removed.setdefault(member.source, (member.pieces, set()))
             gone.update(i for r in plan.removed for i in member.idxs[r])
     out: dict[tuple[str, str], tuple[SplitSizes, SplitSizes]] = {}
-    for (module, attr), (pieces, per, gone) in removed.items():
+    for source, (pieces, gone) in removed.items():
         if not gone:
             continue
-        before = getattr(model.get_submodule(module), attr)
+        before = getattr(model.get_submodule(source.module), source.attr)
         starts = [sum(pieces[:p]) for p in range(len(pieces))]
         counts = [size - sum(1 for i in gone if s <= i < s + size) for s, size in zip(starts, pieces)]
         after: SplitSizes
-        if per:  # attr // per is each piece's size: the pieces lost as many each (Kind.CHUNK)
+        if source.per:  # attr // per is each piece's size: the pieces lost as many each (Kind.CHUNK)
             after = sum(counts)
         elif isinstance(before, int):
-            even = tuple(min(counts[0], sum(counts) - s) for s in range(0, sum(counts), counts[0]))
-            after = counts[0] if tuple(counts) == even else counts
+            after = counts[0] if tuple(counts) == equal_pieces(counts[0], sum(counts)) else counts
         else:
             after = type(before)(counts)
-        out[(module, attr)] = (before, after)
+        out[(source.module, source.attr)] = (before, after)
     return out
 
 

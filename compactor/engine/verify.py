@@ -132,7 +132,7 @@ def decide(
     proof = None
     if wide is not None and floors is not None and not compare(small, runs, references, tolerance).ok:
         final, small, verdict, proof = _proven(
-            baked, final, runs, references, tolerance, say, round_to, floors
+            baked, final, small, verdict, runs, references, tolerance, say, round_to, floors
         )
     judged = str(wide_dtype(wide)).removeprefix("torch.") if wide is not None else None
     return Decided(final, small, verdict, floors, judged, proof)
@@ -141,6 +141,8 @@ def decide(
 def _proven(
     baked: nn.Module,
     final: list[GroupPlan],
+    small: nn.Module,
+    verdict: Verdict,
     runs: list[ExampleInputs],
     references: list[Outputs],
     tolerance: float,
@@ -150,7 +152,8 @@ def _proven(
 ) -> tuple[list[GroupPlan], nn.Module, Verdict, Verdict]:
     """Where the compacted model is within the tolerance of the masked one only by the masked model's own
     rounding (a detector whose top-k picks among tied scores moves by ~1 under float32 rounding alone), that
-    proves little: compare float64 copies of both, with the plain tolerance, and restore what fails there."""
+    proves little: compare float64 copies of both, with the plain tolerance, and restore what fails there
+    (``small`` and ``verdict``: the compacted model of ``final`` and its verdict, kept where nothing fails)."""
     wide = widened(baked, runs, always=True)
     assert wide is not None
     shipped = [p for p in final if p.removed]
@@ -161,8 +164,8 @@ def _proven(
         final = round_layers(baked, _restore(final, lost), round_to)
         shipped = [p for p in final if p.removed]
         proof = compare(apply_plans(wide[0], shipped), wide[1], wide[2], tolerance)
-    small = apply_plans(baked, shipped)
-    verdict = compare(small, runs, references, tolerance, floors)
+        small = apply_plans(baked, shipped)
+        verdict = compare(small, runs, references, tolerance, floors)
     if not (proof.ok and verdict.ok):
         raise VerificationError(
             f"the rebuilt model does not reproduce the masked model: {(proof if not proof.ok else verdict).summary()}"

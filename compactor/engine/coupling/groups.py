@@ -40,6 +40,25 @@ class Kind(str, Enum):
         return self in (Kind.SPLIT, Kind.UNBIND, Kind.SLICE)
 
 
+def equal_pieces(size: int, n: int) -> tuple[int, ...]:
+    """The pieces ``split(x, size)`` cuts ``n`` channels into: ``size`` each, the last what is left."""
+    return tuple(min(size, n - s) for s in range(0, n, size))
+
+
+@dataclass(frozen=True)
+class SizeSource:
+    """The module attribute a split's sizes come from: ``split(x, self.attr)`` (a tuple, list or int of
+    sizes), or with ``per`` > 0 ``split(x, self.attr // per)`` into ``per`` equal pieces."""
+
+    module: str
+    attr: str
+    per: int = 0
+
+    def __str__(self) -> str:
+        name = f"{self.module}.{self.attr}" if self.module else self.attr
+        return f"{name} // {self.per}" if self.per else name
+
+
 @dataclass(frozen=True)
 class Member:
     """One place a group's channels meet: a layer (or bare parameter, or functional op) and a side."""
@@ -51,10 +70,9 @@ class Member:
     pruning_dim: int  # for bare parameters: the dimension that holds the channels
     idxs: tuple[tuple[int, ...], ...]  # per root channel: the layer-local indices it maps to
     pieces: tuple[int, ...] = ()  # a chunk's or split's piece sizes along its dimension
-    # a split whose sizes are a module's attribute (``self.split_indices``, Res2Net's ``self.width``):
-    # (module, attribute); or (module, attribute, k) for ``split(x, self.attr // k)`` into k equal pieces
-    # (a Kind.CHUNK: each loses as many). The rebuild rewrites the attribute with the kept channels
-    source: tuple[str, str] | tuple[str, str, int] | None = None
+    # a split whose sizes are a module's attribute (``self.split_indices``, Res2Net's ``self.width``; with
+    # ``per``, ``self.attr // per`` equal pieces, a Kind.CHUNK: each loses as many): the rebuild rewrites it
+    source: SizeSource | None = None
 
     def piece_of(self, i: int) -> int:
         """Which piece of a chunk local index ``i`` falls in."""

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from .groups import Kind
+from ...util import COMPACTOR_DIR, TORCH_DIR
+from .groups import Kind, SizeSource, equal_pieces
 from .ops import Labels, _arg, _per_index, _tensors, _unique, _unite_split, _varies
 from .trace import _LabelStore, _replay
 
@@ -144,8 +145,7 @@ class _Moves(_LabelStore):
         n = x.shape[dim]
         if name == "chunk":
             chunks = int(_arg(args, kwargs, 1, "chunks", 1))
-            size = -(-n // chunks)
-            pieces = tuple(min(size, n - s) for s in range(0, n, size))
+            pieces = equal_pieces(-(-n // chunks), n)
             self._add_read(f"chunk@{self.trace.ops}", "chunk", Kind.CHUNK, dim, per, pieces)
             return
         what = {"unbind": Kind.UNBIND, "split": Kind.SPLIT, "tensor_split": Kind.SPLIT}.get(name, Kind.SLICE)
@@ -154,20 +154,17 @@ class _Moves(_LabelStore):
             if sizes is None:
                 sizes = kwargs.get("split_size")
             pieces = _pieces(sizes, n)
-            source = self._size_source(sizes) if pieces else None
-            halves = self._halved_source(sizes, n) if pieces and source is None else None
-            if halves is not None:  # split(x, self.expand_chs // 2): equal pieces, as many from each
-                where = f"split at {_dotted(halves[0], halves[1])} // {halves[2]}"
-                self._add_read(f"{name}@{self.trace.ops}", where, Kind.CHUNK, dim, per, pieces, halves)
-                return
-            where = f"split at {_dotted(*source)}" if source else f"split ({_caller()[0]})"
+            source = (self._size_source(sizes) or self._halved_source(sizes, n)) if pieces else None
+            where = f"split at {source}" if source else f"split ({_caller()[0]})"
+            if source is not None and source.per:  # split(x, self.expand_chs // 2): as many from each piece
+                what = Kind.CHUNK
             self._add_read(f"{name}@{self.trace.ops}", where, what, dim, per, pieces, source)
             return
         self._add_read(f"{name}@{self.trace.ops}", name, what, dim, per, ())
 
-    def _halved_source(self, sizes: Any, n: int) -> tuple[str, str, int] | None:
+    def _halved_source(self, sizes: Any, n: int) -> SizeSource | None:
         """For ``split(x, self.attr // k)`` cutting ``n`` channels into ``k`` equal pieces (CSPNet's
-        ``self.expand_chs // 2``, read from the line of code): (module, attribute, k); else None."""
+        ``self.expand_chs // 2``, read from the line of code); else None."""
         if not self.calls or type(sizes) is not int or sizes < 1:
             return None
         module = self.calls[-1]
@@ -176,9 +173,9 @@ class _Moves(_LabelStore):
             for a, k in re.findall(r"self\.(\w+)\s*//\s*(\d+)", _caller()[1])
             if type(getattr(module, a, None)) is int and getattr(module, a) == n == sizes * int(k)
         ]
-        return (self.names[id(module)], *found[0]) if len(found) == 1 else None
+        return SizeSource(self.names[id(module)], *found[0]) if len(found) == 1 else None
 
-    def _size_source(self, sizes: Any) -> tuple[str, str] | None:
+    def _size_source(self, sizes: Any) -> SizeSource | None:
         """The attribute of the module whose forward runs the split that holds its sizes: the very object
         (a tuple or list), or for an int the int attribute of that value (where several have it, the one the
         line of code names: ``torch.split(out, self.width, 1)``); None where there is none."""
@@ -194,7 +191,7 @@ class _Moves(_LabelStore):
         if len(found) > 1:
             line = _caller()[1]
             found = [a for a in found if re.search(rf"\.{re.escape(a)}\b", line)]
-        return (self.names[id(module)], found[0]) if len(found) == 1 else None
+        return SizeSource(self.names[id(module)], found[0]) if len(found) == 1 else None
 
     def _note_index(self, name: str, x: torch.Tensor, lab: Labels, index: Any, written: Labels) -> None:
         """``x[index]`` read or written: per dimension it cuts where channels vary, a slice member holding
@@ -211,23 +208,13 @@ class _Moves(_LabelStore):
                 self._add_read(name, op, Kind.SLICE, cut.dim, _held_positions(per, cut), ())
 
 
-def _dotted(module: str, attr: str) -> str:
-    return f"{module}.{attr}" if module else attr
-
-
 def _pieces(sizes: Any, n: int) -> tuple[int, ...]:
     """The piece sizes of ``split(x, sizes)`` along a dimension of ``n``; () for sizes this cannot read."""
     if type(sizes) is int and sizes > 0:
-        return tuple(min(sizes, n - s) for s in range(0, n, sizes))
+        return equal_pieces(sizes, n)
     if isinstance(sizes, (tuple, list)) and all(type(v) is int for v in sizes) and sum(sizes) == n:
         return tuple(sizes)
     return ()
-
-
-_LIBRARIES = (  # torch's package and compactor's: frames there are not the model's code
-    os.path.dirname(torch.__file__) + os.sep,
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep,
-)
 
 
 def _caller() -> tuple[str, str]:
@@ -236,7 +223,7 @@ def _caller() -> tuple[str, str]:
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         file = frame.f_code.co_filename
-        if not file.startswith(_LIBRARIES):
+        if not file.startswith((TORCH_DIR, COMPACTOR_DIR)):  # the model's code
             return f"{os.path.basename(file)}:{frame.f_lineno}", linecache.getline(file, frame.f_lineno)
         frame = frame.f_back
     return "the forward code", ""

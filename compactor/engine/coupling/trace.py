@@ -12,7 +12,7 @@ from torch import nn
 
 from ...errors import CouplingUnfollowed, first_line
 from ...layers import Side
-from .groups import Kind
+from .groups import Kind, SizeSource
 from .ops import Labels, _UnionFind, _unique
 
 
@@ -28,9 +28,7 @@ class _Read:
     labels: list[set[int]]
     pieces: tuple[int, ...] = ()
     why: str = ""
-    source: tuple[str, str] | tuple[str, str, int] | None = (
-        None  # a split's sizes: (module, attribute) they came from
-    )
+    source: SizeSource | None = None  # the module attribute a split's sizes come from
 
 
 @dataclass
@@ -104,7 +102,7 @@ class _LabelStore:
         dim: int,
         per: list[set[int]],
         pieces: tuple[int, ...],
-        source: tuple[str, str] | tuple[str, str, int] | None = None,
+        source: SizeSource | None = None,
     ) -> None:
         self.trace.reads.append(_Read(name, op, Side.IN, kind, dim, per, pieces, source=source))
 

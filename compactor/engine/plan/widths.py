@@ -80,21 +80,15 @@ def _emptied_pieces(group: ChannelGroup, removed: list[int]) -> dict[int, Channe
     for member in group.members:
         if member.kind is not Kind.SPLIT or member.source is None:
             continue
-        per_piece: dict[int, set[int]] = defaultdict(set)
+        per_piece: dict[int, dict[int, int]] = defaultdict(dict)  # piece -> its removed index -> root
         for r in removed:
             for i in member.idxs[r]:
-                per_piece[member.piece_of(i)].add(r)
-        for p, rs in per_piece.items():
-            local = {i for r in rs for i in member.idxs[r] if member.piece_of(i) == p}
-            if len(local) >= member.pieces[p]:
-                pins.setdefault(
-                    max(rs),
-                    ChannelFate(
-                        max(rs),
-                        Fate.KEPT_LAYOUT,
-                        f"piece {p} of the {member.op} would lose every channel: one stays",
-                    ),
-                )
+                per_piece[member.piece_of(i)][i] = r
+        for p, gone in per_piece.items():
+            if len(gone) >= member.pieces[p]:
+                r = max(gone.values())
+                why = f"piece {p} of the {member.op} would lose every channel: one stays"
+                pins.setdefault(r, ChannelFate(r, Fate.KEPT_LAYOUT, why))
     return pins
 
 
