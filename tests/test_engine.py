@@ -447,7 +447,9 @@ def test_conv_torch_pruning_takes_for_depthwise_is_kept_whole(monkeypatch: pytes
         (32, 16),
         (16, 8),
     ]
-    assert sorted(z.channel for z in report.zeroed) == [1, 4]  # dead in both "coupled" producers
+    # dead in both "coupled" producers (1, 4), or a constant whatever the first writes there (9: proved by
+    # shaking the first conv's channel with noise)
+    assert sorted(z.channel for z in report.zeroed) == [1, 4, 9]
     assert all(z.fate == "kept: read elsewhere" and "as if depthwise" in z.reason for z in report.zeroed)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)

@@ -38,7 +38,7 @@ from zoo import (
 
 import compactor
 from compactor.engine.plan import Fate
-from compactor.engine.plan.varying import GATED
+from compactor.engine.plan.fates import gated_reason
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -295,10 +295,104 @@ def test_dead_channel_times_gate_is_removed_plus_gate_is_not(op: str) -> None:
     if op == "mul":
         assert (small.conv.out_channels, small.gate.out_channels, small.out.in_channels) == (4, 4, 4)
         assert Counter(z.fate for z in report.zeroed) == {Fate.REMOVED.value: 4, Fate.KEPT_VARYING.value: 1}
-        assert next(z for z in report.zeroed if z.channel == 3).reason == GATED  # relu(0.5) * gate stays
+        # relu(0.5) * gate stays, and the reason names the dead factor and the live one
+        assert next(z for z in report.zeroed if z.channel == 3).reason == gated_reason(["conv"], ["gate"])
     else:
         assert (small.conv.out_channels, small.gate.out_channels, small.out.in_channels) == (8, 8, 8)
         assert not report.zeroed
+
+
+class DepthwiseSE(nn.Module):
+    """An inverted residual's middle (timm ``InvertedResidual`` with ``SqueezeExcite``, torchvision
+    ``MBConv``): pointwise expand, BN, SiLU, depthwise 3x3 (zero padded), BN, SiLU, ``x * sigmoid(fc2(silu(
+    fc1(mean(x)))))``, pointwise project; ``se=False``: no gate (MobileNetV2)."""
+
+    def __init__(self, se: bool = True) -> None:
+        super().__init__()
+        self.se = se
+        self.pw, self.bn1 = nn.Conv2d(4, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.dw, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.pwl, self.bn3 = nn.Conv2d(16, 6, 1, bias=False), nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.bn2(self.dw(F.silu(self.bn1(self.pw(x))))))
+        if self.se:
+            h = h * torch.sigmoid(self.fc2(F.silu(self.fc1(h.mean((2, 3), keepdim=True)))))
+        return self.bn3(self.pwl(h))
+
+
+def _depthwise_se(se: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = DepthwiseSE(se)
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2, model.bn3):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1)
+    mask = torch.ones(16, dtype=torch.bool)
+    for layer, dead in ((model.dw, [0, 1, 2, 3]), (model.fc2, [0, 1, 4, 5]), (model.pw, [6])):
+        prune.custom_from_mask(
+            layer,
+            "weight",
+            mask.index_fill(0, torch.tensor(dead), False).float().view(-1, 1, 1, 1).expand_as(layer.weight),
+        )
+    return model.eval()
+
+
+@pytest.mark.parametrize("se", [True, False])
+def test_zero_depthwise_filters_are_constants_and_with_a_constant_gate_go(se: bool) -> None:
+    """A zero depthwise filter emits its bias whatever the expand conv writes: a constant (the expand
+    conv's row is live). Without a gate it folds into the project conv (MobileNetV2). Behind a gate:
+    times the constant gate of a zero ``fc2`` row (0, 1) it is a constant and goes; times a live gate (2,
+    3) it varies with the input and stays; a live channel times a constant gate (4, 5) stays. Each kept
+    one names its dead factor and its live one. Exact at other sizes (the constant has no border)."""
+    model = _depthwise_se(se)
+    small, report = compactor.compact(model, torch.randn(2, 4, 8, 8))
+    fates = {z.channel: (z.fate, z.reason) for z in report.zeroed}
+    if se:
+        assert {r for r, (fate, _) in fates.items() if Fate(fate).removed} == {0, 1}
+        assert (small.pw.out_channels, small.dw.out_channels, small.fc2.out_channels) == (14, 14, 14)
+        assert (small.fc1.in_channels, small.pwl.in_channels) == (14, 14)
+        assert {r: why for r, (_, why) in fates.items() if r not in (0, 1)} == {
+            2: gated_reason(["dw"], ["fc2", "pw"]),
+            3: gated_reason(["dw"], ["fc2", "pw"]),
+            4: gated_reason(["fc2"], ["pw"]),
+            5: gated_reason(["fc2"], ["pw"]),
+            6: gated_reason(["pw"], ["fc2"]),  # a constant into the zero-padded depthwise conv, gated
+        }
+    else:  # 0-3 folded; 6 (the expand conv's zero row) is a border map, alone in its group
+        assert set(fates) == {0, 1, 2, 3, 6}
+        assert all(fates[r][0] == Fate.FOLDED.value for r in (0, 1, 2, 3))
+        assert small.pwl.in_channels == 16 - 4 - Fate(fates[6][0]).removed
+    for shape in [(2, 4, 8, 8), (1, 4, 5, 9), (1, 4, 1, 2)]:
+        _assert_equal_outputs(model, small, shape)
+
+
+def test_a_ghost_modules_channel_read_at_two_inputs_merges_at_each() -> None:
+    """timm's ``GhostModule``: ``cat([x1, cheap(x1)])`` with ``cheap`` depthwise. A zero primary filter makes
+    one root channel that the next conv reads at two inputs: a constant at the first (folded) and, through
+    the zero-padded depthwise conv, a map of the border pattern at the second (16 patterns for a 3x3, maps
+    one pixel wide included). Each input is profiled and merged on its own (was: kept, "read at several
+    inputs"): at most a basis of 16 channels stays, and the result is exact at every size."""
+    import replicas_timm as R
+
+    torch.manual_seed(0)
+    model = nn.Sequential(R.GhostModule(4, 64), nn.Conv2d(64, 6, 1))
+    with torch.no_grad():
+        for bn in (model[0].primary_conv[1], model[0].cheap_operation[1]):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(0, 1), bn.running_mean.uniform_(-1, 0)
+    prune.custom_from_mask(
+        model[0].primary_conv[0], "weight", torch.ones(32, 4, 1, 1).index_fill_(0, torch.arange(28), 0)
+    )
+    model.eval()
+    small, report = compactor.compact(model, torch.randn(2, 4, 8, 8))
+    assert len(report.zeroed) == 28 and not [z for z in report.zeroed if "several inputs" in z.reason]
+    fates = Counter(z.fate for z in report.zeroed)
+    gone = sum(n for fate, n in fates.items() if Fate(fate).removed)
+    assert fates[Fate.MERGED.value] > 0 and fates[Fate.CARRIER.value] > 0 and 28 - gone <= 16
+    assert small[0].primary_conv[0].out_channels == small[0].cheap_operation[0].out_channels == 32 - gone
+    assert small[1].in_channels == 2 * (32 - gone)
+    for shape in [(2, 4, 8, 8), (1, 4, 5, 9), (1, 4, 1, 2), (1, 4, 2, 1)]:
+        _assert_equal_outputs(model, small, shape)
 
 
 # --- (f) position-varying constants: exact at every resolution (issue 11) ---------------------------------
@@ -315,7 +409,7 @@ def test_position_varying_merges_are_exact_at_other_resolutions(name: str, zoo_r
     kinds = Counter(z.fate for z in report.zeroed)
     if name == "efficientnet_mbconv":  # the squeeze-excite gate multiplies every dead expand filter
         assert kinds == {Fate.KEPT_VARYING.value: 48}
-        assert {z.reason for z in report.zeroed} == {GATED}
+        assert {z.reason for z in report.zeroed} == {gated_reason(["mb.block.0.0"], ["mb.block.2.fc2"])}
     else:
         assert kinds[Fate.MERGED.value] > 0 and kinds[Fate.CARRIER.value] > 0
     for shape in [(1, 3, 32, 32), (1, 3, 37, 41), (2, 3, 9, 7), (1, 3, 3, 5)]:

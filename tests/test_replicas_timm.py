@@ -44,6 +44,11 @@ def _widths(model: nn.Module) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _dead(model: nn.Module, name: str) -> set[int]:
+    w = model.get_submodule(name).weight
+    return {i for i in range(w.shape[0]) if bool((w[i] == 0).all())}
+
+
 def _zero_rows(layer: nn.Module) -> int:
     w = layer.weight.detach()
     return int((w.flatten(1) == 0).all(1).sum())
@@ -181,13 +186,29 @@ def test_ghostnet_cat_of_a_depthwise_conv_is_kept_by_prediction(monkeypatch: pyt
     assert widths["blocks.1.se.conv_reduce"] == (12 - rd, 48)
     assert widths["blocks.1.se.conv_expand"] == (48, 12 - rd)
     head = _zero_rows(dense.get_submodule("conv_head"))
-    assert widths["conv_head"] == (64 - head, 24)
+    # the stream blocks 1 and 2 write (cat(primary, cheap) + shortcut, 12 + 12 channels): a channel whose
+    # writers are all zero there (both primary convs, both cheap depthwise filters, the shortcut's two rows)
+    # is a constant at both of its places, folded
+    both = [
+        r
+        for r in range(12)
+        if all(
+            r in _dead(dense, f"blocks.{b}.ghost2.{conv}.0")
+            for b in (1, 2)
+            for conv in ("primary_conv", "cheap_operation")
+        )
+        and {r, r + 12} <= _dead(dense, "blocks.1.shortcut.2")
+    ]
+    assert both and {f["channel"] for f in fates if f["layer"] == "blocks.1.ghost2.primary_conv.0"} == set(
+        both
+    )
+    assert widths["conv_head"] == (64 - head, 24 - 2 * len(both))
     assert widths["classifier"] == (10, 64 - head)
     # the odd ghost module: cat of 14 + 14 channels, then [:, :27]: a slice with a size written in the code
     sliced = _reasons(fates, "blocks.2.ghost1.primary_conv.0")
     assert sliced == {"the channels pass through a slice whose sizes are fixed in the forward code"}
-    assert widths["blocks.2.ghost1.primary_conv.0"] == (14, 24)
-    assert widths["blocks.2.ghost2.primary_conv.0"] == (12, 27)
+    assert widths["blocks.2.ghost1.primary_conv.0"] == (14, 24 - 2 * len(both))
+    assert widths["blocks.2.ghost2.primary_conv.0"] == (12 - len(both), 27)
 
 
 def test_sk_resnet_split_attention_is_kept_by_prediction(monkeypatch: pytest.MonkeyPatch) -> None:

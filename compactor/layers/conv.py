@@ -46,6 +46,13 @@ class ConvShrinker(Shrinker[Conv]):
     def out_rows_zero(self, m: Conv, idx: Index) -> torch.Tensor:
         return zero_along(m.weight, 0, idx)
 
+    def forgets_input(self, m: Conv, idx: Index) -> torch.Tensor:
+        """A depthwise conv's zero filter emits its bias whatever comes in (a mixing conv's dead row is the
+        writer's own, :meth:`out_rows_zero`)."""
+        if not is_depthwise(m):
+            return torch.zeros(len(idx), dtype=torch.bool)
+        return zero_along(m.weight, 0, idx)
+
     def in_cols_zero(self, m: Conv, idx: Index) -> torch.Tensor:
         if m.groups == 1:
             return zero_along(m.weight, 1, idx)

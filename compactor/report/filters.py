@@ -1,5 +1,5 @@
-"""Pruned filters: output rows of mixing layers (Conv, Linear) that no input can change (an all-zero weight
-row, masked or trained to zero), and what became of each.
+"""Pruned filters: output rows of mixing layers (Conv, Linear) and depthwise convs that no input can change
+(an all-zero weight row, masked or trained to zero), and what became of each.
 
 A channel of a group goes only when every layer that writes it is zero there (it is then *zeroed*, and its
 plan says what became of it). A pruned filter whose channel another layer writes live (the two meet at a
@@ -114,15 +114,12 @@ def _untraced(layer: str, uncalled: frozenset[str], traced: bool, train_only: fr
 
 
 def zero_rows(model: nn.Module) -> dict[str, set[int]]:
-    """Per writing layer (mixing, or a grouped transposed conv): the output rows no input can change."""
+    """Per writing layer (mixing, a grouped transposed conv, or a depthwise conv): the output rows no input
+    can change (a depthwise conv's zero filter emits its bias)."""
     rows = {}
     for name, module in model.named_modules():
         shrinker = shrinker_for(module)
-        if (
-            shrinker is None
-            or shrinker.role is not Role.MIXING
-            or shrinker.role_of(module) is Role.CHANNELWISE
-        ):
+        if shrinker is None or shrinker.role is not Role.MIXING:
             continue
         n = shrinker.out_channels(module)
         if n:

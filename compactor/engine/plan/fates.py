@@ -25,8 +25,8 @@ from .base import (
     rows_zero,
 )
 from .compensate import compensate, share_carriers
-from .observe import gated_zeros
-from .varying import GATED, Maps, plan_varying, varying_maps
+from .observe import dead_rows, proved_independent
+from .varying import GATED_HINT, Maps, plan_varying, varying_maps
 from .widths import at_least, round_layers, rounding, uniform_target, uniform_widths, unremovable
 
 
@@ -64,7 +64,7 @@ class Planner:
         self.modules: Modules = dict(model.named_modules())
         self.modules.update(dict(model.named_parameters()))
         self.heads = head_layers(model)
-        self.gated = gated_zeros(model, groups, self.modules, stats, runs) if runs else {}
+        self.gated = proved_independent(model, groups, self.modules, stats, runs) if runs else {}
         self.zeroed = {
             i: _zeroed(g, self.modules, self.gated.get(i))
             for i, g in enumerate(groups)
@@ -150,7 +150,7 @@ def _plan_group(
             base[r] = ChannelFate(r, Fate.REMOVED, IGNORED)
             continue
         if r in behind_gate:
-            base[r] = ChannelFate(r, Fate.KEPT_VARYING, GATED)
+            base[r] = ChannelFate(r, Fate.KEPT_VARYING, behind_gate[r])
             continue
         if r in sized and not _zero_at(consumers, stats, r):
             why = f"its value depends on the input's size ({sized[r]}): no constant stands for it"
@@ -216,8 +216,8 @@ def _zero_at(consumers: list[Member], stats: InputStats, r: int) -> bool:
 
 
 def _zeroed(group: ChannelGroup, modules: Modules, gated: set[int] | None) -> tuple[list[bool], list[bool]]:
-    """Per root channel: input-independent (every writer dead, or a norm forgets it, or a proved gated
-    zero), and ignored (every reader's weight column zero)."""
+    """Per root channel: input-independent (every writer dead, or a channelwise layer after the one writer
+    forgets it, or a proved constant behind a join), and ignored (every reader's weight column zero)."""
     producers = mixing(group.layers(Side.OUT), modules)
     consumers = mixing(group.layers(Side.IN), modules)
     indep = all_zero(producers, modules, group.size, rows_zero)
@@ -228,18 +228,37 @@ def _zeroed(group: ChannelGroup, modules: Modules, gated: set[int] | None) -> tu
     return indep, ignored
 
 
-def _behind_gate(group: ChannelGroup, modules: Modules, indep: list[bool], ignored: list[bool]) -> set[int]:
-    """Root channels a dead filter writes and a live one multiplies (a squeeze-excite gate) and that are
-    not a proved zero: the product varies with the input, so they stay, and the report says why."""
+def _behind_gate(
+    group: ChannelGroup, modules: Modules, indep: list[bool], ignored: list[bool]
+) -> dict[int, str]:
+    """Root channels a dead writer (or a channelwise layer that forgets its input) writes and a live one
+    multiplies (a squeeze-excite gate) and that are not a proved constant: the product varies with the
+    input, so they stay, and the reason names which factor is dead and which lives."""
     if not any(m.kind is Kind.MULTIPLY for m in group.members):
-        return set()
-    producers = mixing(group.layers(Side.OUT), modules)
-    dead = [all_zero([p], modules, group.size, rows_zero) for p in producers]
-    return {
-        r
-        for r in range(group.size)
-        if not indep[r] and not ignored[r] and any(d[r] for d in dead) and not all(d[r] for d in dead)
-    }
+        return {}
+    dead = dead_rows(group, modules)
+    writers = [p.name for p in mixing(group.layers(Side.OUT), modules)]
+    found = {}
+    for r in range(group.size):
+        if indep[r] or ignored[r] or not any(d[r] for d in dead.values()):
+            continue
+        live = [w for w in writers if not dead[w][r]]
+        if live:
+            found[r] = gated_reason([n for n, d in dead.items() if d[r]], live)
+    return found
+
+
+def gated_reason(dead: list[str], live: list[str]) -> str:
+    """Why a channel with a dead factor and a live one stays: the product varies with the input."""
+    dead, live = sorted(dead), sorted(live)
+    return (
+        f"{_names(dead)} {'is' if len(dead) == 1 else 'are'} zero there but {_names(live)} "
+        f"{'lives' if len(live) == 1 else 'live'}, and the product varies with the input ({GATED_HINT})"
+    )
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
 
 
 def _candidates(
@@ -276,25 +295,10 @@ def _blocked_writer(group: ChannelGroup, modules: Modules) -> GroupPlan:
 
 def _forgotten(group: ChannelGroup, modules: Modules) -> list[bool]:
     """Per root channel: a channelwise layer of the group ignores its input there (``Shrinker.forgets_input``:
-    a BatchNorm with weight 0 emits its bias whatever comes in)."""
-    result = [False] * group.size
-    for member in group.layers(Side.OUT):
-        obj = modules.get(member.name)
-        shrinker = shrinker_for(obj) if obj is not None else None
-        if shrinker is None or shrinker.role_of(obj) is not Role.CHANNELWISE:
-            continue
-        flat = [i for idx in member.idxs for i in idx]
-        if not flat:
-            continue
-        forgets = shrinker.forgets_input(
-            obj, torch.tensor(flat, dtype=torch.long)
-        ).tolist()  # one call per layer
-        pos = 0
-        for r, idx in enumerate(member.idxs):
-            if idx and all(forgets[pos : pos + len(idx)]):
-                result[r] = True
-            pos += len(idx)
-    return result
+    a BatchNorm with weight 0 emits its bias, a zero depthwise filter its bias, whatever comes in)."""
+    writers = {p.name for p in mixing(group.layers(Side.OUT), modules)}
+    forgetting = [d for n, d in dead_rows(group, modules).items() if n not in writers]
+    return [any(d[r] for d in forgetting) for r in range(group.size)]
 
 
 def _held_channels(group: ChannelGroup) -> dict[int, str]:

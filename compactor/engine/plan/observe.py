@@ -1,5 +1,6 @@
 """Run the model and watch what each consuming layer receives: min/max per input channel, and the
-structural zeros behind a live gate (``0 * g``, squeeze-excite), proved by shaking the gate with noise."""
+constants behind a join that a writer lives in (``0 * g``, a constant times a constant gate), proved by
+shaking the live writers with noise."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 from ...inputs import ExampleInputs
-from ...layers import Side, shrinker_for
-from ..coupling import ChannelGroup, Kind, Member
+from ...layers import Role, Side, shrinker_for
+from ..coupling import ChannelGroup, Member
 from .base import InputStats, Modules, all_zero, mixing, rows_zero
 
 Hook = Callable[..., Any]
@@ -86,38 +87,39 @@ def consumer_layers(groups: list[ChannelGroup], model: nn.Module) -> set[str]:
     return {m.name for g in groups for m in mixing(g.layers(Side.IN), modules)}
 
 
-def gated_zeros(
+def proved_independent(
     model: nn.Module,
     groups: list[ChannelGroup],
     modules: Modules,
     stats: InputStats,
     runs: list[ExampleInputs],
 ) -> dict[int, set[int]]:
-    """Per group index: root channels that are exactly zero after a multiply although a writer lives.
+    """Per group index: root channels that no input changes although a writer of them lives.
 
     Several mixing layers write a group through an add or a multiply; Torch-Pruning does not say which.
-    For an add, a channel is input-independent only when every writer is dead. For a multiply (a gate,
-    squeeze-excite) a dead writer emitting 0 is enough: ``0 * g = 0``. A candidate has a dead writer,
-    a live one, and reads exactly 0 at every consumer; it is proved when large random noise added to
-    the live writers' channels still leaves exactly 0 at every consumer. One noisy pass serves every
-    group: noise elsewhere cannot make a structural zero non-zero, only expose a false one.
+    A channel is plainly input-independent when every writer is dead. Behind a multiply (a gate,
+    squeeze-excite) one dead factor can be enough: ``0 * g = 0``; a constant times a constant gate (a
+    depthwise filter that is zero, times the sigmoid of an expand conv's zero row) is a constant. A
+    candidate has a dead writer or a channelwise layer that forgets its input there (:func:`dead_rows`), a
+    live writer, and reads one constant at every consumer; it is proved when large random noise added to
+    the live writers' channels leaves the same constant at every consumer. One noisy pass serves every
+    group: noise elsewhere cannot make a structural constant vary, only expose a false one.
     """
     found: dict[int, tuple[list[Member], list[int]]] = {}
     noise: dict[str, list[int]] = defaultdict(list)
     for i, group in enumerate(groups):
-        if not any(m.kind is Kind.MULTIPLY for m in group.members):
-            continue
         producers = mixing(group.layers(Side.OUT), modules)
         consumers = [c for c in mixing(group.layers(Side.IN), modules) if c.name in stats.lo]
         if len(producers) < 2 or not consumers:
             continue
-        dead = {p.name: all_zero([p], modules, group.size, rows_zero) for p in producers}
+        writers = {p.name for p in producers}
+        dead = dead_rows(group, modules)
         candidates = [
             r
             for r in range(group.size)
-            if any(dead[p.name][r] for p in producers)
-            and not all(dead[p.name][r] for p in producers)
-            and reads_zero(stats, consumers, r)
+            if any(d[r] for d in dead.values())
+            and not all(dead[w][r] for w in writers)
+            and reads_constant(stats, consumers, r) is not None
         ]
         if candidates:
             found[i] = (consumers, candidates)
@@ -128,11 +130,47 @@ def gated_zeros(
     layers = {c.name for consumers, _ in found.values() for c in consumers}
     shaken = observe_inputs(model, runs, layers, dict(noise))
     return {
-        i: {r for r in candidates if reads_zero(shaken, consumers, r)}
+        i: {
+            r
+            for r in candidates
+            if _same(reads_constant(stats, consumers, r), reads_constant(shaken, consumers, r))
+        }
         for i, (consumers, candidates) in found.items()
     }
 
 
-def reads_zero(stats: InputStats, consumers: list[Member], r: int) -> bool:
+def _same(a: list[torch.Tensor] | None, b: list[torch.Tensor] | None) -> bool:
+    return a is not None and b is not None and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def dead_rows(group: ChannelGroup, modules: Modules) -> dict[str, list[bool]]:
+    """Per writing member of ``group`` (its mixing layers, and its channelwise layers that can forget their
+    input: a zero depthwise filter, a BatchNorm of weight 0): per root channel, whether it is dead there
+    (a mixing layer's all-zero row; a channelwise layer's output that ignores its input)."""
+    dead = {
+        p.name: all_zero([p], modules, group.size, rows_zero) for p in mixing(group.layers(Side.OUT), modules)
+    }
+    for member in group.layers(Side.OUT):
+        obj = modules.get(member.name)
+        shrinker = shrinker_for(obj) if obj is not None else None
+        if shrinker is None or shrinker.role_of(obj) is not Role.CHANNELWISE:
+            continue
+        flat = [i for idx in member.idxs for i in idx]
+        if not flat:
+            continue
+        forgets = shrinker.forgets_input(obj, torch.tensor(flat, dtype=torch.long)).tolist()
+        flags, pos = [], 0
+        for idx in member.idxs:
+            flags.append(bool(idx) and all(forgets[pos : pos + len(idx)]))
+            pos += len(idx)
+        if any(flags):
+            dead[member.name] = flags
+    return dead
+
+
+def reads_constant(stats: InputStats, consumers: list[Member], r: int) -> list[torch.Tensor] | None:
+    """What each consumer of root channel ``r`` reads there, where every one reads a constant; else None."""
     ks = [stats.constant(c.name, c.idxs[r]) for c in consumers if c.idxs[r]]
-    return bool(ks) and all(k is not None and bool((k == 0).all()) for k in ks)
+    if not ks or any(k is None for k in ks):
+        return None
+    return [k for k in ks if k is not None]

@@ -41,11 +41,15 @@ from .observe import run_with_hooks
 Hook = Callable[..., Any]
 
 GATED = "varies with the input: a live gate multiplies it (squeeze-excite)"
+GATED_HINT = "a squeeze-excite gate; zeroed in every factor, it would go"
 SIZED = "its value depends on the input's size: one constant at the example's size, another at another size"
 # A profile within this (relative) of the basis's span merges. Profiles are measured in float64, where an
 # exact dependency leaves ~1e-13; a near one in these nets leaves ~1e-5 (the oracle's threshold is the same).
 _TOL = 1e-9
 _MATCH = 1e-4  # relative: probe and natural run agree
+# where a consumer reads a root channel: its name and which of the channel's inputs there (a ghost module's
+# cat of a channel and its depthwise conv's output: one root channel, two inputs of the next conv)
+Slot = tuple[str, int]
 
 
 @dataclass
@@ -55,7 +59,7 @@ class Maps:
     proportional maps merge), and the channels that must stay, with the reason."""
 
     general: bool
-    profiles: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    profiles: dict[int, dict[Slot, torch.Tensor]] = field(default_factory=dict)
     kept: dict[int, str] = field(default_factory=dict)
     tol: float = _TOL
 
@@ -96,6 +100,13 @@ def varying_maps(
         group = groups[i]
         consumers = [c for c in mixing(group.layers(Side.IN), modules) if c.name in stats.lo]
         spatial = spatial_layer(group, modules)
+        # a depthwise filter that is zero emits its bias: where every consumer reads a constant, the
+        # channel is a plain constant (folded, see .compensate), not a map of the border pattern
+        rs = [
+            r for r in rs if not (_forgets(spatial, modules, r) and _constant_everywhere(stats, consumers, r))
+        ]
+        if not rs:
+            continue
         if len(spatial) > 1:
             names = ", ".join(m.name for m in spatial)
             out[i] = Maps(
@@ -153,15 +164,36 @@ def varying_maps(
         if dw is None:
             for r in live:
                 maps.profiles[r] = {
-                    c.name: natural.single(c.name, "in", c.idxs[r][0]).flatten()
+                    (c.name, k): natural.single(c.name, "in", j).flatten()
                     for c in consumers
-                    if c.idxs[r]
+                    for k, j in enumerate(c.idxs[r])
                 }
         elif live:
             probes.append(_Probe(i, dw, live, consumers, modules, natural))
     if probes:
         _run_probes(wide, runs[0], probes, out, modules)
     return out
+
+
+def _forgets(spatial: list[Member], modules: Modules, r: int) -> bool:
+    """Whether every zero-padded depthwise layer of the group that maps root channel ``r`` ignores it (its
+    filter is zero): each then emits its bias, and nothing makes the channel vary at the borders. (One
+    that does not forget it, after one that does, would vary a constant at the borders, which a small
+    example can hide: a 1x1 map has one border pattern.)"""
+    mapping = [m for m in spatial if m.idxs[r]]
+    return bool(mapping) and all(
+        bool(
+            shrinker_at(modules, m.name)
+            .forgets_input(modules[m.name], torch.tensor(m.idxs[r], dtype=torch.long))
+            .all()
+        )
+        for m in mapping
+    )
+
+
+def _constant_everywhere(stats: InputStats, consumers: list[Member], r: int) -> bool:
+    reads = [c for c in consumers if c.idxs[r]]
+    return bool(reads) and all(stats.constant(c.name, c.idxs[r]) is not None for c in reads)
 
 
 def _constant_at_example(stats: InputStats, consumers: list[Member], r: int) -> bool:
@@ -194,9 +226,7 @@ def _why_not(r: int, consumers: list[Member], dw: Member | None, rec: _Recorder,
     """Why channel ``r``'s maps cannot be profiled, or None."""
     reads = [c for c in consumers if c.idxs[r]]
     for c in reads:
-        if len(c.idxs[r]) != 1:
-            return f"read at several inputs of {c.name}"
-        if not rec.same_everywhere(c.name, "in", c.idxs[r][0]):
+        if not all(rec.same_everywhere(c.name, "in", j) for j in c.idxs[r]):
             return GATED if gated else f"varies with the input at {c.name}"
     if dw is None:
         return None
@@ -292,7 +322,10 @@ class _Probe:
             (first.shape[0], len(rs), *first.shape[2:])
         )  # one run's output, these channels
         self.natural_out = {
-            (r, c.name): rec.maps(c.name, "in", c.idxs[r][0]) for r in rs for c in consumers if c.idxs[r]
+            (r, (c.name, k)): rec.maps(c.name, "in", j)
+            for r in rs
+            for c in consumers
+            for k, j in enumerate(c.idxs[r])
         }
 
     @property
@@ -308,9 +341,9 @@ def _run_probes(
     rec = _Recorder(modules)
     for p in probes:
         for c in p.consumers:
-            rec.want(c.name, "in", [c.idxs[r][0] for r in p.rs if c.idxs[r]])
+            rec.want(c.name, "in", [j for r in p.rs for j in c.idxs[r]])
     generator = torch.Generator().manual_seed(0)
-    readings: dict[tuple[int, int, str], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    readings: dict[tuple[int, int, Slot], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
     # each pattern at two slots at least (pass t puts pattern (t * slots + s) % P at slot s, the slots in
     # a fresh random order each pass): a spatial layer between would read different neighbours there
     passes = max(-(-2 * p.patterns // _slots(p.shape)) for p in probes)
@@ -326,22 +359,20 @@ def _run_probes(
         for p in probes:
             for r in p.rs:
                 for c in p.consumers:
-                    if c.idxs[r]:
-                        got = rec.maps(c.name, "in", c.idxs[r][0]).flatten()
-                        readings[(p.index, r, c.name)].append((slots_of[p.index], got))
+                    for k, j in enumerate(c.idxs[r]):
+                        got = rec.maps(c.name, "in", j).flatten()
+                        readings[(p.index, r, (c.name, k))].append((slots_of[p.index], got))
     for p in probes:
         maps = out[p.index]
         for a, r in enumerate(p.rs):
             profiles = {}
-            for c in p.consumers:
-                if not c.idxs[r]:
-                    continue
-                profile, why = _profile(p, a, r, c.name, readings[(p.index, r, c.name)])
+            for slot in [(c.name, k) for c in p.consumers for k in range(len(c.idxs[r]))]:
+                profile, why = _profile(p, a, r, slot, readings[(p.index, r, slot)])
                 if why:
                     maps.kept[r] = why
                     break
                 assert profile is not None
-                profiles[c.name] = profile
+                profiles[slot] = profile
             if r not in maps.kept:
                 maps.profiles[r] = profiles
 
@@ -367,9 +398,10 @@ def _writer(p: _Probe, slots: torch.Tensor, shape: torch.Size) -> Hook:
 
 
 def _profile(
-    p: _Probe, a: int, r: int, layer: str, readings: list[tuple[torch.Tensor, torch.Tensor]]
+    p: _Probe, a: int, r: int, slot: Slot, readings: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor | None, str | None]:
-    """Channel ``r``'s profile at ``layer`` from the probe passes, or why the probe cannot be trusted."""
+    """Channel ``r``'s profile at ``slot`` from the probe passes, or why the probe cannot be trusted."""
+    layer = slot[0]
     slots = torch.cat([sl for sl, _ in readings])
     values = torch.cat([v for _, v in readings])
     scale = 1.0 + float(values.abs().max())
@@ -384,7 +416,7 @@ def _profile(
         return None, f"the layers between {p.dw.name} and {layer} do not act on each position alone"
     result = torch.zeros(p.patterns, dtype=torch.float64).index_add(0, slots, values) / count
     # what the natural run showed must be what the probe says for the same value out of the depthwise layer
-    z, y = p.natural_in[r].flatten(), p.natural_out[(r, layer)].flatten()
+    z, y = p.natural_in[r].flatten(), p.natural_out[(r, slot)].flatten()
     written = p.values[a]
     zscale = 1.0 + float(written.abs().max())
     nearest = (z[:, None] - written[None, :]).abs().argmin(1)
@@ -404,13 +436,14 @@ def plan_varying(
     channels: list[int],
 ) -> tuple[dict[int, ChannelFate], dict[int, list[Fold]], list[Merge]]:
     """Fates, folds and merges for ``channels`` (profiled): a basis stays, the rest merge into it."""
-    reads = [c for c in consumers if any(c.idxs[r] and c.name in maps.profiles.get(r, {}) for r in channels)]
-    folds_ok = {c.name: shrinker_at(modules, c.name).can_fold(modules[c.name]) for c in reads}
+    by_name = {c.name: c for c in consumers}
     profiles = {r: maps.profiles[r] for r in channels}
+    slots = sorted({slot for r in channels for slot in profiles[r]})
+    folds_ok = {slot: shrinker_at(modules, slot[0]).can_fold(modules[slot[0]]) for slot in slots}
     if maps.general:
-        basis, coef = _basis(profiles, [c.name for c in reads], folds_ok, maps.tol)
+        basis, coef = _basis(profiles, slots, folds_ok, maps.tol)
     else:
-        basis, coef = _proportional(profiles, [c.name for c in reads], folds_ok, maps.tol)
+        basis, coef = _proportional(profiles, slots, folds_ok, maps.tol)
     fates: dict[int, ChannelFate] = {}
     folds: dict[int, list[Fold]] = defaultdict(list)
     parts: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
@@ -422,17 +455,16 @@ def plan_varying(
             fates[r] = ChannelFate(r, Fate.KEPT_VARYING, "its map is not a multiple of its group's carrier's")
             continue
         merged = False
-        for c in reads:
-            if not c.idxs[r] or c.name not in coef[r]:
-                continue
-            weights, const = coef[r][c.name]
+        for slot, (weights, const) in coef[r].items():
+            name, k = slot
+            idxs = by_name[name].idxs
             for b, a in weights.items():
                 if a != 0.0:
-                    parts[(c.name, c.idxs[b][0])].append((c.idxs[r][0], a))
+                    parts[(name, idxs[b][k])].append((idxs[r][k], a))
                     used.add(b)
                     merged = True
             if const != 0.0:
-                folds[r].append(fold(group, modules, c.name, (c.idxs[r][0],), torch.tensor([const])))
+                folds[r].append(fold(group, modules, name, (idxs[r][k],), torch.tensor([const])))
         if merged:
             fates[r] = ChannelFate(r, Fate.MERGED, "position-varying, merged into its group's carriers")
         elif folds[r]:
@@ -457,18 +489,18 @@ def plan_varying(
 
 
 Coefficients = dict[
-    int, dict[str, tuple[dict[int, float], float]]
-]  # channel -> layer -> (basis weights, constant)
+    int, dict[Slot, tuple[dict[int, float], float]]
+]  # channel -> where a consumer reads it -> (basis weights, constant)
 
 
 def _basis(
-    profiles: dict[int, dict[str, torch.Tensor]], layers: list[str], folds_ok: dict[str, bool], tol: float
+    profiles: dict[int, dict[Slot, torch.Tensor]], layers: list[Slot], folds_ok: dict[Slot, bool], tol: float
 ) -> tuple[list[int], Coefficients]:
     """A basis chosen greedily (the channel farthest from the span so far, at the layer where it is
     farthest), then each other channel's coefficients on it, solved at each layer; a layer that folds a
     constant into its bias has the constant map in its span for free."""
     order = sorted(profiles)
-    at: dict[str, list[int]] = {n: [r for r in order if n in profiles[r]] for n in layers}
+    at: dict[Slot, list[int]] = {n: [r for r in order if n in profiles[r]] for n in layers}
     mats = {n: torch.stack([profiles[r][n] for r in at[n]]) for n in layers if at[n]}  # [channels, patterns]
     scale = {n: 1.0 + float(m.abs().max()) for n, m in mats.items()}
     q = {n: torch.zeros(m.shape[1], 0, dtype=torch.float64) for n, m in mats.items()}  # orthonormal columns
@@ -523,7 +555,7 @@ def _residual(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _proportional(
-    profiles: dict[int, dict[str, torch.Tensor]], layers: list[str], folds_ok: dict[str, bool], tol: float
+    profiles: dict[int, dict[Slot, torch.Tensor]], layers: list[Slot], folds_ok: dict[Slot, bool], tol: float
 ) -> tuple[list[int], Coefficients]:
     """One carrier (the largest map) and the channels whose map is a multiple of its at every layer; a
     constant map folds where the layer folds. Maps seen at the example's positions only: no other span."""
@@ -536,7 +568,7 @@ def _proportional(
     for r, p in profiles.items():
         if r == carrier:
             continue
-        entry: dict[str, tuple[dict[int, float], float]] = {}
+        entry: dict[Slot, tuple[dict[int, float], float]] = {}
         for n, v in p.items():
             if n not in varying[r]:
                 k = float(v[0])
