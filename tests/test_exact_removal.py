@@ -363,6 +363,9 @@ def test_zero_depthwise_filters_are_constants_and_with_a_constant_gate_go(se: bo
         assert set(fates) == {0, 1, 2, 3, 6}
         assert all(fates[r][0] == Fate.FOLDED.value for r in (0, 1, 2, 3))
         assert small.pwl.in_channels == 16 - 4 - Fate(fates[6][0]).removed
+    # the depthwise conv's zero rows are pruned filters of their own, each with its channel's fate
+    dw_rows = {f.row: (f.fate, f.reason) for f in report.filters if f.layer == "dw"}
+    assert dw_rows == {r: fates[r] for r in range(4)}
     for shape in [(2, 4, 8, 8), (1, 4, 5, 9), (1, 4, 1, 2)]:
         _assert_equal_outputs(model, small, shape)
 
