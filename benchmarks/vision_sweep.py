@@ -696,9 +696,12 @@ def _frame(f: traceback.FrameSummary) -> str:
 
 
 # --- one case, in its own process -------------------------------------------------------------------------
-def run_isolated(name: str, timeout: float = TIMEOUT, memory: int = MEMORY) -> dict[str, Any]:
-    """Run one case in a subprocess under ``timeout`` seconds and ``memory`` resident bytes. A case that
-    runs out of either is killed, and recorded with the Python stack it was in (faulthandler)."""
+def run_isolated(
+    name: str, timeout: float = TIMEOUT, memory: int = MEMORY, module: str = "benchmarks.vision_sweep"
+) -> dict[str, Any]:
+    """Run one case in a subprocess (``python -m module --one name``) under ``timeout`` seconds and ``memory``
+    resident bytes. A case that runs out of either is killed, and recorded with the Python stack it was in
+    (faulthandler)."""
     root = ROOT.parent
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
@@ -706,7 +709,7 @@ def run_isolated(name: str, timeout: float = TIMEOUT, memory: int = MEMORY) -> d
     with tempfile.TemporaryDirectory(prefix="compactor-sweep-") as tmp:
         out, err = Path(tmp) / "result.json", Path(tmp) / "stderr"
         with err.open("w") as stderr:
-            command = [sys.executable, "-m", "benchmarks.vision_sweep", "--one", name, "--json", str(out)]
+            command = [sys.executable, "-m", module, "--one", name, "--json", str(out)]
             child = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
             start, peak, killed = time.monotonic(), 0, None
             while child.poll() is None:
