@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .engine.coupling import Analysis
-from .engine.coupling.stage import couple
+from .engine.coupling.stage import CouplingCache, couple
 from .engine.coverage import check_train_mode
 from .engine.experts import ExpertChange, expert_stacks, remove_expert_neurons
 from .engine.heads import HeadChange, head_layers, remove_heads
@@ -55,6 +55,7 @@ def compact(
     target: Backend | None = None,
     timer: Timer | None = None,
     analysis: Analysis = "auto",
+    coupling_cache: CouplingCache | None = None,
 ) -> tuple[nn.Module, CompactionReport]:
     """Return a physically smaller copy of ``model`` that computes the same function, and a report.
 
@@ -85,10 +86,14 @@ def compact(
     be trusted, compactor's own channel labels where it cannot), or ``"torch-pruning"`` / ``"labels"`` alone,
     to compare them; the verification judges every one.
 
+    ``coupling_cache``: a :class:`~compactor.engine.coupling.stage.CouplingCache` shared between calls on
+    models built alike (the decoder blocks of one LLM): each structure's channel dependencies are traced
+    once; every plan is still verified on its own model.
+
     ``time_limit``: seconds (None: no limit); past it, :class:`~compactor.errors.TimeLimitError` names the
     part that could not be analysed, and nothing is returned.
     """
-    options = Options(tolerance, round_to, strict, uniform, target, timer, analysis, log)
+    options = Options(tolerance, round_to, strict, uniform, target, timer, analysis, log, coupling_cache)
 
     def work() -> tuple[nn.Module, CompactionReport]:
         versions = [(t, t._version) for t in [*model.parameters(), *model.buffers()]]

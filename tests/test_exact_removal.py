@@ -536,3 +536,20 @@ def test_position_varying_channels_stay_where_the_math_does_not_hold(kind: str, 
     assert small.expand.out_channels == 24 - len(gone)
     for shape in [(1, 4, 10, 10), (1, 4, 7, 9)]:
         _assert_equal_outputs(model, small, shape, seeds=(3,))
+
+
+def test_a_coupling_cache_traces_a_structure_once_and_each_model_is_verified() -> None:
+    """Two models built alike (the blocks of one LLM) with different zeros: one trace, each plan its own."""
+    from compactor.engine.coupling.stage import CouplingCache
+
+    cache = CouplingCache()
+    widths = []
+    for dead in ([8], [8, 9, 10]):  # beside the depthwise zeros 0-3 and the expand conv's 6
+        model = _depthwise_se(False)
+        prune.custom_from_mask(
+            model.pw, "weight", torch.ones(16, 4, 1, 1).index_fill_(0, torch.tensor(dead), 0)
+        )
+        small, report = compactor.compact(model, torch.randn(2, 4, 8, 8), coupling_cache=cache)
+        _assert_equal_outputs(model, small, (1, 4, 5, 9))
+        widths.append(len(report.zeroed))
+    assert cache.traced == 1 and widths == [6, 8]

@@ -7,8 +7,8 @@ block of a streamed checkpoint at a time) builds one and passes it to each stage
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from ..measure.probes import Timer
 from ..measure.timing import BACKENDS, Backend
@@ -34,6 +34,9 @@ class Options:
     timer: Timer | None = None
     analysis: Analysis = "auto"
     log: Log | None = None
+    # the coupling stage's answers by model structure (:class:`~.coupling.stage.CouplingCache`), shared
+    # between calls on models built alike: a streamed checkpoint's blocks are traced once per structure
+    coupling_cache: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         r = self.round_to

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..api import compact
+from ..engine.coupling.stage import CouplingCache
 from ..errors import InputFileError, ModelStructureError, OutputPathError, VerificationError
 from ..inputs import ExampleInputs
 from ..io.checkpoint import Checkpoint, read_header
@@ -144,6 +145,7 @@ def _stream(
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # each block's compacted input and output
     results: list[BlockResult] = []
     spec: dict[str, Any] = {"version": MANIFEST_VERSION, "layers": {}, "tensors": {}}
+    cache = CouplingCache()  # blocks built alike are traced once: most LLMs' blocks have one structure
     dtype = hidden.dtype
     for i in range(len(blocks)):
         began = time.perf_counter()
@@ -151,7 +153,9 @@ def _stream(
         names = tensor_names(model, name)
         read += fill(model, names, checkpoint, ties)
         block_input = small
-        result, dense, small, compacted = _one_block(name, blocks[i], calls[i], dense, small, tolerance)
+        result, dense, small, compacted = _one_block(
+            name, blocks[i], calls[i], dense, small, tolerance, cache
+        )
         seen.append((block_input, small))
         if wide is not None:
             wide = _wide_step(blocks[i], calls[i], wide)
@@ -336,11 +340,17 @@ def _float32_per_module(root: nn.Module) -> Iterator[None]:
 
 
 def _one_block(
-    name: str, block: nn.Module, call: Any, dense: torch.Tensor, small: torch.Tensor, tolerance: float
+    name: str,
+    block: nn.Module,
+    call: Any,
+    dense: torch.Tensor,
+    small: torch.Tensor,
+    tolerance: float,
+    cache: CouplingCache | None = None,
 ) -> tuple[BlockResult, torch.Tensor, torch.Tensor, nn.Module]:
     """One block compacted and verified on the dense hidden states; both streams carried one block on."""
     wrapped = Block(block, call).eval()  # a new module trains by default: compact() returns it in its mode
-    compacted, report = compact(wrapped, dense, tolerance=tolerance, time_limit=None)
+    compacted, report = compact(wrapped, dense, tolerance=tolerance, time_limit=None, coupling_cache=cache)
     with torch.no_grad():
         next_dense = hidden_of(wrapped(dense))
         next_small = hidden_of(compacted(small))

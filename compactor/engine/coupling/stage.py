@@ -4,7 +4,9 @@ reads channels too, and a tracer failure turned into a warning (every channel ke
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
+import torch
 from torch import nn
 
 from ...errors import GraphError, SharedWriteError
@@ -24,9 +26,62 @@ class Coupled:
     untraced: list[str]
 
 
+class CouplingCache:
+    """The coupling stage's answers by model structure, for calls on models built alike (the decoder blocks
+    of one LLM, :mod:`compactor.stream`): each structure is traced once. A structure is every module's name
+    and class, every parameter's and buffer's name, shape and dtype, the example inputs' shapes and dtypes,
+    the layers only train mode runs and the analysis asked for. Groups name layers and channel indices only,
+    so another model of the structure has the same ones; the plans made from them are verified as always."""
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[Any, ...], Coupled] = {}
+        self.traced = 0  # structures traced (the rest were answered from here)
+
+    def answer(self, key: tuple[Any, ...], trace: Any) -> Coupled:
+        found = self._answers.get(key)
+        if found is None:
+            found = self._answers[key] = trace()
+            self.traced += 1
+        return found
+
+
+def structure(model: nn.Module, inputs: ExampleInputs, paths: Paths, options: Options) -> tuple[Any, ...]:
+    """What :class:`CouplingCache` tells models apart by."""
+    modules = tuple((n, type(m).__module__, type(m).__qualname__) for n, m in model.named_modules())
+    tensors = tuple(
+        (n, tuple(t.shape), str(t.dtype))
+        for n, t in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+    )
+    shown = tuple(
+        (tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else repr(v)
+        for v in [*inputs.args, *(inputs.kwargs[k] for k in sorted(inputs.kwargs))]
+    )
+    return (
+        modules,
+        tensors,
+        shown,
+        tuple(sorted(inputs.kwargs)),
+        tuple(sorted(paths.train_only)),
+        options.analysis,
+    )
+
+
 def couple(model: nn.Module, inputs: ExampleInputs, paths: Paths, options: Options) -> Coupled:
     """The coupling stage: trace ``model`` on ``inputs`` into groups of coupled channels; where train mode
-    runs layers eval mode does not (``paths.train_only``), trace that too and keep the channels it reads."""
+    runs layers eval mode does not (``paths.train_only``), trace that too and keep the channels it reads.
+    With ``options.coupling_cache``, a structure already traced is answered from it."""
+    cache = options.coupling_cache
+    if isinstance(cache, CouplingCache):
+        return cache.answer(
+            structure(model, inputs, paths, options), lambda: _couple(model, inputs, paths, options)
+        )
+    return _couple(model, inputs, paths, options)
+
+
+def _couple(model: nn.Module, inputs: ExampleInputs, paths: Paths, options: Options) -> Coupled:
     try:
         groups = build_groups(model, inputs, analysis=options.analysis)
     except GraphError as e:  # a tracer failure never ends the run: every channel is kept, and said so
