@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import sys
 import time
@@ -334,16 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(CASES))
         return 0
     if args.one:
-        import faulthandler
-
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
-        torch.set_num_threads(1)
-        text = json.dumps(run_one(args.one), indent=1, default=str)
-        if args.json:
-            args.json.write_text(text)
-        else:
-            print(text)
-        return 0
+        return vs.answer_one(lambda: run_one(args.one), args.json)
     names = [c.strip() for c in args.cases.split(",")] if args.cases else CASES
     unknown = [n for n in names if n not in CASES]
     if unknown:

@@ -911,22 +911,28 @@ def selected(spec: str | None) -> list[str]:
     return names
 
 
+def answer_one(run: Callable[[], dict[str, Any]], out: Path | None) -> int:
+    """What a case's subprocess does (``--one CASE``): one thread, a stack dump on SIGUSR1 (the parent asks
+    before killing), the result as JSON to ``out`` or stdout."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    torch.set_num_threads(1)
+    text = json.dumps(run(), indent=1, default=str)
+    if out:
+        out.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         print("\n".join(c.name for c in all_cases()))
         return 0
     if args.one:
-        import faulthandler
-
-        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks before killing
-        torch.set_num_threads(1)
-        text = json.dumps(run_one(case_named(args.one)), indent=1, default=str)
-        if args.json:
-            args.json.write_text(text)
-        else:
-            print(text)
-        return 0
+        return answer_one(lambda: run_one(case_named(args.one)), args.json)
     names = selected(args.cases)
     memory = args.memory_mib << 20
     meta = metadata(args.timeout, memory)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..measure.probes import Timer
 from ..measure.timing import BACKENDS, Backend
 from ..outputs import DEFAULT_TOLERANCE
 from .coupling import ANALYSES, Analysis
+
+if TYPE_CHECKING:
+    from .coupling.stage import CouplingCache
 
 Log = Callable[[str], None]
 
@@ -36,7 +39,7 @@ class Options:
     log: Log | None = None
     # the coupling stage's answers by model structure (:class:`~.coupling.stage.CouplingCache`), shared
     # between calls on models built alike: a streamed checkpoint's blocks are traced once per structure
-    coupling_cache: Any = field(default=None, compare=False)
+    coupling_cache: CouplingCache | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         r = self.round_to

@@ -3,6 +3,7 @@ reads channels too, and a tracer failure turned into a warning (every channel ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,7 +38,7 @@ class CouplingCache:
         self._answers: dict[tuple[Any, ...], Coupled] = {}
         self.traced = 0  # structures traced (the rest were answered from here)
 
-    def answer(self, key: tuple[Any, ...], trace: Any) -> Coupled:
+    def answer(self, key: tuple[Any, ...], trace: Callable[[], Coupled]) -> Coupled:
         found = self._answers.get(key)
         if found is None:
             found = self._answers[key] = trace()
@@ -74,7 +75,7 @@ def couple(model: nn.Module, inputs: ExampleInputs, paths: Paths, options: Optio
     runs layers eval mode does not (``paths.train_only``), trace that too and keep the channels it reads.
     With ``options.coupling_cache``, a structure already traced is answered from it."""
     cache = options.coupling_cache
-    if isinstance(cache, CouplingCache):
+    if cache is not None:
         return cache.answer(
             structure(model, inputs, paths, options), lambda: _couple(model, inputs, paths, options)
         )

@@ -162,6 +162,10 @@ def cols_zero(shrinker: Shrinker[Any], module: Any, idx: torch.Tensor) -> torch.
     return shrinker.in_cols_zero(module, idx)
 
 
+def forgets(shrinker: Shrinker[Any], module: Any, idx: torch.Tensor) -> torch.Tensor:
+    return shrinker.forgets_input(module, idx)
+
+
 def all_zero(members: list[Member], modules: Modules, size: int, test: ZeroTest) -> list[bool]:
     """Per root channel: every member that maps it passes ``test`` (and at least one maps it)."""
     result = [True] * size

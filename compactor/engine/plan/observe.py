@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ...inputs import ExampleInputs
-from ...layers import Role, Side, shrinker_for
+from ...layers import Role, Side, role_of, shrinker_for
 from ..coupling import ChannelGroup, Member
-from .base import InputStats, Modules, all_zero, mixing, rows_zero
+from .base import InputStats, Modules, all_zero, forgets, mixing, rows_zero
 
 Hook = Callable[..., Any]
 
@@ -151,20 +151,10 @@ def dead_rows(group: ChannelGroup, modules: Modules) -> dict[str, list[bool]]:
         p.name: all_zero([p], modules, group.size, rows_zero) for p in mixing(group.layers(Side.OUT), modules)
     }
     for member in group.layers(Side.OUT):
-        obj = modules.get(member.name)
-        shrinker = shrinker_for(obj) if obj is not None else None
-        if shrinker is None or shrinker.role_of(obj) is not Role.CHANNELWISE:
-            continue
-        flat = [i for idx in member.idxs for i in idx]
-        if not flat:
-            continue
-        forgets = shrinker.forgets_input(obj, torch.tensor(flat, dtype=torch.long)).tolist()
-        flags, pos = [], 0
-        for idx in member.idxs:
-            flags.append(bool(idx) and all(forgets[pos : pos + len(idx)]))
-            pos += len(idx)
-        if any(flags):
-            dead[member.name] = flags
+        if role_of(modules.get(member.name)) is Role.CHANNELWISE:
+            flags = all_zero([member], modules, group.size, forgets)
+            if any(flags):
+                dead[member.name] = flags
     return dead
 
 

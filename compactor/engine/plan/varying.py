@@ -36,7 +36,7 @@ from ...modules import wide_clone
 from ..coupling import ChannelGroup, Kind, Member
 from .base import ChannelFate, Fate, Fold, InputStats, Merge, Modules, mixing, shrinker_at
 from .compensate import fold
-from .observe import run_with_hooks
+from .observe import dead_rows, reads_constant, run_with_hooks
 
 Hook = Callable[..., Any]
 
@@ -102,8 +102,11 @@ def varying_maps(
         spatial = spatial_layer(group, modules)
         # a depthwise filter that is zero emits its bias: where every consumer reads a constant, the
         # channel is a plain constant (folded, see .compensate), not a map of the border pattern
+        dead = dead_rows(group, modules)
         rs = [
-            r for r in rs if not (_forgets(spatial, modules, r) and _constant_everywhere(stats, consumers, r))
+            r
+            for r in rs
+            if not (_forgets(spatial, dead, r) and reads_constant(stats, consumers, r) is not None)
         ]
         if not rs:
             continue
@@ -175,25 +178,13 @@ def varying_maps(
     return out
 
 
-def _forgets(spatial: list[Member], modules: Modules, r: int) -> bool:
+def _forgets(spatial: list[Member], dead: dict[str, list[bool]], r: int) -> bool:
     """Whether every zero-padded depthwise layer of the group that maps root channel ``r`` ignores it (its
-    filter is zero): each then emits its bias, and nothing makes the channel vary at the borders. (One
-    that does not forget it, after one that does, would vary a constant at the borders, which a small
-    example can hide: a 1x1 map has one border pattern.)"""
+    filter is zero; ``dead``: :func:`.observe.dead_rows`): each then emits its bias, and nothing makes the
+    channel vary at the borders. (One that does not forget it, after one that does, would vary a constant
+    at the borders, which a small example can hide: a 1x1 map has one border pattern.)"""
     mapping = [m for m in spatial if m.idxs[r]]
-    return bool(mapping) and all(
-        bool(
-            shrinker_at(modules, m.name)
-            .forgets_input(modules[m.name], torch.tensor(m.idxs[r], dtype=torch.long))
-            .all()
-        )
-        for m in mapping
-    )
-
-
-def _constant_everywhere(stats: InputStats, consumers: list[Member], r: int) -> bool:
-    reads = [c for c in consumers if c.idxs[r]]
-    return bool(reads) and all(stats.constant(c.name, c.idxs[r]) is not None for c in reads)
+    return bool(mapping) and all(m.name in dead and dead[m.name][r] for m in mapping)
 
 
 def _constant_at_example(stats: InputStats, consumers: list[Member], r: int) -> bool:
