@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .engine.coupling import Analysis
-from .engine.coupling.stage import CouplingCache, couple
+from .engine.coupling.groups import CouplingCache
+from .engine.coupling.stage import couple
 from .engine.coverage import check_train_mode
 from .engine.experts import ExpertChange, expert_stacks, remove_expert_neurons
 from .engine.heads import HeadChange, head_layers, remove_heads
@@ -86,7 +87,7 @@ def compact(
     be trusted, compactor's own channel labels where it cannot), or ``"torch-pruning"`` / ``"labels"`` alone,
     to compare them; the verification judges every one.
 
-    ``coupling_cache``: a :class:`~compactor.engine.coupling.stage.CouplingCache` shared between calls on
+    ``coupling_cache``: a :class:`~compactor.engine.coupling.groups.CouplingCache` shared between calls on
     models built alike (the decoder blocks of one LLM): each structure's channel dependencies are traced
     once; every plan is still verified on its own model.
 

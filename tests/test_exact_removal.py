@@ -540,7 +540,7 @@ def test_position_varying_channels_stay_where_the_math_does_not_hold(kind: str, 
 
 def test_a_coupling_cache_traces_a_structure_once_and_each_model_is_verified() -> None:
     """Two models built alike (the blocks of one LLM) with different zeros: one trace, each plan its own."""
-    from compactor.engine.coupling.stage import CouplingCache
+    from compactor.engine.coupling.groups import CouplingCache
 
     cache = CouplingCache()
     widths = []

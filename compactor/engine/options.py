@@ -16,7 +16,7 @@ from ..outputs import DEFAULT_TOLERANCE
 from .coupling import ANALYSES, Analysis
 
 if TYPE_CHECKING:
-    from .coupling.stage import CouplingCache
+    from .coupling.groups import CouplingCache
 
 Log = Callable[[str], None]
 
@@ -37,7 +37,7 @@ class Options:
     timer: Timer | None = None
     analysis: Analysis = "auto"
     log: Log | None = None
-    # the coupling stage's answers by model structure (:class:`~.coupling.stage.CouplingCache`), shared
+    # the coupling stage's answers by model structure (:class:`~.coupling.groups.CouplingCache`), shared
     # between calls on models built alike: a streamed checkpoint's blocks are traced once per structure
     coupling_cache: CouplingCache | None = field(default=None, compare=False)
 

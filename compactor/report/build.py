@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ..engine.coupling import Kind
-from ..engine.coupling.stage import Coupled
+from ..engine.coupling.groups import Coupled
 from ..engine.experts import ExpertChange, expert_stacks
 from ..engine.heads import HeadChange, kept_head_rows
 from ..engine.masks import Observed

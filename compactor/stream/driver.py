@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..api import compact
-from ..engine.coupling.stage import CouplingCache
+from ..engine.coupling.groups import CouplingCache
 from ..errors import InputFileError, ModelStructureError, OutputPathError, VerificationError
 from ..inputs import ExampleInputs
 from ..io.checkpoint import Checkpoint, read_header

@@ -6,10 +6,10 @@ Both analyses return these: Torch-Pruning's (``tp_adapter.py``) and compactor's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from torch import nn
 
@@ -144,3 +144,30 @@ def norm_after(model: nn.Module, edges: Iterable[tuple[str, str]]) -> dict[str, 
         ):
             found[name] = after
     return found
+
+
+@dataclass(frozen=True)
+class Coupled:
+    """The channel groups, and why there are none where the tracer failed (a warning for the report)."""
+
+    groups: list[ChannelGroup]
+    untraced: list[str]
+
+
+class CouplingCache:
+    """The coupling stage's answers by model structure, for calls on models built alike (the decoder blocks
+    of one LLM, :mod:`compactor.stream`): each structure is traced once. A structure is every module's name
+    and class, every parameter's and buffer's name, shape and dtype, the example inputs' shapes and dtypes,
+    the layers only train mode runs and the analysis asked for. Groups name layers and channel indices only,
+    so another model of the structure has the same ones; the plans made from them are verified as always."""
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[Any, ...], Coupled] = {}
+        self.traced = 0  # structures traced (the rest were answered from here)
+
+    def answer(self, key: tuple[Any, ...], trace: Callable[[], Coupled]) -> Coupled:
+        found = self._answers.get(key)
+        if found is None:
+            found = self._answers[key] = trace()
+            self.traced += 1
+        return found

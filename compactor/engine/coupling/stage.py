@@ -3,8 +3,7 @@ reads channels too, and a tracer failure turned into a warning (every channel ke
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,34 +15,7 @@ from ...modules import clone_module, write_guard
 from ..coverage import Paths, hold_train_only
 from ..options import Options
 from . import build_groups
-from .groups import ChannelGroup
-
-
-@dataclass(frozen=True)
-class Coupled:
-    """The channel groups, and why there are none where the tracer failed (a warning for the report)."""
-
-    groups: list[ChannelGroup]
-    untraced: list[str]
-
-
-class CouplingCache:
-    """The coupling stage's answers by model structure, for calls on models built alike (the decoder blocks
-    of one LLM, :mod:`compactor.stream`): each structure is traced once. A structure is every module's name
-    and class, every parameter's and buffer's name, shape and dtype, the example inputs' shapes and dtypes,
-    the layers only train mode runs and the analysis asked for. Groups name layers and channel indices only,
-    so another model of the structure has the same ones; the plans made from them are verified as always."""
-
-    def __init__(self) -> None:
-        self._answers: dict[tuple[Any, ...], Coupled] = {}
-        self.traced = 0  # structures traced (the rest were answered from here)
-
-    def answer(self, key: tuple[Any, ...], trace: Callable[[], Coupled]) -> Coupled:
-        found = self._answers.get(key)
-        if found is None:
-            found = self._answers[key] = trace()
-            self.traced += 1
-        return found
+from .groups import ChannelGroup, Coupled
 
 
 def structure(model: nn.Module, inputs: ExampleInputs, paths: Paths, options: Options) -> tuple[Any, ...]:
